@@ -1,0 +1,445 @@
+"""The ``fundus-batch`` command line: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fundus_batch import __version__
+
+
+class _Fail(click.ClickException):
+    """A one-line reason and a non-zero exit."""
+
+
+def _fail_on(*errors: type[BaseException]):
+    """Turn library errors into a one-line message and exit code 1."""
+
+    def wrap(fn):
+        import functools
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as exc:
+                raise _Fail(str(exc)) from None
+
+        return inner
+
+    return wrap
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fundus_batch.config import ConfigError
+    from fundus_batch.degrade.params import RecordError
+    from fundus_batch.fov import FOVError
+    from fundus_batch.io.codecs import DecodeError
+    from fundus_batch.manifest import ManifestError
+
+    return (
+        ConfigError,
+        ManifestError,
+        DecodeError,
+        FOVError,
+        RecordError,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fundus-batch")
+def main() -> None:
+    """Degradation synthesis and Cofe-Net enhancement of fundus photographs at scale."""
+
+
+# ---------------------------------------------------------------------------------- images
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", default=8, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--size", default=512, show_default=True, type=click.IntRange(32, 8192))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+def synth(outdir: Path, count: int, size: int, seed: int) -> None:
+    """Write synthetic fundus photographs with exact vessel maps and FOV masks."""
+    from fundus_batch.io.codecs import encode_png
+    from fundus_batch.synth import synth_fundus
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        s = synth_fundus(size, seed=seed + i)
+        stem = f"synth_{seed + i:05d}"
+        (outdir / f"{stem}.png").write_bytes(encode_png(s.image))
+        (outdir / f"{stem}_vessel.png").write_bytes(encode_png(s.vessels))
+        (outdir / f"{stem}_mask.png").write_bytes(encode_png(s.mask))
+    click.echo(f"wrote {count} synthetic images to {outdir}")
+
+
+@main.command("degrade-image")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--type", "type_code", default="111", show_default=True)
+@click.option("--preset", default="cofe-release", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--id", "image_id", default=None, help="image id for seeding [default: file stem]")
+@click.option("--variant", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096))
+@click.option("--params-out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--replay",
+    "replay_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="replay a recorded parameter set (ours or the released script's JSON)",
+)
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--preprocessed", is_flag=True, help="INPUT is already the working image")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100))
+def degrade_image(
+    input_path: Path,
+    output: Path,
+    type_code: str,
+    preset: str,
+    seed: int,
+    image_id: str | None,
+    variant: int,
+    size: int,
+    params_out: Path | None,
+    replay_path: Path | None,
+    mask_path: Path | None,
+    preprocessed: bool,
+    quality: int,
+) -> None:
+    """Degrade one image (FOV preprocessing first unless --preprocessed)."""
+    _fail_on(*_user_errors())(_degrade_image)(
+        input_path,
+        output,
+        type_code,
+        preset,
+        seed,
+        image_id,
+        variant,
+        size,
+        params_out,
+        replay_path,
+        mask_path,
+        preprocessed,
+        quality,
+    )
+
+
+def _degrade_image(
+    input_path: Path,
+    output: Path,
+    type_code: str,
+    preset: str,
+    seed: int,
+    image_id: str | None,
+    variant: int,
+    size: int,
+    params_out: Path | None,
+    replay_path: Path | None,
+    mask_path: Path | None,
+    preprocessed: bool,
+    quality: int,
+) -> None:
+    from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
+    from fundus_batch.fov import preprocess
+    from fundus_batch.io.codecs import decode_image, encode_image
+    from fundus_batch.stages import decode_mask
+
+    rgb = decode_image(_read(input_path))
+    if preprocessed:
+        if mask_path is None:
+            raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")
+        image, mask = rgb, decode_mask(_read(mask_path))
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    else:
+        pre = preprocess(rgb, size=size)
+        image, mask = pre.image, pre.mask
+    if replay_path is not None:
+        data = json.loads(_read(replay_path))
+        record = DegradationRecord.from_any(data, size=image.shape[0])
+        out = replay(image, mask, record)
+    else:
+        rng = sample_rng(seed, image_id or input_path.stem, variant)
+        out, record = degrade(image, mask, type_code, rng, preset=preset)
+    fmt = "jpeg" if output.suffix.lower() in (".jpg", ".jpeg") else "png"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(encode_image(out, fmt, quality))
+    if params_out is not None:
+        params_out.write_text(record.to_json())
+    click.echo(f"{output}: type {record.type_code}, preset {record.preset}")
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path.read_bytes()
+
+
+# -------------------------------------------------------------------------------- manifests
+
+
+@main.group()
+def manifest() -> None:
+    """Build manifests (CSV/Parquet of image URIs) from folders, buckets and label files."""
+
+
+@manifest.command("from-dir")
+@click.argument("prefix")
+@click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
+@click.option("--ext", "exts", multiple=True, help="extension filter, e.g. --ext .jpeg")
+@click.option("--storage-options", default=None, help="fsspec options as JSON")
+def manifest_from_dir(
+    prefix: str, out_uri: str, exts: tuple[str, ...], storage_options: str | None
+) -> None:
+    """Every image under a local folder or bucket prefix."""
+    from fundus_batch import manifest as mf
+
+    def go() -> None:
+        so = json.loads(storage_options) if storage_options else None
+        extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
+        m = mf.from_dir(prefix, extensions=extensions, storage_options=so)
+        mf.write_manifest(m, out_uri, storage_options=so)
+        click.echo(f"wrote {len(m)} rows to {out_uri}")
+
+    _fail_on(*_user_errors(), OSError)(go)()
+
+
+@manifest.command("from-kaggle")
+@click.argument("labels")
+@click.option("--images", required=True, help="folder or prefix holding <image>.jpeg")
+@click.option("--out", "out_uri", required=True)
+@click.option("--ext", default=".jpeg", show_default=True)
+def manifest_from_kaggle(labels: str, images: str, out_uri: str, ext: str) -> None:
+    """From Kaggle EyePACS trainLabels.csv (columns image,level)."""
+    from fundus_batch import manifest as mf
+
+    def go() -> None:
+        m = mf.from_kaggle(labels, images, extension=ext)
+        mf.write_manifest(m, out_uri)
+        click.echo(f"wrote {len(m)} rows to {out_uri}")
+
+    _fail_on(*_user_errors(), OSError)(go)()
+
+
+@manifest.command("from-eyeq")
+@click.argument("labels")
+@click.option("--images", required=True)
+@click.option("--out", "out_uri", required=True)
+@click.option("--split", default=None, help="value for the split column, e.g. train")
+def manifest_from_eyeq(labels: str, images: str, out_uri: str, split: str | None) -> None:
+    """From EyeQ Label_EyeQ_*.csv (columns ,image,quality,DR_grade)."""
+    from fundus_batch import manifest as mf
+
+    def go() -> None:
+        m = mf.from_eyeq(labels, images, split=split)
+        mf.write_manifest(m, out_uri)
+        click.echo(f"wrote {len(m)} rows to {out_uri}")
+
+    _fail_on(*_user_errors(), OSError)(go)()
+
+
+@manifest.command("validate")
+@click.argument("uri")
+def manifest_validate(uri: str) -> None:
+    """Check a manifest without running anything."""
+    from fundus_batch.manifest import read_manifest
+
+    m = _fail_on(*_user_errors())(read_manifest)(uri)
+    click.echo(f"{uri}: {len(m)} rows, pass-through columns {m.passthrough_columns}")
+
+
+# -------------------------------------------------------------------------------- pipeline
+
+
+def _run(config: Any, *, quiet: bool = False) -> None:
+    from tqdm import tqdm
+
+    from fundus_batch import pipeline
+
+    bar = None
+
+    def progress(seen: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="row", desc="rows", disable=quiet or not config.progress)
+        bar.update(seen - bar.n)
+
+    try:
+        summary = pipeline.run(config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    _print_summary(summary)
+    if not summary.complete:
+        raise _Fail(f"run incomplete: {summary.ok + summary.failed} of {summary.rows_in} rows")
+
+
+def _print_summary(summary: Any) -> None:
+    click.echo("")
+    click.echo(f"output            {summary.out}")
+    click.echo(f"rows_in           {summary.rows_in}")
+    click.echo(f"  done before     {summary.done_before}")
+    click.echo(f"ok                {summary.ok}")
+    click.echo(f"failed            {summary.failed}")
+    for stage, n in sorted(summary.failed_by_stage.items()):
+        click.echo(f"  at {stage:<13} {n}")
+    click.echo(f"rows_in == ok + failed: {summary.complete}")
+    click.echo(f"seconds           {summary.seconds:.1f}")
+
+
+def _overrides(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None and v != ()}
+
+
+@main.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--manifest", default=None)
+@click.option("--out", default=None)
+@click.option("--seed", default=None, type=int)
+@click.option("--variants", default=None, type=int)
+@click.option("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+@click.option("--limit", default=None, type=int)
+def run_cmd(
+    config_path: Path,
+    manifest: str | None,
+    out: str | None,
+    seed: int | None,
+    variants: int | None,
+    address: str | None,
+    limit: int | None,
+) -> None:
+    """Run a typed YAML config; flags override its fields."""
+    from fundus_batch.config import load_config
+
+    config = _fail_on(*_user_errors())(load_config)(
+        config_path,
+        _overrides(
+            manifest=manifest,
+            out=out,
+            seed=seed,
+            variants=variants,
+            limit=limit,
+            **{"ray.address": address},
+        ),
+    )
+    _fail_on(*_user_errors())(_run)(config)
+
+
+@main.command()
+@click.option("--manifest", required=True)
+@click.option("--out", required=True)
+@click.option("--variants", default=None, type=int, help="degraded variants per image [7]")
+@click.option("--types", default=None, help="comma-separated type codes, or 'all'")
+@click.option("--type-mode", default=None, type=click.Choice(["cycle", "sample"]))
+@click.option("--seed", default=None, type=int)
+@click.option("--size", default=None, type=int)
+@click.option("--preset", default=None)
+@click.option("--format", "image_format", default=None, type=click.Choice(["png", "jpeg"]))
+@click.option("--address", default=None)
+@click.option("--enhance", "with_enhance", is_flag=True, help="also enhance each degraded image")
+@click.option("--weights", default=None)
+@click.option("--limit", default=None, type=int)
+def degrade(
+    manifest: str,
+    out: str,
+    variants: int | None,
+    types: str | None,
+    type_mode: str | None,
+    seed: int | None,
+    size: int | None,
+    preset: str | None,
+    image_format: str | None,
+    address: str | None,
+    with_enhance: bool,
+    weights: str | None,
+    limit: int | None,
+) -> None:
+    """Degrade every manifest image into K variants; write images and Parquet."""
+    from fundus_batch.config import build_config, merge_overrides
+
+    data = merge_overrides(
+        {"manifest": manifest, "out": out},
+        _overrides(
+            variants=variants,
+            types=types,
+            type_mode=type_mode,
+            seed=seed,
+            size=size,
+            preset=preset,
+            image_format=image_format,
+            limit=limit,
+            **{
+                "ray.address": address,
+                "enhance.enabled": True if with_enhance else None,
+                "enhance.weights": weights,
+            },
+        ),
+    )
+    config = _fail_on(*_user_errors())(build_config)(data, "command line")
+    _fail_on(*_user_errors())(_run)(config)
+
+
+@main.command()
+@click.option(
+    "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path)
+)
+@click.option(
+    "--count",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="synthetic images besides skimage's retina photograph",
+)
+@click.option("--variants", default=7, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--enhance/--no-enhance",
+    "with_enhance",
+    default=None,
+    help="enhance with the shipped model [default: when it is installed]",
+)
+def demo(out: Path, count: int, variants: int, with_enhance: bool | None) -> None:
+    """The embedded default: synthetic images plus a real photograph, degraded locally."""
+    from fundus_batch.config import build_config
+    from fundus_batch.demo import make_demo_inputs, shipped_model_available
+
+    out = out.resolve()
+    manifest_uri = make_demo_inputs(out / "inputs", count=count)
+    enhance = shipped_model_available() if with_enhance is None else with_enhance
+    config = build_config(
+        {
+            "manifest": manifest_uri,
+            "out": str(out / "run"),
+            "variants": variants,
+            "enhance": {"enabled": enhance},
+        },
+        "demo",
+    )
+    _fail_on(*_user_errors())(_run)(config)
+    from fundus_batch.demo import print_demo_table
+
+    print_demo_table(str(out / "run"))
+
+
+@main.command()
+@click.argument("out")
+@click.option("--format", "fmt", required=True, type=click.Choice(["basicsr", "pix2pix"]))
+@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path))
+def export(out: str, fmt: str, dest: Path) -> None:
+    """Write a trainer layout (BasicSR GT/LQ + meta_info.txt, or pix2pix aligned A|B)."""
+    from fundus_batch.export import export_pairs
+
+    n = _fail_on(*_user_errors(), OSError)(export_pairs)(out, fmt, dest)
+    click.echo(f"exported {n} pairs to {dest} ({fmt})")
+
+
+def entry() -> None:  # pragma: no cover - console script shim
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Typed run configuration, loaded from YAML and validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fundus_batch.degrade import TYPE_CODES, get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayOptions(_Strict):
+    """How the pipeline uses Ray. ``None`` values are derived from cluster resources."""
+
+    address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS or local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs to declare for a local cluster")
+    degrade_actors: int | None = Field(None, ge=1)
+    degrade_cpus_per_actor: float = Field(0.5, gt=0, le=64)
+    preprocess_cpus_per_task: float = Field(0.5, gt=0, le=64)
+    rows_per_block: int = Field(8, ge=1, le=10_000)
+    fetch_threads: int = Field(8, ge=1, le=256)
+
+
+class EnhanceOptions(_Strict):
+    """Cofe-Net enhancement of degraded (or source) images."""
+
+    enabled: bool = False
+    weights: str = Field("fundus-cofenet-small", description="registry name or file path")
+    variant: str | None = Field(None, description="network variant when weights is a file")
+    width: float | None = Field(None, gt=0, le=1)
+    batch_size: int = Field(4, ge=1, le=256)
+    actors: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_vessels: bool = False
+
+
+class RunConfig(_Strict):
+    """Everything one run needs. Flags on the CLI override fields of a YAML file."""
+
+    manifest: str = Field(..., description="CSV or Parquet manifest URL")
+    out: str = Field(..., description="output root URL")
+    mode: Literal["pairs", "enhance", "score"] = "pairs"
+    seed: int = Field(0, ge=0, lt=2**63)
+    size: int = Field(512, ge=64, le=4096)
+    variants: int = Field(7, ge=1, le=1000, description="degraded variants per image")
+    types: list[str] = Field(default_factory=lambda: list(TYPE_CODES))
+    type_mode: Literal["cycle", "sample"] = "cycle"
+    preset: str = "cofe-release"
+    image_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    output_storage_options: dict[str, Any] | None = None
+    compute_metrics: bool = True
+    shard_rows: int = Field(1000, ge=1, le=1_000_000, description="rows per Parquet file")
+    limit: int | None = Field(None, ge=1, description="process only the first N manifest rows")
+    progress: bool = True
+    ray: RayOptions = Field(default_factory=RayOptions)
+    enhance: EnhanceOptions = Field(default_factory=EnhanceOptions)
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _types(cls, value: Any) -> list[str]:
+        if value in (None, "all"):
+            return list(TYPE_CODES)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        codes = [str(v).zfill(3) if isinstance(v, int) else str(v) for v in value]
+        bad = [c for c in codes if c not in TYPE_CODES]
+        if bad:
+            raise ValueError(f"unknown type code(s) {bad}; valid: {list(TYPE_CODES)}")
+        if not codes:
+            raise ValueError("at least one type code is needed")
+        return codes
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        get_preset(value)
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("size must be a multiple of 32 (Cofe-Net needs it)")
+        return value
+
+    @model_validator(mode="after")
+    def _modes(self) -> RunConfig:
+        if self.mode == "enhance" and not self.enhance.enabled:
+            self.enhance.enabled = True
+        return self
+
+    @property
+    def out_storage_options(self) -> dict[str, Any]:
+        return (
+            self.storage_options
+            if self.output_storage_options is None
+            else self.output_storage_options
+        )
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved config as a dict with storage credentials removed."""
+        data = self.model_dump(mode="json")
+        for key in ("storage_options", "output_storage_options"):
+            if data.get(key):
+                data[key] = _redact_options(data[key])
+        return data
+
+
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "session")
+
+
+def _redact_options(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {
+            k: (
+                "***"
+                if any(w in k.lower() for w in _SECRET_WORDS) and not isinstance(v, dict)
+                else _redact_options(v)
+            )
+            for k, v in options.items()
+        }
+    return options
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a dict into a :class:`RunConfig`, raising :class:`ConfigError` naming fields."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (safe loader) and apply CLI overrides (dotted keys allowed)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    merged = merge_overrides(data, overrides or {})
+    return build_config(merged, str(path))
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return ``data`` with ``overrides`` applied; keys like ``ray.address`` reach nested blocks."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        target = merged
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot override '{key}': '{part}' is not a mapping")
+        target[parts[-1]] = value
+    return merged

@@ -1,0 +1,384 @@
+"""The degradation operators of Shen et al. as pure functions of (image, parameters).
+
+Images are HxWx3 RGB. The colour jitter works on uint8 exactly like PIL's ``ImageEnhance``;
+the other operators take a float image in [0, 1] and return a new one, promoting float32 to
+float64 the way the released script does (its halo, hole and spot maps are float64; only a lone
+blur works on float32). Every Gaussian is OpenCV's truncated kernel with the recorded
+(width, height) and sigma and reflect-101 borders. The large halo and hole kernels are applied
+through OpenCV's DFT in float64, which matches ``cv2.GaussianBlur`` on float64 to about 1e-15
+and is several times faster at these sizes; a spot's or the hole's blur is only computed in
+the box it can reach.
+
+Temporaries live in per-thread scratch buffers that are reused between calls: fresh
+multi-megabyte arrays cost page faults that, on a VM, took as long as the arithmetic.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from .params import SpotRecord
+
+__all__ = [
+    "blur",
+    "color_jitter",
+    "disc",
+    "fov_mean",
+    "halo",
+    "hole",
+    "luma",
+    "spots",
+    "to_uint8",
+    "to_unit_float",
+]
+
+_BORDER = cv2.BORDER_REFLECT_101
+_FFT_MIN_KERNEL = 31  # from this kernel size up, blur 2-D maps through the DFT
+_scratch_store = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+    """A reusable, uninitialised, C-contiguous per-thread buffer (grown on demand)."""
+    store: dict[tuple[str, str], np.ndarray] | None = getattr(_scratch_store, "buffers", None)
+    if store is None:
+        store = _scratch_store.buffers = {}
+    key = (name, np.dtype(dtype).str)
+    size = int(np.prod(shape))
+    flat = store.get(key)
+    if flat is None or flat.size < size:
+        flat = store[key] = np.empty(size, dtype)
+    return flat[:size].reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# truncated Gaussian blur
+
+
+def _gaussian(src: np.ndarray, k_w: int, k_h: int, sigma: float) -> np.ndarray:
+    """``cv2.GaussianBlur(src, (k_w, k_h), sigma)`` with reflect-101 borders, as a new array.
+
+    Large kernels on 2-D maps go through :func:`_gaussian_dft` (float64 result).
+    """
+    if max(k_w, k_h) >= _FFT_MIN_KERNEL and src.ndim == 2:
+        return _gaussian_dft(src, k_w, k_h, sigma)
+    return cv2.GaussianBlur(src, (k_w, k_h), sigma, sigmaY=sigma, borderType=_BORDER)
+
+
+def _spectral_weights(kernel: np.ndarray, length: int) -> np.ndarray:
+    """Per-slot multipliers that apply ``kernel`` to rows in OpenCV's packed (CCS) spectrum.
+
+    Centred circularly, a symmetric kernel has a real spectrum, so multiplying a packed row
+    spectrum by it is an elementwise product with each real value repeated for Re and Im.
+    """
+    half = len(kernel) // 2
+    taps = np.zeros((1, length), np.float64)
+    taps[0, : half + 1] = kernel[half:]
+    if half:
+        taps[0, length - half :] = kernel[:half]
+    packed = cv2.dft(taps, flags=cv2.DFT_ROWS)[0]
+    weights = packed.copy()
+    weights[2::2] = packed[1::2][: len(weights[2::2])]  # Im slot takes its Re partner's value
+    return weights
+
+
+def _gaussian_dft(src: np.ndarray, k_w: int, k_h: int, sigma: float) -> np.ndarray:
+    """Separable truncated Gaussian of a 2-D map, float64, via row DFTs.
+
+    The map is reflect-101 padded by half a kernel (and further, to fast DFT lengths, with
+    content that only reaches outputs that are dropped): a circular convolution longer than
+    the padded row has no wrap-around in the kept part.
+    """
+    h, w = src.shape
+    half_w, half_h = k_w // 2, k_h // 2
+    len_x = cv2.getOptimalDFTSize(w + 2 * half_w)
+    len_y = cv2.getOptimalDFTSize(h + 2 * half_h)
+    kx = cv2.getGaussianKernel(k_w, sigma, cv2.CV_64F)[:, 0]
+    ky = cv2.getGaussianKernel(k_h, sigma, cv2.CV_64F)[:, 0]
+    inverse = cv2.DFT_ROWS | cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT
+    padded = cv2.copyMakeBorder(
+        src.astype(np.float64, copy=False),
+        half_h,
+        len_y - h - half_h,
+        half_w,
+        len_x - w - half_w,
+        _BORDER,
+        dst=_scratch("dft_a", (len_y, len_x)),
+    )
+    spectrum = cv2.dft(padded, flags=cv2.DFT_ROWS, dst=_scratch("dft_b", (len_y, len_x)))
+    spectrum *= _spectral_weights(kx, len_x)
+    rows = cv2.idft(spectrum, flags=inverse, dst=_scratch("dft_a", (len_y, len_x)))
+    columns = cv2.transpose(rows[:, half_w : half_w + w], dst=_scratch("dft_c", (w, len_y)))
+    spectrum = cv2.dft(columns, flags=cv2.DFT_ROWS, dst=_scratch("dft_b", (w, len_y)))
+    spectrum *= _spectral_weights(ky, len_y)
+    columns = cv2.idft(spectrum, flags=inverse, dst=_scratch("dft_c", (w, len_y)))
+    out = cv2.transpose(columns[:, half_h : half_h + h])
+    # DFT round-off leaves ~1e-17 where the exact result is 0 (OpenCV gives exact zeros
+    # there, and a stray -1e-17 could flip a truncated uint8 level)
+    magnitude = np.abs(out, out=_scratch("magnitude", out.shape))
+    out[magnitude <= 1e-12 * float(np.abs(src).max(initial=0.0))] = 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# colour (uint8, PIL semantics)
+
+_LUMA = np.array([[19595.0, 38470.0, 7471.0, 32768.0]], dtype=np.float32)
+_UNIT32 = np.arange(256, dtype=np.float32) / np.float32(255.0)
+_UNIT64 = _UNIT32.astype(np.float64)
+_BYTE32 = np.arange(256, dtype=np.float32)
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """PIL's RGB -> L conversion: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as uint8."""
+    # every intermediate is an integer below 2^24, so float32 arithmetic is exact
+    h, w = image.shape[:2]
+    as_float = cv2.LUT(image, _BYTE32, dst=_scratch("rgb32", (h, w, 3), np.float32))
+    weighted = cv2.transform(as_float, _LUMA, dst=_scratch("luma32", (h, w), np.float32))
+    weighted *= np.float32(1.0 / 65536.0)
+    return weighted.astype(np.uint8)
+
+
+def _blend(degenerate: np.ndarray, image: np.ndarray, factor: float) -> np.ndarray:
+    """PIL ``Image.blend``: float32 ``d + f * (i - d)``, clipped, then truncated to uint8."""
+    base = np.asarray(degenerate, dtype=np.float32)
+    mixed = image.astype(np.float32)
+    mixed -= base  # exact: small integers
+    mixed *= np.float32(factor)
+    mixed += base
+    np.clip(mixed, 0.0, 255.0, out=mixed)
+    return mixed.astype(np.uint8)
+
+
+def _blend_table(degenerate: int, factor: float) -> np.ndarray:
+    """``_blend`` with a constant degenerate value, as a 256-entry lookup table."""
+    return _blend(np.full(256, degenerate, dtype=np.uint8), np.arange(256, dtype=np.uint8), factor)
+
+
+def _blend_with_grey(image: np.ndarray, factor: float) -> np.ndarray:
+    """``_blend(L image replicated to RGB, image, factor)`` without full-size temporaries."""
+    h, w = image.shape[:2]
+    grey = luma(image)
+    base = cv2.merge([grey, grey, grey])
+    base32 = cv2.LUT(base, _BYTE32, dst=_scratch("base32", (h, w, 3), np.float32))
+    mixed = cv2.LUT(image, _BYTE32, dst=_scratch("rgb32", (h, w, 3), np.float32))
+    np.subtract(mixed, base32, out=mixed)
+    np.multiply(mixed, np.float32(factor), out=mixed)
+    np.add(mixed, base32, out=mixed)
+    np.clip(mixed, 0.0, 255.0, out=mixed)
+    return mixed.astype(np.uint8)
+
+
+def color_jitter(
+    image: np.ndarray, brightness: float, contrast: float, saturation: float
+) -> np.ndarray:
+    """Brightness, contrast then saturation, each exactly as PIL ``ImageEnhance`` on uint8.
+
+    Brightness blends with black, contrast with the rounded mean of the L image, saturation
+    with the L image; PIL truncates each blend to uint8 before the next step.
+    """
+    out = cv2.LUT(image, _blend_table(0, brightness))
+    grey = luma(out)
+    mean = int(float(grey.sum(dtype=np.int64)) / grey.size + 0.5)
+    out = cv2.LUT(out, _blend_table(mean, contrast))
+    return _blend_with_grey(out, saturation)
+
+
+def to_unit_float(image: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """uint8 -> [0, 1] as torchvision ``ToTensor`` does (x / 255 in float32), then ``dtype``."""
+    return cv2.LUT(image, _UNIT64 if dtype is np.float64 else _UNIT32)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry helpers
+
+
+def disc(shape: tuple[int, int], center: tuple[int, int], radius: int) -> np.ndarray:
+    """Boolean filled disc: (x - cx)^2 + (y - cy)^2 <= radius^2, x = column, y = row."""
+    h, w = shape
+    cx, cy = center
+    ys = (np.arange(h, dtype=np.int64) - cy) ** 2
+    xs = (np.arange(w, dtype=np.int64) - cx) ** 2
+    limit = radius * radius
+    if limit < 2**31 and max(int(ys.max(initial=0)), int(xs.max(initial=0))) < 2**30:
+        ys, xs = ys.astype(np.int32), xs.astype(np.int32)
+    return ys[:, None] + xs[None, :] <= limit
+
+
+def _box(
+    center: tuple[int, int], radius: int, k_w: int, k_h: int, shape: tuple[int, int]
+) -> tuple[slice, slice, slice, slice]:
+    """Where blurring a disc can change pixels, and the larger box that blur has to read.
+
+    Returns (rows, cols) of the output box (disc box grown by half a kernel) and (rows, cols)
+    of the input box (grown by another half kernel, so reflect-101 at the input box edge never
+    reaches the output box unless that edge is the image edge, where the reflection is the
+    same as for the whole image). Falls back to the whole image for tiny boxes.
+    """
+    h, w = shape
+    cx, cy = center
+    half_w, half_h = k_w // 2, k_h // 2
+    ox0, ox1 = max(cx - radius - half_w, 0), min(cx + radius + half_w + 1, w)
+    oy0, oy1 = max(cy - radius - half_h, 0), min(cy + radius + half_h + 1, h)
+    ix0, ix1 = max(ox0 - half_w, 0), min(ox1 + half_w, w)
+    iy0, iy1 = max(oy0 - half_h, 0), min(oy1 + half_h, h)
+    if ox0 >= ox1 or oy0 >= oy1 or ix1 - ix0 <= half_w or iy1 - iy0 <= half_h:
+        ox0, ox1, oy0, oy1, ix0, ix1, iy0, iy1 = 0, w, 0, h, 0, w, 0, h
+    return slice(oy0, oy1), slice(ox0, ox1), slice(iy0, iy1), slice(ix0, ix1)
+
+
+def _blurred_disc(
+    shape: tuple[int, int],
+    center: tuple[int, int],
+    radius: int,
+    value: float,
+    k_w: int,
+    k_h: int,
+    sigma: float,
+) -> tuple[np.ndarray, slice, slice]:
+    """GaussianBlur(value * disc) restricted to the box it can reach: (patch, rows, cols)."""
+    rows, cols, in_rows, in_cols = _box(center, radius, k_w, k_h, shape)
+    local_center = (center[0] - in_cols.start, center[1] - in_rows.start)
+    local_shape = (in_rows.stop - in_rows.start, in_cols.stop - in_cols.start)
+    local = disc(local_shape, local_center, radius).astype(np.float64)
+    if value != 1.0:
+        local *= value
+    spread = _gaussian(local, k_w, k_h, sigma)
+    patch = spread[
+        rows.start - in_rows.start : rows.stop - in_rows.start,
+        cols.start - in_cols.start : cols.stop - in_cols.start,
+    ]
+    return patch, rows, cols
+
+
+def _add_to_channels(region: np.ndarray, plane: np.ndarray) -> None:
+    """region[..., c] += plane for every channel, in place (float64)."""
+    h, w = plane.shape
+    delta = cv2.merge([plane, plane, plane], dst=_scratch("delta", (h, w, 3)))
+    if region.flags.c_contiguous:
+        cv2.add(region, delta, dst=region)
+    else:
+        region += delta
+
+
+def _clip(image: np.ndarray) -> None:
+    """Clip to [0, 1] in place."""
+    np.clip(image, 0.0, 1.0, out=image)
+
+
+# ----------------------------------------------------------------------------------------------
+# illumination
+
+
+def halo(
+    image: np.ndarray,
+    center: tuple[int, int],
+    dia_a: float,
+    dia_b: float,
+    kernel: int,
+    sigma: float,
+    color: tuple[int, int, int],
+) -> np.ndarray:
+    """Add a blurred ring of height mean(image) between diameters ``dia_a`` and ``dia_b``.
+
+    Channel c gets ``color[c] / 255`` times the blurred ring; the result is clipped to [0, 1].
+    """
+    h, w = image.shape[:2]
+    mean = float(image.sum(dtype=np.float64)) / image.size
+    ring = disc((h, w), center, int(dia_b // 2)) & ~disc((h, w), center, int(dia_a // 2))
+    spread = _gaussian(ring.astype(np.float64), kernel, kernel, sigma)
+    spread *= mean
+    weights = (np.asarray(color, dtype=np.float64) / 255.0).reshape(3, 1)
+    delta = cv2.transform(spread[..., None], weights, dst=_scratch("delta", (h, w, 3)))
+    out = image.astype(np.float64)
+    cv2.add(out, delta, dst=out)
+    _clip(out)
+    return out
+
+
+def hole(
+    image: np.ndarray,
+    center: tuple[int, int],
+    diameter: int,
+    strength: float,
+    k_w: int,
+    k_h: int,
+    sigma: float,
+) -> np.ndarray:
+    """Add ``strength`` times a blurred disc of radius ``diameter // 2`` to every channel.
+
+    The result is clipped to [0, 1].
+    """
+    out = image.astype(np.float64)
+    if strength == 0.0:
+        return out
+    patch, rows, cols = _blurred_disc(out.shape[:2], center, diameter // 2, 1.0, k_w, k_h, sigma)
+    patch *= strength
+    region = out[rows, cols]
+    _add_to_channels(region, patch)
+    _clip(region)
+    return out
+
+
+def fov_mean(image: np.ndarray, mask: np.ndarray) -> float:
+    """The released script's "FOV mean" mu = sum(I) / (3 sum(M)) for a boolean mask M.
+
+    The numerator sums the whole image, background included (where the contrast jitter and
+    the halo lift the black surround): every hole strength in the oracle records fits this
+    mu and not the masked mean.
+    """
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        raise ValueError("the FOV mask is empty")
+    return float(image.sum(dtype=np.float64)) / (3 * count)
+
+
+# ----------------------------------------------------------------------------------------------
+# artefacts and blur
+
+
+def spots(image: np.ndarray, params: Sequence[SpotRecord]) -> np.ndarray:
+    """Add the spots one after another, clipping to [0, 1] after each.
+
+    A spot adds GaussianBlur(amplitude * disc(center, radius // 2)) to every channel. Only the
+    box that blur can reach is computed, which equals blurring the whole map because the map
+    is zero elsewhere.
+    """
+    out = image.astype(np.float64)
+    for spot in params:
+        patch, rows, cols = _blurred_disc(
+            out.shape[:2],
+            spot.center,
+            spot.radius // 2,
+            spot.amplitude,
+            spot.k_w,
+            spot.k_h,
+            spot.sigma,
+        )
+        region = out[rows, cols]
+        region += patch[..., None]
+        _clip(region)
+    return out
+
+
+def blur(image: np.ndarray, k_w: int, k_h: int, sigma: float) -> np.ndarray:
+    """Truncated Gaussian blur of the whole image (dtype kept), clipped to [0, 1]."""
+    out = _gaussian(image, k_w, k_h, sigma)
+    _clip(out)
+    return out
+
+
+def to_uint8(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """uint8(255 * I * M), truncated (not rounded), like the released script's output.
+
+    ``mask`` is boolean HxW (None: no FOV multiplication). The product is taken in float64.
+    """
+    scaled = _scratch("scaled", image.shape)
+    np.multiply(image, 255.0, out=scaled, dtype=np.float64)
+    out = scaled.astype(np.uint8)
+    if mask is not None:
+        out *= mask[..., None]
+    return out

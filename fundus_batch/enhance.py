@@ -1,0 +1,143 @@
+"""The Cofe-Net enhancement stage: a model loaded once per worker, batched inference."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fundus_batch.io import codecs
+from fundus_batch.schema import failed
+from fundus_batch.stages import Resources, decode_mask, encode_output, is_ok
+
+Row = dict[str, Any]
+
+
+def load_model(
+    weights: str, variant: str | None = None, width: float | None = None, device: str = "cpu"
+):
+    """Load registered weights by name, or a checkpoint file (variant/width detected or given).
+
+    Returns ``(model, name, sha256)``.
+    """
+    from fundus_batch.models import (
+        WeightsEntry,
+        build_cofenet,
+        file_sha256,
+        load_registered,
+        load_weights,
+        model_from_weights,
+        resolve_weights,
+    )
+
+    found = resolve_weights(weights)
+    if isinstance(found, WeightsEntry):
+        model = load_registered(found.name, device=device)
+        return model, found.name, found.sha256
+    if variant is not None:
+        model = load_weights(build_cofenet(variant, width or 1.0), found).eval()
+    else:
+        model = model_from_weights(found)
+    return model.to(device), found.name, file_sha256(found)
+
+
+def pick_device(requested: str) -> str:
+    """``auto`` means CUDA when this worker sees a GPU, else CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("enhance.device is 'cuda' but this worker sees no GPU")
+    return requested
+
+
+class Enhance:
+    """Enhance each row's degraded (pairs mode) or source image with Cofe-Net.
+
+    The output is masked to the FOV. On CUDA it runs under bf16 autocast with channels_last; on
+    CPU torch uses as many threads as the worker's CPU share.
+    """
+
+    name = "enhance"
+    resources = Resources(num_cpus=1.0, actor=True)
+
+    def __init__(
+        self,
+        weights: str = "fundus-cofenet-small",
+        variant: str | None = None,
+        width: float | None = None,
+        batch_size: int = 4,
+        device: str = "auto",
+        source_role: str = "degraded",
+        image_format: str = "png",
+        jpeg_quality: int = 95,
+        cpu_share: float = 1.0,
+    ) -> None:
+        import torch
+
+        self.device = pick_device(device)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, round(cpu_share)))
+        self.model, self.model_name, self.model_sha256 = load_model(
+            weights, variant, width, self.device
+        )
+        if self.device == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = batch_size
+        self.source_role = source_role
+        self.image_format = image_format
+        self.jpeg_quality = jpeg_quality
+
+    def enhance_arrays(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Enhance RGB uint8 images of one size; returns RGB uint8 images (unmasked)."""
+        import torch
+
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.stack(images[start : start + self.batch_size])
+            x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
+            x = x.to(self.device)
+            with torch.inference_mode():
+                if self.device == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        y = self.model.enhanced(self.model(x))
+                else:
+                    y = self.model.enhanced(self.model(x))
+            y = y.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+            out.extend(y.permute(0, 2, 3, 1).cpu().numpy())
+        return out
+
+    def __call__(self, rows: list[Row]) -> list[Row]:
+        todo: list[tuple[Row, np.ndarray, np.ndarray]] = []
+        for row in rows:
+            if not is_ok(row):
+                continue
+            try:
+                image = codecs.decode_image(row[f"{self.source_role}_png"])
+                mask = decode_mask(row["mask_png"])
+                todo.append((row, image, mask))
+            except Exception as exc:
+                failed(row, self.name, exc)
+        # Batch images of equal size together.
+        by_shape: dict[tuple[int, ...], list[tuple[Row, np.ndarray, np.ndarray]]] = {}
+        for item in todo:
+            by_shape.setdefault(item[1].shape, []).append(item)
+        for group in by_shape.values():
+            start = time.perf_counter()
+            try:
+                enhanced = self.enhance_arrays([img for _, img, _ in group])
+            except Exception as exc:
+                for row, _, _ in group:
+                    failed(row, self.name, exc)
+                continue
+            per_row = (time.perf_counter() - start) / len(group)
+            for (row, _, mask), result in zip(group, enhanced, strict=True):
+                result = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
+                row["enhanced_png"] = encode_output(result, self.image_format, self.jpeg_quality)
+                row["model_name"] = self.model_name
+                row["model_sha256"] = self.model_sha256
+                row["seconds_enhance"] = per_row
+        return rows

@@ -1,0 +1,67 @@
+"""Export a pairs output to the folder layouts that common trainers read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fundus_batch.io import codecs, storage
+from fundus_batch.output import OutputStore
+
+
+def _ok_rows(out: str) -> list[dict]:
+    table = OutputStore(out).read_table(
+        columns=["image_id", "variant", "type_code", "status", "clean_uri", "degraded_uri", "split"]
+    )
+    if table is None:
+        raise FileNotFoundError(f"no Parquet shards under {out}/pairs")
+    rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["degraded_uri"]]
+    return sorted(rows, key=lambda r: (r["image_id"], r["variant"]))
+
+
+def export_pairs(out: str, fmt: str, dest: Path) -> int:
+    """Write ``dest`` in ``fmt`` ('basicsr' or 'pix2pix'); returns the number of pairs."""
+    rows = _ok_rows(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    if fmt == "basicsr":
+        return _basicsr(rows, dest)
+    if fmt == "pix2pix":
+        return _pix2pix(rows, dest)
+    raise ValueError(f"unknown export format {fmt!r}; use basicsr or pix2pix")
+
+
+def _name(row: dict) -> str:
+    return f"{row['image_id']}_v{row['variant']:03d}_{row['type_code']}.png"
+
+
+def _basicsr(rows: list[dict], dest: Path) -> int:
+    """BasicSR paired layout: GT/ and LQ/ with identical names, meta_info.txt listing GT."""
+    gt, lq = dest / "GT", dest / "LQ"
+    gt.mkdir(exist_ok=True)
+    lq.mkdir(exist_ok=True)
+    lines = []
+    for row in rows:
+        name = _name(row)
+        clean = codecs.decode_image(storage.read_bytes(row["clean_uri"]))
+        degraded = codecs.decode_image(storage.read_bytes(row["degraded_uri"]))
+        (gt / name).write_bytes(codecs.encode_png(clean))
+        (lq / name).write_bytes(codecs.encode_png(degraded))
+        h, w = clean.shape[:2]
+        lines.append(f"{name} ({h},{w},3)")
+    (dest / "meta_info.txt").write_text("\n".join(lines) + "\n")
+    return len(rows)
+
+
+def _pix2pix(rows: list[dict], dest: Path) -> int:
+    """pix2pix aligned layout: <split>/<name> holding A (degraded) | B (clean) side by side."""
+    for row in rows:
+        split = row.get("split") or "train"
+        folder = dest / split
+        folder.mkdir(exist_ok=True)
+        clean = codecs.decode_image(storage.read_bytes(row["clean_uri"]))
+        degraded = codecs.decode_image(storage.read_bytes(row["degraded_uri"]))
+        (folder / _name(row)).write_bytes(
+            codecs.encode_png(np.concatenate([degraded, clean], axis=1))
+        )
+    return len(rows)

@@ -1,0 +1,498 @@
+"""Field-of-view (FOV) detection and cropping for fundus photographs.
+
+A fundus camera images the retina through a circular aperture, so a raw photograph is a bright disc
+on a dark surround, often cut by the frame at the top and bottom (EyePACS) or by black bars in
+already-cropped images, sometimes with a small notch marker on the rim. ``detect_fov`` finds that
+circle on a downscaled copy:
+
+1. luminance = per-pixel channel maximum, lightly smoothed;
+2. threshold between the surround level (read in the frame corners) and the fundus level;
+3. largest bright region, replaced by its convex hull (fills dark lesions and dark rims);
+4. a circle is fitted to the hull's rim off the image border by a fixed-seed RANSAC (straight
+   frame/bar edges, chords over dark regions and notches are outliers), refined by least
+   squares, then each rim point is moved to the half-level crossing of its radial profile;
+5. plausibility checks (rim on the circle, angular coverage, area outside the circle, size).
+
+Coordinates use pixel centres at integers. The returned mask is the circle intersected with the
+image and with ``box``, the rectangle of valid pixels (smaller than the image when black bars cut
+the circle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "WORK_SIDE",
+    "Circle",
+    "FOVError",
+    "FOVResult",
+    "Preprocessed",
+    "circle_mask",
+    "crop_to_fov",
+    "detect_fov",
+    "preprocess",
+]
+
+WORK_SIDE = 640
+"""Longest side of the downscaled copy that detection runs on."""
+
+_MIN_INPUT_SIDE = 16
+_MIN_RADIUS_FRAC = 0.1  # of the shorter image side
+_MIN_RADIUS_PX = 8.0  # at source resolution
+_BLANK_RANGE = 12.0  # grey levels between the 1st and 99th percentile of a blank image
+_THRESH_FRAC = 0.15  # threshold position between surround and fundus level
+_THRESH_MIN_DELTA = 6.0
+_FULL_FRAME_FILL = 0.98  # hull share of the frame above which there is no surround
+_MIN_INLIER_FRAC = 0.25  # of the rim points off the frame border
+_MIN_COVERAGE_DEG = 90.0
+_MIN_SPREAD_COVERAGE_DEG = 30.0  # enough when the arcs lie in at least three quadrants
+_MAX_OUTSIDE_FRAC = 0.05  # of the bright region (notches are far smaller)
+_MIN_COVERED_FRAC = 0.7  # of the fitted circle that must be bright
+_RANSAC_TRIALS = 200
+_RANSAC_SCORE_POINTS = 500
+_RANSAC_SEED = 20210  # fixed: detection is deterministic
+_REFINE_POINTS = 256
+_REFINE_REACH = 5.0  # working pixels either side of the fitted rim
+_REFINE_MIN_STEP = 6.0
+_MIN_SHARP_FRAC = 0.5
+_EDGE_LEVEL = 0.5  # edge = where the radial profile crosses this share of the local step
+_MIN_SMOOTHNESS = 0.5  # neighbour correlation below this is noise, not a photograph
+
+
+class FOVError(ValueError):
+    """No usable field of view; ``reason`` is a short stable code.
+
+    Codes: ``invalid_input``, ``blank`` (uniform image), ``no_fov`` (no dark surround and not a
+    photograph), ``no_circle`` (the bright region is not circular or has no sharp rim),
+    ``too_small``, ``no_overlap`` (``crop_to_fov`` got a circle outside the image).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Circle:
+    """FOV circle in source pixels (pixel centres at integer coordinates)."""
+
+    cx: float
+    cy: float
+    r: float
+
+    def scaled(self, sx: float, sy: float | None = None) -> Circle:
+        """The same circle in an image resized by ``sx`` horizontally and ``sy`` vertically."""
+        sy = sx if sy is None else sy
+        return Circle(
+            (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5, self.r * (sx + sy) / 2.0
+        )
+
+
+Box = tuple[int, int, int, int]
+"""(x0, y0, x1, y1): valid pixel rectangle, end-exclusive."""
+
+
+@dataclass
+class FOVResult:
+    """Detected circle, binary mask (HxW uint8 0/255, source size), status and valid box.
+
+    ``status`` is ``ok`` (whole circle inside the valid box), ``clipped`` (the frame or black bars
+    cut the circle) or ``full_frame`` (the fundus fills the frame: either the fitted circle
+    covers every corner, or no rim is visible at all and the circle is the inscribed one).
+    """
+
+    circle: Circle
+    mask: np.ndarray
+    status: str
+    box: Box | None = None
+
+
+@dataclass
+class Preprocessed:
+    """Working image (size x size x 3 uint8, zero outside the FOV), its mask and provenance."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    circle: Circle
+    status: str
+    box: Box | None = None
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+        raise FOVError("invalid_input", f"expected a uint8 array, got {getattr(rgb, 'dtype', rgb)}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise FOVError("invalid_input", f"expected an HxWx3 RGB image, got shape {rgb.shape}")
+    if min(rgb.shape[:2]) < _MIN_INPUT_SIDE:
+        raise FOVError("too_small", f"image {rgb.shape[1]}x{rgb.shape[0]} is too small")
+
+
+def circle_mask(height: int, width: int, circle: Circle, box: Box | None = None) -> np.ndarray:
+    """HxW uint8 mask, 255 where the pixel centre lies in the circle (and in ``box``)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    bx0, by0, bx1, by1 = box if box is not None else (0, 0, width, height)
+    y_lo = max(by0, 0, int(np.ceil(circle.cy - circle.r)))
+    y_hi = min(by1, height, int(np.floor(circle.cy + circle.r)) + 1)
+    if y_hi <= y_lo:
+        return mask
+    ys = np.arange(y_lo, y_hi, dtype=np.float64)
+    half = np.sqrt(np.maximum(circle.r**2 - (ys - circle.cy) ** 2, 0.0))
+    x0 = np.clip(np.ceil(circle.cx - half).astype(np.int64), max(bx0, 0), None)
+    x1 = np.clip(np.floor(circle.cx + half).astype(np.int64) + 1, None, min(bx1, width))
+    # One run per row: filling runs is much cheaper than a full 2-D distance test.
+    for y, a, b in zip(range(y_lo, y_hi), x0.tolist(), x1.tolist(), strict=True):
+        if b > a:
+            mask[y, a:b] = 255
+    return mask
+
+
+def _luminance(small: np.ndarray) -> np.ndarray:
+    r, g, b = cv2.split(small)
+    lum = cv2.max(cv2.max(r, g), b)
+    return cv2.GaussianBlur(lum, (5, 5), 1.0)
+
+
+def _percentiles(hist: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """Percentiles (0-100) of uint8 data from its 256-bin histogram."""
+    cdf = np.cumsum(hist)
+    total = float(cdf[-1])
+    return [float(np.searchsorted(cdf, q / 100.0 * total, side="left")) for q in qs]
+
+
+def _smoothness(lum: np.ndarray) -> float:
+    """Correlation of horizontally adjacent pixels: near 1 for photographs, near 0 for noise."""
+    a = lum[::2, :-1].astype(np.float32).ravel()
+    b = lum[::2, 1:].astype(np.float32).ravel()
+    a -= a.mean()
+    b -= b.mean()
+    denom = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))
+    return float(np.dot(a, b) / denom) if denom > 0 else 1.0
+
+
+def _surround_level(lum: np.ndarray) -> float:
+    """Median of the darkest frame corner (one corner may hold a label or notch)."""
+    h, w = lum.shape
+    ch, cw = max(2, h // 16), max(2, w // 16)
+    corners = (lum[:ch, :cw], lum[:ch, -cw:], lum[-ch:, :cw], lum[-ch:, -cw:])
+    return float(min(np.median(c) for c in corners))
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Algebraic (Kasa) least-squares circle through points."""
+    mx, my = x.mean(), y.mean()
+    u, v = x - mx, y - my
+    a = np.stack([u, v, np.ones_like(u)], axis=1)
+    b = u * u + v * v
+    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    cx, cy = sol[0] / 2.0, sol[1] / 2.0
+    r = float(np.sqrt(max(sol[2] + cx * cx + cy * cy, 0.0)))
+    return float(cx + mx), float(cy + my), r
+
+
+def _inlier_tol(r: float) -> float:
+    return max(1.5, 0.01 * r)
+
+
+def _ransac_circle(
+    x: np.ndarray, y: np.ndarray, width: int, height: int
+) -> tuple[float, float, float] | None:
+    """Circle with the most rim points within tolerance, over random point triplets.
+
+    Frame edges, black-bar edges, hull chords over dark regions and notches are all outliers
+    here. The generator is local and fixed-seed, so the result is deterministic.
+    """
+    n = x.size
+    stride = max(1, n // _RANSAC_SCORE_POINTS)
+    xs, ys = x[::stride], y[::stride]
+    rng = np.random.default_rng(_RANSAC_SEED)
+    idx = np.sort(rng.integers(0, n, size=(_RANSAC_TRIALS, 3)), axis=1)
+    x1, x2, x3 = x[idx[:, 0]], x[idx[:, 1]], x[idx[:, 2]]
+    y1, y2, y3 = y[idx[:, 0]], y[idx[:, 1]], y[idx[:, 2]]
+    d = 2.0 * (x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
+    ok = np.abs(d) > 1e-6 * (n + 1)
+    if not ok.any():
+        return None
+    x1, x2, x3, y1, y2, y3, d = (v[ok] for v in (x1, x2, x3, y1, y2, y3, d))
+    s1, s2, s3 = x1 * x1 + y1 * y1, x2 * x2 + y2 * y2, x3 * x3 + y3 * y3
+    cx = (s1 * (y2 - y3) + s2 * (y3 - y1) + s3 * (y1 - y2)) / d
+    cy = (s1 * (x3 - x2) + s2 * (x1 - x3) + s3 * (x2 - x1)) / d
+    r = np.hypot(x1 - cx, y1 - cy)
+    # Long straight edges fit huge circles; a FOV centre lies in the frame, its radius is bounded.
+    plausible = (
+        (cx >= 0)
+        & (cx <= width - 1)
+        & (cy >= 0)
+        & (cy <= height - 1)
+        & (r <= 0.75 * float(np.hypot(width, height)))
+    )
+    if not plausible.any():
+        return None
+    cx, cy, r = cx[plausible], cy[plausible], r[plausible]
+    dist = np.abs(np.hypot(xs[None, :] - cx[:, None], ys[None, :] - cy[:, None]) - r[:, None])
+    tol = np.maximum(1.5, 0.01 * r)
+    best = int(np.argmax((dist <= tol[:, None]).sum(axis=1)))
+    return float(cx[best]), float(cy[best]), float(r[best])
+
+
+def _refine(
+    x: np.ndarray, y: np.ndarray, circle: tuple[float, float, float]
+) -> tuple[float, float, float, np.ndarray]:
+    """Least-squares refit on the inliers of ``circle``, a few rounds."""
+    cx, cy, r = circle
+    inl = np.abs(np.hypot(x - cx, y - cy) - r) <= _inlier_tol(r)
+    for _ in range(3):
+        if inl.sum() < 3:
+            break
+        cx, cy, r = _fit_circle(x[inl], y[inl])
+        new = np.abs(np.hypot(x - cx, y - cy) - r) <= _inlier_tol(r)
+        if np.array_equal(new, inl):
+            break
+        inl = new
+    return cx, cy, r, inl
+
+
+def _edge_refine(
+    lum: np.ndarray, x: np.ndarray, y: np.ndarray, circle: tuple[float, float, float]
+) -> tuple[tuple[float, float, float], float]:
+    """Move rim points radially onto the half-level crossing of the local edge, then refit.
+
+    The threshold sits well below the rim brightness, so the thresholded rim lies slightly
+    outside the true edge; the half-level point of each radial profile does not depend on it.
+    Also returns the share of profiles that cross a sharp edge (an aperture rim is sharp,
+    the iso-brightness line of vignetting is not).
+    """
+    cx, cy, r = circle
+    h, w = lum.shape
+    step = max(1, x.size // _REFINE_POINTS)
+    x, y = x[::step], y[::step]
+    ux, uy = x - cx, y - cy
+    norm = np.hypot(ux, uy)
+    ux, uy = ux / norm, uy / norm
+    offsets = np.arange(-_REFINE_REACH, _REFINE_REACH + 0.25, 0.5)
+    rad = r + offsets[None, :]
+    sx = (cx + ux[:, None] * rad).astype(np.float32)
+    sy = (cy + uy[:, None] * rad).astype(np.float32)
+    valid = (sx.min(1) >= 0) & (sx.max(1) <= w - 1) & (sy.min(1) >= 0) & (sy.max(1) <= h - 1)
+    if valid.sum() < 8:
+        return circle, 1.0  # rim too close to the frame to judge; keep the fit
+    sx, sy, ux, uy = sx[valid], sy[valid], ux[valid], uy[valid]
+    prof = cv2.remap(lum.astype(np.float32), sx, sy, cv2.INTER_LINEAR)
+    k = 4  # samples averaged at each end of the profile
+    inner = prof[:, :k].mean(axis=1)
+    outer = prof[:, -k:].mean(axis=1)
+    level = outer + _EDGE_LEVEL * (inner - outer)
+    below = prof < level[:, None]
+    below[:, -1] = True
+    j = np.argmax(below[:, 1:], axis=1) + 1  # first sample under the half level
+    a, b = prof[np.arange(j.size), j - 1], prof[np.arange(j.size), j]
+    frac = np.clip((a - level) / np.maximum(a - b, 1e-6), 0.0, 1.0)
+    t = offsets[j - 1] + 0.5 * frac
+    good = (inner - outer) >= _REFINE_MIN_STEP
+    sharp = float(good.mean())
+    if good.sum() < 8:
+        return circle, sharp
+    t = t[good]
+    ex = cx + ux[good] * (r + t)
+    ey = cy + uy[good] * (r + t)
+    return _fit_circle(ex, ey), sharp
+
+
+def _angular_coverage(x: np.ndarray, y: np.ndarray, cx: float, cy: float) -> tuple[float, int]:
+    """Degrees of the circle covered by points (10-degree bins) and quadrants touched."""
+    angles = np.degrees(np.arctan2(y - cy, x - cx)) % 360.0
+    bins = np.unique((angles // 10.0).astype(np.int64))
+    return 10.0 * bins.size, int(np.unique(bins // 9).size)
+
+
+def _clip_box(hull: np.ndarray, circle: tuple[float, float, float]) -> tuple[int, int, int, int]:
+    """Valid-pixel box: a side moves onto the hull's extreme row/column when the circle runs
+    past it (black bars or a cut-off rim); a side at the image border stays there."""
+    h, w = hull.shape
+    cx, cy, r = circle
+    tol = max(2.0, 0.02 * r)
+    rows = np.flatnonzero(hull.any(axis=1))
+    cols = np.flatnonzero(hull.any(axis=0))
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    y0 = top if top > 1 and cy - r < top - tol else 0
+    y1 = bottom + 1 if bottom < h - 2 and cy + r > bottom + tol else h
+    x0 = left if left > 1 and cx - r < left - tol else 0
+    x1 = right + 1 if right < w - 2 and cx + r > right + tol else w
+    return x0, y0, x1, y1
+
+
+def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, Box, str]:
+    """Circle (None when no rim is visible), valid box and status on the working image."""
+    h, w = lum.shape
+    hist = np.bincount(lum.ravel(), minlength=256)
+    lo, hi = _percentiles(hist, (1.0, 99.9))
+    if hi - lo < _BLANK_RANGE:
+        raise FOVError("blank", f"image is uniform (grey levels {lo:.0f}..{hi:.0f})")
+
+    bg = _surround_level(lum)
+    start = min(255, int(bg + _THRESH_MIN_DELTA) + 1)
+    if hist[start:].sum() == 0:
+        raise FOVError("no_fov", "no region brighter than the surround")
+    fg = start + _percentiles(hist[start:], (50.0,))[0]
+    thresh = bg + max(_THRESH_MIN_DELTA, _THRESH_FRAC * (fg - bg))
+    binary = (lum > thresh).astype(np.uint8)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        raise FOVError("no_fov", "no region brighter than the surround")
+    biggest = max(contours, key=cv2.contourArea)  # the largest bright region
+    hull = np.zeros_like(binary)
+    cv2.fillConvexPoly(hull, cv2.convexHull(biggest), 1)
+    hull_area = int(np.count_nonzero(hull))
+    min_r = _MIN_RADIUS_FRAC * min(h, w)
+    if hull_area < np.pi * min_r**2:
+        raise FOVError("too_small", f"bright region of {hull_area} px is too small for a FOV")
+
+    try:
+        (cx, cy, r), box = _fit_rim(lum, hull, hull_area)
+    except FOVError:
+        if hull_area < _FULL_FRAME_FILL * h * w:
+            raise
+        # No usable rim and no surround: a photograph filling the frame, or not a photograph.
+        if _smoothness(lum) < _MIN_SMOOTHNESS:
+            raise FOVError("no_fov", "image looks like noise, not a photograph") from None
+        return None, (0, 0, w, h), "full_frame"
+
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0], [x1 - 1, y0], [x0, y1 - 1], [x1 - 1, y1 - 1]], np.float64)
+    if bool(np.all(np.hypot(corners[:, 0] - cx, corners[:, 1] - cy) <= r)):
+        status = "full_frame"
+    elif cx - r < x0 - 1 or cx + r > x1 or cy - r < y0 - 1 or cy + r > y1:
+        status = "clipped"
+    else:
+        status = "ok"
+    return (cx, cy, r), box, status
+
+
+def _fit_rim(
+    lum: np.ndarray, hull: np.ndarray, hull_area: int
+) -> tuple[tuple[float, float, float], Box]:
+    """Circle and valid box from the hull's rim off the image border; raises FOVError."""
+    h, w = hull.shape
+    rim, _ = cv2.findContours(hull, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pts = np.concatenate(rim, axis=0).reshape(-1, 2).astype(np.float64)
+    px, py = pts[:, 0], pts[:, 1]
+    off_border = (px > 0) & (px < w - 1) & (py > 0) & (py < h - 1)
+    px, py = px[off_border], py[off_border]
+    guess = _ransac_circle(px, py, w, h) if px.size >= 12 else None
+    if guess is None:
+        raise FOVError("no_circle", "too few rim points off the frame border to fit a circle")
+    cx, cy, r, inl = _refine(px, py, guess)
+    (cx, cy, r), sharp = _edge_refine(lum, px[inl], py[inl], (cx, cy, r))
+    if sharp < _MIN_SHARP_FRAC:
+        raise FOVError("no_circle", f"only {sharp:.0%} of the rim is a sharp edge")
+
+    coverage, quadrants = _angular_coverage(px[inl], py[inl], cx, cy)
+    spread = coverage >= _MIN_COVERAGE_DEG or (
+        quadrants >= 3 and coverage >= _MIN_SPREAD_COVERAGE_DEG
+    )
+    if inl.mean() < _MIN_INLIER_FRAC or not spread:
+        raise FOVError(
+            "no_circle",
+            f"bright region is not circular ({inl.mean():.0%} of its rim on a circle, "
+            f"{coverage:.0f} degrees in {quadrants} quadrants)",
+        )
+    box = _clip_box(hull, (cx, cy, r))
+    fitted = circle_mask(h, w, Circle(cx, cy, r), box) > 0
+    hull_b = hull.astype(bool)
+    outside = int(np.count_nonzero(hull_b & ~fitted))
+    if outside > _MAX_OUTSIDE_FRAC * hull_area:
+        raise FOVError(
+            "no_circle", f"{outside / hull_area:.0%} of the bright region lies outside the circle"
+        )
+    covered = int(np.count_nonzero(hull_b & fitted)) / max(1, int(np.count_nonzero(fitted)))
+    if covered < _MIN_COVERED_FRAC:
+        raise FOVError("no_circle", f"only {covered:.0%} of the fitted circle is bright")
+    return (cx, cy, r), box
+
+
+def detect_fov(rgb: np.ndarray) -> FOVResult:
+    """Find the circular field of view of an HxWx3 uint8 RGB photograph; raises FOVError."""
+    _check_rgb(rgb)
+    h, w = rgb.shape[:2]
+    # An integer factor keeps INTER_AREA on its fast path and the coordinate mapping exact;
+    # the last (w % f) columns and (h % f) rows are not looked at.
+    f = max(1, round(max(h, w) / WORK_SIDE))
+    sw, sh = w // f, h // f
+    if f > 1:
+        small = cv2.resize(rgb[: sh * f, : sw * f], (sw, sh), interpolation=cv2.INTER_AREA)
+    else:
+        small = rgb
+    fit, (bx0, by0, bx1, by1), status = _detect_small(_luminance(small))
+    if fit is None:
+        # No rim anywhere: use the inscribed circle, so the working image is a round FOV like
+        # every other one and radius-relative parameters keep their meaning.
+        circle = Circle((w - 1) / 2.0, (h - 1) / 2.0, min(w, h) / 2.0)
+    else:
+        circle = Circle(*fit).scaled(f)
+    box = (bx0 * f, by0 * f, bx1 * f if bx1 < sw else w, by1 * f if by1 < sh else h)
+    if circle.r < max(_MIN_RADIUS_PX, _MIN_RADIUS_FRAC * min(h, w)):
+        raise FOVError("too_small", f"FOV radius {circle.r:.1f} px is too small for {w}x{h}")
+    mask = circle_mask(h, w, circle, box)
+    return FOVResult(circle=circle, mask=mask, status=status, box=box)
+
+
+def crop_to_fov(
+    rgb: np.ndarray, circle: Circle, size: int = 512, box: Box | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop the circle's bounding square (zero-padded where it leaves the image), resize to
+    ``size`` with INTER_AREA and zero everything outside the circle (and ``box``).
+
+    The circle ends up centred and inscribed in the output. Returns (image size x size x 3
+    uint8, mask size x size uint8 0/255); the mask is computed geometrically, never resampled.
+    """
+    _check_rgb(rgb)
+    if not (isinstance(size, int) and size >= 1):
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not circle.r > 0:
+        raise FOVError("too_small", f"circle radius must be positive, got {circle.r}")
+    h, w = rgb.shape[:2]
+    bx0, by0, bx1, by1 = box if box is not None else (0, 0, w, h)
+    bx0, by0, bx1, by1 = max(bx0, 0), max(by0, 0), min(bx1, w), min(by1, h)
+    side = max(1, round(2.0 * circle.r))
+    ox = int(np.floor(circle.cx - (side - 1) / 2.0 + 0.5))
+    oy = int(np.floor(circle.cy - (side - 1) / 2.0 + 0.5))
+    sx0, sy0 = max(ox, bx0), max(oy, by0)
+    sx1, sy1 = min(ox + side, bx1), min(oy + side, by1)
+    if (sx0, sy0, sx1, sy1) == (ox, oy, ox + side, oy + side):
+        square = rgb[oy : oy + side, ox : ox + side]
+    else:
+        square = np.zeros((side, side, 3), dtype=np.uint8)
+        if sx1 > sx0 and sy1 > sy0:
+            square[sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox] = rgb[sy0:sy1, sx0:sx1]
+    if side != size:
+        square = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    # Output pixel j covers canvas pixels [j*k, (j+1)*k) with k = side/size.
+    k = side / size
+    centres = (np.arange(size, dtype=np.float64) + 0.5) * k - 0.5
+    out_circle = Circle(
+        (circle.cx - ox + 0.5) / k - 0.5, (circle.cy - oy + 0.5) / k - 0.5, circle.r / k
+    )
+    valid_x = np.flatnonzero((centres + ox >= sx0 - 0.5) & (centres + ox < sx1 - 0.5))
+    valid_y = np.flatnonzero((centres + oy >= sy0 - 0.5) & (centres + oy < sy1 - 0.5))
+    out_box: Box = (0, 0, 0, 0)
+    if valid_x.size and valid_y.size:
+        out_box = (int(valid_x[0]), int(valid_y[0]), int(valid_x[-1]) + 1, int(valid_y[-1]) + 1)
+    mask = circle_mask(size, size, out_circle, out_box)
+    if not mask.any():
+        raise FOVError("no_overlap", f"{circle} does not overlap the image's valid pixels")
+    image = cv2.bitwise_and(square, square, mask=mask)
+    return image, mask
+
+
+def preprocess(rgb: np.ndarray, size: int = 512) -> Preprocessed:
+    """Detect the FOV and crop/resize to the ``size`` x ``size`` working image."""
+    found = detect_fov(rgb)
+    image, mask = crop_to_fov(rgb, found.circle, size, found.box)
+    return Preprocessed(
+        image=image, mask=mask, circle=found.circle, status=found.status, box=found.box
+    )

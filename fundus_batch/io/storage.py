@@ -1,0 +1,381 @@
+"""Byte-level storage on any fsspec filesystem: local disk, ``s3://``, ``gs://``, ``memory://``.
+
+Reads and writes retry transient failures (connection drops, timeouts, throttling, 5xx) with
+exponential backoff and jitter; missing files and permission errors are raised at once. Local
+writes are atomic (a temporary file in the target folder, then ``os.replace``), object-store
+writes are a single PUT, so a reader never sees a half-written file. ``redact`` strips
+credentials from anything that may end up in a log or an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "Backoff",
+    "StorageError",
+    "exists",
+    "filesystem",
+    "is_transient",
+    "join",
+    "list_files",
+    "read_bytes",
+    "redact",
+    "write_bytes",
+]
+
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage operation still failed after all retries; ``attempts`` says how many ran."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt k sleeps ``min(cap, base * 2**k)`` times a
+    uniform factor in [0.5, 1). ``sleep`` and ``rng`` are injectable for tests."""
+
+    base: float = 0.25
+    cap: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+    rng: np.random.Generator | None = field(default=None, compare=False)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        ceiling = min(self.cap, self.base * (2.0**attempt))
+        rng = self.rng if self.rng is not None else np.random.default_rng()
+        return ceiling * (0.5 + 0.5 * float(rng.random()))
+
+
+DEFAULT_BACKOFF = Backoff()
+
+_NEVER_RETRY = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EINVAL,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+        errno.EDQUOT,
+    }
+)
+_THROTTLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "SlowDown",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 429})
+
+
+def _transient_client_types() -> tuple[type[BaseException], ...]:
+    """Connection-level exception classes of the optional HTTP stacks that are installed."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore import exceptions as bce
+
+        found += [bce.ConnectionError, bce.HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_CLIENT_TYPES: tuple[type[BaseException], ...] | None = None
+
+
+def _http_verdict(exc: BaseException) -> bool | None:
+    """Transient or not from an HTTP status / AWS error code, None when there is none."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _THROTTLE_CODES:
+            return True
+        if isinstance(status, int):
+            return status >= 500 or status in _TRANSIENT_STATUS
+        return None
+    status = getattr(exc, "status", None)
+    if (
+        isinstance(status, int)
+        and 100 <= status <= 599
+        and type(exc).__module__.startswith("aiohttp")
+    ):
+        return status >= 500 or status in _TRANSIENT_STATUS
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` can help.
+
+    Never: missing files, permission errors, directories where files were expected, client
+    (4xx) errors other than timeouts and throttling, and errors that are not I/O at all.
+    Always: connection errors, timeouts, throttling, 5xx, and other ``OSError``s.
+    """
+    global _CLIENT_TYPES
+    if isinstance(exc, _NEVER_RETRY):
+        return False
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:  # s3fs wraps botocore errors in OSError
+        seen.add(id(link))
+        verdict = _http_verdict(link)
+        if verdict is not None:
+            return verdict
+        link = link.__cause__ or link.__context__
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if _CLIENT_TYPES is None:
+        _CLIENT_TYPES = _transient_client_types()
+    if _CLIENT_TYPES and isinstance(exc, _CLIENT_TYPES):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
+    return False
+
+
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)"
+    r"(?:[^/\s@:]+:[^\s@]*|[^/\s@:]+)@"  # user:password (may hold '/') or user alone
+)
+_SECRET_KEY = (
+    r"(?:[A-Za-z0-9_\-]*(?:secret|password|passwd|token|signature|credential|"
+    r"api[_\-]?key|access[_\-]?key|account[_\-]?key|private[_\-]?key)[A-Za-z0-9_\-]*"
+    r"|sig|sas|pwd)"
+)
+_KEY_VALUE = re.compile(
+    r"(?P<key>[\"']?\b" + _SECRET_KEY + r"\b[\"']?\s*[=:]\s*)"
+    r"(?:(?P<q>[\"'])(?P<quoted>.*?)(?P=q)|(?P<bare>[^\s\"',;&}]+))",
+    re.IGNORECASE,
+)
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_MASK = "***"
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    quote = match.group("q") or ""
+    return f"{match.group('key')}{quote}{_MASK}{quote}"
+
+
+def redact(text: str) -> str:
+    """Remove credentials from URIs, query strings, config dumps and error messages.
+
+    ``scheme://user:pass@host`` loses its user info; values of keys that look secret
+    (``aws_secret_access_key=...``, ``"secret": "..."``, ``X-Amz-Signature=...``, ``sig=...``,
+    ``password: ...``) and AWS access key ids become ``***``.
+    """
+    text = _USERINFO.sub(lambda m: m.group("scheme") + _MASK + "@", str(text))
+    text = _KEY_VALUE.sub(_mask_value, text)
+    return _AWS_KEY_ID.sub(_MASK, text)
+
+
+def filesystem(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` (instances are cached by fsspec) and the path in it."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"storage URI must be a non-empty string, got {uri!r}")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except ValueError as exc:
+        raise ValueError(f"cannot open storage for {redact(uri)}: {redact(str(exc))}") from exc
+    return fs, path
+
+
+def _with_retries(
+    what: str, uri: str, fn: Callable[[], T], retries: int, backoff: Backoff | None
+) -> T:
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    policy = backoff if backoff is not None else DEFAULT_BACKOFF
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == retries:
+                raise StorageError(
+                    f"{what} {redact(uri)} failed after {attempt + 1} attempts: "
+                    f"{type(exc).__name__}: {redact(str(exc))}",
+                    attempts=attempt + 1,
+                ) from exc
+            policy.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retries: int = 4,
+    backoff: Backoff | None = None,
+) -> bytes:
+    """Whole content of ``uri``. FileNotFoundError at once; StorageError after ``retries``
+    retries of transient failures."""
+    fs, path = filesystem(uri, storage_options)
+    return _with_retries("reading", uri, lambda: bytes(fs.cat_file(path)), retries, backoff)
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    # O_EXCL: never follow or reuse a stale name; mode 0o666 lets the umask decide as for open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(
+    uri: str,
+    data: bytes,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retries: int = 4,
+    backoff: Backoff | None = None,
+) -> None:
+    """Store ``data`` at ``uri``, replacing any existing file, never leaving a partial one.
+
+    Local disk: parent folders are created, then a temporary file in the same folder is renamed
+    over the target. Other filesystems: one ``pipe_file`` (a single PUT on object stores).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    payload = bytes(data)
+    fs, path = filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        _with_retries("writing", uri, lambda: _atomic_local_write(path, payload), retries, backoff)
+    else:
+        _with_retries("writing", uri, lambda: fs.pipe_file(path, payload), retries, backoff)
+
+
+def exists(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retries: int = 4,
+    backoff: Backoff | None = None,
+) -> bool:
+    """Whether a file or folder exists at ``uri``."""
+    fs, path = filesystem(uri, storage_options)
+    return bool(_with_retries("checking", uri, lambda: fs.exists(path), retries, backoff))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI (``s3://b`` + ``k`` -> ``s3://b/k``).
+
+    Slashes between parts are normalised; ``..`` segments are refused so that ids taken
+    from a manifest cannot escape the output root.
+    """
+    segments: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"path parts must be strings, got {type(part).__name__}")
+        pieces = [p for p in part.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in pieces:
+            raise ValueError(f"path part {part!r} contains '..'")
+        segments.extend(pieces)
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        lead = "/" if rest.startswith("/") else ""
+        head = rest.strip("/")
+        return f"{scheme}://{lead}" + "/".join(([head] if head else []) + segments)
+    if not segments:
+        return base
+    return posixpath.join(base, *segments) if base else "/".join(segments)
+
+
+def _normalise_exts(exts: Iterable[str] | None) -> tuple[str, ...] | None:
+    if exts is None:
+        return None
+    if isinstance(exts, str):
+        exts = [exts]
+    out = tuple("." + e.lower().lstrip(".") for e in exts)
+    if not out:
+        raise ValueError("exts must name at least one extension (or be None for all files)")
+    return out
+
+
+def list_files(
+    prefix: str,
+    exts: Iterable[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    include_hidden: bool = False,
+    retries: int = 4,
+    backoff: Backoff | None = None,
+) -> list[str]:
+    """All files under ``prefix`` (recursive), sorted, as URIs in the style of ``prefix``.
+
+    ``exts`` filters by case-insensitive suffix (``[".jpg", "jpeg"]``). Names starting with
+    ``.`` (including this module's temporary files) are skipped unless ``include_hidden``.
+    Raises FileNotFoundError when nothing exists at ``prefix``.
+    """
+    wanted = _normalise_exts(exts)
+    fs, path = filesystem(prefix, storage_options)
+    found = _with_retries("listing", prefix, lambda: fs.find(path), retries, backoff)
+    if not found and not _with_retries(
+        "checking", prefix, lambda: fs.exists(path), retries, backoff
+    ):
+        raise FileNotFoundError(f"nothing found at {redact(prefix)}")
+    root = path.rstrip("/")
+    keep_protocol = "://" in prefix
+    out: list[str] = []
+    for item in found:
+        rel = item[len(root) :] if item.startswith(root) else item
+        if not include_hidden and any(seg.startswith(".") for seg in rel.split("/") if seg):
+            continue
+        if wanted is not None and not item.lower().endswith(wanted):
+            continue
+        out.append(fs.unstrip_protocol(item) if keep_protocol else item)
+    return sorted(out)

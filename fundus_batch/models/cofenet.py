@@ -1,0 +1,488 @@
+"""Cofe-Net (Shen et al., TMI 2021): the four released generator variants, plus a width multiplier.
+
+At ``width=1.0`` the module attribute names, state-dict keys, shapes and forward semantics equal the
+authors' released ``models/networks.py`` classes, so released checkpoints load strictly and give the
+same outputs. At ``width < 1`` every channel count of G, LQA and the CE-Net branch is scaled (same
+topology), which gives a model small enough to train and run on a CPU.
+
+Inputs are RGB in [0, 1], NCHW, with height and width multiples of 32 and at least 192 (the 6x6
+pyramid pool of the CE-Net branch needs a 6x6 map at 1/32 resolution).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_VARIANT",
+    "MIN_SIZE",
+    "N_OUTPUTS",
+    "SIZE_MULTIPLE",
+    "VARIANTS",
+    "CofeNet",
+    "build_cofenet",
+    "canonical_variant",
+    "check_size",
+    "default_x256",
+    "scaled_channels",
+]
+
+VARIANTS: tuple[str, ...] = (
+    "encode_decode_res",
+    "encode_decode_vessel_res",
+    "encode_decode_vessel_2scale_share_res",
+    "encode_decode_vessel_2scale_share_res_atten",
+)
+DEFAULT_VARIANT = "encode_decode_vessel_2scale_share_res_atten"
+ALIASES: dict[str, str] = {"cofe-net": DEFAULT_VARIANT, "cofenet": DEFAULT_VARIANT}
+N_OUTPUTS: dict[str, int] = dict(zip(VARIANTS, (1, 2, 3, 4), strict=True))
+SIZE_MULTIPLE = 32
+MIN_SIZE = 192
+_LOGIT_EPS = 1e-3
+
+Outputs = Tensor | tuple[Tensor, ...]
+
+
+def canonical_variant(name: str) -> str:
+    """Return the released ``which_model_netG`` name for ``name`` (a variant name or alias)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key in VARIANTS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    known = ", ".join([*VARIANTS, *ALIASES])
+    raise ValueError(f"unknown Cofe-Net variant {name!r}; known: {known}")
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channels of a ``channels``-wide layer at ``width``: as is at 1.0, else a multiple of 4."""
+    if width == 1.0:
+        return channels
+    return max(4, 4 * round(channels * width / 4))
+
+
+def check_size(height: int, width: int) -> None:
+    """Raise ValueError unless both sides are multiples of 32 and at least 192 px."""
+    for side in (height, width):
+        if side % SIZE_MULTIPLE or side < MIN_SIZE:
+            raise ValueError(
+                f"input size must be a multiple of {SIZE_MULTIPLE} and >= {MIN_SIZE} px "
+                f"on both sides, got {height}x{width}"
+            )
+
+
+def default_x256(x512: Tensor) -> Tensor:
+    """The coarse-scale input: antialiased bicubic half-size of ``x512``, clamped to [0, 1]."""
+    half = F.interpolate(
+        x512, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False
+    )
+    return half.clamp(0.0, 1.0)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+
+
+def _up(cin: int, cout: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=True)
+
+
+class ResBlock(nn.Module):
+    """Released residual block: h = ReLU(conv1(x)); out = ReLU(h + conv2(h)).
+
+    The released code applies an in-place ReLU to conv1's output before adding it back, so the
+    block input itself is not on the skip path.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = _conv(channels, channels, 5)
+        self.conv2 = _conv(channels, channels, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv1(x), inplace=True)
+        return F.relu(h + self.conv2(h), inplace=True)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-34 basic block (torchvision attribute names: conv1, bn1, conv2, bn2, downsample)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity, inplace=True)
+
+
+def _resnet_layer(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+    layers = [BasicBlock(cin, cout, stride)]
+    layers += [BasicBlock(cout, cout) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class DACBlock(nn.Module):
+    """CE-Net dense atrous convolution block with a shared 1x1 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dilate1 = nn.Conv2d(channels, channels, 3, dilation=1, padding=1)
+        self.dilate2 = nn.Conv2d(channels, channels, 3, dilation=3, padding=3)
+        self.dilate3 = nn.Conv2d(channels, channels, 3, dilation=5, padding=5)
+        self.conv1x1 = nn.Conv2d(channels, channels, 1)
+        for conv in (self.dilate1, self.dilate2, self.dilate3, self.conv1x1):
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.dilate1(x)
+        b = self.dilate2(a)
+        c = self.conv1x1
+        return (
+            x + F.relu(a) + F.relu(c(self.dilate2(x))) + F.relu(c(b)) + F.relu(c(self.dilate3(b)))
+        )
+
+
+class SPPBlock(nn.Module):
+    """CE-Net residual multi-kernel pooling: 4 pooled maps (shared 1x1 conv to 1 channel), input."""
+
+    kernels = (2, 3, 5, 6)
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = (x.shape[2], x.shape[3])
+        pooled = [
+            F.interpolate(
+                self.conv(F.max_pool2d(x, k, stride=k)),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            for k in self.kernels
+        ]
+        return torch.cat([*pooled, x], dim=1)
+
+
+class DecoderBlock(nn.Module):
+    """CE-Net decoder: 1x1 (in -> in//4), stride-2 3x3 transposed conv, 1x1 (-> out); BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = max(1, cin // 4)
+        self.conv1 = nn.Conv2d(cin, mid, 1)
+        self.norm1 = nn.BatchNorm2d(mid)
+        self.deconv2 = nn.ConvTranspose2d(mid, mid, 3, stride=2, padding=1, output_padding=1)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1)
+        self.norm3 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        x = F.relu(self.norm2(self.deconv2(x)), inplace=True)
+        return F.relu(self.norm3(self.conv3(x)), inplace=True)
+
+
+class CofeNet(nn.Module):
+    """One of the four released Cofe-Net generators (see ``build_cofenet``).
+
+    ``forward(x512, x256=None)`` returns the released output for the variant:
+    ``encode_decode_res`` -> ``out``; ``encode_decode_vessel_res`` -> ``(out_512, vessel)``;
+    ``encode_decode_vessel_2scale_share_res`` -> ``(out_512, out_256, vessel)``;
+    ``encode_decode_vessel_2scale_share_res_atten`` -> ``(out_512, out_256, vessel, attention)``.
+    """
+
+    weights_entry: object | None = None  # set by weights.load_registered, for provenance
+
+    def __init__(
+        self,
+        variant: str = DEFAULT_VARIANT,
+        width: float = 1.0,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        variant = canonical_variant(variant)
+        width = float(width)
+        if not (math.isfinite(width) and 0.0 < width <= 1.0):
+            raise ValueError(f"width must be in (0, 1], got {width}")
+        if residual and width == 1.0:
+            raise ValueError(
+                "residual=True is only allowed for width < 1 models; the released full-width "
+                "variants keep their exact output formulation"
+            )
+        self.variant = variant
+        self.width = width
+        self.residual = bool(residual)
+        self.n_outputs = N_OUTPUTS[variant]
+        self.has_rsa = variant != "encode_decode_res"
+        self.two_scale = "2scale" in variant
+        self.has_lqa = variant.endswith("_atten")
+
+        def ch(c: int) -> int:
+            return scaled_channels(c, width)
+
+        g1, g2, g3 = ch(32), ch(64), ch(128)
+        e1, e2, e3, e4 = ch(64), ch(128), ch(256), ch(512)
+        # RSA features injected into G: d1 (decoder1 out), d2 (decoder2 out), d3 (decoder3 out).
+        r1, r2, r3 = (e1, e1, e2) if self.has_rsa else (0, 0, 0)
+
+        # Enhancement generator G (registration order gives the released key order).
+        self.G_conv1 = _conv(6 if self.two_scale else 3, g1, 5)
+        self._add_res("G_conv1", (1, 2, 3), g1)
+        self.G_conv2_0 = _conv(g1, g2, 5, stride=2)
+        self.G_conv2 = _conv(g2 + r1, g2, 5)
+        self._add_res("G_conv2", (1, 2, 3), g2)
+        self.G_conv3_0 = _conv(g2, g2, 5, stride=2)
+        self.G_conv3 = _conv(g2 + r2, g2, 5)
+        self._add_res("G_conv3", (1, 2, 3), g2)
+        self.G_conv4_0 = _conv(g2, g3, 5, stride=2)
+        self.G_conv4 = _conv(g3 + r3, g3, 5)
+        self._add_res("G_conv4", (1, 2, 3), g3)
+        self._add_res("G_deconv4", (3, 2, 1), g3)
+        self.G_deconv4_0 = _up(g3, g2)
+        self._add_res("G_deconv3", (3, 2, 1), g2)
+        self.G_deconv3_0 = _up(g2, g2)
+        self._add_res("G_deconv2", (3, 2, 1), g2)
+        self.G_deconv2_0 = _up(g2, g1)
+        self._add_res("G_deconv1", (3, 2, 1), g1)
+        self.G_deconv1_0 = _conv(g1, 3, 5)
+        if self.two_scale:
+            self.G_input_2 = _up(3, 3)
+
+        if self.has_rsa:  # CE-Net vessel segmenter, inline (Gu et al. attribute names)
+            self.firstconv = nn.Conv2d(3, e1, 7, stride=2, padding=3, bias=False)
+            self.firstbn = nn.BatchNorm2d(e1)
+            self.encoder1 = _resnet_layer(e1, e1, 3, 1)
+            self.encoder2 = _resnet_layer(e1, e2, 4, 2)
+            self.encoder3 = _resnet_layer(e2, e3, 6, 2)
+            self.encoder4 = _resnet_layer(e3, e4, 3, 2)
+            self.dblock = DACBlock(e4)
+            self.spp = SPPBlock(e4)
+            self.decoder4 = DecoderBlock(e4 + len(SPPBlock.kernels), e3)
+            self.decoder3 = DecoderBlock(e3, e2)
+            self.decoder2 = DecoderBlock(e2, e1)
+            self.decoder1 = DecoderBlock(e1, e1)
+            self.finaldeconv1 = nn.ConvTranspose2d(e1, ch(32), 4, stride=2, padding=1)
+            self.finalconv2 = nn.Conv2d(ch(32), ch(32), 3, padding=1)
+            self.finalconv3 = nn.Conv2d(ch(32), 1, 3, padding=1)
+
+        if self.has_lqa:  # low-quality activation (attention) module
+            a1, a2, a3 = ch(64), ch(128), ch(256)
+            self.a_en_conv1 = _conv(3, a1, 3)
+            self.a_en_conv2 = _conv(a1, a2, 3)
+            self.a_en_conv3 = _conv(a2, a3, 3)
+            self.a_de_conv3 = _conv(a3, a3, 3)
+            self.a_de_deconv3 = _up(a3, a3)
+            self.a_de_conv2 = _conv(a3, a2, 3)
+            self.a_de_deconv2 = _up(a2, a2)
+            self.a_de_conv1 = _conv(a2, a1, 3)
+            self.a_de_deconv1 = _up(a1, a1)
+            self.a_spot_256 = _conv(a1, 1, 1)
+
+    def _add_res(self, stem: str, indices: Sequence[int], channels: int) -> None:
+        for i in indices:
+            self.add_module(f"{stem}_{i}", ResBlock(channels))
+
+    def _res(self, stem: str, indices: Sequence[int], x: Tensor) -> Tensor:
+        for i in indices:
+            x = getattr(self, f"{stem}_{i}")(x)
+        return x
+
+    # ------------------------------------------------------------------ sub-networks
+
+    def _rsa(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """CE-Net on the full-size image: (d1, d2, d3, vessel map)."""
+        x = x * 3.2 - 1.6
+        x = F.relu(self.firstbn(self.firstconv(x)), inplace=True)
+        x = F.max_pool2d(x, 3, stride=2, padding=1)
+        e1 = self.encoder1(x)
+        e2 = self.encoder2(e1)
+        e3 = self.encoder3(e2)
+        e4 = self.spp(self.dblock(self.encoder4(e3)))
+        d4 = self.decoder4(e4) + e3
+        d3 = self.decoder3(d4) + e2
+        d2 = self.decoder2(d3) + e1
+        d1 = self.decoder1(d2)
+        v = F.relu(self.finaldeconv1(d1), inplace=True)
+        v = F.relu(self.finalconv2(v), inplace=True)
+        return d1, d2, d3, torch.sigmoid(self.finalconv3(v))
+
+    def _lqa(self, x: Tensor) -> Tensor:
+        """Attention map at half the input resolution (linear head, unbounded)."""
+        x = F.max_pool2d(x, 2)
+        for conv in (self.a_en_conv1, self.a_en_conv2, self.a_en_conv3):
+            x = F.max_pool2d(F.relu(conv(x), inplace=True), 2)
+        for conv, up in (
+            (self.a_de_conv3, self.a_de_deconv3),
+            (self.a_de_conv2, self.a_de_deconv2),
+            (self.a_de_conv1, self.a_de_deconv1),
+        ):
+            x = F.relu(up(F.relu(conv(x), inplace=True)), inplace=True)
+        return self.a_spot_256(x)
+
+    def _g(
+        self,
+        inp: Tensor,
+        image: Tensor,
+        feats: tuple[Tensor, Tensor, Tensor] | None,
+        attention: Tensor | None,
+    ) -> Tensor:
+        """One pass of G; ``image`` is the 3-channel picture the residual formulation refines."""
+        x = F.relu(self.G_conv1(inp), inplace=True)
+        x_full = self._res("G_conv1", (1, 2, 3), x)
+
+        x = F.relu(self.G_conv2_0(x_full), inplace=True)
+        if attention is not None:
+            x = x * attention + x
+        if feats is not None:
+            x = torch.cat([x, feats[0]], dim=1)
+        x = F.relu(self.G_conv2(x), inplace=True)
+        x_half = self._res("G_conv2", (1, 2, 3), x)
+
+        x = F.relu(self.G_conv3_0(x_half), inplace=True)
+        if feats is not None:
+            x = torch.cat([x, feats[1]], dim=1)
+        x = F.relu(self.G_conv3(x), inplace=True)
+        x_quarter = self._res("G_conv3", (1, 2, 3), x)
+
+        x = F.relu(self.G_conv4_0(x_quarter), inplace=True)
+        if feats is not None:
+            x = torch.cat([x, feats[2]], dim=1)
+        x = F.relu(self.G_conv4(x), inplace=True)
+        x = self._res("G_conv4", (1, 2, 3), x)
+
+        x = self.G_deconv4_0(self._res("G_deconv4", (3, 2, 1), x)) + x_quarter
+        x = self.G_deconv3_0(self._res("G_deconv3", (3, 2, 1), x)) + x_half
+        x = self.G_deconv2_0(self._res("G_deconv2", (3, 2, 1), x)) + x_full
+        x = self.G_deconv1_0(self._res("G_deconv1", (3, 2, 1), x))
+        if self.residual:
+            x = torch.logit(image.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)) + x
+        return torch.sigmoid(x)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x512: Tensor, x256: Tensor | None = None) -> Outputs:
+        """Enhance ``x512`` (N,3,H,W in [0,1]); ``x256`` is the half-size copy (2-scale only)."""
+        if not isinstance(x512, Tensor):
+            raise TypeError(f"x512 must be a torch.Tensor, got {type(x512).__name__}")
+        if x512.ndim != 4 or x512.shape[1] != 3 or not x512.is_floating_point():
+            raise ValueError(
+                f"x512 must be a float N x 3 x H x W tensor, got {x512.dtype} {tuple(x512.shape)}"
+            )
+        height, width = x512.shape[2], x512.shape[3]
+        check_size(height, width)
+        if x256 is not None:
+            want = (x512.shape[0], 3, height // 2, width // 2)
+            if not isinstance(x256, Tensor) or tuple(x256.shape) != want:
+                got = tuple(x256.shape) if isinstance(x256, Tensor) else type(x256).__name__
+                raise ValueError(f"x256 must have shape {want}, got {got}")
+
+        if not self.has_rsa:
+            first = self._g(x512, x512, None, None)
+            return self._g(first, first, None, None)
+
+        d1, d2, d3, vessel = self._rsa(x512)
+        if not self.two_scale:
+            return self._g(x512, x512, (d1, d2, d3), None), vessel
+
+        if x256 is None:
+            x256 = default_x256(x512)
+        attention = self._lqa(x512) if self.has_lqa else None
+        coarse_feats = (F.max_pool2d(d1, 2), F.max_pool2d(d2, 2), F.max_pool2d(d3, 2))
+        coarse_att = F.max_pool2d(attention, 2) if attention is not None else None
+        out_256 = self._g(torch.cat([x256, x256], dim=1), x256, coarse_feats, coarse_att)
+        up = self.G_input_2(out_256)
+        out_512 = self._g(torch.cat([x512, up], dim=1), x512, (d1, d2, d3), attention)
+        if attention is None:
+            return out_512, out_256, vessel
+        return out_512, out_256, vessel, attention
+
+    # ------------------------------------------------------------------ output helpers
+
+    def _check_outputs(self, outputs: Outputs) -> tuple[Tensor, ...]:
+        items = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+        if len(items) != self.n_outputs:
+            raise ValueError(f"{self.variant} returns {self.n_outputs} output(s), got {len(items)}")
+        return items
+
+    def enhanced(self, outputs: Outputs) -> Tensor:
+        """The full-resolution enhanced image (out_512) from this model's outputs."""
+        return self._check_outputs(outputs)[0]
+
+    def coarse(self, outputs: Outputs) -> Tensor | None:
+        """The half-resolution enhanced image (out_256), or None for single-scale variants."""
+        return self._check_outputs(outputs)[1] if self.two_scale else None
+
+    def vessel(self, outputs: Outputs) -> Tensor | None:
+        """The CE-Net vessel probability map, or None for ``encode_decode_res``."""
+        items = self._check_outputs(outputs)
+        return items[2 if self.two_scale else 1] if self.has_rsa else None
+
+    def attention(self, outputs: Outputs) -> Tensor | None:
+        """The LQA attention map (half resolution, linear), or None without LQA."""
+        return self._check_outputs(outputs)[3] if self.has_lqa else None
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, width={self.width}, residual={self.residual}"
+
+
+def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """``define_G`` initialisation of every parameter and buffer (also after ``to_empty``).
+
+    Convs N(0, 0.02) with zero bias; BatchNorm weight N(1, 0.02), zero bias, fresh running stats.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, 0.0, 0.02, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02, generator=generator)
+            nn.init.zeros_(module.bias)
+            module.reset_running_stats()
+        elif next(module.parameters(recurse=False), None) is not None:
+            raise TypeError(f"no initialisation rule for {type(module).__name__}")
+
+
+def build_cofenet(
+    variant: str = "cofe-net",
+    width: float = 1.0,
+    *,
+    residual: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> CofeNet:
+    """Build a Cofe-Net variant with ``define_G`` initialisation; no download, no global RNG.
+
+    ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
+    scales every channel count; ``residual`` (width < 1 only) outputs
+    ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``. Randomness comes from ``generator``
+    (a CPU generator) or, when it is None, from the caller's torch seed. ``device="meta"`` builds
+    a shape-only model. The model is returned in training mode, on ``device`` (default: CPU).
+    """
+    target = torch.device("cpu" if device is None else device)
+    with torch.device("meta"):  # allocate once, skip PyTorch's default (global-RNG) init
+        model = CofeNet(variant, width, residual)
+    if target.type == "meta":
+        return model
+    model = model.to_empty(device="cpu")
+    init_weights(model, generator)
+    return model if target.type == "cpu" else model.to(target)

@@ -1,0 +1,458 @@
+"""Checkpoint loading for Cofe-Net models, and a local registry of known weight files.
+
+Files are read with ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+Nothing is ever downloaded. Registry entries come from the package's ``weights/registry.json``
+and from every ``*.json`` file in the folder(s) named by the ``FUNDUS_BATCH_WEIGHTS`` environment
+variable (``os.pathsep``-separated).
+
+A registry JSON file holds ``{"weights": [entry, ...]}``, a bare list of entries, or one entry
+object; each entry has the fields of ``WeightsEntry`` (``file`` is relative to the JSON's folder).
+Entries from ``FUNDUS_BATCH_WEIGHTS`` take precedence over the package's entries of the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from fundus_batch.models.cofenet import (
+    VARIANTS,
+    CofeNet,
+    build_cofenet,
+    canonical_variant,
+)
+
+__all__ = [
+    "ENV_VAR",
+    "PACKAGE_REGISTRY",
+    "PACKAGE_WEIGHTS_DIR",
+    "WeightsEntry",
+    "WeightsError",
+    "detect_architecture",
+    "file_sha256",
+    "list_weights",
+    "load_registered",
+    "load_weights",
+    "model_from_weights",
+    "read_state_dict",
+    "registry_files",
+    "resolve_weights",
+]
+
+ENV_VAR = "FUNDUS_BATCH_WEIGHTS"
+PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+PACKAGE_REGISTRY = PACKAGE_WEIGHTS_DIR / "registry.json"
+_WRAPPER_KEYS = ("state_dict", "model")
+_PREFIX = "module."
+_SHOW = 5
+
+StateDict = Mapping[str, Tensor]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+Source = str | os.PathLike[str] | Mapping[str, Any]
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unsafe, corrupt, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read(path: Path, map_location: Any) -> Any:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path} is not a plain state dict ({_refusal_reason(str(exc))}); it may hold "
+            "pickled objects that would run code when loaded, so it will not be loaded"
+        ) from exc
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _refusal_reason(message: str) -> str:
+    """The safe unpickler's reason, without torch's advice to retry with weights_only=False."""
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found:
+        return f"it references {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", message)
+    return (
+        f"the safe loader rejected it: {found.group(1)}" if found else "the safe loader rejected it"
+    )
+
+
+def _unwrap(obj: Any, origin: str) -> dict[str, Tensor]:
+    """The tensor mapping inside ``obj``: a plain state dict or a {"state_dict"|"model": ...}."""
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{origin} holds a {type(obj).__name__}, not a state dict")
+    for _ in range(3):
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            break
+        inner = next(
+            (obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None
+        )
+        if inner is None:
+            break
+        obj = inner
+    if not obj:
+        raise WeightsError(f"{origin} holds an empty state dict")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(
+            f"{origin} is not a state dict of tensors: {len(bad)} non-tensor entries, "
+            f"e.g. {bad[:_SHOW]}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        if name in out:
+            raise WeightsError(f"{origin} has key {name!r} both with and without 'module.'")
+        out[name] = value
+    return out
+
+
+def read_state_dict(source: Source, *, map_location: Any = "cpu") -> dict[str, Tensor]:
+    """A checkpoint as a flat state dict: unwrapped, ``module.`` prefix stripped, code refused."""
+    if isinstance(source, Mapping):
+        return _unwrap(source, "the given mapping")
+    path = Path(source)
+    return _unwrap(_read(path, map_location), str(path))
+
+
+# ---------------------------------------------------------------------------- diagnosis
+
+
+def _expected_shapes(variant: str, width: float) -> dict[str, tuple[int, ...]]:
+    model = build_cofenet(variant, width, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _is_optional(key: str) -> bool:
+    # BatchNorm fills num_batches_tracked in when a (pre-0.4.1) checkpoint lacks it.
+    return key.endswith("num_batches_tracked")
+
+
+def _compare(
+    state: StateDict, expected: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in expected if k not in state and not _is_optional(k)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    return missing, unexpected, mismatched
+
+
+def detect_architecture(state: StateDict) -> tuple[str, float] | None:
+    """(variant, width) whose keys and shapes ``state`` matches exactly, else None.
+
+    The variant follows from which modules are present (``a_*`` -> LQA, ``G_input_2`` ->
+    two-scale, ``firstconv`` -> CE-Net branch) and the width from the output channels of a few
+    layers (the widest first; any width with the same channel counts builds the same shapes).
+    The residual flag leaves no trace in the weights; the registry records it.
+    """
+    for variant, width in _candidates(state):
+        missing, unexpected, mismatched = _compare(state, _expected_shapes(variant, width))
+        if not (missing or unexpected or mismatched):
+            return variant, width
+    return None
+
+
+# Layers whose output channels reveal the width, with their full-width channel counts.
+_WIDTH_PROBES = (
+    ("encoder4.0.conv1.weight", 512),
+    ("a_en_conv3.weight", 256),
+    ("G_conv4_0.weight", 128),
+    ("G_conv1.weight", 32),
+)
+
+
+def _candidates(state: StateDict) -> list[tuple[str, float]]:
+    """Plausible (variant, width) pairs for ``state``, the most likely first."""
+    if "G_conv1.weight" not in state:
+        return []
+    if any(k.startswith("a_") for k in state):
+        variant = VARIANTS[3]
+    elif "G_input_2.weight" in state:
+        variant = VARIANTS[2]
+    elif "firstconv.weight" in state:
+        variant = VARIANTS[1]
+    else:
+        variant = VARIANTS[0]
+    widths: list[float] = []
+    for key, full in _WIDTH_PROBES:
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim == 4:
+            width = tensor.shape[0] / full
+            if 0.0 < width <= 1.0 and width not in widths:
+                widths.append(width)
+    return [(variant, w) for w in widths]
+
+
+def _describe(state: StateDict) -> str:
+    candidates = _candidates(state)
+    if not candidates:
+        if "firstconv.weight" in state and "G_conv1.weight" not in state:
+            return (
+                "the file looks like a CE-Net vessel-branch checkpoint (no G_* keys), not a "
+                "Cofe-Net generator"
+            )
+        return "the file does not look like any Cofe-Net generator (no usable G_conv1.weight)"
+    found = detect_architecture(state)
+    if found is not None:
+        return f"the file fits variant={found[0]!r}, width={found[1]:g}"
+    variant, width = candidates[0]
+    missing, unexpected, mismatched = _compare(state, _expected_shapes(variant, width))
+    n_bad = len(missing) + len(unexpected) + len(mismatched)
+    return (
+        f"the file is closest to variant={variant!r}, width={width:g} but still differs from it "
+        f"in {n_bad} entries"
+    )
+
+
+def _model_label(model: nn.Module) -> str:
+    if isinstance(model, CofeNet):
+        return f"variant={model.variant!r}, width={model.width:g}"
+    return type(model).__name__
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f", ... (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return f"{len(items)} {title}: {', '.join(items[:_SHOW])}{more}"
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_weights(model: ModelT, path_or_state_dict: Source, *, map_location: Any = "cpu") -> ModelT:
+    """Load a checkpoint into ``model`` strictly and return the model.
+
+    Accepts a file path or a mapping; unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and
+    strips a ``module.`` prefix. Raises WeightsError (naming missing/unexpected keys and the
+    variant/width the file fits) when it does not match the model, and refuses pickles that
+    would run code.
+    """
+    state = read_state_dict(path_or_state_dict, map_location=map_location)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected, mismatched = _compare(state, expected)
+    if missing or unexpected or mismatched:
+        parts = [f"weights do not fit the model ({_model_label(model)})"]
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatches", mismatched))
+        parts.append(_describe(state))
+        raise WeightsError("; ".join(parts))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights do not fit the model ({_model_label(model)}): {exc}") from exc
+    return model
+
+
+def model_from_weights(
+    path_or_state_dict: Source, *, residual: bool = False, map_location: Any = "cpu"
+) -> CofeNet:
+    """Build the variant and width a checkpoint fits, load it, and return it in eval mode."""
+    state = read_state_dict(path_or_state_dict, map_location=map_location)
+    found = detect_architecture(state)
+    if found is None:
+        raise WeightsError(f"cannot build a model for these weights: {_describe(state)}")
+    variant, width = found
+    model = build_cofenet(variant, width, residual=residual)
+    return load_weights(model, state).eval()
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One registered weights file and what it was trained for."""
+
+    name: str
+    file: str
+    sha256: str
+    variant: str
+    width: float = 1.0
+    residual: bool = False
+    size: int = 512
+    training_data: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: str = ""
+    registry: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where the file is expected: ``file`` resolved against the registry file's folder."""
+        file = Path(self.file).expanduser()
+        if file.is_absolute() or self.registry is None:
+            return file
+        return self.registry.parent / file
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], registry: Path | None = None) -> WeightsEntry:
+        """Parse one registry entry, validating its fields."""
+        origin = str(registry) if registry else "registry entry"
+        if not isinstance(data, Mapping):
+            raise WeightsError(f"{origin}: an entry must be a JSON object, got {data!r}")
+        required = ("name", "file", "sha256", "variant")
+        absent = [k for k in required if not isinstance(data.get(k), str) or not data.get(k)]
+        if absent:
+            raise WeightsError(f"{origin}: entry lacks string field(s) {absent}: {dict(data)}")
+        known = {f for f in cls.__dataclass_fields__ if f != "registry"}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise WeightsError(f"{origin}: entry {data['name']!r} has unknown fields {extra}")
+        try:
+            variant = canonical_variant(data["variant"])
+        except ValueError as exc:
+            raise WeightsError(f"{origin}: entry {data['name']!r}: {exc}") from exc
+        sha = data["sha256"].lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise WeightsError(f"{origin}: entry {data['name']!r} has a malformed sha256")
+        metrics = data.get("metrics", {})
+        if not isinstance(metrics, Mapping):
+            raise WeightsError(f"{origin}: entry {data['name']!r}: metrics must be an object")
+        if not isinstance(data.get("residual", False), bool):
+            raise WeightsError(f"{origin}: entry {data['name']!r}: residual must be true or false")
+        try:
+            return cls(
+                name=data["name"],
+                file=data["file"],
+                sha256=sha,
+                variant=variant,
+                width=float(data.get("width", 1.0)),
+                residual=data.get("residual", False),
+                size=int(data.get("size", 512)),
+                training_data=str(data.get("training_data", "")),
+                metrics={str(k): float(v) for k, v in metrics.items()},
+                notes=str(data.get("notes", "")),
+                registry=registry,
+            )
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{origin}: entry {data['name']!r}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of this entry (without the registry location)."""
+        return {
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "variant": self.variant,
+            "width": self.width,
+            "residual": self.residual,
+            "size": self.size,
+            "training_data": self.training_data,
+            "metrics": dict(self.metrics),
+            "notes": self.notes,
+        }
+
+
+def registry_files() -> list[Path]:
+    """Registry JSON files, in precedence order: the package's, then ``$FUNDUS_BATCH_WEIGHTS``'s.
+
+    ``FUNDUS_BATCH_WEIGHTS`` names one folder (or several, ``os.pathsep``-separated); every
+    ``*.json`` file directly inside is a registry file.
+    """
+    files = [PACKAGE_REGISTRY] if PACKAGE_REGISTRY.is_file() else []
+    for folder in os.environ.get(ENV_VAR, "").split(os.pathsep):
+        if folder.strip():
+            files += sorted(Path(folder).expanduser().glob("*.json"))
+    return files
+
+
+def _read_registry(path: Path) -> list[WeightsEntry]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read weights registry {path}: {exc}") from exc
+    if isinstance(data, Mapping) and "weights" in data:
+        data = data["weights"]
+    items = data if isinstance(data, list) else [data]
+    return [WeightsEntry.from_dict(item, registry=path) for item in items]
+
+
+def list_weights() -> dict[str, WeightsEntry]:
+    """All registered entries by name; user entries override the package's of the same name."""
+    found: dict[str, WeightsEntry] = {}
+    for path in registry_files():
+        for entry in _read_registry(path):
+            earlier = found.get(entry.name)
+            if earlier is not None and earlier.registry is not None:
+                same_level = (earlier.registry == PACKAGE_REGISTRY) == (path == PACKAGE_REGISTRY)
+                if same_level:
+                    raise WeightsError(
+                        f"weights name {entry.name!r} is registered twice "
+                        f"({earlier.registry} and {path})"
+                    )
+            found[entry.name] = entry
+    return found
+
+
+def resolve_weights(name_or_path: str | os.PathLike[str]) -> WeightsEntry | Path:
+    """A registered entry for a name, or the Path of an existing checkpoint file."""
+    text = os.fspath(name_or_path)
+    entries = list_weights()
+    if text in entries:
+        return entries[text]
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    known = ", ".join(sorted(entries)) or "none"
+    raise WeightsError(
+        f"{text!r} is neither a registered weights name (known: {known}) nor an existing file; "
+        f"register weights with a JSON file in ${ENV_VAR} or pass a checkpoint path"
+    )
+
+
+def load_registered(name: str, device: torch.device | str = "cpu") -> CofeNet:
+    """Build the registered variant/width, verify the file's sha256, load it; eval mode."""
+    found = resolve_weights(name)
+    if not isinstance(found, WeightsEntry):
+        raise WeightsError(f"{name!r} is a file, not a registered weights name")
+    entry = found
+    path = entry.path
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {entry.name!r} are registered in {entry.registry} but the file is missing: "
+            f"put {Path(entry.file).name} at {path} (sha256 {entry.sha256}); nothing is downloaded"
+        )
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        raise WeightsError(
+            f"sha256 of {path} is {digest}, but registry entry {entry.name!r} expects "
+            f"{entry.sha256}; the file is corrupt or not the registered one and will not be loaded"
+        )
+    model = build_cofenet(entry.variant, entry.width, residual=entry.residual)
+    load_weights(model, path)
+    model.weights_entry = entry
+    return model.to(device).eval()

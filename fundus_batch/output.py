@@ -1,0 +1,194 @@
+"""The output folder: Parquet shards committed atomically, resume bookkeeping and run.json.
+
+A shard is complete once it exists under ``pairs/`` with a ``.parquet`` name: it is written under
+a temporary name first and renamed (a single PUT on object stores), so a killed driver leaves at
+most an ignored ``.tmp`` file. A re-run reads the (image_id, variant) pairs of complete shards and
+does only the rest, so the dataset never holds a duplicate pair.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fundus_batch import __version__
+from fundus_batch.io import storage
+from fundus_batch.schema import STATUS_OK
+
+PAIRS_DIR = "pairs"
+RUN_JSON = "run.json"
+
+
+@dataclass
+class Counts:
+    """Row accounting for one run; ``rows_in == ok + failed`` once a run has finished."""
+
+    rows_in: int = 0
+    done_before: int = 0
+    ok: int = 0
+    failed: int = 0
+    failed_by_stage: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def written(self) -> int:
+        return self.ok + self.failed
+
+    def add(self, table: pa.Table) -> None:
+        status = table.column("status").to_pylist()
+        stages = table.column("failed_stage").to_pylist()
+        for s, stage in zip(status, stages, strict=True):
+            if s == STATUS_OK:
+                self.ok += 1
+            else:
+                self.failed += 1
+                key = stage or "unknown"
+                self.failed_by_stage[key] = self.failed_by_stage.get(key, 0) + 1
+
+
+class OutputStore:
+    """Reads and writes the pieces of one output root (local path or fsspec URL)."""
+
+    def __init__(self, root: str, storage_options: dict | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.path = storage.filesystem(self.root, self.storage_options)
+
+    @property
+    def pairs_uri(self) -> str:
+        return storage.join(self.root, PAIRS_DIR)
+
+    def shard_paths(self) -> list[str]:
+        """Paths (in the filesystem's own form) of complete shards, sorted."""
+        base = f"{self.path}/{PAIRS_DIR}"
+        try:
+            names = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p for p in names if p.endswith(".parquet"))
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
+        """All complete shards as one table, or None when there are none."""
+        tables = []
+        for path in self.shard_paths():
+            with self.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def done_pairs(self) -> set[tuple[str, int]]:
+        """(image_id, variant) pairs already committed by earlier runs."""
+        table = self.read_table(columns=["image_id", "variant"])
+        if table is None:
+            return set()
+        ids = table.column("image_id").to_pylist()
+        variants = table.column("variant").to_pylist()
+        return {(i, -1 if v is None else int(v)) for i, v in zip(ids, variants, strict=True)}
+
+    def clean_stale(self) -> int:
+        """Remove temporary shard files left by a killed run; returns how many."""
+        base = f"{self.path}/{PAIRS_DIR}"
+        try:
+            names = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [p for p in names if p.endswith(".tmp")]
+        for path in stale:
+            self.fs.rm(path)
+        return len(stale)
+
+    def write_json(self, name: str, data: dict) -> None:
+        payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8")
+        storage.write_bytes(
+            storage.join(self.root, name), payload, storage_options=self.storage_options
+        )
+
+    def read_json(self, name: str) -> dict | None:
+        try:
+            return json.loads(
+                storage.read_bytes(
+                    storage.join(self.root, name), storage_options=self.storage_options
+                )
+            )
+        except FileNotFoundError:
+            return None
+
+
+class ShardWriter:
+    """Buffers output rows and commits them as Parquet shards of at most ``shard_rows`` rows."""
+
+    def __init__(
+        self,
+        store: OutputStore,
+        schema: pa.Schema,
+        shard_rows: int = 1000,
+        flush_seconds: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.schema = schema
+        self.shard_rows = shard_rows
+        self.flush_seconds = flush_seconds
+        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._seq = 0
+        self._last_flush = time.monotonic()
+        self.shards: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+        if self._pending_rows and time.monotonic() - self._last_flush > self.flush_seconds:
+            self._flush(self._pending_rows)
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+
+    def _flush(self, n: int) -> None:
+        merged = pa.concat_tables(self._pending)
+        head, rest = merged.slice(0, n), merged.slice(n)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        self._commit(head)
+        self._last_flush = time.monotonic()
+
+    def _commit(self, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        name = f"part-{self.attempt}-{self._seq:05d}.parquet"
+        self._seq += 1
+        uri = storage.join(self.store.pairs_uri, name)
+        storage.write_bytes(uri, buf.getvalue(), storage_options=self.store.storage_options)
+        self.shards.append(uri)
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the outputs."""
+    versions = {"fundus_batch": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "cv2", "PIL", "pyarrow", "ray", "torch", "skimage"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # a missing optional library is simply not listed
+            continue
+    versions["host"] = socket.gethostname()
+    return versions
+
+
+def summarize(tables: Iterable[pa.Table]) -> Counts:
+    counts = Counts()
+    for table in tables:
+        counts.add(table)
+    return counts

@@ -1,0 +1,354 @@
+"""Builds and runs the Ray Data pipeline. The only module in fundus_batch that imports Ray.
+
+manifest -> Fetch -> Preprocess -> Score(clean) -> Degrade (actor pool) -> [Enhance (GPU/CPU
+actor pool)] -> Score -> Write -> Parquet shards committed by the driver (see output.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from fundus_batch import stages
+from fundus_batch.config import RunConfig
+from fundus_batch.manifest import Manifest, read_manifest
+from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
+from fundus_batch.schema import (
+    STATUS_OK,
+    output_schema,
+    to_table,
+    work_schema,
+)
+
+log = logging.getLogger(__name__)
+
+Stage = Any  # any object with .name, .resources and __call__(rows) -> rows
+
+
+@dataclass
+class RunSummary:
+    """What a run did, as printed at the end and stored in run.json."""
+
+    out: str
+    rows_in: int
+    done_before: int
+    ok: int
+    failed: int
+    failed_by_stage: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_in == self.ok + self.failed
+
+
+class _StageUDF:
+    """Adapts a stage to Ray Data: Arrow batch in, Arrow batch (fixed schema) out.
+
+    The stage is built from its factory inside the worker, so models load in workers only.
+    """
+
+    def __init__(self, factory: Callable[[], Stage], schema: pa.Schema) -> None:
+        self.stage = factory()
+        self.schema = schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        try:
+            rows = self.stage(rows)
+        except Exception as exc:  # a stage bug must not kill the dataset: fail its rows
+            from fundus_batch.schema import failed
+
+            rows = [failed(r, getattr(self.stage, "name", "stage"), exc) for r in rows]
+        return to_table(rows, self.schema)
+
+
+def _task_udf(factory: Callable[[], Stage], schema: pa.Schema) -> Callable[[pa.Table], pa.Table]:
+    udf: list[_StageUDF] = []
+
+    def apply(batch: pa.Table) -> pa.Table:
+        if not udf:
+            udf.append(_StageUDF(factory, schema))
+        return udf[0](batch)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    cpus: float
+    gpus: float
+
+
+def init_ray(config: RunConfig) -> ClusterShape:
+    """Connect to (or start) Ray and report the cluster's CPUs and GPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+        if address:
+            kwargs["address"] = address
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kwargs["include_dashboard"] = False
+            if config.ray.num_cpus is not None:
+                kwargs["num_cpus"] = config.ray.num_cpus
+            if config.ray.num_gpus is not None:
+                kwargs["num_gpus"] = config.ray.num_gpus
+        ray.init(**kwargs)
+    res = ray.cluster_resources()
+    return ClusterShape(cpus=float(res.get("CPU", 1.0)), gpus=float(res.get("GPU", 0.0)))
+
+
+def _data_context(config: RunConfig) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_stats_logs = False
+    ctx.execution_options.preserve_order = False
+
+
+def plan_rows(
+    manifest: Manifest, config: RunConfig, done: set[tuple[str, int]]
+) -> tuple[list[dict], int, int]:
+    """Per-image work rows with their pending variants; returns (rows, expected, done_before)."""
+    per_image = config.variants if config.mode == "pairs" else 1
+    rows: list[dict] = []
+    expected = 0
+    done_before = 0
+    frame = manifest.frame
+    passthrough = manifest.passthrough_columns
+    for rec in frame.to_dict(orient="records"):
+        image_id = rec["image_id"]
+        expected += per_image
+        if config.mode == "pairs":
+            pending = [v for v in range(config.variants) if (image_id, v) not in done]
+        else:
+            pending = [] if (image_id, -1) in done else [-1]
+        done_before += per_image - len(pending)
+        if not pending:
+            continue
+        row = {
+            "image_id": image_id,
+            "status": STATUS_OK,
+            "source_uri": rec["uri"],
+            "split": rec.get("split"),
+            "source_mask_uri": rec.get("mask_uri"),
+            "pending_variants": pending,
+        }
+        for col in passthrough:
+            row[col] = rec[col]
+        rows.append(row)
+    return rows, expected, done_before
+
+
+def _passthrough_schema(manifest: Manifest) -> pa.Schema:
+    cols = manifest.passthrough_columns
+    if not cols:
+        return pa.schema([])
+    return pa.Schema.from_pandas(manifest.frame[cols], preserve_index=False)
+
+
+def build_stages(
+    config: RunConfig, cluster: ClusterShape
+) -> list[tuple[Callable[[], Stage], stages.Resources, int]]:
+    """The stage factories of this run, with each one's resources and actor-pool size."""
+    from functools import partial
+
+    so = config.storage_options
+    plan: list[tuple[Callable[[], Stage], stages.Resources, int]] = []
+    cpu_task = stages.Resources(num_cpus=config.ray.preprocess_cpus_per_task)
+    plan.append(
+        (partial(stages.Fetch, so, config.ray.fetch_threads), stages.Resources(num_cpus=0.25), 0)
+    )
+    plan.append(
+        (
+            partial(stages.Preprocess, config.size, config.image_format, config.jpeg_quality),
+            cpu_task,
+            0,
+        )
+    )
+    if config.compute_metrics:
+        plan.append((partial(stages.Score, ("clean",)), cpu_task, 0))
+    if config.mode == "pairs":
+        per_actor = config.ray.degrade_cpus_per_actor
+        actors = config.ray.degrade_actors or max(1, int(cluster.cpus * 0.5 / per_actor))
+        plan.append(
+            (
+                partial(
+                    stages.Degrade,
+                    config.seed,
+                    config.variants,
+                    config.types,
+                    config.type_mode,
+                    config.preset,
+                    config.image_format,
+                    config.jpeg_quality,
+                ),
+                stages.Resources(num_cpus=per_actor, actor=True),
+                actors,
+            )
+        )
+    if config.enhance.enabled:
+        from fundus_batch.enhance import Enhance
+
+        enh = config.enhance
+        if cluster.gpus >= 1 and enh.device != "cpu":
+            res = stages.Resources(num_cpus=1.0, num_gpus=1.0, actor=True)
+            actors = enh.actors or int(cluster.gpus)
+        else:
+            res = stages.Resources(num_cpus=enh.cpus_per_actor, actor=True)
+            actors = enh.actors or max(1, int(cluster.cpus * 0.5 / enh.cpus_per_actor))
+        source_role = "degraded" if config.mode == "pairs" else "clean"
+        plan.append(
+            (
+                partial(
+                    Enhance,
+                    enh.weights,
+                    enh.variant,
+                    enh.width,
+                    enh.batch_size,
+                    enh.device,
+                    source_role,
+                    config.image_format,
+                    config.jpeg_quality,
+                    res.num_cpus,
+                ),
+                res,
+                actors,
+            )
+        )
+    if config.compute_metrics:
+        plan.append(
+            (partial(stages.Score, ("degraded", "enhanced"), config.mode == "pairs"), cpu_task, 0)
+        )
+    plan.append(
+        (
+            partial(stages.Write, config.out, config.image_format, config.out_storage_options),
+            stages.Resources(num_cpus=0.25),
+            0,
+        )
+    )
+    return plan
+
+
+def build_dataset(rows: list[dict], schema: pa.Schema, config: RunConfig, cluster: ClusterShape):
+    """The lazy Ray Dataset of this run (nothing executes until it is iterated)."""
+    import ray
+
+    block = config.ray.rows_per_block
+    tables = [to_table(rows[i : i + block], schema) for i in range(0, len(rows), block)]
+    ds = ray.data.from_arrow(tables)
+    for factory, res, actors in build_stages(config, cluster):
+        remote: dict[str, Any] = {
+            "num_cpus": res.num_cpus,
+            "batch_format": "pyarrow",
+            "zero_copy_batch": True,
+        }
+        if res.num_gpus:
+            remote["num_gpus"] = res.num_gpus
+        if res.actor:
+            ds = ds.map_batches(
+                _StageUDF,
+                fn_constructor_args=(factory, schema),
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+                batch_size=block,
+                **remote,
+            )
+        else:
+            # Ray retries tasks and restarts actors lost to worker failures by default.
+            ds = ds.map_batches(_task_udf(factory, schema), batch_size=block, **remote)
+    return ds
+
+
+def run(config: RunConfig, *, progress: Callable[[int, int], None] | None = None) -> RunSummary:
+    """Run the pipeline described by ``config``; resumes whatever ``config.out`` already holds."""
+    started = time.time()
+    manifest = read_manifest(config.manifest, storage_options=config.storage_options)
+    if config.limit is not None:
+        manifest = Manifest(
+            manifest.frame.head(config.limit).reset_index(drop=True), manifest.source
+        )
+    store = OutputStore(config.out, config.out_storage_options)
+    store.clean_stale()
+    done = store.done_pairs()
+    rows, expected, done_before = plan_rows(manifest, config, done)
+    passthrough = _passthrough_schema(manifest)
+    out_schema = output_schema(passthrough)
+    schema = work_schema(passthrough)
+    run_info: dict[str, Any] = {
+        "config": config.redacted(),
+        "versions": environment_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "state": "running",
+        "counts": {"rows_in": expected, "done_before": done_before},
+        "manifest_rows": len(manifest),
+    }
+    store.write_json(RUN_JSON, run_info)
+    counts = Counts(rows_in=expected, done_before=done_before)
+    writer = ShardWriter(store, out_schema, shard_rows=config.shard_rows)
+    todo = expected - done_before
+    if rows:
+        cluster = init_ray(config)
+        _data_context(config)
+        run_info["cluster"] = asdict(cluster)
+        ds = build_dataset(rows, schema, config, cluster)
+        seen = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows == 0:
+                continue
+            writer.add(batch)
+            counts.add(batch)
+            seen += batch.num_rows
+            if progress is not None:
+                progress(seen, todo)
+        writer.close()
+    # Counts cover the whole output, including rows that earlier runs committed.
+    final = Counts(rows_in=expected)
+    table = store.read_table(columns=["status", "failed_stage"])
+    if table is not None:
+        final.add(table)
+    summary = RunSummary(
+        out=config.out,
+        rows_in=expected,
+        done_before=done_before,
+        ok=final.ok,
+        failed=final.failed,
+        failed_by_stage=final.failed_by_stage,
+        seconds=time.time() - started,
+        shards=writer.shards,
+    )
+    run_info.update(
+        {
+            "state": "complete" if summary.complete else "incomplete",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": summary.seconds,
+            "counts": {
+                "rows_in": expected,
+                "ok": final.ok,
+                "failed": final.failed,
+                "done_before": done_before,
+                "this_run": counts.written,
+                "failed_by_stage": final.failed_by_stage,
+            },
+        }
+    )
+    store.write_json(RUN_JSON, run_info)
+    return summary
+
+
+def shutdown() -> None:
+    """Stop the local Ray instance this process started (no-op when none)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,32 @@
+"""Shared pytest fixtures: the optional ../shared folder and small synthetic inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.s3_fixture import s3_bucket, s3_server  # noqa: F401  (suite-wide fixtures)
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FUNDUS_BATCH_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder; tests that need it skip cleanly when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def oracle_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "reference" / "oracle"
+    if not path.is_dir():
+        pytest.skip(f"oracle outputs not found at {path}")
+    return path

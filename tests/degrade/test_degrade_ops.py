@@ -1,0 +1,173 @@
+"""The operators reproduce PIL ImageEnhance and OpenCV GaussianBlur semantics exactly."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from fundus_batch.degrade import ops
+from fundus_batch.degrade.params import SpotRecord
+
+BORDER = cv2.BORDER_REFLECT_101
+
+
+def _random_image(rng: np.random.Generator, h: int = 41, w: int = 57) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _pil_chain(image: np.ndarray, b: float, c: float, s: float) -> np.ndarray:
+    pil = Image.fromarray(image)
+    pil = ImageEnhance.Brightness(pil).enhance(b)
+    pil = ImageEnhance.Contrast(pil).enhance(c)
+    pil = ImageEnhance.Color(pil).enhance(s)
+    return np.asarray(pil)
+
+
+def test_luma_equals_pil_convert_l() -> None:
+    rng = np.random.default_rng(0)
+    image = _random_image(rng, 64, 64)
+    expected = np.asarray(Image.fromarray(image).convert("L"))
+    np.testing.assert_array_equal(ops.luma(image), expected)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_color_jitter_equals_pil_image_enhance_chain(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = _random_image(rng)
+    # factors inside and outside [0, 1] (PIL's interpolation and extrapolation branches)
+    b, c, s = rng.uniform(0.3, 1.7, size=3)
+    np.testing.assert_array_equal(ops.color_jitter(image, b, c, s), _pil_chain(image, b, c, s))
+
+
+@pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
+def test_each_colour_factor_alone_equals_pil(which: str) -> None:
+    rng = np.random.default_rng(11)
+    enhancer = {
+        "brightness": ImageEnhance.Brightness,
+        "contrast": ImageEnhance.Contrast,
+        "saturation": ImageEnhance.Color,
+    }[which]
+    for _ in range(20):
+        image = _random_image(rng, 23, 31)
+        factor = float(rng.uniform(0.0, 2.0))
+        factors = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, which: factor}
+        ours = ops.color_jitter(image, **factors)
+        expected = np.asarray(enhancer(Image.fromarray(image)).enhance(factor))
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_to_unit_float_is_x_over_255_in_float32() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    out32 = ops.to_unit_float(values)
+    out64 = ops.to_unit_float(values, np.float64)
+    assert out32.dtype == np.float32 and out64.dtype == np.float64
+    expected = values.astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(out32, expected)
+    np.testing.assert_array_equal(out64, expected.astype(np.float64))
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 12, 57, 149])
+def test_disc_is_a_filled_cv2_circle(radius: int) -> None:
+    canvas = np.zeros((300, 320), np.uint8)
+    cv2.circle(canvas, (150, 140), radius, 1, -1)
+    np.testing.assert_array_equal(ops.disc((300, 320), (150, 140), radius), canvas.astype(bool))
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "k_w", "k_h", "sigma"),
+    [
+        (512, 512, 237, 237, 158.0),
+        (512, 512, 211, 219, 175.2),
+        (96, 80, 31, 61, 20.0),
+        (40, 300, 45, 33, 9.5),
+    ],
+)
+def test_large_kernel_blur_matches_opencv_float64(
+    h: int, w: int, k_w: int, k_h: int, sigma: float
+) -> None:
+    rng = np.random.default_rng(3)
+    src = rng.random((h, w))
+    ours = ops._gaussian(src, k_w, k_h, sigma)
+    ref = cv2.GaussianBlur(src, (k_w, k_h), sigma, sigmaY=sigma, borderType=BORDER)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-12
+
+
+def test_large_kernel_blur_is_exactly_zero_out_of_reach() -> None:
+    src = np.zeros((200, 200))
+    src[90:110, 90:110] = 1.0
+    ours = ops._gaussian(src, 41, 41, 30.0)
+    # the square covers 90..109 and the kernel reaches 20 px: nonzero exactly on 70..129
+    assert np.all(ours[:, :70] == 0.0) and np.all(ours[130:, :] == 0.0)
+    assert np.all(ours[70:130, 70:130] > 0.0)
+
+
+def _full_image_spot(image: np.ndarray, spot: SpotRecord) -> np.ndarray:
+    """Reference: blur the whole amplitude map with OpenCV and add it everywhere."""
+    h, w = image.shape[:2]
+    plane = ops.disc((h, w), spot.center, spot.radius // 2) * spot.amplitude
+    spread = cv2.GaussianBlur(plane, (spot.k_w, spot.k_h), spot.sigma, borderType=BORDER)
+    return np.clip(image.astype(np.float64) + spread[..., None], 0.0, 1.0)
+
+
+@pytest.mark.parametrize("center", [(100, 100), (7, 7), (192, 100), (100, 195), (199, 0), (0, 150)])
+def test_spot_box_equals_whole_image_blur(center: tuple[int, int]) -> None:
+    rng = np.random.default_rng(5)
+    image = rng.random((200, 200, 3)).astype(np.float32)
+    spot = SpotRecord(14, center, 9, 7, 30.0, 0.3, (1.0, 1.0, 1.0))
+    ours = ops.spots(image, [spot])
+    np.testing.assert_allclose(ours, _full_image_spot(image, spot), rtol=0, atol=1e-12)
+    assert ours.dtype == np.float64
+
+
+@pytest.mark.parametrize("center", [(256, 256), (60, 300), (450, 80)])
+def test_hole_box_equals_whole_image_blur(center: tuple[int, int]) -> None:
+    rng = np.random.default_rng(6)
+    image = rng.random((512, 512, 3))
+    ours = ops.hole(image, center, 204, -0.28, 113, 151, 120.8)
+    plane = ops.disc((512, 512), center, 102).astype(np.float64)
+    spread = cv2.GaussianBlur(plane, (113, 151), 120.8, borderType=BORDER)
+    expected = np.clip(image + (-0.28 * spread)[..., None], 0.0, 1.0)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_halo_adds_the_colour_weighted_blurred_ring() -> None:
+    image = np.full((128, 128, 3), 0.25, np.float32)
+    color = (141, 238, 238)
+    ours = ops.halo(image, (60, 70), 90.0, 200.0, 31, 20.0, color)
+    ring = ops.disc((128, 128), (60, 70), 100) & ~ops.disc((128, 128), (60, 70), 45)
+    spread = cv2.GaussianBlur(ring.astype(np.float64), (31, 31), 20.0, borderType=BORDER)
+    weights = np.asarray(color) / 255.0
+    expected = np.clip(0.25 + 0.25 * spread[..., None] * weights, 0.0, 1.0)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+    assert ours[70, 60, 0] == pytest.approx(0.25)  # centre untouched: inside the inner disc
+
+
+def test_blur_keeps_float32_and_clips() -> None:
+    rng = np.random.default_rng(8)
+    image = rng.random((64, 64, 3)).astype(np.float32)
+    out = ops.blur(image, 5, 3, 9.0)
+    assert out.dtype == np.float32
+    ref = cv2.GaussianBlur(image, (5, 3), 9.0, borderType=BORDER)
+    np.testing.assert_array_equal(out, np.clip(ref, 0, 1))
+
+
+def test_to_uint8_truncates_and_masks() -> None:
+    image = np.array([[[0.999, 0.5, 1.0], [0.2, 0.2, 0.2]]])
+    mask = np.array([[True, False]])
+    out = ops.to_uint8(image, mask)
+    assert out.tolist() == [[[254, 127, 255], [0, 0, 0]]]
+    assert ops.to_uint8(image, None)[0, 1].tolist() == [51, 51, 51]
+
+
+def test_fov_mean_counts_background_in_the_numerator() -> None:
+    image = np.zeros((10, 10, 3))
+    image[:5] = 0.6  # FOV half
+    image[5:] = 0.3  # background lifted by jitter/halo
+    mask = np.zeros((10, 10), bool)
+    mask[:5] = True
+    assert ops.fov_mean(image, mask) == pytest.approx((0.6 * 50 + 0.3 * 50) / 50)
+    with pytest.raises(ValueError, match="empty"):
+        ops.fov_mean(image, np.zeros((10, 10), bool))

@@ -1,0 +1,235 @@
+"""Records round-trip exactly through JSON and the released schema; bad input names the field."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from fundus_batch.degrade import (
+    PRESETS,
+    TYPE_CODES,
+    DegradationRecord,
+    Preset,
+    PresetError,
+    RecordError,
+    get_preset,
+    sample_record,
+)
+
+# Section 2.9 of degradation-model.md: a real type-111 record of the released script.
+EXAMPLE_111 = (
+    '{"name": "13_left.jpeg", "type": "111", "params": {"illumination": {"color": '
+    '{"brightness_factor": 0.7762, "contrast_factor": 0.7339, "saturation_factor": 1.2277}, '
+    '"halo": {"num": 1, "center_a": [233, 289], "dia_a": 422.73, "center_b": [233, 289], '
+    '"dia_b": 840.52}, "hole": {"center": [327, 279], "diameter_circle": 235, '
+    '"brightness_factor": -0.2801, "rad_w": 163, "rad_h": 171, "sigma": 136.0}}, "spots": '
+    '[{"radius": 9, "center": [339, 364], "rad_w": 7, "rad_h": 5, "sigma": 24.4}, {"radius": '
+    '17, "center": [328, 412], "rad_w": 9, "rad_h": 9, "sigma": 37.2}], "blur": {"sigma": '
+    '13.73, "rad_w": 5, "rad_h": 5}}}'
+)
+
+
+def _records() -> list[DegradationRecord]:
+    out = []
+    for i, code in enumerate(TYPE_CODES):
+        for preset in ("cofe-release", "cofe-train"):
+            rng = np.random.default_rng(100 + i)
+            out.append(sample_record(rng, code, 512, preset, fov_mean=0.41))
+    return out
+
+
+@pytest.mark.parametrize("record", _records(), ids=lambda r: f"{r.preset}-{r.type_code}")
+def test_json_round_trip_is_exact(record: DegradationRecord) -> None:
+    again = DegradationRecord.from_json(record.to_json())
+    assert again == record
+    assert again.to_json() == record.to_json()
+    assert DegradationRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+
+
+def test_unresolved_hole_strength_round_trips_as_null() -> None:
+    record = sample_record(np.random.default_rng(0), "001", 512)
+    assert record.hole is not None and record.hole.strength is None
+    assert record.hole.base is not None and record.hole.mix is not None
+    assert DegradationRecord.from_json(record.to_json()) == record
+
+
+def test_released_example_imports_with_derived_values() -> None:
+    record = DegradationRecord.from_released(json.loads(EXAMPLE_111))
+    assert record.type_code == "111" and record.model == "release" and record.size == 512
+    assert record.color is not None and record.color.brightness == 0.7762
+    halo = record.halo
+    assert halo is not None and halo.style == 1 and halo.color == (141, 238, 238)
+    # D = 2 max(233, 279, 289, 223) = 578; g = floor(|578 - 422.73|) = 155; sigma = 2g/3
+    assert halo.kernel == 155 and halo.sigma == pytest.approx(2 * 155 / 3)
+    hole = record.hole
+    assert hole is not None and hole.strength == -0.2801 and (hole.k_w, hole.k_h) == (163, 171)
+    assert record.spots is not None and [s.radius for s in record.spots] == [9, 17]
+    r = 9
+    k, beta, d = 14 / 25 + 1 - r / 25, 0.5 + r / 25, 0.3 * r / 25
+    assert record.spots[0].amplitude == pytest.approx(k * (1 - np.exp(-beta * d)), rel=1e-12)
+    assert record.blur is not None and (record.blur.k_w, record.blur.k_h) == (5, 5)
+    assert record.flat_summary() == {
+        "blur_sigma": 13.73,
+        "n_spots": 2,
+        "hole_strength": -0.2801,
+        "brightness": 0.7762,
+        "contrast": 0.7339,
+        "saturation": 1.2277,
+    }
+
+
+def test_released_schema_round_trip() -> None:
+    data = json.loads(EXAMPLE_111)
+    record = DegradationRecord.from_released(data)
+    assert record.to_released(name="13_left.jpeg") == data
+    assert DegradationRecord.from_released(record.to_released()) == record
+    assert DegradationRecord.from_any(data) == record
+    assert DegradationRecord.from_any(record.to_dict()) == record
+
+
+@pytest.mark.parametrize("code", TYPE_CODES)
+def test_sampled_release_records_export_and_reimport(code: str) -> None:
+    record = sample_record(np.random.default_rng(7), code, 512, fov_mean=0.5)
+    back = DegradationRecord.from_released(record.to_released())
+    # the released schema drops only the hole's raw draws and the FOV mean
+    if record.hole is not None:
+        assert back.hole is not None and back.hole.strength == record.hole.strength
+        back = DegradationRecord(**{**back.__dict__, "hole": record.hole})
+    assert back == record
+
+
+def test_flat_summary_has_none_for_operators_that_did_not_run() -> None:
+    record = sample_record(np.random.default_rng(1), "100", 512)
+    summary = record.flat_summary()
+    assert set(summary) == {
+        "blur_sigma",
+        "n_spots",
+        "hole_strength",
+        "brightness",
+        "contrast",
+        "saturation",
+    }
+    assert summary["blur_sigma"] is not None
+    assert all(summary[k] is None for k in summary if k != "blur_sigma")
+
+
+def test_train_records_have_no_released_form() -> None:
+    record = sample_record(np.random.default_rng(1), "111", 512, "cofe-train")
+    with pytest.raises(RecordError, match="model"):
+        record.to_released()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d.update(type="112"), "released.type"),
+        (lambda d: d["params"].update(extra=1), "released.params.extra"),
+        (lambda d: d["params"].pop("blur"), "released.params.blur"),
+        (
+            lambda d: d["params"]["illumination"]["halo"].pop("num"),
+            "released.params.illumination.halo.num",
+        ),
+        (
+            lambda d: d["params"]["illumination"]["hole"].update(rad_w=164),
+            "released.params.illumination.hole.rad_w",
+        ),
+        (
+            lambda d: d["params"]["illumination"]["hole"].update(center=[1]),
+            "released.params.illumination.hole.center",
+        ),
+        (
+            lambda d: d["params"]["illumination"]["color"].update(brightness_factor="x"),
+            "released.params.illumination.color.brightness_factor",
+        ),
+        (
+            lambda d: d["params"]["illumination"]["halo"].update(center_b=[0, 0]),
+            "released.params.illumination.halo.center_b",
+        ),
+        (lambda d: d["params"]["spots"][1].update(radius=2.5), "released.params.spots[1].radius"),
+        (lambda d: d["params"]["spots"][0].update(colour=3), "released.params.spots[0].colour"),
+    ],
+)
+def test_bad_released_records_name_the_field(mutate, field: str) -> None:
+    data = json.loads(EXAMPLE_111)
+    mutate(data)
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(data)
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d.update(type_code="000"), "type_code"),
+        (lambda d: d.update(unknown=True), "record.unknown"),
+        (lambda d: d.pop("size"), "record.size"),
+        (lambda d: d.update(model="fancy"), "model"),
+        (lambda d: d.update(blur=None), "blur"),
+        (lambda d: d.update(color=None), "color"),
+        (lambda d: d["hole"].update(k_h=4), "hole.k_h"),
+        (lambda d: d["halo"].update(color=[1, 2]), "halo.color"),
+        (lambda d: d["spots"][0].pop("amplitude"), "spots[0].amplitude"),
+        (lambda d: d["spots"][0].update(haze=[1, 2]), "spots[0].haze"),
+        (lambda d: d["blur"].update(sigma=float("nan")), "blur.sigma"),
+    ],
+)
+def test_bad_records_name_the_field(mutate, field: str) -> None:
+    data = sample_record(np.random.default_rng(3), "111", 512, fov_mean=0.4).to_dict()
+    data = copy.deepcopy(data)
+    mutate(data)
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_dict(data)
+    assert info.value.field == field
+
+
+def test_invalid_json_text_is_a_record_error() -> None:
+    with pytest.raises(RecordError, match="invalid JSON"):
+        DegradationRecord.from_json("{not json")
+
+
+# ---- presets
+
+
+def test_builtin_presets() -> None:
+    assert set(PRESETS) == {"cofe-release", "cofe-train"}
+    assert get_preset("cofe-release").model == "release"
+    assert get_preset("cofe-train").model == "train"
+    assert get_preset(PRESETS["cofe-train"]) is PRESETS["cofe-train"]
+    with pytest.raises(PresetError, match="unknown preset"):
+        get_preset("nope")
+
+
+def test_custom_preset_from_dict_inherits_the_model_defaults() -> None:
+    mild = Preset.from_dict({"name": "mild", "blur_sigma": [2, 6], "spot_count": [1, 3]})
+    assert mild.model == "release" and mild.blur_sigma == (2.0, 6.0) and mild.spot_count == (1, 3)
+    assert mild.brightness == PRESETS["cofe-release"].brightness
+    train_like = Preset.from_dict({"name": "t2", "model": "train", "spot_count": [1, 2]})
+    assert train_like.halo_colors == PRESETS["cofe-train"].halo_colors
+    assert Preset.from_dict(mild.to_dict()) == mild
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "x", "blur_sigma": [6, 2]}, "blur_sigma"),
+        ({"name": "x", "blur_speed": [1, 2]}, "blur_speed"),
+        ({"name": "x", "brightness": [-0.1, 1.0]}, "brightness"),
+        ({"name": "x", "spot_count": [1.5, 3]}, "spot_count"),
+        ({"name": "x", "spot_kernel": 4}, "spot_kernel"),
+        ({"name": "x", "model": "other"}, "model"),
+        ({"name": ""}, "name"),
+        ({"blur_sigma": [1, 2]}, "name"),
+        ({"name": "x", "halo_colors": [[1, 2, 300]]}, "halo_colors"),
+        ({"name": "x", "halo_gamma": [0.5]}, "halo_gamma"),
+        ({"name": "x", "hole_diameter": [0.5, 1.5]}, "hole_diameter"),
+        ({"name": "x", "base": "unknown"}, "base"),
+    ],
+)
+def test_invalid_presets_name_the_field(data: dict, field: str) -> None:
+    with pytest.raises(PresetError) as info:
+        Preset.from_dict(data)
+    assert info.value.field == field

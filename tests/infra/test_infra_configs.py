@@ -1,0 +1,1018 @@
+"""Static checks of the deployment configs under infra/: Dockerfiles, KubeRay and the AWS launcher.
+
+Every rule is a small function that returns a list of problems (empty when the document is
+fine). The tests run the rules on every real file under infra/ (one test id per file), and on
+deliberately broken documents to prove that each rule catches what it is meant to catch.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import re
+import shlex
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+
+PLACEHOLDER = "REPLACE_ME"
+RAY_VERSION = importlib.metadata.version("ray")
+RAY_MAJOR_MINOR = ".".join(RAY_VERSION.split(".")[:2])
+KUBERAY_KINDS = frozenset({"RayCluster", "RayJob"})
+GPU_RESOURCE = "nvidia.com/gpu"
+# Job scripts whose RayJob must bring a GPU worker group.
+GPU_JOB_SCRIPTS = frozenset({"jobs/enhance_bucket.py"})
+# Images built from infra/docker/: their tags are "<package version>-cpu" or "<version>-cuXYZ".
+OWN_IMAGE_NAME = "fundus-batch"
+
+EXPECTED_FILES = (
+    "infra/docker/Dockerfile.cpu",
+    "infra/docker/Dockerfile.cuda",
+    "infra/docker/README.md",
+    "infra/kuberay/raycluster.yaml",
+    "infra/kuberay/rayjob-regenerate-pairs.yaml",
+    "infra/kuberay/rayjob-enhance-bucket.yaml",
+    "infra/kuberay/secret.example.yaml",
+    "infra/kuberay/README.md",
+    "infra/aws/cluster.yaml",
+    "infra/aws/README.md",
+)
+
+YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
+SECRET_TEMPLATE = INFRA / "kuberay" / "secret.example.yaml"
+KUBERAY_FILES = sorted(
+    p for p in (INFRA / "kuberay").glob("*.yaml") if not p.name.endswith(".example.yaml")
+)
+AWS_FILES = sorted((INFRA / "aws").glob("*.yaml"))
+DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile*"))
+TEXT_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def _project_version() -> str:
+    """The [project] version from pyproject.toml (regex: tomllib is Python 3.11+)."""
+    text = (REPO / "pyproject.toml").read_text()
+    match = re.search(r'(?ms)^\[project\].*?^version\s*=\s*"([^"]+)"', text)
+    assert match, "no [project] version in pyproject.toml"
+    return match.group(1)
+
+
+PROJECT_VERSION = _project_version()
+
+
+def load_docs(path: Path) -> list[Any]:
+    """All non-empty YAML documents in a file."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inline secrets (every YAML under infra/)
+
+AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+PRIVATE_KEY_BLOCK = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+SECRET_KEY_NAME = re.compile(
+    r"(?:^|_)(?:password|passwd|secret|secret_key|secret_access_key|access_key_id|session_token"
+    r"|token|access_token|auth_token|api_key|account_key|client_secret|private_key|sas_token"
+    r"|connection_string)$"
+)
+SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b(aws_secret_access_key|aws_session_token|password|passwd|api_key|account_key"
+    r"|client_secret)\s*[:=]\s*['\"]?([^\s'\",}]+)"
+)
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).replace("-", "_").lower()
+
+
+def is_placeholder(value: Any) -> bool:
+    """True for values that are clearly not a credential: empty, REPLACE_ME, $VAR, <hint>."""
+    if value is None or isinstance(value, bool):
+        return True
+    text = str(value).strip()
+    return (
+        text == ""
+        or PLACEHOLDER in text
+        or text.startswith("$")
+        or (text.startswith("<") and text.endswith(">"))
+    )
+
+
+def _walk(node: Any, where: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Yield (location, key, value) for every mapping entry and list item, depth first."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            loc = f"{where}.{key}" if where else str(key)
+            yield loc, key, value
+            yield from _walk(value, loc)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            loc = f"{where}[{i}]"
+            yield loc, None, value
+            yield from _walk(value, loc)
+
+
+def find_inline_secrets(doc: Any) -> list[str]:
+    """Credentials written into a config instead of referenced from a secret store."""
+    problems: list[str] = []
+    for where, key, value in _walk(doc):
+        if isinstance(key, str) and key.endswith("YAML") and isinstance(value, str):
+            # Embedded YAML (RayJob.runtimeEnvYAML) hides env_vars from the walk above.
+            try:
+                embedded = yaml.safe_load(value)
+            except yaml.YAMLError:
+                problems.append(f"{where}: embedded YAML does not parse")
+            else:
+                problems += [f"{where} -> {p}" for p in find_inline_secrets(embedded)]
+        if isinstance(value, dict) and "name" in value and "value" in value:
+            # Kubernetes env entry: credentials must come from valueFrom.secretKeyRef.
+            name = str(value["name"])
+            if SECRET_KEY_NAME.search(_snake(name)) and not is_placeholder(value["value"]):
+                problems.append(
+                    f"{where}: env var {name} has a literal value; use valueFrom.secretKeyRef"
+                )
+        if isinstance(value, dict | list):
+            continue
+        if (
+            isinstance(key, str)
+            and SECRET_KEY_NAME.search(_snake(key))
+            and not is_placeholder(value)
+        ):
+            problems.append(f"{where}: credential-named key {key!r} holds a literal value")
+        if isinstance(value, str):
+            if AWS_KEY_ID.search(value):
+                problems.append(f"{where}: looks like an AWS access key id")
+            if PRIVATE_KEY_BLOCK.search(value):
+                problems.append(f"{where}: contains a private key")
+            for match in SECRET_ASSIGNMENT.finditer(value):
+                if not is_placeholder(match.group(2)):
+                    problems.append(f"{where}: inline {match.group(1)} assignment")
+    return problems
+
+
+def check_secret_object(doc: Any, file_name: str) -> list[str]:
+    """A Kubernetes Secret under infra/ is a template: example file, REPLACE_ME values only."""
+    if not isinstance(doc, dict) or doc.get("kind") != "Secret":
+        return []
+    problems: list[str] = []
+    if not file_name.endswith(".example.yaml"):
+        problems.append(f"Secret in {file_name}: Secrets may only live in *.example.yaml templates")
+    for key, value in (doc.get("stringData") or {}).items():
+        if value != PLACEHOLDER:
+            problems.append(f"Secret stringData.{key}: only the placeholder {PLACEHOLDER} allowed")
+    for key, value in (doc.get("data") or {}).items():
+        try:
+            decoded = base64.b64decode(str(value), validate=True).decode()
+        except ValueError:
+            decoded = None
+        if decoded != PLACEHOLDER:
+            problems.append(f"Secret data.{key}: only base64 of {PLACEHOLDER} allowed")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def image_tag(image: str) -> str | None:
+    """The tag (or digest) of an image reference; None when the reference has neither."""
+    if "@" in image:
+        return image.split("@", 1)[1]
+    last = image.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def check_image(image: Any, where: str, *, gpu: bool) -> list[str]:
+    """Pinned to a tag (never latest); our own images carry the package version and flavour."""
+    if not isinstance(image, str) or not image:
+        return [f"{where}: no image"]
+    tag = image_tag(image)
+    if tag is None:
+        return [f"{where}: image {image} is not pinned to a tag"]
+    if tag == "latest":
+        return [f"{where}: image {image} uses :latest"]
+    repo_name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+    if repo_name != OWN_IMAGE_NAME or tag.startswith("sha256:"):
+        return []
+    flavour = r"cu\d+" if gpu else "cpu"
+    if not re.fullmatch(rf"{re.escape(PROJECT_VERSION)}-{flavour}(-[\w.]+)?", tag):
+        kind = "GPU (-cuXYZ)" if gpu else "CPU (-cpu)"
+        return [f"{where}: image {image} should be the {kind} image tagged {PROJECT_VERSION}-..."]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def _quantity_int(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def check_resources(resources: Any, where: str) -> list[str]:
+    """requests and limits, each with cpu and memory; GPU requests equal to limits."""
+    if not isinstance(resources, dict):
+        return [f"{where}: no resources"]
+    problems = []
+    for section in ("requests", "limits"):
+        block = resources.get(section)
+        if not isinstance(block, dict):
+            problems.append(f"{where}: no resources.{section}")
+            continue
+        problems += [
+            f"{where}: resources.{section} lacks {name}"
+            for name in ("cpu", "memory")
+            if name not in block
+        ]
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    if GPU_RESOURCE in requests and requests.get(GPU_RESOURCE) != limits.get(GPU_RESOURCE):
+        problems.append(f"{where}: {GPU_RESOURCE} requests must equal limits")
+    return problems
+
+
+def _pod_containers(group: dict[str, Any]) -> list[Any]:
+    template = group.get("template") or {}
+    return ((template.get("spec") or {}).get("containers")) or []
+
+
+def group_gpus(group: dict[str, Any]) -> int:
+    """GPUs per pod of a head or worker group (from the container limits)."""
+    total = 0
+    for container in _pod_containers(group):
+        limits = ((container or {}).get("resources") or {}).get("limits") or {}
+        total += _quantity_int(limits.get(GPU_RESOURCE, 0)) or 0
+    return total
+
+
+def check_group(group: Any, where: str, *, worker: bool) -> list[str]:
+    """One head or worker group: start params, containers, replica bounds, GPU wiring."""
+    if not isinstance(group, dict):
+        return [f"{where}: not a mapping"]
+    problems: list[str] = []
+    params = group.get("rayStartParams")
+    if not isinstance(params, dict):
+        problems.append(f"{where}: rayStartParams missing")
+        params = {}
+    problems += [
+        f"{where}: rayStartParams.{key} must be a string (got {value!r})"
+        for key, value in params.items()
+        if not isinstance(value, str)
+    ]
+    containers = _pod_containers(group)
+    if not containers:
+        problems.append(f"{where}: no containers in template.spec")
+    gpus = group_gpus(group)
+    for i, container in enumerate(containers):
+        loc = f"{where}.containers[{i}]"
+        container = container or {}
+        problems += check_image(container.get("image"), loc, gpu=gpus > 0)
+        problems += check_resources(container.get("resources"), loc)
+    if not worker:
+        return problems
+    name = str(group.get("groupName", ""))
+    if not name:
+        problems.append(f"{where}: no groupName")
+    bounds = {key: group.get(key) for key in ("minReplicas", "replicas", "maxReplicas")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in bounds.values()):
+        problems.append(f"{where}: minReplicas, replicas and maxReplicas must all be integers")
+    elif not 0 <= bounds["minReplicas"] <= bounds["replicas"] <= bounds["maxReplicas"]:
+        problems.append(f"{where}: need 0 <= minReplicas <= replicas <= maxReplicas, got {bounds}")
+    elif bounds["maxReplicas"] < 1:
+        problems.append(f"{where}: maxReplicas must be at least 1")
+    if "gpu" in name.lower() and gpus < 1:
+        problems.append(f"{where}: GPU group {name} requests no {GPU_RESOURCE} in its limits")
+    if gpus > 0 and params.get("num-gpus") != str(gpus):
+        problems.append(f"{where}: rayStartParams.num-gpus must be {str(gpus)!r}")
+    return problems
+
+
+def check_cluster_spec(spec: Any, where: str) -> list[str]:
+    """A RayClusterSpec: Ray version, autoscaling and every group."""
+    if not isinstance(spec, dict):
+        return [f"{where}: missing"]
+    problems: list[str] = []
+    version = str(spec.get("rayVersion", ""))
+    if ".".join(version.split(".")[:2]) != RAY_MAJOR_MINOR:
+        problems.append(
+            f"{where}.rayVersion {version!r} does not match installed Ray {RAY_VERSION}"
+        )
+    if spec.get("enableInTreeAutoscaling") is not True:
+        problems.append(f"{where}.enableInTreeAutoscaling must be true")
+    autoscaler = spec.get("autoscalerOptions") or {}
+    if "resources" in autoscaler:
+        problems += check_resources(autoscaler["resources"], f"{where}.autoscalerOptions")
+    problems += check_group(spec.get("headGroupSpec"), f"{where}.headGroupSpec", worker=False)
+    groups = spec.get("workerGroupSpecs")
+    if not isinstance(groups, list) or not groups:
+        return [*problems, f"{where}.workerGroupSpecs: at least one worker group needed"]
+    for i, group in enumerate(groups):
+        problems += check_group(group, f"{where}.workerGroupSpecs[{i}]", worker=True)
+    return problems
+
+
+def _worker_groups(spec: Any) -> list[dict[str, Any]]:
+    groups = (spec or {}).get("workerGroupSpecs") if isinstance(spec, dict) else None
+    return [g for g in groups or [] if isinstance(g, dict)]
+
+
+def parse_entrypoint(entrypoint: str) -> tuple[str | None, str | None, list[str]]:
+    """(script, config, problems) of `python <script> ... --config <config>`."""
+    try:
+        tokens = shlex.split(entrypoint)
+    except ValueError as exc:
+        return None, None, [f"entrypoint does not parse: {exc}"]
+    if len(tokens) < 2 or tokens[0] not in {"python", "python3"} or tokens[1].startswith("-"):
+        return None, None, [f"entrypoint {entrypoint!r} is not `python <script> ...`"]
+    config = None
+    for i, token in enumerate(tokens[2:], start=2):
+        if token == "--config" and i + 1 < len(tokens):
+            config = tokens[i + 1]
+        elif token.startswith("--config="):
+            config = token.split("=", 1)[1]
+    if config is None:
+        return tokens[1], None, [f"entrypoint {entrypoint!r} has no --config <path>"]
+    return tokens[1], config, []
+
+
+def check_rayjob_spec(spec: dict[str, Any], repo: Path) -> list[str]:
+    """Entrypoint files exist, the cluster is torn down, the runtime env can reach the files."""
+    problems: list[str] = []
+    script, config, parse_problems = parse_entrypoint(str(spec.get("entrypoint", "")))
+    problems += [f"spec.{p}" for p in parse_problems]
+    if script is not None and not (repo / script).is_file():
+        problems.append(f"spec.entrypoint: script {script} does not exist in the repository")
+    if config is not None and not (repo / config).is_file():
+        problems.append(f"spec.entrypoint: --config file {config} does not exist in the repository")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        problems.append("spec.shutdownAfterJobFinishes must be true")
+    ttl = spec.get("ttlSecondsAfterFinished")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+        problems.append("spec.ttlSecondsAfterFinished must be set to a non-negative integer")
+    runtime_env: Any = {}
+    if "runtimeEnvYAML" in spec:
+        try:
+            runtime_env = yaml.safe_load(str(spec["runtimeEnvYAML"])) or {}
+        except yaml.YAMLError as exc:
+            problems.append(f"spec.runtimeEnvYAML does not parse: {exc}")
+        if not isinstance(runtime_env, dict):
+            problems.append("spec.runtimeEnvYAML must be a mapping")
+            runtime_env = {}
+    working_dir = runtime_env.get("working_dir")
+    if isinstance(working_dir, str) and "://" not in working_dir:
+        # Only the submitter pod of K8sJobMode can upload a local folder.
+        if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+            problems.append("spec.submissionMode must be K8sJobMode for a local working_dir")
+        if not working_dir.startswith("/"):
+            problems.append("spec.runtimeEnvYAML working_dir must be an absolute path in the image")
+    cluster = spec.get("rayClusterSpec")
+    if script in GPU_JOB_SCRIPTS and not any(group_gpus(g) for g in _worker_groups(cluster)):
+        problems.append(f"spec.rayClusterSpec: {script} needs a worker group with {GPU_RESOURCE}")
+    return problems
+
+
+def check_kuberay_doc(doc: Any, repo: Path = REPO) -> list[str]:
+    """A RayCluster or RayJob document."""
+    if not isinstance(doc, dict):
+        return ["document is not a mapping"]
+    problems: list[str] = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        problems.append(f"apiVersion must be ray.io/v1, got {doc.get('apiVersion')!r}")
+    kind = doc.get("kind")
+    if kind not in KUBERAY_KINDS:
+        return [*problems, f"kind must be one of {sorted(KUBERAY_KINDS)}, got {kind!r}"]
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    if kind == "RayCluster":
+        problems += check_cluster_spec(spec, "spec")
+        groups = _worker_groups(spec)
+        if not any(group_gpus(g) for g in groups):
+            problems.append(f"spec: a RayCluster needs a GPU worker group ({GPU_RESOURCE})")
+        if not any(group_gpus(g) == 0 for g in groups):
+            problems.append("spec: a RayCluster needs a CPU worker group")
+    else:
+        problems += check_cluster_spec(spec.get("rayClusterSpec"), "spec.rayClusterSpec")
+        problems += check_rayjob_spec(spec, repo)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# AWS cluster launcher
+
+
+def _ray_autoscaler_schema() -> dict[str, Any]:
+    spec = importlib.util.find_spec("ray")
+    assert spec is not None and spec.origin is not None, "ray is not installed"
+    return json.loads((Path(spec.origin).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def check_aws_cluster(cfg: Any) -> list[str]:
+    """Ray's own schema plus node types, worker bounds, images and keyless credentials."""
+    if not isinstance(cfg, dict):
+        return ["document is not a mapping"]
+    schema = _ray_autoscaler_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems = [
+        f"schema: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(cfg)
+    ]
+    provider = cfg.get("provider") or {}
+    if provider.get("type") != "aws" or not provider.get("region"):
+        problems.append("provider must be type aws with a region")
+    types = cfg.get("available_node_types") or {}
+    head = cfg.get("head_node_type")
+    if head not in types:
+        problems.append(f"head_node_type {head!r} is not in available_node_types")
+    cluster_max = cfg.get("max_workers")
+    if not isinstance(cluster_max, int) or cluster_max < 1:
+        problems.append("max_workers (all workers together) must be a positive integer")
+        cluster_max = None
+    docker = cfg.get("docker") or {}
+    problems += check_image(docker.get("head_image") or docker.get("image"), "docker", gpu=False)
+    workers = {name: t for name, t in types.items() if name != head and isinstance(t, dict)}
+    has_cpu = has_gpu = False
+    min_total = 0
+    for name, node_type in types.items():
+        if not isinstance(node_type, dict):
+            continue
+        where = f"available_node_types.{name}"
+        node_config = node_type.get("node_config") or {}
+        if "IamInstanceProfile" not in node_config:
+            problems.append(f"{where}: no IamInstanceProfile (credentials come from the profile)")
+        resources = node_type.get("resources") or {}
+        gpus = resources.get("GPU", 0)
+        if name not in workers:
+            continue
+        has_gpu = has_gpu or gpus >= 1
+        has_cpu = has_cpu or (gpus == 0 and resources.get("CPU", 0) > 0)
+        low, high = node_type.get("min_workers"), node_type.get("max_workers")
+        if not isinstance(low, int) or not isinstance(high, int):
+            problems.append(f"{where}: min_workers and max_workers must be set")
+        elif not 0 <= low <= high or (cluster_max is not None and high > cluster_max):
+            problems.append(f"{where}: need 0 <= min_workers <= max_workers <= {cluster_max}")
+        else:
+            min_total += low
+        image = (node_type.get("docker") or {}).get("worker_image") or docker.get(
+            "worker_image", docker.get("image")
+        )
+        problems += check_image(image, f"{where}.docker", gpu=gpus >= 1)
+    if cluster_max is not None and min_total > cluster_max:
+        problems.append("the min_workers of all worker types exceed max_workers")
+    if not has_cpu:
+        problems.append("available_node_types: no CPU worker type (CPU > 0, no GPU)")
+    if not has_gpu:
+        problems.append("available_node_types: no GPU worker type (resources.GPU >= 1)")
+    for src, dst in (cfg.get("file_mounts") or {}).items():
+        if any(marker in f"{src} {dst}" for marker in (".aws", "credentials")):
+            problems.append(f"file_mounts: {src} looks like a credentials file; use a profile")
+    head_cmds = " ".join(cfg.get("head_start_ray_commands") or [])
+    if "--autoscaling-config" not in head_cmds:
+        problems.append("head_start_ray_commands must start Ray with --autoscaling-config")
+    if "$RAY_HEAD_IP" not in " ".join(cfg.get("worker_start_ray_commands") or []):
+        problems.append("worker_start_ray_commands must join $RAY_HEAD_IP")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfiles
+
+RAY_BASE_IMAGE = re.compile(r"^rayproject/ray:(\d+\.\d+\.\d+)-py(\d+)-(cpu|cu\d+)$")
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    buffer = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        instruction, _, args = (buffer + line).partition(" ")
+        instructions.append((instruction.upper(), args.strip()))
+        buffer = ""
+    return instructions
+
+
+def dockerfile_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """Default values of ARG instructions."""
+    defaults: dict[str, str] = {}
+    for instruction, args in instructions:
+        if instruction == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            defaults[name.strip()] = value.strip().strip("\"'")
+    return defaults
+
+
+def dockerfile_base(text: str) -> str:
+    """The FROM image with ARG defaults substituted."""
+    instructions = dockerfile_instructions(text)
+    defaults = dockerfile_args(instructions)
+    bases = [args.split()[0] for instruction, args in instructions if instruction == "FROM"]
+    if not bases:
+        return ""
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m.group(1) or m.group(2), ""), bases[-1]
+    )
+
+
+def _copy_sources(args: str) -> tuple[list[str], str]:
+    tokens = json.loads(args) if args.startswith("[") else shlex.split(args)
+    tokens = [t for t in tokens if not t.startswith("--")]
+    return tokens[:-1], tokens[-1] if tokens else ""
+
+
+def check_dockerfile(text: str, repo: Path = REPO) -> list[str]:
+    """Ray base matching the installed Ray, no pip cache, non-root user, existing COPY sources."""
+    problems: list[str] = []
+    instructions = dockerfile_instructions(text)
+    base = dockerfile_base(text)
+    match = RAY_BASE_IMAGE.match(base)
+    if not match:
+        problems.append(f"FROM {base!r} is not a rayproject/ray:<x.y.z>-py<NN>-<cpu|cuXYZ> image")
+    elif ".".join(match.group(1).split(".")[:2]) != RAY_MAJOR_MINOR:
+        problems.append(
+            f"FROM {base}: Ray {match.group(1)} does not match installed Ray {RAY_VERSION}"
+        )
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    if not users or users[-1].split(":")[0] in {"root", "0"}:
+        problems.append("the final USER must be a non-root user")
+    runs = [args for instruction, args in instructions if instruction == "RUN"]
+    pip_commands = [
+        part for run in runs for part in re.split(r"&&|;", run) if "pip install" in part
+    ]
+    if not pip_commands:
+        problems.append("no RUN ... pip install")
+    problems += [
+        f"pip install without --no-cache-dir: {part.strip()}"
+        for part in pip_commands
+        if "--no-cache-dir" not in part
+    ]
+    for instruction, args in instructions:
+        if instruction not in {"COPY", "ADD"}:
+            continue
+        sources, _ = _copy_sources(args)
+        problems += [
+            f"{instruction} source {src} does not exist in the build context (repository root)"
+            for src in sources
+            if not any(ch in src for ch in "*?[") and not (repo / src).exists()
+        ]
+    return problems
+
+
+def dockerfile_workdir(text: str) -> str | None:
+    """The last WORKDIR of a Dockerfile."""
+    dirs = [args for instruction, args in dockerfile_instructions(text) if instruction == "WORKDIR"]
+    return dirs[-1] if dirs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests on the real files
+
+
+@pytest.mark.parametrize("name", EXPECTED_FILES)
+def test_expected_infra_file_exists(name: str) -> None:
+    assert (REPO / name).is_file(), f"{name} is missing"
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_yaml_file_parses_and_holds_no_inline_secret(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{_rel(path)} holds no YAML document"
+    problems = []
+    for doc in docs:
+        problems += find_inline_secrets(doc)
+        problems += check_secret_object(doc, path.name)
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=_rel)
+def test_infra_file_contains_no_key_material(path: Path) -> None:
+    text = path.read_text(errors="replace")
+    assert not AWS_KEY_ID.search(text), f"{_rel(path)} contains an AWS access key id"
+    assert not PRIVATE_KEY_BLOCK.search(text), f"{_rel(path)} contains a private key"
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=_rel)
+def test_kuberay_file_is_a_valid_ray_deployment(path: Path) -> None:
+    problems = [p for doc in load_docs(path) for p in check_kuberay_doc(doc)]
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+def test_secret_template_holds_every_key_the_pods_reference() -> None:
+    (secret,) = load_docs(SECRET_TEMPLATE)
+    assert secret["kind"] == "Secret"
+    provided = set(secret["stringData"])
+    referenced = {
+        (value["name"], value["key"])
+        for path in KUBERAY_FILES
+        for doc in load_docs(path)
+        for _, key, value in _walk(doc)
+        if key == "secretKeyRef"
+    }
+    assert referenced, "the KubeRay files read no credentials from a Secret"
+    assert {name for name, _ in referenced} == {secret["metadata"]["name"]}
+    assert {key for _, key in referenced} <= provided, "secretKeyRef keys missing in the template"
+
+
+@pytest.mark.parametrize("path", AWS_FILES, ids=_rel)
+def test_aws_cluster_config_is_valid(path: Path) -> None:
+    problems = [p for doc in load_docs(path) for p in check_aws_cluster(doc)]
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=_rel)
+def test_dockerfile_builds_on_matching_ray_image(path: Path) -> None:
+    problems = check_dockerfile(path.read_text())
+    assert not problems, f"{_rel(path)}:\n" + "\n".join(problems)
+
+
+def test_cpu_and_cuda_images_share_python_and_torch() -> None:
+    texts = [
+        (INFRA / "docker" / name).read_text() for name in ("Dockerfile.cpu", "Dockerfile.cuda")
+    ]
+    bases = [RAY_BASE_IMAGE.match(dockerfile_base(text)) for text in texts]
+    assert all(bases), "both Dockerfiles must build on rayproject/ray images"
+    assert bases[0].group(1) == bases[1].group(1), "CPU and CUDA images use different Ray versions"
+    assert bases[0].group(2) == bases[1].group(2), "CPU and CUDA images use different Pythons"
+    assert bases[0].group(3) == "cpu" and bases[1].group(3).startswith("cu")
+    torch = [dockerfile_args(dockerfile_instructions(text)).get("TORCH_VERSION") for text in texts]
+    assert torch[0] and torch[0] == torch[1], f"TORCH_VERSION differs between images: {torch}"
+
+
+def test_rayjob_working_dir_is_where_the_image_puts_the_jobs() -> None:
+    text = (INFRA / "docker" / "Dockerfile.cpu").read_text()
+    workdir = dockerfile_workdir(text)
+    copies = [
+        _copy_sources(args)
+        for instruction, args in dockerfile_instructions(text)
+        if instruction == "COPY"
+    ]
+    assert (["jobs"], f"{workdir}/jobs") in copies, (
+        f"Dockerfile.cpu must COPY jobs to {workdir}/jobs"
+    )
+    for path in (INFRA / "kuberay").glob("rayjob-*.yaml"):
+        for doc in load_docs(path):
+            runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+            assert runtime_env["working_dir"] == workdir, f"{_rel(path)}: working_dir != {workdir}"
+
+
+def test_job_paths_named_in_infra_docs_exist() -> None:
+    missing = {
+        f"{_rel(doc)}: {ref}"
+        for doc in INFRA.rglob("*.md")
+        for ref in re.findall(r"\bjobs/[\w./-]+\.(?:py|yaml)\b", doc.read_text())
+        if not (REPO / ref).is_file()
+    }
+    assert not missing, "infra docs name job files that do not exist:\n" + "\n".join(
+        sorted(missing)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules catch broken documents
+
+
+def _fake_repo(tmp_path: Path) -> Path:
+    for name in ("jobs/enhance_bucket.py", "jobs/configs/enhance.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
+def _container(image: str, gpus: int = 0) -> dict[str, Any]:
+    block: dict[str, Any] = {"cpu": "2", "memory": "4Gi"}
+    if gpus:
+        block[GPU_RESOURCE] = gpus
+    return {"name": "ray", "image": image, "resources": {"requests": dict(block), "limits": block}}
+
+
+def _good_rayjob() -> dict[str, Any]:
+    cpu_image = f"registry.example/{OWN_IMAGE_NAME}:{PROJECT_VERSION}-cpu"
+    gpu_image = f"registry.example/{OWN_IMAGE_NAME}:{PROJECT_VERSION}-cu128"
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "spec": {
+            "entrypoint": "python jobs/enhance_bucket.py --config jobs/configs/enhance.yaml",
+            "submissionMode": "K8sJobMode",
+            "runtimeEnvYAML": "working_dir: /home/ray/app\nenv_vars:\n  A: '1'\n",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 60,
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0"},
+                    "template": {"spec": {"containers": [_container(cpu_image)]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "cpu",
+                        "replicas": 1,
+                        "minReplicas": 0,
+                        "maxReplicas": 3,
+                        "rayStartParams": {},
+                        "template": {"spec": {"containers": [_container(cpu_image)]}},
+                    },
+                    {
+                        "groupName": "gpu",
+                        "replicas": 0,
+                        "minReplicas": 0,
+                        "maxReplicas": 2,
+                        "rayStartParams": {"num-gpus": "1"},
+                        "template": {"spec": {"containers": [_container(gpu_image, 1)]}},
+                    },
+                ],
+            },
+        },
+    }
+
+
+def _head(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _group(doc: dict[str, Any], i: int) -> dict[str, Any]:
+    return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][i]
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return mutate
+
+
+def _env(entry: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: _head(doc).setdefault("env", []).append(entry)
+
+
+FAKE_KEY_ID = "AKIA" + "Z" * 16  # built at run time so no scanner mistakes this file for a leak
+
+RAYJOB_BREAKAGES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "aws-key-in-env": (_env({"name": "S3_USER", "value": FAKE_KEY_ID}), "AWS access key id"),
+    "secret-env-literal": (
+        _env({"name": "AWS_SECRET_ACCESS_KEY", "value": "abc123"}),
+        "use valueFrom.secretKeyRef",
+    ),
+    "password-in-runtime-env": (
+        _set("spec.runtimeEnvYAML", "working_dir: /a\nenv_vars:\n  DB_PASSWORD: hunter2\n"),
+        "DB_PASSWORD",
+    ),
+    "missing-script": (
+        _set("spec.entrypoint", "python jobs/nope.py --config jobs/configs/enhance.yaml"),
+        "script jobs/nope.py does not exist",
+    ),
+    "missing-config": (
+        _set("spec.entrypoint", "python jobs/enhance_bucket.py --config jobs/configs/nope.yaml"),
+        "--config file jobs/configs/nope.yaml does not exist",
+    ),
+    "no-config-flag": (_set("spec.entrypoint", "python jobs/enhance_bucket.py"), "no --config"),
+    "not-python": (_set("spec.entrypoint", "bash run.sh --config x"), "is not `python"),
+    "no-shutdown": (_set("spec.shutdownAfterJobFinishes", False), "shutdownAfterJobFinishes"),
+    "no-ttl": (lambda d: d["spec"].pop("ttlSecondsAfterFinished"), "ttlSecondsAfterFinished"),
+    "http-mode-local-dir": (_set("spec.submissionMode", "HTTPMode"), "must be K8sJobMode"),
+    "latest-tag": (lambda d: _head(d).update(image="rayproject/ray:latest"), "uses :latest"),
+    "untagged-image": (lambda d: _head(d).update(image="rayproject/ray"), "not pinned"),
+    "wrong-flavour": (
+        lambda d: _group(d, 1)["template"]["spec"]["containers"][0].update(
+            image=f"r.example/{OWN_IMAGE_NAME}:{PROJECT_VERSION}-cpu"
+        ),
+        "GPU (-cuXYZ) image",
+    ),
+    "no-limits": (lambda d: _head(d)["resources"].pop("limits"), "no resources.limits"),
+    "no-memory-request": (
+        lambda d: _head(d)["resources"]["requests"].pop("memory"),
+        "requests lacks memory",
+    ),
+    "replicas-above-max": (lambda d: _group(d, 0).update(replicas=9), "minReplicas <= replicas"),
+    "min-above-max": (lambda d: _group(d, 0).update(minReplicas=5), "minReplicas <= replicas"),
+    "no-bounds": (lambda d: _group(d, 0).pop("maxReplicas"), "must all be integers"),
+    "gpu-group-without-gpu": (
+        lambda d: _group(d, 1)["template"]["spec"]["containers"].__setitem__(
+            0, _container(f"r.example/{OWN_IMAGE_NAME}:{PROJECT_VERSION}-cu128")
+        ),
+        "requests no nvidia.com/gpu",
+    ),
+    "gpu-job-without-gpu-group": (
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"].pop(1),
+        "needs a worker group with nvidia.com/gpu",
+    ),
+    "num-gpus-missing": (lambda d: _group(d, 1).update(rayStartParams={}), "num-gpus must be"),
+    "int-start-param": (lambda d: _group(d, 0).update(rayStartParams={"num-cpus": 4}), "string"),
+    "ray-version": (_set("spec.rayClusterSpec.rayVersion", "2.9.3"), "does not match installed"),
+    "api-version": (_set("apiVersion", "ray.io/v1alpha1"), "apiVersion must be ray.io/v1"),
+    "kind": (_set("kind", "RayService"), "kind must be one of"),
+    "no-autoscaling": (
+        _set("spec.rayClusterSpec.enableInTreeAutoscaling", False),
+        "enableInTreeAutoscaling",
+    ),
+}
+
+
+def test_good_rayjob_passes_every_rule(tmp_path: Path) -> None:
+    doc = _good_rayjob()
+    assert check_kuberay_doc(doc, _fake_repo(tmp_path)) == []
+    assert find_inline_secrets(doc) == []
+
+
+@pytest.mark.parametrize("name", sorted(RAYJOB_BREAKAGES))
+def test_rayjob_rules_catch(name: str, tmp_path: Path) -> None:
+    mutate, expected = RAYJOB_BREAKAGES[name]
+    doc = _good_rayjob()
+    mutate(doc)
+    problems = check_kuberay_doc(doc, _fake_repo(tmp_path)) + find_inline_secrets(doc)
+    assert any(expected in p for p in problems), f"{expected!r} not among {problems}"
+
+
+def test_rules_catch_a_bad_yaml_file_end_to_end(tmp_path: Path) -> None:
+    doc = _good_rayjob()
+    doc["spec"]["entrypoint"] = "python jobs/gone.py --config jobs/configs/enhance.yaml"
+    _head(doc)["env"] = [{"name": "AZURE_STORAGE_ACCOUNT_KEY", "value": "c2VjcmV0a2V5"}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (loaded,) = load_docs(path)
+    problems = check_kuberay_doc(loaded, _fake_repo(tmp_path)) + find_inline_secrets(loaded)
+    assert any("jobs/gone.py does not exist" in p for p in problems), problems
+    assert any("AZURE_STORAGE_ACCOUNT_KEY has a literal value" in p for p in problems), problems
+
+
+def test_raycluster_needs_gpu_and_cpu_groups() -> None:
+    doc = _good_rayjob()
+    cluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "spec": doc["spec"]["rayClusterSpec"],
+    }
+    assert check_kuberay_doc(cluster) == []
+    only_cpu = copy.deepcopy(cluster)
+    only_cpu["spec"]["workerGroupSpecs"].pop(1)
+    assert any("GPU worker group" in p for p in check_kuberay_doc(only_cpu))
+    only_gpu = copy.deepcopy(cluster)
+    only_gpu["spec"]["workerGroupSpecs"].pop(0)
+    assert any("CPU worker group" in p for p in check_kuberay_doc(only_gpu))
+
+
+def _secret(**string_data: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "stringData": string_data}
+
+
+def test_secret_rules_allow_only_placeholders_in_example_files() -> None:
+    assert check_secret_object(_secret(AWS_ACCESS_KEY_ID=PLACEHOLDER), "s.example.yaml") == []
+    assert check_secret_object(_secret(AWS_SECRET_ACCESS_KEY="wJalr"), "s.example.yaml")
+    assert check_secret_object(_secret(AWS_ACCESS_KEY_ID=PLACEHOLDER), "secret.yaml")
+    encoded = base64.b64encode(b"real-value").decode()
+    data_secret = {"kind": "Secret", "data": {"KEY": encoded}}
+    assert check_secret_object(data_secret, "s.example.yaml")
+    data_secret["data"]["KEY"] = base64.b64encode(PLACEHOLDER.encode()).decode()
+    assert check_secret_object(data_secret, "s.example.yaml") == []
+    # The generic scan also flags a credential-named key with a real value.
+    assert find_inline_secrets(_secret(AZURE_STORAGE_ACCOUNT_KEY="c2VjcmV0"))
+    assert find_inline_secrets(_secret(AZURE_STORAGE_ACCOUNT_KEY=PLACEHOLDER)) == []
+
+
+def test_secret_scan_ignores_references_and_names() -> None:
+    doc = {
+        "env": [
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "s", "key": "AWS_SECRET_ACCESS_KEY"}},
+            }
+        ],
+        "volumes": [{"name": "creds", "secret": {"secretName": "fundus-batch-storage"}}],
+        "cmd": "docker login --username AWS --password-stdin host",
+    }
+    assert find_inline_secrets(doc) == []
+
+
+def _good_aws() -> dict[str, Any]:
+    image = f"r.example/{OWN_IMAGE_NAME}:{PROJECT_VERSION}"
+    profile = {"Arn": "arn:aws:iam::REPLACE_ME:instance-profile/x"}
+    return {
+        "cluster_name": "t",
+        "max_workers": 5,
+        "provider": {"type": "aws", "region": "us-west-2"},
+        "docker": {"image": f"{image}-cpu", "container_name": "ray"},
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "node_config": {"IamInstanceProfile": profile}},
+            "cpu": {
+                "min_workers": 0,
+                "max_workers": 4,
+                "resources": {"CPU": 8},
+                "node_config": {"IamInstanceProfile": profile},
+            },
+            "gpu": {
+                "min_workers": 0,
+                "max_workers": 1,
+                "resources": {"CPU": 4, "GPU": 1},
+                "node_config": {"IamInstanceProfile": profile},
+                "docker": {"worker_image": f"{image}-cu128"},
+            },
+        },
+        "file_mounts": {},
+        "head_start_ray_commands": ["ray start --head --autoscaling-config=~/c.yaml"],
+        "worker_start_ray_commands": ["ray start --address=$RAY_HEAD_IP:6379"],
+    }
+
+
+def _types(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg["available_node_types"]
+
+
+AWS_BREAKAGES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "head-type-missing": (_set("head_node_type", "nope"), "head_node_type 'nope'"),
+    "no-gpu-type": (lambda c: _types(c).pop("gpu"), "no GPU worker type"),
+    "no-cpu-type": (lambda c: _types(c).pop("cpu"), "no CPU worker type"),
+    "min-above-max": (lambda c: _types(c)["cpu"].update(min_workers=9), "min_workers <="),
+    "type-above-cluster-max": (lambda c: _types(c)["cpu"].update(max_workers=50), "<= 5"),
+    "no-bounds": (lambda c: _types(c)["gpu"].pop("max_workers"), "must be set"),
+    "no-profile": (lambda c: _types(c)["cpu"]["node_config"].clear(), "IamInstanceProfile"),
+    "credentials-mount": (
+        _set("file_mounts", {"~/.aws/credentials": "~/.aws/credentials"}),
+        "credentials file",
+    ),
+    "schema": (_set("unknown_key", 1), "schema:"),
+    "latest-image": (lambda c: c["docker"].update(image="rayproject/ray:latest"), ":latest"),
+    "gpu-type-on-cpu-image": (
+        lambda c: _types(c)["gpu"].pop("docker"),
+        "GPU (-cuXYZ) image",
+    ),
+    "secret-in-setup": (
+        _set("setup_commands", ["export AWS_SECRET_ACCESS_KEY=abc123"]),
+        "inline AWS_SECRET_ACCESS_KEY",
+    ),
+    "key-in-setup": (_set("setup_commands", [f"echo {FAKE_KEY_ID}"]), "AWS access key id"),
+    "no-autoscaling-config": (_set("head_start_ray_commands", ["ray start --head"]), "autoscaling"),
+}
+
+
+def test_good_aws_config_passes_every_rule() -> None:
+    cfg = _good_aws()
+    assert check_aws_cluster(cfg) == []
+    assert find_inline_secrets(cfg) == []
+
+
+@pytest.mark.parametrize("name", sorted(AWS_BREAKAGES))
+def test_aws_rules_catch(name: str) -> None:
+    mutate, expected = AWS_BREAKAGES[name]
+    cfg = _good_aws()
+    mutate(cfg)
+    problems = check_aws_cluster(cfg) + find_inline_secrets(cfg)
+    assert any(expected in p for p in problems), f"{expected!r} not among {problems}"
+
+
+GOOD_DOCKERFILE = f"""\
+# syntax=docker/dockerfile:1
+ARG BASE_IMAGE=rayproject/ray:{RAY_VERSION}-py311-cpu
+FROM ${{BASE_IMAGE}}
+COPY --chown=1000:100 pyproject.toml README* /tmp/src/
+RUN python -m pip install --no-cache-dir torch \\
+    && python -m pip install --no-cache-dir /tmp/src
+USER 1000
+"""
+
+DOCKERFILE_BREAKAGES = {
+    "old-ray": (f"ray:{RAY_VERSION}-py311", "ray:2.9.3-py311", "does not match"),
+    "not-ray-base": (
+        f"rayproject/ray:{RAY_VERSION}-py311-cpu",
+        "python:3.11-slim",
+        "is not a rayproject/ray",
+    ),
+    "root-user": ("USER 1000", "USER root", "non-root"),
+    "pip-cache": ("--no-cache-dir /tmp/src", "/tmp/src", "without --no-cache-dir"),
+    "missing-copy-source": ("pyproject.toml README*", "nope.toml", "nope.toml does not exist"),
+}
+
+
+def test_good_dockerfile_passes_every_rule() -> None:
+    assert check_dockerfile(GOOD_DOCKERFILE) == []
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILE_BREAKAGES))
+def test_dockerfile_rules_catch(name: str) -> None:
+    old, new, expected = DOCKERFILE_BREAKAGES[name]
+    assert old in GOOD_DOCKERFILE
+    problems = check_dockerfile(GOOD_DOCKERFILE.replace(old, new))
+    assert any(expected in p for p in problems), f"{expected!r} not among {problems}"

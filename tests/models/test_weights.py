@@ -1,0 +1,362 @@
+"""Checkpoint loading (strict, safe, diagnostic) and the local weights registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fundus_batch.models import weights
+from fundus_batch.models.cofenet import VARIANTS, CofeNet, build_cofenet
+from fundus_batch.models.weights import (
+    WeightsEntry,
+    WeightsError,
+    detect_architecture,
+    file_sha256,
+    list_weights,
+    load_registered,
+    load_weights,
+    model_from_weights,
+    read_state_dict,
+    resolve_weights,
+)
+
+RES, VESSEL, SHARE, ATTEN = VARIANTS
+
+
+def _model(variant: str = ATTEN, width: float = 0.125, seed: int = 0) -> CofeNet:
+    return build_cofenet(variant, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class _RunsCode:
+    """Pickles to a call of os.system that would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------------- strict loading
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_built_from_reference_key_list_loads_strictly(
+    variant: str, oracle_dir: Path, tmp_path: Path
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    state = {}
+    for line in (oracle_dir / "net" / variant / "keys.txt").read_text().splitlines():
+        if not line:
+            continue
+        key, shape_text = line.split("\t")
+        shape = tuple(int(n) for n in re.findall(r"\d+", shape_text))
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        else:
+            state[key] = torch.randn(shape, generator=gen)
+    path = tmp_path / "latest_net_G.pth"
+    torch.save(state, path)
+    model = load_weights(build_cofenet(variant, device="meta").to_empty(device="cpu"), path)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert detect_architecture(state) == (variant, 1.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_weights_round_trip_through_a_file(variant: str, tmp_path: Path) -> None:
+    source = _model(variant, seed=2)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    target = _model(variant, seed=3)
+    assert not _same_weights(source, target)
+    assert load_weights(target, path) is target
+    assert _same_weights(source, target)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": sd, "epoch": torch.tensor(3)},
+        lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["module-prefix", "state_dict-wrapper", "model-wrapper-with-prefix"],
+)
+def test_dataparallel_prefix_and_wrappers_are_accepted(wrap, tmp_path: Path) -> None:
+    source = _model(seed=4)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(source.state_dict()), path)
+    target = load_weights(_model(seed=5), path)
+    assert _same_weights(source, target)
+
+
+def test_a_mapping_is_accepted_as_well_as_a_path() -> None:
+    source = _model(VESSEL, seed=6)
+    assert _same_weights(source, load_weights(_model(VESSEL, seed=7), source.state_dict()))
+
+
+def test_old_checkpoints_without_num_batches_tracked_load() -> None:
+    source = _model(VESSEL, seed=8)
+    state = {k: v for k, v in source.state_dict().items() if "num_batches_tracked" not in k}
+    target = load_weights(_model(VESSEL, seed=9), state)
+    assert _same_weights(source, target)
+
+
+def test_wrong_variant_file_names_the_variant_it_fits(tmp_path: Path) -> None:
+    path = tmp_path / "vessel.pth"
+    torch.save(_model(VESSEL).state_dict(), path)
+    with pytest.raises(WeightsError) as info:
+        load_weights(_model(ATTEN), path)
+    message = str(info.value)
+    assert "variant='encode_decode_vessel_2scale_share_res_atten'" in message  # the model
+    assert "the file fits variant='encode_decode_vessel_res', width=0.125" in message
+    assert "22 missing keys" in message and "G_input_2.weight" in message
+    assert "(+17 more)" in message
+
+
+def test_wrong_width_file_names_the_width_it_fits() -> None:
+    with pytest.raises(WeightsError) as info:
+        load_weights(_model(RES, 0.125), _model(RES, 0.25).state_dict())
+    message = str(info.value)
+    assert "shape mismatches" in message and "G_conv1.weight: file (8, 3, 5, 5)" in message
+    assert "the file fits variant='encode_decode_res', width=0.25" in message
+
+
+def test_unexpected_keys_are_named_and_nothing_is_loaded() -> None:
+    state = dict(_model(RES, seed=10).state_dict())
+    state["extra.weight"] = torch.zeros(1)
+    target = _model(RES, seed=11)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"1 unexpected keys: extra\.weight"):
+        load_weights(target, state)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_vessel_branch_only_file_is_recognised() -> None:
+    full = _model(VESSEL).state_dict()
+    ce_net = {k: v for k, v in full.items() if not k.startswith("G_")}
+    with pytest.raises(WeightsError, match="CE-Net vessel-branch checkpoint"):
+        load_weights(_model(VESSEL), ce_net)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("width", [1.0, 0.5, 0.25, 0.125])
+def test_detect_architecture_recovers_variant_and_width(variant: str, width: float) -> None:
+    state = build_cofenet(variant, width, device="meta").state_dict()
+    assert detect_architecture(state) == (variant, width)
+
+
+def test_detect_architecture_finds_a_width_that_builds_an_uneven_file() -> None:
+    state = build_cofenet(VESSEL, 0.1, device="meta").state_dict()
+    variant, width = detect_architecture(state)
+    assert variant == VESSEL
+    rebuilt = build_cofenet(variant, width, device="meta").state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_detect_architecture_returns_none_for_foreign_weights() -> None:
+    assert detect_architecture({"conv.weight": torch.zeros(4, 3, 3, 3)}) is None
+    state = dict(build_cofenet(RES, 0.25, device="meta").state_dict())
+    state["G_conv2.weight"] = torch.zeros(16, 17, 5, 5)
+    assert detect_architecture(state) is None
+
+
+def test_model_from_weights_builds_the_matching_model(tmp_path: Path) -> None:
+    source = _model(SHARE, 0.25, seed=12)
+    path = tmp_path / "share.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    model = model_from_weights(path)
+    assert (model.variant, model.width, model.training) == (SHARE, 0.25, False)
+    assert _same_weights(source, model)
+
+
+# ---------------------------------------------------------------------------- unsafe / bad files
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickle_that_would_run_code_is_refused_without_running(writer: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = {"G_conv1.weight": torch.zeros(1), "hook": _RunsCode(marker)}
+    path = tmp_path / "evil.pth"
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(WeightsError, match="not a plain state dict") as info:
+        load_weights(_model(), path)
+    assert "will not be loaded" in str(info.value)
+    assert "weights_only` set to `False`" not in str(info.value)
+    if writer == "torch.save":
+        assert "posix.system" in str(info.value) or "nt.system" in str(info.value)
+    assert not marker.exists()
+
+
+def test_unreadable_missing_and_non_dict_files_raise_weights_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(WeightsError, match=r"not a plain state dict|cannot read"):
+        read_state_dict(garbage)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"G_conv1.weight": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(WeightsError, match="cannot read"):
+        read_state_dict(truncated)
+    with pytest.raises(WeightsError, match="not found"):
+        read_state_dict(tmp_path / "absent.pth")
+    tensor_file = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(WeightsError, match="not a state dict"):
+        read_state_dict(tensor_file)
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"G_conv1.weight": torch.zeros(1), "epoch": 3}, mixed)
+    with pytest.raises(WeightsError, match="non-tensor entries"):
+        read_state_dict(mixed)
+    with pytest.raises(WeightsError, match="empty"):
+        read_state_dict({})
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "user-weights"
+    folder.mkdir()
+    monkeypatch.setenv(weights.ENV_VAR, str(folder))
+    monkeypatch.setattr(weights, "PACKAGE_REGISTRY", tmp_path / "package" / "registry.json")
+    return folder
+
+
+def _register(folder: Path, model: CofeNet, name: str, **fields: object) -> Path:
+    path = folder / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    entry = {
+        "name": name,
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "variant": model.variant,
+        "width": model.width,
+        "residual": model.residual,
+        "size": 256,
+        "training_data": "synthetic pairs",
+        "metrics": {"psnr": 30.5},
+        **fields,
+    }
+    (folder / f"{name}.json").write_text(json.dumps({"weights": [entry]}))
+    return path
+
+
+def test_load_registered_builds_the_registered_model_and_loads_it(user_dir: Path) -> None:
+    source = build_cofenet(SHARE, 0.125, residual=True, generator=torch.Generator().manual_seed(13))
+    _register(user_dir, source, "tiny")
+    entry = list_weights()["tiny"]
+    assert (entry.variant, entry.width, entry.residual) == (SHARE, 0.125, True)
+    assert entry.metrics == {"psnr": 30.5} and entry.path == user_dir / "tiny.pth"
+    model = load_registered("tiny")
+    assert (model.variant, model.width, model.residual, model.training) == (
+        SHARE,
+        0.125,
+        True,
+        False,
+    )
+    assert model.weights_entry == entry
+    assert _same_weights(source, model)
+
+
+def test_sha256_mismatch_is_refused(user_dir: Path) -> None:
+    path = _register(user_dir, _model(RES), "tampered")
+    torch.save(_model(RES, seed=99).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"sha256 .* will not be loaded"):
+        load_registered("tampered")
+
+
+def test_missing_registered_file_says_where_to_put_it(user_dir: Path) -> None:
+    path = _register(user_dir, _model(RES), "absent")
+    path.unlink()
+    with pytest.raises(WeightsError, match=re.escape(f"put absent.pth at {path}")):
+        load_registered("absent")
+
+
+def test_resolve_weights_returns_entries_paths_or_a_helpful_error(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = _register(user_dir, _model(RES), "named")
+    assert isinstance(resolve_weights("named"), WeightsEntry)
+    assert resolve_weights(str(checkpoint)) == checkpoint
+    with pytest.raises(WeightsError, match=r"known: named"):
+        resolve_weights("no-such-weights")
+    with pytest.raises(WeightsError, match="is a file, not a registered"):
+        load_registered(str(checkpoint))
+
+
+def test_user_entries_override_package_entries_of_the_same_name(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    package = weights.PACKAGE_REGISTRY
+    package.parent.mkdir()
+    package.write_text(
+        json.dumps([{"name": "shared-name", "file": "pkg.pth", "sha256": "0" * 64, "variant": RES}])
+    )
+    assert list_weights()["shared-name"].registry == package
+    _register(user_dir, _model(RES), "shared-name")
+    assert list_weights()["shared-name"].registry == user_dir / "shared-name.json"
+
+
+def test_duplicate_names_within_user_registries_are_an_error(user_dir: Path) -> None:
+    _register(user_dir, _model(RES), "dup")
+    (user_dir / "copy.json").write_text((user_dir / "dup.json").read_text())
+    with pytest.raises(WeightsError, match="registered twice"):
+        list_weights()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"variant": "unet_256"}, "unknown Cofe-Net variant"),
+        ({"sha256": "abc"}, "malformed sha256"),
+        ({"licence": "?"}, "unknown fields"),
+        ({"name": ""}, "lacks string field"),
+        ({"width": "wide"}, "could not convert"),
+        ({"residual": "false"}, "residual must be true or false"),
+    ],
+)
+def test_invalid_registry_entries_are_rejected(change: dict, message: str) -> None:
+    entry = {"name": "x", "file": "x.pth", "sha256": "a" * 64, "variant": "cofe-net"} | change
+    with pytest.raises(WeightsError, match=message):
+        WeightsEntry.from_dict(entry)
+
+
+def test_entry_round_trips_through_its_dict_form() -> None:
+    entry = WeightsEntry.from_dict(
+        {"name": "x", "file": "x.pth", "sha256": "A" * 64, "variant": "cofe-net", "width": 0.25}
+    )
+    assert entry.variant == ATTEN and entry.sha256 == "a" * 64
+    assert WeightsEntry.from_dict(entry.to_dict()) == entry
+
+
+def test_unparseable_registry_file_is_reported(user_dir: Path) -> None:
+    (user_dir / "broken.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"broken\.json"):
+        list_weights()
+
+
+def test_file_sha256_matches_hashlib_on_a_multi_chunk_file(tmp_path: Path) -> None:
+    data = bytes(range(251)) * 12_600  # > 3 MiB, not a multiple of the chunk size
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()

@@ -1,0 +1,32 @@
+"""Small input sets for pipeline tests: raw-camera-like synthetic JPEGs plus broken files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from fundus_batch.io.codecs import encode_jpeg
+from fundus_batch.synth import synth_fundus
+
+
+def write_inputs(
+    folder: Path, n_good: int = 3, *, broken: bool = True, size: int = 640, seed: int = 100
+) -> Path:
+    """Write ``n_good`` synthetic photographs (and a corrupt and a missing one); return the
+    manifest path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_good):
+        s = synth_fundus(size, seed=seed + i, canvas=(size + 160, size + 40))
+        path = folder / f"img_{i:04d}.jpg"
+        path.write_bytes(encode_jpeg(s.image, quality=90))
+        rows.append({"image_id": f"img_{i:04d}", "uri": str(path), "grade": i % 5})
+    if broken:
+        good = (folder / "img_0000.jpg").read_bytes()
+        (folder / "corrupt.jpg").write_bytes(good[: len(good) // 3])
+        rows.append({"image_id": "corrupt", "uri": str(folder / "corrupt.jpg"), "grade": 0})
+        rows.append({"image_id": "missing", "uri": str(folder / "does_not_exist.jpg"), "grade": 0})
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest

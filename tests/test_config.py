@@ -1,0 +1,68 @@
+"""Configs are typed, validated before any work, and name the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fundus_batch.config import ConfigError, build_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_all_seven_types_and_release_preset():
+    c = build_config({"manifest": "m.csv", "out": "o"})
+    assert c.types == ["001", "010", "011", "100", "101", "110", "111"]
+    assert c.preset == "cofe-release" and c.variants == 7 and c.size == 512
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"out": "o"}, "manifest"),
+        ({"manifest": "m", "out": "o", "variants": 0}, "variants"),
+        ({"manifest": "m", "out": "o", "types": ["123"]}, "types"),
+        ({"manifest": "m", "out": "o", "size": 500}, "size"),
+        ({"manifest": "m", "out": "o", "preset": "nope"}, "preset"),
+        ({"manifest": "m", "out": "o", "ray": {"rows_per_block": 0}}, "ray.rows_per_block"),
+        ({"manifest": "m", "out": "o", "unknown_key": 1}, "unknown_key"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        build_config(data)
+    assert field in str(err.value)
+
+
+def test_types_accept_comma_string_and_all():
+    assert build_config({"manifest": "m", "out": "o", "types": "001,111"}).types == ["001", "111"]
+    assert len(build_config({"manifest": "m", "out": "o", "types": "all"}).types) == 7
+
+
+def test_yaml_overrides_and_redaction(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "manifest: m.csv\nout: o\nstorage_options:\n  key: AKIAXXXX\n"
+        "  secret: hunter2\n  client_kwargs: {endpoint_url: 'http://127.0.0.1:1'}\n"
+    )
+    c = load_config(path, {"seed": 5, "ray.address": "auto"})
+    assert c.seed == 5 and c.ray.address == "auto"
+    red = c.redacted()
+    assert "hunter2" not in str(red) and "AKIAXXXX" not in str(red)
+    assert red["storage_options"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:1"
+
+
+def test_bad_yaml_is_a_config_error(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("manifest: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs" / "configs").glob("*.yaml")))
+def test_shipped_job_configs_validate(name):
+    load_config(REPO / "jobs" / "configs" / name)

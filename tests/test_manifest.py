@@ -1,0 +1,124 @@
+"""Manifest validation names the row and field; builders produce valid manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fundus_batch import manifest as mf
+
+
+def _frame(**cols) -> pd.DataFrame:
+    return pd.DataFrame(cols)
+
+
+def test_valid_manifest_keeps_passthrough_columns():
+    m = mf.validate_frame(
+        _frame(image_id=["a", "b"], uri=["x/a.png", "x/b.png"], grade=[1, 2], split=["train", None])
+    )
+    assert len(m) == 2
+    assert m.passthrough_columns == ["grade"]
+    assert m.frame["split"].tolist() == ["train", None]
+
+
+@pytest.mark.parametrize(
+    ("ids", "row", "needle"),
+    [
+        (["a", "a"], 2, "duplicate"),
+        (["a", ""], 2, "empty"),
+        (["ok", "../etc"], 2, "'..'"),
+        (["x/y", "b"], 1, "path separator"),
+        (["a\\b", "b"], 1, "path separator"),
+        (["a", "b\x00c"], 2, "control"),
+        (["a", "tab\there"], 2, "control"),
+        (["a", " pad"], 2, "whitespace"),
+        (["a", "é" * 150], 2, "longer than"),
+    ],
+)
+def test_unsafe_or_duplicate_ids_are_rejected_naming_row_and_field(ids, row, needle):
+    with pytest.raises(mf.ManifestError) as err:
+        mf.validate_frame(_frame(image_id=ids, uri=["u1", "u2"]))
+    assert f"row {row}" in str(err.value)
+    assert "field 'image_id'" in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_unicode_ids_are_accepted():
+    m = mf.validate_frame(_frame(image_id=["ретина_1", "眼底-2"], uri=["a", "b"]))
+    assert m.frame["image_id"].tolist() == ["ретина_1", "眼底-2"]
+
+
+def test_missing_column_and_empty_uri_are_named():
+    with pytest.raises(mf.ManifestError, match="field 'uri'"):
+        mf.validate_frame(_frame(image_id=["a"]))
+    with pytest.raises(mf.ManifestError, match="row 2, field 'uri'"):
+        mf.validate_frame(_frame(image_id=["a", "b"], uri=["x", None]))
+
+
+def test_passthrough_column_may_not_shadow_an_output_column():
+    with pytest.raises(mf.ManifestError, match="status"):
+        mf.validate_frame(_frame(image_id=["a"], uri=["x"], status=["weird"]))
+
+
+def test_csv_and_parquet_round_trip(tmp_path: Path):
+    m = mf.validate_frame(_frame(image_id=["a", "b"], uri=["x/a.png", "x/b.png"], level=[0, 4]))
+    for name in ("m.csv", "m.parquet"):
+        mf.write_manifest(m, str(tmp_path / name))
+        back = mf.read_manifest(str(tmp_path / name))
+        assert back.frame["image_id"].tolist() == ["a", "b"]
+        assert [str(v) for v in back.frame["level"]] == ["0", "4"]
+
+
+def test_unreadable_or_empty_manifest_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(mf.ManifestError, match="not found"):
+        mf.read_manifest(str(tmp_path / "missing.csv"))
+    (tmp_path / "empty.csv").write_text("image_id,uri\n")
+    with pytest.raises(mf.ManifestError, match="no rows"):
+        mf.read_manifest(str(tmp_path / "empty.csv"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(mf.ManifestError, match="cannot parse"):
+        mf.read_manifest(str(tmp_path / "bad.parquet"))
+
+
+def test_from_dir_lists_images_recursively_and_qualifies_clashing_stems(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for p in ("a/x.jpeg", "b/x.jpeg", "b/y.png", "b/notes.txt"):
+        (tmp_path / p).write_bytes(b"data")
+    m = mf.from_dir(str(tmp_path))
+    assert sorted(m.frame["image_id"]) == ["a__x", "b__x", "y"]
+    assert all(u.endswith((".jpeg", ".png")) for u in m.frame["uri"])
+    only_png = mf.from_dir(str(tmp_path), extensions=(".png",))
+    assert only_png.frame["image_id"].tolist() == ["y"]
+
+
+def test_from_kaggle_and_from_eyeq(tmp_path: Path):
+    (tmp_path / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,3\n")
+    m = mf.from_kaggle(str(tmp_path / "trainLabels.csv"), "s3://bucket/train")
+    assert m.frame["uri"].tolist() == [
+        "s3://bucket/train/10_left.jpeg",
+        "s3://bucket/train/10_right.jpeg",
+    ]
+    assert m.frame["dr_level"].tolist() == [0, 3]
+    (tmp_path / "eyeq.csv").write_text(
+        ",image,quality,DR_grade\n0,1_left.jpeg,0,0\n1,1_right.jpeg,2,1\n"
+    )
+    e = mf.from_eyeq(str(tmp_path / "eyeq.csv"), str(tmp_path / "img"), split="train")
+    assert e.frame["image_id"].tolist() == ["1_left", "1_right"]
+    assert e.frame["eyeq_quality_label"].tolist() == ["good", "reject"]
+    assert set(e.frame["split"]) == {"train"}
+
+
+def test_label_file_without_expected_columns_is_named(tmp_path: Path):
+    (tmp_path / "labels.csv").write_text("name,grade\na,1\n")
+    with pytest.raises(mf.ManifestError, match="field 'image'"):
+        mf.from_kaggle(str(tmp_path / "labels.csv"), "imgs")
+
+
+def test_eyeq_labels_in_shared_build_a_manifest(shared_dir: Path):
+    labels = shared_dir / "data" / "labels" / "Label_EyeQ_train.csv"
+    m = mf.from_eyeq(str(labels), "s3://bucket/eyepacs/train")
+    assert len(m) > 10_000
+    assert m.frame["image_id"].is_unique

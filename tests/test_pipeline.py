@@ -1,0 +1,182 @@
+"""End-to-end runs of the Ray Data pipeline on a local Ray cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from fundus_batch import pipeline
+from fundus_batch.config import build_config
+from fundus_batch.degrade import DegradationRecord, replay
+from fundus_batch.io.codecs import decode_image
+from fundus_batch.schema import OUTPUT_COLUMNS
+from fundus_batch.stages import decode_mask
+from tests.pipeline_inputs import write_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _config(manifest: Path | str, out: Path | str, **extra):
+    data = {
+        "manifest": str(manifest),
+        "out": str(out),
+        "variants": 3,
+        "size": 256,
+        "progress": False,
+        "ray": {"rows_per_block": 2},
+    }
+    data.update(extra)
+    return build_config(data, "test")
+
+
+def _table(out: Path):
+    return pq.read_table(str(out / "pairs")).to_pandas()
+
+
+def test_local_run_accounts_for_every_row_and_writes_decodable_outputs(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=3)
+    out = tmp_path / "out"
+    summary = pipeline.run(_config(manifest, out))
+    assert summary.rows_in == 5 * 3
+    assert (summary.ok, summary.failed) == (9, 6)
+    assert summary.complete
+    df = _table(out)
+    assert set(OUTPUT_COLUMNS) <= set(df.columns) and "grade" in df.columns
+    assert not any(c.endswith("_png") for c in df.columns)
+    assert not df.duplicated(["image_id", "variant"]).any()
+    bad = df[df.status == "failed"].set_index(["image_id", "variant"])
+    assert set(bad.loc["missing"].failed_stage) == {"fetch"}
+    assert set(bad.loc["corrupt"].failed_stage) == {"preprocess"}
+    assert bad.error.str.len().min() > 10
+    ok = df[df.status == "ok"]
+    assert ok.psnr_degraded.between(5, 80).all() and ok.ssim_degraded.between(0, 1).all()
+    assert ok.nr_luminance_degraded.notna().all() and ok.nr_luminance_clean.notna().all()
+    assert sorted(ok.type_code.unique()) == ["001", "010", "011"]
+    for row in ok.itertuples():
+        clean = decode_image(Path(row.clean_uri).read_bytes())
+        mask = decode_mask(Path(row.mask_uri).read_bytes())
+        degraded = decode_image(Path(row.degraded_uri).read_bytes())
+        assert clean.shape == degraded.shape == (256, 256, 3)
+        record = DegradationRecord.from_json(row.params_json)
+        assert np.array_equal(replay(clean, mask, record), degraded)
+    run = __import__("json").loads((out / "run.json").read_text())
+    assert run["state"] == "complete"
+    assert run["counts"]["rows_in"] == run["counts"]["ok"] + run["counts"]["failed"]
+
+
+def test_rerun_redoes_nothing_and_a_lost_shard_is_redone_exactly_once(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=4, broken=False)
+    out = tmp_path / "out"
+    cfg = _config(manifest, out, variants=2, shard_rows=3)
+    first = pipeline.run(cfg)
+    assert first.ok == 8
+    again = pipeline.run(cfg)
+    assert again.done_before == 8 and again.shards == []
+    shards = sorted((out / "pairs").glob("*.parquet"))
+    lost = pq.read_table(shards[0]).num_rows
+    shards[0].unlink()
+    (out / "pairs" / "part-junk.parquet.tmp").write_bytes(b"half a file")
+    third = pipeline.run(cfg)
+    assert third.done_before == 8 - lost
+    df = _table(out)
+    assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
+    assert not list((out / "pairs").glob("*.tmp"))
+
+
+def test_more_variants_later_extends_the_dataset(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=False)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, variants=1))
+    before = _table(out).set_index(["image_id", "variant"]).degraded_sha256
+    summary = pipeline.run(_config(manifest, out, variants=3))
+    assert summary.done_before == 2 and summary.ok == 6
+    after = _table(out).set_index(["image_id", "variant"]).degraded_sha256
+    assert after.loc[before.index].equals(before)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_then_rerun_gives_complete_duplicate_free_output(tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=24, broken=False, size=384)
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"manifest: {manifest}\nout: {out}\nvariants: 2\nsize: 256\n"
+        "shard_rows: 4\nprogress: false\nray: {num_cpus: 2, rows_per_block: 2}\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "fundus_batch", "run", str(config)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "pairs").glob("*.parquet"))) < 2:
+        time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    # Everything the driver started (its local Ray head and workers) is killed with it.
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    partial = len(_table(out))
+    assert 0 < partial < 48
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    df = _table(out)
+    assert len(df) == 48 and (df.status == "ok").all()
+    assert not df.duplicated(["image_id", "variant"]).any()
+
+
+def test_run_reads_and_writes_s3_through_a_real_endpoint(
+    ray_cluster, tmp_path, s3_server, s3_bucket
+):
+    import io
+
+    import pandas as pd
+    import s3fs
+
+    so = s3_server["storage_options"]
+    fs = s3fs.S3FileSystem(**so)
+    local = write_inputs(tmp_path / "in", n_good=2)
+    frame = pd.read_csv(local)
+    for row in frame.itertuples():
+        if Path(row.uri).exists():
+            fs.put(row.uri, f"{s3_bucket}/raw/{Path(row.uri).name}")
+    frame["uri"] = [f"s3://{s3_bucket}/raw/{Path(u).name}" for u in frame.uri]
+    fs.pipe(f"{s3_bucket}/manifest.csv", frame.to_csv(index=False).encode())
+    out = f"s3://{s3_bucket}/out"
+    summary = pipeline.run(
+        _config(f"s3://{s3_bucket}/manifest.csv", out, variants=2, storage_options=so)
+    )
+    assert (summary.rows_in, summary.ok, summary.failed) == (8, 4, 4)
+    shards = fs.glob(f"{s3_bucket}/out/pairs/*.parquet")
+    df = pd.concat(pq.read_table(io.BytesIO(fs.cat(p))).to_pandas() for p in shards)
+    assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
+    ok = df[df.status == "ok"]
+    assert ok.degraded_uri.str.startswith(f"s3://{s3_bucket}/out/images/").all()
+    for uri in ok.degraded_uri:
+        assert decode_image(fs.cat(uri)).shape == (256, 256, 3)
+    assert set(df[df.status == "failed"].failed_stage) == {"fetch", "preprocess"}
+    run_json = fs.cat(f"{s3_bucket}/out/run.json").decode()
+    assert "testing" not in run_json
