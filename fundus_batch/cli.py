@@ -27,7 +27,11 @@ def _fail_on(*errors: type[BaseException]):
             try:
                 return fn(*args, **kwargs)
             except errors as exc:
-                raise _Fail(str(exc)) from None
+                reason = getattr(exc, "reason", None)
+                message = " ".join(str(exc).split())
+                if reason:
+                    message = f"{type(exc).__name__}: {message} ({reason})"
+                raise _Fail(message) from None
 
         return inner
 

@@ -26,8 +26,9 @@ class RayOptions(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
     num_gpus: int | None = Field(None, ge=0, description="GPUs to declare for a local cluster")
     degrade_actors: int | None = Field(None, ge=1)
-    degrade_cpus_per_actor: float = Field(0.5, gt=0, le=64)
-    preprocess_cpus_per_task: float = Field(0.5, gt=0, le=64)
+    degrade_cpus_per_actor: float | None = Field(
+        None, gt=0, le=64, description="CPUs per CPU-stage actor; None: 0.75 below 8 CPUs, else 1"
+    )
     rows_per_block: int = Field(8, ge=1, le=10_000)
     fetch_threads: int = Field(8, ge=1, le=256)
 

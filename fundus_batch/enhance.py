@@ -106,7 +106,7 @@ class Enhance:
                         y = self.model.enhanced(self.model(x))
                 else:
                     y = self.model.enhanced(self.model(x))
-            y = y.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+                y = y.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
             out.extend(y.permute(0, 2, 3, 1).cpu().numpy())
         return out
 

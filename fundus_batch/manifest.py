@@ -92,6 +92,8 @@ def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
     for col in frame.columns:
         if not isinstance(col, str) or col.strip() == "":
             raise ManifestError(f"column name {col!r} is empty or not a string", field=str(col))
+        if col in OPTIONAL_COLUMNS:
+            continue
         if col.startswith(RESERVED_PREFIXES) or col in _reserved_output_columns():
             raise ManifestError(
                 f"column '{col}' clashes with an output column; rename it", field=col

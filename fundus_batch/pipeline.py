@@ -60,14 +60,7 @@ class _StageUDF:
         self.schema = schema
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        try:
-            rows = self.stage(rows)
-        except Exception as exc:  # a stage bug must not kill the dataset: fail its rows
-            from fundus_batch.schema import failed
-
-            rows = [failed(r, getattr(self.stage, "name", "stage"), exc) for r in rows]
-        return to_table(rows, self.schema)
+        return to_table(self.stage(batch.to_pylist()), self.schema)
 
 
 def _task_udf(factory: Callable[[], Stage], schema: pa.Schema) -> Callable[[pa.Table], pa.Table]:
@@ -143,6 +136,7 @@ def plan_rows(
             "source_uri": rec["uri"],
             "split": rec.get("split"),
             "source_mask_uri": rec.get("mask_uri"),
+            "vessel_gt_uri": rec.get("vessel_uri"),
             "pending_variants": pending,
         }
         for col in passthrough:
@@ -158,97 +152,134 @@ def _passthrough_schema(manifest: Manifest) -> pa.Schema:
     return pa.Schema.from_pandas(manifest.frame[cols], preserve_index=False)
 
 
-def build_stages(
-    config: RunConfig, cluster: ClusterShape
-) -> list[tuple[Callable[[], Stage], stages.Resources, int]]:
-    """The stage factories of this run, with each one's resources and actor-pool size."""
+def stage_factories(config: RunConfig) -> list[Callable[[], Stage]]:
+    """Every stage of this run, in order, as factories (each builds its stage in a worker)."""
     from functools import partial
 
-    so = config.storage_options
-    plan: list[tuple[Callable[[], Stage], stages.Resources, int]] = []
-    cpu_task = stages.Resources(num_cpus=config.ray.preprocess_cpus_per_task)
-    plan.append(
-        (partial(stages.Fetch, so, config.ray.fetch_threads), stages.Resources(num_cpus=0.25), 0)
-    )
-    plan.append(
-        (
-            partial(stages.Preprocess, config.size, config.image_format, config.jpeg_quality),
-            cpu_task,
-            0,
-        )
-    )
+    factories: list[Callable[[], Stage]] = [
+        partial(stages.Fetch, config.storage_options, config.ray.fetch_threads),
+        partial(stages.Preprocess, config.size, config.image_format, config.jpeg_quality),
+    ]
     if config.compute_metrics:
-        plan.append((partial(stages.Score, ("clean",)), cpu_task, 0))
+        factories.append(partial(stages.Score, ("clean",)))
     if config.mode == "pairs":
-        per_actor = config.ray.degrade_cpus_per_actor
-        actors = config.ray.degrade_actors or max(1, int(cluster.cpus * 0.5 / per_actor))
-        plan.append(
-            (
-                partial(
-                    stages.Degrade,
-                    config.seed,
-                    config.variants,
-                    config.types,
-                    config.type_mode,
-                    config.preset,
-                    config.image_format,
-                    config.jpeg_quality,
-                ),
-                stages.Resources(num_cpus=per_actor, actor=True),
-                actors,
+        factories.append(
+            partial(
+                stages.Degrade,
+                config.seed,
+                config.variants,
+                config.types,
+                config.type_mode,
+                config.preset,
+                config.image_format,
+                config.jpeg_quality,
             )
         )
     if config.enhance.enabled:
         from fundus_batch.enhance import Enhance
 
         enh = config.enhance
-        if cluster.gpus >= 1 and enh.device != "cpu":
-            res = stages.Resources(num_cpus=1.0, num_gpus=1.0, actor=True)
-            actors = enh.actors or int(cluster.gpus)
-        else:
-            res = stages.Resources(num_cpus=enh.cpus_per_actor, actor=True)
-            actors = enh.actors or max(1, int(cluster.cpus * 0.5 / enh.cpus_per_actor))
         source_role = "degraded" if config.mode == "pairs" else "clean"
-        plan.append(
-            (
-                partial(
-                    Enhance,
-                    enh.weights,
-                    enh.variant,
-                    enh.width,
-                    enh.batch_size,
-                    enh.device,
-                    source_role,
-                    config.image_format,
-                    config.jpeg_quality,
-                    res.num_cpus,
-                ),
-                res,
-                actors,
+        factories.append(
+            partial(
+                Enhance,
+                enh.weights,
+                enh.variant,
+                enh.width,
+                enh.batch_size,
+                enh.device,
+                source_role,
+                config.image_format,
+                config.jpeg_quality,
+                enh.cpus_per_actor,
             )
         )
     if config.compute_metrics:
-        plan.append(
-            (partial(stages.Score, ("degraded", "enhanced"), config.mode == "pairs"), cpu_task, 0)
-        )
-    plan.append(
-        (
-            partial(stages.Write, config.out, config.image_format, config.out_storage_options),
-            stages.Resources(num_cpus=0.25),
-            0,
-        )
+        factories.append(partial(stages.Score, ("degraded", "enhanced"), config.mode == "pairs"))
+    factories.append(
+        partial(stages.Write, config.out, config.image_format, config.out_storage_options)
     )
-    return plan
+    return factories
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One Ray Data operator: consecutive stages run in one worker, so the images they share
+    never cross the object store."""
+
+    factories: tuple[Callable[[], Stage], ...]
+    resources: stages.Resources
+    actors: int = 0
+
+
+def plan_operators(config: RunConfig, cluster: ClusterShape) -> list[Operator]:
+    """Group the stages into operators and size them from the cluster's resources.
+
+    Fetch is I/O bound and runs as light threaded tasks. The CPU stages run in an actor pool
+    that leaves CPU headroom for those tasks (on a 2-CPU node, whole-CPU actors would starve
+    them). Enhancement gets one GPU per actor when the cluster has GPUs, else CPU actors.
+    """
+    factories = stage_factories(config)
+    fetch, rest = factories[0], factories[1:]
+    ops = [Operator((fetch,), stages.Resources(num_cpus=0.25))]
+    per_actor = config.ray.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
+    headroom = 0.5 if cluster.cpus < 8 else 1.0
+    cpu_actors = config.ray.degrade_actors or max(1, int((cluster.cpus - headroom) / per_actor))
+    cpu_res = stages.Resources(num_cpus=per_actor, actor=True)
+    if not config.enhance.enabled:
+        return [*ops, Operator(tuple(rest), cpu_res, cpu_actors)]
+    split = next(i for i, f in enumerate(rest) if getattr(f.func, "name", None) == "enhance")
+    enh = config.enhance
+    budget = max(cluster.cpus - headroom, per_actor)
+    if cluster.gpus >= 1 and enh.device != "cpu":
+        enh_actors = enh.actors or int(cluster.gpus)
+        enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
+        enh_res = stages.Resources(num_cpus=enh_cpus, num_gpus=1.0, actor=True)
+        left = budget - enh_actors * enh_cpus
+    else:
+        enh_res = stages.Resources(num_cpus=enh.cpus_per_actor, actor=True)
+        enh_actors = enh.actors or max(1, int(budget / 2 / enh.cpus_per_actor))
+        left = budget - enh_actors * enh.cpus_per_actor
+    if not config.ray.degrade_actors:
+        cpu_actors = max(1, int(left / per_actor))
+    return [
+        *ops,
+        Operator(tuple(rest[:split]), cpu_res, cpu_actors),
+        Operator((rest[split],), enh_res, enh_actors),
+        Operator(tuple(rest[split + 1 :]), stages.Resources(num_cpus=0.25)),
+    ]
+
+
+class _Chain:
+    """Runs several stages one after the other on the same rows."""
+
+    def __init__(self, factories: tuple[Callable[[], Stage], ...]) -> None:
+        self.stages = [f() for f in factories]
+        self.name = "+".join(getattr(s, "name", "stage") for s in self.stages)
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        for stage in self.stages:
+            try:
+                rows = stage(rows)
+            except Exception as exc:  # a stage bug fails its rows, never the dataset
+                from fundus_batch.schema import failed
+
+                rows = [failed(r, getattr(stage, "name", "stage"), exc) for r in rows]
+        return rows
 
 
 def build_dataset(rows: list[dict], schema: pa.Schema, config: RunConfig, cluster: ClusterShape):
     """The lazy Ray Dataset of this run (nothing executes until it is iterated)."""
+    from functools import partial
+
     import ray
 
     block = config.ray.rows_per_block
     tables = [to_table(rows[i : i + block], schema) for i in range(0, len(rows), block)]
     ds = ray.data.from_arrow(tables)
-    for factory, res, actors in build_stages(config, cluster):
+    for op in plan_operators(config, cluster):
+        factory = partial(_Chain, op.factories)
+        res = op.resources
         remote: dict[str, Any] = {
             "num_cpus": res.num_cpus,
             "batch_format": "pyarrow",
@@ -260,7 +291,7 @@ def build_dataset(rows: list[dict], schema: pa.Schema, config: RunConfig, cluste
             ds = ds.map_batches(
                 _StageUDF,
                 fn_constructor_args=(factory, schema),
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+                compute=ray.data.ActorPoolStrategy(size=max(1, op.actors)),
                 batch_size=block,
                 **remote,
             )

@@ -33,6 +33,7 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("failed_stage", pa.string()),
     pa.field("source_uri", pa.string()),
     pa.field("split", pa.string()),
+    pa.field("vessel_gt_uri", pa.string()),
     pa.field("source_width", pa.int32()),
     pa.field("source_height", pa.int32()),
     pa.field("fov_cx", pa.float64()),

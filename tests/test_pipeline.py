@@ -180,3 +180,65 @@ def test_run_reads_and_writes_s3_through_a_real_endpoint(
     assert set(df[df.status == "failed"].failed_stage) == {"fetch", "preprocess"}
     run_json = fs.cat(f"{s3_bucket}/out/run.json").decode()
     assert "testing" not in run_json
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    import torch
+
+    from fundus_batch.models import build_cofenet
+
+    model = build_cofenet("cofe-net", width=0.125, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
+    ray_cluster, tmp_path, tiny_weights
+):
+    from fundus_batch.pipeline import ClusterShape, plan_operators
+
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    cfg = _config(
+        manifest, out, variants=2, enhance={"enabled": True, "weights": str(tiny_weights)}
+    )
+    ops = plan_operators(cfg, ClusterShape(cpus=2, gpus=1))
+    assert [o.resources.num_gpus for o in ops] == [0, 0, 1, 0]
+    summary = pipeline.run(cfg)
+    assert (summary.ok, summary.failed) == (4, 4)
+    df = _table(out)
+    ok = df[df.status == "ok"]
+    assert ok.model_sha256.notna().all() and ok.psnr_enhanced.notna().all()
+    assert ok.enhanced_uri.str.endswith("_enhanced.png").all()
+    for row in ok.itertuples():
+        enhanced = decode_image(Path(row.enhanced_uri).read_bytes())
+        mask = decode_mask(Path(row.mask_uri).read_bytes())
+        assert enhanced.shape == (256, 256, 3) and (enhanced[mask == 0] == 0).all()
+
+
+def test_cpu_only_cluster_plans_cpu_enhancement_actors(tiny_weights, tmp_path):
+    from fundus_batch.pipeline import ClusterShape, plan_operators
+
+    cfg = _config("m.csv", tmp_path, enhance={"enabled": True, "weights": str(tiny_weights)})
+    ops = plan_operators(cfg, ClusterShape(cpus=16, gpus=0))
+    assert all(o.resources.num_gpus == 0 for o in ops)
+    assert sum(o.resources.num_cpus * max(o.actors, 1) for o in ops if o.resources.actor) <= 16
+
+
+def test_enhance_mode_writes_one_row_per_source_image(ray_cluster, tmp_path, tiny_weights):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=False)
+    out = tmp_path / "out"
+    summary = pipeline.run(
+        _config(manifest, out, mode="enhance", enhance={"weights": str(tiny_weights)})
+    )
+    assert (summary.rows_in, summary.ok) == (2, 2)
+    df = _table(out)
+    assert df.variant.isna().all() and df.psnr_enhanced.isna().all()
+    assert df.nr_luminance_enhanced.notna().all()
+    assert df.enhanced_uri.str.endswith("/enhanced.png").all()
+    again = pipeline.run(
+        _config(manifest, out, mode="enhance", enhance={"weights": str(tiny_weights)})
+    )
+    assert again.done_before == 2

@@ -355,12 +355,19 @@ def _to_cv_order(arr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(arr), code)
 
 
-def encode_png(rgb_or_grey: np.ndarray, compression: int = 3) -> bytes:
-    """Lossless PNG of an RGB, RGBA or greyscale (1-channel PNG) uint8 array; zlib level 0-9."""
+def encode_png(rgb_or_grey: np.ndarray, compression: int = 3, *, rle: bool = True) -> bytes:
+    """Lossless PNG of an RGB, RGBA or greyscale (1-channel PNG) uint8 array; zlib level 0-9.
+
+    zlib's run-length strategy (``rle``, the default) is about twice as fast as the default
+    strategy on fundus photographs and gives smaller files (their filtered rows are smooth).
+    """
     arr = _as_uint8_image(rgb_or_grey, allow_alpha=True)
     if not (isinstance(compression, int) and 0 <= compression <= 9):
         raise ValueError(f"PNG compression must be an int in 0..9, got {compression!r}")
-    ok, buf = cv2.imencode(".png", _to_cv_order(arr), [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    if rle:
+        params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    ok, buf = cv2.imencode(".png", _to_cv_order(arr), params)
     if not ok:
         raise ValueError(f"OpenCV failed to encode a PNG of shape {arr.shape}")
     return buf.tobytes()

@@ -228,10 +228,13 @@ def test_degrade_at_1024_brightens_spot_centres() -> None:
     out, record = degrade(s.image, s.mask, "010", sample_rng(0, "big", 0))
     clean = replay(s.image, s.mask, replace(record, spots=()))
     fov = _fov(s.mask)
+    checked = 0
     for spot in record.spots:
         x, y = spot.center
         if fov[y, x] and clean[y, x].max() < 240:
             assert (out[y, x].astype(int) - clean[y, x]).min() > 0
+            checked += 1
+    assert checked >= 3
 
 
 @pytest.mark.parametrize("size", [64, 256, 1024])

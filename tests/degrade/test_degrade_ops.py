@@ -88,7 +88,7 @@ def test_large_kernel_blur_matches_opencv_float64(
     h: int, w: int, k_w: int, k_h: int, sigma: float
 ) -> None:
     rng = np.random.default_rng(3)
-    src = rng.random((h, w))
+    src = rng.random((h, w)) - 0.3  # signed values too
     ours = ops._gaussian(src, k_w, k_h, sigma)
     ref = cv2.GaussianBlur(src, (k_w, k_h), sigma, sigmaY=sigma, borderType=BORDER)
     assert ours.shape == ref.shape
@@ -171,3 +171,14 @@ def test_fov_mean_counts_background_in_the_numerator() -> None:
     assert ops.fov_mean(image, mask) == pytest.approx((0.6 * 50 + 0.3 * 50) / 50)
     with pytest.raises(ValueError, match="empty"):
         ops.fov_mean(image, np.zeros((10, 10), bool))
+
+
+def test_reused_scratch_buffers_do_not_leak_between_calls() -> None:
+    rng = np.random.default_rng(9)
+    big = rng.random((256, 256, 3))
+    small = rng.random((96, 96, 3))
+    first = ops.hole(big, (120, 130), 120, -0.3, 71, 81, 50.0)
+    ops.halo(small, (40, 50), 60.0, 150.0, 41, 27.0, (141, 238, 238))
+    ops.hole(small, (50, 40), 40, -0.2, 33, 35, 20.0)
+    again = ops.hole(big, (120, 130), 120, -0.3, 71, 81, 50.0)
+    np.testing.assert_array_equal(first, again)

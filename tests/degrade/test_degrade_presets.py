@@ -1,0 +1,62 @@
+"""Presets: the two built-in ones, custom ranges from a dict, and validation errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fundus_batch.degrade import PRESETS, Preset, PresetError, get_preset, sample_record
+
+
+def test_builtin_presets() -> None:
+    assert set(PRESETS) == {"cofe-release", "cofe-train"}
+    assert get_preset("cofe-release").model == "release"
+    assert get_preset("cofe-train").model == "train"
+    assert get_preset(PRESETS["cofe-train"]) is PRESETS["cofe-train"]
+    with pytest.raises(PresetError, match="unknown preset"):
+        get_preset("nope")
+
+
+def test_custom_preset_from_dict_inherits_the_model_defaults() -> None:
+    mild = Preset.from_dict({"name": "mild", "blur_sigma": [2, 6], "spot_count": [1, 3]})
+    assert mild.model == "release" and mild.blur_sigma == (2.0, 6.0) and mild.spot_count == (1, 3)
+    assert mild.brightness == PRESETS["cofe-release"].brightness
+    train_like = Preset.from_dict({"name": "t2", "model": "train", "spot_count": [1, 2]})
+    assert train_like.halo_colors == PRESETS["cofe-train"].halo_colors
+    assert Preset.from_dict(mild.to_dict()) == mild
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "x", "blur_sigma": [6, 2]}, "blur_sigma"),
+        ({"name": "x", "blur_speed": [1, 2]}, "blur_speed"),
+        ({"name": "x", "brightness": [-0.1, 1.0]}, "brightness"),
+        ({"name": "x", "spot_count": [1.5, 3]}, "spot_count"),
+        ({"name": "x", "spot_kernel": 4}, "spot_kernel"),
+        ({"name": "x", "model": "other"}, "model"),
+        ({"name": ""}, "name"),
+        ({"blur_sigma": [1, 2]}, "name"),
+        ({"name": "x", "halo_colors": [[1, 2, 300]]}, "halo_colors"),
+        ({"name": "x", "halo_gamma": [0.5]}, "halo_gamma"),
+        ({"name": "x", "hole_diameter": [0.5, 1.5]}, "hole_diameter"),
+        ({"name": "x", "base": "unknown"}, "base"),
+    ],
+)
+def test_invalid_presets_name_the_field(data: dict, field: str) -> None:
+    with pytest.raises(PresetError) as info:
+        Preset.from_dict(data)
+    assert info.value.field == field
+
+
+def test_custom_ranges_bound_the_sampled_parameters() -> None:
+    narrow = Preset.from_dict(
+        {"name": "narrow", "brightness": [0.9, 0.95], "spot_count": [3, 3], "blur_sigma": [2, 3]}
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        record = sample_record(rng, "111", 512, narrow, fov_mean=0.4)
+        assert 0.9 <= record.color.brightness <= 0.95
+        assert len(record.spots) == 3
+        assert 2 <= record.blur.sigma <= 3
+        assert record.preset == "narrow"

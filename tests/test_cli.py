@@ -1,0 +1,152 @@
+"""The command line: single-image commands, manifests, the pipeline, export and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from fundus_batch.cli import main
+from fundus_batch.io.codecs import decode_image, encode_jpeg
+from fundus_batch.synth import synth_fundus
+from tests.pipeline_inputs import write_inputs
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def raw_photo(tmp_path: Path) -> Path:
+    s = synth_fundus(600, seed=5, canvas=(800, 640))
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode_jpeg(s.image))
+    return path
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def test_synth_writes_image_vessel_and_mask(tmp_path: Path):
+    result = CliRunner().invoke(main, ["synth", str(tmp_path), "--count", "2", "--size", "128"])
+    _ok(result)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["synth_00000.png", "synth_00000_mask.png", "synth_00000_vessel.png",
+                     "synth_00001.png", "synth_00001_mask.png", "synth_00001_vessel.png"]
+
+
+def test_degrade_image_is_byte_identical_for_same_seed_and_replays(raw_photo, tmp_path):
+    run = CliRunner().invoke
+    args = ["degrade-image", str(raw_photo)]
+    _ok(run(main, [*args, str(tmp_path / "a.png"), "--seed", "4", "--size", "256",
+                   "--params-out", str(tmp_path / "p.json")]))
+    _ok(run(main, [*args, str(tmp_path / "b.png"), "--seed", "4", "--size", "256"]))
+    _ok(run(main, [*args, str(tmp_path / "c.png"), "--seed", "5", "--size", "256"]))
+    _ok(run(main, [*args, str(tmp_path / "d.png"), "--size", "256",
+                   "--replay", str(tmp_path / "p.json")]))
+    a, b, c, d = ((tmp_path / f"{n}.png").read_bytes() for n in "abcd")
+    assert a == b == d and a != c
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["type_code"] == "111"
+
+
+def test_degrade_image_preprocessed_replays_the_released_json_schema(tmp_path: Path):
+    s = synth_fundus(512, seed=9)
+    (tmp_path / "in.png").write_bytes(__import__("fundus_batch.io.codecs").io.codecs.encode_png(
+        s.image))
+    (tmp_path / "mask.png").write_bytes(
+        __import__("fundus_batch.io.codecs").io.codecs.encode_png(s.mask))
+    released = {"name": "x.png", "type": "100",
+                "params": {"blur": {"sigma": 9.0, "rad_w": 7, "rad_h": 7}}}
+    (tmp_path / "p.json").write_text(json.dumps(released))
+    result = CliRunner().invoke(main, [
+        "degrade-image", str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--preprocessed",
+        "--mask", str(tmp_path / "mask.png"), "--replay", str(tmp_path / "p.json")])
+    _ok(result)
+    out = decode_image((tmp_path / "out.png").read_bytes()).astype(float)
+    assert np.abs(out - s.image).mean() > 0.5  # the 7x7 blur changed the image
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"", "empty"), (b"hello, I am text", "format"), (None, "no such file")],
+)
+def test_bad_input_exits_non_zero_with_a_one_line_reason(tmp_path, content, needle):
+    src = tmp_path / "in.jpg"
+    if content is not None:
+        src.write_bytes(content)
+    result = CliRunner().invoke(main, ["degrade-image", str(src), str(tmp_path / "o.png")])
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0].lower(), result.output
+
+
+def test_all_black_photo_is_a_clear_fov_error(tmp_path):
+    src = tmp_path / "black.jpg"
+    src.write_bytes(encode_jpeg(np.zeros((300, 400, 3), np.uint8)))
+    result = CliRunner().invoke(main, ["degrade-image", str(src), str(tmp_path / "o.png")])
+    assert result.exit_code != 0 and "FOV" in result.output.upper()
+
+
+def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
+    inputs = tmp_path / "in"
+    write_inputs(inputs, n_good=2, broken=False, size=320)
+    runner = CliRunner()
+    _ok(runner.invoke(main, ["manifest", "from-dir", str(inputs), "--ext", ".jpg",
+                             "--out", str(tmp_path / "m.csv")]))
+    _ok(runner.invoke(main, ["manifest", "validate", str(tmp_path / "m.csv")]))
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["degrade", "--manifest", str(tmp_path / "m.csv"), "--out",
+                                  str(out), "--variants", "2", "--types", "001,100",
+                                  "--size", "256", "--seed", "3"])
+    _ok(result)
+    assert "rows_in == ok + failed: True" in result.output
+    df = pq.read_table(str(out / "pairs")).to_pandas()
+    assert len(df) == 4 and set(df.type_code) == {"001", "100"}
+    _ok(runner.invoke(main, ["export", str(out), "--format", "basicsr",
+                             "--dest", str(tmp_path / "bsr")]))
+    meta = (tmp_path / "bsr" / "meta_info.txt").read_text().splitlines()
+    assert len(meta) == 4 and meta[0].endswith("(256,256,3)")
+    for line in meta:
+        name = line.split()[0]
+        assert (tmp_path / "bsr" / "GT" / name).is_file()
+        assert (tmp_path / "bsr" / "LQ" / name).is_file()
+    _ok(runner.invoke(main, ["export", str(out), "--format", "pix2pix",
+                             "--dest", str(tmp_path / "p2p")]))
+    [sample, *_] = sorted((tmp_path / "p2p" / "train").iterdir())
+    assert decode_image(sample.read_bytes()).shape == (256, 512, 3)
+
+
+def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "m.csv").write_text("image_id,uri\na,x.jpg\na,y.jpg\n")
+    result = runner.invoke(main, ["degrade", "--manifest", str(tmp_path / "m.csv"),
+                                  "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "row 2" in result.output and "duplicate" in result.output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "c.yaml").write_text("manifest: m.csv\nout: o\nvariants: -3\n")
+    result = runner.invoke(main, ["run", str(tmp_path / "c.yaml")])
+    assert result.exit_code != 0 and "variants" in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(ray_cluster, tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--count", "2",
+                                       "--variants", "2", "--no-enhance"])
+    _ok(result)
+    assert "rows_in == ok + failed: True" in result.output
+    df = pq.read_table(str(tmp_path / "demo" / "run" / "pairs")).to_pandas()
+    assert len(df) == 6 and (df.status == "ok").all()
+    assert "skimage_retina" in set(df.image_id)

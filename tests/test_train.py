@@ -1,0 +1,367 @@
+"""Cofe-Net training: loss terms, determinism and resume, pairs datasets, the shipped model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
+from fundus_batch.fov import Circle, crop_to_fov
+from fundus_batch.io.codecs import encode_png
+from fundus_batch.models import build_cofenet, file_sha256, list_weights, load_registered
+from fundus_batch.models.weights import PACKAGE_WEIGHTS_DIR
+from fundus_batch.schema import output_schema, to_table
+from fundus_batch.synth import synth_fundus
+from fundus_batch.train import (
+    CleanSample,
+    DegradeSource,
+    PairsSource,
+    TrainConfig,
+    TrainError,
+    cofenet_loss,
+    evaluate,
+    load_checkpoint,
+    load_clean_sample,
+    make_batch,
+    spot_mask,
+    train,
+)
+
+SHIPPED = "fundus-cofenet-small"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _samples(n: int = 3, size: int = 224, disc: bool = True) -> list[CleanSample]:
+    out = []
+    for i in range(n):
+        s = synth_fundus(size, seed=10 + i)
+        box = (size // 2 - 20, size // 2 - 20, size // 2 + 20, size // 2 + 20) if disc else None
+        out.append(CleanSample(f"synth-{i}", s.image, s.mask, s.vessels, box))
+    return out
+
+
+def _tiny(**kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        width=0.125, size=192, batch_size=2, steps=4, lr=1e-3, log_every=1, device="cpu"
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
+def test_loss_has_every_term_and_ignores_pixels_outside_the_fov() -> None:
+    source = DegradeSource(_samples(2, 192))
+    items = [source.train_item(i, sample_rng(0, "t", i)) for i in range(2)]
+    batch = make_batch(items)
+    model = build_cofenet("cofe-net", 0.125, residual=True, generator=torch.Generator())
+    config = _tiny(lambda_lqa=1.0)
+    outputs = model(batch.degraded)
+    total, terms = cofenet_loss(model, outputs, batch, config)
+    assert set(terms) == {"l1", "l1_256", "disc", "vessel", "lqa"}
+    assert all(np.isfinite(v) and v > 0 for v in terms.values())
+    assert total.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+
+    # A perfect output: the image terms vanish; garbage outside the FOV changes nothing.
+    out_512 = batch.clean + (1 - batch.mask) * 0.7
+    out_256 = torch.nn.functional.avg_pool2d(batch.clean, 2)
+    vessel, attention = outputs[2].detach(), outputs[3].detach()
+    _, perfect = cofenet_loss(model, (out_512, out_256, vessel, attention), batch, config)
+    assert perfect["l1"] == 0.0 and perfect["l1_256"] == 0.0 and perfect["disc"] == 0.0
+
+    # Terms without ground truth are left out instead of being computed against zeros.
+    bare_source = DegradeSource(
+        [CleanSample(f"b{i}", it.clean, it.mask) for i, it in enumerate(items)]
+    )
+    bare = make_batch([bare_source.train_item(i, sample_rng(0, "b", i)) for i in range(2)])
+    _, bare_terms = cofenet_loss(model, model(bare.degraded), bare, config)
+    assert set(bare_terms) == {"l1", "l1_256", "lqa"}
+
+
+def test_spot_mask_covers_where_the_spots_changed_the_image() -> None:
+    s = synth_fundus(256, seed=4)
+    degraded, record = degrade(s.image, s.mask, "010", sample_rng(1, "spots", 0))
+    mask = spot_mask(record) > 0
+    changed = np.abs(degraded.astype(int) - s.image.astype(int)).max(axis=2) > 8
+    assert changed.sum() > 50
+    assert mask[changed].mean() > 0.9
+    assert mask.mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def test_training_end_to_end_lowers_the_loss_on_a_fixed_batch() -> None:
+    samples = _samples(2, 192)
+    source = DegradeSource(samples, types=("001", "011"))
+    probe = make_batch([source.train_item(i, sample_rng(99, "probe", i)) for i in range(2)])
+    config = _tiny(steps=20, lambda_lqa=0.5, init="fixup", lr=2e-3)
+
+    def probe_loss(model: torch.nn.Module) -> float:
+        model.train()
+        with torch.no_grad():
+            return cofenet_loss(model, model(probe.degraded), probe, config)[0].item()
+
+    initial = build_cofenet("cofe-net", 0.125, residual=True)
+    from fundus_batch.train import fixup_init
+
+    fixup_init(initial, torch.Generator().manual_seed(config.seed))
+    result = train(config, source, DegradeSource(samples[:1]))
+    assert result.step == 20 and len(result.history) == 20
+    assert probe_loss(result.model) < 0.8 * probe_loss(initial)
+    report = result.val[-1]
+    assert set(report.per_type) == set(TYPE_CODES)
+    assert all(m.n == 1 for m in report.per_type.values())
+
+
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    source = DegradeSource(_samples(3, 224))
+    full = train(_tiny(steps=4, decay_start=0.5), source)
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = train(_tiny(steps=4, decay_start=0.5, checkpoint=str(ckpt), stop_at=2), source)
+    assert first.step == 2
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["width"] == 0.125
+    second = train(_tiny(steps=4, decay_start=0.5, checkpoint=str(ckpt), resume=True), source)
+    assert second.step == 4
+    assert load_checkpoint(ckpt)["step"] == 4
+
+    a, b = _state(full.model), _state(second.model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(_state(first.model)["G_conv1.weight"], a["G_conv1.weight"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    source = DegradeSource(_samples(1, 192))
+    ckpt = tmp_path / "ckpt.pt"
+    train(_tiny(steps=1, checkpoint=str(ckpt)), source)
+    with pytest.raises(TrainError, match="width"):
+        train(_tiny(steps=2, width=0.25, checkpoint=str(ckpt), resume=True), source)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="cannot read checkpoint"):
+        train(_tiny(steps=2, checkpoint=str(ckpt), resume=True), source)
+
+
+def test_same_config_gives_identical_weights_and_another_seed_does_not() -> None:
+    source = DegradeSource(_samples(2, 192))
+    a = _state(train(_tiny(steps=2), source).model)
+    b = _state(train(_tiny(steps=2), source).model)
+    c = _state(train(_tiny(steps=2, seed=1), source).model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["G_conv1.weight"], c["G_conv1.weight"])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"size": 200},
+        {"size": 160},
+        {"steps": 0},
+        {"lr": 0.0},
+        {"width": 1.5},
+        {"lambda_vessel": -1.0},
+        {"init": "xavier"},
+        {"resume": True},
+        {"decay_start": 2.0},
+    ],
+)
+def test_invalid_config_raises_a_typed_error(bad: dict[str, object]) -> None:
+    with pytest.raises(TrainError):
+        _tiny(**bad)
+
+
+def test_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> None:
+    config = _tiny(betas=(0.9, 0.99))
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TrainError, match="unknown"):
+        TrainConfig.from_dict({"widht": 0.5})
+
+
+def test_bad_samples_raise_a_typed_error() -> None:
+    s = synth_fundus(192, seed=0)
+    with pytest.raises(TrainError, match="square"):
+        DegradeSource([(s.image[:, :100], s.mask[:, :100])])
+    with pytest.raises(TrainError, match="empty"):
+        DegradeSource([(s.image, np.zeros_like(s.mask))])
+    with pytest.raises(TrainError, match="at least one"):
+        DegradeSource([])
+    small = DegradeSource([(s.image, s.mask)])
+    with pytest.raises(TrainError, match="smaller than the training size"):
+        train(_tiny(size=224), small)
+
+
+# ------------------------------------------------------------------------------- pairs data
+
+
+def _write_pairs(root: Path, n_images: int = 3) -> None:
+    """A pairs dataset like the pipeline's: PNGs under root/images, rows in root/pairs."""
+    rows = []
+    for i in range(n_images):
+        s = synth_fundus(192, seed=30 + i)
+        image_id = f"img{i}"
+        folder = root / "images" / image_id
+        folder.mkdir(parents=True)
+        (folder / "clean.png").write_bytes(encode_png(s.image))
+        (folder / "mask.png").write_bytes(encode_png(s.mask))
+        for variant, type_code in enumerate(("001", "010")):
+            degraded, record = degrade(s.image, s.mask, type_code, sample_rng(0, image_id, variant))
+            path = folder / f"v{variant:03d}_{type_code}.png"
+            path.write_bytes(encode_png(degraded))
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "variant": variant,
+                    "status": "ok",
+                    "type_code": type_code,
+                    "split": "val" if i == 0 else "train",
+                    "clean_uri": str(folder / "clean.png"),
+                    "mask_uri": str(folder / "mask.png"),
+                    "degraded_uri": str(path),
+                    "params_json": record.to_json(),
+                }
+            )
+    rows.append(
+        {
+            "image_id": "broken",
+            "variant": 0,
+            "status": "failed",
+            "split": "train",
+            "type_code": "001",
+            "error": "DecodeError: truncated",
+        }
+    )
+    (root / "pairs").mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(to_table(rows, output_schema()), root / "pairs" / "part-0.parquet")
+
+
+def test_training_from_a_pairs_dataset(tmp_path: Path) -> None:
+    _write_pairs(tmp_path)
+    train_src = PairsSource(tmp_path, split="train")
+    val_src = PairsSource(tmp_path, split="val")
+    assert len(train_src) == 4 and len(val_src) == 2  # the failed row is not used
+    assert len(PairsSource(tmp_path)) == 6
+    result = train(_tiny(steps=2, lambda_lqa=1.0), train_src, val_src)
+    assert result.step == 2
+    assert set(result.val[-1].per_type) == {"001", "010"}
+    item = train_src.train_item(1, sample_rng(0, "x", 0))
+    assert item.spots is not None and item.vessels is None
+
+
+def test_pairs_dataset_errors_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="no Parquet"):
+        PairsSource(tmp_path)
+    _write_pairs(tmp_path, 2)
+    with pytest.raises(TrainError, match="no usable rows"):
+        PairsSource(tmp_path, split="test")
+
+
+# --------------------------------------------------------------------------- real images
+
+
+def test_load_clean_sample_gives_vessels_the_same_crop_as_the_image(tmp_path: Path) -> None:
+    raw = synth_fundus(240, seed=5, canvas=(352, 300))
+    (tmp_path / "img.png").write_bytes(encode_png(raw.image))
+    (tmp_path / "ves.png").write_bytes(encode_png(raw.vessels))
+    (tmp_path / "fov.png").write_bytes(encode_png(raw.mask))
+    s = load_clean_sample(
+        "x",
+        tmp_path / "img.png",
+        256,
+        vessels_path=tmp_path / "ves.png",
+        mask_path=tmp_path / "fov.png",
+    )
+    assert s.image.shape == (256, 256, 3) and s.vessels is not None
+    # What the true circle's crop gives for the image and for the vessel map.
+    circle = Circle(*raw.circle)
+    want_image = crop_to_fov(raw.image, circle, 256)[0]
+    want = crop_to_fov(np.dstack([raw.vessels] * 3), circle, 256)[0][..., 0] > 127
+    fov = s.mask > 0
+    assert np.abs(s.image.astype(int) - want_image.astype(int))[fov].mean() < 4
+    got = s.vessels > 127
+    iou = (got & want).sum() / (got | want).sum()
+    shifted = np.roll(want, 4, axis=1)
+    assert iou > 0.7
+    assert iou > 2 * (got & shifted).sum() / (got | shifted).sum()
+    assert not s.image[~fov].any() and not s.vessels[~fov].any()
+
+
+# ------------------------------------------------------------------------- shipped model
+
+
+def _eval_doc() -> dict:
+    path = PACKAGE_WEIGHTS_DIR / f"{SHIPPED}.eval.json"
+    assert path.is_file(), f"{path} is missing"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_shipped_weights_load_by_name_and_match_their_sha256() -> None:
+    entry = list_weights()[SHIPPED]
+    assert entry.registry == PACKAGE_WEIGHTS_DIR / "registry.json"
+    assert file_sha256(entry.path) == entry.sha256
+    assert entry.path.stat().st_size < 16 * 2**20
+    model = load_registered(SHIPPED)
+    assert not model.training and model.width == entry.width
+    assert model.residual == entry.residual
+    state = torch.load(entry.path, map_location="cpu", weights_only=True)
+    assert set(state) == set(model.state_dict())
+
+
+def test_registry_metrics_are_the_evaluation_record() -> None:
+    entry, doc = list_weights()[SHIPPED], _eval_doc()
+    assert entry.metrics["val_psnr_gain_mean"] == pytest.approx(doc["mean_psnr_gain"], abs=1e-3)
+    for t in TYPE_CODES:
+        gain = doc["per_type"][t]["psnr_gain"]
+        assert entry.metrics[f"val_psnr_gain_{t}"] == pytest.approx(gain, abs=1e-3)
+    per_image = doc["per_image"]
+    assert len(per_image) == 7 * len(doc["holdout"])
+    card = (PACKAGE_WEIGHTS_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"{doc['mean_psnr_gain']:+.2f}" in card
+
+
+@pytest.mark.shared
+def test_shipped_model_reproduces_the_card_on_two_held_out_images(shared_dir: Path) -> None:
+    doc = _eval_doc()
+    data = shared_dir / "data"
+    hrf = next(e for e in doc["holdout"] if e["image_id"].startswith("hrf/"))
+    chase = next(e for e in doc["holdout"] if e["image_id"].startswith("chase_db1/"))
+    if not all((data / e["image"]).is_file() for e in (hrf, chase)):
+        pytest.skip("held-out photographs are not in the shared data folder")
+    samples = [
+        load_clean_sample(
+            e["image_id"],
+            data / e["image"],
+            doc["protocol"]["working_size"],
+            vessels_path=data / e["vessels"] if "vessels" in e else None,
+            mask_path=data / e["mask"] if "mask" in e else None,
+        )
+        for e in (hrf, chase)
+    ]
+    items = DegradeSource(samples, preset=doc["protocol"]["preset"]).val_items(
+        doc["protocol"]["seed"]
+    )
+    report = evaluate(load_registered(SHIPPED), items)
+    recorded = {(r["image_id"], r["type_code"]): r for r in doc["per_image"]}
+    for row in report.per_image:
+        want = recorded[(row["image_id"], row["type_code"])]
+        assert row["psnr_degraded"] == pytest.approx(want["psnr_degraded"], abs=1e-6)
+        assert row["psnr_enhanced"] == pytest.approx(want["psnr_enhanced"], abs=0.05)
+        assert row["ssim_enhanced"] == pytest.approx(want["ssim_enhanced"], abs=1e-3)
