@@ -393,6 +393,71 @@ def degrade(
 
 
 @main.command()
+@click.option("--manifest", required=True)
+@click.option("--out", required=True)
+@click.option("--weights", default=None, help="registered name or checkpoint path")
+@click.option("--variant", default=None, help="network variant when --weights is a file")
+@click.option("--width", default=None, type=float, help="width multiplier for --variant")
+@click.option("--size", default=None, type=int)
+@click.option("--batch-size", default=None, type=int)
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--address", default=None)
+@click.option("--limit", default=None, type=int)
+def enhance(
+    manifest: str,
+    out: str,
+    weights: str | None,
+    variant: str | None,
+    width: float | None,
+    size: int | None,
+    batch_size: int | None,
+    device: str | None,
+    address: str | None,
+    limit: int | None,
+) -> None:
+    """Enhance every manifest image with Cofe-Net (no clean pair needed)."""
+    from fundus_batch.config import build_config, merge_overrides
+
+    data = merge_overrides(
+        {"manifest": manifest, "out": out, "mode": "enhance"},
+        _overrides(
+            size=size,
+            limit=limit,
+            **{
+                "ray.address": address,
+                "enhance.weights": weights,
+                "enhance.variant": variant,
+                "enhance.width": width,
+                "enhance.batch_size": batch_size,
+                "enhance.device": device,
+            },
+        ),
+    )
+    config = _fail_on(*_user_errors())(build_config)(data, "command line")
+    _fail_on(*_user_errors())(_run)(config)
+
+
+@main.command()
+@click.option("--manifest", required=True)
+@click.option("--out", required=True)
+@click.option("--size", default=None, type=int)
+@click.option("--address", default=None)
+@click.option("--limit", default=None, type=int)
+def score(
+    manifest: str, out: str, size: int | None, address: str | None, limit: int | None
+) -> None:
+    """Score an archive (FOV, no-reference quality metrics) without degrading or enhancing."""
+    from fundus_batch.config import build_config, merge_overrides
+
+    data = merge_overrides(
+        {"manifest": manifest, "out": out, "mode": "score"},
+        _overrides(size=size, limit=limit, **{"ray.address": address}),
+    )
+    config = _fail_on(*_user_errors())(build_config)(data, "command line")
+    _fail_on(*_user_errors())(_run)(config)
+
+
+@main.command()
 @click.option(
     "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path)
 )

@@ -90,6 +90,8 @@ def init_ray(config: RunConfig) -> ClusterShape:
         if address:
             kwargs["address"] = address
         else:
+            # "local" starts a private instance; None would join any cluster on this machine.
+            kwargs["address"] = "local"
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kwargs["include_dashboard"] = False
             if config.ray.num_cpus is not None:

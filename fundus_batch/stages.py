@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from fundus_batch import __version__
 from fundus_batch.degrade import DegradationRecord, degrade, sample_rng, stable_hash
-from fundus_batch.fov import FOVError, crop_to_fov, preprocess
+from fundus_batch.fov import Circle, FOVError, crop_to_fov, preprocess
 from fundus_batch.io import codecs, storage
 from fundus_batch.schema import STATUS_OK, failed
 
@@ -59,6 +60,16 @@ def decode_mask(data: bytes) -> np.ndarray:
     arr = codecs.decode_image(data)
     grey = arr[..., 0] if arr.ndim == 3 else arr
     return np.where(grey > 127, 255, 0).astype(np.uint8)
+
+
+def circle_from_mask(mask: np.ndarray) -> Circle:
+    """The FOV circle of a binary mask whose field may be clipped top/bottom or left/right:
+    centred on the mask's bounding box, with its longer side as the diameter."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        raise FOVError("blank", "the given FOV mask is empty")
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
 
 
 class Fetch:
@@ -150,16 +161,16 @@ class Preprocess:
         return row
 
     def _with_given_mask(self, rgb: np.ndarray, mask_bytes: bytes):
-        import cv2
-
-        from fundus_batch.fov import circle_from_mask
-
+        """Crop with a manifest-supplied FOV mask instead of detecting one."""
         mask = decode_mask(mask_bytes)
         if mask.shape[:2] != rgb.shape[:2]:
             mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_AREA)
             mask = np.where(mask > 127, 255, 0).astype(np.uint8)
         circle = circle_from_mask(mask)
-        image, out_mask = crop_to_fov(rgb, circle, size=self.size, mask=mask)
+        image, _ = crop_to_fov(rgb, circle, size=self.size)
+        cropped, _ = crop_to_fov(np.dstack([mask] * 3), circle, size=self.size)
+        out_mask = np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
+        image[out_mask == 0] = 0
         return image, out_mask, circle, "given_mask"
 
     def __call__(self, rows: list[Row]) -> list[Row]:

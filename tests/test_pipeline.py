@@ -242,3 +242,45 @@ def test_enhance_mode_writes_one_row_per_source_image(ray_cluster, tmp_path, tin
         _config(manifest, out, mode="enhance", enhance={"weights": str(tiny_weights)})
     )
     assert again.done_before == 2
+
+
+def test_score_mode_records_fov_and_no_reference_metrics_only(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    summary = pipeline.run(_config(manifest, out, mode="score"))
+    assert (summary.rows_in, summary.ok, summary.failed) == (4, 2, 2)
+    df = _table(out)
+    ok = df[df.status == "ok"]
+    assert ok.nr_luminance_clean.between(1, 255).all() and ok.fov_r.gt(100).all()
+    assert ok.degraded_uri.isna().all() and ok.psnr_degraded.isna().all()
+    assert all(Path(u).is_file() for u in ok.clean_uri)
+
+
+def test_given_fov_masks_from_the_manifest_are_used(ray_cluster, tmp_path):
+    import pandas as pd
+
+    from fundus_batch.io.codecs import encode_png
+    from fundus_batch.synth import synth_fundus
+
+    s = synth_fundus(400, seed=3)
+    (tmp_path / "img.png").write_bytes(encode_png(s.image))
+    half = s.mask.copy()
+    half[:120] = 0  # clipped top and bottom, as in the Cofe-Net authors' masks: detection
+    half[280:] = 0  # on the image alone would return the whole circle
+    (tmp_path / "mask.png").write_bytes(encode_png(half))
+    pd.DataFrame(
+        [
+            {
+                "image_id": "a",
+                "uri": str(tmp_path / "img.png"),
+                "mask_uri": str(tmp_path / "mask.png"),
+            }
+        ]
+    ).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "out"
+    summary = pipeline.run(_config(tmp_path / "m.csv", out, mode="score"))
+    assert summary.ok == 1
+    row = _table(out).iloc[0]
+    assert row.fov_status == "given_mask"
+    mask = decode_mask(Path(row.mask_uri).read_bytes())
+    assert mask[:70].max() == 0 and mask[-70:].max() == 0 and mask[128, 20:236].min() == 255

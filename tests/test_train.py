@@ -24,6 +24,7 @@ from fundus_batch.train import (
     TrainError,
     cofenet_loss,
     evaluate,
+    fixup_init,
     load_checkpoint,
     load_clean_sample,
     make_batch,
@@ -108,23 +109,39 @@ def test_training_end_to_end_lowers_the_loss_on_a_fixed_batch() -> None:
     samples = _samples(2, 192)
     source = DegradeSource(samples, types=("001", "011"))
     probe = make_batch([source.train_item(i, sample_rng(99, "probe", i)) for i in range(2)])
-    config = _tiny(steps=20, lambda_lqa=0.5, init="fixup", lr=2e-3)
+    config = _tiny(steps=20, lambda_lqa=0.5, lr=2e-3)
 
     def probe_loss(model: torch.nn.Module) -> float:
         model.train()
         with torch.no_grad():
             return cofenet_loss(model, model(probe.degraded), probe, config)[0].item()
 
-    initial = build_cofenet("cofe-net", 0.125, residual=True)
-    from fundus_batch.train import fixup_init
-
-    fixup_init(initial, torch.Generator().manual_seed(config.seed))
+    initial = build_cofenet(
+        "cofe-net", 0.125, residual=True, generator=torch.Generator().manual_seed(config.seed)
+    )
     result = train(config, source, DegradeSource(samples[:1]))
     assert result.step == 20 and len(result.history) == 20
     assert probe_loss(result.model) < 0.8 * probe_loss(initial)
     report = result.val[-1]
     assert set(report.per_type) == set(TYPE_CODES)
     assert all(m.n == 1 for m in report.per_type.values())
+
+
+def test_fixup_init_starts_a_residual_model_at_the_identity() -> None:
+    model = build_cofenet("cofe-net", 0.125, residual=True)
+    fixup_init(model, torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 192, 192, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert torch.allclose(model.enhanced(out), x, atol=1e-5)
+    assert torch.allclose(
+        model.coarse(out),
+        torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True).clamp(
+            0, 1
+        ),
+        atol=1e-5,
+    )
+    assert model.G_conv1.weight.std() > 0.08  # He-normal, not the released N(0, 0.02)
 
 
 def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(

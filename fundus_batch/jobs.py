@@ -1,0 +1,47 @@
+"""Shared entry point of the Ray job scripts in ``jobs/`` (argument parsing and exit codes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fundus_batch import pipeline
+from fundus_batch.config import ConfigError, load_config
+from fundus_batch.manifest import ManifestError
+
+
+def job_main(argv: list[str] | None, description: str, mode: str | None = None) -> int:
+    """Parse ``--config`` (+ overrides), run the pipeline, print a JSON summary.
+
+    Exit codes: 0 when every manifest row is accounted for, 1 when the run is incomplete,
+    2 when the config or manifest is rejected before any work starts.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--manifest", help="override the config's manifest")
+    parser.add_argument("--out", help="override the config's output root")
+    parser.add_argument("--limit", type=int, help="process only the first N manifest rows")
+    args = parser.parse_args(argv)
+    overrides = {"manifest": args.manifest, "out": args.out, "limit": args.limit, "mode": mode}
+    try:
+        config = load_config(args.config, overrides)
+        summary = pipeline.run(config)
+    except (ConfigError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {
+                "out": summary.out,
+                "mode": config.mode,
+                "rows_in": summary.rows_in,
+                "ok": summary.ok,
+                "failed": summary.failed,
+                "done_before": summary.done_before,
+                "complete": summary.complete,
+                "seconds": round(summary.seconds, 1),
+            }
+        )
+    )
+    return 0 if summary.complete else 1

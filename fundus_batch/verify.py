@@ -1,0 +1,308 @@
+"""Check a finished output folder: every expected row present once, every image there and intact.
+
+``verify(out, manifest)`` reads ``run.json`` (for the mode and number of variants), every Parquet
+shard and, optionally, the manifest, then re-reads every image a row references: it must exist,
+decode, have the working size and hash to the recorded ``*_sha256``. Each problem is one line
+naming the image id, the variant and what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fundus_batch.io import codecs, storage
+from fundus_batch.output import RUN_JSON, OutputStore
+from fundus_batch.schema import STATUS_FAILED, STATUS_OK
+from fundus_batch.stages import sha256_hex
+
+__all__ = ["VerifyReport", "verify"]
+
+ROLES = ("clean", "mask", "degraded", "enhanced")
+_MAX_LISTED = 1000  # problems kept verbatim; the rest are counted
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` is True when there is no problem at all."""
+
+    out: str
+    manifest: str | None = None
+    mode: str | None = None
+    variants: int | None = None
+    rows: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    expected_rows: int | None = None
+    missing_rows: int = 0
+    duplicate_rows: int = 0
+    unexpected_rows: int = 0
+    files_checked: int = 0
+    bad_files: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+    problems_not_listed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.problems_not_listed
+
+    def add(self, problem: str) -> None:
+        if len(self.problems) < _MAX_LISTED:
+            self.problems.append(problem)
+        else:
+            self.problems_not_listed += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+    def summary(self) -> str:
+        """A few lines for a terminal: verdict, counts, then every problem."""
+        expected = "?" if self.expected_rows is None else str(self.expected_rows)
+        variants = "-" if self.variants is None else str(self.variants)
+        lines = [
+            f"verify {self.out}: {'OK' if self.ok else 'FAILED'}",
+            f"mode {self.mode or '?'}, variants {variants}, shards {self.shards}",
+            f"rows {self.rows} (ok {self.rows_ok}, failed {self.rows_failed}); expected {expected}",
+            f"missing {self.missing_rows}, duplicated {self.duplicate_rows}, "
+            f"unexpected {self.unexpected_rows}",
+            f"files checked {self.files_checked}, bad {self.bad_files}",
+        ]
+        if self.problems:
+            lines.append(f"problems ({len(self.problems) + self.problems_not_listed}):")
+            lines += [f"  {p}" for p in self.problems]
+        if self.problems_not_listed:
+            lines.append(f"  ... and {self.problems_not_listed} more")
+        return "\n".join(lines)
+
+
+def _label(image_id: Any, variant: Any) -> str:
+    v = "-" if variant is None else str(variant)
+    return f"{image_id!r} variant {v}"
+
+
+def _read_shards(store: OutputStore, report: VerifyReport) -> pa.Table | None:
+    """All shards; an unreadable shard is a problem and is skipped."""
+    try:
+        table = store.read_table()
+        report.shards = len(store.shard_paths())
+        return table
+    except Exception:  # some shard is unreadable: read them one by one to name it
+        pass
+    tables = []
+    paths = store.shard_paths()
+    report.shards = len(paths)
+    for path in paths:
+        try:
+            with store.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        except Exception as exc:
+            report.add(f"shard {path} is unreadable: {type(exc).__name__}: {exc}")
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _expected_ids(
+    manifest: str, storage_options: dict | None, config: dict, report: VerifyReport
+) -> list[str] | None:
+    from fundus_batch.manifest import ManifestError, read_manifest
+
+    try:
+        frame = read_manifest(manifest, storage_options=storage_options).frame
+    except (ManifestError, OSError) as exc:
+        report.add(f"manifest {storage.redact(manifest)} cannot be read: {exc}")
+        return None
+    limit = config.get("limit")
+    if isinstance(limit, int):
+        frame = frame.head(limit)
+    return [str(i) for i in frame["image_id"]]
+
+
+class _FileCheck:
+    """Reads, hashes and decodes each referenced file once (clean/mask are shared by rows)."""
+
+    def __init__(self, storage_options: dict | None, threads: int) -> None:
+        self.storage_options = storage_options or {}
+        self.threads = threads
+
+    def _one(self, uri: str) -> tuple[str | None, tuple[int, ...] | None, str | None]:
+        """(sha256, decoded shape, error) of one file."""
+        try:
+            data = storage.read_bytes(uri, storage_options=self.storage_options)
+        except FileNotFoundError:
+            return None, None, "is missing"
+        except Exception as exc:
+            return None, None, f"cannot be read: {type(exc).__name__}: {storage.redact(str(exc))}"
+        digest = sha256_hex(data)
+        try:
+            shape = codecs.decode_image(data).shape
+        except Exception as exc:
+            return digest, None, f"does not decode: {type(exc).__name__}: {exc}"
+        return digest, tuple(shape), None
+
+    def run(self, uris: Iterable[str]) -> dict[str, tuple[str | None, tuple | None, str | None]]:
+        unique = sorted(set(uris))
+        if self.threads <= 1 or len(unique) <= 1:
+            return {u: self._one(u) for u in unique}
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return dict(zip(unique, pool.map(self._one, unique), strict=True))
+
+
+def verify(
+    out: str,
+    manifest: str | None = None,
+    *,
+    storage_options: dict | None = None,
+    check_files: bool = True,
+    threads: int = 8,
+) -> VerifyReport:
+    """Check the output folder ``out`` (local path or fsspec URL) and return a report.
+
+    Proves, problem by problem: ``run.json`` and at least one shard are readable; every row has
+    status ``ok`` or ``failed`` (failed rows name their stage and error); no (image_id, variant)
+    pair appears twice; in ``pairs`` mode each image has every variant ``0..variants-1`` (in
+    ``enhance``/``score`` modes one row with a null variant); with ``manifest``, every manifest
+    image is present and no other image is; every image URI a row records exists, decodes to
+    the row's working size and has the recorded sha256. ``storage_options`` serve both the
+    output and the manifest.
+    """
+    report = VerifyReport(out=out, manifest=manifest)
+    store = OutputStore(out, storage_options)
+    try:
+        run_info = store.read_json(RUN_JSON)
+    except (OSError, ValueError) as exc:
+        report.add(f"{RUN_JSON} cannot be read: {type(exc).__name__}: {exc}")
+        run_info = None
+    if run_info is None and not report.problems:
+        report.add(f"{RUN_JSON} is missing: not a fundus_batch output folder, or never started")
+    config = (run_info or {}).get("config") or {}
+    report.mode = config.get("mode")
+    if run_info is not None and run_info.get("state") != "complete":
+        report.add(f"{RUN_JSON} says the last run is {run_info.get('state')!r}, not 'complete'")
+
+    table = _read_shards(store, report)
+    if table is None:
+        report.add(f"no readable Parquet shard under {storage.redact(store.pairs_uri)}")
+        rows: list[dict[str, Any]] = []
+    else:
+        wanted = ["image_id", "variant", "status", "failed_stage", "error", "size"]
+        wanted += [f"{r}_{k}" for r in ROLES for k in ("uri", "sha256")]
+        rows = table.select([c for c in wanted if c in table.column_names]).to_pylist()
+    report.rows = len(rows)
+    if report.mode is None:  # no run.json: rows with variants mean pairs mode
+        pairs = any(r.get("variant") is not None for r in rows)
+    else:
+        pairs = report.mode == "pairs"
+    if pairs and isinstance(config.get("variants"), int):
+        report.variants = config["variants"]
+
+    _check_rows(rows, report, pairs)
+    _check_coverage(rows, report, pairs, manifest, storage_options, config)
+    if check_files:
+        enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
+        _check_files(rows, report, pairs, enhance, _FileCheck(storage_options, threads))
+    return report
+
+
+def _check_rows(rows: list[dict[str, Any]], report: VerifyReport, pairs: bool) -> None:
+    counts = Counter((r.get("image_id"), r.get("variant")) for r in rows)
+    for (image_id, variant), n in sorted(counts.items(), key=lambda kv: str(kv[0])):
+        if n > 1:
+            report.duplicate_rows += n - 1
+            report.add(f"{_label(image_id, variant)}: {n} rows (duplicate)")
+    for row in rows:
+        label = _label(row.get("image_id"), row.get("variant"))
+        status = row.get("status")
+        if status == STATUS_OK:
+            report.rows_ok += 1
+        elif status == STATUS_FAILED:
+            report.rows_failed += 1
+            if not row.get("failed_stage") or not row.get("error"):
+                report.add(f"{label}: failed without a failed_stage and an error message")
+        else:
+            report.add(f"{label}: status is {status!r}, not 'ok' or 'failed'")
+        variant = row.get("variant")
+        if pairs and variant is None:
+            report.add(f"{label}: pairs-mode row without a variant")
+        elif pairs and report.variants is not None and not 0 <= variant < report.variants:
+            report.add(f"{label}: variant outside 0..{report.variants - 1}")
+        elif not pairs and variant is not None:
+            report.add(f"{label}: {report.mode}-mode row with a variant (expected null)")
+
+
+def _check_coverage(
+    rows: list[dict[str, Any]],
+    report: VerifyReport,
+    pairs: bool,
+    manifest: str | None,
+    storage_options: dict | None,
+    config: dict,
+) -> None:
+    present = {(r.get("image_id"), r.get("variant")) for r in rows}
+    ids = sorted({str(r.get("image_id")) for r in rows})
+    if manifest is not None:
+        expected_ids = _expected_ids(manifest, storage_options, config, report)
+        if expected_ids is not None:
+            known = set(expected_ids)
+            for image_id in ids:
+                if image_id not in known:
+                    n = sum(1 for r in rows if r.get("image_id") == image_id)
+                    report.unexpected_rows += n
+                    report.add(f"{image_id!r}: {n} row(s) for an image not in the manifest")
+            ids = expected_ids
+    if pairs and report.variants is None:
+        return  # without run.json the variants an image should have are unknown
+    variants: list[int | None] = list(range(report.variants)) if pairs else [None]
+    report.expected_rows = len(ids) * len(variants)
+    for image_id in ids:
+        for variant in variants:
+            if (image_id, variant) not in present:
+                report.missing_rows += 1
+                report.add(f"{_label(image_id, variant)}: no row in the output")
+
+
+def _check_files(
+    rows: list[dict[str, Any]], report: VerifyReport, pairs: bool, enhance: bool, check: _FileCheck
+) -> None:
+    required = {"clean", "mask"} | ({"degraded"} if pairs else set())
+    if enhance:
+        required.add("enhanced")
+    uris = [r[f"{role}_uri"] for r in rows for role in ROLES if r.get(f"{role}_uri")]
+    results = check.run(uris)
+    report.files_checked = len(results)
+    bad_uris: set[str] = set()
+    for row in rows:
+        label = _label(row.get("image_id"), row.get("variant"))
+        for role in ROLES:
+            uri = row.get(f"{role}_uri")
+            if not uri:
+                if row.get("status") == STATUS_OK and role in required:
+                    report.add(f"{label}: ok row without {role}_uri")
+                continue
+            digest, shape, error = results[uri]
+            if error is not None:
+                bad_uris.add(uri)
+                report.add(f"{label}: {role} file {uri} {error}")
+                if digest is None:
+                    continue
+            recorded = row.get(f"{role}_sha256")
+            if digest != recorded:
+                bad_uris.add(uri)
+                report.add(
+                    f"{label}: {role} file {uri} has sha256 {digest[:12]}..., "
+                    f"the row records {str(recorded)[:12]}..."
+                )
+            size = row.get("size")
+            if shape is not None and size and shape[:2] != (size, size):
+                bad_uris.add(uri)
+                report.add(f"{label}: {role} file {uri} is {shape[1]}x{shape[0]}, not {size}")
+    report.bad_files = len(bad_uris)

@@ -1,0 +1,109 @@
+"""The job path: a local head started with `ray start`, a job submitted through the Jobs API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.pipeline_inputs import write_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A head node started the way a user would, stopped afterwards."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    # The job's `python` must be this environment's, as in an activated virtualenv.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    start = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--disable-usage-stats",
+    ]
+    done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        yield ray_bin, f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path):
+    ray_bin, address, env = ray_head
+    manifest = write_inputs(tmp_path / "in", n_good=3, broken=True, size=320)
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"manifest: {manifest}\nout: {out}\nvariants: 2\nsize: 256\n"
+        "progress: false\nray: {rows_per_block: 2}\n"
+    )
+    runtime_env = {"excludes": [".venv", ".git", "out", "demo-out", "*.egg-info"]}
+    submit = [
+        ray_bin,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "jobs/regenerate_pairs.py",
+        "--config",
+        str(config),
+    ]
+    deadline = time.time() + 60
+    while True:  # the job server answers a little after `ray start` returns
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        if done.returncode == 0 or time.time() > deadline or "Connection" not in done.stderr:
+            break
+        time.sleep(2)
+    log = done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.returncode == 0, log
+    assert "succeeded" in (done.stdout + done.stderr).lower(), log
+    summary = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith('{"out"')))
+    assert summary["complete"] and summary["rows_in"] == 10
+    assert (summary["ok"], summary["failed"]) == (6, 4)
+    df = pq.read_table(str(out / "pairs")).to_pandas()
+    assert len(df) == 10 and not df.duplicated(["image_id", "variant"]).any()
+    assert json.loads((out / "run.json").read_text())["state"] == "complete"
+
+
+def test_job_script_rejects_a_bad_config_before_any_work(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("manifest: m.csv\nout: o\nvariants: zero\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "regenerate_pairs.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "variants" in done.stderr
