@@ -16,6 +16,7 @@ CPU) and the largest output difference between the paths.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)  # as a freshly built released model
-    model_cl = _model(args.weights)[0].eval().to(memory_format=torch.channels_last)
-    model_cl.load_state_dict(model.state_dict())
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = _inputs(args.images, args.size)
 
     paths: dict[str, Callable[[], torch.Tensor]] = {

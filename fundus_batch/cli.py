@@ -443,15 +443,21 @@ def enhance(
 @click.option("--size", default=None, type=int)
 @click.option("--address", default=None)
 @click.option("--limit", default=None, type=int)
+@click.option("--min-quality", default=None, help="flag rows, e.g. 'nr_luminance_clean >= 40'")
 def score(
-    manifest: str, out: str, size: int | None, address: str | None, limit: int | None
+    manifest: str,
+    out: str,
+    size: int | None,
+    address: str | None,
+    limit: int | None,
+    min_quality: str | None,
 ) -> None:
     """Score an archive (FOV, no-reference quality metrics) without degrading or enhancing."""
     from fundus_batch.config import build_config, merge_overrides
 
     data = merge_overrides(
         {"manifest": manifest, "out": out, "mode": "score"},
-        _overrides(size=size, limit=limit, **{"ray.address": address}),
+        _overrides(size=size, limit=limit, min_quality=min_quality, **{"ray.address": address}),
     )
     config = _fail_on(*_user_errors())(build_config)(data, "command line")
     _fail_on(*_user_errors())(_run)(config)

@@ -64,6 +64,9 @@ class RunConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     output_storage_options: dict[str, Any] | None = None
     compute_metrics: bool = True
+    min_quality: str | None = Field(
+        None, description="flag rows: 'nr_luminance_clean >= 40 and nr_laplacian_var_clean > 20'"
+    )
     shard_rows: int = Field(1000, ge=1, le=1_000_000, description="rows per Parquet file")
     limit: int | None = Field(None, ge=1, description="process only the first N manifest rows")
     progress: bool = True
@@ -84,6 +87,16 @@ class RunConfig(_Strict):
         if not codes:
             raise ValueError("at least one type code is needed")
         return codes
+
+    @field_validator("min_quality")
+    @classmethod
+    def _min_quality(cls, value: str | None) -> str | None:
+        if value is not None:
+            from fundus_batch.quality import parse_rule
+            from fundus_batch.schema import OUTPUT_COLUMNS
+
+            parse_rule(value, set(OUTPUT_COLUMNS))
+        return value
 
     @field_validator("preset")
     @classmethod

@@ -198,6 +198,10 @@ def stage_factories(config: RunConfig) -> list[Callable[[], Stage]]:
         )
     if config.compute_metrics:
         factories.append(partial(stages.Score, ("degraded", "enhanced"), config.mode == "pairs"))
+    if config.min_quality:
+        from fundus_batch.quality import QualityGate
+
+        factories.append(partial(QualityGate, config.min_quality))
     factories.append(
         partial(stages.Write, config.out, config.image_format, config.out_storage_options)
     )

@@ -70,6 +70,8 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("ms_ssim_enhanced", pa.float64()),
     *_noref_fields(),
     pa.field("metric_version", pa.string()),
+    pa.field("quality_ok", pa.bool_()),
+    pa.field("quality_failed", pa.string()),
     *[pa.field(f"seconds_{stage}", pa.float64()) for stage in STAGES],
     pa.field("fundus_batch_version", pa.string()),
 ]

@@ -46,6 +46,7 @@ from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet, check_
 __all__ = [
     "CHECKPOINT_FORMAT",
     "INITS",
+    "Batch",
     "CleanSample",
     "DegradeSource",
     "PairsSource",
@@ -63,6 +64,7 @@ __all__ = [
     "fixup_init",
     "load_checkpoint",
     "load_clean_sample",
+    "make_batch",
     "spot_mask",
     "train",
 ]
@@ -91,7 +93,8 @@ class TrainConfig:
     given, overrides it. The learning rate is constant, then decays linearly to zero from
     ``decay_start`` (a fraction of the steps). ``stop_at`` ends this call after that global step
     without changing the schedule (a run split across sessions). ``val_every`` and
-    ``checkpoint_every`` are in steps (0: only at the end). ``device="auto"`` picks CUDA when
+    ``checkpoint_every`` are in steps (0: only at the end; ``val_at_end=False`` skips the final
+    validation). ``device="auto"`` picks CUDA when
     available; ``amp=None`` means bf16 autocast on CUDA and none on CPU. ``num_threads`` sets
     torch's CPU threads (None: leave them). ``init`` is ``released`` (every conv N(0, 0.02), as
     the released ``define_G``) or ``fixup`` (He-normal convs, with the second conv of every
@@ -112,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     flip: bool = True
     val_every: int = 0
+    val_at_end: bool = True
     val_batch_size: int = 4
     log_every: int = 10
     checkpoint: str | None = None
@@ -1035,7 +1039,7 @@ def train(
     seconds = time.perf_counter() - start_time - val_seconds[0]
     if config.checkpoint:
         _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
-    if val_items and (not reports or reports[-1].step != step):
+    if val_items and config.val_at_end and (not reports or reports[-1].step != step):
         validate(step)
     model.eval()
     done = step - first_step

@@ -22,10 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Sleeping rather than spinning OpenMP workers: on a shared CPU a spinning torch thread that
+# loses its core stalls every parallel region.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     import fundus_batch  # noqa: F401  (installed)
@@ -148,7 +153,7 @@ def read_config(path: str | None) -> dict[str, Any]:
 
 
 def registry_entry(
-    name: str, weights: Path, config: TrainConfig, size: int, datasets: list[str], report: ValReport
+    name: str, weights: Path, config: TrainConfig, size: int, training_data: str, report: ValReport
 ) -> dict[str, Any]:
     """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
     metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
@@ -164,8 +169,7 @@ def registry_entry(
         "width": config.width,
         "residual": config.residual,
         "size": size,
-        "training_data": ", ".join(TRAINING_DATA[d] for d in datasets)
-        + "; degradations synthesised on the fly by fundus_batch.degrade",
+        "training_data": training_data,
         "metrics": metrics,
         "notes": "see MODEL_CARD.md",
     }
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["checkpoint"] = str(out / "checkpoint.pt")
         values["resume"] = args.resume
+        values["val_at_end"] = False  # the job evaluates the saved (fp16) weights itself
         config = TrainConfig.from_dict(values)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -243,10 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         train_source: Any = PairsSource(args.pairs, split="train")
         val_source: Any = PairsSource(args.pairs, split="val")
         held: list[dict[str, str]] = []
-        datasets = []
+        training_data = f"fundus_batch pairs dataset {args.pairs} (split train)"
     else:
         train_entries, held = split_entries(root, datasets, holdout)
         log.info("held out: %s", ", ".join(e["image_id"] for e in held))
+        training_data = (
+            ", ".join(TRAINING_DATA[d] for d in datasets)
+            + f"; degradations synthesised on the fly by fundus_batch.degrade ({preset})"
+        )
         train_source = DegradeSource(load_samples(root, train_entries, size), preset=preset)
         val_source = DegradeSource(load_samples(root, held, size), preset=preset)
         log.info(
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     load_weights(shipped, weights).eval()
     report = evaluate(shipped, val_source.val_items(config.seed), step=result.step)
     log.info("shipped weights, held-out evaluation\n%s", report.table())
-    entry = registry_entry(name, weights, config, size, datasets, report)
+    entry = registry_entry(name, weights, config, size, training_data, report)
     (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     eval_doc = {
         "name": name,

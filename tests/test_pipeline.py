@@ -247,13 +247,16 @@ def test_enhance_mode_writes_one_row_per_source_image(ray_cluster, tmp_path, tin
 def test_score_mode_records_fov_and_no_reference_metrics_only(ray_cluster, tmp_path):
     manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
     out = tmp_path / "out"
-    summary = pipeline.run(_config(manifest, out, mode="score"))
+    rule = "nr_luminance_clean > 1 and nr_laplacian_var_clean > 1e9"
+    summary = pipeline.run(_config(manifest, out, mode="score", min_quality=rule))
     assert (summary.rows_in, summary.ok, summary.failed) == (4, 2, 2)
     df = _table(out)
     ok = df[df.status == "ok"]
     assert ok.nr_luminance_clean.between(1, 255).all() and ok.fov_r.gt(100).all()
     assert ok.degraded_uri.isna().all() and ok.psnr_degraded.isna().all()
     assert all(Path(u).is_file() for u in ok.clean_uri)
+    assert (~ok.quality_ok).all()
+    assert (ok.quality_failed == "nr_laplacian_var_clean > 1e+09").all()
 
 
 def test_given_fov_masks_from_the_manifest_are_used(ray_cluster, tmp_path):

@@ -1,0 +1,98 @@
+"""Quality gates: ``--min-quality "nr_luminance_clean >= 40 and nr_laplacian_var_clean > 20"``.
+
+A rule is a conjunction of ``column op number`` terms over output columns. It is parsed and
+checked against the schema before any work starts; each row gets ``quality_ok`` and, when it
+fails, ``quality_failed`` naming the terms it broke ("clean my archive").
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+class QualityRuleError(ValueError):
+    """A rule that cannot be parsed or names an unknown column."""
+
+
+@dataclass(frozen=True)
+class Term:
+    column: str
+    op: str
+    value: float
+
+    def holds(self, actual: object) -> bool:
+        if actual is None or (isinstance(actual, float) and math.isnan(actual)):
+            return False
+        return _OPS[self.op](float(actual), self.value)
+
+    def __str__(self) -> str:
+        return f"{self.column} {self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class QualityRule:
+    """A parsed rule; ``evaluate(row)`` returns (ok, failed terms)."""
+
+    terms: tuple[Term, ...]
+
+    @property
+    def columns(self) -> set[str]:
+        return {t.column for t in self.terms}
+
+    def evaluate(self, row: dict) -> tuple[bool, list[str]]:
+        broken = [str(t) for t in self.terms if not t.holds(row.get(t.column))]
+        return not broken, broken
+
+
+def parse_rule(text: str, known_columns: set[str] | None = None) -> QualityRule:
+    """Parse ``"a >= 1 and b < 2"``; unknown columns are rejected when ``known_columns`` given."""
+    parts = re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE)
+    terms = []
+    for part in parts:
+        match = _TERM.match(part)
+        if not match:
+            raise QualityRuleError(
+                f"cannot parse quality term {part!r}: use 'column op number' joined by 'and', "
+                "op one of < <= > >= == !="
+            )
+        column, op, raw = match.groups()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise QualityRuleError(f"{raw!r} in {part!r} is not a number") from None
+        if known_columns is not None and column not in known_columns:
+            raise QualityRuleError(f"unknown column {column!r} in quality rule")
+        terms.append(Term(column, op, value))
+    return QualityRule(tuple(terms))
+
+
+class QualityGate:
+    """Pipeline stage: flag each row against a quality rule (rows are never dropped)."""
+
+    name = "quality"
+
+    def __init__(self, rule: str) -> None:
+        self.rule = parse_rule(rule)
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        for row in rows:
+            if row.get("status") != "ok":
+                continue
+            ok, broken = self.rule.evaluate(row)
+            row["quality_ok"] = ok
+            row["quality_failed"] = "; ".join(broken) or None
+        return rows

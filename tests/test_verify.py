@@ -1,0 +1,215 @@
+"""verify() on real pipeline output: passes on a fresh run, names every kind of damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from fundus_batch import pipeline
+from fundus_batch.config import build_config
+from fundus_batch.io.codecs import decode_image, encode_png
+from fundus_batch.verify import VerifyReport, verify
+from tests.pipeline_inputs import write_inputs
+
+VARIANTS = 2
+N_GOOD = 3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def _config(manifest: Path, out: Path, **extra):
+    data = {
+        "manifest": str(manifest),
+        "out": str(out),
+        "variants": VARIANTS,
+        "size": 128,
+        "shard_rows": 4,
+        "progress": False,
+        "ray": {"rows_per_block": 2},
+    }
+    data.update(extra)
+    return build_config(data, "test")
+
+
+@pytest.fixture(scope="module")
+def pristine(ray_cluster, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(manifest, out, backup): one pairs run with good, corrupt and missing inputs."""
+    root = tmp_path_factory.mktemp("verify")
+    manifest = write_inputs(root / "in", n_good=N_GOOD, size=256)
+    out = root / "out"
+    summary = pipeline.run(_config(manifest, out))
+    assert summary.complete and summary.ok == N_GOOD * VARIANTS and summary.failed == 2 * VARIANTS
+    backup = root / "backup"
+    shutil.copytree(out, backup)
+    return manifest, out, backup
+
+
+@pytest.fixture
+def run_out(pristine) -> tuple[Path, Path]:
+    """(manifest, out) with ``out`` restored to the pristine run (rows hold absolute URIs, so
+    damage is done in place and undone here)."""
+    manifest, out, backup = pristine
+    shutil.rmtree(out)
+    shutil.copytree(backup, out)
+    return manifest, out
+
+
+def _rows(out: Path):
+    return pq.read_table(str(out / "pairs")).to_pandas()
+
+
+def _ok_row(out: Path, index: int = 0):
+    ok = _rows(out)
+    ok = ok[ok.status == "ok"].sort_values(["image_id", "variant"])
+    return ok.iloc[index]
+
+
+def _problems_about(report: VerifyReport, *words: str) -> list[str]:
+    return [p for p in report.problems if all(w in p for w in words)]
+
+
+def test_fresh_pipeline_output_verifies_with_full_counts(run_out) -> None:
+    manifest, out = run_out
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    n_images = N_GOOD + 2
+    assert report.expected_rows == report.rows == n_images * VARIANTS
+    assert (report.rows_ok, report.rows_failed) == (N_GOOD * VARIANTS, 2 * VARIANTS)
+    # clean + mask per image, one degraded file per variant
+    assert report.files_checked == N_GOOD * (2 + VARIANTS)
+    assert report.mode == "pairs" and report.variants == VARIANTS
+    text = report.summary()
+    assert "OK" in text and f"rows {report.rows}" in text
+
+
+def test_removed_image_file_is_named(run_out) -> None:
+    manifest, out = run_out
+    row = _ok_row(out)
+    Path(row.degraded_uri).unlink()
+    report = verify(str(out), str(manifest))
+    assert not report.ok
+    assert _problems_about(report, repr(row.image_id), f"variant {row.variant}", "missing")
+    assert report.bad_files == 1 and "FAILED" in report.summary()
+
+
+def test_changed_bytes_that_still_decode_fail_the_sha256_check(run_out) -> None:
+    manifest, out = run_out
+    row = _ok_row(out, 1)
+    image = decode_image(Path(row.degraded_uri).read_bytes()).copy()
+    image[0, 0] ^= 1  # one pixel, still a valid PNG of the right size
+    Path(row.degraded_uri).write_bytes(encode_png(image))
+    report = verify(str(out), str(manifest))
+    found = _problems_about(report, repr(row.image_id), f"variant {row.variant}", "sha256")
+    assert len(found) == 1 and "degraded" in found[0]
+    assert len(report.problems) == 1, report.problems
+
+
+def test_truncated_shared_clean_file_is_named_for_every_variant_using_it(run_out) -> None:
+    manifest, out = run_out
+    row = _ok_row(out)
+    data = Path(row.clean_uri).read_bytes()
+    Path(row.clean_uri).write_bytes(data[: len(data) // 2])
+    report = verify(str(out), str(manifest))
+    for variant in range(VARIANTS):
+        assert _problems_about(report, repr(row.image_id), f"variant {variant}", "decode")
+        assert _problems_about(report, repr(row.image_id), f"variant {variant}", "sha256")
+
+
+def test_a_row_copied_into_an_extra_shard_is_a_duplicate(run_out) -> None:
+    manifest, out = run_out
+    table = pq.read_table(str(out / "pairs"))
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    pq.write_table(ok.slice(0, 1), out / "pairs" / "part-extra-00000.parquet")
+    image_id, variant = ok["image_id"][0].as_py(), ok["variant"][0].as_py()
+    report = verify(str(out), str(manifest))
+    assert report.duplicate_rows == 1
+    assert _problems_about(report, repr(image_id), f"variant {variant}", "duplicate")
+
+
+def _drop_rows(out: Path, image_id: str, variant: int | None = None) -> None:
+    """Rewrite every shard without the rows of ``image_id`` (one variant, or all)."""
+    for path in sorted((out / "pairs").glob("*.parquet")):
+        table = pq.read_table(path)
+        drop = pc.equal(table["image_id"], image_id)
+        if variant is not None:
+            drop = pc.and_(drop, pc.equal(table["variant"], variant))
+        pq.write_table(table.filter(pc.invert(drop)), path)
+
+
+def test_an_image_missing_from_the_output_is_found_through_the_manifest(run_out) -> None:
+    manifest, out = run_out
+    _drop_rows(out, "img_0001")
+    assert verify(str(out)).ok  # without the manifest nothing says the image should be there
+    report = verify(str(out), str(manifest))
+    assert report.missing_rows == VARIANTS
+    for variant in range(VARIANTS):
+        assert _problems_about(report, "'img_0001'", f"variant {variant}", "no row")
+
+
+def test_a_missing_variant_is_found_even_without_the_manifest(run_out) -> None:
+    _, out = run_out
+    _drop_rows(out, "img_0002", variant=1)
+    report = verify(str(out))
+    assert report.missing_rows == 1
+    assert _problems_about(report, "'img_0002'", "variant 1", "no row")
+
+
+def test_rows_for_images_outside_the_manifest_are_reported(run_out, tmp_path: Path) -> None:
+    manifest, out = run_out
+    lines = manifest.read_text().splitlines()
+    smaller = tmp_path / "smaller.csv"
+    smaller.write_text("\n".join(line for line in lines if "img_0000" not in line) + "\n")
+    report = verify(str(out), str(smaller))
+    assert report.unexpected_rows == VARIANTS
+    assert _problems_about(report, "'img_0000'", "not in the manifest")
+
+
+def test_an_unfinished_run_and_a_row_without_status_fail(run_out) -> None:
+    manifest, out = run_out
+    info = json.loads((out / "run.json").read_text())
+    info["state"] = "running"
+    (out / "run.json").write_text(json.dumps(info))
+    path = sorted((out / "pairs").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    status = table["status"].to_pylist()
+    status[0] = None
+    column = pa.array(status, pa.string())
+    table = table.set_column(table.schema.get_field_index("status"), "status", column)
+    pq.write_table(table, path)
+    report = verify(str(out), str(manifest))
+    assert _problems_about(report, "run.json", "'running'")
+    assert _problems_about(report, repr(table["image_id"][0].as_py()), "status is None")
+
+
+def test_score_mode_output_has_one_row_per_image_with_a_null_variant(pristine, tmp_path) -> None:
+    manifest, _, _ = pristine
+    out = tmp_path / "score"
+    summary = pipeline.run(_config(manifest, out, mode="score"))
+    assert summary.rows_in == N_GOOD + 2
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    assert report.mode == "score" and report.variants is None
+    assert report.expected_rows == report.rows == N_GOOD + 2
+    assert report.files_checked == 2 * N_GOOD  # clean + mask, no degraded file
+
+
+def test_an_empty_folder_is_not_a_verified_output(tmp_path: Path) -> None:
+    report = verify(str(tmp_path))
+    assert not report.ok
+    assert _problems_about(report, "run.json", "missing")
+    assert _problems_about(report, "no readable Parquet shard")
