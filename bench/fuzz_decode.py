@@ -25,6 +25,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
@@ -253,13 +254,15 @@ def _target(data: bytes, size: int) -> str:
     return "ok"
 
 
-def _worker(conn: Connection, size: int, memory_mb: int) -> None:
+def _worker(conn: Connection, size: int, memory_mb: int, quiet: bool) -> None:
     import warnings
 
     from fundus_batch.fov import FOVError
     from fundus_batch.io.codecs import DecodeError
 
     warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning and friends
+    if quiet:  # libjpeg/libtiff print a line per corrupt input straight to fd 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     _limit_memory(memory_mb)
     while True:
         try:
@@ -293,26 +296,25 @@ def _innermost(exc: BaseException) -> str:
 class Runner:
     """One worker process fed input by input; replaced after a crash or a hang."""
 
-    def __init__(self, size: int, memory_mb: int) -> None:
+    def __init__(self, size: int, memory_mb: int, quiet: bool = True) -> None:
         self.size = size
         self.memory_mb = memory_mb
+        self.quiet = quiet
         self.ctx = mp.get_context("spawn")
         self._start()
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(
-            target=_worker, args=(child, self.size, self.memory_mb), daemon=True
+            target=_worker, args=(child, self.size, self.memory_mb, self.quiet), daemon=True
         )
         self.proc.start()
         child.close()
 
     def submit(self, data: bytes) -> None:
         self.started = time.monotonic()
-        try:
+        with contextlib.suppress(OSError):  # a dead worker is reported by collect()
             self.conn.send_bytes(data)
-        except (OSError, BrokenPipeError):
-            pass  # the worker died; collect() reports it
 
     def collect(self, timeout: float) -> dict:
         """The outcome of the submitted input, waiting until ``timeout`` s after submit()."""

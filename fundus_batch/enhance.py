@@ -90,11 +90,16 @@ class Enhance:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
 
-    def enhance_arrays(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Enhance RGB uint8 images of one size; returns RGB uint8 images (unmasked)."""
+    def run_model(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list | None]:
+        """Run the network on RGB uint8 images of one size.
+
+        Returns the enhanced images (RGB uint8, unmasked) and, for variants with a vessel
+        branch, the vessel probability maps of the inputs (HxW float32), else None.
+        """
         import torch
 
-        out: list[np.ndarray] = []
+        enhanced: list[np.ndarray] = []
+        vessels: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = np.stack(images[start : start + self.batch_size])
             x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
@@ -103,12 +108,20 @@ class Enhance:
                 if self.device == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        y = self.model.enhanced(self.model(x))
+                        outputs = self.model(x)
                 else:
-                    y = self.model.enhanced(self.model(x))
-                y = y.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-            out.extend(y.permute(0, 2, 3, 1).cpu().numpy())
-        return out
+                    outputs = self.model(x)
+                y = self.model.enhanced(outputs).float().clamp_(0, 1)
+                y = y.mul_(255.0).round_().to(torch.uint8)
+                v = self.model.vessel(outputs)
+                if v is not None:
+                    vessels.extend(v.float()[:, 0].cpu().numpy())
+            enhanced.extend(y.permute(0, 2, 3, 1).cpu().numpy())
+        return enhanced, (vessels or None)
+
+    def enhance_arrays(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Enhance RGB uint8 images of one size; returns RGB uint8 images (unmasked)."""
+        return self.run_model(images)[0]
 
     def __call__(self, rows: list[Row]) -> list[Row]:
         todo: list[tuple[Row, np.ndarray, np.ndarray]] = []
@@ -128,16 +141,44 @@ class Enhance:
         for group in by_shape.values():
             start = time.perf_counter()
             try:
-                enhanced = self.enhance_arrays([img for _, img, _ in group])
+                enhanced, vessels = self.run_model([img for _, img, _ in group])
+                results = [
+                    np.where(mask[..., None] > 0, out, 0).astype(np.uint8)
+                    for (_, _, mask), out in zip(group, enhanced, strict=True)
+                ]
+                if vessels is not None:
+                    self._vessel_metrics(group, results, vessels)
             except Exception as exc:
                 for row, _, _ in group:
                     failed(row, self.name, exc)
                 continue
             per_row = (time.perf_counter() - start) / len(group)
-            for (row, _, mask), result in zip(group, enhanced, strict=True):
-                result = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
+            for (row, _, _), result in zip(group, results, strict=True):
                 row["enhanced_png"] = encode_output(result, self.image_format, self.jpeg_quality)
                 row["model_name"] = self.model_name
                 row["model_sha256"] = self.model_sha256
                 row["seconds_enhance"] = per_row
         return rows
+
+    def _vessel_metrics(self, group: list, enhanced: list[np.ndarray], vessels: list) -> None:
+        """Downstream check: segment vessels with the network's own vessel branch on the
+        input, the enhanced and (in pairs mode) the clean image; score against ground truth."""
+        from fundus_batch.metrics.vessels import vessel_metrics
+
+        idx = [i for i, (row, _, _) in enumerate(group) if row.get("vessel_gt_png")]
+        if not idx:
+            return
+        extra = [enhanced[i] for i in idx]
+        with_clean = self.source_role != "clean"
+        if with_clean:
+            extra += [codecs.decode_image(group[i][0]["clean_png"]) for i in idx]
+        _, extra_vessels = self.run_model(extra)
+        for k, i in enumerate(idx):
+            row, _, mask = group[i]
+            truth = decode_mask(row["vessel_gt_png"])
+            maps = {self.source_role: vessels[i], "enhanced": extra_vessels[k]}
+            if with_clean:
+                maps["clean"] = extra_vessels[len(idx) + k]
+            for role, prob in maps.items():
+                for name, value in vessel_metrics(prob, truth, mask).items():
+                    row[f"{name}_{role}"] = float(value)

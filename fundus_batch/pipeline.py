@@ -159,7 +159,12 @@ def stage_factories(config: RunConfig) -> list[Callable[[], Stage]]:
     from functools import partial
 
     factories: list[Callable[[], Stage]] = [
-        partial(stages.Fetch, config.storage_options, config.ray.fetch_threads),
+        partial(
+            stages.Fetch,
+            config.storage_options,
+            config.ray.fetch_threads,
+            vessels=config.enhance.enabled,
+        ),
         partial(stages.Preprocess, config.size, config.image_format, config.jpeg_quality),
     ]
     if config.compute_metrics:

@@ -851,10 +851,18 @@ class _Report:
             )
         ok = self.ok
         if not any(_has(ok, c) for c in found):
+            enhance = ((self.run or {}).get("config") or {}).get("enhance")
+            enabled = enhance.get("enabled") if isinstance(enhance, Mapping) else None
+            run_note = {
+                True: " Enhancement was on in this run.",
+                False: " Enhancement was off in this run.",
+            }.get(enabled, "")
             return (
-                head + '<p class="warn"><b>Not available:</b> the vessel columns '
-                f"({_e(', '.join(sorted(found)))}) hold no values in successful rows."
-                f"{gt_note}</p></section>"
+                head + '<p class="warn"><b>Not available:</b> the <code>vessel_auc_*</code> / '
+                "<code>vessel_f1_*</code> columns are empty, so no row was scored. Vessel scores "
+                "need an enhancement run whose model has a vessel branch, and a ground-truth "
+                f"vessel map per image (the manifest's vessel column).{run_note}{gt_note}"
+                "</p></section>"
             )
         metrics = sorted({m for m, _ in found.values()}, key=lambda m: (m != "auc", m))
         cols = [

@@ -69,6 +69,7 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("ssim_enhanced", pa.float64()),
     pa.field("ms_ssim_enhanced", pa.float64()),
     *_noref_fields(),
+    *[pa.field(f"vessel_{m}_{role}", pa.float64()) for role in IMAGE_ROLES for m in ("auc", "f1")],
     pa.field("metric_version", pa.string()),
     pa.field("quality_ok", pa.bool_()),
     pa.field("quality_failed", pa.string()),
@@ -84,6 +85,7 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("mask_png", pa.binary()),
     pa.field("degraded_png", pa.binary()),
     pa.field("enhanced_png", pa.binary()),
+    pa.field("vessel_gt_png", pa.binary()),
     pa.field("carries_clean", pa.bool_()),
     pa.field("pending_variants", pa.list_(pa.int32())),
 ]

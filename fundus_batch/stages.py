@@ -72,18 +72,40 @@ def circle_from_mask(mask: np.ndarray) -> Circle:
     return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
 
 
+def decode_vessel_truth(data: bytes) -> np.ndarray:
+    """A vessel ground-truth map as binary uint8 (0/255): 0/255 maps are thresholded at 127,
+    label maps with small values (HRF's artery/vein labels 0-3) count every label > 0."""
+    arr = codecs.decode_image(data).max(axis=2)
+    cut = 0 if arr.max() <= 3 else 127
+    return np.where(arr > cut, 255, 0).astype(np.uint8)
+
+
+def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int) -> np.ndarray:
+    """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene."""
+    if binary.shape[:2] != shape:
+        binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    cropped, _ = crop_to_fov(np.dstack([binary] * 3), circle, size=size)
+    return np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
+
+
 class Fetch:
-    """Read each row's source bytes (and an optional FOV mask) through fsspec, with threads."""
+    """Read each row's source bytes (and optional FOV mask and vessel ground truth) through
+    fsspec, with threads."""
 
     name = "fetch"
     resources = Resources(num_cpus=0.25)
 
     def __init__(
-        self, storage_options: dict | None = None, threads: int = 8, retries: int = 4
+        self,
+        storage_options: dict | None = None,
+        threads: int = 8,
+        retries: int = 4,
+        vessels: bool = False,
     ) -> None:
         self.storage_options = storage_options or {}
         self.threads = threads
         self.retries = retries
+        self.vessels = vessels
 
     def _fetch_one(self, row: Row) -> Row:
         if not is_ok(row):
@@ -96,6 +118,12 @@ class Fetch:
             if row.get("source_mask_uri"):
                 row["mask_png"] = storage.read_bytes(
                     row["source_mask_uri"],
+                    storage_options=self.storage_options,
+                    retries=self.retries,
+                )
+            if self.vessels and row.get("vessel_gt_uri"):
+                row["vessel_gt_png"] = storage.read_bytes(
+                    row["vessel_gt_uri"],
                     storage_options=self.storage_options,
                     retries=self.retries,
                 )
@@ -131,6 +159,7 @@ class Preprocess:
 
     def _one(self, row: Row) -> Row:
         raw = row.pop("raw_bytes", None)
+        vessel_raw = row.pop("vessel_gt_png", None)
         if not is_ok(row):
             row.pop("mask_png", None)
             return row
@@ -153,6 +182,9 @@ class Preprocess:
             row["size"] = self.size
             row["clean_png"] = encode_output(image, self.image_format, self.jpeg_quality)
             row["mask_png"] = codecs.encode_png(mask)
+            if vessel_raw is not None:
+                truth = crop_like(decode_vessel_truth(vessel_raw), rgb.shape[:2], circle, self.size)
+                row["vessel_gt_png"] = codecs.encode_png(np.where(mask > 0, truth, 0))
         except (codecs.DecodeError, FOVError) as exc:
             failed(row, self.name, f"{type(exc).__name__}({exc.reason}): {exc}")
         except Exception as exc:
@@ -168,8 +200,7 @@ class Preprocess:
             mask = np.where(mask > 127, 255, 0).astype(np.uint8)
         circle = circle_from_mask(mask)
         image, _ = crop_to_fov(rgb, circle, size=self.size)
-        cropped, _ = crop_to_fov(np.dstack([mask] * 3), circle, size=self.size)
-        out_mask = np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
+        out_mask = crop_like(mask, rgb.shape[:2], circle, self.size)
         image[out_mask == 0] = 0
         return image, out_mask, circle, "given_mask"
 
@@ -349,7 +380,14 @@ class Write:
                     self._write_row(row)
             except Exception as exc:
                 failed(row, self.name, storage.redact(f"{type(exc).__name__}: {exc}"))
-            for key in ("clean_png", "mask_png", "degraded_png", "enhanced_png", "raw_bytes"):
+            for key in (
+                "clean_png",
+                "mask_png",
+                "degraded_png",
+                "enhanced_png",
+                "raw_bytes",
+                "vessel_gt_png",
+            ):
                 row.pop(key, None)
             row["seconds_write"] = time.perf_counter() - start
             row["fundus_batch_version"] = __version__

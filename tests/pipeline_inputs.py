@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from fundus_batch.io.codecs import encode_jpeg
+from fundus_batch.io.codecs import encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
 
 
 def write_inputs(
-    folder: Path, n_good: int = 3, *, broken: bool = True, size: int = 640, seed: int = 100
+    folder: Path,
+    n_good: int = 3,
+    *,
+    broken: bool = True,
+    size: int = 640,
+    seed: int = 100,
+    vessels: bool = False,
 ) -> Path:
     """Write ``n_good`` synthetic photographs (and a corrupt and a missing one); return the
     manifest path."""
@@ -21,7 +27,11 @@ def write_inputs(
         s = synth_fundus(size, seed=seed + i, canvas=(size + 160, size + 40))
         path = folder / f"img_{i:04d}.jpg"
         path.write_bytes(encode_jpeg(s.image, quality=90))
-        rows.append({"image_id": f"img_{i:04d}", "uri": str(path), "grade": i % 5})
+        row = {"image_id": f"img_{i:04d}", "uri": str(path), "grade": i % 5}
+        if vessels:  # the generator's exact vessel map, as ground truth
+            row["vessel_uri"] = str(folder / f"img_{i:04d}_vessel.png")
+            Path(row["vessel_uri"]).write_bytes(encode_png(s.vessels))
+        rows.append(row)
     if broken:
         good = (folder / "img_0000.jpg").read_bytes()
         (folder / "corrupt.jpg").write_bytes(good[: len(good) // 3])

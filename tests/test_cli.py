@@ -43,19 +43,42 @@ def test_synth_writes_image_vessel_and_mask(tmp_path: Path):
     result = CliRunner().invoke(main, ["synth", str(tmp_path), "--count", "2", "--size", "128"])
     _ok(result)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["synth_00000.png", "synth_00000_mask.png", "synth_00000_vessel.png",
-                     "synth_00001.png", "synth_00001_mask.png", "synth_00001_vessel.png"]
+    assert names == [
+        "synth_00000.png",
+        "synth_00000_mask.png",
+        "synth_00000_vessel.png",
+        "synth_00001.png",
+        "synth_00001_mask.png",
+        "synth_00001_vessel.png",
+    ]
 
 
 def test_degrade_image_is_byte_identical_for_same_seed_and_replays(raw_photo, tmp_path):
     run = CliRunner().invoke
     args = ["degrade-image", str(raw_photo)]
-    _ok(run(main, [*args, str(tmp_path / "a.png"), "--seed", "4", "--size", "256",
-                   "--params-out", str(tmp_path / "p.json")]))
+    _ok(
+        run(
+            main,
+            [
+                *args,
+                str(tmp_path / "a.png"),
+                "--seed",
+                "4",
+                "--size",
+                "256",
+                "--params-out",
+                str(tmp_path / "p.json"),
+            ],
+        )
+    )
     _ok(run(main, [*args, str(tmp_path / "b.png"), "--seed", "4", "--size", "256"]))
     _ok(run(main, [*args, str(tmp_path / "c.png"), "--seed", "5", "--size", "256"]))
-    _ok(run(main, [*args, str(tmp_path / "d.png"), "--size", "256",
-                   "--replay", str(tmp_path / "p.json")]))
+    _ok(
+        run(
+            main,
+            [*args, str(tmp_path / "d.png"), "--size", "256", "--replay", str(tmp_path / "p.json")],
+        )
+    )
     a, b, c, d = ((tmp_path / f"{n}.png").read_bytes() for n in "abcd")
     assert a == b == d and a != c
     record = json.loads((tmp_path / "p.json").read_text())
@@ -64,16 +87,31 @@ def test_degrade_image_is_byte_identical_for_same_seed_and_replays(raw_photo, tm
 
 def test_degrade_image_preprocessed_replays_the_released_json_schema(tmp_path: Path):
     s = synth_fundus(512, seed=9)
-    (tmp_path / "in.png").write_bytes(__import__("fundus_batch.io.codecs").io.codecs.encode_png(
-        s.image))
+    (tmp_path / "in.png").write_bytes(
+        __import__("fundus_batch.io.codecs").io.codecs.encode_png(s.image)
+    )
     (tmp_path / "mask.png").write_bytes(
-        __import__("fundus_batch.io.codecs").io.codecs.encode_png(s.mask))
-    released = {"name": "x.png", "type": "100",
-                "params": {"blur": {"sigma": 9.0, "rad_w": 7, "rad_h": 7}}}
+        __import__("fundus_batch.io.codecs").io.codecs.encode_png(s.mask)
+    )
+    released = {
+        "name": "x.png",
+        "type": "100",
+        "params": {"blur": {"sigma": 9.0, "rad_w": 7, "rad_h": 7}},
+    }
     (tmp_path / "p.json").write_text(json.dumps(released))
-    result = CliRunner().invoke(main, [
-        "degrade-image", str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--preprocessed",
-        "--mask", str(tmp_path / "mask.png"), "--replay", str(tmp_path / "p.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "degrade-image",
+            str(tmp_path / "in.png"),
+            str(tmp_path / "out.png"),
+            "--preprocessed",
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--replay",
+            str(tmp_path / "p.json"),
+        ],
+    )
     _ok(result)
     out = decode_image((tmp_path / "out.png").read_bytes()).astype(float)
     assert np.abs(out - s.image).mean() > 0.5  # the 7x7 blur changed the image
@@ -104,27 +142,60 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
     inputs = tmp_path / "in"
     write_inputs(inputs, n_good=2, broken=False, size=320)
     runner = CliRunner()
-    _ok(runner.invoke(main, ["manifest", "from-dir", str(inputs), "--ext", ".jpg",
-                             "--out", str(tmp_path / "m.csv")]))
+    _ok(
+        runner.invoke(
+            main,
+            [
+                "manifest",
+                "from-dir",
+                str(inputs),
+                "--ext",
+                ".jpg",
+                "--out",
+                str(tmp_path / "m.csv"),
+            ],
+        )
+    )
     _ok(runner.invoke(main, ["manifest", "validate", str(tmp_path / "m.csv")]))
     out = tmp_path / "out"
-    result = runner.invoke(main, ["degrade", "--manifest", str(tmp_path / "m.csv"), "--out",
-                                  str(out), "--variants", "2", "--types", "001,100",
-                                  "--size", "256", "--seed", "3"])
+    result = runner.invoke(
+        main,
+        [
+            "degrade",
+            "--manifest",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(out),
+            "--variants",
+            "2",
+            "--types",
+            "001,100",
+            "--size",
+            "256",
+            "--seed",
+            "3",
+        ],
+    )
     _ok(result)
     assert "rows_in == ok + failed: True" in result.output
     df = pq.read_table(str(out / "pairs")).to_pandas()
     assert len(df) == 4 and set(df.type_code) == {"001", "100"}
-    _ok(runner.invoke(main, ["export", str(out), "--format", "basicsr",
-                             "--dest", str(tmp_path / "bsr")]))
+    _ok(
+        runner.invoke(
+            main, ["export", str(out), "--format", "basicsr", "--dest", str(tmp_path / "bsr")]
+        )
+    )
     meta = (tmp_path / "bsr" / "meta_info.txt").read_text().splitlines()
     assert len(meta) == 4 and meta[0].endswith("(256,256,3)")
     for line in meta:
         name = line.split()[0]
         assert (tmp_path / "bsr" / "GT" / name).is_file()
         assert (tmp_path / "bsr" / "LQ" / name).is_file()
-    _ok(runner.invoke(main, ["export", str(out), "--format", "pix2pix",
-                             "--dest", str(tmp_path / "p2p")]))
+    _ok(
+        runner.invoke(
+            main, ["export", str(out), "--format", "pix2pix", "--dest", str(tmp_path / "p2p")]
+        )
+    )
     [sample, *_] = sorted((tmp_path / "p2p" / "train").iterdir())
     assert decode_image(sample.read_bytes()).shape == (256, 512, 3)
 
@@ -132,8 +203,9 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
 def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):
     runner = CliRunner()
     (tmp_path / "m.csv").write_text("image_id,uri\na,x.jpg\na,y.jpg\n")
-    result = runner.invoke(main, ["degrade", "--manifest", str(tmp_path / "m.csv"),
-                                  "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        main, ["degrade", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code != 0 and "row 2" in result.output and "duplicate" in result.output
     assert not (tmp_path / "out").exists()
     (tmp_path / "c.yaml").write_text("manifest: m.csv\nout: o\nvariants: -3\n")
@@ -143,8 +215,19 @@ def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--count", "2",
-                                       "--variants", "2", "--no-enhance"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--count",
+            "2",
+            "--variants",
+            "2",
+            "--no-enhance",
+        ],
+    )
     _ok(result)
     assert "rows_in == ok + failed: True" in result.output
     df = pq.read_table(str(tmp_path / "demo" / "run" / "pairs")).to_pandas()

@@ -199,7 +199,7 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
 ):
     from fundus_batch.pipeline import ClusterShape, plan_operators
 
-    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True, vessels=True)
     out = tmp_path / "out"
     cfg = _config(
         manifest, out, variants=2, enhance={"enabled": True, "weights": str(tiny_weights)}
@@ -212,6 +212,9 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
     ok = df[df.status == "ok"]
     assert ok.model_sha256.notna().all() and ok.psnr_enhanced.notna().all()
     assert ok.enhanced_uri.str.endswith("_enhanced.png").all()
+    for role in ("clean", "degraded", "enhanced"):
+        assert ok[f"vessel_auc_{role}"].between(0, 1).all()
+        assert ok[f"vessel_f1_{role}"].between(0, 1).all()
     for row in ok.itertuples():
         enhanced = decode_image(Path(row.enhanced_uri).read_bytes())
         mask = decode_mask(Path(row.mask_uri).read_bytes())

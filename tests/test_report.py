@@ -289,10 +289,25 @@ def test_failures_are_grouped_by_stage_and_error_kind_with_counts(built):
     assert SECRET not in " ".join(" ".join(r) for r in body)
 
 
-def test_downstream_says_not_available_without_vessel_columns(built):
+def test_downstream_says_not_available_when_no_row_has_vessel_scores(built):
+    assert not any(
+        built["frame"][c].notna().any() for c in built["frame"] if c.startswith("vessel_auc")
+    )
     page = _parse(built["html"])
     text = " ".join(page.text["downstream"].split())
-    assert "Not available" in text and "vessel_auc_" in text
+    assert "Not available" in text and "no row was scored" in text
+    assert page.tables["downstream"] == []
+
+
+def test_downstream_says_not_available_without_vessel_columns(built, tmp_path: Path):
+    out = str(tmp_path / "old")
+    schema = pa.schema([f for f in output_schema() if not f.name.startswith("vessel_")])
+    writer = ShardWriter(OutputStore(out), schema)
+    writer.add(pa.Table.from_pandas(built["frame"][schema.names], preserve_index=False))
+    writer.close()
+    page = _parse(write_report(out).read_text(encoding="utf-8"))
+    text = " ".join(page.text["downstream"].split())
+    assert "Not available" in text and "has no vessel_auc_* / vessel_f1_* columns" in text
     assert page.tables["downstream"] == []
 
 
@@ -339,11 +354,10 @@ def test_downstream_table_shows_vessel_means_when_columns_exist(built, tmp_path:
         vessel_f1_degraded=np.where(ok, 0.6, np.nan),
     )
     out = str(tmp_path / "vessels")
-    extra = pa.schema(
-        [pa.field(c, pa.float64()) for c in ("vessel_auc_clean", "vessel_auc_degraded")]
-        + [pa.field("vessel_f1_degraded", pa.float64())]
-    )
-    schema = output_schema(extra)
+    schema = output_schema()
+    for name in ("vessel_auc_clean", "vessel_auc_degraded", "vessel_f1_degraded"):
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, pa.float64()))
     writer = ShardWriter(OutputStore(out), schema)
     writer.add(pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False))
     writer.close()
@@ -368,8 +382,12 @@ def test_summary_counts_rows_that_passed_the_quality_gate(built, tmp_path: Path)
     frame["quality_ok"] = np.where(ok, ~low, None)
     frame["quality_failed"] = np.where(low, "nr_luminance_clean >= 200", None)
     out = str(tmp_path / "gated")
-    writer = ShardWriter(OutputStore(out), output_schema())
-    writer.add(pa.Table.from_pandas(frame, preserve_index=False))
+    schema = output_schema()
+    for name, kind in (("quality_ok", pa.bool_()), ("quality_failed", pa.string())):
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, kind))
+    writer = ShardWriter(OutputStore(out), schema)
+    writer.add(pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False))
     writer.close()
     page = _parse(write_report(out).read_text(encoding="utf-8"))
     text = " ".join(page.text["summary"].split())
