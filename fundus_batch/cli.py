@@ -464,6 +464,19 @@ def score(
 
 
 @main.command()
+@click.argument("out")
+@click.option("--dest", default=None, help="HTML file to write [default: OUT/report.html]")
+@click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
+def report(out: str, dest: str | None, storage_options: str | None) -> None:
+    """Write a self-contained HTML report (contact sheets, metrics, failures, throughput)."""
+    from fundus_batch.report import write_report
+
+    so = json.loads(storage_options) if storage_options else None
+    path = _fail_on(*_user_errors(), OSError)(write_report)(out, dest, storage_options=so)
+    click.echo(f"report: {path}")
+
+
+@main.command()
 @click.option(
     "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path)
 )
@@ -502,6 +515,9 @@ def demo(out: Path, count: int, variants: int, with_enhance: bool | None) -> Non
     from fundus_batch.demo import print_demo_table
 
     print_demo_table(str(out / "run"))
+    from fundus_batch.report import write_report
+
+    click.echo(f"report:  {write_report(str(out / 'run'))}")
 
 
 @main.command()

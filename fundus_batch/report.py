@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -445,6 +446,7 @@ class _Report:
         out: str,
         storage_options: dict | None,
         figures: str,
+        figure_options: dict | None,
         rows_per_type: int,
         thumb: int,
     ) -> None:
@@ -466,6 +468,7 @@ class _Report:
             self.frame["type_code"] = NO_TYPE
         self.ok = self.frame[self.frame["status"] == STATUS_OK]
         self.figures = figures
+        self.figure_options = figure_options
         self.rows_per_type = rows_per_type
         self.thumb = thumb
         self._images: dict[str, np.ndarray | str] = {}
@@ -481,7 +484,7 @@ class _Report:
 
     def _save_figure(self, name: str, data: bytes) -> None:
         storage.write_bytes(
-            storage.join(self.figures, name), data, storage_options=self.storage_options
+            storage.join(self.figures, name), data, storage_options=self.figure_options
         )
 
     def _image(self, uri: object) -> np.ndarray | str:
@@ -1059,7 +1062,7 @@ def _parent(uri: str) -> str:
 
 def write_report(
     out: str,
-    dest: str | None = None,
+    dest: str | os.PathLike[str] | None = None,
     *,
     storage_options: dict | None = None,
     rows_per_type: int = 3,
@@ -1068,8 +1071,8 @@ def write_report(
     """Write the HTML report of output folder ``out``; return where it went.
 
     ``dest`` defaults to ``OUT/report.html``; the contact sheets (PNG) and plots (SVG) go to
-    ``report_figures/`` beside it. ``storage_options`` are used to read (and, for a remote
-    ``dest``, write) and never appear in the report. Returns a :class:`~pathlib.Path` for a
+    ``report_figures/`` beside it. ``storage_options`` are used to read ``out`` (and to write a
+    remote ``dest``) and never appear in the report. Returns a :class:`~pathlib.Path` for a
     local destination and the URI string otherwise. Raises FileNotFoundError when ``out`` holds
     neither run.json nor any Parquet shard.
     """
@@ -1079,9 +1082,11 @@ def write_report(
         raise ValueError(
             f"rows_per_type must be >= 1 and thumb >= 16, got {rows_per_type}, {thumb}"
         )
-    target = dest if dest is not None else storage.join(out, REPORT_NAME)
+    target = str(dest) if dest is not None else storage.join(out, REPORT_NAME)
+    remote = "://" in target
     figures = storage.join(_parent(target), FIGURES_DIR)
-    report = _Report(out, storage_options, figures, rows_per_type, thumb)
+    write_options = storage_options if remote else None
+    report = _Report(out, storage_options, figures, write_options, rows_per_type, thumb)
     page = report.page()
-    storage.write_bytes(target, page.encode("utf-8"), storage_options=storage_options)
-    return target if "://" in target else Path(target)
+    storage.write_bytes(target, page.encode("utf-8"), storage_options=write_options)
+    return target if remote else Path(target)

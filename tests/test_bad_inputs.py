@@ -18,6 +18,7 @@ import pytest
 from fundus_batch import pipeline, stages
 from fundus_batch.config import build_config
 from fundus_batch.io.codecs import decode_image
+from fundus_batch.manifest import MAX_ID_BYTES
 from fundus_batch.output import OutputStore
 from fundus_batch.verify import verify
 from tests.bad_inputs import KINDS, OK, build_corpus, is_root, message_problems, write_manifest
@@ -69,6 +70,7 @@ def corpus_run(ray_cluster, tmp_path_factory):
 def test_corpus_covers_at_least_twenty_kinds_with_good_and_bad_rows(tmp_path: Path) -> None:
     cases = build_corpus(tmp_path, huge=False)
     assert len({c.kind for c in cases}) >= 20
+    assert max(len(c.image_id.encode("utf-8")) for c in cases) == MAX_ID_BYTES
     assert len({c.image_id for c in cases}) == len(cases)
     assert {c.status for c in cases} == {"ok", "failed"}
     assert {c.stage for c in cases if c.status == "failed"} == {"fetch", "preprocess"}

@@ -213,3 +213,14 @@ def test_an_empty_folder_is_not_a_verified_output(tmp_path: Path) -> None:
     assert not report.ok
     assert _problems_about(report, "run.json", "missing")
     assert _problems_about(report, "no readable Parquet shard")
+
+
+def test_variants_beyond_the_last_runs_count_are_a_note_not_a_problem(run_out) -> None:
+    manifest, out = run_out
+    info = json.loads((out / "run.json").read_text())
+    info["config"]["variants"] = 1  # as after a later run that asked for fewer variants
+    (out / "run.json").write_text(json.dumps(info))
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    assert report.expected_rows == N_GOOD + 2
+    assert any("beyond" in n for n in report.notes) and "note:" in report.summary()

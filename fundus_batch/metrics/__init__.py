@@ -12,6 +12,7 @@ from .reference import (
     psnr,
     ssim,
 )
+from .vessels import UndefinedMetricError, vessel_auc, vessel_f1, vessel_metrics
 
 __all__ = [
     "METRIC_VERSION",
@@ -19,10 +20,14 @@ __all__ = [
     "PSNR_CAP",
     "REFERENCE_METRICS",
     "FOVTooSmallError",
+    "UndefinedMetricError",
     "finite",
     "full_reference_metrics",
     "ms_ssim",
     "noref_metrics",
     "psnr",
     "ssim",
+    "vessel_auc",
+    "vessel_f1",
+    "vessel_metrics",
 ]
