@@ -9,6 +9,7 @@ the same attack goes through the enhancement stage's loader.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -181,7 +182,7 @@ def _parquet_text_leaks(data: bytes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_credentials_never_reach_parquet_run_json_images_stdout_or_ray_logs(
+def test_credentials_never_reach_parquet_run_json_images_report_stdout_or_ray_logs(
     tmp_path, s3_server, s3_bucket
 ) -> None:
     import s3fs
@@ -194,12 +195,14 @@ def test_credentials_never_reach_parquet_run_json_images_stdout_or_ray_logs(
             fs.put(row.uri, f"{s3_bucket}/raw/{Path(row.uri).name}")
     frame["uri"] = [f"s3://{s3_bucket}/raw/{Path(u).name}" for u in frame.uri]
     fs.pipe(f"{s3_bucket}/manifest.csv", frame.to_csv(index=False).encode())
+    out = f"s3://{s3_bucket}/out"
+    endpoint = s3_server["endpoint_url"]
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"manifest: s3://{s3_bucket}/manifest.csv\nout: s3://{s3_bucket}/out\n"
+        f"manifest: s3://{s3_bucket}/manifest.csv\nout: {out}\n"
         "variants: 1\nsize: 128\nprogress: true\n"
         f"storage_options:\n  key: {KEY}\n  secret: {SECRET}\n"
-        f"  client_kwargs: {{endpoint_url: '{s3_server['endpoint_url']}'}}\n"
+        f"  client_kwargs: {{endpoint_url: '{endpoint}'}}\n"
         "ray: {num_cpus: 2, rows_per_block: 2}\n"
     )
     assert _leaks(config.read_bytes()) == [KEY, SECRET]  # the only place they may be
@@ -215,7 +218,18 @@ def test_credentials_never_reach_parquet_run_json_images_stdout_or_ray_logs(
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert b"rows_in" in done.stdout
-        assert _leaks(done.stdout) == [] and _leaks(done.stderr) == []
+        options = json.dumps(
+            {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}}
+        )
+        report = subprocess.run(
+            [sys.executable, "-m", "fundus_batch", "report", out, "--storage-options", options],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+        for stream in (done.stdout, done.stderr, report.stdout, report.stderr):
+            assert _leaks(stream) == []
         logs = [p for p in Path(ray_tmp).rglob("*") if p.is_file()]
         assert any(p.suffix in (".log", ".out", ".err") for p in logs), "no Ray logs found"
         leaked = {str(p): _leaks(p.read_bytes()) for p in logs}
@@ -225,6 +239,7 @@ def test_credentials_never_reach_parquet_run_json_images_stdout_or_ray_logs(
     outputs = fs.find(f"{s3_bucket}/out")
     shards = [p for p in outputs if p.endswith(".parquet")]
     assert shards and any(p.endswith("run.json") for p in outputs)
+    assert any(p.endswith("report.html") for p in outputs)
     for path in outputs:
         data = fs.cat(path)
         found = _parquet_text_leaks(data) if path.endswith(".parquet") else _leaks(data)

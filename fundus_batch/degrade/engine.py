@@ -51,17 +51,25 @@ def _apply(
 ) -> tuple[np.ndarray, DegradationRecord]:
     if image.shape[0] != record.size:
         raise RecordError("size", f"record is for {record.size} px, image is {image.shape[0]} px")
+    # The float image lives in reused per-thread buffers ("a"/"b" per dtype): the operators
+    # write in place, only the blur needs the other buffer. (Fresh multi-megabyte arrays per
+    # step cost page faults comparable to the arithmetic.)
+    slot = "a"
     if record.color is not None:
         c = record.color
         jittered = ops.color_jitter(image, c.brightness, c.contrast, c.saturation)
         # the halo's float64 map promotes the float32 image next anyway: promote it here
-        current: np.ndarray = ops.to_unit_float(jittered, np.float64)
+        current = ops.to_unit_float(jittered, np.float64, out=_buffer(slot, image, np.float64))
     else:
-        current = ops.to_unit_float(image)
+        current = ops.to_unit_float(image, out=_buffer(slot, image, np.float32))
     for step in _ORDER[record.model]:
+        # halo, hole and spots give float64 (in place when the image already is)
+        target = current if current.dtype == np.float64 else _buffer(slot, image, np.float64)
         if step == "halo" and record.halo is not None:
             h = record.halo
-            current = ops.halo(current, h.center, h.dia_a, h.dia_b, h.kernel, h.sigma, h.color)
+            current = ops.halo(
+                current, h.center, h.dia_a, h.dia_b, h.kernel, h.sigma, h.color, out=target
+            )
         elif step == "hole" and record.hole is not None:
             hole = record.hole
             if hole.strength is None:
@@ -71,15 +79,29 @@ def _apply(
                 record = replace(record, hole=hole)
             assert hole.strength is not None
             current = ops.hole(
-                current, hole.center, hole.diameter, hole.strength, hole.k_w, hole.k_h, hole.sigma
+                current,
+                hole.center,
+                hole.diameter,
+                hole.strength,
+                hole.k_w,
+                hole.k_h,
+                hole.sigma,
+                out=target,
             )
         elif step == "spots" and record.spots is not None:
-            current = ops.spots(current, record.spots)
+            current = ops.spots(current, record.spots, out=target)
         elif step == "blur" and record.blur is not None:
             b = record.blur
-            current = ops.blur(current, b.k_w, b.k_h, b.sigma)
+            slot = "b" if slot == "a" else "a"
+            target = _buffer(slot, image, current.dtype.type)
+            current = ops.blur(current, b.k_w, b.k_h, b.sigma, out=target)
     out = ops.to_uint8(current, fov if record.model == "release" else None)
     return out, record
+
+
+def _buffer(slot: str, image: np.ndarray, dtype: type) -> np.ndarray:
+    """The per-thread working buffer ``slot`` for a float copy of ``image``."""
+    return ops._scratch(f"engine_{slot}", image.shape, dtype)
 
 
 def degrade(

@@ -187,9 +187,14 @@ def color_jitter(
     return _blend_with_grey(out, saturation)
 
 
-def to_unit_float(image: np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """uint8 -> [0, 1] as torchvision ``ToTensor`` does (x / 255 in float32), then ``dtype``."""
-    return cv2.LUT(image, _UNIT64 if dtype is np.float64 else _UNIT32)
+def to_unit_float(
+    image: np.ndarray, dtype: type = np.float32, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 -> [0, 1] as torchvision ``ToTensor`` does (x / 255 in float32), then ``dtype``.
+
+    Written to ``out`` when given (same shape as ``image``, dtype ``dtype``).
+    """
+    return cv2.LUT(image, _UNIT64 if dtype is np.float64 else _UNIT32, dst=out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def _blurred_disc(
 def _disc_spans(
     shape: tuple[int, int], center: tuple[int, int], radius: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the columns [a, b) that :func:`disc` sets (a == b where the row is empty)."""
+    """Per row, the columns [a, b) that :func:`disc` sets (a == b == 0 where the row is empty)."""
     h, w = shape
     cx, cy = center
     dy = np.arange(h, dtype=np.int64) - cy
@@ -278,27 +283,51 @@ def _disc_spans(
 def _normalise_spans(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs [a, b) with every empty run written as [0, 0)."""
     empty = b <= a
-    a = np.where(empty, 0, a)
-    return a, np.where(empty, 0, b)
+    return np.where(empty, 0, a), np.where(empty, 0, b)
 
 
-def _tap_weights(
-    lo: int, hi: int, n: int, kernel: np.ndarray, group: np.ndarray, n_groups: int
+def _run_responses(
+    lo: np.ndarray, hi: np.ndarray, n: int, kernel: np.ndarray, out_range: slice, name: str
 ) -> np.ndarray:
-    """W[i - lo, g]: weight that output ``i`` (lo <= i < hi) of a reflect-101 filter along a
-    length-``n`` axis gives to the inputs j with ``group[j] == g`` (inputs in group -1 are 0).
+    """Outputs ``out_range`` of a reflect-101 filter along an axis of length ``n`` applied to
+    the 0/1 signals that are 1 on [lo[r], hi[r]) (0 <= lo <= hi <= n): shape (R, outputs).
 
-    Needs ``len(kernel) // 2 <= n - 1`` (a single reflection at each end).
+    A run's response is a difference of the kernel's cumulative sum; the borders mirror a run
+    into at most two more runs (needs ``len(kernel) // 2 <= n - 1``). An output out of the
+    kernel's reach of every run is exactly 0. The result lives in scratch buffer ``name``.
     """
-    half = len(kernel) // 2
-    src = np.arange(lo, hi)[:, None] + np.arange(-half, half + 1)[None, :]
-    np.abs(src, out=src)
-    src = np.where(src >= n, 2 * (n - 1) - src, src)
-    g = group[src]
-    keep = g >= 0
-    flat = (np.arange(hi - lo)[:, None] * n_groups + g)[keep]
-    weights = np.broadcast_to(kernel, src.shape)[keep]
-    return np.bincount(flat, weights, minlength=(hi - lo) * n_groups).reshape(hi - lo, n_groups)
+    k = len(kernel)
+    half = k // 2
+    start, stop = out_range.start, out_range.stop
+    m = stop - start
+    # table[p + half, i - start]: taps of output i that read padded positions < p, for
+    # p in [-half, n + half]; a sliding window over the cumulative sum, extended by 0 and 1
+    lead = stop - 1
+    ext = np.empty(lead + n - start + k)
+    ext[:lead] = 0.0
+    ext[lead] = 0.0
+    np.cumsum(kernel, out=ext[lead + 1 : lead + k + 1])
+    ext[lead + k + 1 :] = ext[lead + k]
+    table = np.lib.stride_tricks.sliding_window_view(ext, m)[:, ::-1]
+    pieces = (
+        (lo, hi),  # the run itself
+        (1 - hi, np.minimum(1 - lo, 0)),  # its mirror image left of position 0
+        (np.maximum(2 * n - 1 - hi, n), 2 * n - 1 - lo),  # and right of position n - 1
+    )
+    out = _scratch(name, (len(lo), m))
+    first = True
+    for piece_lo, piece_hi in pieces:
+        piece_lo = np.clip(piece_lo, -half, n + half) + half
+        piece_hi = np.maximum(np.clip(piece_hi, -half, n + half) + half, piece_lo)
+        if not first and not (piece_hi > piece_lo).any():
+            continue
+        # (fancy indexing reads the rows straight from the view; np.take would first copy it)
+        if first:
+            np.subtract(table[piece_hi], table[piece_lo], out=out)
+            first = False
+        else:
+            out += table[piece_hi] - table[piece_lo]
+    return out
 
 
 def _blurred_spans(
@@ -308,63 +337,67 @@ def _blurred_spans(
     k_h: int,
     sigma: float,
 ) -> tuple[np.ndarray, slice, slice] | None:
-    """GaussianBlur of a 0/1 map given as column runs, restricted to the box it can reach.
+    """GaussianBlur (reflect-101) of a 0/1 map given as column runs, in the box it can reach.
 
     ``spans`` holds one or two (a, b) arrays: row y of the map is 1 on columns [a[y], b[y])
-    (of every pair). A row of such a map blurred horizontally is a sum of differences of the
-    kernel's cumulative sum (reflect-101 borders mirror each run into at most two more runs),
-    and equal rows blur alike; the vertical pass is then one small matrix product over the
-    distinct rows. Sums are taken in another order than OpenCV's (differences ~1e-15), but
-    a pixel the kernel cannot reach is exactly 0 as in OpenCV. Returns (patch, rows, cols)
-    (an empty patch for an empty map), or None when a kernel is wider than the image.
+    of each pair (rows of a disc or a ring). Each distinct row is blurred horizontally through
+    :func:`_run_responses`; the rows that share a pattern form a few vertical runs, so the
+    vertical weights come from the same cumulative sums, and the vertical pass is one small
+    matrix product (distinct rows instead of all rows). Sums run in another order than
+    OpenCV's (differences ~1e-15), but a pixel out of the kernel's reach is exactly 0 as in
+    OpenCV. Returns (patch, rows, cols), the patch in a scratch buffer (empty for an empty
+    map), or None when a kernel is wider than the image.
     """
     h, w = shape
-    half_w, half_h = k_w // 2, k_h // 2
-    if half_w > w - 1 or half_h > h - 1:
+    if k_w // 2 > w - 1 or k_h // 2 > h - 1:
         return None
     a = np.stack([s[0] for s in spans], axis=1)
     b = np.stack([s[1] for s in spans], axis=1)
-    filled = (b > a).any(axis=1)
+    used = b > a
+    filled = used.any(axis=1)
     if not filled.any():
         return np.zeros((0, 0)), slice(0, 0), slice(0, 0)
     ys = np.flatnonzero(filled)
-    rows = slice(max(int(ys[0]) - half_h, 0), min(int(ys[-1]) + 1 + half_h, h))
-    used = b > a
-    cols = slice(max(int(a[used].min()) - half_w, 0), min(int(b[used].max()) + half_w, w))
-    key = a * (w + 1) + b
-    if key.shape[1] == 2:
-        key = key[:, 0] * (w + 1) ** 2 + key[:, 1]
-    unique, first, inverse = np.unique(key[ys].ravel(), return_index=True, return_inverse=True)
-    group = np.full(h, -1, np.int64)
-    group[ys] = inverse.ravel()
-    a_u, b_u = a[ys[first]], b[ys[first]]
-    # each run [a, b) and its mirror images [1 - b, 1 - a) (left) and [2w - 1 - b, 2w - 1 - a)
-    # (right), clipped to the positions an output can read
-    lo = np.concatenate([a_u, 1 - b_u, np.maximum(2 * w - 1 - b_u, w)], axis=1)
-    hi = np.concatenate([b_u, np.minimum(1 - a_u, 0), 2 * w - 1 - a_u], axis=1)
-    np.clip(lo, -half_w, w + half_w, out=lo)
-    np.clip(hi, -half_w, w + half_w, out=hi)
-    np.maximum(hi, lo, out=hi)
-    live = (hi > lo).any(axis=0)
-    lo, hi = lo[:, live] + half_w, hi[:, live] + half_w
-    # cdf_rows[p + half_w, i - cols.start] = kernel taps of output i reading positions < p
-    m = cols.stop - cols.start
+    rows = slice(max(int(ys[0]) - k_h // 2, 0), min(int(ys[-1]) + 1 + k_h // 2, h))
+    cols = slice(max(int(a[used].min()) - k_w // 2, 0), min(int(b[used].max()) + k_w // 2, w))
+    key = a[ys, 0] * (w + 1) + b[ys, 0]
+    for j in range(1, a.shape[1]):
+        key = (key * (w + 1) + a[ys, j]) * (w + 1) + b[ys, j]
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    group = group.ravel()
+    n_groups = len(first)
+    # horizontal pass of each distinct row: the sum of its runs' responses
     kx = cv2.getGaussianKernel(k_w, sigma, cv2.CV_64F)[:, 0]
-    cdf = np.empty(k_w + 1)
-    cdf[0] = 0.0
-    np.cumsum(kx, out=cdf[1:])
-    ext = np.empty(cols.stop - 1 + w - cols.start + 2 * half_w + 1)
-    lead = cols.stop - 1
-    ext[:lead] = 0.0
-    ext[lead : lead + k_w + 1] = cdf
-    ext[lead + k_w + 1 :] = cdf[-1]
-    cdf_rows = np.lib.stride_tricks.sliding_window_view(ext, m)[:, ::-1]
-    runs = cdf_rows[hi] - cdf_rows[lo]
-    horizontal = runs.sum(axis=1) if runs.shape[1] > 1 else runs[:, 0]
-    ky = cv2.getGaussianKernel(k_h, sigma, cv2.CV_64F)[:, 0]
-    vertical = _tap_weights(rows.start, rows.stop, h, ky, group, len(unique))
+    horizontal = _scratch("horizontal", (n_groups, cols.stop - cols.start))
+    for j in range(a.shape[1]):
+        response = _run_responses(a[ys[first], j], b[ys[first], j], w, kx, cols, "run_sum")
+        if j == 0:
+            horizontal[...] = response
+        else:
+            horizontal += response
+    # vertical weights: the rows of one pattern form runs of consecutive rows
+    breaks = np.flatnonzero((np.diff(ys) != 1) | (np.diff(group) != 0)) + 1
+    run_lo = ys[np.concatenate(([0], breaks))]
+    run_hi = ys[np.concatenate((breaks - 1, [len(ys) - 1]))] + 1
+    run_group = group[np.concatenate(([0], breaks))]
+    ky = kx if k_h == k_w else cv2.getGaussianKernel(k_h, sigma, cv2.CV_64F)[:, 0]
+    responses = _run_responses(run_lo, run_hi, h, ky, rows, "run_sum")
+    weights = _scratch("vertical", (n_groups, rows.stop - rows.start))
+    order = np.argsort(run_group, kind="stable")
+    sorted_group = run_group[order]
+    level = np.arange(len(order)) - np.searchsorted(sorted_group, sorted_group)
+    for k in range(int(level.max()) + 1):  # k-th run of each pattern (a disc has two)
+        pick = order[level == k]
+        if k == 0:
+            weights[run_group[pick]] = responses[pick]
+        else:
+            weights[run_group[pick]] += responses[pick]
     # cv2.gemm, not numpy's BLAS: it keeps to OpenCV's thread setting like every other step
-    return cv2.gemm(vertical, horizontal, 1.0, None, 0.0), rows, cols
+    # (and its transposed-operand flag is far slower than transposing first)
+    weights_t = cv2.transpose(weights, dst=_scratch("vertical_t", weights.shape[::-1]))
+    patch = _scratch("patch", (rows.stop - rows.start, cols.stop - cols.start))
+    cv2.gemm(weights_t, horizontal, 1.0, None, 0.0, dst=patch)
+    return patch, rows, cols
 
 
 def _add_to_channels(region: np.ndarray, plane: np.ndarray) -> None:
@@ -382,6 +415,23 @@ def _clip(image: np.ndarray) -> None:
     np.clip(image, 0.0, 1.0, out=image)
 
 
+def _check_out(image: np.ndarray, out: np.ndarray | None) -> None:
+    if out is not None and (
+        out.dtype != np.float64 or out.shape != image.shape or not out.flags.c_contiguous
+    ):
+        raise ValueError(f"out must be a C-contiguous float64 array of shape {image.shape}")
+
+
+def _float64_output(image: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``image`` as float64 in ``out`` (a new array when None; ``out`` may be ``image``)."""
+    _check_out(image, out)
+    if out is None:
+        return image.astype(np.float64)
+    if out is not image:
+        np.copyto(out, image)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # illumination
 
@@ -394,11 +444,15 @@ def halo(
     kernel: int,
     sigma: float,
     color: tuple[int, int, int],
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Add a blurred ring of height mean(image) between diameters ``dia_a`` and ``dia_b``.
 
-    Channel c gets ``color[c] / 255`` times the blurred ring; the result is clipped to [0, 1].
+    Channel c gets ``color[c] / 255`` times the blurred ring; the result (float64) is clipped
+    to [0, 1]. It is written to ``out`` when given (which may be ``image`` itself).
     """
+    _check_out(image, out)
     h, w = image.shape[:2]
     mean = float(image.sum(dtype=np.float64)) / image.size
     outer = _disc_spans((h, w), center, int(dia_b // 2))
@@ -413,20 +467,24 @@ def halo(
         blurred = (ring_blur, slice(0, h), slice(0, w))
     spread, rows, cols = blurred
     if not spread.size:
-        out = image.astype(np.float64)
+        result = _float64_output(image, out)
     else:
         spread *= mean
         delta = cv2.merge(
-            [spread * (c / 255.0) for c in color], dst=_scratch("delta", (*spread.shape, 3))
+            [
+                np.multiply(spread, c / 255.0, out=_scratch(f"halo{i}", spread.shape))
+                for i, c in enumerate(color)
+            ],
+            dst=_scratch("delta", (*spread.shape, 3)),
         )
         if spread.shape == (h, w) and image.dtype == np.float64:
-            out = cv2.add(image, delta)
+            result = cv2.add(image, delta, dst=out)
         else:
-            out = image.astype(np.float64)
-            region = out[rows, cols]
+            result = _float64_output(image, out)
+            region = result[rows, cols]
             region += delta
-    _clip(out)
-    return out
+    _clip(result)
+    return result
 
 
 def hole(
@@ -437,27 +495,30 @@ def hole(
     k_w: int,
     k_h: int,
     sigma: float,
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Add ``strength`` times a blurred disc of radius ``diameter // 2`` to every channel.
 
-    The result is clipped to [0, 1].
+    The result (float64) is clipped to [0, 1] where the disc's blur reaches. It is written to
+    ``out`` when given (which may be ``image`` itself).
     """
-    out = image.astype(np.float64)
+    result = _float64_output(image, out)
     if strength == 0.0:
-        return out
-    shape = out.shape[:2]
+        return result
+    shape = result.shape[:2]
     spans = _disc_spans(shape, center, diameter // 2)
     blurred = _blurred_spans(shape, (spans,), k_w, k_h, sigma)
     if blurred is None:
         blurred = _blurred_disc(shape, center, diameter // 2, 1.0, k_w, k_h, sigma)
     patch, rows, cols = blurred
     if not patch.size:
-        return out
+        return result
     patch *= strength
-    region = out[rows, cols]
+    region = result[rows, cols]
     _add_to_channels(region, patch)
     _clip(region)
-    return out
+    return result
 
 
 def fov_mean(image: np.ndarray, mask: np.ndarray) -> float:
@@ -477,17 +538,19 @@ def fov_mean(image: np.ndarray, mask: np.ndarray) -> float:
 # artefacts and blur
 
 
-def spots(image: np.ndarray, params: Sequence[SpotRecord]) -> np.ndarray:
-    """Add the spots one after another, clipping to [0, 1] after each.
+def spots(
+    image: np.ndarray, params: Sequence[SpotRecord], *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Add the spots one after another, clipping to [0, 1] after each (float64 result).
 
     A spot adds GaussianBlur(amplitude * disc(center, radius // 2)) to every channel. Only the
     box that blur can reach is computed, which equals blurring the whole map because the map
-    is zero elsewhere.
+    is zero elsewhere. The result is written to ``out`` when given (may be ``image``).
     """
-    out = image.astype(np.float64)
+    result = _float64_output(image, out)
     for spot in params:
         patch, rows, cols = _blurred_disc(
-            out.shape[:2],
+            result.shape[:2],
             spot.center,
             spot.radius // 2,
             spot.amplitude,
@@ -495,17 +558,29 @@ def spots(image: np.ndarray, params: Sequence[SpotRecord]) -> np.ndarray:
             spot.k_h,
             spot.sigma,
         )
-        region = out[rows, cols]
+        region = result[rows, cols]
         region += patch[..., None]
         _clip(region)
-    return out
+    return result
 
 
-def blur(image: np.ndarray, k_w: int, k_h: int, sigma: float) -> np.ndarray:
-    """Truncated Gaussian blur of the whole image (dtype kept), clipped to [0, 1]."""
-    out = _gaussian(image, k_w, k_h, sigma)
-    _clip(out)
-    return out
+def blur(
+    image: np.ndarray, k_w: int, k_h: int, sigma: float, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Truncated Gaussian blur of the whole image (dtype kept), clipped to [0, 1].
+
+    Written to ``out`` when given (same shape and dtype as ``image``, not ``image`` itself).
+    """
+    if out is None:
+        result = _gaussian(image, k_w, k_h, sigma)
+    elif out is image or out.dtype != image.dtype or out.shape != image.shape:
+        raise ValueError("out must be a separate array of the image's shape and dtype")
+    else:
+        result = cv2.GaussianBlur(
+            image, (k_w, k_h), sigma, dst=out, sigmaY=sigma, borderType=_BORDER
+        )
+    _clip(result)
+    return result
 
 
 def to_uint8(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -515,7 +590,9 @@ def to_uint8(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """
     scaled = _scratch("scaled", image.shape)
     np.multiply(image, 255.0, out=scaled, dtype=np.float64)
-    out = scaled.astype(np.uint8)
-    if mask is not None:
-        out *= mask[..., None]
-    return out
+    if mask is None:
+        return scaled.astype(np.uint8)
+    truncated = _scratch("truncated", image.shape, np.uint8)
+    np.copyto(truncated, scaled, casting="unsafe")
+    # M is 0 or 1, so the product is a copy inside the FOV and 0 outside
+    return cv2.bitwise_and(truncated, truncated, mask=np.ascontiguousarray(mask).view(np.uint8))
