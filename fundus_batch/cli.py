@@ -312,6 +312,7 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
 @click.option("--variants", default=None, type=int)
 @click.option("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
 @click.option("--limit", default=None, type=int)
+@click.option("--retry-failed", is_flag=True, default=None, help="redo rows that failed before")
 def run_cmd(
     config_path: Path,
     manifest: str | None,
@@ -320,6 +321,7 @@ def run_cmd(
     variants: int | None,
     address: str | None,
     limit: int | None,
+    retry_failed: bool | None,
 ) -> None:
     """Run a typed YAML config; flags override its fields."""
     from fundus_batch.config import load_config
@@ -332,6 +334,7 @@ def run_cmd(
             seed=seed,
             variants=variants,
             limit=limit,
+            retry_failed=retry_failed,
             **{"ray.address": address},
         ),
     )

@@ -63,6 +63,10 @@ class RunConfig(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     output_storage_options: dict[str, Any] | None = None
+    storage_retries: int = Field(6, ge=0, le=50, description="retries of transient I/O errors")
+    retry_failed: bool = Field(
+        False, description="redo rows that failed before (their old rows are removed first)"
+    )
     compute_metrics: bool = True
     min_quality: str | None = Field(
         None, description="flag rows: 'nr_luminance_clean >= 40 and nr_laplacian_var_clean > 20'"

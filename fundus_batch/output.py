@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fundus_batch import __version__
@@ -54,12 +55,22 @@ class Counts:
                 self.failed_by_stage[key] = self.failed_by_stage.get(key, 0) + 1
 
 
+class CorruptShardError(OSError):
+    """A complete-named shard that cannot be read as Parquet."""
+
+
 class OutputStore:
     """Reads and writes the pieces of one output root (local path or fsspec URL)."""
 
-    def __init__(self, root: str, storage_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict | None = None,
+        retries: int = storage.DEFAULT_RETRIES,
+    ) -> None:
         self.root = root.rstrip("/")
         self.storage_options = storage_options or {}
+        self.retries = retries
         self.fs, self.path = storage.filesystem(self.root, self.storage_options)
 
     @property
@@ -75,15 +86,53 @@ class OutputStore:
             return []
         return sorted(p for p in names if p.endswith(".parquet"))
 
+    def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        try:
+            with self.fs.open(path, "rb") as fh:
+                return pq.read_table(fh, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorruptShardError(f"shard {path} cannot be read: {exc}") from exc
+
     def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
         """All complete shards as one table, or None when there are none."""
-        tables = []
-        for path in self.shard_paths():
-            with self.fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=columns))
+        tables = [self._read_shard(path, columns) for path in self.shard_paths()]
         if not tables:
             return None
         return pa.concat_tables(tables, promote_options="permissive")
+
+    def quarantine_corrupt(self) -> list[str]:
+        """Rename unreadable shards (e.g. truncated by a crash of another writer) to
+        ``*.corrupt`` so that their rows are redone; returns their paths."""
+        bad = []
+        for path in self.shard_paths():
+            try:
+                self._read_shard(path, ["image_id", "variant"])
+            except CorruptShardError:
+                self.fs.mv(path, path + ".corrupt")
+                bad.append(path)
+        return bad
+
+    def drop_failed(self) -> int:
+        """Rewrite every shard that holds failed rows without them, so that a re-run redoes
+        them; each shard is replaced in one atomic write. Returns the number of rows dropped."""
+        dropped = 0
+        for path in self.shard_paths():
+            table = self._read_shard(path)
+            keep = pc.equal(table.column("status"), STATUS_OK)
+            kept = table.filter(pc.fill_null(keep, False))
+            if kept.num_rows == table.num_rows:
+                continue
+            dropped += table.num_rows - kept.num_rows
+            uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
+            if kept.num_rows:
+                buf = io.BytesIO()
+                pq.write_table(kept, buf, compression="zstd")
+                storage.write_bytes(
+                    uri, buf.getvalue(), storage_options=self.storage_options, retries=self.retries
+                )
+            else:
+                self.fs.rm(path)
+        return dropped
 
     def done_pairs(self) -> set[tuple[str, int]]:
         """(image_id, variant) pairs already committed by earlier runs."""
@@ -109,7 +158,10 @@ class OutputStore:
     def write_json(self, name: str, data: dict) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8")
         storage.write_bytes(
-            storage.join(self.root, name), payload, storage_options=self.storage_options
+            storage.join(self.root, name),
+            payload,
+            storage_options=self.storage_options,
+            retries=self.retries,
         )
 
     def read_json(self, name: str) -> dict | None:
@@ -171,7 +223,12 @@ class ShardWriter:
         name = f"part-{self.attempt}-{self._seq:05d}.parquet"
         self._seq += 1
         uri = storage.join(self.store.pairs_uri, name)
-        storage.write_bytes(uri, buf.getvalue(), storage_options=self.store.storage_options)
+        storage.write_bytes(
+            uri,
+            buf.getvalue(),
+            storage_options=self.store.storage_options,
+            retries=self.store.retries,
+        )
         self.shards.append(uri)
 
 

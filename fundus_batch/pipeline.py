@@ -163,6 +163,7 @@ def stage_factories(config: RunConfig) -> list[Callable[[], Stage]]:
             stages.Fetch,
             config.storage_options,
             config.ray.fetch_threads,
+            config.storage_retries,
             vessels=config.enhance.enabled,
         ),
         partial(stages.Preprocess, config.size, config.image_format, config.jpeg_quality),
@@ -208,7 +209,13 @@ def stage_factories(config: RunConfig) -> list[Callable[[], Stage]]:
 
         factories.append(partial(QualityGate, config.min_quality))
     factories.append(
-        partial(stages.Write, config.out, config.image_format, config.out_storage_options)
+        partial(
+            stages.Write,
+            config.out,
+            config.image_format,
+            config.out_storage_options,
+            config.storage_retries,
+        )
     )
     return factories
 
@@ -320,8 +327,14 @@ def run(config: RunConfig, *, progress: Callable[[int, int], None] | None = None
         manifest = Manifest(
             manifest.frame.head(config.limit).reset_index(drop=True), manifest.source
         )
-    store = OutputStore(config.out, config.out_storage_options)
+    store = OutputStore(config.out, config.out_storage_options, retries=config.storage_retries)
     store.clean_stale()
+    for path in store.quarantine_corrupt():
+        log.warning("set aside unreadable shard %s; its rows will be redone", path)
+    if config.retry_failed:
+        dropped = store.drop_failed()
+        if dropped:
+            log.warning("removed %d failed rows so that they are redone", dropped)
     done = store.done_pairs()
     rows, expected, done_before = plan_rows(manifest, config, done)
     passthrough = _passthrough_schema(manifest)

@@ -99,7 +99,7 @@ class Fetch:
         self,
         storage_options: dict | None = None,
         threads: int = 8,
-        retries: int = 4,
+        retries: int = storage.DEFAULT_RETRIES,
         vessels: bool = False,
     ) -> None:
         self.storage_options = storage_options or {}
@@ -356,11 +356,16 @@ class Write:
     resources = Resources(num_cpus=0.25)
 
     def __init__(
-        self, out: str, image_format: str = "png", storage_options: dict | None = None
+        self,
+        out: str,
+        image_format: str = "png",
+        storage_options: dict | None = None,
+        retries: int = storage.DEFAULT_RETRIES,
     ) -> None:
         self.out = out
         self.image_format = image_format
         self.storage_options = storage_options or {}
+        self.retries = retries
 
     def _check_inside(self, uri: str) -> None:
         root = self.out.rstrip("/") + "/"
@@ -369,7 +374,7 @@ class Write:
 
     def _put(self, uri: str, data: bytes) -> str:
         self._check_inside(uri)
-        storage.write_bytes(uri, data, storage_options=self.storage_options)
+        storage.write_bytes(uri, data, storage_options=self.storage_options, retries=self.retries)
         return sha256_hex(data)
 
     def __call__(self, rows: list[Row]) -> list[Row]:
@@ -391,6 +396,8 @@ class Write:
                 row.pop(key, None)
             row["seconds_write"] = time.perf_counter() - start
             row["fundus_batch_version"] = __version__
+            # A presigned or user:pass@ URI must not carry its secret into the dataset.
+            row["source_uri"] = storage.redact(row.get("source_uri") or "") or None
         return rows
 
     def _write_row(self, row: Row) -> None:

@@ -139,11 +139,6 @@ def test_corpus_row_has_the_expected_outcome(corpus_run, kind: str) -> None:
         assert row.fov_cx < case.extra["cx_max"] and abs(row.fov_cy - 103.5) < 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.read_bytes opens a FIFO (or other non-regular file) and blocks forever; "
-    "Fetch should refuse non-regular local files",
-)
 def test_fifo_uri_fails_at_fetch_instead_of_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)

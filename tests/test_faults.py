@@ -393,11 +393,6 @@ def test_truncated_complete_named_shard_is_named_by_verify(finished_run) -> None
     assert report.missing_rows == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutputStore.read_table raises on a truncated *.parquet shard, so pipeline.run "
-    "aborts at resume instead of setting the shard aside and redoing its rows",
-)
 def test_truncated_complete_named_shard_is_set_aside_and_redone_on_resume(finished_run) -> None:
     config, manifest, out = finished_run
     _truncate_a_shard(out)

@@ -290,3 +290,19 @@ def test_given_fov_masks_from_the_manifest_are_used(ray_cluster, tmp_path):
     assert row.fov_status == "given_mask"
     mask = decode_mask(Path(row.mask_uri).read_bytes())
     assert mask[:70].max() == 0 and mask[-70:].max() == 0 and mask[128, 20:236].min() == 255
+
+
+def test_retry_failed_redoes_failed_rows_once_the_input_is_back(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    first = pipeline.run(_config(manifest, out, variants=2))
+    assert (first.ok, first.failed) == (4, 4)
+    (tmp_path / "in" / "does_not_exist.jpg").write_bytes(
+        (tmp_path / "in" / "img_0001.jpg").read_bytes()
+    )
+    assert pipeline.run(_config(manifest, out, variants=2)).done_before == 8  # default: kept
+    again = pipeline.run(_config(manifest, out, variants=2, retry_failed=True))
+    assert again.done_before == 4 and (again.ok, again.failed) == (6, 2)
+    df = _table(out)
+    assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
+    assert set(df[df.status == "failed"].image_id) == {"corrupt"}

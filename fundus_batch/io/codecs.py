@@ -355,11 +355,26 @@ def _to_cv_order(arr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(arr), code)
 
 
+def _png_filter(arr: np.ndarray) -> int | None:
+    """The PNG row filter to use, or None for libpng's per-row adaptive choice.
+
+    Colour images get the Average filter: on fundus photographs it gives files within ~1% of
+    the adaptive choice in ~60% of the time (libpng tries all five filters on every row).
+    Binary 0/255 masks compress best and fastest unfiltered; other grey images stay adaptive.
+    """
+    if arr.ndim == 3:
+        return cv2.IMWRITE_PNG_FILTER_AVG
+    if cv2.countNonZero(cv2.inRange(arr, 1, 254)) == 0:
+        return cv2.IMWRITE_PNG_FILTER_NONE
+    return None
+
+
 def encode_png(rgb_or_grey: np.ndarray, compression: int = 3, *, rle: bool = True) -> bytes:
     """Lossless PNG of an RGB, RGBA or greyscale (1-channel PNG) uint8 array; zlib level 0-9.
 
     zlib's run-length strategy (``rle``, the default) is about twice as fast as the default
     strategy on fundus photographs and gives smaller files (their filtered rows are smooth).
+    The row filter is fixed by the kind of image (see ``_png_filter``).
     """
     arr = _as_uint8_image(rgb_or_grey, allow_alpha=True)
     if not (isinstance(compression, int) and 0 <= compression <= 9):
@@ -367,6 +382,9 @@ def encode_png(rgb_or_grey: np.ndarray, compression: int = 3, *, rle: bool = Tru
     params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
     if rle:
         params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    row_filter = _png_filter(arr)
+    if row_filter is not None:
+        params += [cv2.IMWRITE_PNG_FILTER, row_filter]
     ok, buf = cv2.imencode(".png", _to_cv_order(arr), params)
     if not ok:
         raise ValueError(f"OpenCV failed to encode a PNG of shape {arr.shape}")

@@ -14,6 +14,7 @@ import errno
 import os
 import posixpath
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -54,8 +55,8 @@ class Backoff:
     """Exponential backoff with jitter: attempt k sleeps ``min(cap, base * 2**k)`` times a
     uniform factor in [0.5, 1). ``sleep`` and ``rng`` are injectable for tests."""
 
-    base: float = 0.25
-    cap: float = 8.0
+    base: float = 0.5
+    cap: float = 10.0
     sleep: Callable[[float], None] = time.sleep
     rng: np.random.Generator | None = field(default=None, compare=False)
 
@@ -67,6 +68,9 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
+# With the default backoff, 6 retries wait 13-25 s in all: enough to ride out an object store
+# restart or a short network partition without stalling a run on a missing file.
+DEFAULT_RETRIES = 6
 
 _NEVER_RETRY = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _PERMANENT_ERRNOS = frozenset(
@@ -251,13 +255,27 @@ def read_bytes(
     uri: str,
     *,
     storage_options: dict[str, Any] | None = None,
-    retries: int = 4,
+    retries: int = DEFAULT_RETRIES,
     backoff: Backoff | None = None,
 ) -> bytes:
     """Whole content of ``uri``. FileNotFoundError at once; StorageError after ``retries``
     retries of transient failures."""
     fs, path = filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return _with_retries("reading", uri, lambda: _read_local(path), retries, backoff)
     return _with_retries("reading", uri, lambda: bytes(fs.cat_file(path)), retries, backoff)
+
+
+def _read_local(path: str) -> bytes:
+    """Read a regular file; FIFOs, devices and folders are refused instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (FIFO, socket or device)", path)
+        return fh.read()
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:
@@ -281,7 +299,7 @@ def write_bytes(
     data: bytes,
     *,
     storage_options: dict[str, Any] | None = None,
-    retries: int = 4,
+    retries: int = DEFAULT_RETRIES,
     backoff: Backoff | None = None,
 ) -> None:
     """Store ``data`` at ``uri``, replacing any existing file, never leaving a partial one.
@@ -303,7 +321,7 @@ def exists(
     uri: str,
     *,
     storage_options: dict[str, Any] | None = None,
-    retries: int = 4,
+    retries: int = DEFAULT_RETRIES,
     backoff: Backoff | None = None,
 ) -> bool:
     """Whether a file or folder exists at ``uri``."""
@@ -352,7 +370,7 @@ def list_files(
     *,
     storage_options: dict[str, Any] | None = None,
     include_hidden: bool = False,
-    retries: int = 4,
+    retries: int = DEFAULT_RETRIES,
     backoff: Backoff | None = None,
 ) -> list[str]:
     """All files under ``prefix`` (recursive), sorted, as URIs in the style of ``prefix``.
