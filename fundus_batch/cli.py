@@ -479,6 +479,24 @@ def report(out: str, dest: str | None, storage_options: str | None) -> None:
     click.echo(f"report: {path}")
 
 
+@main.command("verify")
+@click.argument("out")
+@click.option("--manifest", default=None, help="prove every manifest row is present")
+@click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
+@click.option("--no-files", is_flag=True, help="check rows only, not the image files")
+def verify_cmd(out: str, manifest: str | None, storage_options: str | None, no_files: bool) -> None:
+    """Prove every row is present exactly once and every output file matches its checksum."""
+    from fundus_batch.verify import verify
+
+    so = json.loads(storage_options) if storage_options else None
+    result = _fail_on(*_user_errors(), OSError)(verify)(
+        out, manifest, storage_options=so, check_files=not no_files
+    )
+    click.echo(result.summary())
+    if not result.ok:
+        sys.exit(1)
+
+
 @main.command()
 @click.option(
     "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path)

@@ -180,6 +180,13 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
     assert "rows_in == ok + failed: True" in result.output
     df = pq.read_table(str(out / "pairs")).to_pandas()
     assert len(df) == 4 and set(df.type_code) == {"001", "100"}
+    verify = ["verify", str(out), "--manifest", str(tmp_path / "m.csv")]
+    _ok(runner.invoke(main, verify))
+    kept = Path(df.degraded_uri.iloc[0]).read_bytes()
+    Path(df.degraded_uri.iloc[0]).unlink()
+    result = runner.invoke(main, verify)
+    assert result.exit_code == 1 and "is missing" in result.output
+    Path(df.degraded_uri.iloc[0]).write_bytes(kept)
     _ok(
         runner.invoke(
             main, ["export", str(out), "--format", "basicsr", "--dest", str(tmp_path / "bsr")]
