@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -112,40 +106,6 @@ def test_more_variants_later_extends_the_dataset(ray_cluster, tmp_path):
     assert summary.done_before == 2 and summary.ok == 6
     after = _table(out).set_index(["image_id", "variant"]).degraded_sha256
     assert after.loc[before.index].equals(before)
-
-
-@pytest.mark.slow
-def test_driver_killed_mid_run_then_rerun_gives_complete_duplicate_free_output(tmp_path):
-    manifest = write_inputs(tmp_path / "in", n_good=24, broken=False, size=384)
-    out = tmp_path / "out"
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"manifest: {manifest}\nout: {out}\nvariants: 2\nsize: 256\n"
-        "shard_rows: 4\nprogress: false\nray: {num_cpus: 2, rows_per_block: 2}\n"
-    )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "fundus_batch", "run", str(config)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "pairs").glob("*.parquet"))) < 2:
-        time.sleep(0.2)
-        assert proc.poll() is None, "the run finished before it could be killed"
-    # Everything the driver started (its local Ray head and workers) is killed with it.
-    family = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    partial = len(_table(out))
-    assert 0 < partial < 48
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    df = _table(out)
-    assert len(df) == 48 and (df.status == "ok").all()
-    assert not df.duplicated(["image_id", "variant"]).any()
 
 
 def test_run_reads_and_writes_s3_through_a_real_endpoint(
