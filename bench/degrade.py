@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--type", default="mixed", help="a type code, or 'mixed' (cycle all 7)")
-    parser.add_argument("--passes", type=int, default=3, help="timed passes over the files")
+    parser.add_argument("--passes", type=int, default=5, help="timed passes over the files")
     parser.add_argument("--synthetic", type=int, default=6, help="synthetic images if no data")
     parser.add_argument(
         "--clock",

@@ -61,6 +61,8 @@ _REFINE_MIN_STEP = 6.0
 _MIN_SHARP_FRAC = 0.5
 _EDGE_LEVEL = 0.5  # edge = where the radial profile crosses this share of the local step
 _MIN_SMOOTHNESS = 0.5  # neighbour correlation below this is noise, not a photograph
+# A rimless image must be at least this much redder than blue to pass as a colour fundus.
+_FUNDUS_RED_OVER_BLUE = 1.3
 
 
 class FOVError(ValueError):
@@ -189,9 +191,17 @@ def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Algebraic (Kasa) least-squares circle through points."""
     mx, my = x.mean(), y.mean()
     u, v = x - mx, y - my
-    a = np.stack([u, v, np.ones_like(u)], axis=1)
     b = u * u + v * v
-    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    # normal equations of [u v 1] (2cx, 2cy, c) = u^2 + v^2; u and v have zero mean, so the
+    # constant decouples and a 2x2 system remains
+    suu, svv, suv = float(u @ u), float(v @ v), float(u @ v)
+    det = suu * svv - suv * suv
+    if det > 1e-9 * max(suu * svv, 1e-300):
+        sbu, sbv = float(b @ u), float(b @ v)
+        sol = ((svv * sbu - suv * sbv) / det, (suu * sbv - suv * sbu) / det, float(b.mean()))
+    else:  # (nearly) collinear points: minimum-norm least squares
+        a = np.stack([u, v, np.ones_like(u)], axis=1)
+        sol = tuple(np.linalg.lstsq(a, b, rcond=None)[0])
     cx, cy = sol[0] / 2.0, sol[1] / 2.0
     r = float(np.sqrt(max(sol[2] + cx * cx + cy * cy, 0.0)))
     return float(cx + mx), float(cy + my), r
@@ -316,8 +326,8 @@ def _edge_refine(
 def _angular_coverage(x: np.ndarray, y: np.ndarray, cx: float, cy: float) -> tuple[float, int]:
     """Degrees of the circle covered by points (10-degree bins) and quadrants touched."""
     angles = np.degrees(np.arctan2(y - cy, x - cx)) % 360.0
-    bins = np.unique((angles // 10.0).astype(np.int64))
-    return 10.0 * bins.size, int(np.unique(bins // 9).size)
+    bins = np.flatnonzero(np.bincount((angles // 10.0).astype(np.int64)))
+    return 10.0 * bins.size, len(set((bins // 9).tolist()))
 
 
 def _clip_box(hull: np.ndarray, circle: tuple[float, float, float]) -> tuple[int, int, int, int]:
@@ -339,7 +349,7 @@ def _clip_box(hull: np.ndarray, circle: tuple[float, float, float]) -> tuple[int
 def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, Box, str]:
     """Circle (None when no rim is visible), valid box and status on the working image."""
     h, w = lum.shape
-    hist = np.bincount(lum.ravel(), minlength=256)
+    hist = cv2.calcHist([lum], [0], None, [256], [0, 256]).ravel().astype(np.int64)
     lo, hi = _percentiles(hist, (1.0, 99.9))
     if hi - lo < _BLANK_RANGE:
         raise FOVError("blank", f"image is uniform (grey levels {lo:.0f}..{hi:.0f})")
@@ -350,7 +360,7 @@ def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, B
         raise FOVError("no_fov", "no region brighter than the surround")
     fg = start + _percentiles(hist[start:], (50.0,))[0]
     thresh = bg + max(_THRESH_MIN_DELTA, _THRESH_FRAC * (fg - bg))
-    binary = (lum > thresh).astype(np.uint8)
+    binary = cv2.threshold(lum, thresh, 1, cv2.THRESH_BINARY)[1]  # lum > thresh
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
 
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -414,17 +424,28 @@ def _fit_rim(
             f"{coverage:.0f} degrees in {quadrants} quadrants)",
         )
     box = _clip_box(hull, (cx, cy, r))
-    fitted = circle_mask(h, w, Circle(cx, cy, r), box) > 0
-    hull_b = hull.astype(bool)
-    outside = int(np.count_nonzero(hull_b & ~fitted))
+    fitted = circle_mask(h, w, Circle(cx, cy, r), box)
+    both = cv2.countNonZero(cv2.bitwise_and(hull, fitted))
+    outside = hull_area - both
     if outside > _MAX_OUTSIDE_FRAC * hull_area:
         raise FOVError(
             "no_circle", f"{outside / hull_area:.0%} of the bright region lies outside the circle"
         )
-    covered = int(np.count_nonzero(hull_b & fitted)) / max(1, int(np.count_nonzero(fitted)))
+    covered = both / max(1, cv2.countNonZero(fitted))
     if covered < _MIN_COVERED_FRAC:
         raise FOVError("no_circle", f"only {covered:.0%} of the fitted circle is bright")
     return (cx, cy, r), box
+
+
+def _check_fundus_colour(rgb: np.ndarray) -> None:
+    """A frame-filling image has no rim to prove it is a fundus photograph, so ask for the
+    colour of one: red above green above blue on average (retinal pigment and blood)."""
+    r, g, b = (float(c) for c in cv2.mean(rgb)[:3])
+    if not (r >= g >= b and r >= _FUNDUS_RED_OVER_BLUE * max(b, 1.0)):
+        raise FOVError(
+            "no_fov",
+            f"no field-of-view rim and not fundus-coloured (mean RGB {r:.0f}, {g:.0f}, {b:.0f})",
+        )
 
 
 def detect_fov(rgb: np.ndarray) -> FOVResult:
@@ -448,6 +469,7 @@ def _detect(rgb: np.ndarray) -> tuple[Circle, str, Box]:
         small = rgb
     fit, (bx0, by0, bx1, by1), status = _detect_small(_luminance(small))
     if fit is None:
+        _check_fundus_colour(small)
         # No rim anywhere: use the inscribed circle, so the working image is a round FOV like
         # every other one and radius-relative parameters keep their meaning.
         circle = Circle((w - 1) / 2.0, (h - 1) / 2.0, min(w, h) / 2.0)

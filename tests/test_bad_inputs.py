@@ -26,10 +26,7 @@ from tests.bad_inputs import KINDS, OK, build_corpus, is_root, message_problems,
 SIZE = 128
 RUN_BUDGET_S = 120.0
 
-XFAIL = {
-    "checkerboard_photo": "fov.detect_fov accepts any smooth full-frame image (here a "
-    "checkerboard) as a full_frame fundus instead of raising FOVError(no_fov)",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from fundus_batch import fov as fov_module
 from fundus_batch.fov import (
     Circle,
     FOVError,
@@ -203,6 +204,27 @@ def test_circle_mask_follows_pixel_centres() -> None:
     assert not boxed[:2].any()
 
 
+def test_circle_mask_matches_a_distance_test_for_random_circles() -> None:
+    rng = np.random.default_rng(21)
+    yy, xx = np.mgrid[0:61, 0:83]
+    for _ in range(200):
+        circle = Circle(*rng.uniform(-30.0, 110.0, 2), float(rng.uniform(0.3, 60.0)))
+        box = (int(rng.integers(-5, 40)), int(rng.integers(-5, 30)), 90, int(rng.integers(31, 70)))
+        inside = (xx - circle.cx) ** 2 + (yy - circle.cy) ** 2 <= circle.r**2
+        inside &= (xx >= box[0]) & (xx < box[2]) & (yy >= box[1]) & (yy < box[3])
+        expected = inside.astype(np.uint8) * 255
+        np.testing.assert_array_equal(circle_mask(61, 83, circle, box), expected)
+
+
+def test_circle_fit_is_exact_on_a_circle_and_survives_collinear_points() -> None:
+    angles = np.linspace(0.3, 2.0, 50)  # an arc, not the whole circle
+    x, y = 40.0 + 25.0 * np.cos(angles), -7.0 + 25.0 * np.sin(angles)
+    cx, cy, r = fov_module._fit_circle(x, y)
+    assert abs(cx - 40.0) < 1e-9 and abs(cy + 7.0) < 1e-9 and abs(r - 25.0) < 1e-9
+    line = np.arange(10.0)
+    assert all(np.isfinite(fov_module._fit_circle(line, 2.0 * line + 1.0)))
+
+
 def test_circle_scaling_maps_pixel_centres() -> None:
     c = Circle(10.0, 20.0, 5.0).scaled(2.0)
     assert c == Circle(20.5, 40.5, 10.0)
@@ -273,6 +295,11 @@ def test_preprocess_returns_working_image_and_is_stable_when_repeated() -> None:
     img = _fundus(1296, 972, 650.0, 486.0, 430.0, seed=11, notch=True)
     first = preprocess(img)
     assert isinstance(first, Preprocessed)
+    found = detect_fov(img)
+    image, mask = crop_to_fov(img, found.circle, 512, found.box)
+    assert (first.circle, first.status, first.box) == (found.circle, found.status, found.box)
+    np.testing.assert_array_equal(first.image, image)
+    np.testing.assert_array_equal(first.mask, mask)
     assert first.image.shape == (512, 512, 3) and first.mask.shape == (512, 512)
     assert first.status == "ok"
     again = detect_fov(first.image)  # an already-preprocessed crop is a valid input

@@ -270,3 +270,16 @@ def test_bad_inputs_raise_clear_errors(fundus512, example) -> None:
     unresolved = sample_record(rng, "001", 512)
     with pytest.raises(RecordError, match=r"hole\.strength"):
         replay(image, mask, unresolved)
+
+
+def test_results_do_not_share_the_engines_reused_buffers(fundus512) -> None:
+    image, mask = fundus512
+    first, record = degrade(image, mask, "111", sample_rng(5, "a", 0))
+    kept = first.copy()
+    other = synth_fundus(256, seed=3)  # another size in between, all types, both models
+    for code in TYPE_CODES:
+        for preset in ("cofe-release", "cofe-train"):
+            degrade(other.image, other.mask, code, sample_rng(5, code, 1), preset=preset)
+    again = replay(image, mask, record)
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(again, first)

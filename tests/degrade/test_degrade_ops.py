@@ -182,3 +182,114 @@ def test_reused_scratch_buffers_do_not_leak_between_calls() -> None:
     ops.hole(small, (50, 40), 40, -0.2, 33, 35, 20.0)
     again = ops.hole(big, (120, 130), 120, -0.3, 71, 81, 50.0)
     np.testing.assert_array_equal(first, again)
+
+
+# ---- the run-based blur of discs and rings (halo, hole) against OpenCV on the whole map
+
+
+@pytest.mark.parametrize(
+    ("shape", "center", "radius"),
+    [
+        ((300, 320), (150, 140), 57),
+        ((300, 320), (5, 290), 40),  # cut by two borders
+        ((64, 64), (-30, 20), 40),  # centre outside the image
+        ((64, 64), (30, 30), 500),  # covers the whole image
+        ((64, 64), (200, 200), 10),  # entirely outside
+        ((40, 50), (10, 10), 0),
+    ],
+)
+def test_disc_spans_are_the_rows_of_disc(
+    shape: tuple[int, int], center: tuple[int, int], radius: int
+) -> None:
+    a, b = ops._disc_spans(shape, center, radius)
+    rows = np.zeros(shape, bool)
+    for y in range(shape[0]):
+        rows[y, a[y] : b[y]] = True
+    np.testing.assert_array_equal(rows, ops.disc(shape, center, radius))
+    assert np.all((b > a) | ((a == 0) & (b == 0)))  # empty rows are written [0, 0)
+
+
+def _check_against_opencv(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert np.abs(ours - ref).max() < 1e-12
+    np.testing.assert_array_equal(ours == 0.0, ref == 0.0)  # exact zeros out of reach
+
+
+@pytest.mark.parametrize(
+    ("shape", "center", "diameter", "k_w", "k_h"),
+    [
+        ((512, 512), (256, 256), 300, 181, 205),
+        ((512, 512), (20, 490), 260, 193, 171),  # mirrored runs at two borders
+        ((96, 80), (40, 50), 60, 159, 191),  # half a kernel = the image size - 1
+        ((200, 200), (100, 100), 50, 3, 1),
+    ],
+)
+def test_hole_blur_matches_opencv_on_the_whole_map(
+    shape: tuple[int, int], center: tuple[int, int], diameter: int, k_w: int, k_h: int
+) -> None:
+    sigma = 2 / 3 * max(k_w, k_h) * 1.2
+    ours = ops.hole(np.zeros((*shape, 3)), center, diameter, 1.0, k_w, k_h, sigma)
+    plane = ops.disc(shape, center, diameter // 2).astype(np.float64)
+    ref = cv2.GaussianBlur(plane, (k_w, k_h), sigma, sigmaY=sigma, borderType=BORDER)
+    _check_against_opencv(ours[..., 0], ref)
+    np.testing.assert_array_equal(ours[..., 0], ours[..., 2])
+
+
+@pytest.mark.parametrize(
+    ("center", "dia_a", "dia_b", "kernel"),
+    [
+        ((205, 268), 390.7, 1043.9, 223),  # outer circle beyond the image (real record)
+        ((261, 235), 494.9, 795.8, 59),
+        ((300, 200), 450.0, 600.0, 1023),  # half a kernel = the image size - 1
+        ((256, 256), 500.0, 400.0, 101),  # inner diameter above the outer: no ring
+    ],
+)
+def test_halo_blur_matches_opencv_on_the_whole_map(
+    center: tuple[int, int], dia_a: float, dia_b: float, kernel: int
+) -> None:
+    sigma = 2 * kernel / 3
+    image = np.zeros((512, 512, 3))
+    assert not ops.halo(image, center, dia_a, dia_b, kernel, sigma, (255, 255, 255)).any()
+    image[..., 1:] = 1.0  # mean 2/3; channel 0 then holds exactly the added ring
+    ours = ops.halo(image, center, dia_a, dia_b, kernel, sigma, (255, 255, 255))
+    ring = ops.disc((512, 512), center, int(dia_b // 2)) & ~ops.disc(
+        (512, 512), center, int(dia_a // 2)
+    )
+    ref = cv2.GaussianBlur(ring.astype(np.float64), (kernel, kernel), sigma, borderType=BORDER)
+    _check_against_opencv(ours[..., 0], ref * (2 / 3))
+
+
+def test_kernel_wider_than_the_image_falls_back_to_opencv_semantics() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.random((40, 40, 3))
+    ours = ops.hole(image, (20, 18), 16, -0.3, 101, 95, 70.0)
+    plane = ops.disc((40, 40), (20, 18), 8).astype(np.float64)
+    spread = cv2.GaussianBlur(plane, (101, 95), 70.0, borderType=BORDER)
+    expected = np.clip(image + (-0.3 * spread)[..., None], 0.0, 1.0)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_operators_write_into_out_exactly_as_into_a_new_array() -> None:
+    rng = np.random.default_rng(12)
+    image = rng.random((128, 128, 3))
+    spot = SpotRecord(14, (60, 70), 9, 7, 30.0, 0.3, (1.0, 1.0, 1.0))
+    calls = [
+        lambda img, **kw: ops.halo(img, (60, 70), 90.0, 200.0, 31, 20.0, (141, 238, 238), **kw),
+        lambda img, **kw: ops.hole(img, (50, 64), 60, -0.25, 41, 45, 30.0, **kw),
+        lambda img, **kw: ops.spots(img, [spot], **kw),
+    ]
+    for call in calls:
+        fresh = call(image)
+        buffer = image.copy()
+        assert call(buffer, out=buffer) is buffer  # in place
+        np.testing.assert_array_equal(buffer, fresh)
+        other = np.empty_like(image)
+        assert call(image, out=other) is other
+        np.testing.assert_array_equal(other, fresh)
+        with pytest.raises(ValueError, match="out must be"):
+            call(image, out=np.empty((128, 128, 3), np.float32))
+    blurred = np.empty_like(image)
+    np.testing.assert_array_equal(
+        ops.blur(image, 5, 3, 2.0, out=blurred), ops.blur(image, 5, 3, 2.0)
+    )
+    with pytest.raises(ValueError, match="out must be"):
+        ops.blur(image, 5, 3, 2.0, out=image)

@@ -366,6 +366,17 @@ def test_encode_png_greyscale_is_a_one_channel_png() -> None:
         np.testing.assert_array_equal(np.asarray(img), grey)
 
 
+def test_encode_png_is_lossless_for_masks_rgba_and_non_contiguous_views() -> None:
+    yy, xx = np.mgrid[0:70, 0:90]
+    mask = (((xx - 45) ** 2 + (yy - 35) ** 2) < 900).astype(np.uint8) * 255
+    rgb = _rgb(70, 90)
+    rgba = np.dstack([rgb, mask])
+    for arr, mode in ((mask, "L"), (rgba, "RGBA"), (rgb[::2, ::-1], "RGB"), (mask.T, "L")):
+        img = Image.open(io.BytesIO(encode_png(arr)))
+        assert img.mode == mode
+        np.testing.assert_array_equal(np.asarray(img), arr)
+
+
 def test_encode_png_compression_levels_are_lossless() -> None:
     rgb = _rgb()
     sizes = []
