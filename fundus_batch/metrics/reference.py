@@ -129,16 +129,28 @@ def ssim(image: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     channels and over the FOV eroded by the window radius (5 px).
     """
     a, b, fov = _check_pair(image, ref, mask)
-    fov = erode(fov, SSIM_WIN_RADIUS)
-    if not fov.any():
-        raise FOVTooSmallError("FOV too small for SSIM: nothing left after eroding by the window")
-    x = a.astype(np.float64)
-    y = b.astype(np.float64)
-    total = 0.0
-    for c in range(3):
-        lum, cs = _ssim_terms(x[..., c], y[..., c])
-        total += float((lum * cs)[fov].mean(dtype=np.float64))
-    return total / 3.0
+    return float(_scale_means(a.astype(np.float64), b.astype(np.float64), fov)[0].mean())
+
+
+def _scale_means(x: np.ndarray, y: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel means of the SSIM map and of the contrast-structure map over the FOV
+    eroded by the window radius; x, y are HxWx3 float64."""
+    inner = erode(fov, SSIM_WIN_RADIUS)
+    if not inner.any():
+        raise FOVTooSmallError(
+            f"FOV too small for SSIM at {x.shape[1]}x{x.shape[0]}: empty after erosion"
+        )
+    lum, cs = _ssim_terms(x, y)
+    mask8 = inner.astype(np.uint8)
+    cs_mean = _masked_mean(cs, mask8)
+    lum *= cs
+    return _masked_mean(lum, mask8), cs_mean
+
+
+def _masked_mean(arr: np.ndarray, mask8: np.ndarray) -> np.ndarray:
+    """Per-channel mean of an HxW or HxWx3 float64 array over the non-zero pixels of mask8."""
+    n = arr.shape[2] if arr.ndim == 3 else 1
+    return np.asarray(cv2.mean(arr, mask=mask8)[:n], dtype=np.float64)
 
 
 def _blur(x: np.ndarray) -> np.ndarray:
@@ -147,15 +159,29 @@ def _blur(x: np.ndarray) -> np.ndarray:
 
 
 def _ssim_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Luminance and contrast-structure maps of one channel pair (float64)."""
+    """Luminance and contrast-structure maps of a channel pair, or of HxWx3 images channel by
+    channel (float64)."""
     c1 = (_K1 * DATA_RANGE) ** 2
     c2 = (_K2 * DATA_RANGE) ** 2
+    # In-place arithmetic: fresh full-size temporaries cost more than the maths here.
     mx, my = _blur(x), _blur(y)
-    vx = _blur(x * x) - mx * mx
-    vy = _blur(y * y) - my * my
-    vxy = _blur(x * y) - mx * my
-    lum = (2 * mx * my + c1) / (mx * mx + my * my + c1)
-    cs = (2 * vxy + c2) / (vx + vy + c2)
+    vx, vy, vxy = _blur(x * x), _blur(y * y), _blur(x * y)
+    mxy = mx * my
+    mx *= mx
+    my *= my
+    vx -= mx
+    vy -= my
+    vxy -= mxy
+    lum = np.multiply(mxy, 2.0, out=mxy)
+    lum += c1
+    mx += my
+    mx += c1
+    lum /= mx
+    cs = np.multiply(vxy, 2.0, out=vxy)
+    cs += c2
+    vx += vy
+    vx += c2
+    cs /= vx
     return lum, cs
 
 
@@ -187,25 +213,31 @@ def ms_ssim(
     a, b, fov = _check_pair(image, ref, mask)
     if not weights or any(w < 0 for w in weights):
         raise ValueError(f"weights must be a non-empty sequence of non-negative numbers: {weights}")
-    x = a.astype(np.float64)
-    y = b.astype(np.float64)
+    return _ms_ssim(a.astype(np.float64), b.astype(np.float64), fov, weights)
+
+
+def _ms_ssim(
+    x: np.ndarray,
+    y: np.ndarray,
+    fov: np.ndarray,
+    weights: tuple[float, ...],
+    first: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
+    """MS-SSIM of float64 HxWx3 images; ``first`` reuses the scale-1 means of :func:`ssim`."""
     per_channel = np.ones(3)
     for scale, weight in enumerate(weights):
         if scale:
             x, y = _pool(x), _pool(y)
             fov = _pool(fov.astype(np.float64)) == 1.0
-        inner = erode(fov, SSIM_WIN_RADIUS)
-        if not inner.any():
+        try:
+            full, cs = first if (scale == 0 and first is not None) else _scale_means(x, y, fov)
+        except FOVTooSmallError:
             raise FOVTooSmallError(
                 f"FOV too small for {len(weights)}-scale MS-SSIM: empty after erosion at scale "
                 f"{scale + 1} ({x.shape[1]}x{x.shape[0]})"
-            )
-        last = scale == len(weights) - 1
-        for ch in range(3):
-            lum, cs = _ssim_terms(x[..., ch], y[..., ch])
-            term = lum * cs if last else cs
-            value = max(float(term[inner].mean(dtype=np.float64)), 0.0)
-            per_channel[ch] *= value**weight
+            ) from None
+        term = full if scale == len(weights) - 1 else cs
+        per_channel *= np.maximum(term, 0.0) ** weight
     return float(per_channel.mean())
 
 
@@ -217,9 +249,12 @@ def full_reference_metrics(
     ``ms_ssim`` is NaN (a missing value, not an error) when the FOV is too small for its five
     scales, so that small working sizes still get PSNR and SSIM; every other problem raises.
     """
-    out = {"psnr": psnr(image, ref, mask), "ssim": ssim(image, ref, mask)}
+    a, b, fov = _check_pair(image, ref, mask)
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    first = _scale_means(x, y, fov)  # shared by SSIM and the first MS-SSIM scale
+    out = {"psnr": psnr(image, ref, mask), "ssim": float(first[0].mean())}
     try:
-        out["ms_ssim"] = ms_ssim(image, ref, mask)
+        out["ms_ssim"] = _ms_ssim(x, y, fov, MS_SSIM_WEIGHTS, first)
     except FOVTooSmallError:
         out["ms_ssim"] = math.nan
     return out
