@@ -46,6 +46,7 @@ from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet, check_
 __all__ = [
     "CHECKPOINT_FORMAT",
     "INITS",
+    "LOSS_SCALES",
     "Batch",
     "CleanSample",
     "DegradeSource",
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fundus-batch-train-1"
 INITS = ("released", "fixup")
+LOSS_SCALES = ("none", "degraded")
 _BCE_EPS = 1e-6
 
 
@@ -99,7 +101,10 @@ class TrainConfig:
     torch's CPU threads (None: leave them). ``init`` is ``released`` (every conv N(0, 0.02), as
     the released ``define_G``) or ``fixup`` (He-normal convs, with the second conv of every
     residual block, the output convs of G and the LQA head zeroed, so a ``residual`` model
-    starts as the identity while its inner layers carry signal).
+    starts as the identity while its inner layers carry signal). ``loss_scale="degraded"``
+    divides each pair's image terms (L1 at both scales, disc) by that pair's degraded-input
+    FOV L1 plus ``loss_scale_eps``, so a pair counts by the fraction of its error left rather
+    than by its size (closer to a per-pair PSNR gain); ``none`` is the reference loss.
     """
 
     variant: str = "cofe-net"
@@ -131,6 +136,8 @@ class TrainConfig:
     lambda_vessel: float = 0.1
     lambda_lqa: float = 0.0
     init: str = "released"
+    loss_scale: str = "none"
+    loss_scale_eps: float = 0.01
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -160,6 +167,10 @@ class TrainConfig:
         for f in fields(self):
             if f.name.startswith("lambda_") and not getattr(self, f.name) >= 0:
                 problems.append(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.loss_scale not in LOSS_SCALES:
+            problems.append(f"loss_scale must be one of {LOSS_SCALES}, got {self.loss_scale!r}")
+        if not self.loss_scale_eps > 0:
+            problems.append(f"loss_scale_eps must be > 0, got {self.loss_scale_eps}")
         if self.init not in INITS:
             problems.append(f"init must be one of {INITS}, got {self.init!r}")
         if self.resume and not self.checkpoint:
@@ -625,9 +636,19 @@ def _half(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, 2)
 
 
-def _masked_l1(out: Tensor, ref: Tensor, weight: Tensor) -> Tensor:
-    """mean(|out - ref| * weight) over all elements (weight broadcast over channels)."""
-    return ((out - ref).abs() * weight).mean()
+def _masked_l1(out: Tensor, ref: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """mean(|out - ref| * weight) over all elements (weight broadcast over channels).
+
+    With ``scale`` (one value per item) each item's mean is divided by its scale first.
+    """
+    per_item = _masked_l1_items(out, ref, weight)
+    if scale is not None:
+        per_item = per_item / scale
+    return per_item.mean()
+
+
+def _masked_l1_items(out: Tensor, ref: Tensor, weight: Tensor) -> Tensor:
+    return ((out - ref).abs() * weight).mean(dim=(1, 2, 3))
 
 
 def cofenet_loss(
@@ -635,18 +656,25 @@ def cofenet_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """The total training loss and its terms (as floats) for one batch of model outputs."""
     out_512 = model.enhanced(outputs).float()
+    scale = None
+    if config.loss_scale == "degraded":
+        with torch.no_grad():
+            scale = _masked_l1_items(batch.degraded, batch.clean, batch.mask)
+            scale = scale + config.loss_scale_eps
     terms: dict[str, Tensor] = {}
-    terms["l1"] = config.lambda_l1 * _masked_l1(out_512, batch.clean, batch.mask)
+    terms["l1"] = config.lambda_l1 * _masked_l1(out_512, batch.clean, batch.mask, scale)
     out_256 = model.coarse(outputs)
     clean_256 = mask_256 = None
     if out_256 is not None and config.lambda_l1_256 > 0:
         clean_256, mask_256 = _half(batch.clean), _half(batch.mask)
-        terms["l1_256"] = config.lambda_l1_256 * _masked_l1(out_256.float(), clean_256, mask_256)
+        terms["l1_256"] = config.lambda_l1_256 * _masked_l1(
+            out_256.float(), clean_256, mask_256, scale
+        )
     if config.lambda_disc > 0 and bool(batch.has_disc.any()):
         disc = batch.disc * batch.mask
-        disc_term = _masked_l1(out_512, batch.clean, disc)
+        disc_term = _masked_l1(out_512, batch.clean, disc, scale)
         if out_256 is not None and clean_256 is not None:
-            disc_term = disc_term + _masked_l1(out_256.float(), clean_256, _half(disc))
+            disc_term = disc_term + _masked_l1(out_256.float(), clean_256, _half(disc), scale)
         terms["disc"] = config.lambda_disc * disc_term
     vessel = model.vessel(outputs)
     if vessel is not None and config.lambda_vessel > 0 and bool(batch.has_vessels.any()):

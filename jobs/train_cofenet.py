@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--init", choices=["released", "fixup"])
+    parser.add_argument("--loss-scale", choices=["none", "degraded"])
     parser.add_argument("--val-every", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "seed": args.seed,
             "init": args.init,
+            "loss_scale": args.loss_scale,
             "val_every": args.val_every,
             "num_threads": args.threads,
             "device": args.device,

@@ -240,3 +240,51 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     df = pq.read_table(str(tmp_path / "demo" / "run" / "pairs")).to_pandas()
     assert len(df) == 6 and (df.status == "ok").all()
     assert "skimage_retina" in set(df.image_id)
+
+
+def test_train_command_trains_on_pipeline_pairs_and_resumes(ray_cluster, tmp_path):
+    inputs = tmp_path / "in"
+    manifest = write_inputs(inputs, n_good=2, broken=False, size=320)
+    runner = CliRunner()
+    out = tmp_path / "pairs"
+    _ok(
+        runner.invoke(
+            main,
+            [
+                "degrade",
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--variants",
+                "2",
+                "--size",
+                "256",
+            ],
+        )
+    )
+    args = [
+        "train",
+        "--pairs",
+        str(out),
+        "--out",
+        str(tmp_path / "model"),
+        "--width",
+        "0.125",
+        "--size",
+        "192",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(main, [*args, "--steps", "2"])
+    _ok(result)
+    assert "trained 2 steps" in result.output
+    result = runner.invoke(main, [*args, "--steps", "3", "--resume"])
+    _ok(result)
+    assert "trained 3 steps" in result.output
+    from fundus_batch.models import model_from_weights
+
+    model = model_from_weights(tmp_path / "model" / "model.pt", residual=True)
+    assert model.width == 0.125

@@ -92,6 +92,28 @@ def test_loss_has_every_term_and_ignores_pixels_outside_the_fov() -> None:
     assert set(bare_terms) == {"l1", "l1_256", "lqa"}
 
 
+def test_degraded_loss_scale_measures_the_fraction_of_error_left() -> None:
+    source = DegradeSource(_samples(2, 192, disc=False), types=("001", "010"))
+    batch = make_batch([source.train_item(i, sample_rng(5, "scale", i)) for i in range(2)])
+    model = build_cofenet("cofe-net", 0.125, residual=True, generator=torch.Generator())
+    # Each output removes half of its own pair's error, whatever that error's size.
+    half_way = batch.clean + 0.5 * (batch.degraded - batch.clean)
+    out_256 = torch.nn.functional.avg_pool2d(half_way, 2)
+    vessel = torch.full_like(batch.mask, 0.5)
+    outputs = (half_way, out_256, vessel, torch.zeros_like(out_256[:, :1]))
+    eps = 0.01
+    config = _tiny(loss_scale="degraded", loss_scale_eps=eps, lambda_vessel=0.0)
+    _, terms = cofenet_loss(model, outputs, batch, config)
+    errors = [
+        float(((batch.degraded[i] - batch.clean[i]).abs() * batch.mask[i]).mean()) for i in range(2)
+    ]
+    assert errors[0] > 5 * errors[1]  # an illumination pair and a spots pair
+    want = np.mean([0.5 * e / (e + eps) for e in errors])
+    assert terms["l1"] == pytest.approx(want, rel=1e-4)
+    _, plain = cofenet_loss(model, outputs, batch, _tiny(lambda_vessel=0.0))
+    assert plain["l1"] == pytest.approx(0.5 * np.mean(errors), rel=1e-4)
+
+
 def test_spot_mask_covers_where_the_spots_changed_the_image() -> None:
     s = synth_fundus(256, seed=4)
     degraded, record = degrade(s.image, s.mask, "010", sample_rng(1, "spots", 0))
@@ -195,6 +217,8 @@ def test_same_config_gives_identical_weights_and_another_seed_does_not() -> None
         {"width": 1.5},
         {"lambda_vessel": -1.0},
         {"init": "xavier"},
+        {"loss_scale": "log"},
+        {"loss_scale_eps": 0.0},
         {"resume": True},
         {"decay_start": 2.0},
     ],
