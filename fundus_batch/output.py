@@ -79,19 +79,29 @@ class OutputStore:
 
     def shard_paths(self) -> list[str]:
         """Paths (in the filesystem's own form) of complete shards, sorted."""
+        return sorted(p for p in self._list_pairs() if p.endswith(".parquet"))
+
+    def _list_pairs(self) -> list[str]:
         base = f"{self.path}/{PAIRS_DIR}"
-        try:
-            names = self.fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(p for p in names if p.endswith(".parquet"))
+
+        def ls() -> list[str]:
+            self.fs.invalidate_cache(base)  # object-store listings are cached by fsspec
+            try:
+                return self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                return []
+
+        return storage.with_retries("listing", self.pairs_uri, ls, retries=self.retries)
 
     def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
+        # Transient storage errors are retried (and raise StorageError when they persist);
+        # only bytes that do not parse make a shard corrupt.
+        data = storage.read_bytes(uri, storage_options=self.storage_options, retries=self.retries)
         try:
-            with self.fs.open(path, "rb") as fh:
-                return pq.read_table(fh, columns=columns)
+            return pq.read_table(io.BytesIO(data), columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise CorruptShardError(f"shard {path} cannot be read: {exc}") from exc
+            raise CorruptShardError(f"shard {uri} cannot be read: {exc}") from exc
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
         """All complete shards as one table, or None when there are none."""
@@ -145,12 +155,7 @@ class OutputStore:
 
     def clean_stale(self) -> int:
         """Remove temporary shard files left by a killed run; returns how many."""
-        base = f"{self.path}/{PAIRS_DIR}"
-        try:
-            names = self.fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return 0
-        stale = [p for p in names if p.endswith(".tmp")]
+        stale = [p for p in self._list_pairs() if p.endswith(".tmp")]
         for path in stale:
             self.fs.rm(path)
         return len(stale)

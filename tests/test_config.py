@@ -63,6 +63,11 @@ def test_bad_yaml_is_a_config_error(tmp_path: Path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs" / "configs").glob("*.yaml")))
+RUN_CONFIGS = sorted(
+    p.name for p in (REPO / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("train")
+)
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_shipped_job_configs_validate(name):
     load_config(REPO / "jobs" / "configs" / name)

@@ -36,6 +36,7 @@ __all__ = [
     "list_files",
     "read_bytes",
     "redact",
+    "with_retries",
     "write_bytes",
 ]
 
@@ -249,6 +250,19 @@ def _with_retries(
                 ) from exc
             policy.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
+
+
+def with_retries(
+    what: str,
+    uri: str,
+    fn: Callable[[], T],
+    *,
+    retries: int = DEFAULT_RETRIES,
+    backoff: Backoff | None = None,
+) -> T:
+    """Run ``fn`` (a storage operation on ``uri``), retrying transient failures with backoff;
+    ``what`` names the operation in the final error ("listing", "reading", ...)."""
+    return _with_retries(what, uri, fn, retries, backoff)
 
 
 def read_bytes(
