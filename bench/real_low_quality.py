@@ -1,0 +1,80 @@
+"""No-reference quality of the Cofe-Net authors' 100 real low-quality photographs, before and
+after enhancement with the shipped model (the README's table comes from this script).
+
+    python bench/real_low_quality.py [--shared ../shared] [--limit N] [--weights NAME]
+
+Runs `fundus-batch enhance` through the library (local Ray) on `shared/data/cofenet_lq` with the
+authors' FOV masks, then prints a markdown table of mean (and median) no-reference metrics of
+the source and the enhanced images. Needs `../shared`; exits with a message when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fundus_batch import pipeline  # noqa: E402
+from fundus_batch.config import build_config  # noqa: E402
+from fundus_batch.metrics import NOREF_METRICS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--weights", default="fundus-cofenet-small")
+    args = parser.parse_args()
+    folder = args.shared / "data" / "cofenet_lq"
+    images = sorted((folder / "image").glob("*.png"))[: args.limit]
+    if not images:
+        raise SystemExit(f"no images under {folder}: this bench needs ../shared")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "m.csv"
+        pd.DataFrame(
+            {
+                "image_id": [p.stem for p in images],
+                "uri": [str(p) for p in images],
+                "mask_uri": [str(folder / "mask" / p.name) for p in images],
+            }
+        ).to_csv(manifest, index=False)
+        out = Path(tmp) / "out"
+        config = build_config(
+            {
+                "manifest": str(manifest),
+                "out": str(out),
+                "mode": "enhance",
+                "progress": False,
+                "enhance": {"weights": args.weights, "batch_size": 4},
+                "ray": {"num_cpus": 2},
+            },
+            "bench",
+        )
+        summary = pipeline.run(config)
+        frame = pq.read_table(str(out / "pairs")).to_pandas()
+    ok = frame[frame.status == "ok"]
+    print(
+        f"{len(ok)} of {summary.rows_in} images enhanced with {args.weights} "
+        f"in {summary.seconds:.0f} s"
+    )
+    print("")
+    print("| metric | source mean | enhanced mean | source median | enhanced median |")
+    print("|---|---|---|---|---|")
+    for name in NOREF_METRICS:
+        before, after = ok[f"{name}_clean"], ok[f"{name}_enhanced"]
+        print(
+            f"| `{name}` | {before.mean():.4g} | {after.mean():.4g} | {before.median():.4g} "
+            f"| {after.median():.4g} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
