@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fundus_batch import pipeline  # noqa: E402
-from fundus_batch.config import build_config  # noqa: E402
-from fundus_batch.metrics import NOREF_METRICS  # noqa: E402
+from fundus_batch import pipeline
+from fundus_batch.config import build_config
+from fundus_batch.metrics import NOREF_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 
