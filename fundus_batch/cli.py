@@ -16,28 +16,6 @@ class _Fail(click.ClickException):
     """A one-line reason and a non-zero exit."""
 
 
-def _fail_on(*errors: type[BaseException]):
-    """Turn library errors into a one-line message and exit code 1."""
-
-    def wrap(fn):
-        import functools
-
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except errors as exc:
-                reason = getattr(exc, "reason", None)
-                message = " ".join(str(exc).split())
-                if reason:
-                    message = f"{type(exc).__name__}: {message} ({reason})"
-                raise _Fail(message) from None
-
-        return inner
-
-    return wrap
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fundus_batch.config import ConfigError
     from fundus_batch.degrade.params import RecordError
@@ -45,18 +23,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fundus_batch.io.codecs import DecodeError
     from fundus_batch.manifest import ManifestError
 
-    return (
-        ConfigError,
-        ManifestError,
-        DecodeError,
-        FOVError,
-        RecordError,
-        FileNotFoundError,
-        ValueError,
-    )
+    return (ConfigError, ManifestError, DecodeError, FOVError, RecordError, ValueError, OSError)
 
 
-@click.group()
+class _Group(click.Group):
+    """Turns the library's user-facing errors into a one-line reason and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as exc:
+            message = " ".join(str(exc).split())
+            reason = getattr(exc, "reason", None)
+            if reason:
+                message = f"{type(exc).__name__}: {message} ({reason})"
+            raise _Fail(message) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(__version__, prog_name="fundus-batch")
 def main() -> None:
     """Degradation synthesis and Cofe-Net enhancement of fundus photographs at scale."""
@@ -120,38 +104,6 @@ def degrade_image(
     quality: int,
 ) -> None:
     """Degrade one image (FOV preprocessing first unless --preprocessed)."""
-    _fail_on(*_user_errors())(_degrade_image)(
-        input_path,
-        output,
-        type_code,
-        preset,
-        seed,
-        image_id,
-        variant,
-        size,
-        params_out,
-        replay_path,
-        mask_path,
-        preprocessed,
-        quality,
-    )
-
-
-def _degrade_image(
-    input_path: Path,
-    output: Path,
-    type_code: str,
-    preset: str,
-    seed: int,
-    image_id: str | None,
-    variant: int,
-    size: int,
-    params_out: Path | None,
-    replay_path: Path | None,
-    mask_path: Path | None,
-    preprocessed: bool,
-    quality: int,
-) -> None:
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
     from fundus_batch.fov import preprocess
     from fundus_batch.io.codecs import decode_image, encode_image
@@ -207,14 +159,11 @@ def manifest_from_dir(
     """Every image under a local folder or bucket prefix."""
     from fundus_batch import manifest as mf
 
-    def go() -> None:
-        so = json.loads(storage_options) if storage_options else None
-        extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
-        m = mf.from_dir(prefix, extensions=extensions, storage_options=so)
-        mf.write_manifest(m, out_uri, storage_options=so)
-        click.echo(f"wrote {len(m)} rows to {out_uri}")
-
-    _fail_on(*_user_errors(), OSError)(go)()
+    so = json.loads(storage_options) if storage_options else None
+    extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
+    m = mf.from_dir(prefix, extensions=extensions, storage_options=so)
+    mf.write_manifest(m, out_uri, storage_options=so)
+    click.echo(f"wrote {len(m)} rows to {out_uri}")
 
 
 @manifest.command("from-kaggle")
@@ -226,12 +175,9 @@ def manifest_from_kaggle(labels: str, images: str, out_uri: str, ext: str) -> No
     """From Kaggle EyePACS trainLabels.csv (columns image,level)."""
     from fundus_batch import manifest as mf
 
-    def go() -> None:
-        m = mf.from_kaggle(labels, images, extension=ext)
-        mf.write_manifest(m, out_uri)
-        click.echo(f"wrote {len(m)} rows to {out_uri}")
-
-    _fail_on(*_user_errors(), OSError)(go)()
+    m = mf.from_kaggle(labels, images, extension=ext)
+    mf.write_manifest(m, out_uri)
+    click.echo(f"wrote {len(m)} rows to {out_uri}")
 
 
 @manifest.command("from-eyeq")
@@ -243,12 +189,9 @@ def manifest_from_eyeq(labels: str, images: str, out_uri: str, split: str | None
     """From EyeQ Label_EyeQ_*.csv (columns ,image,quality,DR_grade)."""
     from fundus_batch import manifest as mf
 
-    def go() -> None:
-        m = mf.from_eyeq(labels, images, split=split)
-        mf.write_manifest(m, out_uri)
-        click.echo(f"wrote {len(m)} rows to {out_uri}")
-
-    _fail_on(*_user_errors(), OSError)(go)()
+    m = mf.from_eyeq(labels, images, split=split)
+    mf.write_manifest(m, out_uri)
+    click.echo(f"wrote {len(m)} rows to {out_uri}")
 
 
 @manifest.command("validate")
@@ -257,7 +200,7 @@ def manifest_validate(uri: str) -> None:
     """Check a manifest without running anything."""
     from fundus_batch.manifest import read_manifest
 
-    m = _fail_on(*_user_errors())(read_manifest)(uri)
+    m = read_manifest(uri)
     click.echo(f"{uri}: {len(m)} rows, pass-through columns {m.passthrough_columns}")
 
 
@@ -326,7 +269,7 @@ def run_cmd(
     """Run a typed YAML config; flags override its fields."""
     from fundus_batch.config import load_config
 
-    config = _fail_on(*_user_errors())(load_config)(
+    config = load_config(
         config_path,
         _overrides(
             manifest=manifest,
@@ -338,7 +281,7 @@ def run_cmd(
             **{"ray.address": address},
         ),
     )
-    _fail_on(*_user_errors())(_run)(config)
+    _run(config)
 
 
 @main.command()
@@ -391,8 +334,8 @@ def degrade(
             },
         ),
     )
-    config = _fail_on(*_user_errors())(build_config)(data, "command line")
-    _fail_on(*_user_errors())(_run)(config)
+    config = build_config(data, "command line")
+    _run(config)
 
 
 @main.command()
@@ -436,8 +379,8 @@ def enhance(
             },
         ),
     )
-    config = _fail_on(*_user_errors())(build_config)(data, "command line")
-    _fail_on(*_user_errors())(_run)(config)
+    config = build_config(data, "command line")
+    _run(config)
 
 
 @main.command()
@@ -462,8 +405,8 @@ def score(
         {"manifest": manifest, "out": out, "mode": "score"},
         _overrides(size=size, limit=limit, min_quality=min_quality, **{"ray.address": address}),
     )
-    config = _fail_on(*_user_errors())(build_config)(data, "command line")
-    _fail_on(*_user_errors())(_run)(config)
+    config = build_config(data, "command line")
+    _run(config)
 
 
 @main.command()
@@ -475,7 +418,7 @@ def report(out: str, dest: str | None, storage_options: str | None) -> None:
     from fundus_batch.report import write_report
 
     so = json.loads(storage_options) if storage_options else None
-    path = _fail_on(*_user_errors(), OSError)(write_report)(out, dest, storage_options=so)
+    path = write_report(out, dest, storage_options=so)
     click.echo(f"report: {path}")
 
 
@@ -489,9 +432,7 @@ def verify_cmd(out: str, manifest: str | None, storage_options: str | None, no_f
     from fundus_batch.verify import verify
 
     so = json.loads(storage_options) if storage_options else None
-    result = _fail_on(*_user_errors(), OSError)(verify)(
-        out, manifest, storage_options=so, check_files=not no_files
-    )
+    result = verify(out, manifest, storage_options=so, check_files=not no_files)
     click.echo(result.summary())
     if not result.ok:
         sys.exit(1)
@@ -529,48 +470,44 @@ def train_cmd(
     resume: bool,
 ) -> None:
     """Train a Cofe-Net variant on pairs the pipeline generated; checkpoints and resumes."""
-    from fundus_batch.models.weights import WeightsError
-    from fundus_batch.train import PairsSource, TrainConfig, TrainError, train
+    import torch
 
-    def go() -> None:
-        import torch
+    from fundus_batch.train import PairsSource, TrainConfig, train
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = TrainConfig(
-            variant=variant,
-            width=width,
-            residual=width < 1.0,
-            size=size,
-            batch_size=batch_size,
-            steps=steps,
-            lr=lr,
-            seed=seed,
-            val_every=val_every,
-            checkpoint=str(out_dir / "checkpoint.pt"),
-            checkpoint_every=max(1, steps // 10),
-            resume=resume,
-            device=device,
-        )
-        train_source = PairsSource(pairs, split=train_split)
-        val_source = PairsSource(pairs, split=val_split) if val_split else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(
+        variant=variant,
+        width=width,
+        residual=width < 1.0,
+        size=size,
+        batch_size=batch_size,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        val_every=val_every,
+        checkpoint=str(out_dir / "checkpoint.pt"),
+        checkpoint_every=max(1, steps // 10),
+        resume=resume,
+        device=device,
+    )
+    train_source = PairsSource(pairs, split=train_split)
+    val_source = PairsSource(pairs, split=val_split) if val_split else None
 
-        def report(val) -> None:
-            click.echo(f"validation at step {val.step} (FOV PSNR degraded -> enhanced):")
-            for code, m in sorted(val.per_type.items()):
-                click.echo(
-                    f"  {code}: {m.psnr_degraded:6.2f} -> {m.psnr_enhanced:6.2f} dB, "
-                    f"SSIM {m.ssim_degraded:.4f} -> {m.ssim_enhanced:.4f}"
-                )
+    def report(val) -> None:
+        click.echo(f"validation at step {val.step} (FOV PSNR degraded -> enhanced):")
+        for code, m in sorted(val.per_type.items()):
+            click.echo(
+                f"  {code}: {m.psnr_degraded:6.2f} -> {m.psnr_enhanced:6.2f} dB, "
+                f"SSIM {m.ssim_degraded:.4f} -> {m.ssim_enhanced:.4f}"
+            )
 
-        result = train(config, train_source, val_source, on_val=report)
-        weights = out_dir / "model.pt"
-        torch.save(result.model.state_dict(), weights)
-        click.echo(
-            f"trained {result.step} steps in {result.seconds:.0f} s "
-            f"(loss {result.final_loss:.4f}); weights: {weights}"
-        )
-
-    _fail_on(*_user_errors(), TrainError, WeightsError, OSError)(go)()
+    result = train(config, train_source, val_source, on_val=report)
+    weights = out_dir / "model.pt"
+    torch.save(result.model.state_dict(), weights)
+    click.echo(
+        f"trained {result.step} steps in {result.seconds:.0f} s "
+        f"(loss {result.final_loss:.4f}); weights: {weights}"
+    )
 
 
 @main.command()
@@ -608,7 +545,7 @@ def demo(out: Path, count: int, variants: int, with_enhance: bool | None) -> Non
         },
         "demo",
     )
-    _fail_on(*_user_errors())(_run)(config)
+    _run(config)
     from fundus_batch.demo import print_demo_table
 
     print_demo_table(str(out / "run"))
@@ -625,7 +562,7 @@ def export(out: str, fmt: str, dest: Path) -> None:
     """Write a trainer layout (BasicSR GT/LQ + meta_info.txt, or pix2pix aligned A|B)."""
     from fundus_batch.export import export_pairs
 
-    n = _fail_on(*_user_errors(), OSError)(export_pairs)(out, fmt, dest)
+    n = export_pairs(out, fmt, dest)
     click.echo(f"exported {n} pairs to {dest} ({fmt})")
 
 
