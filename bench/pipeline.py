@@ -9,7 +9,10 @@ Prints two ratios, each measured within this one run:
    not grow with the archive).
 
     python bench/pipeline.py --images 160 --variants 2 --size 256
-    python bench/pipeline.py --skip-throughput --small 1000 --big 5000 --size 128 --variants 1
+    python bench/pipeline.py --skip-throughput --small 1000 --big 10000 --size 128 --variants 1
+
+The memory runs end with `fundus_batch.verify` on their output (every row once, every file
+present and matching its checksum).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_batch.io.codecs import encode_jpeg
 from fundus_batch.synth import synth_fundus
+from fundus_batch.verify import verify
 
 
 def make_inputs(folder: Path, n: int, size: int) -> Path:
@@ -187,6 +191,13 @@ def main() -> None:
                     f"memory: {n} images -> peak PSS {peaks[n] / 2**20:.0f} MiB "
                     f"({seconds:.0f} s, {n / seconds:.1f} images/s)"
                 )
+                report = verify(str(root / f"mem_out{n}"), str(manifest))
+                print(
+                    f"  verify: {'OK' if report.ok else 'FAILED'} ({report.rows} rows, "
+                    f"{report.files_checked} files checked)"
+                )
+                if not report.ok:
+                    print(report.summary())
             ratio = peaks[args.big] / peaks[args.small]
             print(f"  ratio peak({args.big})/peak({args.small}): {ratio:.2f}  (target <= 1.3)")
 

@@ -15,6 +15,7 @@ from fundus_batch.degrade import DegradationRecord, replay
 from fundus_batch.io.codecs import decode_image
 from fundus_batch.schema import OUTPUT_COLUMNS
 from fundus_batch.stages import decode_mask
+from fundus_batch.verify import verify
 from tests.pipeline_inputs import write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ def test_local_run_accounts_for_every_row_and_writes_decodable_outputs(ray_clust
         assert np.array_equal(replay(clean, mask, record), degraded)
     run = __import__("json").loads((out / "run.json").read_text())
     assert run["state"] == "complete"
+    assert verify(str(out), str(manifest)).ok
     assert run["counts"]["rows_in"] == run["counts"]["ok"] + run["counts"]["failed"]
 
 
@@ -95,6 +97,7 @@ def test_rerun_redoes_nothing_and_a_lost_shard_is_redone_exactly_once(ray_cluste
     df = _table(out)
     assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
     assert not list((out / "pairs").glob("*.tmp"))
+    assert verify(str(out), str(manifest)).ok
 
 
 def test_more_variants_later_extends_the_dataset(ray_cluster, tmp_path):
@@ -140,6 +143,7 @@ def test_run_reads_and_writes_s3_through_a_real_endpoint(
     assert set(df[df.status == "failed"].failed_stage) == {"fetch", "preprocess"}
     run_json = fs.cat(f"{s3_bucket}/out/run.json").decode()
     assert "testing" not in run_json
+    assert verify(out, f"s3://{s3_bucket}/manifest.csv", storage_options=so).ok
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +183,7 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
         enhanced = decode_image(Path(row.enhanced_uri).read_bytes())
         mask = decode_mask(Path(row.mask_uri).read_bytes())
         assert enhanced.shape == (256, 256, 3) and (enhanced[mask == 0] == 0).all()
+    assert verify(str(out), str(manifest)).ok
 
 
 def test_cpu_only_cluster_plans_cpu_enhancement_actors(tiny_weights, tmp_path):
