@@ -61,7 +61,8 @@ class Enhance:
     """
 
     name = "enhance"
-    resources = Resources(num_cpus=1.0, actor=True)
+    # Wants a GPU; plan_operators falls back to CPU actors on clusters without one.
+    resources = Resources(num_cpus=1.0, num_gpus=1.0, actor=True)
 
     def __init__(
         self,

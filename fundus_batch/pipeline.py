@@ -1,7 +1,9 @@
 """Builds and runs the Ray Data pipeline. The only module in fundus_batch that imports Ray.
 
-manifest -> Fetch -> Preprocess -> Score(clean) -> Degrade (actor pool) -> [Enhance (GPU/CPU
-actor pool)] -> Score -> Write -> Parquet shards committed by the driver (see output.py).
+manifest -> Fetch -> Preprocess -> Score(clean) -> Degrade -> [Enhance] -> Score -> Write ->
+Parquet shards committed by the driver (see output.py). Consecutive CPU stages share one actor
+pool, so the images they pass each other never cross the object store; a stage that declares a
+GPU (Enhance) gets its own pool, on GPUs when the cluster has them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fundus_batch.schema import (
 
 log = logging.getLogger(__name__)
 
-Stage = Any  # any object with .name, .resources and __call__(rows) -> rows
+Stage = Any  # a stages.* object: .name, .resources (a class attribute), __call__(rows) -> rows
 
 
 @dataclass
@@ -239,14 +241,14 @@ def plan_operators(config: RunConfig, cluster: ClusterShape) -> list[Operator]:
     """
     factories = stage_factories(config)
     fetch, rest = factories[0], factories[1:]
-    ops = [Operator((fetch,), stages.Resources(num_cpus=0.25))]
+    ops = [Operator((fetch,), fetch.func.resources)]
     per_actor = config.ray.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
     headroom = 0.5 if cluster.cpus < 8 else 1.0
     cpu_actors = config.ray.degrade_actors or max(1, int((cluster.cpus - headroom) / per_actor))
     cpu_res = stages.Resources(num_cpus=per_actor, actor=True)
     if not config.enhance.enabled:
         return [*ops, Operator(tuple(rest), cpu_res, cpu_actors)]
-    split = next(i for i, f in enumerate(rest) if getattr(f.func, "name", None) == "enhance")
+    split = next(i for i, f in enumerate(rest) if f.func.resources.num_gpus > 0)
     enh = config.enhance
     budget = max(cluster.cpus - headroom, per_actor)
     if cluster.gpus >= 1 and enh.device != "cpu":

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fundus_batch.stages import Resources
+
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -84,6 +86,7 @@ class QualityGate:
     """Pipeline stage: flag each row against a quality rule (rows are never dropped)."""
 
     name = "quality"
+    resources = Resources(num_cpus=0.25)
 
     def __init__(self, rule: str) -> None:
         self.rule = parse_rule(rule)
