@@ -63,7 +63,11 @@ def _config_dict(manifest: Path, out: Path, args: argparse.Namespace) -> dict:
         "size": args.size,
         "progress": False,
         "shard_rows": 1000,
-        "ray": {"num_cpus": args.cpus, "rows_per_block": args.rows_per_block},
+        "ray": {
+            "num_cpus": args.cpus,
+            "rows_per_block": args.rows_per_block,
+            "degrade_actors": args.actors,
+        },
     }
 
 
@@ -158,6 +162,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--rows-per-block", type=int, default=4)
+    parser.add_argument("--actors", type=int, default=None, help="CPU actors [auto]")
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--big", type=int, default=5000)
     parser.add_argument("--skip-throughput", action="store_true")
