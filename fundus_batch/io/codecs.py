@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Literal
 
 import cv2
@@ -71,8 +72,13 @@ class DecodeError(ValueError):
     """
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        # Library messages can embed object reprs ("<_io.BytesIO object at 0x7f..>"); drop the
+        # addresses so that the same bad file gives the same recorded error in every run.
+        super().__init__(_ADDRESS.sub("", message))
         self.reason = reason
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def sniff_format(data: bytes) -> str:

@@ -435,3 +435,10 @@ def test_encoders_reject_bad_parameters() -> None:
         encode_jpeg(rgb, quality=0)
     with pytest.raises(ValueError):
         encode_jpeg(np.zeros((8, 8, 4), np.uint8))
+
+
+def test_decode_errors_carry_no_memory_addresses_so_reruns_record_the_same_text():
+    from fundus_batch.io.codecs import DecodeError
+
+    err = DecodeError("corrupt", "cannot identify image file <_io.BytesIO object at 0x7f12ab34>")
+    assert "0x" not in str(err) and err.reason == "corrupt"
