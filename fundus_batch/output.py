@@ -14,7 +14,6 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -247,10 +246,3 @@ def environment_versions() -> dict[str, str]:
             continue
     versions["host"] = socket.gethostname()
     return versions
-
-
-def summarize(tables: Iterable[pa.Table]) -> Counts:
-    counts = Counts()
-    for table in tables:
-        counts.add(table)
-    return counts

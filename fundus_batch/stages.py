@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from fundus_batch import __version__
-from fundus_batch.degrade import DegradationRecord, degrade, sample_rng, stable_hash
+from fundus_batch.degrade import degrade, sample_rng, stable_hash
 from fundus_batch.fov import Circle, FOVError, crop_to_fov, preprocess
 from fundus_batch.io import codecs, storage
 from fundus_batch.schema import STATUS_OK, failed
@@ -286,13 +286,6 @@ class Degrade:
         row["seconds_degrade"] = time.perf_counter() - start
 
 
-def replay_row(row: Row, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Regenerate a row's degraded image from its recorded parameters (no randomness)."""
-    from fundus_batch.degrade import replay
-
-    return replay(image, mask, DegradationRecord.from_json(row["params_json"]))
-
-
 class Score:
     """Quality metrics: no-reference for each image present, full-reference against clean."""
 
@@ -416,6 +409,3 @@ class Write:
                 digest = self._put(paths[role], data)
             row[f"{role}_uri"] = paths[role]
             row[f"{role}_sha256"] = digest
-
-
-StageFactory = Callable[[], Any]
