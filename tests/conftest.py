@@ -30,3 +30,15 @@ def oracle_dir(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"oracle outputs not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local Ray instance per test module: 2 CPUs and one declared GPU, so that GPU
+    actors schedule and must fall back to the CPU themselves."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

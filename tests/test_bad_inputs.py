@@ -30,16 +30,6 @@ XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus_run(ray_cluster, tmp_path_factory):
     """Build the corpus, run it through the pipeline once; (cases, summary, frame, out, s)."""
     root = tmp_path_factory.mktemp("corpus")

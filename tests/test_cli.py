@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,6 @@ from fundus_batch.cli import main
 from fundus_batch.io.codecs import decode_image, encode_jpeg
 from fundus_batch.synth import synth_fundus
 from tests.pipeline_inputs import write_inputs
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

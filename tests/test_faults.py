@@ -243,16 +243,6 @@ def test_driver_killed_mid_run_at_1000_images_then_rerun_is_complete_and_verifie
 # ------------------------------------------------------------------ in-process, shared Ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_s3_endpoint_down_for_5_seconds_mid_run_loses_nothing(
     ray_cluster, tmp_path, s3_server, s3_bucket
