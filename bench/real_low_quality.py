@@ -2,6 +2,7 @@
 after enhancement with the shipped model (the README's table comes from this script).
 
     python bench/real_low_quality.py [--shared ../shared] [--limit N] [--weights NAME]
+        [--enhancer cofenet|classical]
 
 Runs `fundus-batch enhance` through the library (local Ray) on `shared/data/cofenet_lq` with the
 authors' FOV masks, then prints a markdown table of mean (and median) no-reference metrics of
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--weights", default="fundus-cofenet-small")
+    parser.add_argument("--enhancer", choices=["cofenet", "classical"], default="cofenet")
     args = parser.parse_args()
     folder = args.shared / "data" / "cofenet_lq"
     images = sorted((folder / "image").glob("*.png"))[: args.limit]
@@ -53,7 +55,11 @@ def main() -> None:
                 "out": str(out),
                 "mode": "enhance",
                 "progress": False,
-                "enhance": {"weights": args.weights, "batch_size": 4},
+                "enhance": {
+                    "weights": args.weights,
+                    "enhancer": args.enhancer,
+                    "batch_size": 4,
+                },
                 "ray": {"num_cpus": 2},
             },
             "bench",
@@ -62,7 +68,8 @@ def main() -> None:
         frame = pq.read_table(str(out / "pairs")).to_pandas()
     ok = frame[frame.status == "ok"]
     print(
-        f"{len(ok)} of {summary.rows_in} images enhanced with {args.weights} "
+        f"{len(ok)} of {summary.rows_in} images enhanced with "
+        f"{args.weights if args.enhancer == 'cofenet' else 'the classical enhancer'} "
         f"in {summary.seconds:.0f} s"
     )
     print("")
@@ -74,6 +81,13 @@ def main() -> None:
             f"| `{name}` | {before.mean():.4g} | {after.mean():.4g} | {before.median():.4g} "
             f"| {after.median():.4g} |"
         )
+    uniformity = ok["nr_uniformity_enhanced"].median() / ok["nr_uniformity_clean"].median() - 1
+    overexposed = ok["nr_overexposed_enhanced"].mean() - ok["nr_overexposed_clean"].mean()
+    print("")
+    print(
+        f"median nr_uniformity {100 * uniformity:+.1f} % (target <= -15 %); "
+        f"mean nr_overexposed {overexposed:+.2g} (target <= 0)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
+import numpy as np
 
 from fundus_batch import __version__
+from fundus_batch.io.storage import redact
 
 
 class _Fail(click.ClickException):
@@ -21,9 +23,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fundus_batch.degrade.params import RecordError
     from fundus_batch.fov import FOVError
     from fundus_batch.io.codecs import DecodeError
+    from fundus_batch.lease import LeaseError
     from fundus_batch.manifest import ManifestError
 
-    return (ConfigError, ManifestError, DecodeError, FOVError, RecordError, ValueError, OSError)
+    return (
+        ConfigError,
+        ManifestError,
+        DecodeError,
+        FOVError,
+        RecordError,
+        LeaseError,
+        ValueError,
+        OSError,
+    )
 
 
 class _Group(click.Group):
@@ -33,7 +45,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except _user_errors() as exc:
-            message = " ".join(str(exc).split())
+            message = redact(" ".join(str(exc).split()))
             reason = getattr(exc, "reason", None)
             if reason:
                 message = f"{type(exc).__name__}: {message} ({reason})"
@@ -55,18 +67,12 @@ def main() -> None:
 @click.option("--size", default=512, show_default=True, type=click.IntRange(32, 8192))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 def synth(outdir: Path, count: int, size: int, seed: int) -> None:
-    """Write synthetic fundus photographs with exact vessel maps and FOV masks."""
-    from fundus_batch.io.codecs import encode_png
-    from fundus_batch.synth import synth_fundus
+    """Write synthetic fundus photographs with exact vessel maps and FOV masks, and
+    OUTDIR/manifest.csv listing the photographs with their mask_uri and vessel_uri."""
+    from fundus_batch.synth import write_synthetic_set
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        s = synth_fundus(size, seed=seed + i)
-        stem = f"synth_{seed + i:05d}"
-        (outdir / f"{stem}.png").write_bytes(encode_png(s.image))
-        (outdir / f"{stem}_vessel.png").write_bytes(encode_png(s.vessels))
-        (outdir / f"{stem}_mask.png").write_bytes(encode_png(s.mask))
-    click.echo(f"wrote {count} synthetic images to {outdir}")
+    manifest = write_synthetic_set(outdir, count=count, size=size, seed=seed)
+    click.echo(f"wrote {count} synthetic images to {outdir}; manifest {manifest}")
 
 
 @main.command("degrade-image")
@@ -105,20 +111,8 @@ def degrade_image(
 ) -> None:
     """Degrade one image (FOV preprocessing first unless --preprocessed)."""
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
-    from fundus_batch.fov import preprocess
-    from fundus_batch.io.codecs import decode_image, encode_image
-    from fundus_batch.stages import decode_mask
 
-    rgb = decode_image(_read(input_path))
-    if preprocessed:
-        if mask_path is None:
-            raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")
-        image, mask = rgb, decode_mask(_read(mask_path))
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-    else:
-        pre = preprocess(rgb, size=size)
-        image, mask = pre.image, pre.mask
+    image, mask = _working_image(input_path, mask_path, preprocessed, size, given_mask=False)
     if replay_path is not None:
         data = json.loads(_read(replay_path))
         record = DegradationRecord.from_any(data, size=image.shape[0])
@@ -126,9 +120,7 @@ def degrade_image(
     else:
         rng = sample_rng(seed, image_id or input_path.stem, variant)
         out, record = degrade(image, mask, type_code, rng, preset=preset)
-    fmt = "jpeg" if output.suffix.lower() in (".jpg", ".jpeg") else "png"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(encode_image(out, fmt, quality))
+    _write_image(output, out, quality)
     if params_out is not None:
         params_out.write_text(record.to_json())
     click.echo(f"{output}: type {record.type_code}, preset {record.preset}")
@@ -138,6 +130,78 @@ def _read(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return path.read_bytes()
+
+
+def _working_image(
+    input_path: Path, mask_path: Path | None, preprocessed: bool, size: int, given_mask: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """INPUT as a working image and its FOV mask: as it is with ``--preprocessed`` (which needs
+    ``--mask``), else FOV-cropped to ``size`` (around the given mask when ``given_mask``)."""
+    from fundus_batch.fov import crop_to_fov, preprocess
+    from fundus_batch.io.codecs import decode_image
+    from fundus_batch.stages import circle_from_mask, crop_like, decode_mask
+
+    rgb = decode_image(_read(input_path))
+    if preprocessed:
+        if mask_path is None:
+            raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")
+        image, mask = rgb.copy(), decode_mask(_read(mask_path))
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+        return image, mask
+    if given_mask and mask_path is not None:
+        given = decode_mask(_read(mask_path))
+        if given.shape != rgb.shape[:2]:
+            raise ValueError(f"mask {given.shape} does not match image {rgb.shape[:2]}")
+        circle = circle_from_mask(given)
+        image, _ = crop_to_fov(rgb, circle, size=size)
+        return image, crop_like(given, rgb.shape[:2], circle, size)
+    pre = preprocess(rgb, size=size)
+    return pre.image, pre.mask
+
+
+def _write_image(output: Path, image: np.ndarray, quality: int) -> None:
+    """Write ``image`` as JPEG or PNG, by OUTPUT's extension."""
+    from fundus_batch.io.codecs import encode_image
+
+    fmt: Literal["png", "jpeg"] = "jpeg" if output.suffix.lower() in (".jpg", ".jpeg") else "png"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(encode_image(image, fmt, quality))
+
+
+@main.command("enhance-image")
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--enhancer", default="cofenet", show_default=True, type=click.Choice(["cofenet", "classical"])
+)
+@click.option("--weights", default="fundus-cofenet-small", show_default=True, help="NAME or PATH")
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096))
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--preprocessed", is_flag=True, help="INPUT is already the working image")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100))
+def enhance_image_cmd(
+    input_path: Path,
+    output: Path,
+    enhancer: str,
+    weights: str,
+    device: str,
+    size: int,
+    mask_path: Path | None,
+    preprocessed: bool,
+    quality: int,
+) -> None:
+    """Enhance one photograph without Ray (FOV preprocessing first unless --preprocessed)."""
+    from fundus_batch.enhance import enhance_image
+
+    image, mask = _working_image(input_path, mask_path, preprocessed, size, given_mask=True)
+    image[mask == 0] = 0
+    result = enhance_image(image, mask, enhancer=enhancer, weights=weights, device=device)
+    _write_image(output, result.image, quality)
+    click.echo(f"{output}: {result.model_name} ({result.seconds:.2f} s)")
 
 
 # -------------------------------------------------------------------------------- manifests
@@ -153,17 +217,28 @@ def manifest() -> None:
 @click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
 @click.option("--ext", "exts", multiple=True, help="extension filter, e.g. --ext .jpeg")
 @click.option("--storage-options", default=None, help="fsspec options as JSON")
+@click.option(
+    "--include-masks",
+    is_flag=True,
+    help="also list *_mask.* and *_vessel.* files (skipped by default)",
+)
 def manifest_from_dir(
-    prefix: str, out_uri: str, exts: tuple[str, ...], storage_options: str | None
+    prefix: str,
+    out_uri: str,
+    exts: tuple[str, ...],
+    storage_options: str | None,
+    include_masks: bool,
 ) -> None:
-    """Every image under a local folder or bucket prefix."""
+    """Every image under a local folder or bucket prefix (FOV masks and vessel maps skipped)."""
     from fundus_batch import manifest as mf
 
     so = json.loads(storage_options) if storage_options else None
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
-    m = mf.from_dir(prefix, extensions=extensions, storage_options=so)
+    m = mf.from_dir(
+        prefix, extensions=extensions, storage_options=so, include_companions=include_masks
+    )
     mf.write_manifest(m, out_uri, storage_options=so)
-    click.echo(f"wrote {len(m)} rows to {out_uri}")
+    click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
 @manifest.command("from-kaggle")
@@ -177,7 +252,7 @@ def manifest_from_kaggle(labels: str, images: str, out_uri: str, ext: str) -> No
 
     m = mf.from_kaggle(labels, images, extension=ext)
     mf.write_manifest(m, out_uri)
-    click.echo(f"wrote {len(m)} rows to {out_uri}")
+    click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
 @manifest.command("from-eyeq")
@@ -191,7 +266,7 @@ def manifest_from_eyeq(labels: str, images: str, out_uri: str, split: str | None
 
     m = mf.from_eyeq(labels, images, split=split)
     mf.write_manifest(m, out_uri)
-    click.echo(f"wrote {len(m)} rows to {out_uri}")
+    click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
 @manifest.command("validate")
@@ -201,7 +276,7 @@ def manifest_validate(uri: str) -> None:
     from fundus_batch.manifest import read_manifest
 
     m = read_manifest(uri)
-    click.echo(f"{uri}: {len(m)} rows, pass-through columns {m.passthrough_columns}")
+    click.echo(f"{redact(uri)}: {len(m)} rows, pass-through columns {m.passthrough_columns}")
 
 
 # -------------------------------------------------------------------------------- pipeline
@@ -226,13 +301,14 @@ def _run(config: Any, *, quiet: bool = False) -> None:
         if bar is not None:
             bar.close()
     _print_summary(summary)
+    _print_fidelity(summary.out, config.out_storage_options)
     if not summary.complete:
         raise _Fail(f"run incomplete: {summary.ok + summary.failed} of {summary.rows_in} rows")
 
 
 def _print_summary(summary: Any) -> None:
     click.echo("")
-    click.echo(f"output            {summary.out}")
+    click.echo(f"output            {redact(summary.out)}")
     click.echo(f"rows_in           {summary.rows_in}")
     click.echo(f"  done before     {summary.done_before}")
     click.echo(f"ok                {summary.ok}")
@@ -241,6 +317,14 @@ def _print_summary(summary: Any) -> None:
         click.echo(f"  at {stage:<13} {n}")
     click.echo(f"rows_in == ok + failed: {summary.complete}")
     click.echo(f"seconds           {summary.seconds:.1f}")
+
+
+def _print_fidelity(out: str, storage_options: dict | None) -> None:
+    """A WARNING line for every degradation type on which enhancement lowered PSNR or SSIM."""
+    from fundus_batch.fidelity import output_warning_lines
+
+    for line in output_warning_lines(out, storage_options):
+        click.echo(line)
 
 
 def _overrides(**kwargs: Any) -> dict[str, Any]:
@@ -256,6 +340,13 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
 @click.option("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
 @click.option("--limit", default=None, type=int)
 @click.option("--retry-failed", is_flag=True, default=None, help="redo rows that failed before")
+@click.option(
+    "--wait-for-lease",
+    "wait_for_lease",
+    default=None,
+    type=click.FloatRange(0),
+    help="seconds to wait while another run writes OUT [0: refuse at once]",
+)
 def run_cmd(
     config_path: Path,
     manifest: str | None,
@@ -265,6 +356,7 @@ def run_cmd(
     address: str | None,
     limit: int | None,
     retry_failed: bool | None,
+    wait_for_lease: float | None,
 ) -> None:
     """Run a typed YAML config; flags override its fields."""
     from fundus_batch.config import load_config
@@ -278,10 +370,18 @@ def run_cmd(
             variants=variants,
             limit=limit,
             retry_failed=retry_failed,
-            **{"ray.address": address},
+            **{"ray.address": address, "lease.wait": wait_for_lease},
         ),
     )
     _run(config)
+
+
+_ENHANCER = click.option(
+    "--enhancer",
+    default=None,
+    type=click.Choice(["cofenet", "classical"]),
+    help="cofenet (network) or classical (CPU baseline, no weights) [cofenet]",
+)
 
 
 @main.command()
@@ -296,8 +396,16 @@ def run_cmd(
 @click.option("--format", "image_format", default=None, type=click.Choice(["png", "jpeg"]))
 @click.option("--address", default=None)
 @click.option("--enhance", "with_enhance", is_flag=True, help="also enhance each degraded image")
+@_ENHANCER
 @click.option("--weights", default=None)
 @click.option("--limit", default=None, type=int)
+@click.option(
+    "--wait-for-lease",
+    "wait_for_lease",
+    default=None,
+    type=click.FloatRange(0),
+    help="seconds to wait while another run writes OUT [0: refuse at once]",
+)
 def degrade(
     manifest: str,
     out: str,
@@ -310,8 +418,10 @@ def degrade(
     image_format: str | None,
     address: str | None,
     with_enhance: bool,
+    enhancer: str | None,
     weights: str | None,
     limit: int | None,
+    wait_for_lease: float | None,
 ) -> None:
     """Degrade every manifest image into K variants; write images and Parquet."""
     from fundus_batch.config import build_config, merge_overrides
@@ -330,7 +440,9 @@ def degrade(
             **{
                 "ray.address": address,
                 "enhance.enabled": True if with_enhance else None,
+                "enhance.enhancer": enhancer,
                 "enhance.weights": weights,
+                "lease.wait": wait_for_lease,
             },
         ),
     )
@@ -341,6 +453,7 @@ def degrade(
 @main.command()
 @click.option("--manifest", required=True)
 @click.option("--out", required=True)
+@_ENHANCER
 @click.option("--weights", default=None, help="registered name or checkpoint path")
 @click.option("--variant", default=None, help="network variant when --weights is a file")
 @click.option("--width", default=None, type=float, help="width multiplier for --variant")
@@ -349,9 +462,17 @@ def degrade(
 @click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--address", default=None)
 @click.option("--limit", default=None, type=int)
+@click.option(
+    "--wait-for-lease",
+    "wait_for_lease",
+    default=None,
+    type=click.FloatRange(0),
+    help="seconds to wait while another run writes OUT [0: refuse at once]",
+)
 def enhance(
     manifest: str,
     out: str,
+    enhancer: str | None,
     weights: str | None,
     variant: str | None,
     width: float | None,
@@ -360,8 +481,9 @@ def enhance(
     device: str | None,
     address: str | None,
     limit: int | None,
+    wait_for_lease: float | None,
 ) -> None:
-    """Enhance every manifest image with Cofe-Net (no clean pair needed)."""
+    """Enhance every manifest image (Cofe-Net or classical; no clean pair needed)."""
     from fundus_batch.config import build_config, merge_overrides
 
     data = merge_overrides(
@@ -371,11 +493,13 @@ def enhance(
             limit=limit,
             **{
                 "ray.address": address,
+                "enhance.enhancer": enhancer,
                 "enhance.weights": weights,
                 "enhance.variant": variant,
                 "enhance.width": width,
                 "enhance.batch_size": batch_size,
                 "enhance.device": device,
+                "lease.wait": wait_for_lease,
             },
         ),
     )
@@ -390,6 +514,13 @@ def enhance(
 @click.option("--address", default=None)
 @click.option("--limit", default=None, type=int)
 @click.option("--min-quality", default=None, help="flag rows, e.g. 'nr_luminance_clean >= 40'")
+@click.option(
+    "--wait-for-lease",
+    "wait_for_lease",
+    default=None,
+    type=click.FloatRange(0),
+    help="seconds to wait while another run writes OUT [0: refuse at once]",
+)
 def score(
     manifest: str,
     out: str,
@@ -397,13 +528,19 @@ def score(
     address: str | None,
     limit: int | None,
     min_quality: str | None,
+    wait_for_lease: float | None,
 ) -> None:
     """Score an archive (FOV, no-reference quality metrics) without degrading or enhancing."""
     from fundus_batch.config import build_config, merge_overrides
 
     data = merge_overrides(
         {"manifest": manifest, "out": out, "mode": "score"},
-        _overrides(size=size, limit=limit, min_quality=min_quality, **{"ray.address": address}),
+        _overrides(
+            size=size,
+            limit=limit,
+            min_quality=min_quality,
+            **{"ray.address": address, "lease.wait": wait_for_lease},
+        ),
     )
     config = build_config(data, "command line")
     _run(config)
@@ -413,12 +550,19 @@ def score(
 @click.argument("out")
 @click.option("--dest", default=None, help="HTML file to write [default: OUT/report.html]")
 @click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
-def report(out: str, dest: str | None, storage_options: str | None) -> None:
+@click.option(
+    "--rows-per-type",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="contact-sheet rows shown per degradation type",
+)
+def report(out: str, dest: str | None, storage_options: str | None, rows_per_type: int) -> None:
     """Write a self-contained HTML report (contact sheets, metrics, failures, throughput)."""
     from fundus_batch.report import write_report
 
     so = json.loads(storage_options) if storage_options else None
-    path = write_report(out, dest, storage_options=so)
+    path = write_report(out, dest, storage_options=so, rows_per_type=rows_per_type)
     click.echo(f"report: {path}")
 
 
@@ -427,12 +571,42 @@ def report(out: str, dest: str | None, storage_options: str | None) -> None:
 @click.option("--manifest", default=None, help="prove every manifest row is present")
 @click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
 @click.option("--no-files", is_flag=True, help="check rows only, not the image files")
-def verify_cmd(out: str, manifest: str | None, storage_options: str | None, no_files: bool) -> None:
+@click.option("--deep", is_flag=True, help="recompute a random sample of rows from their files")
+@click.option(
+    "--deep-rows",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="how many random ok rows --deep recomputes",
+)
+@click.option(
+    "--repair",
+    "do_repair",
+    is_flag=True,
+    help="first remove duplicate rows (one kept per image and variant, ok over failed)",
+)
+def verify_cmd(
+    out: str,
+    manifest: str | None,
+    storage_options: str | None,
+    no_files: bool,
+    deep: bool,
+    deep_rows: int,
+    do_repair: bool,
+) -> None:
     """Prove every row is present exactly once and every output file matches its checksum."""
-    from fundus_batch.verify import verify
+    from fundus_batch.verify import repair, verify
 
     so = json.loads(storage_options) if storage_options else None
-    result = verify(out, manifest, storage_options=so, check_files=not no_files)
+    if do_repair:
+        click.echo(repair(out, storage_options=so).summary())
+    result = verify(
+        out,
+        manifest,
+        storage_options=so,
+        check_files=not no_files,
+        deep=deep_rows if deep else 0,
+    )
     click.echo(result.summary())
     if not result.ok:
         sys.exit(1)

@@ -34,9 +34,12 @@ class RayOptions(_Strict):
 
 
 class EnhanceOptions(_Strict):
-    """Cofe-Net enhancement of degraded (or source) images."""
+    """Enhancement of degraded (or source) images: Cofe-Net, or the classical baseline."""
 
     enabled: bool = False
+    enhancer: Literal["cofenet", "classical"] = Field(
+        "cofenet", description="cofenet (a network, GPU if any) or classical (CPU, no weights)"
+    )
     weights: str = Field("fundus-cofenet-small", description="registry name or file path")
     variant: str | None = Field(None, description="network variant when weights is a file")
     width: float | None = Field(None, gt=0, le=1)
@@ -45,6 +48,20 @@ class EnhanceOptions(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_vessels: bool = False
+
+
+class LeaseOptions(_Strict):
+    """The lease that makes a run the only writer of its output folder (see lease.py)."""
+
+    wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease")
+    ttl: float = Field(60.0, gt=0, le=3600, description="seconds a lease lives unrenewed")
+    renew_every: float = Field(10.0, gt=0, le=3600, description="seconds between renewals")
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> LeaseOptions:
+        if self.renew_every >= self.ttl:
+            raise ValueError("lease.renew_every must be below lease.ttl")
+        return self
 
 
 class RunConfig(_Strict):
@@ -76,6 +93,7 @@ class RunConfig(_Strict):
     progress: bool = True
     ray: RayOptions = Field(default_factory=RayOptions)
     enhance: EnhanceOptions = Field(default_factory=EnhanceOptions)
+    lease: LeaseOptions = Field(default_factory=LeaseOptions)
 
     @field_validator("types", mode="before")
     @classmethod
@@ -135,7 +153,7 @@ class RunConfig(_Strict):
         for key in ("storage_options", "output_storage_options"):
             if data.get(key):
                 data[key] = _redact_options(data[key])
-        return data
+        return _redact_strings(data)
 
 
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "session")
@@ -152,6 +170,17 @@ def _redact_options(options: Any) -> Any:
             for k, v in options.items()
         }
     return options
+
+
+def _redact_strings(value: Any) -> Any:
+    """Every string inside ``value`` through ``storage.redact`` (a presigned manifest URL)."""
+    from fundus_batch.io.storage import redact
+
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -24,7 +24,7 @@ def make_demo_inputs(folder: Path, count: int = 6, seed: int = 2021) -> str:
     """Write ``count`` raw-camera-like synthetic photographs plus skimage's retina; return the
     manifest path."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, str | None]] = []
     for i in range(count):
         # Like a raw camera frame: 4:3 canvas, black border, FOV clipped on some images.
         canvas = (1600, 1200) if i % 2 == 0 else (1400, 1050)
@@ -68,25 +68,32 @@ def shipped_model_available() -> bool:
     return True
 
 
-def summary_table(out: str) -> pd.DataFrame:
-    """Per-type counts and mean metrics of a finished run."""
-    import pyarrow.parquet as pq
-
-    frame = pq.read_table(str(Path(out) / "pairs")).to_pandas()
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-type row counts and mean metrics of the ``ok`` rows (failed rows are counted apart,
+    by :func:`print_demo_table`: they have no metrics to average)."""
     ok = frame[frame["status"] == "ok"]
     cols = [
         c
         for c in ("psnr_degraded", "ssim_degraded", "psnr_enhanced", "ssim_enhanced")
         if c in ok and ok[c].notna().any()
     ]
-    table = ok.groupby("type_code").agg(rows=("image_id", "size"), **{c: (c, "mean") for c in cols})
-    table.loc["failed", "rows"] = int((frame["status"] != "ok").sum())
-    return table
+    return ok.groupby("type_code").agg(rows=("image_id", "size"), **{c: (c, "mean") for c in cols})
 
 
 def print_demo_table(out: str) -> None:
+    """Print the per-type table, the failed-row count and a WARNING line for every type on
+    which enhancement lowered PSNR or SSIM."""
+    import pyarrow.parquet as pq
+
+    from fundus_batch.fidelity import fidelity_losses, warning_lines
+
+    frame = pq.read_table(str(Path(out) / "pairs")).to_pandas()
+    n_failed = int((frame["status"] != "ok").sum())
     print("")
-    print(summary_table(out).round(3).to_string())
+    print(summary_table(frame).round(3).to_string())
+    print(f"failed rows: {n_failed} of {len(frame)}")
+    for line in warning_lines(fidelity_losses(frame)):
+        print(line)
     print("")
     print(f"images:  {Path(out) / 'images'}")
     print(f"parquet: {Path(out) / 'pairs'}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fundus_batch.io import codecs, storage
+from fundus_batch.outpaths import resolve
 from fundus_batch.output import OutputStore
 
 
@@ -17,6 +18,9 @@ def _ok_rows(out: str) -> list[dict]:
     if table is None:
         raise FileNotFoundError(f"no Parquet shards under {out}/pairs")
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["degraded_uri"]]
+    for row in rows:  # rows record paths relative to OUT
+        row["clean_uri"] = resolve(out, row["clean_uri"])
+        row["degraded_uri"] = resolve(out, row["degraded_uri"])
     return sorted(rows, key=lambda r: (r["image_id"], r["variant"]))
 
 

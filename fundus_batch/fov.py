@@ -8,10 +8,22 @@ circle on a downscaled copy:
 1. luminance = per-pixel channel maximum, lightly smoothed;
 2. threshold between the surround level (read in the frame corners) and the fundus level;
 3. largest bright region, replaced by its convex hull (fills dark lesions and dark rims);
-4. a circle is fitted to the hull's rim off the image border by a fixed-seed RANSAC (straight
-   frame/bar edges, chords over dark regions and notches are outliers), refined by least
-   squares, then each rim point is moved to the half-level crossing of its radial profile;
-5. plausibility checks (rim on the circle, angular coverage, area outside the circle, size).
+4. a circle is fitted to the hull's rim off the image border by a fixed-seed RANSAC (long
+   straight runs along the rim's extreme rows/columns are black-bar edges and are left out;
+   chords over dark regions and notches are outliers), refined by least squares, then each rim
+   point is moved to the half-level crossing of its radial profile and the circle is refitted
+   with points beyond 3 robust standard deviations cut (glare bleeding past the rim, notches);
+5. plausibility checks (rim on the circle, angular coverage, no bar corner outside the circle,
+   area outside the circle, size);
+6. a photograph must look like one: a bright region without texture (interquartile range of
+   R+G+B under 3.5 % of its contrast to the surround; every photograph in ../shared/data has
+   >= 7 %) or >= 90 % white is ``mask_like``, and so is a grey line drawing on black (a vessel
+   map) that fails the circle fit.
+
+Changes for issue 12: the ``mask_like`` check (a white disc on black used to pass as an ``ok``
+photograph); bar edges out of the fit, so a clipped field inside a thin black frame no longer
+fails as "not circular (19 % of its rim on a circle)"; the trimmed refit. All 297 photographs
+in ../shared/data (six folders) preprocess, before and after.
 
 Coordinates use pixel centres at integers. The returned mask is the circle intersected with the
 image and with ``box``, the rectangle of valid pixels (smaller than the image when black bars cut
@@ -59,10 +71,26 @@ _REFINE_POINTS = 256
 _REFINE_REACH = 5.0  # working pixels either side of the fitted rim
 _REFINE_MIN_STEP = 6.0
 _MIN_SHARP_FRAC = 0.5
+_TRIM_ROUNDS = 3
+_TRIM_SIGMAS = 3.0
+_TRIM_MIN_PX = 0.5  # working pixels: never cut what sampling noise explains
+_BAR_CORNER_REACH = 0.05  # of the radius a bar's end may lie outside the circle (glare)
 _EDGE_LEVEL = 0.5  # edge = where the radial profile crosses this share of the local step
 _MIN_SMOOTHNESS = 0.5  # neighbour correlation below this is noise, not a photograph
 # A rimless image must be at least this much redder than blue to pass as a colour fundus.
 _FUNDUS_RED_OVER_BLUE = 1.3
+# Mask-like images. Over the 297 photographs in ../shared/data the field's interquartile range
+# is >= 7 % of its contrast to the surround and at most 3 % of the field is white; a binary
+# mask (JPEG-compressed or not) has < 1 % and ~100 %.
+_MIN_TEXTURE = 0.035
+_MAX_WHITE_FRAC = 0.9
+_WHITE_LEVEL = 250
+# A binary line drawing (vessel map): grey, black surround, few pixels between the two levels.
+_BINARY_MAX_CHROMA = 16
+_BINARY_MAX_DARK = 12
+_BINARY_MIN_RANGE = 96
+_BINARY_MAX_MID = 0.3  # mid-grey pixels per bright pixel (anti-aliased and JPEG-rung edges)
+_BINARY_MAX_BRIGHT = 0.35  # share of the frame; a white disc on black is caught by texture
 
 
 class FOVError(ValueError):
@@ -70,7 +98,9 @@ class FOVError(ValueError):
 
     Codes: ``invalid_input``, ``blank`` (uniform image), ``no_fov`` (no dark surround and not a
     photograph), ``no_circle`` (the bright region is not circular or has no sharp rim),
-    ``too_small``, ``no_overlap`` (``crop_to_fov`` got a circle outside the image).
+    ``mask_like`` (a binary image such as an FOV mask or a vessel map: a field without texture,
+    over-exposed white, or grey lines on black), ``too_small``, ``no_overlap`` (``crop_to_fov``
+    got a circle outside the image).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -320,7 +350,23 @@ def _edge_refine(
     t = t[good]
     ex = cx + ux[good] * (r + t)
     ey = cy + uy[good] * (r + t)
-    return _fit_circle(ex, ey), sharp
+    return _trimmed_fit(ex, ey), sharp
+
+
+def _trimmed_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares circle, refitted without points far off it (rim glare bulging past the
+    aperture, a notch): a few rounds of cutting at 3 robust standard deviations."""
+    cx, cy, r = _fit_circle(x, y)
+    keep = np.ones(x.size, dtype=bool)
+    for _ in range(_TRIM_ROUNDS):
+        res = np.hypot(x - cx, y - cy) - r
+        scale = 1.4826 * float(np.median(np.abs(res[keep] - np.median(res[keep]))))
+        new = np.abs(res) <= max(_TRIM_SIGMAS * scale, _TRIM_MIN_PX)
+        if new.sum() < max(8, x.size // 2) or np.array_equal(new, keep):
+            break
+        keep = new
+        cx, cy, r = _fit_circle(x[keep], y[keep])
+    return cx, cy, r
 
 
 def _angular_coverage(x: np.ndarray, y: np.ndarray, cx: float, cy: float) -> tuple[float, int]:
@@ -346,7 +392,9 @@ def _clip_box(hull: np.ndarray, circle: tuple[float, float, float]) -> tuple[int
     return x0, y0, x1, y1
 
 
-def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, Box, str]:
+def _detect_small(
+    lum: np.ndarray, small: np.ndarray
+) -> tuple[tuple[float, float, float] | None, Box, str]:
     """Circle (None when no rim is visible), valid box and status on the working image."""
     h, w = lum.shape
     hist = cv2.calcHist([lum], [0], None, [256], [0, 256]).ravel().astype(np.int64)
@@ -383,6 +431,7 @@ def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, B
         if _smoothness(lum) < _MIN_SMOOTHNESS:
             raise FOVError("no_fov", "image looks like noise, not a photograph") from None
         return None, (0, 0, w, h), "full_frame"
+    _check_texture(small, binary)
 
     x0, y0, x1, y1 = box
     corners = np.array([[x0, y0], [x1 - 1, y0], [x0, y1 - 1], [x1 - 1, y1 - 1]], np.float64)
@@ -395,6 +444,101 @@ def _detect_small(lum: np.ndarray) -> tuple[tuple[float, float, float] | None, B
     return (cx, cy, r), box, status
 
 
+def _check_texture(small: np.ndarray, bright: np.ndarray) -> None:
+    """Reject a bright region without texture or nearly all white: a mask, not a photograph.
+
+    Texture is the interquartile range of R+G+B over the bright region (one pixel in from its
+    edges, where anti-aliasing and JPEG ringing live) relative to its contrast to the surround,
+    so it does not depend on exposure: a dim photograph has as much texture as a bright one.
+    """
+    inner = cv2.erode(bright, np.ones((3, 3), np.uint8))
+    if cv2.countNonZero(inner) < 0.01 * inner.size:
+        inner = bright
+    r, g, b = cv2.split(small)
+    total = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), b, dtype=cv2.CV_16U)
+    hist_in = cv2.calcHist([total], [0], inner, [766], [0, 766]).ravel()
+    q25, median, q75 = _percentiles(hist_in, (25.0, 50.0, 75.0))
+    # OpenCV takes a scalar operand; its stubs admit only arrays
+    outside = cv2.compare(bright, 0, cv2.CMP_EQ)  # type: ignore[call-overload]
+    hist_out = cv2.calcHist([total], [0], outside, [766], [0, 766])
+    surround = _percentiles(hist_out.ravel(), (50.0,))[0] if hist_out.any() else 0.0
+    white = cv2.compare(cv2.min(cv2.min(r, g), b), _WHITE_LEVEL, cv2.CMP_GE)  # type: ignore[call-overload]
+    white_frac = cv2.countNonZero(cv2.bitwise_and(white, white, mask=inner)) / max(
+        1, cv2.countNonZero(inner)
+    )
+    if white_frac >= _MAX_WHITE_FRAC:
+        raise FOVError(
+            "mask_like",
+            f"image looks like a binary mask, not a photograph: {white_frac:.0%} of the field "
+            "is white (over-exposed)",
+        )
+    texture = (q75 - q25) / max(median - surround, 1.0)
+    if texture < _MIN_TEXTURE:
+        raise FOVError(
+            "mask_like",
+            "image looks like a binary mask, not a photograph: the field has no texture "
+            f"(interquartile range {texture:.1%} of its contrast, photographs have >= "
+            f"{_MIN_TEXTURE:.1%})",
+        )
+
+
+def _binary_drawing(sample: np.ndarray) -> str | None:
+    """Why a grey image looks like bright lines on black (a vessel map), or None.
+
+    ``sample`` is a strided subsample, not a resized copy, so thin lines stay two-level.
+    """
+    r, g, b = cv2.split(np.ascontiguousarray(sample))
+    top = cv2.max(cv2.max(r, g), b)
+    chroma = cv2.subtract(top, cv2.min(cv2.min(r, g), b))
+    hist_c = cv2.calcHist([chroma], [0], None, [256], [0, 256]).ravel()
+    if _percentiles(hist_c, (99.0,))[0] > _BINARY_MAX_CHROMA:
+        return None
+    hist = cv2.calcHist([top], [0], None, [256], [0, 256]).ravel()
+    dark, high = _percentiles(hist, (50.0, 99.5))
+    span = high - dark
+    if dark > _BINARY_MAX_DARK or span < _BINARY_MIN_RANGE:
+        return None
+    lo_cut, hi_cut = int(dark + 0.25 * span), int(np.ceil(high - 0.25 * span))
+    n = float(hist.sum())
+    bright = float(hist[hi_cut:].sum()) / n
+    mid = float(hist[lo_cut + 1 : hi_cut].sum()) / n
+    if not (0.0 < bright <= _BINARY_MAX_BRIGHT and mid <= _BINARY_MAX_MID * bright):
+        return None
+    return (
+        f"image looks like a binary mask or vessel map, not a photograph: grey, {bright:.0%} "
+        f"bright pixels on black and {mid / bright:.0%} as many in between"
+    )
+
+
+def _bar_edges(
+    px: np.ndarray, py: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rim points on long straight runs along the rim's extreme rows and columns (black-bar
+    edges), and the runs' ends that lie off the frame border (inside the circle).
+
+    A circle's own extreme row is a run of about 2 sqrt(2 r) pixels; a bar edge is far longer.
+    """
+    bar = np.zeros(px.size, dtype=bool)
+    ends: list[tuple[float, float]] = []
+    if px.size == 0:
+        return bar, np.zeros((0, 2))
+    min_run = 3.0 * np.sqrt(2.0 * max(width, height))
+    for along, across, extreme, limit in (
+        (px, py, py.min(), width),
+        (px, py, py.max(), width),
+        (py, px, px.min(), height),
+        (py, px, px.max(), height),
+    ):
+        on = across == extreme
+        if on.sum() <= min_run:
+            continue
+        bar |= on
+        for end in (along[on].min(), along[on].max()):
+            if 2 <= end <= limit - 3:  # a run that reaches the frame border has no corner there
+                ends.append((end, extreme) if across is py else (extreme, end))
+    return bar, np.array(ends, dtype=np.float64).reshape(-1, 2)
+
+
 def _fit_rim(
     lum: np.ndarray, hull: np.ndarray, hull_area: int
 ) -> tuple[tuple[float, float, float], Box]:
@@ -405,6 +549,10 @@ def _fit_rim(
     px, py = pts[:, 0], pts[:, 1]
     off_border = (px > 0) & (px < w - 1) & (py > 0) & (py < h - 1)
     px, py = px[off_border], py[off_border]
+    # Straight edges of black bars (a thin black frame around a clipped field) are explained by
+    # the valid box, not by the circle: leave them out of the fit and of the inlier share.
+    bar, bar_ends = _bar_edges(px, py, w, h)
+    px, py = px[~bar], py[~bar]
     guess = _ransac_circle(px, py, w, h) if px.size >= 12 else None
     if guess is None:
         raise FOVError("no_circle", "too few rim points off the frame border to fit a circle")
@@ -422,6 +570,16 @@ def _fit_rim(
             "no_circle",
             f"bright region is not circular ({inl.mean():.0%} of its rim on a circle, "
             f"{coverage:.0f} degrees in {quadrants} quadrants)",
+        )
+    # A bar cuts the field inside the circle, so its ends (where the rim turns onto the arc, or
+    # onto a hull chord over a dark periphery) cannot lie outside it: a circle fitted to short
+    # arcs alone that leaves a bar corner outside is a wrong circle.
+    off = np.hypot(bar_ends[:, 0] - cx, bar_ends[:, 1] - cy) - r
+    if off.size and float(off.max()) > max(3.0 * _inlier_tol(r), _BAR_CORNER_REACH * r):
+        raise FOVError(
+            "no_circle",
+            f"a black-bar corner lies {off.max() / r:.0%} of the radius outside the circle "
+            "fitted to the rim",
         )
     box = _clip_box(hull, (cx, cy, r))
     fitted = circle_mask(h, w, Circle(cx, cy, r), box)
@@ -467,7 +625,14 @@ def _detect(rgb: np.ndarray) -> tuple[Circle, str, Box]:
         small = cv2.resize(rgb[: sh * f, : sw * f], (sw, sh), interpolation=cv2.INTER_AREA)
     else:
         small = rgb
-    fit, (bx0, by0, bx1, by1), status = _detect_small(_luminance(small))
+    try:
+        fit, (bx0, by0, bx1, by1), status = _detect_small(_luminance(small), small)
+    except FOVError as exc:
+        # A drawing fails the circle fit; name what it is rather than why it is not a circle.
+        why = _binary_drawing(rgb[::f, ::f]) if exc.reason != "blank" else None
+        if why is not None:
+            raise FOVError("mask_like", why) from exc
+        raise
     if fit is None:
         _check_fundus_colour(small)
         # No rim anywhere: use the inscribed circle, so the working image is a round FOV like

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -81,15 +82,16 @@ def check_image_id(image_id: object, row: int | None = None) -> str:
     return image_id
 
 
-def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
-    """Validate a manifest DataFrame and return it as a :class:`Manifest`."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+def check_columns(columns: list[object], source: str = "<frame>") -> None:
+    """Raise unless the column names make a usable manifest (required ones present, none that
+    shadows an output or internal column)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(
-            f"missing required column(s) {missing} in {source}; found {list(frame.columns)}",
+            f"missing required column(s) {missing} in {source}; found {list(columns)}",
             field=missing[0],
         )
-    for col in frame.columns:
+    for col in columns:
         if not isinstance(col, str) or col.strip() == "":
             raise ManifestError(f"column name {col!r} is empty or not a string", field=str(col))
         if col in OPTIONAL_COLUMNS:
@@ -98,14 +100,44 @@ def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
             raise ManifestError(
                 f"column '{col}' clashes with an output column; rename it", field=col
             )
+        if col in _internal_columns():
+            raise ManifestError(
+                f"column '{col}' is a name the pipeline uses internally; rename it", field=col
+            )
+
+
+# Ids made only of these characters pass check_image_id; any other id gets the full check.
+_PLAIN_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,199}")
+
+
+def check_row(
+    row: int, image_id: object, uri: object, mask_uri: object = None, vessel_uri: object = None
+) -> str:
+    """Validate one manifest row (``row`` is its 1-based data line); returns the image id."""
+    if _is_missing(image_id):
+        raise ManifestError("image_id is empty", row=row, field="image_id")
+    image_id = str(image_id)
+    if not _PLAIN_ID.fullmatch(image_id):
+        check_image_id(image_id, row)
+    if _is_missing(uri) or str(uri).strip() == "":
+        raise ManifestError(f"uri is empty for image_id {image_id!r}", row=row, field="uri")
+    for opt, value in (("mask_uri", mask_uri), ("vessel_uri", vessel_uri)):
+        if not _is_missing(value) and str(value).strip() == "":
+            raise ManifestError(f"{opt} is blank", row=row, field=opt)
+    return image_id
+
+
+def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
+    """Validate a manifest DataFrame and return it as a :class:`Manifest`."""
+    check_columns(list(frame.columns), source)
     frame = frame.reset_index(drop=True)
     seen: dict[str, int] = {}
-    for i, (image_id, uri) in enumerate(zip(frame["image_id"], frame["uri"], strict=True)):
+    masks = frame["mask_uri"] if "mask_uri" in frame.columns else [None] * len(frame)
+    vessels = frame["vessel_uri"] if "vessel_uri" in frame.columns else [None] * len(frame)
+    rows = zip(frame["image_id"], frame["uri"], masks, vessels, strict=True)
+    for i, (image_id, uri, mask_uri, vessel_uri) in enumerate(rows):
         row = i + 1
-        if _is_missing(image_id):
-            raise ManifestError("image_id is empty", row=row, field="image_id")
-        image_id = str(image_id)
-        check_image_id(image_id, row)
+        image_id = check_row(row, image_id, uri, mask_uri, vessel_uri)
         if image_id in seen:
             raise ManifestError(
                 f"duplicate image_id {image_id!r} (first seen in row {seen[image_id]})",
@@ -113,12 +145,6 @@ def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
                 field="image_id",
             )
         seen[image_id] = row
-        if _is_missing(uri) or str(uri).strip() == "":
-            raise ManifestError(f"uri is empty for image_id {image_id!r}", row=row, field="uri")
-        for opt in ("mask_uri", "vessel_uri"):
-            value = frame.at[i, opt] if opt in frame.columns else None
-            if not _is_missing(value) and str(value).strip() == "":
-                raise ManifestError(f"{opt} is blank", row=row, field=opt)
     out = frame.copy()
     out["image_id"] = out["image_id"].astype(str)
     out["uri"] = out["uri"].astype(str)
@@ -176,14 +202,31 @@ def id_from_path(path: str) -> str:
     return cleaned.replace("..", "_")
 
 
+# Stems of the companion files that ``synth`` (and many datasets) write beside photographs.
+COMPANION_SUFFIXES = ("_mask", "_vessel")
+
+
+def is_companion(uri: str) -> bool:
+    """Whether ``uri`` names a FOV mask or vessel map (``*_mask.*``, ``*_vessel.*``)."""
+    stem = PurePosixPath(posixpath.basename(uri.rstrip("/"))).stem.lower()
+    return stem.endswith(COMPANION_SUFFIXES)
+
+
 def from_dir(
     prefix: str,
     *,
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
     storage_options: dict | None = None,
+    include_companions: bool = False,
 ) -> Manifest:
-    """Manifest of every image under a local directory or bucket prefix (recursive, sorted)."""
+    """Manifest of every image under a local directory or bucket prefix (recursive, sorted).
+
+    FOV masks and vessel maps beside the photographs (``*_mask.*``, ``*_vessel.*``) are skipped
+    unless ``include_companions``.
+    """
     uris = storage.list_files(prefix, extensions, storage_options=storage_options)
+    if not include_companions:
+        uris = [u for u in uris if not is_companion(u)]
     if not uris:
         raise ManifestError(
             f"no files with extensions {list(extensions)} under {storage.redact(prefix)}"
@@ -272,6 +315,12 @@ def _is_missing(value: object) -> bool:
         return bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
+
+
+def _internal_columns() -> frozenset[str]:
+    from fundus_batch.schema import INTERNAL_COLUMNS
+
+    return INTERNAL_COLUMNS - set(REQUIRED_COLUMNS) - set(OPTIONAL_COLUMNS)
 
 
 def _reserved_output_columns() -> frozenset[str]:

@@ -14,15 +14,16 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fundus_batch import __version__
+from fundus_batch import __version__, outpaths
 from fundus_batch.io import storage
-from fundus_batch.schema import STATUS_OK
+from fundus_batch.schema import STATUS_OK, with_row_checksums
 
 PAIRS_DIR = "pairs"
 RUN_JSON = "run.json"
@@ -143,6 +144,73 @@ class OutputStore:
                 self.fs.rm(path)
         return dropped
 
+    def _replace_shard(self, path: str, kept: pa.Table) -> None:
+        """Replace one shard by ``kept`` in one atomic write (removed when ``kept`` is empty)."""
+        if kept.num_rows:
+            buf = io.BytesIO()
+            pq.write_table(kept, buf, compression="zstd")
+            uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
+            storage.write_bytes(
+                uri, buf.getvalue(), storage_options=self.storage_options, retries=self.retries
+            )
+        else:
+            self.fs.rm(path)
+
+    def drop_duplicates(self) -> int:
+        """Keep one row per (image_id, variant) across all shards, preferring an ``ok`` row over
+        a failed one, then the first in shard order; rewrite each shard that holds a dropped
+        row atomically. A crash part-way leaves every pair with at least one row (a kept row
+        is never dropped), so running it again finishes the job. Returns rows dropped."""
+        paths = self.shard_paths()
+        keep: dict[tuple[str, int], tuple[int, int, bool]] = {}
+        keys: list[list[tuple[str, int]]] = []
+        for si, path in enumerate(paths):
+            t = self._read_shard(path, ["image_id", "variant", "status"])
+            ids = t.column("image_id").to_pylist()
+            variants = t.column("variant").to_pylist()
+            status = t.column("status").to_pylist()
+            shard_keys = [
+                (i, -1 if v is None else int(v)) for i, v in zip(ids, variants, strict=True)
+            ]
+            keys.append(shard_keys)
+            for ri, (key, st) in enumerate(zip(shard_keys, status, strict=True)):
+                ok = st == STATUS_OK
+                best = keep.get(key)
+                if best is None or (ok and not best[2]):
+                    keep[key] = (si, ri, ok)
+        dropped = 0
+        for si, path in enumerate(paths):
+            mask = [keep[key][:2] == (si, ri) for ri, key in enumerate(keys[si])]
+            if all(mask):
+                continue
+            table = self._read_shard(path)
+            self._replace_shard(path, table.filter(pa.array(mask, pa.bool_())))
+            dropped += mask.count(False)
+        return dropped
+
+    def drop_ok_rows_without(self, column: str) -> int:
+        """Remove ``ok`` rows whose ``column`` is null (e.g. ``enhanced_uri`` when enhancement
+        was added to a folder made without it), so that a run redoes them. Returns how many."""
+        dropped = 0
+        for path in self.shard_paths():
+            table = self._read_shard(path)
+            if column in table.column_names:
+                missing = pc.is_null(table.column(column))
+            else:
+                missing = pa.array([True] * table.num_rows, pa.bool_())
+            ok = pc.equal(table.column("status"), STATUS_OK)
+            missing = pc.fill_null(pc.and_(ok, missing), False)
+            n = pc.sum(missing).as_py() or 0
+            if n:
+                self._replace_shard(path, table.filter(pc.invert(missing)))
+                dropped += n
+        return dropped
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each complete shard as a table, one at a time (never all of them at once)."""
+        for path in self.shard_paths():
+            yield self._read_shard(path, columns)
+
     def done_pairs(self) -> set[tuple[str, int]]:
         """(image_id, variant) pairs already committed by earlier runs."""
         table = self.read_table(columns=["image_id", "variant"])
@@ -161,6 +229,7 @@ class OutputStore:
 
     def write_json(self, name: str, data: dict) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8")
+        outpaths.check_local_target(self.root, storage.join(self.root, name))
         storage.write_bytes(
             storage.join(self.root, name),
             payload,
@@ -199,9 +268,11 @@ class ShardWriter:
         self._seq = 0
         self._last_flush = time.monotonic()
         self.shards: list[str] = []
+        # Called before each commit; raises to stop a writer that lost the OUT lease.
+        self.before_commit: Callable[[], None] | None = None
 
     def add(self, table: pa.Table) -> None:
-        table = table.select(self.schema.names).cast(self.schema)
+        table = with_row_checksums(table.select(self.schema.names).cast(self.schema))
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.shard_rows:
@@ -222,11 +293,14 @@ class ShardWriter:
         self._last_flush = time.monotonic()
 
     def _commit(self, table: pa.Table) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         name = f"part-{self.attempt}-{self._seq:05d}.parquet"
         self._seq += 1
         uri = storage.join(self.store.pairs_uri, name)
+        outpaths.check_local_target(self.store.root, uri)  # OUT/pairs must not be a link
         storage.write_bytes(
             uri,
             buf.getvalue(),

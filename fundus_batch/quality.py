@@ -12,6 +12,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import SupportsFloat
 
 from fundus_batch.stages import Resources
 
@@ -36,7 +37,7 @@ class Term:
     op: str
     value: float
 
-    def holds(self, actual: object) -> bool:
+    def holds(self, actual: SupportsFloat | None) -> bool:
         if actual is None or (isinstance(actual, float) and math.isnan(actual)):
             return False
         return _OPS[self.op](float(actual), self.value)

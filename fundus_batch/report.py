@@ -16,12 +16,14 @@ import base64
 import html
 import math
 import os
+import posixpath
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, cast
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fundus_batch import __version__
+from fundus_batch.fidelity import fidelity_losses, warning_lines
 from fundus_batch.io import codecs, storage
 from fundus_batch.output import RUN_JSON, OutputStore
 from fundus_batch.schema import IMAGE_ROLES, STAGES, STATUS_OK
@@ -168,7 +171,7 @@ def _num(value: object) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     try:
-        f = float(value)
+        f = float(cast(SupportsFloat, value))  # anything else raises TypeError, caught here
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
@@ -454,14 +457,15 @@ class _Report:
         self.storage_options = storage_options or {}
         self.store = OutputStore(self.out, self.storage_options)
         self.run: dict[str, Any] | None = self.store.read_json(RUN_JSON)
-        self.frame = _read_frame(self.store)
-        if self.run is None and self.frame is None:
+        frame = _read_frame(self.store)
+        if self.run is None and frame is None:
             raise FileNotFoundError(
                 f"nothing to report under {storage.redact(self.out)}: "
                 f"no {RUN_JSON} and no Parquet shards in {storage.redact(self.store.pairs_uri)}"
             )
-        if self.frame is None:
-            self.frame = pd.DataFrame({"image_id": [], "status": []})
+        if frame is None:
+            frame = pd.DataFrame({"image_id": [], "status": []})
+        self.frame: pd.DataFrame = frame
         if "type_code" in self.frame.columns:
             self.frame["type_code"] = self.frame["type_code"].fillna(NO_TYPE)
         else:
@@ -472,6 +476,8 @@ class _Report:
         self.rows_per_type = rows_per_type
         self.thumb = thumb
         self._images: dict[str, np.ndarray | str] = {}
+        self._located: dict[str, str] = {}  # recorded image URI -> where it was read
+        self.report_dir = _parent(figures)
 
     # -- helpers
 
@@ -505,18 +511,40 @@ class _Report:
         return result
 
     def _read(self, uri: str) -> bytes:
+        from fundus_batch.outpaths import resolve
+
+        recorded = uri
+        uri = resolve(self.out, uri)  # rows record paths relative to OUT
         try:
-            return storage.read_bytes(uri, storage_options=self.storage_options, retries=1)
+            data = storage.read_bytes(uri, storage_options=self.storage_options, retries=1)
         except FileNotFoundError:
             # An output folder that was moved still holds images/<id>/... relative to it.
             if "/images/" not in uri:
                 raise
             rel = uri.rsplit("/images/", 1)[1]
-            return storage.read_bytes(
-                storage.join(self.out, "images", rel),
-                storage_options=self.storage_options,
-                retries=1,
-            )
+            uri = storage.join(self.out, "images", rel)
+            data = storage.read_bytes(uri, storage_options=self.storage_options, retries=1)
+        self._located[recorded] = uri
+        return data
+
+    def _link(self, recorded: object) -> str | None:
+        """A URL-quoted path from the report's folder to an image that was read, or None when
+        the two do not share a filesystem (a local report of a bucket, say)."""
+        where = self._located.get(recorded) if isinstance(recorded, str) else None
+        if where is None:
+            return None
+        report_dir = self.report_dir
+        if "://" in where or "://" in report_dir:
+            image_root, _, image_path = where.partition("://")
+            report_root, _, report_path = report_dir.partition("://")
+            same_bucket = image_path.split("/", 1)[0] == report_path.split("/", 1)[0]
+            if image_root != report_root or not same_bucket or not report_path:
+                return None
+            rel = posixpath.relpath(image_path, report_path)
+        else:
+            rel = os.path.relpath(os.path.abspath(where), os.path.abspath(report_dir))
+            rel = rel.replace(os.sep, "/")
+        return quote(rel, safe="/")
 
     # -- sections
 
@@ -573,6 +601,7 @@ class _Report:
                 f"run.json says {_e(ok)} and {_e(failed)}.</span>"
             )
         checks.extend(self._quality_gate())
+        checks.extend(self._enhancement_lines())
         if self.run is None:
             checks.append(
                 f'<span class="warn">{RUN_JSON} is missing: counts come from the Parquet only.'
@@ -630,13 +659,37 @@ class _Report:
                 )
         return [line]
 
+    def _enhancement_lines(self) -> list[str]:
+        """Which device(s) the enhancer ran on, and a warning per metric on the degradation
+        types where enhancement lowered fidelity (mean enhanced below mean degraded)."""
+        ok = self.ok
+        if "enhanced_uri" not in ok.columns or not ok["enhanced_uri"].notna().any():
+            return []
+        enhanced = ok[ok["enhanced_uri"].notna()]
+        models: list[str] = []
+        if "model_name" in enhanced.columns:
+            models = sorted(enhanced["model_name"].dropna().astype(str).unique().tolist())
+        model_text = ", ".join(f"<code>{_e(m)}</code>" for m in models) or "the enhancer"
+        if "enhance_device" in enhanced.columns and enhanced["enhance_device"].notna().any():
+            counts = enhanced["enhance_device"].fillna("not recorded").astype(str).value_counts()
+            where = ", ".join(f"<b>{_e(d)}</b> ({n} rows)" for d, n in counts.items())
+        else:
+            where = "a device this output did not record (written before enhance_device existed)"
+        lines = [f"Enhancement: {model_text} ran on {where}."]
+        lines += [f'<span class="bad"><b>{_e(w)}</b></span>' for w in self._fidelity_warnings()]
+        return lines
+
+    def _fidelity_warnings(self) -> list[str]:
+        return warning_lines(fidelity_losses(self.ok))
+
     def contact_sheets(self) -> str:
         head = (
             '<section id="contact-sheets"><h2>Contact sheets</h2>'
             '<p class="note">A few rows of each degradation type: the clean working image, its '
-            "degraded version and, when the run enhanced, the enhanced image. Captions give the "
-            "sampled parameters and the fidelity to the clean image inside the field of view "
-            "(higher PSNR/SSIM = closer to clean).</p>"
+            "degraded version and, when the run enhanced, the enhanced image; click a thumbnail "
+            "to open the full-size image (<code>fundus-batch report --rows-per-type N</code> "
+            "shows more rows). Captions give the sampled parameters and the fidelity to the "
+            "clean image inside the field of view (higher PSNR/SSIM = closer to clean).</p>"
         )
         ok = self.ok
         if ok.empty:
@@ -670,6 +723,13 @@ class _Report:
                         thumbs.append(t)
                         uri = _encode_data_uri(codecs.encode_png(t))
                         pic = f'<img alt="{_e(role)}" {size_attr} src="{uri}">'
+                        link = self._link(row.get(f"{role}_uri"))
+                        if link is not None:
+                            pic = (
+                                f'<a href="{html.escape(link, quote=True)}" target="_blank" '
+                                f'rel="noopener" title="open the full-size {_e(role)} image">'
+                                f"{pic}</a>"
+                            )
                     cells.append(f'<div><div class="role">{_e(role)}</div>{pic}</div>')
                 grid.append(thumbs)
                 entries.append(
@@ -713,7 +773,9 @@ class _Report:
                 lines.append(f"{role}: PSNR {_fmt(psnr, 'psnr')} dB, SSIM {_fmt(ssim, 'ssim')}")
         model = row.get("model_name")
         if isinstance(model, str) and model:
-            lines.append(f"model {_e(model)}")
+            device = row.get("enhance_device")
+            on = f" on {_e(device)}" if isinstance(device, str) and device else ""
+            lines.append(f"model {_e(model)}{on}")
         return "<br>".join(lines)
 
     def _sheet_png(self, grid: list[list[np.ndarray]]) -> np.ndarray:
@@ -779,6 +841,11 @@ class _Report:
         if plots:
             parts.append(f'<div class="plots">{"".join(plots)}</div>')
         parts.append(self._fr_table(types))
+        parts.extend(
+            f'<p class="bad"><b>{_e(w)}</b> (mean enhanced below mean degraded, against the '
+            "clean image).</p>"
+            for w in self._fidelity_warnings()
+        )
         parts.append(self._nr_tables(types, clean_rows))
         parts.append("</section>")
         return "".join(parts)
@@ -832,10 +899,12 @@ class _Report:
     def downstream(self) -> str:
         head = (
             '<section id="downstream"><h2>Downstream: vessel segmentation</h2>'
-            '<p class="note">Vessel segmentation scored against the ground-truth vessel maps '
-            "inside the field of view: ROC AUC and F1 of the clean, degraded and enhanced "
-            "images. A good enhancement brings the degraded scores back towards the clean ones."
-            "</p>"
+            '<p class="note">Vessels segmented by a filter that shares nothing with the '
+            "enhancer, scored against the ground-truth vessel maps inside the field of view: "
+            "ROC AUC and F1 of the clean, degraded and enhanced images. A good enhancement "
+            "brings the degraded scores back towards the clean ones. The enhancement network's "
+            "own vessel branch is not used: it never reached AUC 0.85 on clean images, and an "
+            "enhancer judged by its own branch proves nothing.</p>"
         )
         columns = {c: _VESSEL_COLUMN.match(c) for c in self.frame.columns}
         found = {c: m.groups() for c, m in columns.items() if m}
@@ -854,18 +923,11 @@ class _Report:
             )
         ok = self.ok
         if not any(_has(ok, c) for c in found):
-            enhance = ((self.run or {}).get("config") or {}).get("enhance")
-            enabled = enhance.get("enabled") if isinstance(enhance, Mapping) else None
-            run_note = {
-                True: " Enhancement was on in this run.",
-                False: " Enhancement was off in this run.",
-            }.get(enabled, "")
             return (
                 head + '<p class="warn"><b>Not available:</b> the <code>vessel_auc_*</code> / '
                 "<code>vessel_f1_*</code> columns are empty, so no row was scored. Vessel scores "
-                "need an enhancement run whose model has a vessel branch, and a ground-truth "
-                f"vessel map per image (the manifest's vessel column).{run_note}{gt_note}"
-                "</p></section>"
+                "need a ground-truth vessel map per image (the manifest's "
+                f"<code>vessel_uri</code>) and a run with metrics on.{gt_note}</p></section>"
             )
         metrics = sorted({m for m, _ in found.values()}, key=lambda m: (m != "auc", m))
         cols = [
@@ -874,20 +936,59 @@ class _Report:
             for r in IMAGE_ROLES
             if f"vessel_{m}_{r}" in found and _has(ok, f"vessel_{m}_{r}")
         ]
-        table_head = ["type", "rows"] + [
-            f"{_e(m.upper())} <br><small>{_e(r)}</small>" for m, r in cols
-        ]
+        delta = _has(ok, "vessel_auc_degraded") and _has(ok, "vessel_auc_enhanced")
+        table_head = (
+            ["type", "rows"]
+            + [f"{_e(m.upper())} <br><small>{_e(r)}</small>" for m, r in cols]
+            + (["Δ AUC <br><small>enhanced − degraded</small>"] if delta else [])
+        )
         rows = []
+        worse = []
         for group, sub in [*[(t, ok[ok["type_code"] == t]) for t in self.types], ("all", ok)]:
             label = "<b>all types</b>" if group == "all" else _e(_type_label(group))
-            rows.append(
-                [label, str(len(sub))]
-                + [_fmt(_mean(_values(sub, f"vessel_{m}_{r}")), "vessel_") for m, r in cols]
+            cells = [label, str(len(sub))] + [
+                _fmt(_mean(_values(sub, f"vessel_{m}_{r}")), "vessel_") for m, r in cols
+            ]
+            if delta:
+                gain = pd.to_numeric(sub["vessel_auc_enhanced"], errors="coerce") - pd.to_numeric(
+                    sub["vessel_auc_degraded"], errors="coerce"
+                )
+                diff = _mean(_values(pd.DataFrame({"gain": gain}), "gain"))
+                text = "–" if diff is None else f"{diff:+.4f}"
+                if diff is not None and diff < 0:
+                    text = f'<span class="bad">{text}</span>'
+                    if group != "all":
+                        worse.append(group)
+                cells.append(text)
+            rows.append(cells)
+        segmenters = []
+        if "vessel_segmenter" in ok.columns:
+            segmenters = sorted(ok["vessel_segmenter"].dropna().astype(str).unique().tolist())
+        if segmenters:
+            names = ", ".join(f"<code>{_e(n)}</code>" for n in segmenters)
+            seg_note = (
+                f"Segmenter: {names} (Sato tubeness of the green channel at 1-3 px scales per "
+                "512 px, FOV rim filled before filtering; F1 counts the top 12 % of FOV pixels "
+                "as vessel)."
+            )
+        else:
+            seg_note = (
+                "Segmenter not recorded: outputs written before <code>vessel_segmenter</code> "
+                "existed scored the enhancement network's own vessel branch, which is circular."
+            )
+        warn = ""
+        if worse:
+            warn = (
+                '<p class="bad"><b>Enhancement lowered vessel AUC on '
+                + ", ".join(_e(t) for t in worse)
+                + ".</b></p>"
             )
         return (
             head
+            + f'<p class="note">{seg_note}</p>'
             + "<h3>Mean vessel scores per degradation type</h3>"
             + _table(table_head, rows, [False] + [True] * (len(table_head) - 1))
+            + warn
             + f'<p class="note">{gt_note.strip()}</p></section>'
         )
 
@@ -1086,6 +1187,11 @@ def write_report(
     remote = "://" in target
     figures = storage.join(_parent(target), FIGURES_DIR)
     write_options = storage_options if remote else None
+    if dest is None:  # inside OUT: neither the page nor the figures folder may be a link
+        from fundus_batch.outpaths import check_local_target
+
+        check_local_target(out, target)
+        check_local_target(out, storage.join(figures, "figure.png"))
     report = _Report(out, storage_options, figures, write_options, rows_per_type, thumb)
     page = report.page()
     storage.write_bytes(target, page.encode("utf-8"), storage_options=write_options)

@@ -7,6 +7,8 @@ dicts; :func:`to_table` fills every missing column with null.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
@@ -17,6 +19,8 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STAGES = ("fetch", "preprocess", "degrade", "enhance", "score", "write")
 IMAGE_ROLES = ("clean", "degraded", "enhanced")
+# sha256 of a canonical JSON of a row's other (non-null) columns; see row_checksum.
+ROW_CHECKSUM = "row_sha256"
 
 
 def _noref_fields() -> list[pa.Field]:
@@ -62,6 +66,7 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("enhanced_sha256", pa.string()),
     pa.field("model_name", pa.string()),
     pa.field("model_sha256", pa.string()),
+    pa.field("enhance_device", pa.string()),
     pa.field("psnr_degraded", pa.float64()),
     pa.field("ssim_degraded", pa.float64()),
     pa.field("ms_ssim_degraded", pa.float64()),
@@ -70,11 +75,13 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("ms_ssim_enhanced", pa.float64()),
     *_noref_fields(),
     *[pa.field(f"vessel_{m}_{role}", pa.float64()) for role in IMAGE_ROLES for m in ("auc", "f1")],
+    pa.field("vessel_segmenter", pa.string()),
     pa.field("metric_version", pa.string()),
     pa.field("quality_ok", pa.bool_()),
     pa.field("quality_failed", pa.string()),
     *[pa.field(f"seconds_{stage}", pa.float64()) for stage in STAGES],
     pa.field("fundus_batch_version", pa.string()),
+    pa.field(ROW_CHECKSUM, pa.string()),
 ]
 
 # Columns that exist only between stages and never reach Parquet.
@@ -92,6 +99,8 @@ WORK_FIELDS: list[pa.Field] = [
 
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(f.name for f in _CORE_FIELDS)
 WORK_COLUMNS: tuple[str, ...] = tuple(f.name for f in WORK_FIELDS)
+# Every row key the stages use: a manifest column may not carry one of these names.
+INTERNAL_COLUMNS: frozenset[str] = frozenset(OUTPUT_COLUMNS) | frozenset(WORK_COLUMNS)
 
 
 def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
@@ -105,10 +114,26 @@ def work_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
     return pa.schema(list(output_schema(passthrough)) + WORK_FIELDS)
 
 
+def row_checksum(row: Mapping[str, object]) -> str:
+    """sha256 of a canonical JSON of ``row`` (as ``pa.Table.to_pylist`` gives it): every column
+    but the checksum itself, null columns left out, keys sorted."""
+    values = {k: v for k, v in row.items() if k != ROW_CHECKSUM and v is not None}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def with_row_checksums(table: pa.Table) -> pa.Table:
+    """``table`` with its ``row_sha256`` column (re)computed from every row's other values."""
+    digests = pa.array([row_checksum(r) for r in table.to_pylist()], pa.string())
+    if ROW_CHECKSUM in table.column_names:
+        return table.set_column(table.schema.get_field_index(ROW_CHECKSUM), ROW_CHECKSUM, digests)
+    return table.append_column(ROW_CHECKSUM, digests)
+
+
 def to_table(rows: Iterable[Mapping[str, object]], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly ``schema``'s columns; absent keys become null."""
     names = schema.names
-    columns = {name: [] for name in names}
+    columns: dict[str, list[object]] = {name: [] for name in names}
     for row in rows:
         for name in names:
             columns[name].append(row.get(name))

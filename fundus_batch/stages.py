@@ -13,16 +13,19 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from fundus_batch import __version__
+from fundus_batch import __version__, outpaths
 from fundus_batch.degrade import degrade, sample_rng, stable_hash
 from fundus_batch.fov import Circle, FOVError, crop_to_fov, preprocess
 from fundus_batch.io import codecs, storage
 from fundus_batch.schema import STATUS_OK, failed
+
+if TYPE_CHECKING:
+    from fundus_batch.metrics import ReferenceContext
 
 Row = dict[str, Any]
 
@@ -269,6 +272,8 @@ class Degrade:
                 self.types, self.type_mode, self.seed, row["image_id"], variant
             )
             if is_ok(vrow):
+                # a row still ok decoded both (a failed decode marks it not ok)
+                assert image is not None and mask is not None
                 self._degrade_one(vrow, image, mask)
             rows.append(vrow)
         return rows
@@ -286,6 +291,34 @@ class Degrade:
         row["seconds_degrade"] = time.perf_counter() - start
 
 
+class _CleanScoring:
+    """One clean image and its mask, decoded, with the metric contexts built from them."""
+
+    def __init__(self, clean_png: bytes, mask_png: bytes) -> None:
+        from fundus_batch.metrics import NorefContext
+
+        self.clean_png = clean_png
+        self.mask_png = mask_png
+        self.mask = decode_mask(mask_png)
+        self.image = codecs.decode_image(clean_png)
+        self.noref = NorefContext(self.mask, self.image.shape)
+        self._reference: ReferenceContext | None = None
+
+    def matches(self, clean_png: bytes, mask_png: bytes) -> bool:
+        """Whether these are the bytes this was built from (same object or equal)."""
+        same_clean = clean_png is self.clean_png or clean_png == self.clean_png
+        return same_clean and (mask_png is self.mask_png or mask_png == self.mask_png)
+
+    @property
+    def reference(self) -> ReferenceContext:
+        """The full-reference context of the clean image, built on first use."""
+        if self._reference is None:
+            from fundus_batch.metrics import reference_context
+
+            self._reference = reference_context(self.image, self.mask)
+        return self._reference
+
+
 class Score:
     """Quality metrics: no-reference for each image present, full-reference against clean."""
 
@@ -297,33 +330,67 @@ class Score:
     ) -> None:
         self.roles = tuple(roles)
         self.reference = reference
+        self._clean: _CleanScoring | None = None
+
+    def _clean_for(self, row: Row) -> _CleanScoring:
+        """The decoded clean image, mask and metric contexts of ``row``, kept while the rows
+        that follow (the other variants of one image) carry the same clean and mask bytes."""
+        cached = self._clean
+        if cached is None or not cached.matches(row["clean_png"], row["mask_png"]):
+            cached = self._clean = _CleanScoring(row["clean_png"], row["mask_png"])
+        return cached
 
     def __call__(self, rows: list[Row]) -> list[Row]:
-        from fundus_batch.metrics import METRIC_VERSION, full_reference_metrics, noref_metrics
+        from fundus_batch.metrics import METRIC_VERSION, noref_metrics
 
         for row in rows:
             if not is_ok(row):
                 continue
             start = time.perf_counter()
             try:
-                mask = decode_mask(row["mask_png"])
-                clean = codecs.decode_image(row["clean_png"])
+                clean = self._clean_for(row)
+                truth = row.get("vessel_gt_png")
+                truth = decode_mask(truth) if truth is not None else None
                 for role in self.roles:
                     data = row.get(f"{role}_png")
                     if data is None:
                         continue
-                    img = clean if role == "clean" else codecs.decode_image(data)
-                    for name, value in noref_metrics(img, mask).items():
+                    img = clean.image if role == "clean" else codecs.decode_image(data)
+                    for name, value in noref_metrics(img, None, context=clean.noref).items():
                         row[f"{name}_{role}"] = float(value)
                     if role != "clean" and self.reference:
-                        fr = full_reference_metrics(img, clean, mask)
+                        fr = clean.reference.metrics(img)
                         for key in ("psnr", "ssim", "ms_ssim"):
                             row[f"{key}_{role}"] = float(fr[key])
+                    if truth is not None:
+                        score_vessels(row, role, img, truth, clean.mask)
                 row["metric_version"] = METRIC_VERSION
             except Exception as exc:
                 failed(row, self.name, exc)
             row["seconds_score"] = (row.get("seconds_score") or 0.0) + time.perf_counter() - start
         return rows
+
+
+def score_vessels(
+    row: Row, role: str, image: np.ndarray, truth: np.ndarray, mask: np.ndarray
+) -> None:
+    """Downstream check: segment ``image`` with the Sato vesselness filter (independent of any
+    enhancer) and store ``vessel_auc_<role>``, ``vessel_f1_<role>`` and ``vessel_segmenter``.
+
+    A FOV without vessel or background pixels leaves the scores null rather than failing."""
+    from fundus_batch.metrics.vessels import (
+        VESSEL_SEGMENTER,
+        UndefinedMetricError,
+        segment_and_score,
+    )
+
+    try:
+        scores = segment_and_score(image, truth, mask)
+    except UndefinedMetricError:
+        return
+    for name, value in scores.items():
+        row[f"{name}_{role}"] = float(value)
+    row["vessel_segmenter"] = VESSEL_SEGMENTER
 
 
 def image_paths(
@@ -364,6 +431,7 @@ class Write:
         root = self.out.rstrip("/") + "/"
         if not uri.startswith(root) or "/../" in uri[len(root) - 1 :]:
             raise ValueError(f"refusing to write outside the output root: {uri}")
+        outpaths.check_local_target(self.out, uri)  # no symlinked folder or file inside OUT
 
     def _put(self, uri: str, data: bytes) -> str:
         self._check_inside(uri)
@@ -391,6 +459,8 @@ class Write:
             row["fundus_batch_version"] = __version__
             # A presigned or user:pass@ URI must not carry its secret into the dataset.
             row["source_uri"] = storage.redact(row.get("source_uri") or "") or None
+            if row.get("vessel_gt_uri"):
+                row["vessel_gt_uri"] = storage.redact(row["vessel_gt_uri"])
         return rows
 
     def _write_row(self, row: Row) -> None:
@@ -407,5 +477,6 @@ class Write:
                 digest = sha256_hex(data)
             else:
                 digest = self._put(paths[role], data)
-            row[f"{role}_uri"] = paths[role]
+            # Relative to OUT, so that a moved or copied OUT still verifies.
+            row[f"{role}_uri"] = outpaths.relative_to_out(self.out, paths[role])
             row[f"{role}_sha256"] = digest

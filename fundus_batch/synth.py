@@ -11,12 +11,14 @@ size. Everything is driven by a local ``numpy.random.Generator``; no global RNG 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["MIN_SIZE", "SynthFundus", "synth_fundus"]
+__all__ = ["MIN_SIZE", "SynthFundus", "synth_fundus", "write_synthetic_set"]
 
 MIN_SIZE = 32
 """Smallest supported FOV side in pixels."""
@@ -360,3 +362,32 @@ def _place(
 
     cx, cy, r = circle
     return SynthFundus(paste(image), paste(vessels), paste(mask), (cx + ox, cy + oy, r))
+
+
+def write_synthetic_set(
+    folder: str | os.PathLike[str], count: int = 8, size: int = 512, seed: int = 0
+) -> Path:
+    """Write ``count`` photographs (``synth_<seed>.png``) with their vessel maps and FOV masks
+    beside them, and ``manifest.csv`` (``image_id``, ``uri``, ``mask_uri``, ``vessel_uri``,
+    absolute paths) listing the photographs only; returns the manifest path."""
+    import csv
+
+    from fundus_batch.io.codecs import encode_png
+
+    out = Path(folder).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        s = synth_fundus(size, seed=seed + i)
+        stem = f"synth_{seed + i:05d}"
+        paths = {kind: out / f"{stem}{kind}.png" for kind in ("", "_vessel", "_mask")}
+        paths[""].write_bytes(encode_png(s.image))
+        paths["_vessel"].write_bytes(encode_png(s.vessels))
+        paths["_mask"].write_bytes(encode_png(s.mask))
+        rows.append([stem, paths[""], paths["_mask"], paths["_vessel"]])
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "uri", "mask_uri", "vessel_uri"])
+        writer.writerows([[str(v) for v in row] for row in rows])
+    return manifest

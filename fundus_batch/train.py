@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import cv2
 import numpy as np
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fundus_batch.degrade import TYPE_CODES, DegradationRecord, degrade, sample_rng
+from fundus_batch.degrade.ops import color_jitter
 from fundus_batch.metrics import psnr, ssim
 from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet, check_size
 
@@ -74,7 +75,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fundus-batch-train-1"
 INITS = ("released", "fixup")
-LOSS_SCALES = ("none", "degraded")
+LOSS_SCALES = ("none", "degraded", "log")
+PIXEL_LOSSES = ("l1", "mse")
 _BCE_EPS = 1e-6
 
 
@@ -104,12 +106,22 @@ class TrainConfig:
     starts as the identity while its inner layers carry signal). ``loss_scale="degraded"``
     divides each pair's image terms (L1 at both scales, disc) by that pair's degraded-input
     FOV L1 plus ``loss_scale_eps``, so a pair counts by the fraction of its error left rather
-    than by its size (closer to a per-pair PSNR gain); ``none`` is the reference loss.
+    than by its size (closer to a per-pair PSNR gain); ``log`` takes ``10 log10`` of each pair's
+    term plus ``loss_scale_eps`` (with ``pixel_loss="mse"`` that is the pair's PSNR up to a
+    constant, so a harmed good photograph costs as many dB as a mended bad one gains);
+    ``none`` is the reference loss.
+    ``field_size`` selects Cofe-Net's smooth-correction head at that network resolution
+    (``fundus_batch.models.cofenet``); train such a model on whole images (``size`` = the
+    working size). ``pixel_loss`` is ``l1`` (the reference) or ``mse`` (what PSNR measures).
+    ``init_weights`` names a state dict of the same architecture to start from (after ``init``);
+    for a ``field_size`` model the output conv of G is zeroed again, since its output means a
+    correction there. ``head_lr_scale`` multiplies the learning rate of that output conv.
     """
 
     variant: str = "cofe-net"
     width: float = 0.25
     residual: bool = True
+    field_size: int | None = None
     size: int = 256
     batch_size: int = 4
     steps: int = 1000
@@ -138,6 +150,9 @@ class TrainConfig:
     init: str = "released"
     loss_scale: str = "none"
     loss_scale_eps: float = 0.01
+    pixel_loss: str = "l1"
+    init_weights: str | None = None
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -171,6 +186,10 @@ class TrainConfig:
             problems.append(f"loss_scale must be one of {LOSS_SCALES}, got {self.loss_scale!r}")
         if not self.loss_scale_eps > 0:
             problems.append(f"loss_scale_eps must be > 0, got {self.loss_scale_eps}")
+        if self.pixel_loss not in PIXEL_LOSSES:
+            problems.append(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
+        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
+            problems.append(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
         if self.init not in INITS:
             problems.append(f"init must be one of {INITS}, got {self.init!r}")
         if self.resume and not self.checkpoint:
@@ -283,7 +302,7 @@ def _aux_map(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray
     from fundus_batch.io.codecs import decode_image
 
     grey = decode_image(Path(path).read_bytes()).max(axis=2)
-    binary = np.where(grey > 0, 255, 0).astype(np.uint8)
+    binary: np.ndarray = np.where(grey > 0, 255, 0).astype(np.uint8)
     if binary.shape != shape:
         binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     return binary
@@ -371,7 +390,12 @@ def _flip(item: TrainItem) -> TrainItem:
 class DegradeSource:
     """Clean images degraded on the fly by the fundus_batch.degrade engine.
 
-    Each draw picks a type uniformly from ``types`` and degrades with ``preset``.
+    Each draw picks a type uniformly from ``types`` and degrades with ``preset``. With
+    ``keep_colour`` the training target of an illumination type is the clean image with that
+    draw's global colour jitter (brightness, contrast, saturation) applied: the model learns to
+    undo the spatial part (halo, hole), which it can see, and not to guess a global colour,
+    which it cannot know and would impose on every photograph. Validation items always score
+    against the clean image itself.
     """
 
     def __init__(
@@ -379,6 +403,8 @@ class DegradeSource:
         samples: Iterable[CleanSample | tuple[Any, ...]],
         preset: Any = "cofe-release",
         types: Sequence[str] = TYPE_CODES,
+        *,
+        keep_colour: bool = False,
     ) -> None:
         items: list[CleanSample] = []
         for i, s in enumerate(samples):
@@ -401,6 +427,7 @@ class DegradeSource:
         self.samples = items
         self.preset = preset
         self.types = tuple(types)
+        self.keep_colour = keep_colour
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -412,10 +439,15 @@ class DegradeSource:
     def _item(self, s: CleanSample, type_code: str, rng: np.random.Generator) -> TrainItem:
         degraded, record = degrade(s.image, s.mask, type_code, rng, self.preset)
         shape = s.image.shape[:2]
+        target = s.image
+        if self.keep_colour and record.color is not None:
+            c = record.color
+            jittered = color_jitter(s.image, c.brightness, c.contrast, c.saturation)
+            target = np.where(s.mask[..., None] > 127, jittered, 0).astype(np.uint8)
         return TrainItem(
             image_id=s.image_id,
             type_code=type_code,
-            clean=s.image,
+            clean=target,
             degraded=degraded,
             mask=s.mask,
             vessels=None if s.vessels is None else _vessel_float(s.vessels),
@@ -449,7 +481,8 @@ class PairsSource:
 
     Only rows with status ``ok`` and a degraded image are used; with ``split`` only rows whose
     ``split`` column equals it (TrainError if the column is absent). Relative URIs resolve
-    against ``root``. No vessel or disc ground truth; spot masks come from ``params_json``.
+    against the output folder (``root``, or its parent when ``root`` is ``OUT/pairs``). No
+    vessel or disc ground truth; spot masks come from ``params_json``.
     """
 
     _COLUMNS = (
@@ -475,6 +508,8 @@ class PairsSource:
         self.storage_options = storage_options
         base = Path(self.root)
         folder = base / "pairs" if (base / "pairs").is_dir() else base
+        # Rows record image paths relative to OUT, the folder that holds pairs/.
+        self.out_root = str(base.parent if folder == base and base.name == "pairs" else base)
         files = sorted(folder.glob("*.parquet"))
         if not files:
             raise TrainError(f"no Parquet files under {folder}")
@@ -513,7 +548,7 @@ class PairsSource:
         from fundus_batch.io.codecs import decode_image
 
         if "://" not in uri and not os.path.isabs(uri):
-            uri = os.path.join(self.root, uri)
+            uri = os.path.join(self.out_root, uri)
         data = storage.read_bytes(uri, storage_options=self.storage_options)
         rgb = decode_image(data)
         return rgb[..., 0].copy() if grey else rgb
@@ -560,6 +595,10 @@ def _crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
     y = int(rng.integers(side - size + 1))
     x = int(rng.integers(item.clean.shape[1] - size + 1))
 
+    @overload
+    def c(a: np.ndarray) -> np.ndarray: ...
+    @overload
+    def c(a: None) -> None: ...
     def c(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[y : y + size, x : x + size]
 
@@ -572,7 +611,7 @@ def _crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
         c(item.vessels),
         c(item.disc),
         c(item.spots),
-    )  # type: ignore[arg-type]
+    )
 
 
 def _images(arrs: Sequence[np.ndarray]) -> Tensor:
@@ -636,12 +675,25 @@ def _half(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, 2)
 
 
-def _masked_l1(out: Tensor, ref: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """mean(|out - ref| * weight) over all elements (weight broadcast over channels).
+def _masked_l1(
+    out: Tensor,
+    ref: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    kind: str = "l1",
+    log_eps: float | None = None,
+) -> Tensor:
+    """mean(|out - ref| * weight) over all elements (weight broadcast over channels); with
+    ``kind="mse"`` the squared difference instead.
 
     With ``scale`` (one value per item) each item's mean is divided by its scale first.
     """
-    per_item = _masked_l1_items(out, ref, weight)
+    if kind == "mse":
+        per_item = ((out - ref).square() * weight).mean(dim=(1, 2, 3))
+    else:
+        per_item = _masked_l1_items(out, ref, weight)
+    if log_eps is not None:
+        return (10.0 * torch.log10(per_item + log_eps)).mean()
     if scale is not None:
         per_item = per_item / scale
     return per_item.mean()
@@ -662,19 +714,25 @@ def cofenet_loss(
             scale = _masked_l1_items(batch.degraded, batch.clean, batch.mask)
             scale = scale + config.loss_scale_eps
     terms: dict[str, Tensor] = {}
-    terms["l1"] = config.lambda_l1 * _masked_l1(out_512, batch.clean, batch.mask, scale)
+    kind = config.pixel_loss
+    log_eps = config.loss_scale_eps if config.loss_scale == "log" else None
+    terms["l1"] = config.lambda_l1 * _masked_l1(
+        out_512, batch.clean, batch.mask, scale, kind, log_eps
+    )
     out_256 = model.coarse(outputs)
     clean_256 = mask_256 = None
     if out_256 is not None and config.lambda_l1_256 > 0:
         clean_256, mask_256 = _half(batch.clean), _half(batch.mask)
         terms["l1_256"] = config.lambda_l1_256 * _masked_l1(
-            out_256.float(), clean_256, mask_256, scale
+            out_256.float(), clean_256, mask_256, scale, kind, log_eps
         )
     if config.lambda_disc > 0 and bool(batch.has_disc.any()):
         disc = batch.disc * batch.mask
-        disc_term = _masked_l1(out_512, batch.clean, disc, scale)
+        disc_term = _masked_l1(out_512, batch.clean, disc, scale, kind, log_eps)
         if out_256 is not None and clean_256 is not None:
-            disc_term = disc_term + _masked_l1(out_256.float(), clean_256, _half(disc), scale)
+            disc_term = disc_term + _masked_l1(
+                out_256.float(), clean_256, _half(disc), scale, kind, log_eps
+            )
         terms["disc"] = config.lambda_disc * disc_term
     vessel = model.vessel(outputs)
     if vessel is not None and config.lambda_vessel > 0 and bool(batch.has_vessels.any()):
@@ -687,7 +745,8 @@ def cofenet_loss(
         terms["vessel"] = config.lambda_vessel * (per_item * weight).sum() / weight.sum()
     attention = model.attention(outputs)
     if attention is not None and config.lambda_lqa > 0 and bool(batch.has_spots.any()):
-        target = F.adaptive_avg_pool2d(batch.spots, attention.shape[-2:])
+        # torch's stubs reject a Size here, which it accepts at run time
+        target = F.adaptive_avg_pool2d(batch.spots, attention.shape[-2:])  # type: ignore[arg-type]
         bce = F.binary_cross_entropy_with_logits(attention.float(), target, reduction="none")
         weight = batch.has_spots
         per_item = bce.mean(dim=(1, 2, 3))
@@ -894,7 +953,7 @@ def _lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * max(0.0, 1.0 - (step - start) / (total - start))
 
 
-_ARCH_KEYS = ("variant", "width", "residual")
+_ARCH_KEYS = ("variant", "width", "residual", "field_size")
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -978,12 +1037,31 @@ def train(
         config.variant,
         config.width,
         residual=config.residual,
+        field=config.field_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
     if config.init == "fixup":
         fixup_init(model, torch.Generator().manual_seed(config.seed))
+    if config.init_weights:
+        from fundus_batch.models import load_weights
+
+        load_weights(model, config.init_weights)
+        model.train()
+        if config.field_size is not None:
+            torch.nn.init.zeros_(model.G_deconv1_0.weight)
+            assert model.G_deconv1_0.bias is not None  # built with a bias
+            torch.nn.init.zeros_(model.G_deconv1_0.bias)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    head = list(model.G_deconv1_0.parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": body, "lr_scale": 1.0},
+            {"params": head, "lr_scale": config.head_lr_scale},
+        ],
+        lr=config.lr,
+        betas=config.betas,
+    )
     step = 0
     history: list[list[float]] = []
     if config.resume and config.checkpoint and Path(config.checkpoint).is_file():
@@ -1025,7 +1103,7 @@ def train(
     running: list[float] = []
     while step < end:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, config)
+            group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
         items = []
         for slot in range(config.batch_size):
             k = step * config.batch_size + slot

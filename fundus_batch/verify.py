@@ -8,11 +8,12 @@ naming the image id, the variant and what is wrong.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from fundus_batch.output import RUN_JSON, OutputStore
 from fundus_batch.schema import STATUS_FAILED, STATUS_OK
 from fundus_batch.stages import sha256_hex
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["RepairReport", "VerifyReport", "repair", "verify"]
 
 ROLES = ("clean", "mask", "degraded", "enhanced")
 _MAX_LISTED = 1000  # problems kept verbatim; the rest are counted
@@ -46,6 +47,7 @@ class VerifyReport:
     unexpected_rows: int = 0
     files_checked: int = 0
     bad_files: int = 0
+    deep_checked: int = 0
     shards: int = 0
     problems: list[str] = field(default_factory=list)
     problems_not_listed: int = 0
@@ -78,6 +80,8 @@ class VerifyReport:
             f"unexpected {self.unexpected_rows}",
             f"files checked {self.files_checked}, bad {self.bad_files}",
         ]
+        if self.deep_checked:
+            lines.append(f"rows recomputed from their files (--deep): {self.deep_checked}")
         lines += [f"note: {n}" for n in self.notes]
         if self.problems:
             lines.append(f"problems ({len(self.problems) + self.problems_not_listed}):")
@@ -167,6 +171,8 @@ def verify(
     storage_options: dict | None = None,
     check_files: bool = True,
     threads: int = 8,
+    deep: int = 0,
+    deep_seed: int | None = None,
 ) -> VerifyReport:
     """Check the output folder ``out`` (local path or fsspec URL) and return a report.
 
@@ -176,7 +182,10 @@ def verify(
     ``enhance``/``score`` modes one row with a null variant); with ``manifest``, every manifest
     image is present and no other image is; every image URI a row records exists, decodes to
     the row's working size and has the recorded sha256. ``storage_options`` serve both the
-    output and the manifest.
+    output and the manifest. Every row's values match its ``row_sha256``; every image URI lies
+    inside ``out`` (relative URIs resolve against ``out``). With ``deep`` > 0, that many ok rows
+    (chosen at random, ``deep_seed``) are recomputed from their files: params replayed and
+    redrawn from the seed, metrics recomputed.
     """
     report = VerifyReport(out=out, manifest=manifest)
     store = OutputStore(out, storage_options)
@@ -200,6 +209,8 @@ def verify(
         wanted = ["image_id", "variant", "status", "failed_stage", "error", "size"]
         wanted += [f"{r}_{k}" for r in ROLES for k in ("uri", "sha256")]
         rows = table.select([c for c in wanted if c in table.column_names]).to_pylist()
+        _check_row_checksums(table, report, store)
+        _resolve_row_uris(rows, out, report)
     report.rows = len(rows)
     if report.mode is None:  # no run.json: rows with variants mean pairs mode
         pairs = any(r.get("variant") is not None for r in rows)
@@ -213,6 +224,8 @@ def verify(
     if check_files:
         enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
         _check_files(rows, report, pairs, enhance, _FileCheck(storage_options, threads))
+    if deep > 0 and table is not None:
+        _check_deep(table, out, report, deep, storage_options, deep_seed)
     return report
 
 
@@ -237,11 +250,17 @@ def _check_rows(rows: list[dict[str, Any]], report: VerifyReport, pairs: bool) -
         variant = row.get("variant")
         if pairs and variant is None:
             report.add(f"{label}: pairs-mode row without a variant")
-        elif pairs and report.variants is not None and not 0 <= variant < report.variants:
+        elif (
+            pairs
+            and report.variants is not None
+            and variant is not None
+            and not 0 <= variant < report.variants
+        ):
             extra += 1
         elif not pairs and variant is not None:
             report.add(f"{label}: {report.mode}-mode row with a variant (expected null)")
     if extra:  # an earlier run asked for more variants: more data, not damage
+        assert report.variants is not None  # extra counts only against a known variant count
         report.notes.append(
             f"{extra} row(s) have variants beyond the last run's 0..{report.variants - 1}"
         )
@@ -269,7 +288,9 @@ def _check_coverage(
             ids = expected_ids
     if pairs and report.variants is None:
         return  # without run.json the variants an image should have are unknown
-    variants: list[int | None] = list(range(report.variants)) if pairs else [None]
+    variants: list[int | None] = (
+        list(range(report.variants)) if pairs and report.variants is not None else [None]
+    )
     report.expected_rows = len(ids) * len(variants)
     for image_id in ids:
         for variant in variants:
@@ -302,6 +323,7 @@ def _check_files(
                 report.add(f"{label}: {role} file {uri} {error}")
                 if digest is None:
                     continue
+            assert digest is not None  # a file without a digest always carries an error
             recorded = row.get(f"{role}_sha256")
             if digest != recorded:
                 bad_uris.add(uri)
@@ -314,3 +336,240 @@ def _check_files(
                 bad_uris.add(uri)
                 report.add(f"{label}: {role} file {uri} is {shape[1]}x{shape[0]}, not {size}")
     report.bad_files = len(bad_uris)
+
+
+def _resolve_row_uris(rows: list[dict[str, Any]], out: str, report: VerifyReport) -> None:
+    """Turn every recorded image URI into a readable one (relative URIs resolve against
+    ``out``, so a moved or copied OUT verifies) and report those that point outside ``out``."""
+    from fundus_batch import outpaths
+
+    real_dirs: dict[str, str] = {}
+    for row in rows:
+        for role in ROLES:
+            stored = row.get(f"{role}_uri")
+            if not stored:
+                continue
+            problem = outpaths.stored_uri_problem(out, stored)
+            resolved = outpaths.resolve(out, stored) if problem is None else None
+            if resolved is not None:
+                problem = outpaths.link_escape(out, resolved, real_dirs)
+            if problem is not None:
+                label = _label(row.get("image_id"), row.get("variant"))
+                report.add(f"{label}: {role}_uri {storage.redact(stored)} {problem}")
+            if resolved is None and outpaths.is_relative(stored):
+                resolved = out.rstrip("/") + "/" + stored  # '..' inside: as a reader would
+            row[f"{role}_uri"] = resolved or stored
+
+
+def _legacy_shards(store: OutputStore) -> int:
+    """How many shards were written before rows carried ``row_sha256``."""
+    from fundus_batch.schema import ROW_CHECKSUM
+
+    legacy = 0
+    for path in store.shard_paths():
+        try:
+            with store.fs.open(path, "rb") as fh:
+                if ROW_CHECKSUM not in pq.read_schema(fh).names:
+                    legacy += 1
+        except Exception:  # unreadable shards are reported by _read_shards
+            continue
+    return legacy
+
+
+def _check_row_checksums(table: pa.Table, report: VerifyReport, store: OutputStore) -> None:
+    """Recompute every row's ``row_sha256`` from its values: a changed metric, seed,
+    ``params_json``, status or URI no longer matches the checksum written with the row.
+    Rows of shards written before checksums existed are counted in a note."""
+    from fundus_batch.schema import ROW_CHECKSUM, row_checksum
+
+    legacy = _legacy_shards(store) if ROW_CHECKSUM in table.column_names else 1
+    if ROW_CHECKSUM not in table.column_names:
+        table = table.append_column(ROW_CHECKSUM, pa.nulls(table.num_rows, pa.string()))
+    unchecked = 0
+    for row in table.to_pylist():
+        label = _label(row.get("image_id"), row.get("variant"))
+        recorded = row.get(ROW_CHECKSUM)
+        if recorded is None and legacy:
+            unchecked += 1
+        elif recorded is None:
+            report.add(f"{label}: row has no {ROW_CHECKSUM}")
+        elif row_checksum(row) != recorded:
+            report.add(
+                f"{label}: row values do not match their {ROW_CHECKSUM} "
+                "(a value was changed after the row was written)"
+            )
+    if unchecked:
+        report.notes.append(
+            f"{unchecked} row(s) from {legacy} shard(s) written before row checksums: "
+            "their values are not checked"
+        )
+
+
+def _close(stored: Any, fresh: float, rel_tol: float = 1e-5, abs_tol: float = 1e-8) -> bool:
+    if stored is None:
+        return False
+    stored = float(stored)
+    if math.isnan(stored) or math.isnan(fresh):
+        return math.isnan(stored) and math.isnan(fresh)
+    return math.isclose(stored, fresh, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def _deep_row(row: dict[str, Any], storage_options: dict | None) -> list[str]:
+    """Recompute one ok row from its files: replay ``params_json`` and redraw it from the seed
+    (pairs rows), and recompute its metrics (same metric version only). Returns problems."""
+    from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
+    from fundus_batch.metrics import METRIC_VERSION, full_reference_metrics, noref_metrics
+    from fundus_batch.stages import decode_mask
+
+    def read(role: str) -> bytes | None:
+        uri = row.get(f"{role}_uri")
+        return None if not uri else storage.read_bytes(uri, storage_options=storage_options)
+
+    problems: list[str] = []
+    clean_bytes, mask_bytes = read("clean"), read("mask")
+    if clean_bytes is None or mask_bytes is None:
+        return ["deep check: no clean image or mask to recompute from"]
+    clean = codecs.decode_image(clean_bytes)
+    mask = decode_mask(mask_bytes)
+    images: dict[str, Any] = {"clean": clean}
+    for role in ("degraded", "enhanced"):
+        data = read(role)
+        if data is not None:
+            images[role] = codecs.decode_image(data)
+    if row.get("variant") is not None and row.get("params_json") and "degraded" in images:
+        lossless = not str(row.get("degraded_uri")).lower().endswith((".jpg", ".jpeg"))
+        record = DegradationRecord.from_json(row["params_json"])
+        replayed = replay(clean, mask, record)
+        diff = float(abs(replayed.astype(int) - images["degraded"].astype(int)).mean())
+        if (diff != 0.0) if lossless else (diff > 2.0):
+            problems.append(
+                f"deep check: params_json replayed on the clean image does not give the degraded "
+                f"image (mean difference {diff:.3g} grey levels)"
+            )
+        if row.get("seed") is not None and row.get("type_code"):
+            rng = sample_rng(int(row["seed"]), str(row["image_id"]), int(row["variant"]))
+            preset = cast(str, row.get("preset"))  # get_preset rejects a non-string itself
+            _, drawn = degrade(clean, mask, row["type_code"], rng, preset=preset)
+            if drawn.to_dict() != record.to_dict():
+                problems.append(
+                    "deep check: seed, image id and variant do not draw the recorded params_json"
+                )
+    if row.get("metric_version") != METRIC_VERSION:
+        return problems  # another metric protocol: its values cannot be recomputed here
+    wrong: list[str] = []
+    for role, image in images.items():
+        for name, value in noref_metrics(image, mask).items():
+            column = f"{name}_{role}"
+            if column in row and not _close(row[column], float(value)):
+                wrong.append(f"{column} {row[column]!r} (recomputed {float(value):.6g})")
+        if role != "clean" and row.get(f"psnr_{role}") is not None:
+            fr = full_reference_metrics(image, clean, mask)
+            for key in ("psnr", "ssim", "ms_ssim"):
+                column = f"{key}_{role}"
+                if column in row and not _close(row[column], float(fr[key])):
+                    wrong.append(f"{column} {row[column]!r} (recomputed {float(fr[key]):.6g})")
+    if wrong:
+        problems.append("deep check: stored metrics differ from the files: " + ", ".join(wrong))
+    return problems
+
+
+def _check_deep(
+    table: pa.Table,
+    out: str,
+    report: VerifyReport,
+    sample: int,
+    storage_options: dict | None,
+    seed: int | None = None,
+) -> None:
+    """Recompute ``sample`` randomly chosen ok rows from their files (see :func:`_deep_row`)."""
+    import random
+
+    from fundus_batch import outpaths
+
+    rows = [r for r in table.to_pylist() if r.get("status") == STATUS_OK]
+    rows.sort(key=lambda r: (str(r.get("image_id")), r.get("variant") or 0))
+    chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
+    for row in chosen:
+        label = _label(row.get("image_id"), row.get("variant"))
+        stored = [row[f"{role}_uri"] for role in ROLES if row.get(f"{role}_uri")]
+        if any(outpaths.stored_uri_problem(out, uri) for uri in stored) or any(
+            outpaths.link_escape(out, outpaths.resolve(out, uri)) for uri in stored
+        ):
+            continue  # already reported; never recompute from files outside OUT
+        for role in ROLES:
+            if row.get(f"{role}_uri"):
+                row[f"{role}_uri"] = outpaths.resolve(out, row[f"{role}_uri"])
+        try:
+            problems = _deep_row(row, storage_options)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
+            problems = [f"deep check could not run: {reason}"]
+        for problem in problems:
+            report.add(f"{label}: {problem}")
+    report.deep_checked = len(chosen)
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair` changed in an output folder."""
+
+    out: str
+    duplicates_removed: int = 0
+    state_before: str | None = None
+    state_after: str | None = None
+
+    def summary(self) -> str:
+        state = (
+            f"run.json state {self.state_before!r} -> {self.state_after!r}"
+            if self.state_before != self.state_after
+            else f"run.json state {self.state_after!r} (unchanged)"
+        )
+        return f"repair {self.out}: removed {self.duplicates_removed} duplicate row(s); {state}"
+
+
+def repair(out: str, *, storage_options: dict | None = None, wait: float = 0.0) -> RepairReport:
+    """Remove duplicate (image_id, variant) rows from ``out`` (keeping an ``ok`` row over a
+    failed one), rewriting each affected shard atomically, then recount the rows into
+    ``run.json``. Holds the folder's lease while it works, so it never races a run."""
+    import time
+
+    from fundus_batch.lease import OutLease
+    from fundus_batch.output import Counts
+
+    store = OutputStore(out, storage_options)
+    report = RepairReport(out=storage.redact(out))
+    lease = OutLease(out, storage_options)
+    lease.acquire(wait=wait)
+    try:
+        report.duplicates_removed = store.drop_duplicates()
+        run_info = store.read_json(RUN_JSON)
+        if run_info is None:
+            return report
+        report.state_before = report.state_after = run_info.get("state")
+        counts = dict(run_info.get("counts") or {})
+        rows_in = counts.get("rows_in")
+        table = store.read_table(columns=["status", "failed_stage"])
+        final = Counts(rows_in=rows_in or 0)
+        if table is not None:
+            final.add(table)
+        if isinstance(rows_in, int) and report.state_before != "running":
+            report.state_after = "complete" if rows_in == final.written else "incomplete"
+        counts.update({"ok": final.ok, "failed": final.failed})
+        counts["failed_by_stage"] = final.failed_by_stage
+        if not report.duplicates_removed and report.state_after == report.state_before:
+            return report  # nothing changed: run.json stays as it was
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        history = list(run_info.get("history") or [])
+        history.append(
+            {
+                "repair": {"duplicates_removed": report.duplicates_removed},
+                "finished": stamp,
+                "state": report.state_after,
+                "counts": counts,
+            }
+        )
+        run_info.update({"state": report.state_after, "counts": counts, "history": history})
+        store.write_json(RUN_JSON, run_info)
+    finally:
+        lease.release()
+    return report

@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from fundus_batch.degrade import TYPE_CODES
+from fundus_batch.metrics.noref import noref_metrics
 from fundus_batch.models import build_cofenet, file_sha256, load_weights
 from fundus_batch.train import (
     CleanSample,
@@ -60,11 +61,22 @@ DEFAULT_HOLDOUT = {
     "hrf": ["07_dr", "08_g", "08_h", "08_dr"],
     "chase_db1": ["Image_13L", "Image_13R", "Image_14L", "Image_14R"],
 }
-DATASETS = ("hrf", "chase_db1", "eyepacs_sample")
+DATASETS = ("hrf", "chase_db1", "eyepacs_sample", "eyepacs", "mx_dme")
 TRAINING_DATA = {
     "hrf": "HRF (Budai et al. 2013)",
     "chase_db1": "CHASE_DB1 (Kingston University)",
     "eyepacs_sample": "Kaggle EyePACS sample",
+    "eyepacs": "Kaggle EyePACS (sample and 25 test-set photographs)",
+    "mx_dme": "MX_EyeFundus_DME (Hughes Cano et al.)",
+}
+# A clean training target must look like a usable photograph (fundus_batch.metrics.noref on the
+# preprocessed image); photographs outside these bounds are neither trained on nor scored.
+DEFAULT_QUALITY = {
+    "nr_luminance": [45.0, 170.0],
+    "nr_uniformity": [0.0, 0.35],
+    "nr_underexposed": [0.0, 0.02],
+    "nr_overexposed": [0.0, 0.01],
+    "nr_blur_effect": [0.0, 0.42],
 }
 
 
@@ -92,9 +104,13 @@ def dataset_files(root: Path, dataset: str) -> list[dict[str, str]]:
             }
             for p in images
         ]
-    elif dataset == "eyepacs_sample":
-        images = sorted((root / "eyepacs_sample").glob("*.jpeg"))
+    elif dataset in ("eyepacs_sample", "eyepacs"):
+        folders = ["eyepacs_sample"] + (["eyepacs_more"] if dataset == "eyepacs" else [])
+        images = sorted(p for f in folders for p in (root / f).glob("*.jpeg"))
         out = [{"image_id": f"eyepacs/{p.stem}", "image": str(p.relative_to(root))} for p in images]
+    elif dataset == "mx_dme":
+        images = sorted(p for p in (root / "mx_dme").rglob("*") if p.suffix.lower() == ".jpg")
+        out = [{"image_id": f"mx_dme/{p.stem}", "image": str(p.relative_to(root))} for p in images]
     else:
         raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
     if not out:
@@ -106,20 +122,45 @@ def dataset_files(root: Path, dataset: str) -> list[dict[str, str]]:
     return out
 
 
-def load_samples(root: Path, entries: list[dict[str, str]], size: int) -> list[CleanSample]:
-    """Load and preprocess the listed images (see fundus_batch.train.load_clean_sample)."""
+def quality_failures(sample: CleanSample, bounds: dict[str, list[float]]) -> list[str]:
+    """The no-reference measures of ``sample`` that fall outside ``bounds`` (name: [lo, hi])."""
+    values = noref_metrics(sample.image, sample.mask)
+    return [f"{k}={values[k]:.4g}" for k, (lo, hi) in bounds.items() if not lo <= values[k] <= hi]
+
+
+def load_samples(
+    root: Path,
+    entries: list[dict[str, str]],
+    size: int,
+    quality: dict[str, list[float]] | None = None,
+) -> list[CleanSample]:
+    """Load and preprocess the listed images (see fundus_batch.train.load_clean_sample).
+
+    With ``quality``, photographs whose measures fall outside the bounds are left out (logged).
+    """
     samples = []
     for e in entries:
-        samples.append(
-            load_clean_sample(
-                e["image_id"],
-                root / e["image"],
-                size,
-                vessels_path=root / e["vessels"] if "vessels" in e else None,
-                mask_path=root / e["mask"] if "mask" in e else None,
-            )
+        sample = load_clean_sample(
+            e["image_id"],
+            root / e["image"],
+            size,
+            vessels_path=root / e["vessels"] if "vessels" in e else None,
+            mask_path=root / e["mask"] if "mask" in e else None,
         )
+        bad = quality_failures(sample, quality) if quality else []
+        if bad:
+            log.info("not a clean target: %s (%s)", e["image_id"], ", ".join(bad))
+            continue
+        samples.append(sample)
     return samples
+
+
+def evenly(items: list[Any], count: int) -> list[Any]:
+    """``count`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    if count <= 0 or len(items) <= count:
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
 
 
 def split_entries(
@@ -130,13 +171,26 @@ def split_entries(
     held: list[dict[str, str]] = []
     for dataset in datasets:
         entries = dataset_files(root, dataset)
-        names = set(holdout.get(dataset, []))
         known = {Path(e["image"]).stem for e in entries}
+        names = set(holdout.get(dataset, []))
+        if names == {"*"}:
+            names = known
         if names - known:
             raise ValueError(f"{dataset}: held-out images not found: {sorted(names - known)}")
         for e in entries:
             (held if Path(e["image"]).stem in names else train_entries).append(e)
     return train_entries, held
+
+
+def inference_model(config: TrainConfig, deadzone: float) -> Any:
+    """An untrained model of the configured architecture, as it will ship."""
+    return build_cofenet(
+        config.variant,
+        config.width,
+        residual=config.residual,
+        field=config.field_size,
+        field_deadzone=deadzone,
+    )
 
 
 def read_config(path: str | None) -> dict[str, Any]:
@@ -146,14 +200,29 @@ def read_config(path: str | None) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - {"name", "preset", "working_size", "train", "data"}
+    unknown = set(data) - {
+        "name",
+        "preset",
+        "working_size",
+        "train",
+        "data",
+        "quality",
+        "keep_colour",
+        "field_deadzone",
+    }
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     return data
 
 
 def registry_entry(
-    name: str, weights: Path, config: TrainConfig, size: int, training_data: str, report: ValReport
+    name: str,
+    weights: Path,
+    config: TrainConfig,
+    size: int,
+    training_data: str,
+    report: ValReport,
+    field_deadzone: float = 0.0,
 ) -> dict[str, Any]:
     """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
     metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
@@ -168,6 +237,8 @@ def registry_entry(
         "variant": build_cofenet(config.variant, config.width, device="meta").variant,
         "width": config.width,
         "residual": config.residual,
+        "field_size": config.field_size,
+        "field_deadzone": field_deadzone,
         "size": size,
         "training_data": training_data,
         "metrics": metrics,
@@ -183,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--name", help="weights name (default fundus-cofenet-small)")
     parser.add_argument("--datasets", help="comma-separated subset of " + ",".join(DATASETS))
+    parser.add_argument(
+        "--holdout-source",
+        help="leave-one-source-out: hold out this whole dataset (one of --datasets)",
+    )
+    parser.add_argument(
+        "--eval-count", type=int, default=8, help="held-out photographs scored (spread evenly)"
+    )
     parser.add_argument("--working-size", type=int, help="preprocess size (default 512)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--width", type=float)
@@ -219,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             else data.get("datasets", ["hrf", "chase_db1"])
         )
         holdout = data.get("holdout", DEFAULT_HOLDOUT)
+        quality = job.get("quality", DEFAULT_QUALITY)
+        deadzone = float(job.get("field_deadzone", 0.0))
+        if args.holdout_source:
+            if args.holdout_source not in datasets:
+                raise ValueError(f"--holdout-source {args.holdout_source} is not in {datasets}")
+            holdout = {args.holdout_source: ["*"]}
         values = dict(job.get("train", {}))
         overrides = {
             "steps": args.steps,
@@ -234,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("init_weights"):  # relative to the repository
+            values["init_weights"] = str(
+                Path(__file__).resolve().parents[1] / values["init_weights"]
+            )
         values["checkpoint"] = str(out / "checkpoint.pt")
         values["resume"] = args.resume
         values["val_at_end"] = False  # the job evaluates the saved (fp16) weights itself
@@ -255,11 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         train_entries, held = split_entries(root, datasets, holdout)
         log.info("held out: %s", ", ".join(e["image_id"] for e in held))
         training_data = (
-            ", ".join(TRAINING_DATA[d] for d in datasets)
+            ", ".join(TRAINING_DATA[d] for d in datasets if d != args.holdout_source)
             + f"; degradations synthesised on the fly by fundus_batch.degrade ({preset})"
         )
-        train_source = DegradeSource(load_samples(root, train_entries, size), preset=preset)
-        val_source = DegradeSource(load_samples(root, held, size), preset=preset)
+        train_source = DegradeSource(
+            load_samples(root, train_entries, size, quality),
+            preset=preset,
+            keep_colour=bool(job.get("keep_colour", False)),
+        )
+        held_samples = evenly(load_samples(root, held, size, quality), args.eval_count)
+        held = [e for e in held if e["image_id"] in {s.image_id for s in held_samples}]
+        val_source = DegradeSource(held_samples, preset=preset)
         log.info(
             "%d training and %d held-out images loaded in %.1fs",
             len(train_entries),
@@ -276,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": "fundus_batch.metrics psnr/ssim inside the FOV mask, uint8, data range 255",
     }
     if args.eval_only:
-        model = build_cofenet(config.variant, config.width, residual=config.residual)
+        model = inference_model(config, deadzone)
         load_weights(model, args.eval_only)
         report = evaluate(model, val_source.val_items(config.seed), device="cpu")
         log.info("evaluation of %s\n%s", args.eval_only, report.table())
@@ -296,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.save(state, weights)
     # Evaluate what ships (fp16-rounded weights, loaded like load_registered does).
-    shipped = build_cofenet(config.variant, config.width, residual=config.residual)
+    shipped = inference_model(config, deadzone)
     load_weights(shipped, weights).eval()
     report = evaluate(shipped, val_source.val_items(config.seed), step=result.step)
     log.info("shipped weights, held-out evaluation\n%s", report.table())
-    entry = registry_entry(name, weights, config, size, training_data, report)
+    entry = registry_entry(name, weights, config, size, training_data, report, deadzone)
     (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     eval_doc = {
         "name": name,
@@ -308,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "holdout": held,
         "train_config": config.to_dict(),
         "train_images": len(train_source),
+        "train_image_ids": [train_source.image_id(i) for i in range(len(train_source))],
+        "quality": quality,
         "steps": result.step,
         "train_seconds": round(result.seconds, 1),
         "seconds_per_step": round(result.seconds_per_step, 3),

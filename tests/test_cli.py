@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -28,11 +29,12 @@ def _ok(result) -> None:
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
-def test_synth_writes_image_vessel_and_mask(tmp_path: Path):
+def test_synth_writes_image_vessel_mask_and_a_manifest_of_the_photographs(tmp_path: Path):
     result = CliRunner().invoke(main, ["synth", str(tmp_path), "--count", "2", "--size", "128"])
     _ok(result)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
+        "manifest.csv",
         "synth_00000.png",
         "synth_00000_mask.png",
         "synth_00000_vessel.png",
@@ -40,6 +42,25 @@ def test_synth_writes_image_vessel_and_mask(tmp_path: Path):
         "synth_00001_mask.png",
         "synth_00001_vessel.png",
     ]
+    from fundus_batch.manifest import read_manifest
+
+    frame = read_manifest(str(tmp_path / "manifest.csv")).frame
+    assert list(frame.image_id) == ["synth_00000", "synth_00001"]
+    for row in frame.itertuples():
+        assert Path(row.uri) == tmp_path.resolve() / f"{row.image_id}.png"
+        assert Path(row.mask_uri).name == f"{row.image_id}_mask.png"
+        assert Path(row.vessel_uri).name == f"{row.image_id}_vessel.png"
+        assert Path(row.mask_uri).is_file() and Path(row.vessel_uri).is_file()
+
+
+def test_manifest_from_dir_skips_masks_and_vessel_maps_unless_asked(tmp_path: Path):
+    _ok(CliRunner().invoke(main, ["synth", str(tmp_path / "s"), "--count", "3", "--size", "64"]))
+    out = tmp_path / "m.csv"
+    _ok(CliRunner().invoke(main, ["manifest", "from-dir", str(tmp_path / "s"), "--out", str(out)]))
+    assert sorted(pd.read_csv(out).image_id) == ["synth_00000", "synth_00001", "synth_00002"]
+    args = ["manifest", "from-dir", str(tmp_path / "s"), "--out", str(out), "--include-masks"]
+    _ok(CliRunner().invoke(main, args))
+    assert len(pd.read_csv(out)) == 9
 
 
 def test_degrade_image_is_byte_identical_for_same_seed_and_replays(raw_photo, tmp_path):
@@ -171,11 +192,14 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
     assert len(df) == 4 and set(df.type_code) == {"001", "100"}
     verify = ["verify", str(out), "--manifest", str(tmp_path / "m.csv")]
     _ok(runner.invoke(main, verify))
-    kept = Path(df.degraded_uri.iloc[0]).read_bytes()
-    Path(df.degraded_uri.iloc[0]).unlink()
+    deep = runner.invoke(main, [*verify, "--deep", "--deep-rows", "2"])
+    _ok(deep)
+    assert "rows recomputed from their files (--deep): 2" in deep.output
+    kept = (out / df.degraded_uri.iloc[0]).read_bytes()
+    (out / df.degraded_uri.iloc[0]).unlink()
     result = runner.invoke(main, verify)
     assert result.exit_code == 1 and "is missing" in result.output
-    Path(df.degraded_uri.iloc[0]).write_bytes(kept)
+    (out / df.degraded_uri.iloc[0]).write_bytes(kept)
     _ok(
         runner.invoke(
             main, ["export", str(out), "--format", "basicsr", "--dest", str(tmp_path / "bsr")]
@@ -229,6 +253,10 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     df = pq.read_table(str(tmp_path / "demo" / "run" / "pairs")).to_pandas()
     assert len(df) == 6 and (df.status == "ok").all()
     assert "skimage_retina" in set(df.image_id)
+    assert "failed rows: 0 of 6" in result.output and "NaN" not in result.output
+    # Vessel scores need no enhancement: the synthetic images carry their vessel maps.
+    synthetic = df[df.image_id != "skimage_retina"]
+    assert synthetic.vessel_auc_degraded.notna().all() and df.vessel_auc_degraded.notna().sum() == 4
 
 
 def test_train_command_trains_on_pipeline_pairs_and_resumes(ray_cluster, tmp_path):

@@ -71,3 +71,12 @@ RUN_CONFIGS = sorted(
 @pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_shipped_job_configs_validate(name):
     load_config(REPO / "jobs" / "configs" / name)
+
+
+def test_enhancer_classical_validates_and_an_unknown_enhancer_names_the_field():
+    c = build_config({"manifest": "m", "out": "o", "enhance": {"enhancer": "classical"}})
+    assert c.enhance.enhancer == "classical"
+    assert build_config({"manifest": "m", "out": "o"}).enhance.enhancer == "cofenet"
+    with pytest.raises(ConfigError) as err:
+        build_config({"manifest": "m", "out": "o", "enhance": {"enhancer": "clahe"}})
+    assert "enhance.enhancer" in str(err.value)

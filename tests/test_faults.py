@@ -344,7 +344,7 @@ def test_tmp_shard_and_truncated_uncommitted_image_are_redone_on_resume(finished
     first = sorted((out / "pairs").glob("*.parquet"))[0]
     uncommitted = pq.read_table(first).to_pandas()
     first.rename(first.with_name(first.name + ".tmp"))  # as if killed before the rename
-    victim = Path(uncommitted.degraded_uri.iloc[0])
+    victim = out / uncommitted.degraded_uri.iloc[0]
     good_bytes = victim.read_bytes()
     victim.write_bytes(good_bytes[: len(good_bytes) // 3])
     before = verify(str(out), str(manifest))
@@ -359,7 +359,7 @@ def test_tmp_shard_and_truncated_uncommitted_image_are_redone_on_resume(finished
 def test_truncated_image_of_a_committed_row_fails_verify(finished_run) -> None:
     _, manifest, out = finished_run
     row = _rows(out).sort_values("image_id").iloc[3]
-    path = Path(row.degraded_uri)
+    path = out / row.degraded_uri
     path.write_bytes(path.read_bytes()[:100])
     report = verify(str(out), str(manifest))
     assert not report.ok and report.bad_files == 1

@@ -18,7 +18,8 @@ from fundus_batch.fov import (
     detect_fov,
     preprocess,
 )
-from fundus_batch.io.codecs import decode_image
+from fundus_batch.io.codecs import decode_image, encode_jpeg
+from fundus_batch.synth import synth_fundus
 
 
 def _fundus(
@@ -324,6 +325,154 @@ def test_skimage_retina() -> None:
     assert _iou(found.mask, bright) > 0.98
 
 
+# ---- clipped, glared and dim fields; mask-like images ----
+
+
+def _jpeg(rgb: np.ndarray, quality: int = 90) -> np.ndarray:
+    return decode_image(encode_jpeg(rgb, quality))
+
+
+def _rim_glare(
+    rgb: np.ndarray,
+    circle: tuple[float, float, float],
+    angle_deg: float,
+    *,
+    depth: float = 0.15,
+    half_width_deg: float = 50.0,
+    spill: float = 0.0,
+) -> np.ndarray:
+    """A saturated near-white crescent along the FOV edge around ``angle_deg`` (image
+    coordinates), ``depth`` of the radius deep at its middle and tapering to nothing, reaching
+    ``spill`` of the radius past the rim, edges softened like a lens does."""
+    cx, cy, r = circle
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    d = np.hypot(xx - cx, yy - cy)
+    off = np.abs((np.degrees(np.arctan2(yy - cy, xx - cx)) - angle_deg + 180.0) % 360.0 - 180.0)
+    taper = np.clip(1.0 - off / half_width_deg, 0.0, 1.0)
+    crescent = (taper > 0) & (d >= r * (1.0 - depth * taper)) & (d <= r * (1.0 + spill * taper))
+    weight = cv2.GaussianBlur(crescent.astype(np.float32), (0, 0), 1.5)[..., None]
+    out = rgb * (1.0 - weight) + weight * np.array([255.0, 250.0, 225.0], np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _assert_circle(
+    found, truth: tuple[float, float, float], tol_frac: float, tol_px: float = 1.0
+) -> None:
+    cx, cy, r = truth
+    c = found.circle
+    tol = tol_px + tol_frac * r
+    assert np.hypot(c.cx - cx, c.cy - cy) < tol and abs(c.r - r) < tol, (c, truth)
+
+
+def _frame(rgb: np.ndarray, border: int) -> np.ndarray:
+    """A thin black frame around the photograph, as some cameras write."""
+    out = rgb.copy()
+    if border:
+        out[:border], out[-border:], out[:, :border], out[:, -border:] = 0, 0, 0, 0
+    return out
+
+
+CLIPPED = {
+    # size of the FOV square, canvas (w, h), black frame width
+    "top_bottom": (1000, (1100, 560), 0),
+    "top_bottom_framed": (1000, (1100, 560), 8),
+    "tall_circle": (1000, (1000, 600), 0),
+    # wider than the frame too; with the frame the old fit said "not circular (19 % of its rim)"
+    "all_sides_framed": (1180, (1100, 600), 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPED))
+def test_clipped_fields_are_found(name: str) -> None:
+    size, canvas, border = CLIPPED[name]
+    s = synth_fundus(size, seed=3, canvas=canvas)
+    img = _jpeg(_frame(s.image, border))
+    found = detect_fov(img)
+    assert found.status == "clipped"
+    _assert_circle(found, s.circle, 0.002)
+    assert _iou(found.mask, _frame(s.mask[..., None], border)[..., 0]) > 0.99
+
+
+@pytest.mark.parametrize("border", [4, 8])
+def test_a_framed_field_cut_on_all_sides_never_gets_a_wrong_circle(border: int) -> None:
+    # Only the four frame corners show rim; without the bar-corner check a circle fitted to
+    # two of them was accepted 120-200 px off. Finding these fields is not solved: refusing is.
+    s = synth_fundus(1300, seed=1, canvas=(1100, 700))
+    img = _jpeg(_frame(s.image, border))
+    try:
+        found = detect_fov(img)
+    except FOVError as exc:
+        assert exc.reason == "no_circle"
+    else:
+        _assert_circle(found, s.circle, 0.01)
+
+
+@pytest.mark.parametrize("angle", [0.0, 150.0, 200.0])
+@pytest.mark.parametrize("border", [0, 4])
+def test_rim_glare_on_a_clipped_field_keeps_the_circle(angle: float, border: int) -> None:
+    s = synth_fundus(1000, seed=4, canvas=(1100, 560))
+    glared = _frame(_rim_glare(s.image, s.circle, angle), border)
+    found = detect_fov(_jpeg(glared))
+    _assert_circle(found, s.circle, 0.003)
+    assert found.status == "clipped"
+
+
+def test_rim_glare_bleeding_past_the_aperture_is_cut_from_the_fit() -> None:
+    # A narrow bulge 5 % of the radius past the rim: the trimmed refit lands within 0.1 px
+    # (a plain least-squares fit is pulled about 1 px outwards).
+    s = synth_fundus(1000, seed=5, canvas=(1100, 700))
+    glared = _rim_glare(s.image, s.circle, 20.0, half_width_deg=30.0, spill=0.05)
+    _assert_circle(detect_fov(_jpeg(glared)), s.circle, 0.0, tol_px=0.5)
+
+
+@pytest.mark.parametrize("gain", [0.3, 0.1])
+@pytest.mark.parametrize("canvas", [(800, 700), (1100, 560)])
+def test_dim_fields_are_found(gain: float, canvas: tuple[int, int]) -> None:
+    s = synth_fundus(700 if canvas[0] == 800 else 1000, seed=6, canvas=canvas)
+    dim = np.round(s.image * gain).astype(np.uint8)
+    found = detect_fov(_jpeg(dim))
+    _assert_circle(found, s.circle, 0.003)
+    assert _iou(found.mask, s.mask) > 0.99
+
+
+def _disc_mask() -> np.ndarray:
+    return synth_fundus(600, seed=7, canvas=(800, 600)).mask
+
+
+def _vessel_map() -> np.ndarray:
+    return synth_fundus(600, seed=7, canvas=(800, 600)).vessels
+
+
+MASK_LIKE = {
+    "white_disc": lambda: np.dstack([_disc_mask()] * 3),
+    "white_disc_jpeg": lambda: decode_image(encode_jpeg(_disc_mask(), 75)),
+    "grey_disc": lambda: np.dstack([_disc_mask() // 2] * 3),
+    "noisy_disc": lambda: np.clip(
+        np.dstack([_disc_mask()] * 3) + np.random.default_rng(0).normal(0.0, 6.0, (600, 800, 3)),
+        0,
+        255,
+    ).astype(np.uint8),
+    "vessel_map": lambda: np.dstack([_vessel_map()] * 3),
+    "vessel_map_jpeg": lambda: decode_image(encode_jpeg(_vessel_map(), 75)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASK_LIKE))
+def test_mask_like_images_are_rejected_as_masks(name: str) -> None:
+    with pytest.raises(FOVError) as info:
+        preprocess(MASK_LIKE[name]())
+    assert info.value.reason == "mask_like"
+    assert "binary mask" in str(info.value) and "not a photograph" in str(info.value)
+
+
+def test_a_photograph_and_its_dim_copy_are_not_mask_like() -> None:
+    s = synth_fundus(600, seed=7, canvas=(800, 600))
+    for gain in (1.0, 0.1):
+        found = detect_fov(_jpeg(np.round(s.image * gain).astype(np.uint8)))
+        assert _iou(found.mask, s.mask) > 0.99
+
+
 # ---- real photographs from ../shared (skipped when it is absent) ----
 
 
@@ -380,3 +529,42 @@ def test_cofenet_preprocessed_crops_match_their_masks(shared_dir: Path) -> None:
         truth = cv2.resize(mask, rgb.shape[1::-1], interpolation=cv2.INTER_AREA) > 127
         ious.append(_iou(detect_fov(rgb).mask, truth))
     assert np.mean(ious) >= 0.97, np.mean(ious)
+
+
+def _shared_photographs(data: Path) -> dict[str, list[Path]]:
+    jpg = {".jpg", ".jpeg"}
+    hrf = data / "hrf" / "training" / "images"
+    return {
+        "hrf": sorted(p for p in hrf.glob("*") if p.suffix.lower() in jpg),
+        "chase_db1": sorted((data / "chase_db1" / "images").glob("*.jpg")),
+        "eyepacs_sample": sorted((data / "eyepacs_sample").glob("*.jpeg")),
+        "eyepacs_more": sorted((data / "eyepacs_more").glob("*.jpeg")),
+        "mx_dme": sorted((data / "mx_dme").glob("*.jpg")),
+        "cofenet_lq": sorted((data / "cofenet_lq" / "image").glob("*.png")),
+    }
+
+
+@pytest.mark.shared
+def test_every_shared_photograph_preprocesses(shared_dir: Path) -> None:
+    """All photographs of all six folders (297 when complete), decoded as the pipeline does at
+    --size 512 (JPEG reduced decode); about 15 s on 2 busy cores. The circle must be sane too:
+    centre in the frame, radius between a quarter of the short side and the long side."""
+    sources = _shared_photographs(shared_dir / "data")
+    if not any(sources.values()):
+        pytest.skip("no photographs in ../shared/data")
+    failures = []
+    for name, files in sources.items():
+        for path in files:
+            rgb = decode_image(path.read_bytes(), min_side=512)
+            h, w = rgb.shape[:2]
+            try:
+                result = preprocess(rgb, 512)
+            except FOVError as exc:
+                failures.append(f"{name}/{path.name}: {exc.reason}: {exc}")
+                continue
+            c = result.circle
+            if not (0 <= c.cx < w and 0 <= c.cy < h and 0.25 * min(h, w) < c.r < max(h, w)):
+                failures.append(f"{name}/{path.name}: implausible {c} for {w}x{h}")
+            elif result.mask.mean() / 255 < 0.5:
+                failures.append(f"{name}/{path.name}: only {result.mask.mean() / 255:.0%} is FOV")
+    assert not failures, failures

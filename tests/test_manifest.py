@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from fundus_batch import manifest as mf
+from fundus_batch.schema import WORK_COLUMNS
 
 
 def _frame(**cols) -> pd.DataFrame:
@@ -60,6 +61,51 @@ def test_missing_column_and_empty_uri_are_named():
 def test_passthrough_column_may_not_shadow_an_output_column():
     with pytest.raises(mf.ManifestError, match="status"):
         mf.validate_frame(_frame(image_id=["a"], uri=["x"], status=["weird"]))
+
+
+@pytest.mark.parametrize(
+    "column",
+    sorted(
+        (set(WORK_COLUMNS) | {"row_sha256", "clean_uri", "params_json"})
+        - set(mf.OPTIONAL_COLUMNS)
+        - set(mf.REQUIRED_COLUMNS)
+    ),
+)
+def test_internal_column_names_are_rejected_naming_the_column(column: str):
+    frame = _frame(image_id=["a"], uri=["x"], **{column: ["v"]})
+    with pytest.raises(mf.ManifestError, match=f"field '{column}'") as info:
+        mf.validate_frame(frame)
+    assert f"column '{column}'" in str(info.value)
+
+
+def test_the_reserved_names_cover_every_key_the_stages_put_in_a_row():
+    from fundus_batch.schema import INTERNAL_COLUMNS
+
+    for name in ("raw_bytes", "source_mask_uri", "clean_png", "pending_variants", "mask_png"):
+        assert name in INTERNAL_COLUMNS
+
+
+def test_a_folder_given_as_manifest_or_image_uri_is_named_as_a_folder(tmp_path: Path):
+    from fundus_batch.stages import Fetch
+
+    folder = tmp_path / "photos.jpg"
+    folder.mkdir()
+    with pytest.raises(mf.ManifestError, match="is a folder") as info:
+        mf.read_manifest(str(folder))
+    assert str(folder) in str(info.value)
+    [row] = Fetch(threads=1, retries=0)(
+        [{"image_id": "a", "status": "ok", "source_uri": str(folder)}]
+    )
+    assert row["status"] == "failed" and row["failed_stage"] == "fetch"
+    assert "is a folder, not a file" in row["error"] and str(folder) in row["error"]
+
+
+def test_from_dir_skips_mask_and_vessel_files_unless_asked(tmp_path: Path):
+    for name in ("p1.png", "p1_mask.png", "p1_vessel.png", "p2.jpg", "p2_MASK.tif", "masked.png"):
+        (tmp_path / name).write_bytes(b"data")
+    assert sorted(mf.from_dir(str(tmp_path)).frame["image_id"]) == ["masked", "p1", "p2"]
+    every = mf.from_dir(str(tmp_path), include_companions=True)
+    assert len(every) == 6
 
 
 def test_csv_and_parquet_round_trip(tmp_path: Path):

@@ -50,5 +50,5 @@ def test_enhance_writes_an_enhanced_image_and_a_row_per_real_photograph(shared_d
     assert (df.model_name == "fundus-cofenet-small").all() and df.model_sha256.notna().all()
     assert (df.fov_status == "given_mask").all()
     for row in df.itertuples():
-        assert decode_image(Path(row.enhanced_uri).read_bytes()).shape == (512, 512, 3)
+        assert decode_image((out / row.enhanced_uri).read_bytes()).shape == (512, 512, 3)
     assert df.nr_luminance_enhanced.notna().all() and df.nr_luminance_clean.notna().all()

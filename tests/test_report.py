@@ -238,6 +238,10 @@ def test_images_are_embedded_and_nothing_external_is_referenced(built):
     page = _parse(html_text)
     assert "http://" not in html_text and "https://" not in html_text
     for tag, ref in page.refs:
+        if tag == "a" and not ref.startswith("#"):  # thumbnail links: files inside OUT
+            assert ":" not in ref and not ref.startswith("/"), ref
+            assert (Path(built["out"]) / ref).resolve().is_relative_to(Path(built["out"]))
+            continue
         assert ref.startswith(("data:image/", "#")), (tag, ref[:60])
     sheet = [src for section, src in page.imgs if section == "contact-sheets"]
     # Each type shows both good images, clean and degraded side by side.
@@ -352,12 +356,11 @@ def test_downstream_table_shows_vessel_means_when_columns_exist(built, tmp_path:
             for t, i, s in zip(frame["type_code"], frame["image_id"], frame["status"], strict=True)
         ],
         vessel_f1_degraded=np.where(ok, 0.6, np.nan),
+        vessel_auc_enhanced=np.where(ok, 0.85, np.nan),
+        vessel_segmenter=np.where(ok, "sato-v1", None),
     )
     out = str(tmp_path / "vessels")
     schema = output_schema()
-    for name in ("vessel_auc_clean", "vessel_auc_degraded", "vessel_f1_degraded"):
-        if name not in schema.names:
-            schema = schema.append(pa.field(name, pa.float64()))
     writer = ShardWriter(OutputStore(out), schema)
     writer.add(pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False))
     writer.close()
@@ -372,7 +375,13 @@ def test_downstream_table_shows_vessel_means_when_columns_exist(built, tmp_path:
         assert float(by_type[code][col["AUC degraded"]]) == pytest.approx(auc)
         assert float(by_type[code][col["AUC clean"]]) == pytest.approx(0.95)
         assert float(by_type[code][col["F1 degraded"]]) == pytest.approx(0.6)
-    assert "Not available" not in page.text["downstream"]
+        gain = float(by_type[code][col["Δ AUC enhanced − degraded"]])
+        assert gain == pytest.approx(0.85 - auc, abs=1e-4)
+    text = " ".join(page.text["downstream"].split())
+    assert "Not available" not in text
+    assert "Segmenter: sato-v1" in text and "own vessel branch is not used" in text
+    # Enhanced (0.85) below degraded only on 001 (0.9).
+    assert "Enhancement lowered vessel AUC on 001." in text
 
 
 def test_summary_counts_rows_that_passed_the_quality_gate(built, tmp_path: Path):
@@ -504,3 +513,92 @@ def test_headless_chromium_renders_every_section_and_a_nonblank_page(built, tmp_
     reddish = (img[..., 2].astype(int) - img[..., 0].astype(int)) > 60
     assert reddish.mean() > 0.01
     assert len(np.unique(img.reshape(-1, 3)[::7], axis=0)) > 500
+
+
+_THUMB_LINK = re.compile(r'<a href="([^"]+)"[^>]*><img alt="([a-z]+)"')
+
+
+def _thumb_links(html_text: str, report: Path) -> list[tuple[str, Path]]:
+    """(role, linked file) of every contact-sheet thumbnail that is a link."""
+    from urllib.parse import unquote
+
+    return [
+        (role, (report.parent / unquote(href)).resolve())
+        for href, role in _THUMB_LINK.findall(html_text)
+    ]
+
+
+def test_contact_sheet_thumbnails_link_to_the_full_size_images(built, tmp_path: Path):
+    page = _parse(built["html"])
+    sheet = [src for section, src in page.imgs if section == "contact-sheets"]
+    links = _thumb_links(built["html"], built["path"])
+    assert len(links) == len(sheet) == len(TYPES) * N_GOOD * 2
+    for role, target in links:
+        assert target.is_file(), target
+        assert cv2.imread(str(target)).shape == (SIZE, SIZE, 3), role
+    assert {t.name for r, t in links if r == "clean"} == {"clean.png"}
+    # A report written elsewhere links back into OUT.
+    dest = tmp_path / "elsewhere" / "r.html"
+    dest.parent.mkdir()
+    text = write_report(built["out"], str(dest)).read_text(encoding="utf-8")
+    moved_links = _thumb_links(text, dest)
+    assert sorted(t for _, t in moved_links) == sorted(t for _, t in links)
+
+
+def test_rows_per_type_option_shows_more_contact_sheet_rows(built, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from fundus_batch.cli import main
+
+    counts = {}
+    for n in (1, 3):
+        dest = tmp_path / f"r{n}.html"
+        result = CliRunner().invoke(
+            main, ["report", built["out"], "--dest", str(dest), "--rows-per-type", str(n)]
+        )
+        assert result.exit_code == 0, result.output
+        text = dest.read_text(encoding="utf-8")
+        counts[n] = len(_parse(text).imgs)
+        assert f"{min(n, N_GOOD)} shown" in " ".join(_parse(text).text["contact-sheets"].split())
+    assert counts == {1: len(TYPES) * 2, 3: len(TYPES) * N_GOOD * 2}
+    bad = CliRunner().invoke(main, ["report", built["out"], "--rows-per-type", "0"])
+    assert bad.exit_code != 0 and "rows-per-type" in bad.output
+
+
+def _with_enhancement(built, out: str, gain: dict[str, float]) -> Path:
+    """The built output with enhanced columns: the degraded images stand in for the enhanced
+    ones, and PSNR moves by ``gain[type]`` dB."""
+    frame = built["frame"].copy()
+    ok = frame["status"] == "ok"
+    frame["enhanced_uri"] = frame["degraded_uri"].map(
+        lambda u: str(Path(built["out"]) / u) if isinstance(u, str) else None
+    )
+    frame["psnr_enhanced"] = frame["psnr_degraded"] + frame["type_code"].map(gain)
+    frame["ssim_enhanced"] = frame["ssim_degraded"] + 0.01
+    frame["model_name"] = np.where(ok, "tiny-model", None)
+    frame["enhance_device"] = np.where(ok, "cuda", None)
+    writer = ShardWriter(OutputStore(out), output_schema())
+    writer.add(pa.Table.from_pandas(frame[output_schema().names], preserve_index=False))
+    writer.close()
+    return write_report(out)
+
+
+def test_report_states_the_device_and_flags_types_where_enhancement_lowered_psnr(
+    built, tmp_path: Path
+):
+    path = _with_enhancement(built, str(tmp_path / "worse"), {"001": 1.0, "010": -5.0, "111": -2.0})
+    page = _parse(path.read_text(encoding="utf-8"))
+    summary = " ".join(page.text["summary"].split())
+    n_ok = int((built["frame"]["status"] == "ok").sum())
+    assert f"Enhancement: tiny-model ran on cuda ({n_ok} rows)." in summary
+    warning = "WARNING enhancement lowered PSNR on 010 (-5.00 dB), 111 (-2.00 dB)"
+    assert warning in summary
+    assert warning in " ".join(page.text["metrics"].split())
+    assert "SSIM on" not in summary
+
+
+def test_report_has_no_fidelity_warning_when_enhancement_helped(built, tmp_path: Path):
+    path = _with_enhancement(built, str(tmp_path / "better"), {"001": 1.0, "010": 0.5, "111": 2.0})
+    text = path.read_text(encoding="utf-8")
+    assert "WARNING" not in text
+    assert "ran on cuda" in " ".join(_parse(text).text["summary"].split())

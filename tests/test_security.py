@@ -99,7 +99,7 @@ def test_write_stage_keeps_absolute_looking_ids_inside_the_output_root(tmp_path:
     written = _files_under(tmp_path)
     assert written and all(out in p.parents for p in written)
     if row["status"] == "ok":
-        assert Path(row["clean_uri"]).resolve().is_relative_to(out.resolve())
+        assert (out / row["clean_uri"]).resolve().is_relative_to(out.resolve())
 
 
 class _RunsCode:
@@ -248,3 +248,93 @@ def test_credentials_never_reach_parquet_run_json_images_report_stdout_or_ray_lo
     assert (table.status == "failed").sum() == 2 and table.error.str.len().min() > 10
     run_json = fs.cat(f"{s3_bucket}/out/run.json").decode()
     assert '"key": "***"' in run_json and '"secret": "***"' in run_json
+
+
+# ------------------------------------------------------------- presigned and SAS query strings
+
+SIGNED_QUERIES = {
+    "aws-v2": "AWSAccessKeyId=AKIAFUNDUSPRESIGN123&Signature=sigV2-DO-NOT-LEAK&Expires=1900000000",
+    "aws-v4": (
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=credV4-DO-NOT-LEAK%2F20300101"
+        "&X-Amz-Security-Token=tokV4-DO-NOT-LEAK&X-Amz-Signature=sigV4-DO-NOT-LEAK"
+    ),
+    "azure-sas": "sv=2022-11-02&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=sas-DO-NOT-LEAK",
+    "gcs-v4": "X-Goog-Credential=gcred-DO-NOT-LEAK&X-Goog-Signature=gsig-DO-NOT-LEAK",
+    "gcs-v2": "GoogleAccessId=gid-DO-NOT-LEAK&Signature=gv2sig-DO-NOT-LEAK",
+    "token": "access_token=tok-DO-NOT-LEAK&page=2",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SIGNED_QUERIES))
+def test_redact_masks_every_value_of_a_presigned_or_sas_query_string(kind: str) -> None:
+    from fundus_batch.io.storage import redact
+
+    url = f"https://host.example/bucket/manifest.csv?{SIGNED_QUERIES[kind]}"
+    text = redact(f"cannot read {url}: denied")
+    assert "DO-NOT-LEAK" not in text and "AKIA" not in text
+    assert text.startswith("cannot read https://host.example/bucket/manifest.csv?")
+    assert text.endswith(": denied")
+
+
+def test_redact_leaves_ordinary_query_strings_alone() -> None:
+    from fundus_batch.io.storage import redact
+
+    url = "https://host.example/m.csv?page=2&skip=10&format=csv"
+    assert redact(url) == url
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """(folder, base URL): a local HTTP server over ``folder`` (query strings ignored)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_presigned_manifest_and_image_urls_leave_no_secret_in_run_json_rows_or_report(
+    ray_cluster, http_folder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fundus_batch import pipeline
+    from fundus_batch.config import build_config
+    from fundus_batch.report import write_report
+
+    folder, base = http_folder
+    local = write_inputs(tmp_path / "in", n_good=1, broken=False, size=256, vessels=True)
+    frame = pd.read_csv(local)
+    shutil.copy(frame.uri[0], folder / "img.jpg")
+    shutil.copy(frame.vessel_uri[0], folder / "vessel.png")
+    frame["uri"] = [f"{base}/img.jpg?{SIGNED_QUERIES['aws-v4']}"]
+    frame["vessel_uri"] = [f"{base}/vessel.png?{SIGNED_QUERIES['azure-sas']}"]
+    frame.to_csv(folder / "manifest.csv", index=False)
+    manifest = f"{base}/manifest.csv?{SIGNED_QUERIES['aws-v2']}"
+    out = tmp_path / "out"
+    config = build_config(
+        {"manifest": manifest, "out": str(out), "variants": 1, "size": 128, "progress": False},
+        "test",
+    )
+    summary = pipeline.run(config)
+    errors = pq.read_table(str(out / "pairs")).column("error").to_pylist()
+    assert (summary.ok, summary.failed) == (1, 0), errors
+    report = Path(write_report(str(out)))
+    blobs = {"run.json": (out / "run.json").read_bytes(), "report": report.read_bytes()}
+    blobs["log"] = caplog.text.encode()
+    for shard in (out / "pairs").glob("*.parquet"):
+        blobs[shard.name] = pq.read_table(shard).to_pandas().to_csv().encode()
+    for name, blob in blobs.items():
+        assert b"DO-NOT-LEAK" not in blob and b"AKIAFUNDUS" not in blob, name
+    run = json.loads(blobs["run.json"])
+    assert run["config"]["manifest"].startswith(f"{base}/manifest.csv?AWSAccessKeyId=***")

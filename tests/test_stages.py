@@ -113,11 +113,37 @@ def test_score_then_write_records_metrics_uris_and_checksums(raw_jpeg: Path, tmp
     for r in rows:
         assert r["status"] == "ok", r.get("error")
         for role in ("clean", "mask", "degraded"):
-            data = Path(r[f"{role}_uri"]).read_bytes()
+            data = (Path(out) / r[f"{role}_uri"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == r[f"{role}_sha256"]
         assert "degraded_png" not in r and "clean_png" not in r
-    assert rows[0]["degraded_uri"].endswith("images/a/v000_111.png")
-    assert rows[1]["degraded_uri"].endswith("images/a/v001_011.png")
+    assert rows[0]["degraded_uri"] == "images/a/v000_111.png"  # relative to OUT
+    assert rows[1]["degraded_uri"] == "images/a/v001_011.png"
+
+
+def test_score_reuses_the_clean_context_only_for_rows_of_the_same_clean_image(raw_jpeg: Path):
+    from fundus_batch.io.codecs import encode_png
+    from fundus_batch.metrics import full_reference_metrics, noref_metrics
+
+    [pre_a] = _through_preprocess([_row("a", str(raw_jpeg))], size=320)  # MS-SSIM defined
+    pre_b = dict(pre_a, image_id="b")  # a different clean image and mask: the mirror image
+    pre_b["clean_png"] = encode_png(np.fliplr(decode_image(pre_a["clean_png"])).copy())
+    pre_b["mask_png"] = encode_png(np.fliplr(stages.decode_mask(pre_a["mask_png"])).copy())
+    deg = stages.Degrade(seed=2, variants=3, types=["111", "100", "010"])
+    rows_a = deg([dict(pre_a, pending_variants=[0, 1, 2])])
+    rows_b = deg([dict(pre_b, pending_variants=[0, 1])])
+    batch = [rows_a[0], rows_a[1], rows_b[0], rows_a[2], rows_b[1]]  # interleaved images
+    scored = stages.Score(("clean", "degraded"))([dict(r) for r in batch])
+    for row in scored:
+        assert row["status"] == "ok", row.get("error")
+        clean = decode_image(row["clean_png"])
+        mask = stages.decode_mask(row["mask_png"])
+        degraded = decode_image(row["degraded_png"])
+        fr = full_reference_metrics(degraded, clean, mask)
+        assert np.isfinite(row["ms_ssim_degraded"])
+        assert [row[f"{k}_degraded"] for k in ("psnr", "ssim", "ms_ssim")] == list(fr.values())
+        for role, img in (("clean", clean), ("degraded", degraded)):
+            for name, value in noref_metrics(img, mask).items():
+                assert row[f"{name}_{role}"] == value
 
 
 def test_write_refuses_paths_outside_the_output_root(tmp_path: Path):
@@ -136,3 +162,49 @@ def test_write_refuses_paths_outside_the_output_root(tmp_path: Path):
     assert res["status"] == "failed" and res["failed_stage"] == "write"
     assert "'..'" in res["error"] or "outside" in res["error"]
     assert not any((tmp_path).glob("**/v000_111.png"))
+
+
+def _vessel_rows(tmp_path: Path, truth: np.ndarray | None = None) -> list[dict]:
+    """One synthetic photograph with its exact vessel map, through fetch and preprocess."""
+    from fundus_batch.io.codecs import encode_png
+
+    s = synth_fundus(700, seed=5, canvas=(900, 720))
+    (tmp_path / "img.jpg").write_bytes(encode_jpeg(s.image, quality=95))
+    (tmp_path / "ves.png").write_bytes(encode_png(s.vessels if truth is None else truth))
+    row = _row("v", str(tmp_path / "img.jpg"))
+    row["vessel_gt_uri"] = str(tmp_path / "ves.png")
+    return stages.Preprocess(size=256)(stages.Fetch(threads=1, vessels=True)([row]))
+
+
+def test_score_segments_vessels_independently_on_clean_degraded_and_enhanced(tmp_path: Path):
+    import cv2
+
+    from fundus_batch.metrics.vessels import VESSEL_SEGMENTER, segment_and_score
+
+    [pre] = _vessel_rows(tmp_path)
+    pre = stages.Score(("clean",))([pre])[0]
+    [row] = stages.Degrade(seed=1, variants=1, types=["100"])([dict(pre, pending_variants=[0])])
+    # A stand-in enhancer that blurs further: its vessel scores must drop below the input's.
+    mask = stages.decode_mask(row["mask_png"])
+    worse = cv2.GaussianBlur(decode_image(row["degraded_png"]), (0, 0), 3)
+    worse[mask == 0] = 0
+    row["enhanced_png"] = stages.encode_output(worse, "png", 95)
+    [row] = stages.Score(("degraded", "enhanced"))([row])
+    assert row["status"] == "ok", row.get("error")
+    assert row["vessel_segmenter"] == VESSEL_SEGMENTER
+    truth = stages.decode_mask(row["vessel_gt_png"])
+    for role in ("clean", "degraded", "enhanced"):
+        image = decode_image(row[f"{role}_png"])
+        want = segment_and_score(image, truth, mask)
+        assert row[f"vessel_auc_{role}"] == want["vessel_auc"]
+        assert row[f"vessel_f1_{role}"] == want["vessel_f1"]
+    assert row["vessel_auc_clean"] > 0.9
+    assert row["vessel_auc_enhanced"] < row["vessel_auc_degraded"] - 0.02
+
+
+def test_score_leaves_vessel_scores_null_when_the_truth_has_no_vessel(tmp_path: Path):
+    [pre] = _vessel_rows(tmp_path, truth=np.zeros((720, 900), np.uint8))
+    [row] = stages.Score(("clean",))([pre])
+    assert row["status"] == "ok", row.get("error")
+    assert row.get("vessel_auc_clean") is None and row.get("vessel_segmenter") is None
+    assert row["nr_luminance_clean"] > 0

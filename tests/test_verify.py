@@ -50,8 +50,8 @@ def pristine(ray_cluster, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 @pytest.fixture
 def run_out(pristine) -> tuple[Path, Path]:
-    """(manifest, out) with ``out`` restored to the pristine run (rows hold absolute URIs, so
-    damage is done in place and undone here)."""
+    """(manifest, out) with ``out`` restored to the pristine run (damage is done in place and
+    undone here)."""
     manifest, out, backup = pristine
     shutil.rmtree(out)
     shutil.copytree(backup, out)
@@ -89,7 +89,7 @@ def test_fresh_pipeline_output_verifies_with_full_counts(run_out) -> None:
 def test_removed_image_file_is_named(run_out) -> None:
     manifest, out = run_out
     row = _ok_row(out)
-    Path(row.degraded_uri).unlink()
+    (out / row.degraded_uri).unlink()
     report = verify(str(out), str(manifest))
     assert not report.ok
     assert _problems_about(report, repr(row.image_id), f"variant {row.variant}", "missing")
@@ -99,9 +99,9 @@ def test_removed_image_file_is_named(run_out) -> None:
 def test_changed_bytes_that_still_decode_fail_the_sha256_check(run_out) -> None:
     manifest, out = run_out
     row = _ok_row(out, 1)
-    image = decode_image(Path(row.degraded_uri).read_bytes()).copy()
+    image = decode_image((out / row.degraded_uri).read_bytes()).copy()
     image[0, 0] ^= 1  # one pixel, still a valid PNG of the right size
-    Path(row.degraded_uri).write_bytes(encode_png(image))
+    (out / row.degraded_uri).write_bytes(encode_png(image))
     report = verify(str(out), str(manifest))
     found = _problems_about(report, repr(row.image_id), f"variant {row.variant}", "sha256")
     assert len(found) == 1 and "degraded" in found[0]
@@ -111,8 +111,8 @@ def test_changed_bytes_that_still_decode_fail_the_sha256_check(run_out) -> None:
 def test_truncated_shared_clean_file_is_named_for_every_variant_using_it(run_out) -> None:
     manifest, out = run_out
     row = _ok_row(out)
-    data = Path(row.clean_uri).read_bytes()
-    Path(row.clean_uri).write_bytes(data[: len(data) // 2])
+    data = (out / row.clean_uri).read_bytes()
+    (out / row.clean_uri).write_bytes(data[: len(data) // 2])
     report = verify(str(out), str(manifest))
     for variant in range(VARIANTS):
         assert _problems_about(report, repr(row.image_id), f"variant {variant}", "decode")
@@ -213,3 +213,212 @@ def test_variants_beyond_the_last_runs_count_are_a_note_not_a_problem(run_out) -
     assert report.ok, report.summary()
     assert report.expected_rows == N_GOOD + 2
     assert any("beyond" in n for n in report.notes) and "note:" in report.summary()
+
+
+# -- tampering with row values, URIs outside OUT, moved and copied outputs, --deep
+
+
+def _edit_ok_row(out: Path, edit, *, rechecksum: bool = False) -> tuple[str, int]:
+    """Apply ``edit(row_dict)`` to the first ok row of the first shard holding one; with
+    ``rechecksum`` the row's ``row_sha256`` is recomputed, as a tamperer who knows the scheme
+    would. Returns the row's (image_id, variant)."""
+    from fundus_batch.schema import ROW_CHECKSUM, row_checksum
+
+    for path in sorted((out / "pairs").glob("*.parquet")):
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+        index = next((i for i, r in enumerate(rows) if r["status"] == "ok"), None)
+        if index is None:
+            continue
+        edit(rows[index])
+        if rechecksum:
+            rows[index][ROW_CHECKSUM] = row_checksum(rows[index])
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+        return rows[index]["image_id"], rows[index]["variant"]
+    raise AssertionError("no ok row")
+
+
+def _checksum_problems(report: VerifyReport, image_id: str, variant: int) -> list[str]:
+    return _problems_about(report, repr(image_id), f"variant {variant}", "row_sha256")
+
+
+def test_a_changed_metric_value_fails_the_row_checksum(run_out) -> None:
+    manifest, out = run_out
+    image_id, variant = _edit_ok_row(out, lambda r: r.update(psnr_degraded=r["psnr_degraded"] + 3))
+    report = verify(str(out), str(manifest))
+    assert len(_checksum_problems(report, image_id, variant)) == 1, report.problems
+
+
+def test_a_changed_seed_and_params_json_fail_the_row_checksum(run_out) -> None:
+    manifest, out = run_out
+
+    def edit(row: dict) -> None:
+        row["seed"] = row["seed"] + 1
+        row["params_json"] = json.dumps(json.loads(row["params_json"]), indent=1)
+
+    image_id, variant = _edit_ok_row(out, edit)
+    report = verify(str(out), str(manifest))
+    assert _checksum_problems(report, image_id, variant), report.problems
+
+
+def test_a_row_flipped_to_failed_fails_the_row_checksum(run_out) -> None:
+    manifest, out = run_out
+    image_id, variant = _edit_ok_row(
+        out, lambda r: r.update(status="failed", failed_stage="degrade", error="ValueError: x")
+    )
+    report = verify(str(out), str(manifest))
+    assert report.rows_failed == 2 * VARIANTS + 1
+    assert _checksum_problems(report, image_id, variant), report.problems
+
+
+def test_a_uri_into_another_folder_is_rejected_even_with_a_matching_checksum(
+    run_out, tmp_path: Path
+) -> None:
+    manifest, out = run_out
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def edit(row: dict) -> None:
+        target = elsewhere / "v.png"
+        shutil.copy(out / row["degraded_uri"], target)  # same bytes, same sha256
+        row["degraded_uri"] = str(target)
+
+    image_id, variant = _edit_ok_row(out, edit, rechecksum=True)
+    report = verify(str(out), str(manifest))
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "outside the output")
+    assert len(found) == 1 and "degraded_uri" in found[0], report.problems
+
+
+def test_a_relative_uri_climbing_out_with_dotdot_is_rejected(run_out) -> None:
+    manifest, out = run_out
+    image_id, variant = _edit_ok_row(
+        out, lambda r: r.update(degraded_uri="../backup/" + r["degraded_uri"]), rechecksum=True
+    )
+    report = verify(str(out), str(manifest))
+    assert _problems_about(report, repr(image_id), f"variant {variant}", "'..'"), report.problems
+
+
+def test_a_moved_output_folder_verifies(run_out, tmp_path: Path) -> None:
+    manifest, out = run_out
+    moved = tmp_path / "moved" / "out"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    try:
+        report = verify(str(moved), str(manifest))
+        assert report.ok, report.summary()
+        assert report.files_checked == N_GOOD * (2 + VARIANTS)
+    finally:
+        shutil.move(str(moved), str(out))
+
+
+def test_a_copied_output_folder_reads_its_own_files(run_out, tmp_path: Path) -> None:
+    manifest, out = run_out
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    row = _ok_row(out)
+    (out / row.degraded_uri).unlink()  # damage the original only
+    assert verify(str(copy), str(manifest)).ok
+    assert not verify(str(out), str(manifest)).ok
+    (copy / row.degraded_uri).unlink()
+    report = verify(str(copy), str(manifest))
+    assert _problems_about(report, str(copy / row.degraded_uri), "missing"), report.problems
+
+
+def test_deep_check_recomputes_every_row_of_a_fresh_output(run_out) -> None:
+    manifest, out = run_out
+    report = verify(str(out), str(manifest), deep=100)
+    assert report.ok, report.summary()
+    assert report.deep_checked == N_GOOD * VARIANTS
+    assert "recomputed" in report.summary()
+
+
+def test_deep_check_catches_a_metric_changed_with_its_checksum_recomputed(run_out) -> None:
+    manifest, out = run_out
+    image_id, variant = _edit_ok_row(
+        out, lambda r: r.update(ssim_degraded=r["ssim_degraded"] * 0.9), rechecksum=True
+    )
+    assert verify(str(out), str(manifest)).ok  # the checksum alone cannot see it
+    report = verify(str(out), str(manifest), deep=100)
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "ssim_degraded")
+    assert len(found) == 1 and "recomputed" in found[0], report.problems
+
+
+def test_deep_check_catches_a_seed_and_params_json_changed_with_their_checksum(run_out) -> None:
+    from fundus_batch.degrade import degrade, sample_rng
+    from fundus_batch.io.codecs import decode_image as dec
+    from fundus_batch.stages import decode_mask
+
+    manifest, out = run_out
+
+    def edit(row: dict) -> None:
+        clean = dec((out / row["clean_uri"]).read_bytes())
+        mask = decode_mask((out / row["mask_uri"]).read_bytes())
+        rng = sample_rng(row["seed"] + 7, row["image_id"], row["variant"])
+        _, record = degrade(clean, mask, row["type_code"], rng, preset=row["preset"])
+        row["seed"] += 7  # a consistent story: the params of another seed
+        row["params_json"] = record.to_json()
+
+    image_id, variant = _edit_ok_row(out, edit, rechecksum=True)
+    report = verify(str(out), str(manifest), deep=100)
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "replayed")
+    assert len(found) == 1, report.problems
+
+
+def test_rows_with_absolute_uris_from_older_versions_still_verify(run_out) -> None:
+    from fundus_batch.schema import ROW_CHECKSUM, row_checksum
+
+    manifest, out = run_out
+    for path in sorted((out / "pairs").glob("*.parquet")):
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+        for row in rows:
+            for role in ("clean", "mask", "degraded"):
+                if row[f"{role}_uri"]:
+                    row[f"{role}_uri"] = str(out / row[f"{role}_uri"])
+            row[ROW_CHECKSUM] = row_checksum(row)
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    report = verify(str(out), str(manifest), deep=2)
+    assert report.ok, report.summary()
+
+
+def test_shards_from_before_row_checksums_are_a_note_and_a_blanked_checksum_is_a_problem(
+    run_out,
+) -> None:
+    manifest, out = run_out
+    first, *_ = sorted((out / "pairs").glob("*.parquet"))
+    table = pq.read_table(first)
+    blanked = table.set_column(
+        table.schema.get_field_index("row_sha256"),
+        "row_sha256",
+        pa.nulls(table.num_rows, pa.string()),
+    )
+    pq.write_table(blanked, first)
+    report = verify(str(out), str(manifest))
+    assert len(_problems_about(report, "row has no row_sha256")) == table.num_rows
+    pq.write_table(table.drop_columns(["row_sha256"]), first)  # as an older version wrote it
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    assert any(f"{table.num_rows} row(s) from 1 shard(s)" in n for n in report.notes)
+
+
+def test_image_folders_or_files_swapped_for_links_to_elsewhere_are_rejected(
+    run_out, tmp_path: Path
+) -> None:
+    manifest, out = run_out
+    row = _ok_row(out)
+    folder = out / "images" / row.image_id
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(folder), str(elsewhere))  # same bytes, now outside OUT
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    report = verify(str(out), str(manifest), deep=100)
+    found = _problems_about(report, repr(row.image_id), "symbolic link")
+    assert len(found) == VARIANTS * 3, report.problems  # clean, mask, degraded of each variant
+    folder.unlink()
+    shutil.move(str(elsewhere), str(folder))
+    degraded = out / row.degraded_uri
+    outside = tmp_path / "degraded.png"
+    shutil.move(str(degraded), str(outside))
+    degraded.symlink_to(outside)
+    report = verify(str(out), str(manifest))
+    found = _problems_about(report, repr(row.image_id), "symbolic link")
+    assert len(found) == 1 and "degraded_uri" in found[0], report.problems

@@ -139,7 +139,8 @@ def luma(image: np.ndarray) -> np.ndarray:
     # every intermediate is an integer below 2^24, so float32 arithmetic is exact
     h, w = image.shape[:2]
     as_float = cv2.LUT(image, _BYTE32, dst=_scratch("rgb32", (h, w, 3), np.float32))
-    weighted = cv2.transform(as_float, _LUMA, dst=_scratch("luma32", (h, w), np.float32))
+    out = _scratch("luma32", (h, w), np.float32)
+    weighted: np.ndarray = cv2.transform(as_float, _LUMA, dst=out)
     weighted *= np.float32(1.0 / 65536.0)
     return weighted.astype(np.uint8)
 
@@ -394,7 +395,8 @@ def _blurred_spans(
     # (and its transposed-operand flag is far slower than transposing first)
     weights_t = cv2.transpose(weights, dst=_scratch("vertical_t", weights.shape[::-1]))
     patch = _scratch("patch", (rows.stop - rows.start, cols.stop - cols.start))
-    cv2.gemm(weights_t, horizontal, 1.0, None, 0.0, dst=patch)
+    # OpenCV takes src3=None (no addend); its stubs require an array
+    cv2.gemm(weights_t, horizontal, 1.0, None, 0.0, dst=patch)  # type: ignore[call-overload]
     return patch, rows, cols
 
 

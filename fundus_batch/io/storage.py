@@ -193,10 +193,18 @@ _SECRET_KEY = (
 )
 _KEY_VALUE = re.compile(
     r"(?P<key>[\"']?\b" + _SECRET_KEY + r"\b[\"']?\s*[=:]\s*)"
-    r"(?:(?P<q>[\"'])(?P<quoted>.*?)(?P=q)|(?P<bare>[^\s\"',;&}]+))",
+    r"(?:(?P<q>[\"'])(?P<quoted>.*?)(?P=q)|(?P<bare>(?:[^\s\"',;&}:]|:(?!\s|$))+))",
     re.IGNORECASE,
 )
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+# Query parameters of presigned / SAS URLs: AWS (SigV2 and X-Amz-*), GCS (X-Goog-*,
+# GoogleAccessId), Azure SAS (sv, ss, srt, sp, se, st, spr, sr, si, sdd, sk*, sig), CloudFront.
+_SIGNED_QUERY = re.compile(
+    r"(?P<key>[?&](?:x-amz-[a-z0-9\-]+|x-goog-[a-z0-9\-]+|awsaccesskeyid|googleaccessid|"
+    r"signature|expires|policy|key-pair-id|sv|ss|srt|sp|se|st|spr|sr|si|sdd|skoid|sktid|skt|ske|sks|skv|sig|"
+    r"[a-z0-9_\-]*token)=)(?P<value>(?:[^&#\s\"'<>,;):]|:(?!\s|$))*)",
+    re.IGNORECASE,
+)
 _MASK = "***"
 
 
@@ -208,11 +216,14 @@ def _mask_value(match: re.Match[str]) -> str:
 def redact(text: str) -> str:
     """Remove credentials from URIs, query strings, config dumps and error messages.
 
-    ``scheme://user:pass@host`` loses its user info; values of keys that look secret
+    ``scheme://user:pass@host`` loses its user info; every parameter of a presigned or SAS
+    query string (``X-Amz-*``, ``X-Goog-*``, ``AWSAccessKeyId``, ``Signature``, ``sv``/``se``/
+    ``sp``/``sig``, ``*token``, ...) loses its value; values of keys that look secret
     (``aws_secret_access_key=...``, ``"secret": "..."``, ``X-Amz-Signature=...``, ``sig=...``,
     ``password: ...``) and AWS access key ids become ``***``.
     """
     text = _USERINFO.sub(lambda m: m.group("scheme") + _MASK + "@", str(text))
+    text = _SIGNED_QUERY.sub(lambda m: m.group("key") + _MASK, text)
     text = _KEY_VALUE.sub(_mask_value, text)
     return _AWS_KEY_ID.sub(_MASK, text)
 
@@ -283,12 +294,17 @@ def read_bytes(
 def _read_local(path: str) -> bytes:
     """Read a regular file; FIFOs, devices and folders are refused instead of blocking."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as fh:
+    try:
+        # Checked before fdopen, which would refuse a folder naming only the descriptor.
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", path)
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file (FIFO, socket or device)", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
         return fh.read()
 
 

@@ -9,10 +9,10 @@ column names of :data:`NOREF_METRICS`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import cv2
 import numpy as np
-from skimage.measure import blur_effect as _skimage_blur_effect
 
 from .reference import FOVTooSmallError, check_image, check_mask, erode
 
@@ -23,11 +23,13 @@ __all__ = [
     "OVEREXPOSED_Y",
     "UNDEREXPOSED_Y",
     "UNIFORMITY_GRID",
+    "NorefContext",
     "blur_effect",
     "inscribed_square",
     "laplacian_variance",
     "luma",
     "luminance",
+    "noref_context",
     "noref_metrics",
     "overexposed",
     "rms_contrast",
@@ -56,36 +58,77 @@ def luma(image: np.ndarray) -> np.ndarray:
     return cv2.transform(image.astype(np.float32), _LUMA[None, :])
 
 
-def _mean_y(y: np.ndarray, fov: np.ndarray) -> float:
-    return float(y[fov].mean(dtype=np.float64))
+class NorefContext:
+    """What the no-reference metrics derive from a FOV mask alone, computed on first use and
+    kept: score every image that shares a mask (all variants of one photograph) with one."""
+
+    def __init__(self, mask: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.fov = check_mask(mask, shape)
+        self.shape = tuple(shape[:2])
+        self.fov8 = self.fov.astype(np.uint8)
+        self.count = int(np.count_nonzero(self.fov))
+
+    def check(self, image: np.ndarray) -> None:
+        """Raise ValueError unless ``image`` has this mask's height and width."""
+        if image.shape[:2] != self.shape:
+            raise ValueError(
+                f"mask shape {self.shape} does not match image shape {image.shape[:2]}"
+            )
+
+    @cached_property
+    def laplacian_fov8(self) -> np.ndarray:
+        """The FOV eroded by ``LAPLACIAN_MARGIN`` px, as a uint8 mask."""
+        inner = erode(self.fov, LAPLACIAN_MARGIN)
+        if not inner.any():
+            raise FOVTooSmallError(f"FOV too small: empty after eroding by {LAPLACIAN_MARGIN} px")
+        return inner.astype(np.uint8)
+
+    @cached_property
+    def square(self) -> tuple[slice, slice]:
+        """The square of :func:`inscribed_square`."""
+        return inscribed_square(self.fov)
+
+    @cached_property
+    def uniformity_grid(self) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+        """(reduced size, reduced mask, low-passed reduced mask) of :func:`uniformity`."""
+        h, w = self.shape
+        scale = min(1.0, UNIFORMITY_GRID / max(h, w))
+        dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+        m_small = cv2.resize(self.fov.astype(np.float32), dsize, interpolation=cv2.INTER_AREA)
+        den = cv2.GaussianBlur(m_small, (0, 0), _UNIFORMITY_SIGMA, borderType=cv2.BORDER_CONSTANT)
+        inside = m_small >= 0.5
+        if not inside.any():
+            inside = m_small >= m_small.max()
+        return dsize, inside, den[inside].astype(np.float64)
 
 
-def _rms_contrast_y(y: np.ndarray, fov: np.ndarray) -> float:
-    return float(y[fov].std(dtype=np.float64) / 255.0)
+def noref_context(mask: np.ndarray, shape: tuple[int, ...]) -> NorefContext:
+    """A :class:`NorefContext` for images of ``shape`` scored inside ``mask``."""
+    return NorefContext(mask, shape)
 
 
-def _overexposed_y(y: np.ndarray, fov: np.ndarray) -> float:
-    return float(np.count_nonzero(y[fov] >= OVEREXPOSED_Y) / np.count_nonzero(fov))
+def _mean_y(y: np.ndarray, ctx: NorefContext) -> float:
+    return float(cv2.mean(y, mask=ctx.fov8)[0])
 
 
-def _underexposed_y(y: np.ndarray, fov: np.ndarray) -> float:
-    return float(np.count_nonzero(y[fov] <= UNDEREXPOSED_Y) / np.count_nonzero(fov))
+def _rms_contrast_y(y: np.ndarray, ctx: NorefContext) -> float:
+    return float(cv2.meanStdDev(y, mask=ctx.fov8)[1][0, 0] / 255.0)
 
 
-def _uniformity_y(y: np.ndarray, fov: np.ndarray) -> float:
-    h, w = fov.shape
-    scale = min(1.0, UNIFORMITY_GRID / max(h, w))
-    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-    m = fov.astype(np.float32)
-    ym_small = cv2.resize(y * m, dsize, interpolation=cv2.INTER_AREA)
-    m_small = cv2.resize(m, dsize, interpolation=cv2.INTER_AREA)
+def _overexposed_y(y: np.ndarray, ctx: NorefContext) -> float:
+    return float(np.count_nonzero((y >= OVEREXPOSED_Y) & ctx.fov) / ctx.count)
+
+
+def _underexposed_y(y: np.ndarray, ctx: NorefContext) -> float:
+    return float(np.count_nonzero((y <= UNDEREXPOSED_Y) & ctx.fov) / ctx.count)
+
+
+def _uniformity_y(y: np.ndarray, ctx: NorefContext) -> float:
+    dsize, inside, den = ctx.uniformity_grid
+    ym_small = cv2.resize(y * ctx.fov, dsize, interpolation=cv2.INTER_AREA)
     # Normalised convolution: a FOV-only low-pass that the black surround does not darken.
     num = cv2.GaussianBlur(ym_small, (0, 0), _UNIFORMITY_SIGMA, borderType=cv2.BORDER_CONSTANT)
-    den = cv2.GaussianBlur(m_small, (0, 0), _UNIFORMITY_SIGMA, borderType=cv2.BORDER_CONSTANT)
-    inside = m_small >= 0.5
-    if not inside.any():
-        inside = m_small >= m_small.max()
-    low = num[inside].astype(np.float64) / den[inside]
+    low = num[inside].astype(np.float64) / den
     mean = low.mean()
     std = low.std()
     if std == 0.0:
@@ -93,16 +136,10 @@ def _uniformity_y(y: np.ndarray, fov: np.ndarray) -> float:
     return float(std / mean)
 
 
-def _laplacian_fov(fov: np.ndarray) -> np.ndarray:
-    inner = erode(fov, LAPLACIAN_MARGIN)
-    if not inner.any():
-        raise FOVTooSmallError(f"FOV too small: empty after eroding by {LAPLACIAN_MARGIN} px")
-    return inner
-
-
-def _laplacian_var_y(y: np.ndarray, fov: np.ndarray) -> float:
+def _laplacian_var_y(y: np.ndarray, ctx: NorefContext) -> float:
+    inner8 = ctx.laplacian_fov8
     lap = cv2.Laplacian(y, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)
-    return float(lap[_laplacian_fov(fov)].var(dtype=np.float64))
+    return float(cv2.meanStdDev(lap, mask=inner8)[1][0, 0] ** 2)
 
 
 def inscribed_square(fov: np.ndarray) -> tuple[slice, slice]:
@@ -120,23 +157,51 @@ def inscribed_square(fov: np.ndarray) -> tuple[slice, slice]:
     return slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1)
 
 
-def _blur_effect_y(y: np.ndarray, fov: np.ndarray) -> float:
-    rows, cols = inscribed_square(fov)
+_SOBEL_EDGE = np.array([1.0, 0.0, -1.0], np.float32)
+_SOBEL_SMOOTH = np.array([0.25, 0.5, 0.25], np.float32)
+
+
+def _blur_effect_crop(crop: np.ndarray) -> float:
+    """scikit-image's ``blur_effect`` (h_size ``BLUR_EFFECT_H_SIZE``, max over both axes) of a
+    float32 image in [0, 1], in float32 with OpenCV filters (same reflect border)."""
+    eps = np.float32(np.spacing(1.0))  # scikit-image's guard against division by zero
+    inner = (slice(2, crop.shape[0] - 1), slice(2, crop.shape[1] - 1))
+    blurs = []
+    for axis in (0, 1):
+        # The box re-blur and the Sobel derivative run along ``axis``; Sobel smooths across it.
+        box = (1, BLUR_EFFECT_H_SIZE) if axis == 0 else (BLUR_EFFECT_H_SIZE, 1)  # (w, h)
+        kx, ky = (_SOBEL_SMOOTH, _SOBEL_EDGE) if axis == 0 else (_SOBEL_EDGE, _SOBEL_SMOOTH)
+        refl = cv2.BORDER_REFLECT
+        filtered = cv2.blur(crop, box, borderType=refl)
+        sharp = np.abs(cv2.sepFilter2D(crop, cv2.CV_32F, kx, ky, borderType=refl))
+        blurred = np.abs(cv2.sepFilter2D(filtered, cv2.CV_32F, kx, ky, borderType=refl))
+        np.maximum(sharp, eps, out=sharp)
+        np.maximum(blurred, eps, out=blurred)
+        m1 = float(sharp[inner].sum(dtype=np.float64))
+        sharp -= blurred
+        np.maximum(sharp, 0.0, out=sharp)
+        m2 = float(sharp[inner].sum(dtype=np.float64))
+        blurs.append(abs(m1 - m2) / m1)
+    return max(blurs)
+
+
+def _blur_effect_y(y: np.ndarray, ctx: NorefContext) -> float:
+    rows, cols = ctx.square
     crop = y[rows, cols]
     if min(crop.shape) < BLUR_EFFECT_H_SIZE:
         raise FOVTooSmallError(
             f"FOV too small for blur_effect: inscribed square {crop.shape[1]} px "
             f"< h_size {BLUR_EFFECT_H_SIZE}"
         )
-    return float(_skimage_blur_effect(crop.astype(np.float64) / 255.0, h_size=BLUR_EFFECT_H_SIZE))
+    return _blur_effect_crop(crop * np.float32(1.0 / 255.0))
 
 
-_LumaMetric = Callable[[np.ndarray, np.ndarray], float]
+_LumaMetric = Callable[[np.ndarray, NorefContext], float]
 
 
-def _prepare(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, NorefContext]:
     check_image(image)
-    return luma(image), check_mask(mask, image.shape)
+    return luma(image), NorefContext(mask, image.shape)
 
 
 def luminance(image: np.ndarray, mask: np.ndarray) -> float:
@@ -209,9 +274,22 @@ NOREF_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 """Registry of no-reference metrics, ``column name -> fn(image, mask)``."""
 
 
-def noref_metrics(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """All no-reference metrics, keyed by the column names of :data:`NOREF_METRICS`."""
+def noref_metrics(
+    image: np.ndarray, mask: np.ndarray | None, *, context: NorefContext | None = None
+) -> dict[str, float]:
+    """All no-reference metrics, keyed by the column names of :data:`NOREF_METRICS`.
+
+    ``context`` (from :func:`noref_context`) reuses what was derived from the mask for an
+    earlier image; ``mask`` may then be None (a mask that is given must equal its mask).
+    """
     check_image(image)
-    fov = check_mask(mask, image.shape)
+    if context is None:
+        if mask is None:
+            raise ValueError("noref_metrics needs a mask or a context")
+        context = NorefContext(mask, image.shape)
+    else:
+        context.check(image)
+        if mask is not None and not np.array_equal(check_mask(mask, image.shape), context.fov):
+            raise ValueError("context was built from a different mask")
     y = luma(image)
-    return {name: fn(y, fov) for name, fn in _FROM_LUMA.items()}
+    return {name: fn(y, context) for name, fn in _FROM_LUMA.items()}

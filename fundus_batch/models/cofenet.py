@@ -7,6 +7,15 @@ topology), which gives a model small enough to train and run on a CPU.
 
 Inputs are RGB in [0, 1], NCHW, with height and width multiples of 32 and at least 192 (the 6x6
 pyramid pool of the CE-Net branch needs a 6x6 map at 1/32 resolution).
+
+``field=N`` (width < 1 only) selects the smooth-correction head used by the shipped model: the
+network runs on the input resized to N x N and G's output is read as an additive correction
+``tanh(G)``, smoothed inside a Gaussian window of ``field_sigma`` network pixels and resized to
+the input size: ``enhanced = clamp(input + correction, 0, 1)``; ``field_deadzone`` (in [0, 1]
+units) shrinks every correction by that much towards zero, so a photograph that needs only a
+slight change is returned unchanged. The input's own detail passes
+through untouched, so the head can undo illumination (halo, hole, colour cast) but cannot paint
+speckle or blotches finer than the window, and any working size that is a multiple of 32 works.
 """
 
 from __future__ import annotations
@@ -148,6 +157,7 @@ class DACBlock(nn.Module):
         self.dilate3 = nn.Conv2d(channels, channels, 3, dilation=5, padding=5)
         self.conv1x1 = nn.Conv2d(channels, channels, 1)
         for conv in (self.dilate1, self.dilate2, self.dilate3, self.conv1x1):
+            assert conv.bias is not None  # built with a bias
             nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -217,6 +227,9 @@ class CofeNet(nn.Module):
         variant: str = DEFAULT_VARIANT,
         width: float = 1.0,
         residual: bool = False,
+        field: int | None = None,
+        field_sigma: float = 2.0,
+        field_deadzone: float = 0.0,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -228,9 +241,20 @@ class CofeNet(nn.Module):
                 "residual=True is only allowed for width < 1 models; the released full-width "
                 "variants keep their exact output formulation"
             )
+        if field is not None:
+            if width == 1.0 or residual:
+                raise ValueError("field is only allowed for width < 1 models without residual")
+            check_size(field, field)
+            if not (math.isfinite(field_sigma) and field_sigma > 0):
+                raise ValueError(f"field_sigma must be > 0, got {field_sigma}")
+            if not (math.isfinite(field_deadzone) and 0.0 <= field_deadzone < 0.5):
+                raise ValueError(f"field_deadzone must be in [0, 0.5), got {field_deadzone}")
         self.variant = variant
         self.width = width
         self.residual = bool(residual)
+        self.field = None if field is None else int(field)
+        self.field_sigma = float(field_sigma)
+        self.field_deadzone = float(field_deadzone)
         self.n_outputs = N_OUTPUTS[variant]
         self.has_rsa = variant != "encode_decode_res"
         self.two_scale = "2scale" in variant
@@ -373,9 +397,22 @@ class CofeNet(nn.Module):
         x = self.G_deconv3_0(self._res("G_deconv3", (3, 2, 1), x)) + x_half
         x = self.G_deconv2_0(self._res("G_deconv2", (3, 2, 1), x)) + x_full
         x = self.G_deconv1_0(self._res("G_deconv1", (3, 2, 1), x))
+        if self.field is not None:  # unclamped: the caller takes the correction back out
+            return image + self._smooth(torch.tanh(x))
         if self.residual:
             x = torch.logit(image.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)) + x
         return torch.sigmoid(x)
+
+    def _smooth(self, correction: Tensor) -> Tensor:
+        """Gaussian low-pass of a correction map (separable, reflect padding)."""
+        radius = max(1, math.ceil(3.0 * self.field_sigma))
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=correction.device)
+        kernel = torch.exp(-0.5 * (taps / self.field_sigma) ** 2)
+        kernel = (kernel / kernel.sum()).to(correction.dtype)
+        channels = correction.shape[1]
+        x = F.pad(correction, (radius, radius, radius, radius), mode="reflect")
+        x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
     # ------------------------------------------------------------------ forward
 
@@ -394,7 +431,36 @@ class CofeNet(nn.Module):
             if not isinstance(x256, Tensor) or tuple(x256.shape) != want:
                 got = tuple(x256.shape) if isinstance(x256, Tensor) else type(x256).__name__
                 raise ValueError(f"x256 must have shape {want}, got {got}")
+        if self.field is None:
+            return self._forward_net(x512, x256)
+        small = F.interpolate(x512, size=(self.field, self.field), mode="area")
+        small_half = default_x256(small)
+        items = list(self._as_tuple(self._forward_net(small, small_half)))
+        # Outputs at the network's size become corrections (output - input), resized and
+        # added to the full-size input; the vessel map is resized.
+        items[0] = self._add_correction(items[0] - small, x512)
+        if self.two_scale:
+            half = F.avg_pool2d(x512, 2) if x256 is None else x256
+            items[1] = self._add_correction(items[1] - small_half, half)
+        if self.has_rsa:
+            v = 2 if self.two_scale else 1
+            items[v] = F.interpolate(
+                items[v], size=(height, width), mode="bilinear", align_corners=False
+            )
+        return items[0] if len(items) == 1 else tuple(items)
 
+    @staticmethod
+    def _as_tuple(outputs: Outputs) -> tuple[Tensor, ...]:
+        return (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+
+    def _add_correction(self, correction: Tensor, image: Tensor) -> Tensor:
+        up = F.interpolate(correction, size=image.shape[2:], mode="bilinear", align_corners=False)
+        if self.field_deadzone > 0:  # corrections this small are shading, not a defect
+            up = torch.sign(up) * (up.abs() - self.field_deadzone).clamp_min(0.0)
+        return (image + up).clamp(0.0, 1.0)
+
+    def _forward_net(self, x512: Tensor, x256: Tensor | None) -> Outputs:
+        """The released forward pass at the network's input size."""
         if not self.has_rsa:
             first = self._g(x512, x512, None, None)
             return self._g(first, first, None, None)
@@ -441,7 +507,10 @@ class CofeNet(nn.Module):
         return self._check_outputs(outputs)[3] if self.has_lqa else None
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, width={self.width}, residual={self.residual}"
+        extra = (
+            "" if self.field is None else f", field={self.field}, field_sigma={self.field_sigma}"
+        )
+        return f"variant={self.variant!r}, width={self.width}, residual={self.residual}{extra}"
 
 
 def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> None:
@@ -467,6 +536,8 @@ def build_cofenet(
     width: float = 1.0,
     *,
     residual: bool = False,
+    field: int | None = None,
+    field_deadzone: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> CofeNet:
@@ -474,13 +545,14 @@ def build_cofenet(
 
     ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
     scales every channel count; ``residual`` (width < 1 only) outputs
-    ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``. Randomness comes from ``generator``
+    ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
+    the smooth-correction head (module docstring). Randomness comes from ``generator``
     (a CPU generator) or, when it is None, from the caller's torch seed. ``device="meta"`` builds
     a shape-only model. The model is returned in training mode, on ``device`` (default: CPU).
     """
     target = torch.device("cpu" if device is None else device)
     with torch.device("meta"):  # allocate once, skip PyTorch's default (global-RNG) init
-        model = CofeNet(variant, width, residual)
+        model = CofeNet(variant, width, residual, field, field_deadzone=field_deadzone)
     if target.type == "meta":
         return model
     model = model.to_empty(device="cpu")

@@ -44,6 +44,7 @@ __all__ = [
     "list_weights",
     "load_registered",
     "load_weights",
+    "model_for_entry",
     "model_from_weights",
     "read_state_dict",
     "registry_files",
@@ -304,6 +305,8 @@ class WeightsEntry:
     variant: str
     width: float = 1.0
     residual: bool = False
+    field_size: int | None = None
+    field_deadzone: float = 0.0
     size: int = 512
     training_data: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -344,6 +347,13 @@ class WeightsEntry:
             raise WeightsError(f"{origin}: entry {data['name']!r}: metrics must be an object")
         if not isinstance(data.get("residual", False), bool):
             raise WeightsError(f"{origin}: entry {data['name']!r}: residual must be true or false")
+        field_size = data.get("field_size")
+        if field_size is not None and (
+            isinstance(field_size, bool) or not isinstance(field_size, int)
+        ):
+            raise WeightsError(
+                f"{origin}: entry {data['name']!r}: field_size must be an integer or null"
+            )
         try:
             return cls(
                 name=data["name"],
@@ -352,6 +362,8 @@ class WeightsEntry:
                 variant=variant,
                 width=float(data.get("width", 1.0)),
                 residual=data.get("residual", False),
+                field_size=field_size,
+                field_deadzone=float(data.get("field_deadzone", 0.0)),
                 size=int(data.get("size", 512)),
                 training_data=str(data.get("training_data", "")),
                 metrics={str(k): float(v) for k, v in metrics.items()},
@@ -370,6 +382,8 @@ class WeightsEntry:
             "variant": self.variant,
             "width": self.width,
             "residual": self.residual,
+            "field_size": self.field_size,
+            "field_deadzone": self.field_deadzone,
             "size": self.size,
             "training_data": self.training_data,
             "metrics": dict(self.metrics),
@@ -439,7 +453,11 @@ def load_registered(name: str, device: torch.device | str = "cpu") -> CofeNet:
     found = resolve_weights(name)
     if not isinstance(found, WeightsEntry):
         raise WeightsError(f"{name!r} is a file, not a registered weights name")
-    entry = found
+    return model_for_entry(found, device)
+
+
+def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> CofeNet:
+    """The model an entry describes, its file's sha256 checked, loaded; eval mode."""
     path = entry.path
     if not path.is_file():
         raise WeightsError(
@@ -452,7 +470,13 @@ def load_registered(name: str, device: torch.device | str = "cpu") -> CofeNet:
             f"sha256 of {path} is {digest}, but registry entry {entry.name!r} expects "
             f"{entry.sha256}; the file is corrupt or not the registered one and will not be loaded"
         )
-    model = build_cofenet(entry.variant, entry.width, residual=entry.residual)
+    model = build_cofenet(
+        entry.variant,
+        entry.width,
+        residual=entry.residual,
+        field=entry.field_size,
+        field_deadzone=entry.field_deadzone,
+    )
     load_weights(model, path)
     model.weights_entry = entry
     return model.to(device).eval()

@@ -14,6 +14,8 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ EXPECTED_FILES = (
     "infra/kuberay/README.md",
     "infra/aws/cluster.yaml",
     "infra/aws/README.md",
+    "infra/test_cluster.sh",
 )
 
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
@@ -491,6 +494,20 @@ def check_aws_cluster(cfg: Any) -> list[str]:
 # Dockerfiles
 
 RAY_BASE_IMAGE = re.compile(r"^rayproject/ray:(\d+\.\d+\.\d+)-py(\d+)-(cpu|cu\d+)$")
+# A Debian image with (or without) Python: Ray then comes from the package's pin, which the
+# build must assert. The local debootstrap base of infra/test_cluster.sh is passed the same way.
+PYTHON_BASE_IMAGE = re.compile(r"^python:3\.(\d+)(?:\.\d+)?-(?:slim-)?(bookworm|trixie)$")
+RAY_VERSION_ASSERT = re.compile(r"ray\.__version__\.startswith\(['\"](\d+\.\d+)\.['\"]\)")
+
+
+def dockerfile_python(text: str) -> str | None:
+    """The Python of a Dockerfile's base image as "3NN" (e.g. "311"), None when unknown."""
+    base = dockerfile_base(text)
+    if match := RAY_BASE_IMAGE.match(base):
+        return match.group(2)
+    if match := PYTHON_BASE_IMAGE.match(base):
+        return f"3{match.group(1)}"
+    return None
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -539,16 +556,27 @@ def _copy_sources(args: str) -> tuple[list[str], str]:
 
 
 def check_dockerfile(text: str, repo: Path = REPO) -> list[str]:
-    """Ray base matching the installed Ray, no pip cache, non-root user, existing COPY sources."""
+    """Ray matching the installed Ray, no pip cache, non-root user, existing COPY sources."""
     problems: list[str] = []
     instructions = dockerfile_instructions(text)
     base = dockerfile_base(text)
     match = RAY_BASE_IMAGE.match(base)
-    if not match:
-        problems.append(f"FROM {base!r} is not a rayproject/ray:<x.y.z>-py<NN>-<cpu|cuXYZ> image")
-    elif ".".join(match.group(1).split(".")[:2]) != RAY_MAJOR_MINOR:
+    if match:
+        if ".".join(match.group(1).split(".")[:2]) != RAY_MAJOR_MINOR:
+            problems.append(
+                f"FROM {base}: Ray {match.group(1)} does not match installed Ray {RAY_VERSION}"
+            )
+    elif PYTHON_BASE_IMAGE.match(base):
+        asserted = RAY_VERSION_ASSERT.findall(text)
+        if RAY_MAJOR_MINOR not in asserted:
+            problems.append(
+                f"FROM {base}: Ray comes from pip, so the build must assert "
+                f"ray.__version__.startswith('{RAY_MAJOR_MINOR}.'), found {asserted}"
+            )
+    else:
         problems.append(
-            f"FROM {base}: Ray {match.group(1)} does not match installed Ray {RAY_VERSION}"
+            f"FROM {base!r} is neither a rayproject/ray:<x.y.z>-py<NN>-<cpu|cuXYZ> image nor a "
+            "python:3.<N>-slim-<bookworm|trixie> image"
         )
     users = [args for instruction, args in instructions if instruction == "USER"]
     if not users or users[-1].split(":")[0] in {"root", "0"}:
@@ -647,11 +675,18 @@ def test_cpu_and_cuda_images_share_python_and_torch() -> None:
     texts = [
         (INFRA / "docker" / name).read_text() for name in ("Dockerfile.cpu", "Dockerfile.cuda")
     ]
-    bases = [RAY_BASE_IMAGE.match(dockerfile_base(text)) for text in texts]
-    assert all(bases), "both Dockerfiles must build on rayproject/ray images"
-    assert bases[0].group(1) == bases[1].group(1), "CPU and CUDA images use different Ray versions"
-    assert bases[0].group(2) == bases[1].group(2), "CPU and CUDA images use different Pythons"
-    assert bases[0].group(3) == "cpu" and bases[1].group(3).startswith("cu")
+    pythons = [dockerfile_python(text) for text in texts]
+    assert all(pythons), f"unknown Python in a base image: {pythons}"
+    assert pythons[0] == pythons[1], f"CPU and CUDA images use different Pythons: {pythons}"
+    cuda_base = RAY_BASE_IMAGE.match(dockerfile_base(texts[1]))
+    assert cuda_base and cuda_base.group(3).startswith("cu"), "the CUDA image needs a cuXYZ base"
+    cpu_base = RAY_BASE_IMAGE.match(dockerfile_base(texts[0]))
+    if cpu_base:
+        assert cpu_base.group(3) == "cpu", "the CPU image builds on a CUDA Ray image"
+        assert cpu_base.group(1) == cuda_base.group(1), "CPU and CUDA images use different Rays"
+    else:
+        assert '"torch==${TORCH_VERSION}+cpu"' in texts[0], "the CPU image must pin the CPU torch"
+        assert RAY_VERSION_ASSERT.findall(texts[0]) == [cuda_base.group(1).rsplit(".", 1)[0]]
     torch = [dockerfile_args(dockerfile_instructions(text)).get("TORCH_VERSION") for text in texts]
     assert torch[0] and torch[0] == torch[1], f"TORCH_VERSION differs between images: {torch}"
 
@@ -671,6 +706,19 @@ def test_rayjob_working_dir_is_where_the_image_puts_the_jobs() -> None:
         for doc in load_docs(path):
             runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
             assert runtime_env["working_dir"] == workdir, f"{_rel(path)}: working_dir != {workdir}"
+
+
+def test_cluster_script_parses_cleans_up_and_runs_in_ci() -> None:
+    script = INFRA / "test_cluster.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    assert "trap cleanup EXIT" in text, "the cluster script must remove its containers on exit"
+    assert '"$HOST_FB" verify "$OUT" --manifest' in text, "the cluster script must verify OUT"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash infra/test_cluster.sh" in ci, ".ci/run must run the cluster test"
 
 
 def test_job_paths_named_in_infra_docs_exist() -> None:
@@ -995,10 +1043,15 @@ USER 1000
 
 DOCKERFILE_BREAKAGES = {
     "old-ray": (f"ray:{RAY_VERSION}-py311", "ray:2.9.3-py311", "does not match"),
-    "not-ray-base": (
+    "unknown-base": (
         f"rayproject/ray:{RAY_VERSION}-py311-cpu",
-        "python:3.11-slim",
-        "is not a rayproject/ray",
+        "ubuntu:22.04",
+        "is neither a rayproject/ray",
+    ),
+    "python-base-without-ray-check": (
+        f"rayproject/ray:{RAY_VERSION}-py311-cpu",
+        "python:3.11-slim-bookworm",
+        "must assert ray.__version__",
     ),
     "root-user": ("USER 1000", "USER root", "non-root"),
     "pip-cache": ("--no-cache-dir /tmp/src", "/tmp/src", "without --no-cache-dir"),
@@ -1008,6 +1061,18 @@ DOCKERFILE_BREAKAGES = {
 
 def test_good_dockerfile_passes_every_rule() -> None:
     assert check_dockerfile(GOOD_DOCKERFILE) == []
+
+
+def test_python_base_passes_when_the_build_asserts_the_ray_version() -> None:
+    base = GOOD_DOCKERFILE.replace(
+        f"rayproject/ray:{RAY_VERSION}-py311-cpu", "python:3.11-slim-bookworm"
+    )
+    check = f"import ray; assert ray.__version__.startswith('{RAY_MAJOR_MINOR}.')"
+    text = f'{base}RUN python -c "{check}"\n'
+    assert check_dockerfile(text) == []
+    assert dockerfile_python(text) == "311"
+    wrong = text.replace(f"startswith('{RAY_MAJOR_MINOR}.')", "startswith('2.9.')")
+    assert any("must assert ray.__version__" in p for p in check_dockerfile(wrong))
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILE_BREAKAGES))

@@ -5,25 +5,30 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
 from fundus_batch.metrics import (
     METRIC_VERSION,
     PSNR_CAP,
     REFERENCE_METRICS,
     FOVTooSmallError,
+    ReferenceContext,
     finite,
     full_reference_metrics,
     ms_ssim,
     psnr,
+    reference_context,
     ssim,
 )
 from fundus_batch.metrics.reference import MS_SSIM_WEIGHTS
 from fundus_batch.synth import synth_fundus
+from tests.metrics import float64_reference as f64
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 METRICS: list[Metric] = [psnr, ssim, ms_ssim]
@@ -103,8 +108,9 @@ def test_ssim_matches_skimage_on_a_full_mask(eye: tuple[np.ndarray, np.ndarray])
             use_sample_covariance=False,
             data_range=255,
         )
-        # An all-ones mask eroded by the window radius is exactly skimage's border crop.
-        assert ssim(img, other, full) == pytest.approx(expected, abs=1e-12)
+        # An all-ones mask eroded by the window radius is exactly skimage's border crop. The
+        # package computes in float32 (skimage in float64): measured differences are ~4e-7.
+        assert ssim(img, other, full) == pytest.approx(expected, abs=1e-5)
 
 
 def test_single_scale_ms_ssim_equals_ssim(eye: tuple[np.ndarray, np.ndarray]) -> None:
@@ -137,7 +143,8 @@ def test_ms_ssim_second_scale_is_skimage_ssim_of_the_pooled_images() -> None:
     coarse = pool(s.mask > 0) == 1.0
     inner = cv2.erode(coarse.astype(np.uint8), np.ones((11, 11), np.uint8), borderValue=0) > 0
     expected = smap[inner].mean()
-    assert ms_ssim(s.image, other, s.mask, weights=(0.0, 1.0)) == pytest.approx(expected, abs=1e-9)
+    # float32 in the package, float64 in skimage
+    assert ms_ssim(s.image, other, s.mask, weights=(0.0, 1.0)) == pytest.approx(expected, abs=1e-5)
 
 
 def test_ms_ssim_combines_scales_as_a_weighted_geometric_mean() -> None:
@@ -268,3 +275,136 @@ def test_bad_inputs_raise_typed_errors(metric: Metric, eye: tuple[np.ndarray, np
         metric(img, img, mask.astype(np.float32))
     with pytest.raises(ValueError, match="no pixels"):
         metric(img, img, np.zeros_like(mask))
+
+
+# --- the float32 implementation against a float64 reference, and the shared clean context ---
+
+FLOAT32_TOL = 1e-5  # SSIM / MS-SSIM, absolute; measured <= 6e-7 (the protocol promises 1e-4)
+
+
+def _variants(img: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """One degraded variant per type code, plus a blurred, a noisy and a darkened copy."""
+    out = [degrade(img, mask, code, sample_rng(7, "v", i))[0] for i, code in enumerate(TYPE_CODES)]
+    return [*out, _blur(img, 2.0), _noise(img, 20.0), _darken(img, 0.4)]
+
+
+def _assert_close_to_reference(got: dict[str, float], ref: dict[str, float]) -> None:
+    assert got.keys() == ref.keys()
+    for key in ref:
+        if math.isnan(ref[key]) or math.isinf(ref[key]):
+            assert got[key] == ref[key] or (math.isnan(got[key]) and math.isnan(ref[key])), key
+        elif key == "psnr":
+            assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+        else:
+            assert got[key] == pytest.approx(ref[key], abs=FLOAT32_TOL), key
+
+
+@pytest.mark.parametrize("size", [512, 320])
+def test_full_reference_metrics_equal_the_float64_reference_on_degraded_variants(
+    size: int,
+) -> None:
+    s = synth_fundus(size, seed=11)
+    fov = s.mask > 0
+    ctx = reference_context(s.image, s.mask)
+    for other in _variants(s.image, s.mask):
+        expected = f64.full_reference(other, s.image, fov)
+        _assert_close_to_reference(ctx.metrics(other), expected)
+        _assert_close_to_reference(full_reference_metrics(other, s.image, s.mask), expected)
+
+
+def _random_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A few random filled ellipses: irregular, possibly disconnected FOVs."""
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        center = (int(rng.integers(0, shape[1])), int(rng.integers(0, shape[0])))
+        axes = (int(rng.integers(20, shape[1])), int(rng.integers(20, shape[0])))
+        cv2.ellipse(mask, center, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_full_reference_metrics_equal_the_float64_reference_on_random_masks(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(250, 520)), int(rng.integers(250, 520)))  # odd sizes too
+    s = synth_fundus(max(shape), seed=seed)
+    img = np.ascontiguousarray(s.image[: shape[0], : shape[1]])
+    mask = _random_mask(rng, shape)
+    if not mask.any():
+        mask[shape[0] // 2, shape[1] // 2] = 255
+    other = _noise(_blur(img, float(rng.uniform(0.5, 3.0))), float(rng.uniform(1, 15)), seed)
+    expected = f64.full_reference(other, img, mask > 0)
+    if math.isnan(f64.ssim(other, img, mask > 0)):  # nothing left after erosion
+        with pytest.raises(FOVTooSmallError):
+            full_reference_metrics(other, img, mask)
+        return
+    _assert_close_to_reference(full_reference_metrics(other, img, mask), expected)
+
+
+def test_a_context_reused_for_many_images_gives_what_fresh_computation_gives(
+    eye: tuple[np.ndarray, np.ndarray],
+) -> None:
+    img, mask = eye
+    others = _variants(img, mask)
+    ctx = reference_context(img, mask)
+    # Interleaved: state kept in the context's work buffers must not leak between images.
+    for other in [*others, *reversed(others)]:
+        fresh = {"psnr": psnr(other, img, mask), "ssim": ssim(other, img, mask)}
+        fresh["ms_ssim"] = ms_ssim(other, img, mask)
+        assert ctx.metrics(other) == fresh
+        assert full_reference_metrics(other, img, mask, context=ctx) == fresh
+        assert ctx.ssim(other) == fresh["ssim"]
+        assert ctx.ms_ssim(other) == fresh["ms_ssim"]
+        assert ctx.psnr(other) == fresh["psnr"]
+
+
+def test_identical_images_give_exactly_one_through_a_context(
+    eye: tuple[np.ndarray, np.ndarray],
+) -> None:
+    img, mask = eye
+    out = reference_context(img, mask).metrics(img.copy())
+    assert out == {"psnr": math.inf, "ssim": 1.0, "ms_ssim": 1.0}
+
+
+def test_a_context_from_another_image_or_mask_is_refused(
+    eye: tuple[np.ndarray, np.ndarray],
+) -> None:
+    img, mask = eye
+    other = _blur(img, 1.0)
+    ctx = reference_context(img, mask)
+    with pytest.raises(ValueError, match="different ref or mask"):
+        full_reference_metrics(img, other, mask, context=ctx)
+    smaller = cv2.erode(mask, np.ones((5, 5), np.uint8))
+    with pytest.raises(ValueError, match="different ref or mask"):
+        full_reference_metrics(other, img, smaller, context=ctx)
+    with pytest.raises(ValueError, match="does not match"):
+        ctx.metrics(other[:-2])
+    with pytest.raises(ValueError, match="scales"):
+        ReferenceContext(img, mask, scales=1).metrics(other)
+
+
+def test_a_context_on_a_small_fov_gives_nan_ms_ssim_and_a_finite_ssim() -> None:
+    s = synth_fundus(128, seed=0)
+    other = _blur(s.image, 1.0)
+    out = reference_context(s.image, s.mask).metrics(other)
+    assert math.isnan(out["ms_ssim"])
+    assert out["ssim"] == pytest.approx(f64.ssim(other, s.image, s.mask > 0), abs=FLOAT32_TOL)
+    with pytest.raises(FOVTooSmallError, match="5-scale"):
+        reference_context(s.image, s.mask).ms_ssim(other)
+
+
+@pytest.mark.shared
+def test_full_reference_metrics_equal_the_float64_reference_on_real_photographs(
+    shared_dir: Path,
+) -> None:
+    images = sorted((shared_dir / "data" / "cofenet_lq" / "image").glob("*.png"))[:2]
+    if not images:
+        pytest.skip("cofenet_lq images not found")
+    for path in images:
+        img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        mask_path = next((path.parent.parent / "mask").glob(path.stem + ".*"))
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        size = (img.shape[1], img.shape[0])
+        fov = cv2.resize(mask, size, interpolation=cv2.INTER_AREA) > 127
+        ctx = reference_context(img, fov)
+        for other in _variants(img, fov.astype(np.uint8) * 255)[::3]:
+            _assert_close_to_reference(ctx.metrics(other), f64.full_reference(other, img, fov))

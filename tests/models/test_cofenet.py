@@ -425,3 +425,71 @@ def test_model_is_a_cofenet_module_with_its_settings_in_repr() -> None:
     model = build_cofenet("cofe-net", 0.25, residual=True, device="meta")
     assert isinstance(model, CofeNet)
     assert "width=0.25" in repr(model) and "residual=True" in repr(model)
+
+
+# ------------------------------------------------------------------ smooth-correction head
+
+
+def _field_model(seed: int = 0, field: int = 192) -> CofeNet:
+    return build_cofenet(
+        "cofe-net", 0.125, field=field, generator=torch.Generator().manual_seed(seed)
+    ).eval()
+
+
+@pytest.mark.parametrize("size", [192, 256, 384])
+def test_field_model_keeps_the_input_size_for_every_output(size: int) -> None:
+    model = _field_model()
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+    assert model.enhanced(out).shape == x.shape
+    assert model.coarse(out).shape == (1, 3, size // 2, size // 2)
+    assert model.vessel(out).shape == (1, 1, size, size)
+
+
+def test_field_model_with_a_zero_output_conv_returns_its_input() -> None:
+    model = _field_model()
+    torch.nn.init.zeros_(model.G_deconv1_0.weight)
+    torch.nn.init.zeros_(model.G_deconv1_0.bias)
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(model.enhanced(out), x)
+    assert torch.allclose(model.coarse(out), F.avg_pool2d(x, 2), atol=1e-6)
+
+
+def test_field_model_keeps_the_input_detail_and_adds_only_a_smooth_correction() -> None:
+    from fundus_batch.train import fixup_init
+
+    model = _field_model(seed=3)
+    fixup_init(model, torch.Generator().manual_seed(3))
+    torch.nn.init.normal_(
+        model.G_deconv1_0.weight, 0.0, 0.05, generator=torch.Generator().manual_seed(4)
+    )
+    x = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(5)) * 0.5 + 0.25
+    with torch.no_grad():
+        correction = model.enhanced(model(x)) - x
+    assert correction.abs().mean() > 1e-3  # the head does change the image
+    # What an 8x smaller copy cannot carry is fine detail; the correction has almost none.
+    inner = (slice(None), slice(None), slice(32, -32), slice(32, -32))
+
+    def fine_share(t: torch.Tensor) -> float:
+        coarse = F.interpolate(F.avg_pool2d(t, 8), size=t.shape[2:], mode="bilinear")
+        return float((t - coarse)[inner].abs().mean() / t[inner].abs().mean())
+
+    assert fine_share(correction) < 0.25
+    assert fine_share(x - 0.5) > 0.9  # the same measure on the input's own pixel noise
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 1.0}, "field is only allowed"),
+        ({"width": 0.25, "residual": True}, "field is only allowed"),
+        ({"width": 0.25, "field": 100}, "multiple of 32"),
+    ],
+)
+def test_field_head_rejects_unsupported_settings(kwargs: dict, message: str) -> None:
+    settings = {"field": 192, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        CofeNet(DEFAULT_VARIANT, **settings)

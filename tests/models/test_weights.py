@@ -333,6 +333,8 @@ def test_duplicate_names_within_user_registries_are_an_error(user_dir: Path) -> 
         ({"name": ""}, "lacks string field"),
         ({"width": "wide"}, "could not convert"),
         ({"residual": "false"}, "residual must be true or false"),
+        ({"field_size": "192"}, "field_size must be an integer or null"),
+        ({"field_size": True}, "field_size must be an integer or null"),
     ],
 )
 def test_invalid_registry_entries_are_rejected(change: dict, message: str) -> None:

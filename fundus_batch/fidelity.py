@@ -1,0 +1,101 @@
+"""Where enhancement lowered fidelity: per degradation type, mean enhanced vs degraded scores.
+
+Used by the run summary, the demo's table and the HTML report, so that every one of them says
+the same thing: a type whose mean enhanced PSNR (or SSIM) against the clean image is below the
+degraded input's was made worse by enhancement. Rows must be ``ok``; failed rows never count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["FIDELITY_COLUMNS", "FidelityLoss", "fidelity_losses", "warning_lines"]
+
+FIDELITY_COLUMNS = (
+    "type_code",
+    "status",
+    "psnr_degraded",
+    "psnr_enhanced",
+    "ssim_degraded",
+    "ssim_enhanced",
+)
+"""The Parquet columns :func:`fidelity_losses` reads."""
+
+_METRICS = (("psnr", "PSNR", " dB", 2), ("ssim", "SSIM", "", 4))
+
+
+@dataclass(frozen=True)
+class FidelityLoss:
+    """One degradation type on which the mean enhanced score fell below the degraded one."""
+
+    type_code: str
+    metric: str  # "psnr" or "ssim"
+    degraded: float
+    enhanced: float
+    rows: int
+
+    @property
+    def change(self) -> float:
+        return self.enhanced - self.degraded
+
+
+def _finite_mean(values: pd.Series) -> tuple[float | None, int]:
+    arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    arr = arr[np.isfinite(arr)]
+    return (float(arr.mean()) if arr.size else None), int(arr.size)
+
+
+def fidelity_losses(frame: pd.DataFrame) -> list[FidelityLoss]:
+    """Every (type, metric) whose mean enhanced score is below the mean degraded score, over
+    the ``ok`` rows that have both; sorted by type, PSNR before SSIM.
+
+    Means are taken over rows holding both values, so a row missing one never tilts the
+    comparison. PSNR is capped for identical images upstream; infinite values are skipped.
+    """
+    if "type_code" not in frame.columns:
+        return []
+    ok = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
+    losses: list[FidelityLoss] = []
+    for code, sub in sorted(ok.groupby(ok["type_code"].fillna("none")), key=lambda kv: kv[0]):
+        for key, *_ in _METRICS:
+            deg_col, enh_col = f"{key}_degraded", f"{key}_enhanced"
+            if deg_col not in sub.columns or enh_col not in sub.columns:
+                continue
+            deg = pd.to_numeric(sub[deg_col], errors="coerce")
+            enh = pd.to_numeric(sub[enh_col], errors="coerce")
+            both = np.isfinite(deg.to_numpy(np.float64, na_value=np.nan)) & np.isfinite(
+                enh.to_numpy(np.float64, na_value=np.nan)
+            )
+            if not both.any():
+                continue
+            d_mean, n = _finite_mean(deg[both])
+            e_mean, _ = _finite_mean(enh[both])
+            if d_mean is not None and e_mean is not None and e_mean < d_mean:
+                losses.append(FidelityLoss(str(code), key, d_mean, e_mean, n))
+    return losses
+
+
+def warning_lines(losses: list[FidelityLoss]) -> list[str]:
+    """One line per metric, e.g. ``WARNING enhancement lowered PSNR on 010 (-8.90 dB), 100
+    (-9.12 dB)``; empty when enhancement lowered nothing."""
+    lines = []
+    for key, label, unit, digits in _METRICS:
+        hits = [loss for loss in losses if loss.metric == key]
+        if hits:
+            parts = ", ".join(f"{h.type_code} ({h.change:+.{digits}f}{unit})" for h in hits)
+            lines.append(f"WARNING enhancement lowered {label} on {parts}")
+    return lines
+
+
+def output_warning_lines(out: str, storage_options: dict | None = None) -> list[str]:
+    """:func:`warning_lines` of the rows stored under output folder ``out`` (none yet: [])."""
+    from fundus_batch.output import OutputStore
+
+    store = OutputStore(out, storage_options)
+    table = store.read_table(columns=list(FIDELITY_COLUMNS))
+    if table is None:
+        return []
+    return warning_lines(fidelity_losses(table.to_pandas()))

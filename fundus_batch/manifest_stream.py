@@ -1,0 +1,345 @@
+"""Manifests of any size: a streaming validation pass and compact id keys.
+
+The driver never holds a whole manifest. :func:`scan_manifest` streams the file in Arrow record
+batches (pyarrow's CSV and Parquet streaming readers), validates every row with
+:func:`fundus_batch.manifest.check_row` and keeps only a 16-byte key per image id (for the
+duplicate check and for ``--limit``). Ray Data then reads the same file on the workers
+(see ``pipeline.build_manifest_dataset``), where done (image, variant) pairs are filtered with a
+:class:`KeySet` broadcast through the object store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from fundus_batch.io import storage
+from fundus_batch.manifest import (
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    ManifestError,
+    check_columns,
+    check_row,
+)
+from fundus_batch.schema import STATUS_OK
+
+# Two independent 64-bit SipHash keys (pandas.util.hash_array wants 16 characters each).
+_KEY_A = "fundus-batch-id1"
+_KEY_B = "fundus-batch-id2"
+_KEY_DTYPE = "S16"
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+STREAM_ROWS = 65_536
+
+
+def _hashes(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(ids, dtype=object)
+    out = np.empty((len(arr), 2), dtype=">u8")
+    if len(arr):
+        out[:, 0] = pd.util.hash_array(arr, hash_key=_KEY_A, categorize=False)
+        out[:, 1] = pd.util.hash_array(arr, hash_key=_KEY_B, categorize=False)
+    return out
+
+
+def _as_keys(halves: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(halves).view(_KEY_DTYPE).ravel()
+
+
+def id_keys(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """128-bit keys (``S16``) of image ids; equal ids give equal keys in every process."""
+    return _as_keys(_hashes(ids))
+
+
+def pair_keys(ids: Sequence[str] | np.ndarray, variants: Sequence[int] | np.ndarray) -> np.ndarray:
+    """128-bit keys of (image_id, variant) pairs (variant -1 for a clean-only row)."""
+    halves = _hashes(ids)
+    v = np.asarray(variants, dtype=np.int64).astype(np.uint64) + np.uint64(2)
+    with np.errstate(over="ignore"):
+        mixed = v * _GOLDEN
+        mixed ^= mixed >> np.uint64(29)
+    halves[:, 1] ^= mixed.astype(">u8")
+    return _as_keys(halves)
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """A sorted array of 16-byte keys: compact to ship to workers, fast to test against."""
+
+    keys: np.ndarray
+
+    @classmethod
+    def of(cls, parts: Sequence[np.ndarray]) -> KeySet:
+        if not parts:
+            return cls(np.empty(0, dtype=_KEY_DTYPE))
+        return cls(np.unique(np.concatenate(parts).astype(_KEY_DTYPE)))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def contains(self, queries: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``queries`` are in the set."""
+        if len(self.keys) == 0 or len(queries) == 0:
+            return np.zeros(len(queries), dtype=bool)
+        idx = np.searchsorted(self.keys, queries)
+        hit = idx < len(self.keys)
+        idx[~hit] = 0
+        return hit & (self.keys[idx] == queries)
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    """What the driver keeps of a validated manifest: its shape, not its rows."""
+
+    uri: str
+    source: str  # the URI, redacted, for messages
+    kind: str  # "csv" or "parquet"
+    columns: tuple[str, ...]
+    passthrough: pa.Schema
+    rows: int  # data rows in the file
+    selected: int  # rows this run covers (the first ``limit``, or all)
+    selected_ids: KeySet  # keys of the selected rows' image ids
+
+    @property
+    def limited(self) -> bool:
+        """Whether ``--limit`` leaves rows of the file out of this run."""
+        return self.selected < self.rows
+
+
+def manifest_kind(uri: str) -> str:
+    """ "parquet" or "csv", by the extension of the path (a URL's query string aside)."""
+    path = uri.split("?", 1)[0] if "://" in uri else uri
+    return "parquet" if path.lower().endswith((".parquet", ".pq")) else "csv"
+
+
+def csv_convert_options(columns: Sequence[str]) -> pacsv.ConvertOptions:
+    """Every CSV column as a string; an empty field is null (as the pandas reader did)."""
+    return pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in columns},
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
+    )
+
+
+def _open(uri: str, storage_options: dict | None) -> Any:
+    fs, path = storage.filesystem(uri, storage_options)
+    return fs.open(path, "rb")
+
+
+def csv_columns(uri: str, storage_options: dict | None = None) -> list[str]:
+    """The header of a CSV manifest."""
+    with _open(uri, storage_options) as f:
+        reader = pacsv.open_csv(
+            f,
+            convert_options=pacsv.ConvertOptions(column_types={}, strings_can_be_null=True),
+            read_options=pacsv.ReadOptions(block_size=1 << 16),
+        )
+        return list(reader.schema.names)
+
+
+def iter_batches(
+    uri: str, storage_options: dict | None = None, columns: Sequence[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a manifest as record batches (CSV columns all strings), never all of it at once."""
+    if manifest_kind(uri) == "parquet":
+        with _open(uri, storage_options) as f:
+            pf = pq.ParquetFile(f)
+            yield from pf.iter_batches(batch_size=STREAM_ROWS, columns=columns)
+        return
+    names = csv_columns(uri, storage_options)
+    with _open(uri, storage_options) as f:
+        reader = pacsv.open_csv(
+            f,
+            convert_options=csv_convert_options(names),
+            read_options=pacsv.ReadOptions(block_size=4 << 20),
+        )
+        for batch in reader:
+            yield batch.select(list(columns)) if columns is not None else batch
+
+
+def _schema(uri: str, storage_options: dict | None) -> pa.Schema:
+    if manifest_kind(uri) == "parquet":
+        with _open(uri, storage_options) as f:
+            return pq.ParquetFile(f).schema_arrow
+    return pa.schema([(c, pa.string()) for c in csv_columns(uri, storage_options)])
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+    if name not in batch.schema.names:
+        return [None] * batch.num_rows
+    return batch.column(name).to_pylist()
+
+
+def scan_manifest(
+    uri: str, *, storage_options: dict | None = None, limit: int | None = None
+) -> ManifestScan:
+    """Validate a CSV or Parquet manifest in one streaming pass; the first bad row raises a
+    :class:`ManifestError` naming its line and field, before any work starts."""
+    source = storage.redact(uri)
+    try:
+        schema = _schema(uri, storage_options)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"cannot read {source}: file not found") from exc
+    except Exception as exc:
+        raise ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}") from exc
+    columns = list(schema.names)
+    if len(set(columns)) != len(columns):
+        dup = next(c for c in columns if columns.count(c) > 1)
+        raise ManifestError(f"column '{dup}' appears more than once in {source}", field=dup)
+    check_columns(list(columns), source)
+    wanted = [c for c in (*REQUIRED_COLUMNS, "mask_uri", "vessel_uri") if c in columns]
+    keys: list[np.ndarray] = []
+    rows = 0
+    try:
+        for batch in iter_batches(uri, storage_options, wanted):
+            ids = _column(batch, "image_id")
+            checked = [
+                check_row(rows + i + 1, image_id, u, m, v)
+                for i, (image_id, u, m, v) in enumerate(
+                    zip(
+                        ids,
+                        _column(batch, "uri"),
+                        _column(batch, "mask_uri"),
+                        _column(batch, "vessel_uri"),
+                        strict=True,
+                    )
+                )
+            ]
+            keys.append(id_keys(checked))
+            rows += batch.num_rows
+    except ManifestError:
+        raise
+    except Exception as exc:
+        raise ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}") from exc
+    if rows == 0:
+        raise ManifestError(f"{source} has no rows")
+    all_keys = np.concatenate(keys)
+    del keys
+    _check_duplicates(uri, storage_options, all_keys)
+    selected = rows if limit is None else min(limit, rows)
+    selected_ids = KeySet.of([all_keys[:selected]])
+    del all_keys
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    passthrough = pa.schema([schema.field(c) for c in columns if c not in known])
+    return ManifestScan(
+        uri=uri,
+        source=source,
+        kind=manifest_kind(uri),
+        columns=tuple(columns),
+        passthrough=passthrough,
+        rows=rows,
+        selected=selected,
+        selected_ids=selected_ids,
+    )
+
+
+def _check_duplicates(uri: str, storage_options: dict | None, keys: np.ndarray) -> None:
+    """Raise for the first row (in file order) whose image_id an earlier row already has."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    if len(repeats) == 0:
+        return
+    # The stable sort keeps equal keys in file order, so order[r] is a later occurrence.
+    later = order[repeats]
+    pick = int(np.argmin(later))
+    row_index = int(later[pick])
+    start = int(repeats[pick])
+    while start > 0 and ordered[start - 1] == ordered[repeats[pick]]:
+        start -= 1
+    first_index = int(order[start])
+    image_id = _id_at(uri, storage_options, row_index)
+    raise ManifestError(
+        f"duplicate image_id {image_id!r} (first seen in row {first_index + 1})",
+        row=row_index + 1,
+        field="image_id",
+    )
+
+
+def _id_at(uri: str, storage_options: dict | None, index: int) -> str:
+    seen = 0
+    for batch in iter_batches(uri, storage_options, ["image_id"]):
+        if index < seen + batch.num_rows:
+            return str(batch.column(0)[index - seen].as_py())
+        seen += batch.num_rows
+    raise IndexError(index)
+
+
+def done_keys(
+    tables: Iterator[pa.Table], scan: ManifestScan, variants: list[int]
+) -> tuple[KeySet, int]:
+    """Keys of the committed (image_id, variant) pairs that this run would otherwise redo, and
+    their number; ``tables`` are the output shards (``image_id`` and ``variant`` columns), read
+    one at a time. ``variants`` are this run's variants ([-1] for clean-only rows)."""
+    parts: list[np.ndarray] = []
+    wanted = np.asarray(variants, dtype=np.int64)
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        ids = table.column("image_id").to_pylist()
+        raw = table.column("variant").to_pylist()
+        v = np.asarray([-1 if x is None else int(x) for x in raw], dtype=np.int64)
+        keep = np.isin(v, wanted) & scan.selected_ids.contains(id_keys(ids))
+        if keep.any():
+            parts.append(pair_keys(np.asarray(ids, dtype=object)[keep], v[keep]))
+    done = KeySet.of(parts)
+    return done, len(done)
+
+
+def plan_batch(
+    batch: pa.Table,
+    done: KeySet,
+    selected: KeySet | None,
+    variants: list[int],
+    passthrough: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Work rows for one batch of manifest rows: each image with its variants still to do;
+    images outside ``selected`` (``--limit``) or with nothing left are dropped."""
+    n = batch.num_rows
+    if n == 0:
+        return []
+    ids = [str(x) for x in batch.column("image_id").to_pylist()]
+    id_arr = np.asarray(ids, dtype=object)
+    keep = np.ones(n, dtype=bool)
+    if selected is not None:
+        keep &= selected.contains(id_keys(ids))
+    pending = np.ones((n, len(variants)), dtype=bool)
+    for j, v in enumerate(variants):
+        pending[:, j] = ~done.contains(pair_keys(id_arr, np.full(n, v, dtype=np.int64)))
+    keep &= pending.any(axis=1)
+    if not keep.any():
+        return []
+    names = batch.column_names
+
+    def col(name: str) -> list[Any]:
+        return batch.column(name).to_pylist() if name in names else [None] * n
+
+    uris, splits, masks, vessels = col("uri"), col("split"), col("mask_uri"), col("vessel_uri")
+    extra = {c: col(c) for c in passthrough}
+    rows: list[dict[str, Any]] = []
+    for i in np.flatnonzero(keep):
+        row: dict[str, Any] = {
+            "image_id": ids[i],
+            "status": STATUS_OK,
+            "source_uri": str(uris[i]),
+            "split": _text(splits[i]),
+            "source_mask_uri": _text(masks[i]),
+            "vessel_gt_uri": _text(vessels[i]),
+            "pending_variants": [v for j, v in enumerate(variants) if pending[i, j]],
+        }
+        for c, values in extra.items():
+            row[c] = values[i]
+        rows.append(row)
+    return rows
+
+
+def _text(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)

@@ -1,0 +1,161 @@
+"""Paths inside an output folder (OUT): relative row URIs, containment and symlink checks.
+
+Rows record their images relative to OUT (``images/<id>/clean.png``), so an OUT can be moved or
+copied and still verified; :func:`resolve` turns a recorded URI back into a readable one (older
+rows that recorded absolute URIs resolve to themselves). On local disk every write first passes
+:func:`check_local_target`: the target must lie under OUT's real path and no folder or file
+between OUT and the target may be a symbolic link, so a pre-created ``OUT/images/<id>`` or
+``OUT/pairs`` link to another folder cannot carry writes outside OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+
+from fundus_batch.io import storage
+
+__all__ = [
+    "OutsideOutError",
+    "absolute_out",
+    "check_local_target",
+    "check_out_root",
+    "is_relative",
+    "link_escape",
+    "relative_to_out",
+    "resolve",
+    "stored_uri_problem",
+]
+
+# The entries a run writes directly under OUT; none of them may be a link elsewhere.
+TOP_LEVEL = ("images", "pairs", "run.json")
+
+
+class OutsideOutError(ValueError):
+    """A write or a recorded URI that would reach outside the output folder."""
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def absolute_out(out: str) -> str:
+    """``out`` with a relative local path made absolute (against this process's working
+    directory): Ray workers run elsewhere, and would otherwise write under their own."""
+    if "://" in out:
+        return out
+    return os.path.abspath(os.path.expanduser(out))
+
+
+def is_relative(uri: str) -> bool:
+    """Whether ``uri`` is a path relative to OUT (no scheme, not absolute)."""
+    return "://" not in uri and not uri.startswith(("/", "\\")) and not os.path.isabs(uri)
+
+
+def relative_to_out(out: str, uri: str) -> str:
+    """``uri`` (a path built with ``storage.join(out, ...)``) as a path relative to ``out``."""
+    root = out.rstrip("/") + "/"
+    if not uri.startswith(root):
+        raise OutsideOutError(f"{storage.redact(uri)} is not inside {storage.redact(out)}")
+    rel = uri[len(root) :]
+    if not rel or ".." in rel.split("/") or rel.startswith("/"):
+        raise OutsideOutError(f"{storage.redact(uri)} is not inside {storage.redact(out)}")
+    return rel
+
+
+def resolve(out: str, stored: str) -> str:
+    """A recorded row URI as a readable URI: relative ones are joined onto ``out``, absolute
+    ones (rows written before URIs were relative) are returned unchanged."""
+    if is_relative(stored):
+        return storage.join(out, stored)
+    return stored
+
+
+def stored_uri_problem(out: str, stored: str) -> str | None:
+    """Why a recorded row URI points outside ``out``, or None when it stays inside.
+
+    Relative URIs may not hold ``..`` segments; absolute ones (older rows) must start with
+    ``out``, and on local disk their real path must lie under ``out``'s real path.
+    """
+    if is_relative(stored):
+        if ".." in stored.replace("\\", "/").split("/"):
+            return "climbs out of the output folder with '..'"
+        return None
+    root = out.rstrip("/") + "/"
+    if _is_local(out) and _is_local(stored):
+        real_out = os.path.realpath(_local_path(out))
+        real = os.path.realpath(_local_path(stored))
+        if os.path.commonpath([real_out, real]) != real_out:
+            return "lies outside the output folder"
+        return None
+    if not stored.startswith(root) or ".." in stored[len(root) :].split("/"):
+        return "lies outside the output folder"
+    return None
+
+
+def link_escape(out: str, uri: str, real_dirs: dict[str, str] | None = None) -> str | None:
+    """Why the local file ``uri`` (inside ``out`` by name) really lives outside ``out`` (a
+    symbolic link on its way), or None. Object stores: None. ``real_dirs`` caches the real
+    paths of folders between calls."""
+    if not (_is_local(out) and _is_local(uri)):
+        return None
+    cache = real_dirs if real_dirs is not None else {}
+    base, path = _local_path(out), _local_path(uri)
+    if base not in cache:
+        cache[base] = os.path.realpath(base)
+    folder = os.path.dirname(path)
+    if folder not in cache:
+        cache[folder] = os.path.realpath(folder)
+    real_out, real_folder = cache[base], cache[folder]
+    if os.path.commonpath([real_out, real_folder]) != real_out:
+        return f"lies outside the output folder through a symbolic link (in {real_folder})"
+    if os.path.islink(path):
+        return f"is a symbolic link (to {os.readlink(path)})"
+    return None
+
+
+def check_local_target(out: str, uri: str) -> None:
+    """Refuse a local write to ``uri`` unless it stays inside ``out``: no component between
+    ``out`` and the target (the target included) may be a symbolic link, and the target's real
+    path must lie under ``out``'s real path. A no-op for object stores (they have no links)."""
+    if not (_is_local(out) and _is_local(uri)):
+        return
+    rel = relative_to_out(_local_path(out), _local_path(uri))
+    base = _local_path(out).rstrip("/") or "/"
+    current = base
+    for part in rel.split("/"):
+        current = posixpath.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            break  # nothing further down exists yet, so no link can be there
+        if stat.S_ISLNK(mode):
+            raise OutsideOutError(
+                f"refusing to write {uri}: {current} is a symbolic link inside the output folder"
+            )
+    real_out = os.path.realpath(base)
+    real = os.path.realpath(_local_path(uri))
+    if os.path.commonpath([real_out, real]) != real_out:
+        raise OutsideOutError(
+            f"refusing to write {uri}: its real path {real} is outside {real_out}"
+        )
+
+
+def check_out_root(out: str) -> None:
+    """Refuse to run on a local OUT whose ``images``, ``pairs`` or ``run.json`` is a symbolic
+    link (object stores: nothing to check)."""
+    if not _is_local(out):
+        return
+    base = _local_path(out)
+    for name in TOP_LEVEL:
+        path = os.path.join(base, name)
+        if os.path.islink(path):
+            raise OutsideOutError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); a run writes only into "
+                "real folders inside its output folder: remove the link or choose another --out"
+            )

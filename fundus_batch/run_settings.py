@@ -1,0 +1,181 @@
+"""Settings are part of OUT: the settings that determine an output folder's bytes are recorded
+in its ``run.json`` by the first run, and a later run on the same folder must agree with them.
+
+A later run may only add consistent work: more variants (the new variant indices are done), or
+enhancement on a folder made without it (the rows that lack an enhanced image are redone with
+it; degradation is seeded, so their clean and degraded images come out byte-identical). Any
+other difference (size, seed, preset, types, format, fewer variants, enhancement removed or
+another model, another metric protocol, ...) is refused before any work, listing every
+difference as ``field: old -> new``. Fewer variants are refused rather than read as "done":
+a run's variant count is what ``verify`` checks, so accepting it would leave the folder
+claiming less than it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fundus_batch.config import RunConfig
+
+__all__ = ["SettingsChange", "SettingsMismatchError", "compare", "recorded", "resolve"]
+
+
+class SettingsMismatchError(ValueError):
+    """A run's settings differ from those its output folder was made with."""
+
+    def __init__(self, out: str, differences: list[str]) -> None:
+        self.differences = differences
+        super().__init__(
+            f"output {out} was made with other settings; nothing was done. "
+            f"Differences (field: recorded -> this run): {'; '.join(differences)}. "
+            "Rerun with the recorded settings, or use another --out for the new ones."
+        )
+
+
+@dataclass
+class SettingsChange:
+    """What a run adds to a folder: ``settings`` to record, and the work it implies."""
+
+    settings: dict[str, Any]
+    more_variants: tuple[int, int] | None = None
+    enhancement_added: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.more_variants is not None or self.enhancement_added
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_sha256(weights: str) -> str:
+    """The sha256 of the weights a name or path refers to (as the Enhance stage will load)."""
+    from fundus_batch.models.weights import WeightsEntry, resolve_weights
+
+    found = resolve_weights(weights)
+    if isinstance(found, WeightsEntry):
+        return found.sha256
+    return _sha256_file(Path(found))
+
+
+def _from_config_dict(cfg: dict[str, Any], model_sha256: str | None) -> dict[str, Any]:
+    from fundus_batch.metrics import METRIC_VERSION
+
+    mode = cfg.get("mode", "pairs")
+    pairs = mode == "pairs"
+    fmt = cfg.get("image_format", "png")
+    enh = cfg.get("enhance") or {}
+    enabled = bool(enh.get("enabled")) or mode == "enhance"
+    metrics = bool(cfg.get("compute_metrics", True))
+    settings: dict[str, Any] = {
+        "mode": mode,
+        "size": cfg.get("size"),
+        "image_format": fmt,
+        "jpeg_quality": cfg.get("jpeg_quality") if fmt == "jpeg" else None,
+        "compute_metrics": metrics,
+        "metric_version": METRIC_VERSION if metrics else None,
+        "min_quality": cfg.get("min_quality"),
+        "enhance": (
+            {
+                "enhancer": enh.get("enhancer", "cofenet"),
+                "weights": enh.get("weights"),
+                "model_sha256": model_sha256,
+                "variant": enh.get("variant"),
+                "width": enh.get("width"),
+            }
+            if enabled
+            else None
+        ),
+    }
+    if pairs:
+        settings |= {
+            "seed": cfg.get("seed"),
+            "preset": cfg.get("preset"),
+            "types": cfg.get("types"),
+            "type_mode": cfg.get("type_mode"),
+            "variants": cfg.get("variants"),
+        }
+    return settings
+
+
+def resolve(config: RunConfig) -> dict[str, Any]:
+    """The settings of ``config`` that determine its outputs (the model's sha256 included)."""
+    sha = None
+    if config.enhance.enabled and config.enhance.enhancer == "classical":
+        from fundus_batch.classical import ClassicalEnhancer
+
+        sha = ClassicalEnhancer().model_sha256
+    elif config.enhance.enabled:
+        sha = _model_sha256(config.enhance.weights)
+    return _from_config_dict(config.model_dump(mode="json"), sha)
+
+
+def recorded(run_info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The settings a folder's ``run.json`` records; for folders written before settings were
+    recorded, those derived from its resolved config (fields it cannot tell are left out)."""
+    if not run_info:
+        return None
+    if isinstance(run_info.get("settings"), dict):
+        return run_info["settings"]
+    cfg = run_info.get("config")
+    if not isinstance(cfg, dict):
+        return None
+    settings = _from_config_dict(cfg, None)
+    settings.pop("metric_version", None)  # not recorded then
+    if settings.get("enhance"):
+        settings["enhance"].pop("model_sha256", None)
+    return settings
+
+
+def _fmt(value: Any) -> str:
+    return "off" if value is None else repr(value)
+
+
+def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -> SettingsChange:
+    """Check ``new`` against the recorded ``old``; raise :class:`SettingsMismatchError` listing
+    every difference that is not a consistent addition."""
+    if old is None:
+        return SettingsChange(settings=new)
+    diffs: list[str] = []
+    change = SettingsChange(settings=new)
+    for key in sorted(set(old) | set(new)):
+        if key not in old:  # recorded by an older version: nothing to compare against
+            continue
+        a, b = old.get(key), new.get(key)
+        if key == "variants" and isinstance(a, int) and isinstance(b, int):
+            if b > a:
+                change.more_variants = (a, b)
+                change.notes.append(f"variants {a} -> {b}: variants {a}..{b - 1} are added")
+            elif b < a:
+                diffs.append(
+                    f"variants: {a} -> {b} (an output folder never loses variants; "
+                    f"use --variants {a} or more)"
+                )
+            continue
+        if key == "enhance":
+            if a is None and b is not None:
+                change.enhancement_added = True
+                change.notes.append("enhancement added: ok rows without it are redone with it")
+            elif a is not None and b is None:
+                diffs.append(
+                    "enhance: on -> off (rows are enhanced; add --enhance, or use another --out)"
+                )
+            elif a is not None and b is not None:
+                for sub in sorted(set(a) & set(b)):
+                    if a[sub] != b[sub]:
+                        diffs.append(f"enhance.{sub}: {_fmt(a[sub])} -> {_fmt(b[sub])}")
+            continue
+        if a != b:
+            diffs.append(f"{key}: {_fmt(a)} -> {_fmt(b)}")
+    if diffs:
+        raise SettingsMismatchError(out, diffs)
+    return change

@@ -1,0 +1,114 @@
+"""``fundus-batch enhance-image`` (one photograph, no Ray) and ``--enhancer`` on the commands
+that enhance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fundus_batch import cli
+from fundus_batch.classical import enhance_classical
+from fundus_batch.cli import main
+from fundus_batch.fov import preprocess
+from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
+from fundus_batch.synth import synth_fundus
+
+
+@pytest.fixture
+def raw_photo(tmp_path: Path) -> Path:
+    s = synth_fundus(400, seed=3, canvas=(520, 440))
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode_jpeg(s.image))
+    (tmp_path / "photo_mask.png").write_bytes(encode_png(s.mask))
+    return path
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def test_classical_output_is_the_library_result_on_the_preprocessed_photo(raw_photo, tmp_path):
+    out = tmp_path / "sub" / "enhanced.png"
+    args = ["enhance-image", str(raw_photo), str(out), "--enhancer", "classical", "--size", "256"]
+    result = CliRunner().invoke(main, args)
+    _ok(result)
+    assert "classical-1" in result.output
+    pre = preprocess(decode_image(raw_photo.read_bytes()), size=256)
+    written = decode_image(out.read_bytes())
+    assert np.array_equal(written, enhance_classical(pre.image, pre.mask))
+    assert (written[pre.mask == 0] == 0).all()
+
+
+def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
+    out = tmp_path / "enhanced.png"
+    args = ["enhance-image", str(raw_photo), str(out), "--size", "256", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    _ok(result)
+    assert "fundus-cofenet" in result.output
+    written = decode_image(out.read_bytes())
+    pre = preprocess(decode_image(raw_photo.read_bytes()), size=256)
+    assert written.shape == (256, 256, 3)
+    assert (written[pre.mask == 0] == 0).all() and written[pre.mask > 0].mean() > 10
+
+
+def test_preprocessed_input_with_its_mask_writes_jpeg_by_extension(tmp_path):
+    s = synth_fundus(128, seed=4)
+    (tmp_path / "in.png").write_bytes(encode_png(s.image))
+    (tmp_path / "mask.png").write_bytes(encode_png(s.mask))
+    out = tmp_path / "out.jpg"
+    args = ["enhance-image", str(tmp_path / "in.png"), str(out), "--enhancer", "classical"]
+    _ok(CliRunner().invoke(main, [*args, "--preprocessed", "--mask", str(tmp_path / "mask.png")]))
+    data = out.read_bytes()
+    assert data[:2] == b"\xff\xd8"
+    expected = enhance_classical(s.image, s.mask).astype(int)
+    assert np.abs(decode_image(data).astype(int) - expected).mean() < 3  # JPEG loss only
+
+
+def test_a_given_mask_replaces_fov_detection(raw_photo, tmp_path):
+    out = tmp_path / "o.png"
+    mask = tmp_path / "photo_mask.png"
+    args = ["enhance-image", str(raw_photo), str(out), "--enhancer", "classical", "--size", "128"]
+    _ok(CliRunner().invoke(main, [*args, "--mask", str(mask)]))
+    written = decode_image(out.read_bytes())
+    detected = preprocess(decode_image(raw_photo.read_bytes()), size=128)
+    assert written.shape == (128, 128, 3)
+    assert (written[detected.mask == 0] == 0).all() and written[64, 64].sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--preprocessed"], "--mask"),
+        (["--mask", "nope.png"], "no such file"),
+    ],
+)
+def test_bad_arguments_give_one_line_reasons(raw_photo, tmp_path, extra, needle):
+    args = ["enhance-image", str(raw_photo), str(tmp_path / "o.png"), "--enhancer", "classical"]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.output
+
+
+def test_unknown_enhancer_is_a_usage_error(raw_photo, tmp_path):
+    result = CliRunner().invoke(
+        main, ["enhance-image", str(raw_photo), str(tmp_path / "o.png"), "--enhancer", "clahe"]
+    )
+    assert result.exit_code == 2 and "clahe" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [("degrade", ["--enhance"]), ("enhance", [])],
+)
+def test_enhancer_option_reaches_the_run_config(monkeypatch, tmp_path, command, extra):
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda config, **_: seen.append(config))
+    base = [command, "--manifest", "m.csv", "--out", str(tmp_path / "o"), *extra]
+    _ok(CliRunner().invoke(main, [*base, "--enhancer", "classical"]))
+    _ok(CliRunner().invoke(main, base))
+    assert [c.enhance.enhancer for c in seen] == ["classical", "cofenet"]
+    assert all(c.enhance.enabled for c in seen)

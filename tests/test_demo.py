@@ -1,0 +1,60 @@
+"""The demo's printed summary: per-type means of ok rows, failures counted apart, warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fundus_batch.demo import print_demo_table, summary_table
+from fundus_batch.output import OutputStore, ShardWriter
+from fundus_batch.schema import output_schema, to_table
+
+
+def _write(out: Path, enhanced_gain: float) -> None:
+    rows = [
+        {
+            "image_id": f"img{i}",
+            "variant": v,
+            "type_code": code,
+            "status": "ok",
+            "psnr_degraded": 25.0 + i,
+            "psnr_enhanced": 25.0 + i + (enhanced_gain if code == "010" else 1.0),
+            "ssim_degraded": 0.8,
+            "ssim_enhanced": 0.85,
+        }
+        for i in range(2)
+        for v, code in enumerate(("001", "010"))
+    ]
+    rows += [
+        {"image_id": "gone", "variant": 0, "status": "failed", "failed_stage": "fetch"},
+        {"image_id": "gone", "variant": 1, "status": "failed", "failed_stage": "fetch"},
+    ]
+    writer = ShardWriter(OutputStore(str(out)), output_schema())
+    writer.add(to_table(rows, output_schema()))
+    writer.close()
+
+
+def test_summary_table_has_one_row_per_type_and_no_failed_row(tmp_path: Path):
+    _write(tmp_path, enhanced_gain=-9.0)
+    frame = OutputStore(str(tmp_path)).read_table().to_pandas()
+    table = summary_table(frame)
+    assert list(table.index) == ["001", "010"]
+    assert table["rows"].tolist() == [2, 2]
+    assert not table.isna().any().any()
+    assert table.loc["010", "psnr_enhanced"] == pytest.approx(25.5 - 9.0)
+
+
+def test_printed_summary_counts_failures_and_warns_on_lowered_psnr(tmp_path: Path, capsys):
+    _write(tmp_path, enhanced_gain=-9.0)
+    print_demo_table(str(tmp_path))
+    text = capsys.readouterr().out
+    assert "failed rows: 2 of 6" in text
+    assert "NaN" not in text and "failed " not in text.replace("failed rows:", "")
+    assert "WARNING enhancement lowered PSNR on 010 (-9.00 dB)" in text
+
+
+def test_printed_summary_has_no_warning_when_enhancement_helped(tmp_path: Path, capsys):
+    _write(tmp_path, enhanced_gain=0.5)
+    print_demo_table(str(tmp_path))
+    assert "WARNING" not in capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""Fidelity warnings: which degradation types enhancement made worse, built from rows directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fundus_batch.fidelity import fidelity_losses, output_warning_lines, warning_lines
+from fundus_batch.output import OutputStore, ShardWriter
+from fundus_batch.schema import output_schema, to_table
+
+
+def _rows(psnr_gain: dict[str, float], ssim_gain: dict[str, float] | None = None) -> list[dict]:
+    """Two ok rows per type with the given mean enhanced-minus-degraded gains, plus a failed
+    row per type whose (absent) metrics must never count."""
+    ssim_gain = ssim_gain or {}
+    rows = []
+    for code, gain in psnr_gain.items():
+        for i, deg in enumerate((24.0, 28.0)):
+            rows.append(
+                {
+                    "image_id": f"img{i}",
+                    "variant": int(code, 2),
+                    "type_code": code,
+                    "status": "ok",
+                    "psnr_degraded": deg,
+                    "psnr_enhanced": deg + gain,
+                    "ssim_degraded": 0.8,
+                    "ssim_enhanced": 0.8 + ssim_gain.get(code, 0.01),
+                }
+            )
+        rows.append({"image_id": "bad", "variant": 0, "type_code": code, "status": "failed"})
+    return rows
+
+
+def test_types_where_enhanced_psnr_is_below_degraded_are_flagged_with_the_change():
+    frame = pd.DataFrame(_rows({"001": 2.0, "010": -8.9, "100": -0.25}))
+    losses = fidelity_losses(frame)
+    assert [(x.type_code, x.metric) for x in losses] == [("010", "psnr"), ("100", "psnr")]
+    assert losses[0].change == pytest.approx(-8.9) and losses[0].rows == 2
+    assert warning_lines(losses) == [
+        "WARNING enhancement lowered PSNR on 010 (-8.90 dB), 100 (-0.25 dB)"
+    ]
+
+
+def test_lower_ssim_gets_its_own_line():
+    frame = pd.DataFrame(_rows({"001": 1.0, "011": 1.0}, ssim_gain={"011": -0.05}))
+    assert warning_lines(fidelity_losses(frame)) == [
+        "WARNING enhancement lowered SSIM on 011 (-0.0500)"
+    ]
+
+
+def test_no_warning_when_enhancement_helps_or_did_not_run():
+    assert warning_lines(fidelity_losses(pd.DataFrame(_rows({"001": 0.5, "111": 3.0})))) == []
+    no_enhance = pd.DataFrame(_rows({"001": -3.0})).drop(columns=["psnr_enhanced", "ssim_enhanced"])
+    assert fidelity_losses(no_enhance) == []
+    assert fidelity_losses(pd.DataFrame({"image_id": ["a"], "status": ["ok"]})) == []
+
+
+def test_rows_missing_one_value_do_not_tilt_the_comparison():
+    rows = _rows({"001": 1.0})
+    # A row with a very high degraded PSNR but no enhanced value: pairs only.
+    rows.append({"type_code": "001", "status": "ok", "psnr_degraded": 60.0, "image_id": "x"})
+    rows.append({"type_code": "001", "status": "ok", "psnr_enhanced": np.inf, "image_id": "y"})
+    assert fidelity_losses(pd.DataFrame(rows)) == []
+
+
+def test_output_warning_lines_reads_a_written_output(tmp_path: Path):
+    out = str(tmp_path / "out")
+    assert output_warning_lines(out) == []  # nothing written yet
+    writer = ShardWriter(OutputStore(out), output_schema())
+    writer.add(to_table(_rows({"010": -9.0, "111": 2.0}), output_schema()))
+    writer.close()
+    assert output_warning_lines(out) == ["WARNING enhancement lowered PSNR on 010 (-9.00 dB)"]

@@ -1,0 +1,131 @@
+"""Streaming manifest validation, id keys and worker-side planning (no Ray needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fundus_batch import manifest_stream as ms
+from fundus_batch.manifest import ManifestError
+
+BIG = ms.STREAM_ROWS + 5_000  # spans two streamed batches
+
+
+def _parquet(path, ids, **extra) -> str:
+    cols = {"image_id": ids, "uri": [f"/img/{i}.png" for i in range(len(ids))], **extra}
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def test_csv_with_bom_and_crlf_scans_with_string_passthrough(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("\ufeffimage_id,uri,grade\r\na,x.png,1\r\nb,y.png,\r\n".encode())
+    scan = ms.scan_manifest(str(path))
+    assert (scan.rows, scan.selected, scan.kind, scan.limited) == (2, 2, "csv", False)
+    assert scan.passthrough == pa.schema([("grade", pa.string())])
+
+
+def test_bad_row_in_a_later_batch_is_named_by_its_line_and_field(tmp_path):
+    ids = [f"id{i}" for i in range(BIG)]
+    ids[BIG - 3] = "../escape"
+    path = _parquet(tmp_path / "m.parquet", ids)
+    with pytest.raises(ManifestError, match=rf"row {BIG - 2}, field 'image_id'.*'\.\./escape'"):
+        ms.scan_manifest(path)
+
+
+def test_blank_uri_is_rejected_with_its_line(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("image_id,uri\na,x.png\nb,\n")
+    with pytest.raises(ManifestError, match=r"row 2, field 'uri'"):
+        ms.scan_manifest(str(path))
+
+
+def test_duplicate_across_batches_names_both_lines(tmp_path):
+    ids = [f"id{i}" for i in range(BIG)]
+    ids[BIG - 1] = "id2"
+    path = _parquet(tmp_path / "m.parquet", ids)
+    with pytest.raises(ManifestError, match=rf"row {BIG}, field 'image_id'.*'id2'.*row 3\)"):
+        ms.scan_manifest(path)
+
+
+def test_internal_column_name_is_rejected_before_rows_are_read(tmp_path):
+    path = _parquet(tmp_path / "m.parquet", ["a"], raw_bytes=[b"x"])
+    with pytest.raises(ManifestError, match="raw_bytes"):
+        ms.scan_manifest(path)
+
+
+def test_empty_manifest_is_rejected(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("image_id,uri\n")
+    with pytest.raises(ManifestError, match="no rows"):
+        ms.scan_manifest(str(path))
+
+
+def test_limit_selects_exactly_the_first_rows(tmp_path):
+    ids = [f"id{i}" for i in range(10)]
+    scan = ms.scan_manifest(_parquet(tmp_path / "m.parquet", ids, grade=list(range(10))), limit=3)
+    assert (scan.rows, scan.selected, scan.limited) == (10, 3, True)
+    assert scan.selected_ids.contains(ms.id_keys(ids)).tolist() == [True] * 3 + [False] * 7
+    assert scan.passthrough == pa.schema([("grade", pa.int64())])
+
+
+def test_pair_keys_differ_by_variant_and_match_across_calls():
+    a = ms.pair_keys(["x", "x", "y"], [0, 1, -1])
+    assert len(set(a.tolist())) == 3
+    assert ms.pair_keys(["x"], [1])[0] == a[1]
+    assert ms.KeySet.of([a]).contains(ms.pair_keys(["y", "y"], [-1, 0])).tolist() == [True, False]
+
+
+def test_empty_keyset_contains_nothing():
+    assert ms.KeySet.of([]).contains(ms.id_keys(["a"])).tolist() == [False]
+
+
+def test_done_keys_count_only_selected_images_and_this_runs_variants(tmp_path):
+    scan = ms.scan_manifest(_parquet(tmp_path / "m.parquet", ["a", "b", "c"]), limit=2)
+    shard = pa.table(
+        {
+            "image_id": ["a", "a", "b", "c", "a"],
+            "variant": pa.array([0, 1, 5, 0, None], pa.int32()),
+        }
+    )
+    done, count = ms.done_keys(iter([shard]), scan, [0, 1])
+    # a/0 and a/1 count; b/5 is not a variant of this run, c is outside the limit, a/-1 too.
+    assert count == 2
+    assert done.contains(ms.pair_keys(["a", "a", "c"], [0, 1, 0])).tolist() == [True, True, False]
+
+
+def test_plan_batch_keeps_only_pending_variants_of_selected_images():
+    batch = pa.table(
+        {
+            "image_id": ["a", "b", "c"],
+            "uri": ["ua", "ub", "uc"],
+            "split": ["train", None, None],
+            "grade": [1, 2, 3],
+        }
+    )
+    done = ms.KeySet.of([ms.pair_keys(["a", "b", "b"], [0, 0, 1])])
+    selected = ms.KeySet.of([ms.id_keys(["a", "b"])])
+    rows = ms.plan_batch(batch, done, selected, [0, 1], ["grade"])
+    assert rows == [
+        {
+            "image_id": "a",
+            "status": "ok",
+            "source_uri": "ua",
+            "split": "train",
+            "source_mask_uri": None,
+            "vessel_gt_uri": None,
+            "pending_variants": [1],
+            "grade": 1,
+        }
+    ]
+    everything = ms.plan_batch(batch, ms.KeySet.of([]), None, [-1], [])
+    assert [r["image_id"] for r in everything] == ["a", "b", "c"]
+    assert all(r["pending_variants"] == [-1] for r in everything)
+
+
+def test_id_keys_are_16_bytes_and_distinct_for_a_million_ids():
+    keys = ms.id_keys([f"img{i:08d}" for i in range(1_000_000)])
+    assert keys.dtype == np.dtype("S16")
+    assert len(np.unique(keys)) == 1_000_000

@@ -1,0 +1,361 @@
+"""One writer per OUT: the lease file, its refusal message, expiry, takeover and renewal;
+two runs started at once write each (image, variant) once; duplicates are repaired."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from fundus_batch.cli import main
+from fundus_batch.lease import LEASE_FILE, LeaseHeldError, LeaseInfo, LeaseLostError, OutLease
+from fundus_batch.output import OutputStore
+from fundus_batch.verify import verify
+from tests.pipeline_inputs import write_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lease_json(out: Path) -> dict:
+    return json.loads((out / LEASE_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------ local disk
+
+
+def test_lease_is_created_exclusively_and_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    first = OutLease(str(tmp_path / "out"))
+    first.acquire()
+    try:
+        assert _lease_json(tmp_path / "out")["owner"] == first.token
+        second = OutLease(str(tmp_path / "out"))
+        with pytest.raises(LeaseHeldError) as err:
+            second.acquire(wait=0)
+        message = str(err.value)
+        assert f"host {socket.gethostname()}" in message and f"pid {os.getpid()}" in message
+        assert "since 20" in message and "--wait-for-lease" in message
+        assert err.value.holder is not None and err.value.holder.owner == first.token
+        assert _lease_json(tmp_path / "out")["owner"] == first.token  # untouched
+    finally:
+        first.release()
+    assert not (tmp_path / "out" / LEASE_FILE).exists()
+
+
+def test_release_lets_the_next_writer_in_and_a_waiting_writer_gets_it(tmp_path):
+    out = str(tmp_path / "out")
+    first = OutLease(out)
+    first.acquire()
+    threading.Timer(0.5, first.release).start()
+    second = OutLease(out)
+    t0 = time.monotonic()
+    second.acquire(wait=10, poll=0.1)
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert _lease_json(tmp_path / "out")["owner"] == second.token
+    second.release()
+
+
+def test_expired_lease_is_taken_over_and_its_old_holder_stops_writing(tmp_path):
+    out = str(tmp_path / "out")
+    now = [1000.0]
+    old = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0])
+    old.acquire()
+    old._stop.set()  # a killed driver renews nothing
+    now[0] += 61
+    new = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0])
+    new.acquire(wait=0)
+    try:
+        assert new.took_over is not None and new.took_over.owner == old.token
+        assert _lease_json(tmp_path / "out")["owner"] == new.token
+        with pytest.raises(LeaseLostError):
+            old.ensure()  # its own expiry has passed
+        old.renew()  # finds another owner: marked lost, never overwrites
+        with pytest.raises(LeaseLostError, match="held by host"):
+            old.ensure()
+        old.release()  # must not delete the new holder's lease
+        assert _lease_json(tmp_path / "out")["owner"] == new.token
+        new.ensure()
+    finally:
+        new.release()
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(proc.stdout)
+    now = time.time()
+    info = LeaseInfo("dead-owner", socket.gethostname(), dead_pid, now, now, now + 3600)
+    (out / LEASE_FILE).write_bytes(info.to_bytes())
+    lease = OutLease(str(out))
+    lease.acquire(wait=0)
+    assert lease.took_over is not None and lease.took_over.pid == dead_pid
+    lease.release()
+
+
+def test_a_live_lease_of_another_host_is_not_taken_over_before_it_expires(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    now = time.time()
+    info = LeaseInfo("other", "another-host", 1, now, now, now + 3600)
+    (out / LEASE_FILE).write_bytes(info.to_bytes())
+    with pytest.raises(LeaseHeldError, match="host another-host, pid 1"):
+        OutLease(str(out)).acquire(wait=0.3, poll=0.1)
+    assert _lease_json(out)["owner"] == "other"
+
+
+def test_renewal_keeps_the_lease_alive_past_its_ttl(tmp_path):
+    out = str(tmp_path / "out")
+    lease = OutLease(out, ttl=1.0, renew_every=0.2)
+    lease.acquire()
+    try:
+        first_expiry = _lease_json(tmp_path / "out")["expires"]
+        time.sleep(1.6)
+        lease.ensure()
+        info = _lease_json(tmp_path / "out")
+        assert info["owner"] == lease.token and info["expires"] > first_expiry + 1.0
+        assert info["expires"] > time.time()
+        with pytest.raises(LeaseHeldError):
+            OutLease(out, ttl=1.0, renew_every=0.2).acquire(wait=0)
+    finally:
+        lease.release()
+
+
+def _race(out: str, start: float, queue: mp.Queue, done: threading.Event) -> None:
+    lease = OutLease(out, ttl=60, renew_every=10)
+    while time.time() < start:
+        time.sleep(0.001)
+    try:
+        lease.acquire(wait=0)
+    except LeaseHeldError:
+        queue.put(None)
+        return
+    queue.put(lease.token)
+    done.wait(60)  # hold it until every process has tried
+    lease.release()
+
+
+@pytest.mark.parametrize("takeover", [False, True], ids=["fresh", "expired"])
+def test_exactly_one_of_many_processes_racing_for_the_lease_wins(tmp_path, takeover):
+    out = tmp_path / "out"
+    out.mkdir()
+    if takeover:
+        info = LeaseInfo("expired-owner", "another-host", 1, 0.0, 0.0, 1.0)
+        (out / LEASE_FILE).write_bytes(info.to_bytes())
+    ctx = mp.get_context("fork")
+    queue, done = ctx.Queue(), ctx.Event()
+    start = time.time() + 1.5
+    procs = [ctx.Process(target=_race, args=(str(out), start, queue, done)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    done.set()
+    for p in procs:
+        p.join(timeout=30)
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1, results
+
+
+def test_a_lost_lease_stops_the_shard_writer_before_it_commits(tmp_path):
+    from fundus_batch.output import ShardWriter
+
+    now = [1000.0]
+    lease = OutLease(str(tmp_path / "out"), clock=lambda: now[0])
+    lease.acquire()
+    lease._stop.set()
+    store = OutputStore(str(tmp_path / "out"))
+    schema = pa.schema([("image_id", pa.string())])
+    writer = ShardWriter(store, schema, shard_rows=1)
+    writer.before_commit = lease.ensure
+    now[0] += 120
+    with pytest.raises(LeaseLostError):
+        writer.add(pa.table({"image_id": ["a"]}))
+    assert not list((tmp_path / "out").glob("pairs/*.parquet"))
+
+
+def test_generic_filesystems_refuse_a_second_writer_too():
+    root = f"memory://lease-test-{os.getpid()}-{time.monotonic_ns()}/out"
+    first = OutLease(root)
+    first.acquire()
+    try:
+        with pytest.raises(LeaseHeldError, match="pid"):
+            OutLease(root).acquire(wait=0)
+    finally:
+        first.release()
+    again = OutLease(root)
+    again.acquire()
+    again.release()
+
+
+def test_s3_lease_uses_conditional_puts(s3_server, s3_bucket):
+    so = s3_server["storage_options"]
+    root = f"s3://{s3_bucket}/out"
+    now = [1000.0]
+    first = OutLease(root, so, clock=lambda: now[0])
+    first.acquire()
+    first._stop.set()
+    with pytest.raises(LeaseHeldError, match="host"):
+        OutLease(root, so, clock=lambda: now[0]).acquire(wait=0)
+    first.renew()  # If-Match on its own ETag succeeds
+    first.ensure()
+    now[0] += 61
+    second = OutLease(root, so, clock=lambda: now[0])
+    second.acquire(wait=0)  # If-Match on the expired lease's ETag
+    assert second.took_over is not None and second.took_over.owner == first.token
+    first.renew()  # its ETag is stale now: the PUT is refused and it knows it lost
+    with pytest.raises(LeaseLostError):
+        first.ensure()
+    assert second.holder() is not None and second.holder().owner == second.token
+    second.release()
+    assert second.holder() is None
+
+
+# ---------------------------------------------------------------------------- duplicates
+
+
+def _shard(path: Path, ids: list[str], variants: list[int], status: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "image_id": ids,
+            "variant": pa.array(variants, pa.int32()),
+            "status": status,
+            "failed_stage": [None if s == "ok" else "fetch" for s in status],
+            "tag": [path.stem] * len(ids),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_drop_duplicates_keeps_one_row_per_pair_preferring_ok(tmp_path):
+    pairs = tmp_path / "out" / "pairs"
+    _shard(pairs / "part-a.parquet", ["x", "y", "z"], [0, 0, 0], ["failed", "ok", "ok"])
+    _shard(pairs / "part-b.parquet", ["x", "y"], [0, 0], ["ok", "ok"])
+    _shard(pairs / "part-c.parquet", ["z"], [0], ["ok"])
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.drop_duplicates() == 3
+    df = store.read_table().to_pandas().set_index("image_id")
+    assert sorted(df.index) == ["x", "y", "z"]
+    assert df.loc["x", "status"] == "ok" and df.loc["x", "tag"] == "part-b"
+    assert df.loc["y", "tag"] == "part-a" and df.loc["z", "tag"] == "part-a"
+    assert not (pairs / "part-c.parquet").exists()  # emptied shards are removed
+    assert store.drop_duplicates() == 0
+
+
+# ------------------------------------------------------------------- two runs at once
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fundus_batch", *args]
+
+
+@pytest.fixture(scope="module")
+def concurrent_runs(tmp_path_factory):
+    """The same `degrade` command started twice at once on one OUT, as a resubmitted job."""
+    base = tmp_path_factory.mktemp("concurrent")
+    manifest = write_inputs(base / "in", n_good=3, broken=True)
+    out = base / "out"
+    args = _cli(
+        "degrade",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--variants",
+        "2",
+        "--size",
+        "128",
+        "--seed",
+        "5",
+        "--wait-for-lease",
+        "600",
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    procs = [
+        subprocess.Popen(args, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    return manifest, out, [p.returncode for p in procs], outputs
+
+
+def test_two_runs_started_at_once_write_every_pair_exactly_once(concurrent_runs):
+    manifest, out, codes, outputs = concurrent_runs
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    df = pq.read_table(str(out / "pairs")).to_pandas()
+    assert len(df) == 5 * 2 and not df.duplicated(["image_id", "variant"]).any()
+    assert sorted(df.groupby("status").size().items()) == [("failed", 4), ("ok", 6)]
+    # one did the work, the other waited and found nothing left
+    assert sorted(o.count("done before     10") for o in outputs) == [0, 1]
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert len(history) == 1 and history[0]["state"] == "complete"
+    assert not (out / LEASE_FILE).exists()
+
+
+def _inject_duplicates(out: Path) -> int:
+    """Copy every row into a second shard, the copies of ok rows marked failed, under a name
+    that sorts first, as two unleased runs left them."""
+    table = pq.read_table(str(out / "pairs"))
+    status = pa.array(["failed"] * table.num_rows)
+    dup = table.set_column(table.schema.get_field_index("status"), "status", status)
+    pq.write_table(dup, out / "pairs" / "part-00000000T000000-1-00000.parquet")
+    return table.num_rows
+
+
+def test_verify_repair_removes_duplicates_keeping_ok_rows(concurrent_runs):
+    manifest, out, codes, _ = concurrent_runs
+    assert codes == [0, 0]
+    before = pq.read_table(str(out / "pairs")).to_pandas().set_index(["image_id", "variant"])
+    n = _inject_duplicates(out)
+    assert verify(str(out), str(manifest)).duplicate_rows == n
+    result = CliRunner().invoke(main, ["verify", str(out), "--manifest", str(manifest), "--repair"])
+    assert result.exit_code == 0, result.output
+    assert f"removed {n} duplicate row(s)" in result.output and "verify" in result.output
+    after = pq.read_table(str(out / "pairs")).to_pandas().set_index(["image_id", "variant"])
+    assert len(after) == n and after.status.sort_index().equals(before.status.sort_index())
+    assert verify(str(out), str(manifest)).ok
+
+
+def test_the_next_run_repairs_duplicates_instead_of_staying_incomplete(concurrent_runs):
+    manifest, out, codes, _ = concurrent_runs
+    assert codes == [0, 0]
+    n = _inject_duplicates(out)
+    result = CliRunner().invoke(
+        main,
+        [
+            "degrade",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--variants",
+            "2",
+            "--size",
+            "128",
+            "--seed",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    df = pd.concat(pq.read_table(p).to_pandas() for p in (out / "pairs").glob("*.parquet"))
+    assert len(df) == n and not df.duplicated(["image_id", "variant"]).any()
+    assert verify(str(out), str(manifest)).ok

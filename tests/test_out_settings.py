@@ -1,0 +1,193 @@
+"""Settings are part of OUT: a later run with other settings is refused before any work,
+listing the differences, unless it only adds consistent work (more variants, enhancement)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fundus_batch import outpaths, pipeline
+from fundus_batch.config import build_config
+from fundus_batch.run_settings import SettingsMismatchError, compare, recorded, resolve
+from fundus_batch.verify import verify
+from tests.pipeline_inputs import write_inputs
+
+
+def _config(manifest: Path, out: Path, **extra):
+    data = {
+        "manifest": str(manifest),
+        "out": str(out),
+        "variants": 2,
+        "size": 128,
+        "seed": 5,
+        "progress": False,
+        "ray": {"rows_per_block": 2},
+    }
+    data.update(extra)
+    return build_config(data, "test")
+
+
+def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _rows(out: Path):
+    return pq.read_table(str(out / "pairs")).to_pandas().set_index(["image_id", "variant"])
+
+
+# ---------------------------------------------------------------------------- unit level
+
+
+def test_settings_record_everything_that_determines_the_outputs(tmp_path):
+    cfg = _config(tmp_path / "m.csv", tmp_path / "out", image_format="jpeg", jpeg_quality=80)
+    s = resolve(cfg)
+    assert (s["size"], s["seed"], s["variants"], s["preset"]) == (128, 5, 2, "cofe-release")
+    assert s["types"] == ["001", "010", "011", "100", "101", "110", "111"]
+    assert (s["type_mode"], s["image_format"], s["jpeg_quality"]) == ("cycle", "jpeg", 80)
+    assert s["metric_version"] == "fb-metrics-1" and s["enhance"] is None
+    enhanced = resolve(_config(tmp_path / "m.csv", tmp_path / "out", enhance={"enabled": True}))
+    assert enhanced["enhance"]["weights"] == "fundus-cofenet-small"
+    assert len(enhanced["enhance"]["model_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("preset", "cofe-train", "preset: 'cofe-release' -> 'cofe-train'"),
+        ("types", ["001"], "types: ['001', '010', '011', '100', '101', '110', '111'] -> ['001']"),
+        ("type_mode", "sample", "type_mode: 'cycle' -> 'sample'"),
+        ("image_format", "jpeg", "image_format: 'png' -> 'jpeg'"),
+        ("compute_metrics", False, "metric_version: 'fb-metrics-1' -> off"),
+        ("mode", "score", "mode: 'pairs' -> 'score'"),
+    ],
+)
+def test_each_output_setting_change_is_named_with_old_and_new_value(tmp_path, field, value, shown):
+    old = resolve(_config(tmp_path / "m.csv", tmp_path / "out"))
+    new = resolve(_config(tmp_path / "m.csv", tmp_path / "out", **{field: value}))
+    with pytest.raises(SettingsMismatchError) as err:
+        compare(old, new, "OUT")
+    assert shown in err.value.differences
+
+
+def test_a_run_json_written_before_settings_were_recorded_is_still_compared(tmp_path):
+    cfg = _config(tmp_path / "m.csv", tmp_path / "out")
+    legacy = {"config": cfg.redacted(), "state": "complete"}
+    assert compare(recorded(legacy), resolve(cfg)).changed is False
+    with pytest.raises(SettingsMismatchError, match="seed: 5 -> 99"):
+        compare(recorded(legacy), resolve(_config(tmp_path / "m.csv", tmp_path / "o", seed=99)))
+
+
+# ------------------------------------------------------------------------- on a real OUT
+
+
+@pytest.fixture(scope="module")
+def made(ray_cluster, tmp_path_factory):
+    """An OUT made by one run: 2 photographs x 2 variants at 128 px, seed 5."""
+    base = tmp_path_factory.mktemp("settings")
+    manifest = write_inputs(base / "in", n_good=2, broken=False)
+    out = base / "out"
+    summary = pipeline.run(_config(manifest, out))
+    assert summary.complete and summary.ok == 4
+    return manifest, out
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        ({"size": 160}, ["size: 128 -> 160"]),
+        ({"seed": 99}, ["seed: 5 -> 99"]),
+        ({"variants": 1}, ["variants: 2 -> 1"]),
+        ({"size": 160, "variants": 3, "seed": 99}, ["size: 128 -> 160", "seed: 5 -> 99"]),
+    ],
+    ids=["size", "seed", "fewer-variants", "several"],
+)
+def test_a_rerun_with_other_settings_is_refused_before_any_work(made, change, shown):
+    manifest, out = made
+    before = _snapshot(out)
+    with pytest.raises(SettingsMismatchError) as err:
+        pipeline.run(_config(manifest, out, **change))
+    for text in shown:
+        assert any(d.startswith(text) for d in err.value.differences), err.value.differences
+    assert "nothing was done" in str(err.value)
+    assert _snapshot(out) == before  # not a byte, not a timestamp changed
+    assert verify(str(out), str(manifest)).ok
+
+
+def test_a_run_that_does_nothing_leaves_run_json_as_it_was(made):
+    manifest, out = made
+    before = (out / "run.json").read_bytes(), (out / "run.json").stat().st_mtime_ns
+    summary = pipeline.run(_config(manifest, out))
+    assert summary.complete and summary.done_before == 4 and summary.shards == []
+    assert ((out / "run.json").read_bytes(), (out / "run.json").stat().st_mtime_ns) == before
+    assert len(json.loads(before[0])["history"]) == 1
+
+
+def test_more_variants_are_added_and_recorded_with_a_history(ray_cluster, tmp_path):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=False)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, variants=1))
+    old = _rows(out).degraded_sha256
+    summary = pipeline.run(_config(manifest, out, variants=3))
+    assert summary.complete and summary.done_before == 2 and summary.ok == 6
+    new = _rows(out)
+    assert len(new) == 6 and new.degraded_sha256.loc[old.index].equals(old)
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["variants"] == 3 and run["config"]["variants"] == 3
+    assert [h["settings"]["variants"] for h in run["history"]] == [1, 3]
+    assert [h["state"] for h in run["history"]] == ["complete", "complete"]
+    assert verify(str(out), str(manifest)).ok
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    import torch
+
+    from fundus_batch.models import build_cofenet
+
+    def save(seed: int) -> Path:
+        gen = torch.Generator().manual_seed(seed)
+        model = build_cofenet("cofe-net", width=0.125, generator=gen)
+        path = tmp_path_factory.mktemp("weights") / f"tiny{seed}.pt"
+        torch.save(model.state_dict(), path)
+        return path
+
+    return save(0), save(1)
+
+
+def test_enhancement_added_later_is_done_for_existing_rows_and_cannot_be_removed(
+    ray_cluster, tmp_path, tiny_weights
+):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, variants=1, size=192))  # Cofe-Net needs >= 192 px
+    plain = _rows(out)
+    assert plain.enhanced_uri.isna().all()
+    enh = {"enabled": True, "weights": str(tiny_weights[0])}
+    summary = pipeline.run(_config(manifest, out, variants=1, size=192, enhance=enh))
+    assert summary.complete and (summary.ok, summary.failed) == (2, 2)
+    rows = _rows(out)
+    assert len(rows) == 4 and not rows.index.duplicated().any()
+    ok = rows[rows.status == "ok"]
+    assert ok.enhanced_uri.notna().all() and ok.model_sha256.notna().all()
+    assert ok.degraded_sha256.equals(plain.loc[ok.index].degraded_sha256)  # same pixels
+    for uri in ok.enhanced_uri:
+        assert Path(outpaths.resolve(str(out), uri)).is_file()
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["enhance"]["weights"] == str(tiny_weights[0])
+
+    before = _snapshot(out)
+    with pytest.raises(SettingsMismatchError, match="enhance: on -> off"):
+        pipeline.run(_config(manifest, out, variants=1, size=192))
+    other = {"enabled": True, "weights": str(tiny_weights[1])}
+    with pytest.raises(SettingsMismatchError, match=r"enhance\.model_sha256: "):
+        pipeline.run(_config(manifest, out, variants=1, size=192, enhance=other))
+    assert _snapshot(out) == before
