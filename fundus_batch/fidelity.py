@@ -24,7 +24,7 @@ FIDELITY_COLUMNS = (
 )
 """The Parquet columns :func:`fidelity_losses` reads."""
 
-_METRICS = (("psnr", "PSNR", " dB", 2), ("ssim", "SSIM", "", 4))
+_METRICS = (("psnr", "PSNR", " dB", ".2f"), ("ssim", "SSIM", "", ".2g"))
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ def warning_lines(losses: list[FidelityLoss]) -> list[str]:
     """One line per metric, e.g. ``WARNING enhancement lowered PSNR on 010 (-8.90 dB), 100
     (-9.12 dB)``; empty when enhancement lowered nothing."""
     lines = []
-    for key, label, unit, digits in _METRICS:
+    for key, label, unit, spec in _METRICS:
         hits = [loss for loss in losses if loss.metric == key]
         if hits:
-            parts = ", ".join(f"{h.type_code} ({h.change:+.{digits}f}{unit})" for h in hits)
+            parts = ", ".join(f"{h.type_code} ({h.change:+{spec}}{unit})" for h in hits)
             lines.append(f"WARNING enhancement lowered {label} on {parts}")
     return lines
 

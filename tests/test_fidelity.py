@@ -49,7 +49,12 @@ def test_types_where_enhanced_psnr_is_below_degraded_are_flagged_with_the_change
 def test_lower_ssim_gets_its_own_line():
     frame = pd.DataFrame(_rows({"001": 1.0, "011": 1.0}, ssim_gain={"011": -0.05}))
     assert warning_lines(fidelity_losses(frame)) == [
-        "WARNING enhancement lowered SSIM on 011 (-0.0500)"
+        "WARNING enhancement lowered SSIM on 011 (-0.05)"
+    ]
+    # A loss too small for four decimals still shows its size, not "-0.0000".
+    tiny = pd.DataFrame(_rows({"001": 1.0}, ssim_gain={"001": -3e-5}))
+    assert warning_lines(fidelity_losses(tiny)) == [
+        "WARNING enhancement lowered SSIM on 001 (-3e-05)"
     ]
 
 
