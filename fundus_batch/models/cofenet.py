@@ -13,9 +13,9 @@ network runs on the input resized to N x N and G's output is read as an additive
 ``tanh(G)``, smoothed inside a Gaussian window of ``field_sigma`` network pixels and resized to
 the input size: ``enhanced = clamp(input + correction, 0, 1)``; ``field_deadzone`` (in [0, 1]
 units) shrinks every correction by that much towards zero, so a photograph that needs only a
-slight change is returned unchanged. The input's own detail passes
-through untouched, so the head can undo illumination (halo, hole, colour cast) but cannot paint
-speckle or blotches finer than the window, and any working size that is a multiple of 32 works.
+slight change is returned unchanged. The input's own detail passes through untouched, so the
+head can undo smooth illumination defects (halo, dark disc, colour cast) but cannot paint speckle
+or blotches finer than the window, and any working size that is a multiple of 32 works.
 """
 
 from __future__ import annotations

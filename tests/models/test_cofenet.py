@@ -493,3 +493,14 @@ def test_field_head_rejects_unsupported_settings(kwargs: dict, message: str) -> 
     settings = {"field": 192, **kwargs}
     with pytest.raises(ValueError, match=message):
         CofeNet(DEFAULT_VARIANT, **settings)
+
+
+def test_field_deadzone_drops_small_corrections_and_shrinks_large_ones() -> None:
+    model = _field_model()
+    model.field_deadzone = 2 / 255
+    image = torch.full((1, 3, 64, 64), 0.5)
+    small = torch.full((1, 3, 8, 8), 1.5 / 255)
+    large = torch.full((1, 3, 8, 8), -10 / 255)
+    assert torch.equal(model._add_correction(small, image), image)
+    shrunk = model._add_correction(large, image)
+    assert torch.allclose(shrunk, image - 8 / 255, atol=1e-6)
