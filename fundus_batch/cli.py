@@ -75,6 +75,20 @@ def synth(outdir: Path, count: int, size: int, seed: int) -> None:
     click.echo(f"wrote {count} synthetic images to {outdir}; manifest {manifest}")
 
 
+def _single_image_options(command: Any) -> Any:
+    """The options ``degrade-image`` and ``enhance-image`` share (working size, mask, format)."""
+    for option in reversed(
+        (
+            click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096)),
+            click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path)),
+            click.option("--preprocessed", is_flag=True, help="INPUT is already the working image"),
+            click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100)),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @main.command("degrade-image")
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
@@ -83,7 +97,6 @@ def synth(outdir: Path, count: int, size: int, seed: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--id", "image_id", default=None, help="image id for seeding [default: file stem]")
 @click.option("--variant", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096))
 @click.option("--params-out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--replay",
@@ -91,9 +104,7 @@ def synth(outdir: Path, count: int, size: int, seed: int) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="replay a recorded parameter set (ours or the released script's JSON)",
 )
-@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--preprocessed", is_flag=True, help="INPUT is already the working image")
-@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100))
+@_single_image_options
 def degrade_image(
     input_path: Path,
     output: Path,
@@ -179,10 +190,7 @@ def _write_image(output: Path, image: np.ndarray, quality: int) -> None:
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
 )
-@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096))
-@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--preprocessed", is_flag=True, help="INPUT is already the working image")
-@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100))
+@_single_image_options
 def enhance_image_cmd(
     input_path: Path,
     output: Path,
