@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.metrics import NOREF_METRICS
+from fundus_batch.shards import read_frame
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,9 @@ def main() -> None:
             "bench",
         )
         summary = pipeline.run(config)
-        frame = pq.read_table(str(out / "pairs")).to_pandas()
+        frame = read_frame(str(out))
+        if frame is None:
+            raise SystemExit(f"the run wrote no Parquet shards under {out / 'pairs'}")
     ok = frame[frame.status == "ok"]
     print(
         f"{len(ok)} of {summary.rows_in} images enhanced with "

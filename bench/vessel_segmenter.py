@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fundus_batch import stages
+from fundus_batch import imaging, stages
 from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
 from fundus_batch.io.codecs import decode_image
 from fundus_batch.metrics.vessels import VESSEL_SEGMENTER, segment_and_score, vesselness
@@ -74,8 +74,8 @@ def main() -> None:
             continue
         source = row["image_id"].split("/")[0]
         clean = decode_image(row["clean_png"])
-        mask = stages.decode_mask(row["mask_png"])
-        truth = stages.decode_mask(row["vessel_gt_png"])
+        mask = imaging.decode_mask(row["mask_png"])
+        truth = imaging.decode_mask(row["vessel_gt_png"])
         start = time.perf_counter()
         vesselness(clean, mask)
         seconds.append(time.perf_counter() - start)

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from fundus_batch import __version__
+from fundus_batch.cli_options import config_options
 from fundus_batch.io.storage import redact
 
 
@@ -149,8 +150,8 @@ def _working_image(
     """INPUT as a working image and its FOV mask: as it is with ``--preprocessed`` (which needs
     ``--mask``), else FOV-cropped to ``size`` (around the given mask when ``given_mask``)."""
     from fundus_batch.fov import crop_to_fov, preprocess
+    from fundus_batch.imaging import circle_from_mask, crop_like, decode_mask
     from fundus_batch.io.codecs import decode_image
-    from fundus_batch.stages import circle_from_mask, crop_like, decode_mask
 
     rgb = decode_image(_read(input_path))
     if preprocessed:
@@ -290,25 +291,32 @@ def manifest_validate(uri: str) -> None:
 # -------------------------------------------------------------------------------- pipeline
 
 
-def _run(config: Any, *, quiet: bool = False, fidelity: bool = True) -> None:
-    from tqdm import tqdm
-
+def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> None:
+    """Run the pipeline with a live progress bar; Ray's own output goes to a log file unless
+    ``verbose``."""
     from fundus_batch import pipeline
+    from fundus_batch.console import ProgressBar, ray_output
 
-    bar = None
-
-    def progress(seen: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="row", desc="rows", disable=quiet or not config.progress)
-        bar.update(seen - bar.n)
-
+    log_path: Path | None = None
     try:
-        summary = pipeline.run(config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+        with ray_output(verbose) as console:
+            log_path = console.log_path
+            bar = ProgressBar(console.stream) if config.progress else None
+            try:
+                summary = pipeline.run(config, progress=bar.update if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except BaseException:
+        if log_path is not None and log_path.is_file() and log_path.stat().st_size:
+            click.echo(f"Ray's output: {log_path}", err=True)
+        raise
     _print_summary(summary)
+    if log_path is not None and log_path.is_file():
+        if log_path.stat().st_size:
+            click.echo(f"ray log           {log_path}")
+        else:
+            log_path.unlink()
     if fidelity:
         _print_fidelity(summary.out, config.out_storage_options)
     if not summary.complete:
@@ -336,223 +344,103 @@ def _print_fidelity(out: str, storage_options: dict | None) -> None:
         click.echo(line)
 
 
-def _overrides(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None and v != ()}
+# Options of the pipeline commands that are not RunConfig fields.
+VERBOSE = click.option(
+    "--verbose",
+    is_flag=True,
+    help="show Ray's own output (logs, warnings) on the console instead of a log file",
+)
+
+
+def _command_config(mode: str, overrides: dict[str, Any]) -> Any:
+    """The RunConfig of a pipeline command from its options (the model's defaults elsewhere)."""
+    from fundus_batch.config import build_config, merge_overrides
+
+    return build_config(merge_overrides({"mode": mode}, overrides), "command line")
 
 
 @main.command("run")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--manifest", default=None)
-@click.option("--out", default=None)
-@click.option("--seed", default=None, type=int)
-@click.option("--variants", default=None, type=int)
-@click.option("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-@click.option("--limit", default=None, type=int)
-@click.option("--retry-failed", is_flag=True, default=None, help="redo rows that failed before")
-@click.option(
-    "--wait-for-lease",
-    "wait_for_lease",
-    default=None,
-    type=click.FloatRange(0),
-    help="seconds to wait while another run writes OUT [0: refuse at once]",
+@config_options(
+    "manifest",
+    "out",
+    "seed",
+    "variants",
+    "ray.address",
+    "limit",
+    "retry_failed",
+    "lease.wait",
 )
-def run_cmd(
-    config_path: Path,
-    manifest: str | None,
-    out: str | None,
-    seed: int | None,
-    variants: int | None,
-    address: str | None,
-    limit: int | None,
-    retry_failed: bool | None,
-    wait_for_lease: float | None,
-) -> None:
+@VERBOSE
+def run_cmd(config_path: Path, overrides: dict[str, Any], verbose: bool) -> None:
     """Run a typed YAML config; flags override its fields."""
     from fundus_batch.config import load_config
 
-    config = load_config(
-        config_path,
-        _overrides(
-            manifest=manifest,
-            out=out,
-            seed=seed,
-            variants=variants,
-            limit=limit,
-            retry_failed=retry_failed,
-            **{"ray.address": address, "lease.wait": wait_for_lease},
-        ),
-    )
-    _run(config)
-
-
-_ENHANCER = click.option(
-    "--enhancer",
-    default=None,
-    type=click.Choice(["cofenet", "classical"]),
-    help="cofenet (network) or classical (CPU baseline, no weights) [cofenet]",
-)
+    _run(load_config(config_path, overrides), verbose=verbose)
 
 
 @main.command()
-@click.option("--manifest", required=True)
-@click.option("--out", required=True)
-@click.option("--variants", default=None, type=int, help="degraded variants per image [7]")
-@click.option("--types", default=None, help="comma-separated type codes, or 'all'")
-@click.option("--type-mode", default=None, type=click.Choice(["cycle", "sample"]))
-@click.option("--seed", default=None, type=int)
-@click.option("--size", default=None, type=int)
-@click.option("--preset", default=None)
-@click.option("--format", "image_format", default=None, type=click.Choice(["png", "jpeg"]))
-@click.option("--address", default=None)
-@click.option("--enhance", "with_enhance", is_flag=True, help="also enhance each degraded image")
-@_ENHANCER
-@click.option("--weights", default=None)
-@click.option("--limit", default=None, type=int)
-@click.option(
-    "--wait-for-lease",
-    "wait_for_lease",
-    default=None,
-    type=click.FloatRange(0),
-    help="seconds to wait while another run writes OUT [0: refuse at once]",
+@config_options(
+    "manifest",
+    "out",
+    "variants",
+    "types",
+    "type_mode",
+    "seed",
+    "size",
+    "preset",
+    "image_format",
+    "ray.address",
+    "enhance.enabled",
+    "enhance.enhancer",
+    "enhance.weights",
+    "limit",
+    "lease.wait",
+    required=("manifest", "out"),
 )
-def degrade(
-    manifest: str,
-    out: str,
-    variants: int | None,
-    types: str | None,
-    type_mode: str | None,
-    seed: int | None,
-    size: int | None,
-    preset: str | None,
-    image_format: str | None,
-    address: str | None,
-    with_enhance: bool,
-    enhancer: str | None,
-    weights: str | None,
-    limit: int | None,
-    wait_for_lease: float | None,
-) -> None:
+@VERBOSE
+def degrade(overrides: dict[str, Any], verbose: bool) -> None:
     """Degrade every manifest image into K variants; write images and Parquet."""
-    from fundus_batch.config import build_config, merge_overrides
-
-    data = merge_overrides(
-        {"manifest": manifest, "out": out},
-        _overrides(
-            variants=variants,
-            types=types,
-            type_mode=type_mode,
-            seed=seed,
-            size=size,
-            preset=preset,
-            image_format=image_format,
-            limit=limit,
-            **{
-                "ray.address": address,
-                "enhance.enabled": True if with_enhance else None,
-                "enhance.enhancer": enhancer,
-                "enhance.weights": weights,
-                "lease.wait": wait_for_lease,
-            },
-        ),
-    )
-    config = build_config(data, "command line")
-    _run(config)
+    _run(_command_config("pairs", overrides), verbose=verbose)
 
 
 @main.command()
-@click.option("--manifest", required=True)
-@click.option("--out", required=True)
-@_ENHANCER
-@click.option("--weights", default=None, help="registered name or checkpoint path")
-@click.option("--variant", default=None, help="network variant when --weights is a file")
-@click.option("--width", default=None, type=float, help="width multiplier for --variant")
-@click.option("--size", default=None, type=int)
-@click.option("--batch-size", default=None, type=int)
-@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--address", default=None)
-@click.option("--limit", default=None, type=int)
-@click.option(
-    "--wait-for-lease",
-    "wait_for_lease",
-    default=None,
-    type=click.FloatRange(0),
-    help="seconds to wait while another run writes OUT [0: refuse at once]",
+@config_options(
+    "manifest",
+    "out",
+    "enhance.enhancer",
+    "enhance.weights",
+    "enhance.variant",
+    "enhance.width",
+    "size",
+    "enhance.batch_size",
+    "enhance.device",
+    "ray.address",
+    "limit",
+    "lease.wait",
+    required=("manifest", "out"),
 )
-def enhance(
-    manifest: str,
-    out: str,
-    enhancer: str | None,
-    weights: str | None,
-    variant: str | None,
-    width: float | None,
-    size: int | None,
-    batch_size: int | None,
-    device: str | None,
-    address: str | None,
-    limit: int | None,
-    wait_for_lease: float | None,
-) -> None:
+@VERBOSE
+def enhance(overrides: dict[str, Any], verbose: bool) -> None:
     """Enhance every manifest image (Cofe-Net or classical; no clean pair needed)."""
-    from fundus_batch.config import build_config, merge_overrides
-
-    data = merge_overrides(
-        {"manifest": manifest, "out": out, "mode": "enhance"},
-        _overrides(
-            size=size,
-            limit=limit,
-            **{
-                "ray.address": address,
-                "enhance.enhancer": enhancer,
-                "enhance.weights": weights,
-                "enhance.variant": variant,
-                "enhance.width": width,
-                "enhance.batch_size": batch_size,
-                "enhance.device": device,
-                "lease.wait": wait_for_lease,
-            },
-        ),
-    )
-    config = build_config(data, "command line")
-    _run(config)
+    _run(_command_config("enhance", overrides), verbose=verbose)
 
 
 @main.command()
-@click.option("--manifest", required=True)
-@click.option("--out", required=True)
-@click.option("--size", default=None, type=int)
-@click.option("--address", default=None)
-@click.option("--limit", default=None, type=int)
-@click.option("--min-quality", default=None, help="flag rows, e.g. 'nr_luminance_clean >= 40'")
-@click.option(
-    "--wait-for-lease",
-    "wait_for_lease",
-    default=None,
-    type=click.FloatRange(0),
-    help="seconds to wait while another run writes OUT [0: refuse at once]",
+@config_options(
+    "manifest",
+    "out",
+    "size",
+    "ray.address",
+    "limit",
+    "min_quality",
+    "lease.wait",
+    required=("manifest", "out"),
 )
-def score(
-    manifest: str,
-    out: str,
-    size: int | None,
-    address: str | None,
-    limit: int | None,
-    min_quality: str | None,
-    wait_for_lease: float | None,
-) -> None:
+@VERBOSE
+def score(overrides: dict[str, Any], verbose: bool) -> None:
     """Score an archive (FOV, no-reference quality metrics) without degrading or enhancing."""
-    from fundus_batch.config import build_config, merge_overrides
-
-    data = merge_overrides(
-        {"manifest": manifest, "out": out, "mode": "score"},
-        _overrides(
-            size=size,
-            limit=limit,
-            min_quality=min_quality,
-            **{"ray.address": address, "lease.wait": wait_for_lease},
-        ),
-    )
-    config = build_config(data, "command line")
-    _run(config)
+    _run(_command_config("score", overrides), verbose=verbose)
 
 
 @main.command()
@@ -704,31 +592,28 @@ def train_cmd(
     type=click.IntRange(1, 1000),
     help="synthetic images besides skimage's retina photograph",
 )
-@click.option("--variants", default=7, show_default=True, type=click.IntRange(1, 100))
 @click.option(
     "--enhance/--no-enhance",
     "with_enhance",
     default=None,
     help="enhance with the shipped model [default: when it is installed]",
 )
-def demo(out: Path, count: int, variants: int, with_enhance: bool | None) -> None:
+@config_options("variants")
+@VERBOSE
+def demo(
+    out: Path, count: int, with_enhance: bool | None, overrides: dict[str, Any], verbose: bool
+) -> None:
     """The embedded default: synthetic images plus a real photograph, degraded locally."""
-    from fundus_batch.config import build_config
+    from fundus_batch.config import build_config, merge_overrides
     from fundus_batch.demo import make_demo_inputs, shipped_model_available
 
     out = out.resolve()
     manifest_uri = make_demo_inputs(out / "inputs", count=count)
     enhance = shipped_model_available() if with_enhance is None else with_enhance
-    config = build_config(
-        {
-            "manifest": manifest_uri,
-            "out": str(out / "run"),
-            "variants": variants,
-            "enhance": {"enabled": enhance},
-        },
-        "demo",
-    )
-    _run(config, fidelity=False)  # the demo's table prints the warnings beside it
+    data = {"manifest": manifest_uri, "out": str(out / "run"), "enhance": {"enabled": enhance}}
+    config = build_config(merge_overrides(data, overrides), "demo")
+    # the demo's table prints the fidelity warnings beside it
+    _run(config, fidelity=False, verbose=verbose)
     from fundus_batch.demo import print_demo_table
 
     print_demo_table(str(out / "run"))

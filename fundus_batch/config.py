@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fundus_batch.degrade import TYPE_CODES, get_preset
+from fundus_batch.degrade import TYPE_CODES
+from fundus_batch.degrade.presets import known_preset
+from fundus_batch.validation import FieldProblem, format_problems, validate
 
 
 class ConfigError(ValueError):
@@ -25,35 +27,47 @@ class RayOptions(_Strict):
     address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
     num_gpus: int | None = Field(None, ge=0, description="GPUs to declare for a local cluster")
-    degrade_actors: int | None = Field(None, ge=1)
+    degrade_actors: int | None = Field(
+        None, ge=1, description="actors of the CPU-stage pool; None: from the cluster's CPUs"
+    )
     degrade_cpus_per_actor: float | None = Field(
         None, gt=0, le=64, description="CPUs per CPU-stage actor; None: 0.75 below 8 CPUs, else 1"
     )
-    rows_per_block: int = Field(8, ge=1, le=10_000)
-    fetch_threads: int = Field(8, ge=1, le=256)
+    rows_per_block: int = Field(8, ge=1, le=10_000, description="rows per Ray Data block")
+    fetch_threads: int = Field(8, ge=1, le=256, description="download threads per Fetch task")
 
 
 class EnhanceOptions(_Strict):
     """Enhancement of degraded (or source) images: Cofe-Net, or the classical baseline."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="also enhance each image (each degraded variant in pairs mode)"
+    )
     enhancer: Literal["cofenet", "classical"] = Field(
         "cofenet", description="cofenet (a network, GPU if any) or classical (CPU, no weights)"
     )
-    weights: str = Field("fundus-cofenet-small", description="registry name or file path")
+    weights: str = Field("fundus-cofenet-small", description="registry name or checkpoint path")
     variant: str | None = Field(None, description="network variant when weights is a file")
-    width: float | None = Field(None, gt=0, le=1)
-    batch_size: int = Field(4, ge=1, le=256)
-    actors: int | None = Field(None, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0, le=64)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_vessels: bool = False
+    width: float | None = Field(
+        None, gt=0, le=1, description="width multiplier of the variant when weights is a file"
+    )
+    batch_size: int = Field(4, ge=1, le=256, description="images per network forward pass")
+    actors: int | None = Field(
+        None, ge=1, description="enhancement actors; None: one per GPU, else from the CPUs"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, le=64, description="CPUs per CPU enhancement actor")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the network runs; auto: CUDA when available"
+    )
+    save_vessels: bool = Field(False, description="reserved: no stage writes vessel maps yet")
 
 
 class LeaseOptions(_Strict):
     """The lease that makes a run the only writer of its output folder (see lease.py)."""
 
-    wait: float = Field(0.0, ge=0, description="seconds to wait for another run's lease")
+    wait: float = Field(
+        0.0, ge=0, description="seconds to wait while another run writes OUT (0: refuse at once)"
+    )
     ttl: float = Field(60.0, gt=0, le=3600, description="seconds a lease lives unrenewed")
     renew_every: float = Field(10.0, gt=0, le=3600, description="seconds between renewals")
 
@@ -69,31 +83,42 @@ class RunConfig(_Strict):
 
     manifest: str = Field(..., description="CSV or Parquet manifest URL")
     out: str = Field(..., description="output root URL")
-    mode: Literal["pairs", "enhance", "score"] = "pairs"
-    seed: int = Field(0, ge=0, lt=2**63)
-    size: int = Field(512, ge=64, le=4096)
+    mode: Literal["pairs", "enhance", "score"] = Field(
+        "pairs", description="pairs: degrade (+ enhance); enhance: enhance only; score: metrics"
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="run seed of the degradation sampling")
+    size: int = Field(512, ge=64, le=4096, description="working size in pixels (multiple of 32)")
     variants: int = Field(7, ge=1, le=1000, description="degraded variants per image")
-    types: list[str] = Field(default_factory=lambda: list(TYPE_CODES))
-    type_mode: Literal["cycle", "sample"] = "cycle"
-    preset: str = "cofe-release"
-    image_format: Literal["png", "jpeg"] = "png"
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    output_storage_options: dict[str, Any] | None = None
+    types: list[str] = Field(
+        default_factory=lambda: list(TYPE_CODES),
+        description="degradation types: a list, a comma-separated string, or 'all'",
+    )
+    type_mode: Literal["cycle", "sample"] = Field(
+        "cycle", description="cycle: variant k gets the k-th type; sample: drawn per variant"
+    )
+    preset: str = Field("cofe-release", description="degradation parameter ranges")
+    image_format: Literal["png", "jpeg"] = Field("png", description="format of the output images")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the output images")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the manifest, inputs and OUT"
+    )
+    output_storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for OUT; None: storage_options"
+    )
     storage_retries: int = Field(6, ge=0, le=50, description="retries of transient I/O errors")
     retry_failed: bool = Field(
         False, description="redo rows that failed before (their old rows are removed first)"
     )
-    compute_metrics: bool = True
+    compute_metrics: bool = Field(True, description="full- and no-reference quality metrics")
     min_quality: str | None = Field(
         None, description="flag rows: 'nr_luminance_clean >= 40 and nr_laplacian_var_clean > 20'"
     )
     shard_rows: int = Field(1000, ge=1, le=1_000_000, description="rows per Parquet file")
     limit: int | None = Field(None, ge=1, description="process only the first N manifest rows")
-    progress: bool = True
-    ray: RayOptions = Field(default_factory=RayOptions)
-    enhance: EnhanceOptions = Field(default_factory=EnhanceOptions)
-    lease: LeaseOptions = Field(default_factory=LeaseOptions)
+    progress: bool = Field(True, description="show a progress bar on the console")
+    ray: RayOptions = Field(default_factory=RayOptions, description="how the run uses Ray")
+    enhance: EnhanceOptions = Field(default_factory=EnhanceOptions, description="enhancement")
+    lease: LeaseOptions = Field(default_factory=LeaseOptions, description="the OUT lease")
 
     @field_validator("types", mode="before")
     @classmethod
@@ -123,8 +148,7 @@ class RunConfig(_Strict):
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str) -> str:
-        get_preset(value)
-        return value
+        return known_preset(value)
 
     @field_validator("size")
     @classmethod
@@ -183,20 +207,13 @@ def _redact_strings(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def build_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Validate a dict into a :class:`RunConfig`, raising :class:`ConfigError` naming fields."""
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+
+    def error(problems: list[FieldProblem]) -> ConfigError:
+        return ConfigError(f"invalid config {source}:\n  " + format_problems(problems, "\n  "))
+
+    return validate(RunConfig, data, error)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -83,11 +83,12 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 def print_demo_table(out: str) -> None:
     """Print the per-type table, the failed-row count and a WARNING line for every type on
     which enhancement lowered PSNR or SSIM."""
-    import pyarrow.parquet as pq
-
     from fundus_batch.fidelity import fidelity_losses, warning_lines
+    from fundus_batch.shards import read_frame
 
-    frame = pq.read_table(str(Path(out) / "pairs")).to_pandas()
+    frame = read_frame(out)
+    if frame is None:
+        raise FileNotFoundError(f"no Parquet shards under {Path(out) / 'pairs'}")
     n_failed = int((frame["status"] != "ok").sum())
     print("")
     print(summary_table(frame).round(3).to_string())

@@ -6,15 +6,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
-from fundus_batch.io import codecs
-from fundus_batch.schema import failed
-from fundus_batch.stages import Resources, decode_mask, encode_output, is_ok
-
-Row = dict[str, Any]
+from fundus_batch.imaging import ImageFormat
+from fundus_batch.stages import Batch, Item, Resources, RowsCallable, SourceRole
 
 
 def load_model(
@@ -56,7 +53,7 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-class Enhance:
+class Enhance(RowsCallable):
     """Enhance each row's degraded (pairs mode) or source image with Cofe-Net.
 
     The output is masked to the FOV. On CUDA it runs under bf16 autocast with channels_last; on
@@ -69,19 +66,20 @@ class Enhance:
     reached AUC >= 0.85 on clean held-out images.
     """
 
-    name = "enhance"
-    # Wants a GPU; plan_operators falls back to CPU actors on clusters without one.
-    resources = Resources(num_cpus=1.0, num_gpus=1.0, actor=True)
+    name: ClassVar[str] = "enhance"
+    # Wants a GPU; the Ray adapter falls back to CPU actors on clusters without one.
+    resources: ClassVar[Resources] = Resources(num_cpus=1.0, num_gpus=1.0, actor=True)
 
     def __init__(
         self,
+        *,
         weights: str = "fundus-cofenet-small",
         variant: str | None = None,
         width: float | None = None,
         batch_size: int = 4,
         device: str = "auto",
-        source_role: str = "degraded",
-        image_format: str = "png",
+        source_role: SourceRole = "degraded",
+        image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
         cpu_share: float = 1.0,
     ) -> None:
@@ -133,21 +131,19 @@ class Enhance:
         """Enhance RGB uint8 images of one size; returns RGB uint8 images (unmasked)."""
         return self.run_model(images)[0]
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        todo: list[tuple[Row, np.ndarray, np.ndarray]] = []
-        for row in rows:
-            if not is_ok(row):
+    def process(self, batch: Batch) -> Batch:
+        todo: list[tuple[Item, np.ndarray, np.ndarray]] = []
+        for item in batch:
+            if not item.ok:
                 continue
             try:
-                image = codecs.decode_image(row[f"{self.source_role}_png"])
-                mask = decode_mask(row["mask_png"])
-                todo.append((row, image, mask))
+                todo.append((item, item.image(self.source_role), item.image("mask")))
             except Exception as exc:
-                failed(row, self.name, exc)
+                item.fail(self.name, exc)
         # Batch images of equal size together.
-        by_shape: dict[tuple[int, ...], list[tuple[Row, np.ndarray, np.ndarray]]] = {}
-        for item in todo:
-            by_shape.setdefault(item[1].shape, []).append(item)
+        by_shape: dict[tuple[int, ...], list[tuple[Item, np.ndarray, np.ndarray]]] = {}
+        for entry in todo:
+            by_shape.setdefault(entry[1].shape, []).append(entry)
         for group in by_shape.values():
             start = time.perf_counter()
             try:
@@ -157,28 +153,32 @@ class Enhance:
                     for (_, _, mask), out in zip(group, enhanced, strict=True)
                 ]
             except Exception as exc:
-                for row, _, _ in group:
-                    failed(row, self.name, exc)
+                for item, _, _ in group:
+                    item.fail(self.name, exc)
                 continue
             per_row = (time.perf_counter() - start) / len(group)
-            for (row, _, _), result in zip(group, results, strict=True):
-                row["enhanced_png"] = encode_output(result, self.image_format, self.jpeg_quality)
-                row["model_name"] = self.model_name
-                row["model_sha256"] = self.model_sha256
-                row["enhance_device"] = self.device
-                row["seconds_enhance"] = per_row
-        return rows
+            for (item, _, _), result in zip(group, results, strict=True):
+                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
+                item.row["model_name"] = self.model_name
+                item.row["model_sha256"] = self.model_sha256
+                item.row["enhance_device"] = self.device
+                item.row["seconds_enhance"] = per_row
+        return batch
 
 
-class ClassicalEnhance:
+class ClassicalEnhance(RowsCallable):
     """The classical baseline (``fundus_batch.classical``) as a stage: CPU only, no weights,
     the same output columns as :class:`Enhance`."""
 
-    name = "enhance"
-    resources = Resources(num_cpus=1.0, num_gpus=0.0, actor=False)
+    name: ClassVar[str] = "enhance"
+    resources: ClassVar[Resources] = Resources(num_cpus=1.0, num_gpus=0.0, actor=False)
 
     def __init__(
-        self, source_role: str = "degraded", image_format: str = "png", jpeg_quality: int = 95
+        self,
+        *,
+        source_role: SourceRole = "degraded",
+        image_format: ImageFormat = "png",
+        jpeg_quality: int = 95,
     ) -> None:
         from fundus_batch.classical import ClassicalEnhancer
 
@@ -187,23 +187,22 @@ class ClassicalEnhance:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        for row in rows:
-            if not is_ok(row):
+    def process(self, batch: Batch) -> Batch:
+        for item in batch:
+            if not item.ok:
                 continue
             start = time.perf_counter()
             try:
-                image = codecs.decode_image(row[f"{self.source_role}_png"])
-                result = self.enhancer(image, decode_mask(row["mask_png"]))
-                row["enhanced_png"] = encode_output(result, self.image_format, self.jpeg_quality)
+                result = self.enhancer(item.image(self.source_role), item.image("mask"))
+                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
             except Exception as exc:
-                failed(row, self.name, exc)
+                item.fail(self.name, exc)
                 continue
-            row["model_name"] = self.enhancer.model_name
-            row["model_sha256"] = self.enhancer.model_sha256
-            row["enhance_device"] = "cpu"
-            row["seconds_enhance"] = time.perf_counter() - start
-        return rows
+            item.row["model_name"] = self.enhancer.model_name
+            item.row["model_sha256"] = self.enhancer.model_sha256
+            item.row["enhance_device"] = "cpu"
+            item.row["seconds_enhance"] = time.perf_counter() - start
+        return batch
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,9 @@ def enhance_image(
         return EnhancedImage(out, model.model_name, model.model_sha256, time.perf_counter() - start)
     if enhancer != "cofenet":
         raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
-    net = Enhance(weights, batch_size=1, device=device, cpu_share=float(os.cpu_count() or 1))
+    net = Enhance(
+        weights=weights, batch_size=1, device=device, cpu_share=float(os.cpu_count() or 1)
+    )
     result = net.enhance_arrays([image])[0]
     out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
     return EnhancedImage(out, net.model_name, net.model_sha256, time.perf_counter() - start)

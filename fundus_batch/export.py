@@ -8,12 +8,12 @@ import numpy as np
 
 from fundus_batch.io import codecs, storage
 from fundus_batch.outpaths import resolve
-from fundus_batch.output import OutputStore
+from fundus_batch.shards import read_table
 
 
 def _ok_rows(out: str) -> list[dict]:
-    table = OutputStore(out).read_table(
-        columns=["image_id", "variant", "type_code", "status", "clean_uri", "degraded_uri", "split"]
+    table = read_table(
+        out, ["image_id", "variant", "type_code", "status", "clean_uri", "degraded_uri", "split"]
     )
     if table is None:
         raise FileNotFoundError(f"no Parquet shards under {out}/pairs")

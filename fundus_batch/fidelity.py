@@ -92,10 +92,9 @@ def warning_lines(losses: list[FidelityLoss]) -> list[str]:
 
 def output_warning_lines(out: str, storage_options: dict | None = None) -> list[str]:
     """:func:`warning_lines` of the rows stored under output folder ``out`` (none yet: [])."""
-    from fundus_batch.output import OutputStore
+    from fundus_batch.shards import read_frame
 
-    store = OutputStore(out, storage_options)
-    table = store.read_table(columns=list(FIDELITY_COLUMNS))
-    if table is None:
+    frame = read_frame(out, list(FIDELITY_COLUMNS), storage_options)
+    if frame is None:
         return []
-    return warning_lines(fidelity_losses(table.to_pandas()))
+    return warning_lines(fidelity_losses(frame))

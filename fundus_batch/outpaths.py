@@ -21,6 +21,7 @@ __all__ = [
     "absolute_out",
     "check_local_target",
     "check_out_root",
+    "image_paths",
     "is_relative",
     "link_escape",
     "relative_to_out",
@@ -159,3 +160,20 @@ def check_out_root(out: str) -> None:
                 f"{path} is a symbolic link (to {os.readlink(path)}); a run writes only into "
                 "real folders inside its output folder: remove the link or choose another --out"
             )
+
+
+def image_paths(
+    out: str, image_id: str, variant: int | None, type_code: str | None, image_format: str
+) -> dict[str, str]:
+    """Deterministic output URIs of one row's images (``clean``, ``mask``, ``degraded``,
+    ``enhanced``); enhance and score rows (``variant`` None or < 0) have no ``degraded``."""
+    ext = "jpg" if image_format == "jpeg" else "png"
+    base = storage.join(out, "images", image_id)
+    paths = {"clean": storage.join(base, f"clean.{ext}"), "mask": storage.join(base, "mask.png")}
+    if variant is None or variant < 0:
+        paths["enhanced"] = storage.join(base, f"enhanced.{ext}")
+        return paths
+    stem = f"v{variant:03d}" + (f"_{type_code}" if type_code else "")
+    paths["degraded"] = storage.join(base, f"{stem}.{ext}")
+    paths["enhanced"] = storage.join(base, f"{stem}_enhanced.{ext}")
+    return paths

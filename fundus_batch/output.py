@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fundus_batch import __version__, outpaths
+from fundus_batch import __version__, outpaths, shards
 from fundus_batch.io import storage
 from fundus_batch.schema import STATUS_OK, with_row_checksums
+from fundus_batch.shards import PAIRS_DIR, CorruptShardError
 
-PAIRS_DIR = "pairs"
 RUN_JSON = "run.json"
 
 
@@ -55,12 +55,9 @@ class Counts:
                 self.failed_by_stage[key] = self.failed_by_stage.get(key, 0) + 1
 
 
-class CorruptShardError(OSError):
-    """A complete-named shard that cannot be read as Parquet."""
-
-
 class OutputStore:
-    """Reads and writes the pieces of one output root (local path or fsspec URL)."""
+    """Reads and writes the pieces of one output root (local path or fsspec URL); shards are
+    listed and read through :mod:`fundus_batch.shards`."""
 
     def __init__(
         self,
@@ -78,37 +75,15 @@ class OutputStore:
         return storage.join(self.root, PAIRS_DIR)
 
     def shard_paths(self) -> list[str]:
-        """Paths (in the filesystem's own form) of complete shards, sorted."""
-        return sorted(p for p in self._list_pairs() if p.endswith(".parquet"))
-
-    def _list_pairs(self) -> list[str]:
-        base = f"{self.path}/{PAIRS_DIR}"
-
-        def ls() -> list[str]:
-            self.fs.invalidate_cache(base)  # object-store listings are cached by fsspec
-            try:
-                return self.fs.ls(base, detail=False)
-            except FileNotFoundError:
-                return []
-
-        return storage.with_retries("listing", self.pairs_uri, ls, retries=self.retries)
+        """URIs of complete shards, sorted."""
+        return shards.list_shards(self.pairs_uri, self.storage_options, retries=self.retries)
 
     def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
-        # Transient storage errors are retried (and raise StorageError when they persist);
-        # only bytes that do not parse make a shard corrupt.
-        data = storage.read_bytes(uri, storage_options=self.storage_options, retries=self.retries)
-        try:
-            return pq.read_table(io.BytesIO(data), columns=columns)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CorruptShardError(f"shard {uri} cannot be read: {exc}") from exc
+        return shards.read_shard(path, columns, self.storage_options, retries=self.retries)
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
         """All complete shards as one table, or None when there are none."""
-        tables = [self._read_shard(path, columns) for path in self.shard_paths()]
-        if not tables:
-            return None
-        return pa.concat_tables(tables, promote_options="permissive")
+        return shards.concat_tables(self.iter_tables(columns))
 
     def quarantine_corrupt(self) -> list[str]:
         """Rename unreadable shards (e.g. truncated by a crash of another writer) to
@@ -133,15 +108,7 @@ class OutputStore:
             if kept.num_rows == table.num_rows:
                 continue
             dropped += table.num_rows - kept.num_rows
-            uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
-            if kept.num_rows:
-                buf = io.BytesIO()
-                pq.write_table(kept, buf, compression="zstd")
-                storage.write_bytes(
-                    uri, buf.getvalue(), storage_options=self.storage_options, retries=self.retries
-                )
-            else:
-                self.fs.rm(path)
+            self._replace_shard(path, kept)
         return dropped
 
     def _replace_shard(self, path: str, kept: pa.Table) -> None:
@@ -149,9 +116,8 @@ class OutputStore:
         if kept.num_rows:
             buf = io.BytesIO()
             pq.write_table(kept, buf, compression="zstd")
-            uri = storage.join(self.pairs_uri, path.rsplit("/", 1)[-1])
             storage.write_bytes(
-                uri, buf.getvalue(), storage_options=self.storage_options, retries=self.retries
+                path, buf.getvalue(), storage_options=self.storage_options, retries=self.retries
             )
         else:
             self.fs.rm(path)
@@ -222,7 +188,7 @@ class OutputStore:
 
     def clean_stale(self) -> int:
         """Remove temporary shard files left by a killed run; returns how many."""
-        stale = [p for p in self._list_pairs() if p.endswith(".tmp")]
+        stale = shards.list_stale(self.pairs_uri, self.storage_options, retries=self.retries)
         for path in stale:
             self.fs.rm(path)
         return len(stale)

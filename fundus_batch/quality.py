@@ -1,8 +1,9 @@
 """Quality gates: ``--min-quality "nr_luminance_clean >= 40 and nr_laplacian_var_clean > 20"``.
 
 A rule is a conjunction of ``column op number`` terms over output columns. It is parsed and
-checked against the schema before any work starts; each row gets ``quality_ok`` and, when it
-fails, ``quality_failed`` naming the terms it broke ("clean my archive").
+checked against the schema before any work starts; the pipeline's QualityGate stage
+(:mod:`fundus_batch.stages`) gives each row ``quality_ok`` and, when it fails,
+``quality_failed`` naming the terms it broke ("clean my archive"). A plain library: no stages.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import SupportsFloat
-
-from fundus_batch.stages import Resources
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -81,22 +80,3 @@ def parse_rule(text: str, known_columns: set[str] | None = None) -> QualityRule:
             raise QualityRuleError(f"unknown column {column!r} in quality rule")
         terms.append(Term(column, op, value))
     return QualityRule(tuple(terms))
-
-
-class QualityGate:
-    """Pipeline stage: flag each row against a quality rule (rows are never dropped)."""
-
-    name = "quality"
-    resources = Resources(num_cpus=0.25)
-
-    def __init__(self, rule: str) -> None:
-        self.rule = parse_rule(rule)
-
-    def __call__(self, rows: list[dict]) -> list[dict]:
-        for row in rows:
-            if row.get("status") != "ok":
-                continue
-            ok, broken = self.rule.evaluate(row)
-            row["quality_ok"] = ok
-            row["quality_failed"] = "; ".join(broken) or None
-        return rows

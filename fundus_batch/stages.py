@@ -1,19 +1,22 @@
-"""One plain class per pipeline step. Each maps a list of row dicts to a list of row dicts.
+"""The pipeline steps: Fetch, Preprocess, Degrade, Score, QualityGate, Write (Enhance lives in
+``enhance``), each a :class:`Stage` that maps a batch of :class:`Item` to a
+batch of :class:`Item`.
 
-Stages know nothing about Ray: :mod:`fundus_batch.pipeline` turns them into Ray Data operators
-using the :class:`Resources` each one declares. A failed row keeps flowing with ``status``,
-``error`` and ``failed_stage`` set; later stages pass it through untouched. Only bytes and
-scalars travel between stages.
+Stages know nothing about Ray: :mod:`fundus_batch.ray_adapter` turns :class:`StageSpec` lists
+into Ray Data operators using the :class:`Resources` each stage class declares. An item keeps
+its images decoded while the stages of one worker pass it along; encoded bytes travel only
+where a batch crosses the object store and reach storage at Write. A failed row keeps flowing
+with ``status``, ``error`` and ``failed_stage`` set; later stages pass it through untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import cv2
 import numpy as np
@@ -21,13 +24,39 @@ import numpy as np
 from fundus_batch import __version__, outpaths
 from fundus_batch.degrade import degrade, sample_rng, stable_hash
 from fundus_batch.fov import Circle, FOVError, crop_to_fov, preprocess
+from fundus_batch.imaging import (
+    ImageFormat,
+    as_stored,
+    circle_from_mask,
+    crop_like,
+    decode_mask,
+    decode_vessel_truth,
+    encode_output,
+    sha256_hex,
+)
 from fundus_batch.io import codecs, storage
+from fundus_batch.quality import parse_rule
 from fundus_batch.schema import STATUS_OK, failed
 
 if TYPE_CHECKING:
-    from fundus_batch.metrics import ReferenceContext
+    from fundus_batch.config import RunConfig
+    from fundus_batch.metrics import NorefContext, ReferenceContext
 
 Row = dict[str, Any]
+SourceRole = Literal["degraded", "clean"]
+
+# The encoded images an item may carry, by role, and their column in the work schema. Before
+# Preprocess, ``mask`` and ``vessel_gt`` hold the source files; after it, the working maps.
+ENCODED_COLUMNS: dict[str, str] = {
+    "raw": "raw_bytes",
+    "clean": "clean_png",
+    "mask": "mask_png",
+    "degraded": "degraded_png",
+    "enhanced": "enhanced_png",
+    "vessel_gt": "vessel_gt_png",
+}
+_ROLE_OF_COLUMN = {column: role for role, column in ENCODED_COLUMNS.items()}
+_BINARY_ROLES = frozenset({"mask", "vessel_gt"})
 
 
 @dataclass(frozen=True)
@@ -39,119 +68,223 @@ class Resources:
     actor: bool = False
 
 
-def is_ok(row: Row) -> bool:
-    return row.get("status", STATUS_OK) == STATUS_OK
+@dataclass
+class Item:
+    """One row between stages: its scalar columns, its images decoded (kept while the stages of
+    one worker pass the item on) and encoded (what Write stores and what crosses workers).
+
+    Decoded arrays are read-only: variant items of one image share them.
+    """
+
+    row: Row
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    encoded: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.row.get("status", STATUS_OK) == STATUS_OK)
+
+    def fail(self, stage: str, exc: BaseException | str) -> None:
+        """Mark the row failed at ``stage`` (the first failure is kept)."""
+        failed(self.row, stage, exc)
+
+    def has(self, role: str) -> bool:
+        return role in self.images or role in self.encoded
+
+    def image(self, role: str) -> np.ndarray:
+        """The decoded image of ``role``, decoded from the encoded bytes on first use (masks and
+        vessel maps as binary HxW uint8, images as RGB uint8)."""
+        arr = self.images.get(role)
+        if arr is None:
+            data = self.encoded[role]
+            arr = decode_mask(data) if role in _BINARY_ROLES else codecs.decode_image(data)
+            arr.flags.writeable = False
+            self.images[role] = arr
+        return arr
+
+    def put(self, role: str, pixels: np.ndarray, encoded: bytes) -> None:
+        """Store an image both ways; ``pixels`` must be what decoding ``encoded`` gives back."""
+        pixels.flags.writeable = False
+        self.images[role] = pixels
+        self.encoded[role] = encoded
+
+    def put_output(self, role: str, rgb: np.ndarray, image_format: str, jpeg_quality: int) -> None:
+        """Encode ``rgb`` in the output format and keep the pixels a reader will decode (for
+        JPEG the decoded bytes, so that later stages see what is stored)."""
+        data = encode_output(rgb, image_format, jpeg_quality)
+        self.put(role, as_stored(rgb, data, image_format), data)
+
+    def take_encoded(self, role: str) -> bytes | None:
+        """Remove and return the encoded bytes of ``role`` (and its decoded image)."""
+        self.images.pop(role, None)
+        return self.encoded.pop(role, None)
+
+    def drop_images(self) -> None:
+        self.images.clear()
+        self.encoded.clear()
+
+    def derive(self, **columns: Any) -> Item:
+        """A new item of the same images (shared, not copied) with ``columns`` set."""
+        return Item({**self.row, **columns}, dict(self.images), dict(self.encoded))
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Item:
+        """An item of a row dict whose ``*_png``/``raw_bytes`` columns hold encoded images."""
+        scalars: Row = {}
+        encoded: dict[str, bytes] = {}
+        for key, value in row.items():
+            role = _ROLE_OF_COLUMN.get(key)
+            if role is None or value is None:  # a null image column passes through as is
+                scalars[key] = value
+            else:
+                encoded[role] = value
+        return cls(scalars, {}, encoded)
+
+    def to_row(self) -> Row:
+        """The row dict of this item, encoded images in their work columns."""
+        row = dict(self.row)
+        for role, data in self.encoded.items():
+            row[ENCODED_COLUMNS[role]] = data
+        return row
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+Batch = list[Item]
 
 
-def image_ext(image_format: str) -> str:
-    return "jpg" if image_format == "jpeg" else "png"
+def items_of(rows: Iterable[Mapping[str, Any]]) -> Batch:
+    return [Item.from_row(r) for r in rows]
 
 
-def encode_output(rgb: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
-    """Encode an RGB working image in the run's output format."""
-    if image_format == "jpeg":
-        return codecs.encode_jpeg(rgb, quality=jpeg_quality)
-    return codecs.encode_png(rgb)
+def rows_of(items: Iterable[Item]) -> list[Row]:
+    return [i.to_row() for i in items]
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """Decode a stored FOV mask to a binary HxW uint8 (0/255) array."""
-    arr = codecs.decode_image(data)
-    grey = arr[..., 0] if arr.ndim == 3 else arr
-    return np.where(grey > 127, 255, 0).astype(np.uint8)
+class Stage(Protocol):
+    """A pipeline step: a name, the resources one worker needs, and batch -> batch."""
+
+    name: ClassVar[str]
+    resources: ClassVar[Resources]
+
+    def process(self, batch: Batch) -> Batch: ...
 
 
-def circle_from_mask(mask: np.ndarray) -> Circle:
-    """The FOV circle of a binary mask whose field may be clipped top/bottom or left/right:
-    centred on the mask's bounding box, with its longer side as the diameter."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        raise FOVError("blank", "the given FOV mask is empty")
-    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
-    return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+class RowsCallable:
+    """Lets a stage be called on row dicts (notebooks, tests): ``stage(rows) -> rows``."""
+
+    def process(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+    def __call__(self, rows: list[Row]) -> list[Row]:
+        return rows_of(self.process(items_of(rows)))
 
 
-def decode_vessel_truth(data: bytes) -> np.ndarray:
-    """A vessel ground-truth map as binary uint8 (0/255): 0/255 maps are thresholded at 127,
-    label maps with small values (HRF's artery/vein labels 0-3) count every label > 0."""
-    arr = codecs.decode_image(data).max(axis=2)
-    cut = 0 if arr.max() <= 3 else 127
-    return np.where(arr > cut, 255, 0).astype(np.uint8)
+@dataclass(frozen=True)
+class StageSpec:
+    """How to build one stage in a worker: its class and keyword arguments, checked against
+    the class's signature when the spec is made (a typo fails in the driver, before work)."""
+
+    cls: type[Stage]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            inspect.signature(self.cls).bind(**self.kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.cls.__name__}: {exc}") from None
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def resources(self) -> Resources:
+        return self.cls.resources
+
+    def build(self) -> Stage:
+        factory: Callable[..., Stage] = self.cls
+        return factory(**self.kwargs)
 
 
-def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int) -> np.ndarray:
-    """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene."""
-    if binary.shape[:2] != shape:
-        binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-    cropped, _ = crop_to_fov(np.dstack([binary] * 3), circle, size=size)
-    return np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
+def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
+    """Run ``stages`` in order on one batch; a stage that raises fails its items, never the
+    batch."""
+    for stage in stages:
+        try:
+            batch = stage.process(batch)
+        except Exception as exc:
+            for item in batch:
+                item.fail(stage.name, exc)
+    return batch
 
 
-class Fetch:
+class Chain(RowsCallable):
+    """Stages built from specs and run one after the other on the same items, in one worker."""
+
+    def __init__(self, specs: Sequence[StageSpec]) -> None:
+        self.stages = [s.build() for s in specs]
+        self.name = "+".join(s.name for s in self.stages)
+
+    def process(self, batch: Batch) -> Batch:
+        return run_stages(self.stages, batch)
+
+
+class Fetch(RowsCallable):
     """Read each row's source bytes (and optional FOV mask and vessel ground truth) through
     fsspec, with threads."""
 
-    name = "fetch"
-    resources = Resources(num_cpus=0.25)
+    name: ClassVar[str] = "fetch"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.25)
 
     def __init__(
         self,
-        storage_options: dict | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
         threads: int = 8,
         retries: int = storage.DEFAULT_RETRIES,
         vessels: bool = False,
     ) -> None:
-        self.storage_options = storage_options or {}
+        self.storage_options = dict(storage_options or {})
         self.threads = threads
         self.retries = retries
         self.vessels = vessels
 
-    def _fetch_one(self, row: Row) -> Row:
-        if not is_ok(row):
-            return row
+    def _read(self, uri: str) -> bytes:
+        return storage.read_bytes(uri, storage_options=self.storage_options, retries=self.retries)
+
+    def _fetch_one(self, item: Item) -> Item:
+        if not item.ok:
+            return item
+        row = item.row
         start = time.perf_counter()
         try:
-            row["raw_bytes"] = storage.read_bytes(
-                row["source_uri"], storage_options=self.storage_options, retries=self.retries
-            )
+            item.encoded["raw"] = self._read(row["source_uri"])
             if row.get("source_mask_uri"):
-                row["mask_png"] = storage.read_bytes(
-                    row["source_mask_uri"],
-                    storage_options=self.storage_options,
-                    retries=self.retries,
-                )
+                item.encoded["mask"] = self._read(row["source_mask_uri"])
             if self.vessels and row.get("vessel_gt_uri"):
-                row["vessel_gt_png"] = storage.read_bytes(
-                    row["vessel_gt_uri"],
-                    storage_options=self.storage_options,
-                    retries=self.retries,
-                )
+                item.encoded["vessel_gt"] = self._read(row["vessel_gt_uri"])
         except Exception as exc:
-            failed(row, self.name, storage.redact(f"{type(exc).__name__}: {exc}"))
+            item.fail(self.name, storage.redact(f"{type(exc).__name__}: {exc}"))
         row["seconds_fetch"] = time.perf_counter() - start
-        return row
+        return item
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        if len(rows) <= 1 or self.threads == 1:
-            return [self._fetch_one(r) for r in rows]
-        with ThreadPoolExecutor(max_workers=min(self.threads, len(rows))) as pool:
-            return list(pool.map(self._fetch_one, rows))
+    def process(self, batch: Batch) -> Batch:
+        if len(batch) <= 1 or self.threads == 1:
+            return [self._fetch_one(i) for i in batch]
+        with ThreadPoolExecutor(max_workers=min(self.threads, len(batch))) as pool:
+            return list(pool.map(self._fetch_one, batch))
 
 
-class Preprocess:
+class Preprocess(RowsCallable):
     """Decode (reduced when the source is large), find the FOV, crop, pad and resize."""
 
-    name = "preprocess"
-    resources = Resources(num_cpus=0.5)
+    name: ClassVar[str] = "preprocess"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.5)
 
     def __init__(
         self,
+        *,
         size: int = 512,
-        image_format: str = "png",
+        image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
         max_pixels: int = codecs.DEFAULT_MAX_PIXELS,
     ) -> None:
@@ -160,20 +293,22 @@ class Preprocess:
         self.jpeg_quality = jpeg_quality
         self.max_pixels = max_pixels
 
-    def _one(self, row: Row) -> Row:
-        raw = row.pop("raw_bytes", None)
-        vessel_raw = row.pop("vessel_gt_png", None)
-        if not is_ok(row):
-            row.pop("mask_png", None)
-            return row
+    def _one(self, item: Item) -> Item:
+        raw = item.take_encoded("raw")
+        vessel_raw = item.take_encoded("vessel_gt")
+        given_mask = item.take_encoded("mask")
+        if not item.ok:
+            return item
+        row = item.row
         start = time.perf_counter()
         try:
+            if raw is None:
+                raise ValueError("no source bytes were fetched")
             width, height = codecs.image_dimensions(raw)
             row["source_width"], row["source_height"] = width, height
             rgb = codecs.decode_image(raw, max_pixels=self.max_pixels, min_side=self.size)
             # Reduced decoding shrinks the image; report the circle in source pixels.
             scale = max(width, height) / max(rgb.shape[:2])
-            given_mask = row.pop("mask_png", None)
             if given_mask is not None:
                 image, mask, circle, status = self._with_given_mask(rgb, given_mask)
             else:
@@ -183,19 +318,22 @@ class Preprocess:
             row["fov_r"] = circle.r * scale
             row["fov_status"] = status
             row["size"] = self.size
-            row["clean_png"] = encode_output(image, self.image_format, self.jpeg_quality)
-            row["mask_png"] = codecs.encode_png(mask)
+            item.put_output("clean", image, self.image_format, self.jpeg_quality)
+            item.put("mask", mask, codecs.encode_png(mask))
             if vessel_raw is not None:
                 truth = crop_like(decode_vessel_truth(vessel_raw), rgb.shape[:2], circle, self.size)
-                row["vessel_gt_png"] = codecs.encode_png(np.where(mask > 0, truth, 0))
+                truth = np.where(mask > 0, truth, 0).astype(np.uint8)
+                item.put("vessel_gt", truth, codecs.encode_png(truth))
         except (codecs.DecodeError, FOVError) as exc:
-            failed(row, self.name, f"{type(exc).__name__}({exc.reason}): {exc}")
+            item.fail(self.name, f"{type(exc).__name__}({exc.reason}): {exc}")
         except Exception as exc:
-            failed(row, self.name, exc)
+            item.fail(self.name, exc)
         row["seconds_preprocess"] = time.perf_counter() - start
-        return row
+        return item
 
-    def _with_given_mask(self, rgb: np.ndarray, mask_bytes: bytes):
+    def _with_given_mask(
+        self, rgb: np.ndarray, mask_bytes: bytes
+    ) -> tuple[np.ndarray, np.ndarray, Circle, str]:
         """Crop with a manifest-supplied FOV mask instead of detecting one."""
         mask = decode_mask(mask_bytes)
         if mask.shape[:2] != rgb.shape[:2]:
@@ -207,8 +345,8 @@ class Preprocess:
         image[out_mask == 0] = 0
         return image, out_mask, circle, "given_mask"
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        return [self._one(r) for r in rows]
+    def process(self, batch: Batch) -> Batch:
+        return [self._one(i) for i in batch]
 
 
 def choose_type(types: Sequence[str], mode: str, run_seed: int, image_id: str, variant: int) -> str:
@@ -220,20 +358,21 @@ def choose_type(types: Sequence[str], mode: str, run_seed: int, image_id: str, v
     return types[int(np.random.Generator(np.random.PCG64(seq)).integers(len(types)))]
 
 
-class Degrade:
-    """Expand each image row into one row per pending variant with a degraded image."""
+class Degrade(RowsCallable):
+    """Expand each image item into one item per pending variant with a degraded image."""
 
-    name = "degrade"
-    resources = Resources(num_cpus=0.5, actor=True)
+    name: ClassVar[str] = "degrade"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.5, actor=True)
 
     def __init__(
         self,
+        *,
         seed: int,
         variants: int,
         types: Sequence[str],
-        type_mode: str = "cycle",
+        type_mode: Literal["cycle", "sample"] = "cycle",
         preset: str = "cofe-release",
-        image_format: str = "png",
+        image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
     ) -> None:
         self.seed = seed
@@ -244,70 +383,72 @@ class Degrade:
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        out: list[Row] = []
-        for row in rows:
-            out.extend(self._expand(row))
+    def process(self, batch: Batch) -> Batch:
+        out: Batch = []
+        for item in batch:
+            out.extend(self._expand(item))
         return out
 
-    def _expand(self, row: Row) -> list[Row]:
-        pending = row.pop("pending_variants", None)
+    def _expand(self, item: Item) -> Batch:
+        pending = item.row.pop("pending_variants", None)
         variants = list(range(self.variants)) if pending is None else [int(v) for v in pending]
         image = mask = None
-        if is_ok(row):
+        if item.ok:
             try:
-                image = codecs.decode_image(row["clean_png"])
-                mask = decode_mask(row["mask_png"])
+                image, mask = item.image("clean"), item.image("mask")
             except Exception as exc:
-                failed(row, self.name, exc)
-        rows = []
+                item.fail(self.name, exc)
+        image_id = item.row["image_id"]
+        out = []
         for i, variant in enumerate(variants):
-            vrow = dict(row)
-            vrow["variant"] = variant
-            vrow["seed"] = self.seed
-            vrow["id_hash"] = f"{stable_hash(row['image_id']):016x}"
-            vrow["preset"] = self.preset
-            vrow["carries_clean"] = i == 0
-            vrow["type_code"] = choose_type(
-                self.types, self.type_mode, self.seed, row["image_id"], variant
+            vitem = item.derive(
+                variant=variant,
+                seed=self.seed,
+                id_hash=f"{stable_hash(image_id):016x}",
+                preset=self.preset,
+                carries_clean=i == 0,
+                type_code=choose_type(self.types, self.type_mode, self.seed, image_id, variant),
             )
-            if is_ok(vrow):
-                # a row still ok decoded both (a failed decode marks it not ok)
+            if vitem.ok:
+                # an item still ok decoded both (a failed decode marks it not ok)
                 assert image is not None and mask is not None
-                self._degrade_one(vrow, image, mask)
-            rows.append(vrow)
-        return rows
+                self._degrade_one(vitem, image, mask)
+            out.append(vitem)
+        return out
 
-    def _degrade_one(self, row: Row, image: np.ndarray, mask: np.ndarray) -> None:
+    def _degrade_one(self, item: Item, image: np.ndarray, mask: np.ndarray) -> None:
+        row = item.row
         start = time.perf_counter()
         try:
             rng = sample_rng(self.seed, row["image_id"], row["variant"])
             degraded, record = degrade(image, mask, row["type_code"], rng, preset=self.preset)
             row["params_json"] = record.to_json()
             row.update(record.flat_summary())
-            row["degraded_png"] = encode_output(degraded, self.image_format, self.jpeg_quality)
+            item.put_output("degraded", degraded, self.image_format, self.jpeg_quality)
         except Exception as exc:
-            failed(row, self.name, exc)
+            item.fail(self.name, exc)
         row["seconds_degrade"] = time.perf_counter() - start
 
 
 class _CleanScoring:
     """One clean image and its mask, decoded, with the metric contexts built from them."""
 
-    def __init__(self, clean_png: bytes, mask_png: bytes) -> None:
+    def __init__(self, item: Item) -> None:
         from fundus_batch.metrics import NorefContext
 
-        self.clean_png = clean_png
-        self.mask_png = mask_png
-        self.mask = decode_mask(mask_png)
-        self.image = codecs.decode_image(clean_png)
-        self.noref = NorefContext(self.mask, self.image.shape)
+        self.image = item.image("clean")
+        self.mask = item.image("mask")
+        self.clean_bytes = item.encoded.get("clean")
+        self.mask_bytes = item.encoded.get("mask")
+        self.noref: NorefContext = NorefContext(self.mask, self.image.shape)
         self._reference: ReferenceContext | None = None
 
-    def matches(self, clean_png: bytes, mask_png: bytes) -> bool:
-        """Whether these are the bytes this was built from (same object or equal)."""
-        same_clean = clean_png is self.clean_png or clean_png == self.clean_png
-        return same_clean and (mask_png is self.mask_png or mask_png == self.mask_png)
+    def matches(self, item: Item) -> bool:
+        """Whether ``item`` carries this clean image and mask (the same arrays, or equal bytes
+        when it came across the object store)."""
+        return _same(item, "clean", self.image, self.clean_bytes) and _same(
+            item, "mask", self.mask, self.mask_bytes
+        )
 
     @property
     def reference(self) -> ReferenceContext:
@@ -319,43 +460,55 @@ class _CleanScoring:
         return self._reference
 
 
-class Score:
+def _same(item: Item, role: str, pixels: np.ndarray, data: bytes | None) -> bool:
+    if item.images.get(role) is pixels:
+        return True
+    other = item.encoded.get(role)
+    return data is not None and other is not None and (other is data or other == data)
+
+
+class Score(RowsCallable):
     """Quality metrics: no-reference for each image present, full-reference against clean."""
 
-    name = "score"
-    resources = Resources(num_cpus=0.5)
+    name: ClassVar[str] = "score"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.5)
 
     def __init__(
-        self, roles: Sequence[str] = ("degraded", "enhanced"), reference: bool = True
+        self,
+        *,
+        roles: Sequence[Literal["clean", "degraded", "enhanced"]] = ("degraded", "enhanced"),
+        reference: bool = True,
     ) -> None:
         self.roles = tuple(roles)
         self.reference = reference
         self._clean: _CleanScoring | None = None
 
-    def _clean_for(self, row: Row) -> _CleanScoring:
-        """The decoded clean image, mask and metric contexts of ``row``, kept while the rows
-        that follow (the other variants of one image) carry the same clean and mask bytes."""
+    def _clean_for(self, item: Item) -> _CleanScoring:
+        """The clean image, mask and metric contexts of ``item``, kept while the items that
+        follow (the other variants of one image) carry the same clean image and mask."""
         cached = self._clean
-        if cached is None or not cached.matches(row["clean_png"], row["mask_png"]):
-            cached = self._clean = _CleanScoring(row["clean_png"], row["mask_png"])
+        if cached is None or not cached.matches(item):
+            cached = self._clean = _CleanScoring(item)
+        else:  # share the decoded arrays with the item rather than decoding its bytes again
+            item.images.setdefault("clean", cached.image)
+            item.images.setdefault("mask", cached.mask)
         return cached
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
+    def process(self, batch: Batch) -> Batch:
         from fundus_batch.metrics import METRIC_VERSION, noref_metrics
 
-        for row in rows:
-            if not is_ok(row):
+        for item in batch:
+            if not item.ok:
                 continue
+            row = item.row
             start = time.perf_counter()
             try:
-                clean = self._clean_for(row)
-                truth = row.get("vessel_gt_png")
-                truth = decode_mask(truth) if truth is not None else None
+                clean = self._clean_for(item)
+                truth = item.image("vessel_gt") if item.has("vessel_gt") else None
                 for role in self.roles:
-                    data = row.get(f"{role}_png")
-                    if data is None:
+                    if not item.has(role):
                         continue
-                    img = clean.image if role == "clean" else codecs.decode_image(data)
+                    img = item.image(role)
                     for name, value in noref_metrics(img, None, context=clean.noref).items():
                         row[f"{name}_{role}"] = float(value)
                     if role != "clean" and self.reference:
@@ -366,9 +519,9 @@ class Score:
                         score_vessels(row, role, img, truth, clean.mask)
                 row["metric_version"] = METRIC_VERSION
             except Exception as exc:
-                failed(row, self.name, exc)
+                item.fail(self.name, exc)
             row["seconds_score"] = (row.get("seconds_score") or 0.0) + time.perf_counter() - start
-        return rows
+        return batch
 
 
 def score_vessels(
@@ -393,38 +546,42 @@ def score_vessels(
     row["vessel_segmenter"] = VESSEL_SEGMENTER
 
 
-def image_paths(
-    out: str, image_id: str, variant: int | None, type_code: str | None, image_format: str
-) -> dict[str, str]:
-    """Deterministic output URIs of one row's images."""
-    ext = image_ext(image_format)
-    base = storage.join(out, "images", image_id)
-    paths = {"clean": storage.join(base, f"clean.{ext}"), "mask": storage.join(base, "mask.png")}
-    if variant is None or variant < 0:  # enhance/score modes: one row per source image
-        paths["enhanced"] = storage.join(base, f"enhanced.{ext}")
-        return paths
-    stem = f"v{variant:03d}" + (f"_{type_code}" if type_code else "")
-    paths["degraded"] = storage.join(base, f"{stem}.{ext}")
-    paths["enhanced"] = storage.join(base, f"{stem}_enhanced.{ext}")
-    return paths
+class QualityGate(RowsCallable):
+    """Flag each row against a quality rule (``quality.parse_rule``); rows are never dropped."""
+
+    name: ClassVar[str] = "quality"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.25)
+
+    def __init__(self, *, rule: str) -> None:
+        self.rule = parse_rule(rule)
+
+    def process(self, batch: Batch) -> Batch:
+        for item in batch:
+            if not item.ok:
+                continue
+            ok, broken = self.rule.evaluate(item.row)
+            item.row["quality_ok"] = ok
+            item.row["quality_failed"] = "; ".join(broken) or None
+        return batch
 
 
-class Write:
-    """Write each row's images under deterministic paths and drop the pixel bytes."""
+class Write(RowsCallable):
+    """Write each item's images under deterministic paths and drop the pixels."""
 
-    name = "write"
-    resources = Resources(num_cpus=0.25)
+    name: ClassVar[str] = "write"
+    resources: ClassVar[Resources] = Resources(num_cpus=0.25)
 
     def __init__(
         self,
+        *,
         out: str,
-        image_format: str = "png",
-        storage_options: dict | None = None,
+        image_format: ImageFormat = "png",
+        storage_options: Mapping[str, Any] | None = None,
         retries: int = storage.DEFAULT_RETRIES,
     ) -> None:
         self.out = out
         self.image_format = image_format
-        self.storage_options = storage_options or {}
+        self.storage_options = dict(storage_options or {})
         self.retries = retries
 
     def _check_inside(self, uri: str) -> None:
@@ -438,37 +595,33 @@ class Write:
         storage.write_bytes(uri, data, storage_options=self.storage_options, retries=self.retries)
         return sha256_hex(data)
 
-    def __call__(self, rows: list[Row]) -> list[Row]:
-        for row in rows:
+    def process(self, batch: Batch) -> Batch:
+        for item in batch:
+            row = item.row
             start = time.perf_counter()
             try:
-                if is_ok(row):
-                    self._write_row(row)
+                if item.ok:
+                    self._write_item(item)
             except Exception as exc:
-                failed(row, self.name, storage.redact(f"{type(exc).__name__}: {exc}"))
-            for key in (
-                "clean_png",
-                "mask_png",
-                "degraded_png",
-                "enhanced_png",
-                "raw_bytes",
-                "vessel_gt_png",
-            ):
-                row.pop(key, None)
+                item.fail(self.name, storage.redact(f"{type(exc).__name__}: {exc}"))
+            item.drop_images()
+            for column in ENCODED_COLUMNS.values():
+                row.pop(column, None)
             row["seconds_write"] = time.perf_counter() - start
             row["fundus_batch_version"] = __version__
             # A presigned or user:pass@ URI must not carry its secret into the dataset.
             row["source_uri"] = storage.redact(row.get("source_uri") or "") or None
             if row.get("vessel_gt_uri"):
                 row["vessel_gt_uri"] = storage.redact(row["vessel_gt_uri"])
-        return rows
+        return batch
 
-    def _write_row(self, row: Row) -> None:
-        paths = image_paths(
+    def _write_item(self, item: Item) -> None:
+        row = item.row
+        paths = outpaths.image_paths(
             self.out, row["image_id"], row.get("variant"), row.get("type_code"), self.image_format
         )
         for role in ("clean", "mask", "degraded", "enhanced"):
-            data = row.get(f"{role}_png")
+            data = item.encoded.get(role)
             if data is None or role not in paths:
                 continue
             carried = role in ("clean", "mask")
@@ -480,3 +633,82 @@ class Write:
             # Relative to OUT, so that a moved or copied OUT still verifies.
             row[f"{role}_uri"] = outpaths.relative_to_out(self.out, paths[role])
             row[f"{role}_sha256"] = digest
+
+
+def stage_specs(config: RunConfig) -> list[StageSpec]:
+    """Every stage of this run, in order, each built from its own config section."""
+    from fundus_batch.enhance import ClassicalEnhance, Enhance
+
+    fmt: dict[str, Any] = {
+        "image_format": config.image_format,
+        "jpeg_quality": config.jpeg_quality,
+    }
+    specs = [
+        StageSpec(
+            Fetch,
+            {
+                "storage_options": config.storage_options,
+                "threads": config.ray.fetch_threads,
+                "retries": config.storage_retries,
+                "vessels": config.compute_metrics,
+            },
+        ),
+        StageSpec(Preprocess, {"size": config.size, **fmt}),
+    ]
+    if config.compute_metrics:
+        specs.append(StageSpec(Score, {"roles": ("clean",)}))
+    if config.mode == "pairs":
+        specs.append(
+            StageSpec(
+                Degrade,
+                {
+                    "seed": config.seed,
+                    "variants": config.variants,
+                    "types": tuple(config.types),
+                    "type_mode": config.type_mode,
+                    "preset": config.preset,
+                    **fmt,
+                },
+            )
+        )
+    enh = config.enhance
+    if enh.enabled:
+        source_role = "degraded" if config.mode == "pairs" else "clean"
+        if enh.enhancer == "classical":
+            specs.append(StageSpec(ClassicalEnhance, {"source_role": source_role, **fmt}))
+        else:
+            specs.append(
+                StageSpec(
+                    Enhance,
+                    {
+                        "weights": enh.weights,
+                        "variant": enh.variant,
+                        "width": enh.width,
+                        "batch_size": enh.batch_size,
+                        "device": enh.device,
+                        "source_role": source_role,
+                        "cpu_share": enh.cpus_per_actor,
+                        **fmt,
+                    },
+                )
+            )
+    if config.compute_metrics:
+        specs.append(
+            StageSpec(
+                Score, {"roles": ("degraded", "enhanced"), "reference": config.mode == "pairs"}
+            )
+        )
+    if config.min_quality:
+        specs.append(StageSpec(QualityGate, {"rule": config.min_quality}))
+    specs.append(
+        StageSpec(
+            Write,
+            {
+                "out": outpaths.absolute_out(config.out),  # workers do not share the cwd
+                "image_format": config.image_format,
+                "storage_options": config.out_storage_options,
+                "retries": config.storage_retries,
+            },
+        )
+    )
+    return specs

@@ -31,18 +31,20 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import Annotated, Any, Literal, Protocol, get_args, overload
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from fundus_batch.degrade import TYPE_CODES, DegradationRecord, degrade, sample_rng
 from fundus_batch.degrade.ops import color_jitter
 from fundus_batch.metrics import psnr, ssim
 from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet, check_size
+from fundus_batch.validation import FieldProblem, Finite, Int, Model, format_problems, length
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -74,21 +76,42 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fundus-batch-train-1"
-INITS = ("released", "fixup")
-LOSS_SCALES = ("none", "degraded", "log")
-PIXEL_LOSSES = ("l1", "mse")
+Init = Literal["released", "fixup"]
+LossScale = Literal["none", "degraded", "log"]
+PixelLoss = Literal["l1", "mse"]
+INITS: tuple[str, ...] = get_args(Init)
+LOSS_SCALES: tuple[str, ...] = get_args(LossScale)
+PIXEL_LOSSES: tuple[str, ...] = get_args(PixelLoss)
 _BCE_EPS = 1e-6
 
 
 class TrainError(ValueError):
-    """Bad training input: an invalid config, sample, dataset or checkpoint."""
+    """Bad training input: an invalid config, sample, dataset or checkpoint.
+
+    ``problems`` lists the bad fields of an invalid config (empty otherwise).
+    """
+
+    def __init__(self, message: str, problems: Sequence[FieldProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def _crop_size(size: int) -> int:
+    if size % 32 or size < 192:
+        raise ValueError("must be a multiple of 32 and >= 192")
+    return size
+
+
+_Positive = Annotated[Int, Field(ge=1)]
+_NonNegative = Annotated[Int, Field(ge=0)]
+_Weight = Annotated[Finite, Field(ge=0.0)]
+_Beta = Annotated[Finite, Field(ge=0.0, lt=1.0)]
 
 
 # ---------------------------------------------------------------------------------- config
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Model):
     """Everything that decides a training run.
 
     ``size`` is the side of the square training crop (a multiple of 32, >= 192); samples larger
@@ -118,102 +141,66 @@ class TrainConfig:
     correction there. ``head_lr_scale`` multiplies the learning rate of that output conv.
     """
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     variant: str = "cofe-net"
-    width: float = 0.25
+    width: Annotated[Finite, Field(gt=0.0, le=1.0)] = 0.25
     residual: bool = True
-    field_size: int | None = None
-    size: int = 256
-    batch_size: int = 4
-    steps: int = 1000
-    epochs: float | None = None
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    decay_start: float = 1.0
-    seed: int = 0
+    field_size: Annotated[Int, Field(ge=1)] | None = None
+    size: Annotated[Int, AfterValidator(_crop_size)] = 256
+    batch_size: _Positive = 4
+    steps: _Positive = 1000
+    epochs: Annotated[Finite, Field(gt=0.0)] | None = None
+    lr: Annotated[Finite, Field(gt=0.0)] = 1e-4
+    betas: Annotated[tuple[_Beta, _Beta], length(2, "[beta1, beta2]")] = (0.5, 0.999)
+    decay_start: Annotated[Finite, Field(ge=0.0, le=1.0)] = 1.0
+    seed: _NonNegative = 0
     flip: bool = True
-    val_every: int = 0
+    val_every: _NonNegative = 0
     val_at_end: bool = True
-    val_batch_size: int = 4
-    log_every: int = 10
+    val_batch_size: _Positive = 4
+    log_every: _Positive = 10
     checkpoint: str | None = None
-    checkpoint_every: int = 0
+    checkpoint_every: _NonNegative = 0
     resume: bool = False
-    stop_at: int | None = None
+    stop_at: _Positive | None = None
     device: str = "auto"
     amp: bool | None = None
-    num_threads: int | None = None
-    lambda_l1: float = 1.0
-    lambda_l1_256: float = 1.0
-    lambda_disc: float = 10.0
-    lambda_vessel: float = 0.1
-    lambda_lqa: float = 0.0
-    init: str = "released"
-    loss_scale: str = "none"
-    loss_scale_eps: float = 0.01
-    pixel_loss: str = "l1"
+    num_threads: _Positive | None = None
+    lambda_l1: _Weight = 1.0
+    lambda_l1_256: _Weight = 1.0
+    lambda_disc: _Weight = 10.0
+    lambda_vessel: _Weight = 0.1
+    lambda_lqa: _Weight = 0.0
+    init: Init = "released"
+    loss_scale: LossScale = "none"
+    loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01
+    pixel_loss: PixelLoss = "l1"
     init_weights: str | None = None
-    head_lr_scale: float = 1.0
+    head_lr_scale: Annotated[Finite, Field(gt=0.0)] = 1.0
 
-    def __post_init__(self) -> None:
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        problems: list[str] = []
-        if self.size % 32 or self.size < 192:
-            problems.append(f"size must be a multiple of 32 and >= 192, got {self.size}")
-        if not (0.0 < float(self.width) <= 1.0):
-            problems.append(f"width must be in (0, 1], got {self.width}")
-        for name in ("batch_size", "steps", "val_batch_size", "log_every"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("val_every", "checkpoint_every", "seed"):
-            if int(getattr(self, name)) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.epochs is not None and not self.epochs > 0:
-            problems.append(f"epochs must be > 0, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            problems.append(f"betas must lie in [0, 1), got {self.betas}")
-        if not 0.0 <= self.decay_start <= 1.0:
-            problems.append(f"decay_start must be in [0, 1], got {self.decay_start}")
-        if self.stop_at is not None and self.stop_at < 1:
-            problems.append(f"stop_at must be >= 1, got {self.stop_at}")
-        if self.num_threads is not None and self.num_threads < 1:
-            problems.append(f"num_threads must be >= 1, got {self.num_threads}")
-        for f in fields(self):
-            if f.name.startswith("lambda_") and not getattr(self, f.name) >= 0:
-                problems.append(f"{f.name} must be >= 0, got {getattr(self, f.name)}")
-        if self.loss_scale not in LOSS_SCALES:
-            problems.append(f"loss_scale must be one of {LOSS_SCALES}, got {self.loss_scale!r}")
-        if not self.loss_scale_eps > 0:
-            problems.append(f"loss_scale_eps must be > 0, got {self.loss_scale_eps}")
-        if self.pixel_loss not in PIXEL_LOSSES:
-            problems.append(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
-        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
-            problems.append(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
-        if self.init not in INITS:
-            problems.append(f"init must be one of {INITS}, got {self.init!r}")
-        if self.resume and not self.checkpoint:
-            problems.append("resume=True needs a checkpoint path")
-        if problems:
-            raise TrainError("invalid TrainConfig: " + "; ".join(problems))
+    @field_validator("resume")
+    @classmethod
+    def _resume_needs_a_checkpoint(cls, resume: bool, info: ValidationInfo) -> bool:
+        if resume and not info.data.get("checkpoint"):
+            raise ValueError("needs a checkpoint path")
+        return resume
+
+    @classmethod
+    def error(cls, problems: list[FieldProblem]) -> TrainError:
+        """A TrainError listing every bad field."""
+        return TrainError("invalid TrainConfig: " + format_problems(problems), problems)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (betas as a list)."""
-        data = asdict(self)
+        data = self.model_dump()
         data["betas"] = list(self.betas)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys raise TrainError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
-        values = dict(data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        """Build from a mapping; unknown keys and bad values raise TrainError naming the field."""
+        return cls.parse(data)
 
 
 # -------------------------------------------------------------------------------- samples
@@ -476,13 +463,14 @@ class DegradeSource:
 
 
 class PairsSource:
-    """A pairs dataset written by the pipeline: ``root/pairs/*.parquet`` (or ``root`` itself
-    holding Parquet files) with image files at the rows' URIs.
+    """A pairs dataset written by the pipeline, on local disk or any fsspec URL (``s3://``,
+    ...): ``root`` is the output folder or its ``pairs/`` folder; shards are read through
+    :mod:`fundus_batch.shards`, images from the rows' URIs.
 
     Only rows with status ``ok`` and a degraded image are used; with ``split`` only rows whose
     ``split`` column equals it (TrainError if the column is absent). Relative URIs resolve
-    against the output folder (``root``, or its parent when ``root`` is ``OUT/pairs``). No
-    vessel or disc ground truth; spot masks come from ``params_json``.
+    against the output folder (the one holding ``pairs/``). No vessel or disc ground truth;
+    spot masks come from ``params_json``.
     """
 
     _COLUMNS = (
@@ -502,20 +490,19 @@ class PairsSource:
         split: str | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        import pyarrow.parquet as pq
+        from fundus_batch import shards
 
         self.root = str(root)
         self.storage_options = storage_options
-        base = Path(self.root)
-        folder = base / "pairs" if (base / "pairs").is_dir() else base
+        folder = shards.pairs_dir(self.root, storage_options)
         # Rows record image paths relative to OUT, the folder that holds pairs/.
-        self.out_root = str(base.parent if folder == base and base.name == "pairs" else base)
-        files = sorted(folder.glob("*.parquet"))
-        if not files:
+        self.out_root = shards.output_root(self.root, storage_options)
+        paths = shards.list_shards(folder, storage_options)
+        if not paths:
             raise TrainError(f"no Parquet files under {folder}")
         rows: list[dict[str, Any]] = []
-        for path in files:
-            table = pq.read_table(path)
+        for path in paths:
+            table = shards.read_shard(path, [*self._COLUMNS, "split"], storage_options)
             missing = [c for c in self._COLUMNS if c not in table.column_names]
             if missing:
                 raise TrainError(f"{path} lacks pairs columns {missing}")
@@ -546,10 +533,9 @@ class PairsSource:
     def _read(self, uri: str, grey: bool = False) -> np.ndarray:
         from fundus_batch.io import storage
         from fundus_batch.io.codecs import decode_image
+        from fundus_batch.outpaths import resolve
 
-        if "://" not in uri and not os.path.isabs(uri):
-            uri = os.path.join(self.out_root, uri)
-        data = storage.read_bytes(uri, storage_options=self.storage_options)
+        data = storage.read_bytes(resolve(self.out_root, uri), storage_options=self.storage_options)
         rgb = decode_image(data)
         return rgb[..., 0].copy() if grey else rgb
 

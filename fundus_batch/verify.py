@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from fundus_batch import shards
+from fundus_batch.imaging import sha256_hex
 from fundus_batch.io import codecs, storage
 from fundus_batch.output import RUN_JSON, OutputStore
 from fundus_batch.schema import STATUS_FAILED, STATUS_OK
-from fundus_batch.stages import sha256_hex
 
 __all__ = ["RepairReport", "VerifyReport", "repair", "verify"]
 
@@ -98,24 +98,20 @@ def _label(image_id: Any, variant: Any) -> str:
 
 def _read_shards(store: OutputStore, report: VerifyReport) -> pa.Table | None:
     """All shards; an unreadable shard is a problem and is skipped."""
-    try:
-        table = store.read_table()
-        report.shards = len(store.shard_paths())
-        return table
-    except Exception:  # some shard is unreadable: read them one by one to name it
-        pass
     tables = []
     paths = store.shard_paths()
     report.shards = len(paths)
     for path in paths:
         try:
-            with store.fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh))
-        except Exception as exc:
-            report.add(f"shard {path} is unreadable: {type(exc).__name__}: {exc}")
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="permissive")
+            options = store.storage_options
+            tables.append(shards.read_shard(path, None, options, retries=store.retries))
+        except OSError as exc:  # corrupt, gone since the listing, or storage still failing
+            if isinstance(exc, shards.CorruptShardError):
+                reason = exc.reason
+            else:
+                reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
+            report.add(f"shard {storage.redact(path)} is unreadable: {reason}")
+    return shards.concat_tables(tables)
 
 
 def _expected_ids(
@@ -368,10 +364,9 @@ def _legacy_shards(store: OutputStore) -> int:
     legacy = 0
     for path in store.shard_paths():
         try:
-            with store.fs.open(path, "rb") as fh:
-                if ROW_CHECKSUM not in pq.read_schema(fh).names:
-                    legacy += 1
-        except Exception:  # unreadable shards are reported by _read_shards
+            if ROW_CHECKSUM not in shards.shard_schema(path, store.storage_options).names:
+                legacy += 1
+        except OSError:  # unreadable shards are reported by _read_shards
             continue
     return legacy
 
@@ -418,8 +413,8 @@ def _deep_row(row: dict[str, Any], storage_options: dict | None) -> list[str]:
     """Recompute one ok row from its files: replay ``params_json`` and redraw it from the seed
     (pairs rows), and recompute its metrics (same metric version only). Returns problems."""
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
+    from fundus_batch.imaging import decode_mask
     from fundus_batch.metrics import METRIC_VERSION, full_reference_metrics, noref_metrics
-    from fundus_batch.stages import decode_mask
 
     def read(role: str) -> bytes | None:
         uri = row.get(f"{role}_uri")

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 # Sleeping rather than spinning OpenMP workers: on a shared CPU a spinning torch thread that
 # loses its core stalls every parallel region.
@@ -39,11 +39,15 @@ except ImportError:  # running from a checkout
 
 import torch
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from fundus_batch.degrade import TYPE_CODES
-from fundus_batch.metrics.noref import noref_metrics
+from fundus_batch.degrade.presets import known_preset
+from fundus_batch.metrics.noref import NOREF_METRICS, noref_metrics
 from fundus_batch.models import build_cofenet, file_sha256, load_weights
 from fundus_batch.train import (
+    INITS,
+    LOSS_SCALES,
     CleanSample,
     DegradeSource,
     PairsSource,
@@ -54,14 +58,17 @@ from fundus_batch.train import (
     load_clean_sample,
     train,
 )
+from fundus_batch.validation import FieldProblem, Finite, Int, format_problems, length, validate
 
 log = logging.getLogger("train_cofenet")
 
-DEFAULT_HOLDOUT = {
+Dataset = Literal["hrf", "chase_db1", "eyepacs_sample", "eyepacs", "mx_dme"]
+DATASETS: tuple[str, ...] = get_args(Dataset)
+DEFAULT_DATASETS: tuple[Dataset, ...] = ("hrf", "chase_db1")
+DEFAULT_HOLDOUT: dict[Dataset, list[str]] = {
     "hrf": ["07_dr", "08_g", "08_h", "08_dr"],
     "chase_db1": ["Image_13L", "Image_13R", "Image_14L", "Image_14R"],
 }
-DATASETS = ("hrf", "chase_db1", "eyepacs_sample", "eyepacs", "mx_dme")
 TRAINING_DATA = {
     "hrf": "HRF (Budai et al. 2013)",
     "chase_db1": "CHASE_DB1 (Kingston University)",
@@ -193,26 +200,80 @@ def inference_model(config: TrainConfig, deadzone: float) -> Any:
     )
 
 
-def read_config(path: str | None) -> dict[str, Any]:
-    """The YAML job config: ``train`` (TrainConfig fields) and ``data``/``name``/``preset``."""
+class JobConfigError(ValueError):
+    """A job config that cannot run; the message names the file and the field."""
+
+
+def _ordered(bounds: list[float]) -> list[float]:
+    if bounds[0] > bounds[1]:
+        raise ValueError("low > high")
+    return bounds
+
+
+def _known_measure(name: str) -> str:
+    if name not in NOREF_METRICS:
+        raise ValueError(f"unknown measure; known: {sorted(NOREF_METRICS)}")
+    return name
+
+
+Bounds = Annotated[list[Finite], length(2, "[low, high]"), AfterValidator(_ordered)]
+QualityMeasure = Annotated[str, AfterValidator(_known_measure)]
+
+
+class DataSection(BaseModel):
+    """Which datasets are trained on, and the images of each held out for validation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: Annotated[list[Dataset], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_DATASETS)
+    )
+    holdout: dict[Dataset, list[Annotated[str, Strict()]]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_HOLDOUT.items()}
+    )
+
+
+class JobConfig(BaseModel):
+    """The YAML job config: ``train`` holds TrainConfig fields (checked by :func:`load_job`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Strict(), Field(min_length=1)] = "fundus-cofenet-small"
+    preset: Annotated[str, AfterValidator(known_preset)] = "cofe-release"
+    working_size: Annotated[Int, Field(ge=64, le=4096)] = 512
+    train: dict[str, Any] = Field(default_factory=dict)
+    data: DataSection = Field(default_factory=DataSection)
+    quality: dict[QualityMeasure, Bounds] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_QUALITY.items()}
+    )
+    keep_colour: bool = False
+    field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
+
+
+def load_job(path: str | None) -> JobConfig:
+    """The validated YAML job config (defaults when ``path`` is None); JobConfigError if bad."""
     if path is None:
-        return {}
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - {
-        "name",
-        "preset",
-        "working_size",
-        "train",
-        "data",
-        "quality",
-        "keep_colour",
-        "field_deadzone",
-    }
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
-    return data
+        return JobConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise JobConfigError(f"{path} is not valid YAML: {exc}") from None
+
+    def error(problems: list[FieldProblem]) -> JobConfigError:
+        return JobConfigError(f"invalid job config {path}: {format_problems(problems)}")
+
+    job = validate(JobConfig, data, error)
+    try:  # the train section as it stands; CLI overrides are checked again in main
+        TrainConfig.from_dict(job.train)
+    except TrainError as exc:
+        problems = exc.problems or [FieldProblem("", str(exc))]
+        raise error([p._replace(field=f"train.{p.field}".rstrip(".")) for p in problems]) from None
+    return job
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """The YAML job config as a dict of the keys it sets, validated (see :class:`JobConfig`)."""
+    return load_job(path).model_dump(exclude_unset=True)
 
 
 def registry_entry(
@@ -268,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--init", choices=["released", "fixup"])
-    parser.add_argument("--loss-scale", choices=["none", "degraded"])
+    parser.add_argument("--init", choices=INITS)
+    parser.add_argument("--loss-scale", choices=LOSS_SCALES)
     parser.add_argument("--val-every", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -286,24 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[logging.StreamHandler(sys.stdout), handler],
     )
     try:
-        job = read_config(args.config)
-        name = args.name or job.get("name", "fundus-cofenet-small")
-        preset = job.get("preset", "cofe-release")
-        size = args.working_size or int(job.get("working_size", 512))
-        data = job.get("data", {})
-        datasets = (
-            args.datasets.split(",")
-            if args.datasets
-            else data.get("datasets", ["hrf", "chase_db1"])
-        )
-        holdout = data.get("holdout", DEFAULT_HOLDOUT)
-        quality = job.get("quality", DEFAULT_QUALITY)
-        deadzone = float(job.get("field_deadzone", 0.0))
+        job = load_job(args.config)
+        name = args.name or job.name
+        preset = job.preset
+        size = args.working_size or job.working_size
+        datasets: list[str] = args.datasets.split(",") if args.datasets else list(job.data.datasets)
+        holdout: dict[str, list[str]] = {str(k): v for k, v in job.data.holdout.items()}
+        quality: dict[str, list[float]] = dict(job.quality)
+        deadzone = job.field_deadzone
         if args.holdout_source:
             if args.holdout_source not in datasets:
                 raise ValueError(f"--holdout-source {args.holdout_source} is not in {datasets}")
             holdout = {args.holdout_source: ["*"]}
-        values = dict(job.get("train", {}))
+        values = dict(job.train)
         overrides = {
             "steps": args.steps,
             "width": args.width,
@@ -349,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         train_source = DegradeSource(
             load_samples(root, train_entries, size, quality),
             preset=preset,
-            keep_colour=bool(job.get("keep_colour", False)),
+            keep_colour=job.keep_colour,
         )
         held_samples = evenly(load_samples(root, held, size, quality), args.eval_count)
         held = [e for e in held if e["image_id"] in {s.image_id for s in held_samples}]

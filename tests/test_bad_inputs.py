@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fundus_batch import pipeline, stages
+from fundus_batch import imaging, pipeline, stages
 from fundus_batch.config import build_config
 from fundus_batch.io.codecs import decode_image
 from fundus_batch.manifest import MAX_ID_BYTES
@@ -115,7 +115,7 @@ def test_corpus_row_has_the_expected_outcome(corpus_run, kind: str) -> None:
     assert pd.isna(row.failed_stage) and pd.isna(row.error)
     assert (row.source_width, row.source_height) == case.display_size
     clean = decode_image((out / row.clean_uri).read_bytes())
-    mask = stages.decode_mask((out / row.mask_uri).read_bytes())
+    mask = imaging.decode_mask((out / row.mask_uri).read_bytes())
     degraded = decode_image((out / row.degraded_uri).read_bytes())
     assert clean.shape == degraded.shape == (SIZE, SIZE, 3)
     assert Path(row.clean_uri).parent == Path("images") / case.image_id

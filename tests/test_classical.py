@@ -128,7 +128,7 @@ def test_bad_parameters_are_rejected(kwargs):
 
 
 def test_stage_writes_the_enhance_columns_and_fails_bad_rows_alone(fundus):
-    stage = ClassicalEnhance("degraded", "png", 95)
+    stage = ClassicalEnhance(source_role="degraded", image_format="png", jpeg_quality=95)
     assert stage.resources.num_gpus == 0
     degraded, _ = degrade(fundus.image, fundus.mask, "001", sample_rng(0, "x", 2))
     mask_png = encode_png(fundus.mask)
@@ -149,16 +149,16 @@ def test_stage_writes_the_enhance_columns_and_fails_bad_rows_alone(fundus):
 
 def test_pipeline_plans_the_classical_stage_on_cpu_actors_even_with_a_gpu():
     from fundus_batch.config import build_config
-    from fundus_batch.pipeline import ClusterShape, plan_operators
+    from fundus_batch.ray_adapter import ClusterShape, plan_pools
 
     cfg = build_config(
         {"manifest": "m.csv", "out": "o", "enhance": {"enabled": True, "enhancer": "classical"}}
     )
-    ops = plan_operators(cfg, ClusterShape(cpus=8, gpus=1))
-    assert all(o.resources.num_gpus == 0 for o in ops)
-    chained = [f.func for o in ops for f in o.factories]
+    pools = plan_pools(cfg, ClusterShape(cpus=8, gpus=1))
+    assert all(p.resources.num_gpus == 0 for p in pools)
+    chained = [s.cls for p in pools for s in p.specs]
     assert ClassicalEnhance in chained
-    assert all(getattr(f, "__name__", "") != "Enhance" for f in chained)
+    assert all(c.__name__ != "Enhance" for c in chained)
 
 
 def test_enhance_image_runs_the_classical_enhancer_and_rejects_unknown_names(fundus):
@@ -176,7 +176,7 @@ def test_pipeline_run_with_the_classical_enhancer_writes_enhanced_rows(ray_clust
 
     from fundus_batch import pipeline
     from fundus_batch.config import build_config
-    from fundus_batch.stages import decode_mask
+    from fundus_batch.imaging import decode_mask
     from tests.pipeline_inputs import write_inputs
 
     manifest = write_inputs(tmp_path / "in", n_good=2, broken=False, size=256)

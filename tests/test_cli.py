@@ -188,6 +188,8 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
     )
     _ok(result)
     assert "rows_in == ok + failed: True" in result.output
+    bar = [line for line in result.stderr.splitlines() if line.startswith("rows ")]
+    assert bar[0].startswith("rows 0/4 ") and bar[-1].startswith("rows 4/4 100% "), bar
     df = pq.read_table(str(out / "pairs")).to_pandas()
     assert len(df) == 4 and set(df.type_code) == {"001", "100"}
     verify = ["verify", str(out), "--manifest", str(tmp_path / "m.csv")]

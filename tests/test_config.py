@@ -80,3 +80,16 @@ def test_enhancer_classical_validates_and_an_unknown_enhancer_names_the_field():
     with pytest.raises(ConfigError) as err:
         build_config({"manifest": "m", "out": "o", "enhance": {"enhancer": "clahe"}})
     assert "enhance.enhancer" in str(err.value)
+
+
+def test_config_errors_list_each_field_with_the_value_it_got():
+    with pytest.raises(ConfigError) as err:
+        build_config(
+            {"manifest": "m", "out": "o", "variants": 0, "preset": "nope", "ray": {"fetch": 1}},
+            "job.yaml",
+        )
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config job.yaml:"
+    assert "  variants: Input should be greater than or equal to 1 (got 0)" in lines
+    assert any(line.startswith("  preset: unknown preset;") for line in lines)
+    assert "  ray.fetch: unknown field (got 1)" in lines

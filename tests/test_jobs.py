@@ -80,10 +80,14 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
         "--config",
         str(config),
     ]
-    deadline = time.time() + 60
-    while True:  # the job server answers a little after `ray start` returns
+    # The job server answers, and its agent takes jobs, a little after `ray start` returns
+    # (longer on a loaded machine).
+    not_ready = ("Connection", "No available agent")
+    deadline = time.time() + 120
+    while True:
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-        if done.returncode == 0 or time.time() > deadline or "Connection" not in done.stderr:
+        waiting = any(s in done.stderr for s in not_ready)
+        if done.returncode == 0 or time.time() > deadline or not waiting:
             break
         time.sleep(2)
     log = done.stdout[-4000:] + done.stderr[-4000:]

@@ -41,7 +41,7 @@ def _working_row(image_id: str) -> dict:
 
 def test_write_records_paths_relative_to_out(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    [row] = stages.Write(str(out))([_working_row("a")])
+    [row] = stages.Write(out=str(out))([_working_row("a")])
     assert row["status"] == "ok", row.get("error")
     assert row["clean_uri"] == "images/a/clean.png"
     assert row["degraded_uri"] == "images/a/v000_001.png"
@@ -53,7 +53,7 @@ def test_a_symlinked_image_folder_fails_the_row_and_writes_nothing_outside(tmp_p
     victim.mkdir()
     (out / "images").mkdir(parents=True)
     (out / "images" / "a").symlink_to(victim, target_is_directory=True)
-    rows = stages.Write(str(out))([_working_row("a"), _working_row("b")])
+    rows = stages.Write(out=str(out))([_working_row("a"), _working_row("b")])
     assert rows[0]["status"] == "failed" and rows[0]["failed_stage"] == "write"
     assert "symbolic link" in rows[0]["error"] and rows[0].get("clean_uri") is None
     assert rows[1]["status"] == "ok"
@@ -65,12 +65,12 @@ def test_a_symlinked_images_folder_and_a_symlinked_file_are_refused(tmp_path: Pa
     victim.mkdir()
     out.mkdir()
     (out / "images").symlink_to(victim, target_is_directory=True)
-    [row] = stages.Write(str(out))([_working_row("a")])
+    [row] = stages.Write(out=str(out))([_working_row("a")])
     assert row["status"] == "failed" and "symbolic link" in row["error"]
     (out / "images").unlink()
     (out / "images" / "b").mkdir(parents=True)
     (out / "images" / "b" / "clean.png").symlink_to(victim / "clean.png")
-    [row] = stages.Write(str(out))([_working_row("b")])
+    [row] = stages.Write(out=str(out))([_working_row("b")])
     assert row["status"] == "failed" and "symbolic link" in row["error"]
     assert _files_under(victim) == set()
 

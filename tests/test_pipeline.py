@@ -11,9 +11,9 @@ import pytest
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.degrade import DegradationRecord, replay
+from fundus_batch.imaging import decode_mask
 from fundus_batch.io.codecs import decode_image
 from fundus_batch.schema import OUTPUT_COLUMNS
-from fundus_batch.stages import decode_mask
 from fundus_batch.verify import verify
 from tests.pipeline_inputs import write_inputs
 
@@ -150,15 +150,15 @@ def tiny_weights(tmp_path_factory) -> Path:
 def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
     ray_cluster, tmp_path, tiny_weights
 ):
-    from fundus_batch.pipeline import ClusterShape, plan_operators
+    from fundus_batch.ray_adapter import ClusterShape, plan_pools
 
     manifest = write_inputs(tmp_path / "in", n_good=2, broken=True, vessels=True)
     out = tmp_path / "out"
     cfg = _config(
         manifest, out, variants=2, enhance={"enabled": True, "weights": str(tiny_weights)}
     )
-    ops = plan_operators(cfg, ClusterShape(cpus=2, gpus=1))
-    assert [o.resources.num_gpus for o in ops] == [0, 0, 1, 0]
+    pools = plan_pools(cfg, ClusterShape(cpus=2, gpus=1))
+    assert [p.resources.num_gpus for p in pools] == [0, 0, 1, 0]
     summary = pipeline.run(cfg)
     assert (summary.ok, summary.failed) == (4, 4)
     df = _table(out)
@@ -175,15 +175,6 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
         mask = decode_mask((out / row.mask_uri).read_bytes())
         assert enhanced.shape == (256, 256, 3) and (enhanced[mask == 0] == 0).all()
     assert verify(str(out), str(manifest)).ok
-
-
-def test_cpu_only_cluster_plans_cpu_enhancement_actors(tiny_weights, tmp_path):
-    from fundus_batch.pipeline import ClusterShape, plan_operators
-
-    cfg = _config("m.csv", tmp_path, enhance={"enabled": True, "weights": str(tiny_weights)})
-    ops = plan_operators(cfg, ClusterShape(cpus=16, gpus=0))
-    assert all(o.resources.num_gpus == 0 for o in ops)
-    assert sum(o.resources.num_cpus * max(o.actors, 1) for o in ops if o.resources.actor) <= 16
 
 
 def test_enhance_mode_writes_one_row_per_source_image(ray_cluster, tmp_path, tiny_weights):

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from fundus_batch.config import ConfigError, build_config
-from fundus_batch.quality import QualityGate, QualityRuleError, parse_rule
+from fundus_batch.quality import QualityRuleError, parse_rule
+from fundus_batch.stages import QualityGate
 
 
 def test_rule_evaluates_every_term_and_names_the_broken_ones():
@@ -34,7 +35,7 @@ def test_config_rejects_a_rule_on_an_unknown_column_before_any_work():
 
 
 def test_gate_flags_ok_rows_and_leaves_failed_rows_alone():
-    gate = QualityGate("psnr_degraded >= 20")
+    gate = QualityGate(rule="psnr_degraded >= 20")
     rows = gate(
         [
             {"status": "ok", "psnr_degraded": 25.0},

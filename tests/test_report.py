@@ -142,10 +142,10 @@ def _build_output(
     rows = _write_inputs(inputs, n_good, n_missing, corrupt)
     rows = stages.Fetch(threads=1)(rows)
     rows = stages.Preprocess(size=SIZE)(rows)
-    rows = stages.Score(("clean",))(rows)
+    rows = stages.Score(roles=("clean",))(rows)
     rows = stages.Degrade(seed=3, variants=VARIANTS, types=TYPES)(rows)
-    rows = stages.Score(("degraded", "enhanced"))(rows)
-    rows = stages.Write(out, storage_options=storage_options)(rows)
+    rows = stages.Score(roles=("degraded", "enhanced"))(rows)
+    rows = stages.Write(out=out, storage_options=storage_options)(rows)
     rows += extra_rows or []
     store = OutputStore(out, storage_options)
     writer = ShardWriter(store, output_schema())

@@ -87,7 +87,7 @@ def test_write_stage_refuses_ids_that_bypassed_validation(tmp_path: Path, bad_id
     out = tmp_path / "deep" / "out"
     out.mkdir(parents=True)
     before = _files_under(tmp_path)
-    [row] = stages.Write(str(out))([_working_row(bad_id)])
+    [row] = stages.Write(out=str(out))([_working_row(bad_id)])
     assert row["status"] == "failed" and row["failed_stage"] == "write"
     assert "clean_png" not in row and row.get("clean_uri") is None
     assert _files_under(tmp_path) == before  # nothing written anywhere
@@ -95,7 +95,7 @@ def test_write_stage_refuses_ids_that_bypassed_validation(tmp_path: Path, bad_id
 
 def test_write_stage_keeps_absolute_looking_ids_inside_the_output_root(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    [row] = stages.Write(str(out))([_working_row("/abs/path")])
+    [row] = stages.Write(out=str(out))([_working_row("/abs/path")])
     written = _files_under(tmp_path)
     assert written and all(out in p.parents for p in written)
     if row["status"] == "ok":

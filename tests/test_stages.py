@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fundus_batch import stages
+from fundus_batch import imaging, stages
 from fundus_batch.degrade import DegradationRecord, replay
 from fundus_batch.io.codecs import decode_image, encode_jpeg
 from fundus_batch.synth import synth_fundus
@@ -34,7 +34,7 @@ def test_fetch_and_preprocess_produce_working_image_and_binary_mask(raw_jpeg: Pa
     [row] = _through_preprocess([_row("a", str(raw_jpeg))])
     assert row["status"] == "ok", row.get("error")
     img = decode_image(row["clean_png"])
-    mask = stages.decode_mask(row["mask_png"])
+    mask = imaging.decode_mask(row["mask_png"])
     assert img.shape == (256, 256, 3) and mask.shape == (256, 256)
     assert set(np.unique(mask)) <= {0, 255}
     assert (img[mask == 0] == 0).all()
@@ -72,7 +72,7 @@ def test_degrade_expands_pending_variants_deterministically_and_replays(raw_jpeg
     again = deg([dict(pre)])
     assert [r["degraded_png"] for r in rows] == [r["degraded_png"] for r in again]
     image = decode_image(pre["clean_png"])
-    mask = stages.decode_mask(pre["mask_png"])
+    mask = imaging.decode_mask(pre["mask_png"])
     for r in rows:
         record = DegradationRecord.from_json(r["params_json"])
         assert np.array_equal(replay(image, mask, record), decode_image(r["degraded_png"]))
@@ -104,12 +104,12 @@ def test_score_then_write_records_metrics_uris_and_checksums(raw_jpeg: Path, tmp
     [pre] = _through_preprocess([_row("a", str(raw_jpeg))])
     pre["pending_variants"] = [0, 1]
     rows = stages.Degrade(seed=1, variants=2, types=["111", "011"])([pre])
-    rows = stages.Score(("clean", "degraded"))(rows)
+    rows = stages.Score(roles=("clean", "degraded"))(rows)
     for r in rows:
         assert 10 < r["psnr_degraded"] < 60 and 0 < r["ssim_degraded"] < 1
         assert r["metric_version"]
     out = str(tmp_path / "out")
-    rows = stages.Write(out)(rows)
+    rows = stages.Write(out=out)(rows)
     for r in rows:
         assert r["status"] == "ok", r.get("error")
         for role in ("clean", "mask", "degraded"):
@@ -127,16 +127,16 @@ def test_score_reuses_the_clean_context_only_for_rows_of_the_same_clean_image(ra
     [pre_a] = _through_preprocess([_row("a", str(raw_jpeg))], size=320)  # MS-SSIM defined
     pre_b = dict(pre_a, image_id="b")  # a different clean image and mask: the mirror image
     pre_b["clean_png"] = encode_png(np.fliplr(decode_image(pre_a["clean_png"])).copy())
-    pre_b["mask_png"] = encode_png(np.fliplr(stages.decode_mask(pre_a["mask_png"])).copy())
+    pre_b["mask_png"] = encode_png(np.fliplr(imaging.decode_mask(pre_a["mask_png"])).copy())
     deg = stages.Degrade(seed=2, variants=3, types=["111", "100", "010"])
     rows_a = deg([dict(pre_a, pending_variants=[0, 1, 2])])
     rows_b = deg([dict(pre_b, pending_variants=[0, 1])])
     batch = [rows_a[0], rows_a[1], rows_b[0], rows_a[2], rows_b[1]]  # interleaved images
-    scored = stages.Score(("clean", "degraded"))([dict(r) for r in batch])
+    scored = stages.Score(roles=("clean", "degraded"))([dict(r) for r in batch])
     for row in scored:
         assert row["status"] == "ok", row.get("error")
         clean = decode_image(row["clean_png"])
-        mask = stages.decode_mask(row["mask_png"])
+        mask = imaging.decode_mask(row["mask_png"])
         degraded = decode_image(row["degraded_png"])
         fr = full_reference_metrics(degraded, clean, mask)
         assert np.isfinite(row["ms_ssim_degraded"])
@@ -147,7 +147,7 @@ def test_score_reuses_the_clean_context_only_for_rows_of_the_same_clean_image(ra
 
 
 def test_write_refuses_paths_outside_the_output_root(tmp_path: Path):
-    w = stages.Write(str(tmp_path / "out"))
+    w = stages.Write(out=str(tmp_path / "out"))
     row = {
         "image_id": "..",
         "status": "ok",
@@ -182,17 +182,17 @@ def test_score_segments_vessels_independently_on_clean_degraded_and_enhanced(tmp
     from fundus_batch.metrics.vessels import VESSEL_SEGMENTER, segment_and_score
 
     [pre] = _vessel_rows(tmp_path)
-    pre = stages.Score(("clean",))([pre])[0]
+    pre = stages.Score(roles=("clean",))([pre])[0]
     [row] = stages.Degrade(seed=1, variants=1, types=["100"])([dict(pre, pending_variants=[0])])
     # A stand-in enhancer that blurs further: its vessel scores must drop below the input's.
-    mask = stages.decode_mask(row["mask_png"])
+    mask = imaging.decode_mask(row["mask_png"])
     worse = cv2.GaussianBlur(decode_image(row["degraded_png"]), (0, 0), 3)
     worse[mask == 0] = 0
-    row["enhanced_png"] = stages.encode_output(worse, "png", 95)
-    [row] = stages.Score(("degraded", "enhanced"))([row])
+    row["enhanced_png"] = imaging.encode_output(worse, "png", 95)
+    [row] = stages.Score(roles=("degraded", "enhanced"))([row])
     assert row["status"] == "ok", row.get("error")
     assert row["vessel_segmenter"] == VESSEL_SEGMENTER
-    truth = stages.decode_mask(row["vessel_gt_png"])
+    truth = imaging.decode_mask(row["vessel_gt_png"])
     for role in ("clean", "degraded", "enhanced"):
         image = decode_image(row[f"{role}_png"])
         want = segment_and_score(image, truth, mask)
@@ -204,7 +204,133 @@ def test_score_segments_vessels_independently_on_clean_degraded_and_enhanced(tmp
 
 def test_score_leaves_vessel_scores_null_when_the_truth_has_no_vessel(tmp_path: Path):
     [pre] = _vessel_rows(tmp_path, truth=np.zeros((720, 900), np.uint8))
-    [row] = stages.Score(("clean",))([pre])
+    [row] = stages.Score(roles=("clean",))([pre])
     assert row["status"] == "ok", row.get("error")
     assert row.get("vessel_auc_clean") is None and row.get("vessel_segmenter") is None
     assert row["nr_luminance_clean"] > 0
+
+
+# --- items: decoded images stay in the worker -------------------------------------------------
+
+
+def _chain_specs(out: str, image_format: str, variants: int = 2) -> list[stages.StageSpec]:
+    fmt = {"image_format": image_format, "jpeg_quality": 90}
+    return [
+        stages.StageSpec(stages.Preprocess, {"size": 256, **fmt}),
+        stages.StageSpec(stages.Score, {"roles": ("clean",)}),
+        stages.StageSpec(
+            stages.Degrade, {"seed": 4, "variants": variants, "types": ["111", "010"], **fmt}
+        ),
+        stages.StageSpec(stages.Score, {"roles": ("degraded", "enhanced")}),
+        stages.StageSpec(stages.Write, {"out": out, "image_format": image_format}),
+    ]
+
+
+def _fetched(raw_jpeg: Path, ids: tuple[str, ...] = ("a", "b")) -> list[dict]:
+    return stages.Fetch(threads=1)([_row(i, str(raw_jpeg)) for i in ids])
+
+
+@pytest.mark.parametrize(("image_format", "decodes"), [("png", 2), ("jpeg", 2 * 2 + 2 * 3)])
+def test_chained_stages_decode_only_the_source_and_lossy_outputs(
+    raw_jpeg: Path, tmp_path: Path, monkeypatch, image_format: str, decodes: int
+):
+    """Two images, three variants: PNG outputs are never decoded again; a JPEG output is
+    decoded once, so that later stages see the stored pixels."""
+    from fundus_batch.io import codecs
+
+    rows = _fetched(raw_jpeg)
+    calls: list[int] = []
+    real = codecs.decode_image
+
+    def counting(data: bytes, **kwargs) -> np.ndarray:
+        calls.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(codecs, "decode_image", counting)
+    chain = stages.Chain(_chain_specs(str(tmp_path / "out"), image_format, variants=3))
+    out = chain(rows)
+    assert [r["status"] for r in out] == ["ok"] * 6, [r.get("error") for r in out]
+    assert len(calls) == decodes
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg"])
+def test_chained_stages_equal_stages_that_exchange_encoded_bytes(
+    raw_jpeg: Path, tmp_path: Path, image_format: str
+):
+    """In one worker (decoded arrays) and across workers (bytes re-decoded at each stage): the
+    same files, checksums and metric values."""
+    specs = _chain_specs(str(tmp_path / "chained"), image_format)
+    chained = stages.Chain(specs)(_fetched(raw_jpeg))
+    rows = _fetched(raw_jpeg)
+    specs[-1] = stages.StageSpec(
+        stages.Write, {"out": str(tmp_path / "apart"), "image_format": image_format}
+    )
+    for spec in specs:
+        built = spec.build()
+        assert isinstance(built, stages.RowsCallable)
+        rows = built([dict(r) for r in rows])  # every stage gets bytes only, as across workers
+    assert len(chained) == len(rows) == 4
+    for a, b in zip(chained, rows, strict=True):
+        assert a["status"] == b["status"] == "ok"
+        volatile = {k for k in a if k.startswith("seconds_")}
+        assert {k: v for k, v in a.items() if k not in volatile} == {
+            k: v for k, v in b.items() if k not in volatile
+        }
+        assert a["psnr_degraded"] > 10 and a["nr_luminance_clean"] > 0
+    for path in (tmp_path / "chained").rglob("*.*"):
+        twin = tmp_path / "apart" / path.relative_to(tmp_path / "chained")
+        assert path.read_bytes() == twin.read_bytes(), path.name
+
+
+def test_item_round_trips_rows_and_shares_read_only_images_between_variants(raw_jpeg: Path):
+    [pre] = stages.Chain([stages.StageSpec(stages.Preprocess, {"size": 128})]).process(
+        stages.items_of(_fetched(raw_jpeg, ("a",)))
+    )
+    assert set(pre.encoded) == {"clean", "mask"} and pre.row["size"] == 128
+    assert np.array_equal(pre.image("clean"), decode_image(pre.encoded["clean"]))
+    with pytest.raises(ValueError, match="read-only"):
+        pre.image("clean")[0, 0, 0] = 1
+    row = pre.to_row()
+    assert row["clean_png"] is pre.encoded["clean"] and "images" not in row
+    again = stages.Item.from_row(row)
+    assert again.row == pre.row and again.encoded == pre.encoded and not again.images
+    variants = stages.Degrade(seed=0, variants=2, types=["001"]).process([pre])
+    assert variants[0].images["clean"] is variants[1].images["clean"] is pre.images["clean"]
+    assert variants[0].encoded["degraded"] != variants[1].encoded["degraded"]
+
+
+def test_a_stage_that_raises_fails_its_rows_and_the_chain_goes_on():
+    class Broken(stages.RowsCallable):
+        name = "broken"
+        resources = stages.Resources()
+
+        def process(self, batch: stages.Batch) -> stages.Batch:
+            raise RuntimeError("boom")
+
+    after = stages.QualityGate(rule="nr_luminance_clean > 1")
+    out = stages.run_stages([Broken(), after], stages.items_of([_row("a", "x")]))
+    assert [(i.row["status"], i.row["failed_stage"]) for i in out] == [("failed", "broken")]
+    assert "RuntimeError: boom" in out[0].row["error"] and "quality_ok" not in out[0].row
+
+
+def test_stages_take_keyword_arguments_only():
+    with pytest.raises(TypeError):
+        stages.Write("out")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stages.Score(("clean",))  # type: ignore[misc]
+
+
+def test_the_schema_names_the_noref_metrics_without_importing_them():
+    import subprocess
+    import sys
+
+    from fundus_batch.metrics import NOREF_METRICS
+    from fundus_batch.schema import NOREF_NAMES
+
+    assert tuple(NOREF_METRICS) == NOREF_NAMES
+    code = (
+        "import sys, fundus_batch.schema; "
+        "print(sorted(m for m in sys.modules if m.startswith(('skimage', 'fundus_batch.metrics'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -311,6 +311,29 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> None:
         TrainConfig.from_dict({"widht": 0.5})
 
 
+def test_config_errors_name_every_bad_field_and_the_value_it_got() -> None:
+    with pytest.raises(TrainError) as info:
+        TrainConfig.from_dict({"widht": 0.5, "size": 200, "betas": [0.9], "steps": True})
+    text = str(info.value)
+    assert text.startswith("invalid TrainConfig: ")
+    assert "size: must be a multiple of 32 and >= 192 (got 200)" in text
+    assert "betas: expected [beta1, beta2] (got [0.9])" in text
+    assert "steps: Input should be a valid integer (got True)" in text
+    assert "widht: unknown field (got 0.5)" in text
+    assert [p.field for p in info.value.problems] == ["size", "steps", "betas", "widht"]
+    with pytest.raises(TrainError, match=r"resume: needs a checkpoint path"):
+        TrainConfig(resume=True)
+
+
+def test_config_assignment_is_validated() -> None:
+    config = _tiny()
+    config.steps = 8
+    assert config.steps == 8
+    with pytest.raises(TrainError, match=r"lr: Input should be greater than 0"):
+        config.lr = 0.0
+    assert config.lr == 1e-3
+
+
 def test_bad_samples_raise_a_typed_error() -> None:
     s = synth_fundus(192, seed=0)
     with pytest.raises(TrainError, match="square"):
@@ -389,6 +412,41 @@ def test_pairs_dataset_errors_are_typed(tmp_path: Path) -> None:
     _write_pairs(tmp_path, 2)
     with pytest.raises(TrainError, match="no usable rows"):
         PairsSource(tmp_path, split="test")
+
+
+def test_pairs_source_reads_pairs_from_s3_with_uris_relative_to_out(
+    tmp_path: Path, s3_server: dict, s3_bucket: str
+) -> None:
+    import io
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    options = s3_server["storage_options"]
+    fs = fsspec.filesystem("s3", **options)
+    _write_pairs(tmp_path)
+    table = pq.read_table(tmp_path / "pairs" / "part-0.parquet")
+    prefix = f"{tmp_path}/"
+    for name in ("clean_uri", "mask_uri", "degraded_uri"):  # as the pipeline records them
+        uris = [u and u.removeprefix(prefix) for u in table.column(name).to_pylist()]
+        table = table.set_column(table.schema.get_field_index(name), name, [uris])
+    for path in (tmp_path / "images").rglob("*.png"):
+        fs.pipe(f"{s3_bucket}/out/{path.relative_to(tmp_path)}", path.read_bytes())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe(f"{s3_bucket}/out/pairs/part-0.parquet", buf.getvalue())
+
+    out = f"s3://{s3_bucket}/out"
+    remote = PairsSource(out, split="train", storage_options=options)
+    assert remote.out_root == out and len(remote) == 4
+    assert len(PairsSource(out + "/pairs", storage_options=options)) == 6
+    local = PairsSource(tmp_path, split="train")
+    for index in (0, 3):
+        rng = sample_rng(0, "x", 0)  # unused: the degradations are stored
+        got, want = remote.train_item(index, rng), local.train_item(index, rng)
+        assert got.image_id == want.image_id and got.type_code == want.type_code
+        for name in ("clean", "degraded", "mask", "spots"):
+            assert np.array_equal(getattr(got, name), getattr(want, name))
 
 
 # --------------------------------------------------------------------------- real images

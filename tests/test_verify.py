@@ -345,8 +345,8 @@ def test_deep_check_catches_a_metric_changed_with_its_checksum_recomputed(run_ou
 
 def test_deep_check_catches_a_seed_and_params_json_changed_with_their_checksum(run_out) -> None:
     from fundus_batch.degrade import degrade, sample_rng
+    from fundus_batch.imaging import decode_mask
     from fundus_batch.io.codecs import decode_image as dec
-    from fundus_batch.stages import decode_mask
 
     manifest, out = run_out
 

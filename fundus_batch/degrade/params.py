@@ -10,10 +10,28 @@ amplitude) are recomputed on import.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+)
+
+from fundus_batch.validation import (
+    FieldProblem,
+    Finite,
+    Int,
+    first_and_rest,
+    length,
+    validate,
+)
 
 from .presets import (
     MODELS,
@@ -56,66 +74,165 @@ def type_groups(type_code: str) -> tuple[bool, bool, bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# strict readers of JSON values
+# pydantic models of the JSON input (own schema and released schema)
 
 
-def _check_keys(
-    d: Any, path: str, required: Sequence[str], optional: Sequence[str] = ()
-) -> Mapping[str, Any]:
-    if not isinstance(d, Mapping):
-        raise RecordError(path, f"expected an object, got {type(d).__name__}")
-    for key in d:
-        if key not in required and key not in optional:
-            raise RecordError(f"{path}.{key}", f"unknown key; expected {sorted(required)}")
-    for key in required:
-        if key not in d:
-            raise RecordError(f"{path}.{key}", "missing")
-    return d
-
-
-def _int(value: Any, path: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordError(path, f"expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise RecordError(path, f"must be >= {minimum}, got {value}")
+def _odd(value: int) -> int:
+    if value < 1 or value % 2 == 0:
+        raise ValueError("kernel size must be an odd integer >= 1")
     return value
 
 
-def _odd(value: Any, path: str) -> int:
-    k = _int(value, path, 1)
-    if k % 2 == 0:
-        raise RecordError(path, f"kernel size must be odd, got {k}")
-    return k
+TypeCode = Literal["001", "010", "011", "100", "101", "110", "111"]
+Odd = Annotated[Int, AfterValidator(_odd)]
+Count = Annotated[Int, Field(ge=0)]
+NonNeg = Annotated[Finite, Field(ge=0.0)]
+PointJson = Annotated[tuple[Int, Int], length(2, "[x, y]")]
+Channel = Annotated[Int, Field(ge=0, le=255)]
+RGBJson = Annotated[tuple[Channel, Channel, Channel], length(3, "[R, G, B]")]
+HazeJson = Annotated[tuple[Finite, Finite, Finite], length(3, "[k, beta, d]")]
 
 
-def _float(value: Any, path: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(path, f"expected a number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise RecordError(path, f"must be finite, got {value!r}")
-    if minimum is not None and out < minimum:
-        raise RecordError(path, f"must be >= {minimum}, got {value!r}")
-    return out
+class _Json(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _opt_float(value: Any, path: str) -> float | None:
-    return None if value is None else _float(value, path)
+class _ColorJson(_Json):
+    brightness: NonNeg
+    contrast: NonNeg
+    saturation: NonNeg
 
 
-def _point(value: Any, path: str) -> Point:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise RecordError(path, f"expected [x, y], got {value!r}")
-    return _int(value[0], f"{path}[0]"), _int(value[1], f"{path}[1]")
+class _HaloJson(_Json):
+    style: Count
+    color: RGBJson
+    center: PointJson
+    dia_a: NonNeg
+    dia_b: NonNeg
+    kernel: Odd
+    sigma: NonNeg
 
 
-def _rgb(value: Any, path: str) -> tuple[int, int, int]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise RecordError(path, f"expected [R, G, B], got {value!r}")
-    r, g, b = (_int(v, f"{path}[{i}]", 0) for i, v in enumerate(value))
-    if max(r, g, b) > 255:
-        raise RecordError(path, f"components must be <= 255, got {value!r}")
-    return r, g, b
+class _HoleJson(_Json):
+    center: PointJson
+    diameter: Count
+    k_w: Odd
+    k_h: Odd
+    sigma: NonNeg
+    strength: Finite | None
+    fov_mean: Finite | None = None
+    base: Finite | None = None
+    mix: Finite | None = None
+
+
+class _SpotJson(_Json):
+    radius: Count
+    center: PointJson
+    k_w: Odd
+    k_h: Odd
+    sigma: NonNeg
+    amplitude: Finite
+    haze: HazeJson
+
+
+class _BlurJson(_Json):
+    sigma: NonNeg
+    k_w: Odd
+    k_h: Odd
+
+
+class _RecordJson(_Json):
+    """:meth:`DegradationRecord.to_dict`'s schema; which sections a type needs is the record's."""
+
+    type_code: TypeCode
+    preset: Annotated[str, Strict(), Field(min_length=1)]
+    model: Literal["release", "train"]
+    size: Annotated[Int, Field(ge=1)]
+    color: _ColorJson | None = None
+    halo: _HaloJson | None = None
+    hole: _HoleJson | None = None
+    spots: list[_SpotJson] | None = None
+    blur: _BlurJson | None = None
+
+
+class _ReleasedColor(_Json):
+    brightness_factor: NonNeg
+    contrast_factor: NonNeg
+    saturation_factor: NonNeg
+
+
+class _ReleasedHalo(_Json):
+    num: Annotated[Int, Field(ge=0, lt=len(RELEASE_HALO_COLORS))]
+    center_a: PointJson
+    dia_a: NonNeg
+    center_b: PointJson
+    dia_b: NonNeg
+
+    @field_validator("center_b")
+    @classmethod
+    def _concentric(cls, value: Point, info: ValidationInfo) -> Point:
+        if "center_a" in info.data and value != info.data["center_a"]:
+            raise ValueError("must equal center_a (the rings are concentric)")
+        return value
+
+
+class _ReleasedHole(_Json):
+    center: PointJson
+    diameter_circle: Count
+    brightness_factor: Finite
+    rad_w: Odd
+    rad_h: Odd
+    sigma: NonNeg
+
+
+class _ReleasedIllumination(_Json):
+    color: _ReleasedColor
+    halo: _ReleasedHalo
+    hole: _ReleasedHole
+
+
+class _ReleasedSpot(_Json):
+    radius: Count
+    center: PointJson
+    rad_w: Odd
+    rad_h: Odd
+    sigma: NonNeg
+
+
+class _ReleasedBlur(_Json):
+    sigma: NonNeg
+    rad_w: Odd
+    rad_h: Odd
+
+
+class _ReleasedParams(_Json):
+    """The operator sections; the type code (validation context ``type``) says which must exist."""
+
+    illumination: _ReleasedIllumination | None = Field(None, validate_default=True)
+    spots: list[_ReleasedSpot] | None = Field(None, validate_default=True)
+    blur: _ReleasedBlur | None = Field(None, validate_default=True)
+
+    @field_validator("illumination", "spots", "blur")
+    @classmethod
+    def _wanted(cls, value: Any, info: ValidationInfo) -> Any:
+        type_code = (info.context or {}).get("type")
+        if type_code in TYPE_CODES:
+            on = dict(zip(("illumination", "spots", "blur"), type_groups(type_code), strict=True))
+            if on[info.field_name or ""] and value is None:
+                raise ValueError(f"required for type {type_code}")
+            if not on[info.field_name or ""] and value is not None:
+                raise ValueError(f"not allowed for type {type_code}")
+        return value
+
+
+class _Released(_Json):
+    name: str | None = None
+    type: TypeCode
+    params: _ReleasedParams
+
+
+def _record_error(problems: list[FieldProblem]) -> RecordError:
+    return RecordError(*first_and_rest(problems))
 
 
 def _plain(value: Any) -> Any:
@@ -146,11 +263,8 @@ class ColorRecord(_Sub):
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "color") -> ColorRecord:
-        """Parse and validate."""
-        _check_keys(d, path, ("brightness", "contrast", "saturation"))
-        return cls(
-            *(_float(d[k], f"{path}.{k}", 0.0) for k in ("brightness", "contrast", "saturation"))
-        )
+        """Parse and validate (RecordError names the field under ``path``)."""
+        return cls(**dict(validate(_ColorJson, d, _record_error, path)))
 
 
 @dataclass(frozen=True)
@@ -167,18 +281,8 @@ class HaloRecord(_Sub):
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "halo") -> HaloRecord:
-        """Parse and validate."""
-        keys = ("style", "color", "center", "dia_a", "dia_b", "kernel", "sigma")
-        _check_keys(d, path, keys)
-        return cls(
-            style=_int(d["style"], f"{path}.style", 0),
-            color=_rgb(d["color"], f"{path}.color"),
-            center=_point(d["center"], f"{path}.center"),
-            dia_a=_float(d["dia_a"], f"{path}.dia_a", 0.0),
-            dia_b=_float(d["dia_b"], f"{path}.dia_b", 0.0),
-            kernel=_odd(d["kernel"], f"{path}.kernel"),
-            sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
-        )
+        """Parse and validate (RecordError names the field under ``path``)."""
+        return cls(**dict(validate(_HaloJson, d, _record_error, path)))
 
 
 @dataclass(frozen=True)
@@ -201,24 +305,8 @@ class HoleRecord(_Sub):
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "hole") -> HoleRecord:
-        """Parse and validate."""
-        _check_keys(
-            d,
-            path,
-            ("center", "diameter", "k_w", "k_h", "sigma", "strength"),
-            ("fov_mean", "base", "mix"),
-        )
-        return cls(
-            center=_point(d["center"], f"{path}.center"),
-            diameter=_int(d["diameter"], f"{path}.diameter", 0),
-            k_w=_odd(d["k_w"], f"{path}.k_w"),
-            k_h=_odd(d["k_h"], f"{path}.k_h"),
-            sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
-            strength=_opt_float(d["strength"], f"{path}.strength"),
-            fov_mean=_opt_float(d.get("fov_mean"), f"{path}.fov_mean"),
-            base=_opt_float(d.get("base"), f"{path}.base"),
-            mix=_opt_float(d.get("mix"), f"{path}.mix"),
-        )
+        """Parse and validate (RecordError names the field under ``path``)."""
+        return cls(**dict(validate(_HoleJson, d, _record_error, path)))
 
 
 @dataclass(frozen=True)
@@ -238,24 +326,8 @@ class SpotRecord(_Sub):
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "spots[0]") -> SpotRecord:
-        """Parse and validate."""
-        _check_keys(d, path, ("radius", "center", "k_w", "k_h", "sigma", "amplitude", "haze"))
-        haze = d["haze"]
-        if not isinstance(haze, (list, tuple)) or len(haze) != 3:
-            raise RecordError(f"{path}.haze", f"expected [k, beta, d], got {haze!r}")
-        return cls(
-            radius=_int(d["radius"], f"{path}.radius", 0),
-            center=_point(d["center"], f"{path}.center"),
-            k_w=_odd(d["k_w"], f"{path}.k_w"),
-            k_h=_odd(d["k_h"], f"{path}.k_h"),
-            sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
-            amplitude=_float(d["amplitude"], f"{path}.amplitude"),
-            haze=(
-                _float(haze[0], f"{path}.haze[0]"),
-                _float(haze[1], f"{path}.haze[1]"),
-                _float(haze[2], f"{path}.haze[2]"),
-            ),
-        )
+        """Parse and validate (RecordError names the field under ``path``)."""
+        return cls(**dict(validate(_SpotJson, d, _record_error, path)))
 
 
 @dataclass(frozen=True)
@@ -268,13 +340,8 @@ class BlurRecord(_Sub):
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "blur") -> BlurRecord:
-        """Parse and validate."""
-        _check_keys(d, path, ("sigma", "k_w", "k_h"))
-        return cls(
-            sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
-            k_w=_odd(d["k_w"], f"{path}.k_w"),
-            k_h=_odd(d["k_h"], f"{path}.k_h"),
-        )
+        """Parse and validate (RecordError names the field under ``path``)."""
+        return cls(**dict(validate(_BlurJson, d, _record_error, path)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +373,8 @@ class DegradationRecord:
             raise RecordError("model", f"must be one of {MODELS}, got {self.model!r}")
         if not isinstance(self.preset, str) or not self.preset:
             raise RecordError("preset", f"must be a non-empty string, got {self.preset!r}")
-        _int(self.size, "size", 1)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise RecordError("size", f"must be an integer >= 1, got {self.size!r}")
         for name, wanted in (
             ("color", illumination),
             ("halo", illumination),
@@ -340,31 +408,17 @@ class DegradationRecord:
     @classmethod
     def from_dict(cls, d: Any) -> DegradationRecord:
         """Parse and validate a dict written by :meth:`to_dict` (RecordError names the field)."""
-        _check_keys(
-            d,
-            "record",
-            ("type_code", "preset", "model", "size"),
-            ("color", "halo", "hole", "spots", "blur"),
-        )
-        type_code = d["type_code"]
-        if not isinstance(type_code, str):
-            raise RecordError("type_code", f"expected a string, got {type_code!r}")
-        type_groups(type_code)
-        spots = d.get("spots")
-        if spots is not None:
-            if not isinstance(spots, list):
-                raise RecordError("spots", f"expected a list, got {type(spots).__name__}")
-            spots = tuple(SpotRecord.from_dict(s, f"spots[{i}]") for i, s in enumerate(spots))
+        j = validate(_RecordJson, d, _record_error)
         return cls(
-            type_code=type_code,
-            preset=d["preset"],
-            model=d["model"],
-            size=_int(d["size"], "size", 1),
-            color=None if d.get("color") is None else ColorRecord.from_dict(d["color"]),
-            halo=None if d.get("halo") is None else HaloRecord.from_dict(d["halo"]),
-            hole=None if d.get("hole") is None else HoleRecord.from_dict(d["hole"]),
-            spots=spots,
-            blur=None if d.get("blur") is None else BlurRecord.from_dict(d["blur"]),
+            type_code=j.type_code,
+            preset=j.preset,
+            model=j.model,
+            size=j.size,
+            color=None if j.color is None else ColorRecord(**dict(j.color)),
+            halo=None if j.halo is None else HaloRecord(**dict(j.halo)),
+            hole=None if j.hole is None else HoleRecord(**dict(j.hole)),
+            spots=None if j.spots is None else tuple(SpotRecord(**dict(s)) for s in j.spots),
+            blur=None if j.blur is None else BlurRecord(**dict(j.blur)),
         )
 
     def to_json(self) -> str:
@@ -446,45 +500,38 @@ class DegradationRecord:
         The halo kernel and sigma and the spot amplitudes are recomputed from the stored
         geometry with the release-model formulas.
         """
-        _check_keys(d, "released", ("type", "params"), ("name",))
-        type_code = d["type"]
-        if not isinstance(type_code, str) or type_code not in TYPE_CODES:
-            raise RecordError("released.type", f"must be one of {TYPE_CODES}, got {type_code!r}")
-        _int(size, "size", 1)
-        illumination, spots_on, blur_on = type_groups(type_code)
-        wanted = [
-            k
-            for k, on in (("illumination", illumination), ("spots", spots_on), ("blur", blur_on))
-            if on
-        ]
-        params = _check_keys(d["params"], "released.params", wanted)
+        type_code = d.get("type") if isinstance(d, Mapping) else None
+        j = validate(_Released, d, _record_error, "released", context={"type": type_code})
         color = halo = hole = blur = None
         spots = None
-        if illumination:
-            ill = _check_keys(
-                params["illumination"], "released.params.illumination", ("color", "halo", "hole")
+        ill = j.params.illumination
+        if ill is not None:
+            c, h, o = ill.color, ill.halo, ill.hole
+            color = ColorRecord(c.brightness_factor, c.contrast_factor, c.saturation_factor)
+            kernel, sigma = release_halo_blur(h.center_a, h.dia_a, size)
+            halo = HaloRecord(
+                style=h.num,
+                color=RELEASE_HALO_COLORS[h.num],
+                center=h.center_a,
+                dia_a=h.dia_a,
+                dia_b=h.dia_b,
+                kernel=kernel,
+                sigma=sigma,
             )
-            color = _released_color(ill["color"], "released.params.illumination.color")
-            halo = _released_halo(ill["halo"], "released.params.illumination.halo", size)
-            hole = _released_hole(ill["hole"], "released.params.illumination.hole")
-        if spots_on:
-            raw = params["spots"]
-            if not isinstance(raw, list):
-                raise RecordError(
-                    "released.params.spots", f"expected a list, got {type(raw).__name__}"
-                )
-            spots = tuple(
-                _released_spot(s, f"released.params.spots[{i}]", size) for i, s in enumerate(raw)
+            hole = HoleRecord(
+                center=o.center,
+                diameter=o.diameter_circle,
+                k_w=o.rad_w,
+                k_h=o.rad_h,
+                sigma=o.sigma,
+                strength=o.brightness_factor,
             )
-        if blur_on:
-            path = "released.params.blur"
-            b = _check_keys(params["blur"], path, ("sigma", "rad_w", "rad_h"))
-            blur = BlurRecord(
-                sigma=_float(b["sigma"], f"{path}.sigma", 0.0),
-                k_w=_odd(b["rad_w"], f"{path}.rad_w"),
-                k_h=_odd(b["rad_h"], f"{path}.rad_h"),
-            )
-        return cls(type_code, "cofe-release", "release", size, color, halo, hole, spots, blur)
+        if j.params.spots is not None:
+            spots = tuple(_released_spot(s, size) for s in j.params.spots)
+        if j.params.blur is not None:
+            b = j.params.blur
+            blur = BlurRecord(sigma=b.sigma, k_w=b.rad_w, k_h=b.rad_h)
+        return cls(j.type, "cofe-release", "release", size, color, halo, hole, spots, blur)
 
     @classmethod
     def from_any(cls, d: Any, size: int = 512) -> DegradationRecord:
@@ -507,57 +554,14 @@ class DegradationRecord:
         }
 
 
-def _released_color(d: Any, path: str) -> ColorRecord:
-    keys = ("brightness_factor", "contrast_factor", "saturation_factor")
-    _check_keys(d, path, keys)
-    return ColorRecord(*(_float(d[k], f"{path}.{k}", 0.0) for k in keys))
-
-
-def _released_halo(d: Any, path: str, size: int) -> HaloRecord:
-    _check_keys(d, path, ("num", "center_a", "dia_a", "center_b", "dia_b"))
-    style = _int(d["num"], f"{path}.num", 0)
-    if style >= len(RELEASE_HALO_COLORS):
-        raise RecordError(f"{path}.num", f"must be 0..{len(RELEASE_HALO_COLORS) - 1}, got {style}")
-    center = _point(d["center_a"], f"{path}.center_a")
-    if _point(d["center_b"], f"{path}.center_b") != center:
-        raise RecordError(f"{path}.center_b", "must equal center_a (the rings are concentric)")
-    dia_a = _float(d["dia_a"], f"{path}.dia_a", 0.0)
-    kernel, sigma = release_halo_blur(center, dia_a, size)
-    return HaloRecord(
-        style=style,
-        color=RELEASE_HALO_COLORS[style],
-        center=center,
-        dia_a=dia_a,
-        dia_b=_float(d["dia_b"], f"{path}.dia_b", 0.0),
-        kernel=kernel,
-        sigma=sigma,
-    )
-
-
-def _released_hole(d: Any, path: str) -> HoleRecord:
-    _check_keys(
-        d, path, ("center", "diameter_circle", "brightness_factor", "rad_w", "rad_h", "sigma")
-    )
-    return HoleRecord(
-        center=_point(d["center"], f"{path}.center"),
-        diameter=_int(d["diameter_circle"], f"{path}.diameter_circle", 0),
-        k_w=_odd(d["rad_w"], f"{path}.rad_w"),
-        k_h=_odd(d["rad_h"], f"{path}.rad_h"),
-        sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
-        strength=_float(d["brightness_factor"], f"{path}.brightness_factor"),
-    )
-
-
-def _released_spot(d: Any, path: str, size: int) -> SpotRecord:
-    _check_keys(d, path, ("radius", "center", "rad_w", "rad_h", "sigma"))
-    radius = _int(d["radius"], f"{path}.radius", 0)
-    amplitude, k, beta, dist = release_spot_amplitude(radius, size)
+def _released_spot(s: _ReleasedSpot, size: int) -> SpotRecord:
+    amplitude, k, beta, dist = release_spot_amplitude(s.radius, size)
     return SpotRecord(
-        radius=radius,
-        center=_point(d["center"], f"{path}.center"),
-        k_w=_odd(d["rad_w"], f"{path}.rad_w"),
-        k_h=_odd(d["rad_h"], f"{path}.rad_h"),
-        sigma=_float(d["sigma"], f"{path}.sigma", 0.0),
+        radius=s.radius,
+        center=s.center,
+        k_w=s.rad_w,
+        k_h=s.rad_h,
+        sigma=s.sigma,
         amplitude=amplitude,
         haze=(k, beta, dist),
     )

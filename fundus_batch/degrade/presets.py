@@ -19,8 +19,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+)
+
+from fundus_batch.validation import (
+    FieldProblem,
+    Finite,
+    Int,
+    Model,
+    first_and_rest,
+    length,
+)
 
 __all__ = [
     "MODELS",
@@ -31,6 +48,7 @@ __all__ = [
     "Preset",
     "PresetError",
     "get_preset",
+    "known_preset",
     "make_odd",
     "release_halo_blur",
     "release_spot_amplitude",
@@ -53,96 +71,38 @@ TRAIN_HALO_COLORS: tuple[tuple[int, int, int], ...] = (
     (162, 205, 90),
 )
 
-Range = tuple[float, float]
-
 
 class PresetError(ValueError):
     """An invalid preset definition; ``field`` names the offending entry."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"preset field {field!r}: {message}")
+        super().__init__(f"{field}: {message}")
         self.field = field
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named set of degradation ranges (lengths as fractions of the side or pixels at 512).
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
 
-    Fields used only by one model are ignored by the other: ``halo_sigma``, ``hole_strength``,
-    ``hole_sigma``, ``spot_k``, ``spot_beta``, ``spot_d``, ``spot_kernel`` and ``spot_sigma``
-    by ``release``; ``hole_base``, ``hole_mean_coef`` and ``hole_min_fov_mean`` by ``train``.
-    """
 
-    name: str
-    model: str = "release"
-    # colour jitter factors (PIL ImageEnhance semantics)
-    brightness: Range = (0.7, 1.2)
-    contrast: Range = (0.6, 1.4)
-    saturation: Range = (0.6, 1.4)
-    # halo: centre in side*(1/2 -+ jitter); inner diameter min_side*U(inner); outer u_b >= min
-    halo_center_jitter: float = 0.125
-    halo_inner: Range = (0.75, 1.0)
-    halo_outer_min: float = 1.0
-    halo_colors: tuple[tuple[int, int, int], ...] = RELEASE_HALO_COLORS
-    halo_gamma: tuple[float, ...] = (2.0 / 3.0, 0.5, 0.5)
-    # style 0 is drawable only when brightness < this; None: every style always drawable
-    halo_first_style_below: float | None = 0.2
-    halo_sigma: Range = (1.0 / 6.0, 0.5)  # train: sigma = U{lo*side..hi*side} / 3
-    # hole: diameter and centre as fractions of the side
-    hole_diameter: Range = (0.4, 0.7)
-    hole_center_x: Range = (0.25, 0.75)
-    hole_center_y: Range = (0.375, 0.625)
-    hole_base: Range = (-0.262, -0.26)  # release: b0
-    hole_mean_coef: Range = (0.05, 0.06)  # release: f ~ U(b0 - hi*mu, b0 - lo*mu)
-    hole_min_fov_mean: float = 0.25  # release: f = 0 unless mu > this
-    hole_kernel: Range = (0.55, 0.75)  # kernel sizes as fractions of the diameter
-    hole_strength: Range = (-0.25, -0.05)  # train
-    hole_sigma: Range = (0.25, 1.0 / 3.0)  # train: fractions of the diameter
-    # spots
-    spot_count: tuple[int, int] = (5, 10)
-    spot_radius: Range = (0.01, 0.05)  # fractions of the side
-    spot_k: Range = (0.7, 1.0)  # train haze model a = k (1 - exp(-beta d))
-    spot_beta: Range = (0.5, 1.5)
-    spot_d: Range = (0.0, 0.3)
-    spot_kernel: int = 5  # train: pixels at 512
-    spot_sigma: float = 1.8  # train: pixels at 512
-    # blur sigma in pixels at 512
-    blur_sigma: Range = (5.0, 15.0)
+def _non_empty(value: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
-    def __post_init__(self) -> None:
-        _validate(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return _listify(asdict(self))
+def _odd_positive(value: int) -> int:
+    if value < 1 or value % 2 == 0:
+        raise ValueError("must be an odd positive integer")
+    return value
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: Preset | str | None = None) -> Preset:
-        """Build a preset from a mapping; missing fields come from ``base``.
 
-        ``base`` defaults to ``data["base"]`` if given, else to the built-in preset of the
-        requested model (``cofe-release`` or ``cofe-train``).
-        """
-        if not isinstance(data, Mapping):
-            raise PresetError("<root>", f"expected a mapping, got {type(data).__name__}")
-        items = dict(data)
-        base_spec = items.pop("base", base)
-        known = {f.name for f in fields(cls)}
-        for key in items:
-            if key not in known:
-                raise PresetError(str(key), f"unknown field; known fields: {sorted(known)}")
-        if "name" not in items:
-            raise PresetError("name", "missing")
-        if base_spec is None:
-            model = items.get("model", "release")
-            base_spec = "cofe-train" if model == "train" else "cofe-release"
-        try:
-            base_preset = get_preset(base_spec)
-        except (PresetError, TypeError) as exc:
-            raise PresetError("base", str(exc)) from None
-        values = {key: _coerce(key, value) for key, value in items.items()}
-        return replace(base_preset, **values)
-
+Name = Annotated[str, Strict(), AfterValidator(_non_blank)]
+FloatRange = Annotated[tuple[Finite, Finite], length(2, "a pair of numbers [low, high]")]
+IntRange = Annotated[tuple[Int, Int], length(2, "a pair of integers [low, high]")]
+Channel = Annotated[Int, Field(ge=0, le=255)]
+RGB = Annotated[tuple[Channel, Channel, Channel], length(3, "3 integers (R, G, B) in 0..255")]
 
 _PAIR_RULES: dict[str, tuple[float | None, float | None]] = {
     # field: (lowest allowed value, highest allowed value) for both ends of the range
@@ -168,81 +128,111 @@ _PAIR_RULES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+class Preset(Model):
+    """A named set of degradation ranges (lengths as fractions of the side or pixels at 512).
 
+    Fields used only by one model are ignored by the other: ``halo_sigma``, ``hole_strength``,
+    ``hole_sigma``, ``spot_k``, ``spot_beta``, ``spot_d``, ``spot_kernel`` and ``spot_sigma``
+    by ``release``; ``hole_base``, ``hole_mean_coef`` and ``hole_min_fov_mean`` by ``train``.
+    """
 
-def _coerce(key: str, value: Any) -> Any:
-    """Turn JSON/YAML lists into the tuples the dataclass holds."""
-    if key == "halo_colors" and isinstance(value, (list, tuple)):
-        return tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
-    if isinstance(value, (list, tuple)):
-        if key in _PAIR_RULES and key != "spot_count":
-            return tuple(float(v) if _is_number(v) else v for v in value)
-        return tuple(value)
-    return value
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    name: Name
+    model: Literal["release", "train"] = "release"
+    # colour jitter factors (PIL ImageEnhance semantics)
+    brightness: FloatRange = (0.7, 1.2)
+    contrast: FloatRange = (0.6, 1.4)
+    saturation: FloatRange = (0.6, 1.4)
+    # halo: centre in side*(1/2 -+ jitter); inner diameter min_side*U(inner); outer u_b >= min
+    halo_center_jitter: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.125
+    halo_inner: FloatRange = (0.75, 1.0)
+    halo_outer_min: Annotated[Finite, Field(ge=1e-6)] = 1.0
+    halo_colors: Annotated[tuple[RGB, ...], AfterValidator(_non_empty)] = RELEASE_HALO_COLORS
+    halo_gamma: tuple[Annotated[Finite, Field(ge=0.0)], ...] = (2.0 / 3.0, 0.5, 0.5)
+    # style 0 is drawable only when brightness < this; None: every style always drawable
+    halo_first_style_below: Finite | None = 0.2
+    halo_sigma: FloatRange = (1.0 / 6.0, 0.5)  # train: sigma = U{lo*side..hi*side} / 3
+    # hole: diameter and centre as fractions of the side
+    hole_diameter: FloatRange = (0.4, 0.7)
+    hole_center_x: FloatRange = (0.25, 0.75)
+    hole_center_y: FloatRange = (0.375, 0.625)
+    hole_base: FloatRange = (-0.262, -0.26)  # release: b0
+    hole_mean_coef: FloatRange = (0.05, 0.06)  # release: f ~ U(b0 - hi*mu, b0 - lo*mu)
+    hole_min_fov_mean: Finite = 0.25  # release: f = 0 unless mu > this
+    hole_kernel: FloatRange = (0.55, 0.75)  # kernel sizes as fractions of the diameter
+    hole_strength: FloatRange = (-0.25, -0.05)  # train
+    hole_sigma: FloatRange = (0.25, 1.0 / 3.0)  # train: fractions of the diameter
+    # spots
+    spot_count: IntRange = (5, 10)
+    spot_radius: FloatRange = (0.01, 0.05)  # fractions of the side
+    spot_k: FloatRange = (0.7, 1.0)  # train haze model a = k (1 - exp(-beta d))
+    spot_beta: FloatRange = (0.5, 1.5)
+    spot_d: FloatRange = (0.0, 0.3)
+    spot_kernel: Annotated[Int, AfterValidator(_odd_positive)] = 5  # train: pixels at 512
+    spot_sigma: Annotated[Finite, Field(ge=1e-6)] = 1.8  # train: pixels at 512
+    # blur sigma in pixels at 512
+    blur_sigma: FloatRange = (5.0, 15.0)
 
-def _validate(p: Preset) -> None:
-    if not isinstance(p.name, str) or not p.name.strip():
-        raise PresetError("name", "must be a non-empty string")
-    if p.model not in MODELS:
-        raise PresetError("model", f"must be one of {MODELS}, got {p.model!r}")
-    for key, (low, high) in _PAIR_RULES.items():
-        pair = getattr(p, key)
-        if not isinstance(pair, tuple) or len(pair) != 2 or not all(map(_is_number, pair)):
-            raise PresetError(key, f"must be a pair of numbers (low, high), got {pair!r}")
-        if key == "spot_count" and not all(isinstance(v, int) for v in pair):
-            raise PresetError(key, f"must be a pair of integers, got {pair!r}")
-        if not all(math.isfinite(v) for v in pair):
-            raise PresetError(key, f"must be finite, got {pair!r}")
+    @field_validator(*_PAIR_RULES)
+    @classmethod
+    def _range(cls, pair: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = _PAIR_RULES[info.field_name or ""]
         if pair[0] > pair[1]:
-            raise PresetError(key, f"low > high in {pair!r}")
+            raise ValueError("low > high")
         if low is not None and pair[0] < low:
-            raise PresetError(key, f"values must be >= {low}, got {pair!r}")
+            raise ValueError(f"values must be >= {low}")
         if high is not None and pair[1] > high:
-            raise PresetError(key, f"values must be <= {high}, got {pair!r}")
-    for key, low, high in (
-        ("halo_center_jitter", 0.0, 0.5),
-        ("halo_outer_min", 1e-6, None),
-        ("hole_min_fov_mean", None, None),
-        ("spot_sigma", 1e-6, None),
-    ):
-        value = getattr(p, key)
-        if not _is_number(value) or not math.isfinite(value):
-            raise PresetError(key, f"must be a finite number, got {value!r}")
-        if low is not None and value < low:
-            raise PresetError(key, f"must be >= {low}, got {value!r}")
-        if high is not None and value >= high:
-            raise PresetError(key, f"must be < {high}, got {value!r}")
-    if not isinstance(p.spot_kernel, int) or isinstance(p.spot_kernel, bool):
-        raise PresetError("spot_kernel", f"must be an odd positive integer, got {p.spot_kernel!r}")
-    if p.spot_kernel < 1 or p.spot_kernel % 2 == 0:
-        raise PresetError("spot_kernel", f"must be an odd positive integer, got {p.spot_kernel!r}")
-    colors = p.halo_colors
-    if not isinstance(colors, tuple) or not colors:
-        raise PresetError("halo_colors", "must be a non-empty list of (R, G, B) triples")
-    for color in colors:
-        if (
-            not isinstance(color, tuple)
-            or len(color) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in color)
-            or not all(0 <= v <= 255 for v in color)
-        ):
-            raise PresetError("halo_colors", f"each colour must be 3 ints in 0..255, got {color!r}")
-    gamma = p.halo_gamma
-    if not isinstance(gamma, tuple) or len(gamma) != len(colors):
-        raise PresetError("halo_gamma", "must hold one value per halo colour")
-    if not all(_is_number(g) and math.isfinite(g) and g >= 0 for g in gamma):
-        raise PresetError("halo_gamma", f"values must be finite and >= 0, got {gamma!r}")
-    below = p.halo_first_style_below
-    if below is not None:
-        if not _is_number(below) or not math.isfinite(below):
-            raise PresetError("halo_first_style_below", f"must be a number or None, got {below!r}")
-        if len(colors) < 2:
-            raise PresetError(
-                "halo_first_style_below", "needs at least two halo colours (or set it to None)"
-            )
+            raise ValueError(f"values must be <= {high}")
+        return pair
+
+    @field_validator("halo_gamma")
+    @classmethod
+    def _one_gamma_per_colour(
+        cls, gamma: tuple[float, ...], info: ValidationInfo
+    ) -> tuple[float, ...]:
+        colors = info.data.get("halo_colors")
+        if colors is not None and len(gamma) != len(colors):
+            raise ValueError(f"must hold one value per halo colour ({len(colors)})")
+        return gamma
+
+    @field_validator("halo_first_style_below")
+    @classmethod
+    def _needs_two_colours(cls, below: float | None, info: ValidationInfo) -> float | None:
+        colors = info.data.get("halo_colors")
+        if below is not None and colors is not None and len(colors) < 2:
+            raise ValueError("needs at least two halo colours (or set it to None)")
+        return below
+
+    @classmethod
+    def error(cls, problems: list[FieldProblem]) -> PresetError:
+        """A PresetError naming the first bad field (and listing any others)."""
+        return PresetError(*first_and_rest(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return _listify(self.model_dump())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: Preset | str | None = None) -> Preset:
+        """Build a preset from a mapping; missing fields (except ``name``) come from ``base``.
+
+        ``base`` defaults to ``data["base"]`` if given, else to the built-in preset of the
+        requested model (``cofe-release`` or ``cofe-train``).
+        """
+        if not isinstance(data, Mapping):
+            raise PresetError("<root>", f"expected a mapping, got {type(data).__name__}")
+        items = dict(data)
+        base_spec = items.pop("base", base)
+        if base_spec is None:
+            model = items.get("model", "release")
+            base_spec = "cofe-train" if model == "train" else "cofe-release"
+        try:
+            base_preset = get_preset(base_spec)
+        except (PresetError, TypeError) as exc:
+            raise PresetError("base", str(exc)) from None
+        inherited = base_preset.model_dump(exclude={"name"})
+        return cls.parse({**inherited, **items})
 
 
 def _listify(value: Any) -> Any:
@@ -274,6 +264,13 @@ COFE_TRAIN = Preset(
 
 PRESETS: Mapping[str, Preset] = {p.name: p for p in (COFE_RELEASE, COFE_TRAIN)}
 """The built-in presets by name; ``cofe-release`` is the default."""
+
+
+def known_preset(name: str) -> str:
+    """``name`` if it is a built-in preset, else ValueError (a pydantic validator of names)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset; known presets: {sorted(PRESETS)}")
+    return name
 
 
 def get_preset(preset: Preset | str) -> Preset:

@@ -19,11 +19,11 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
+from pydantic import AfterValidator, ConfigDict, Field, Strict
 from torch import Tensor, nn
 
 from fundus_batch.models.cofenet import (
@@ -32,6 +32,7 @@ from fundus_batch.models.cofenet import (
     build_cofenet,
     canonical_variant,
 )
+from fundus_batch.validation import FieldProblem, Finite, Int, Model, format_problems, validate
 
 __all__ = [
     "ENV_VAR",
@@ -295,23 +296,43 @@ def model_from_weights(
 # ---------------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class WeightsEntry:
-    """One registered weights file and what it was trained for."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-    name: str
-    file: str
-    sha256: str
-    variant: str
-    width: float = 1.0
-    residual: bool = False
-    field_size: int | None = None
-    field_deadzone: float = 0.0
-    size: int = 512
-    training_data: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    notes: str = ""
+
+def _sha256(value: str) -> str:
+    value = value.lower()
+    if not _SHA256.fullmatch(value):
+        raise ValueError("malformed sha256: expected 64 hex digits")
+    return value
+
+
+_Text = Annotated[str, Strict()]
+_Required = Annotated[str, Strict(), Field(min_length=1)]
+
+
+class WeightsEntry(Model):
+    """One registered weights file and what it was trained for (``registry``: the JSON file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: _Required
+    file: _Required
+    sha256: Annotated[str, Strict(), AfterValidator(_sha256)]
+    variant: Annotated[str, Strict(), AfterValidator(canonical_variant)]
+    width: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    residual: Annotated[bool, Strict()] = False
+    field_size: Annotated[Int, Field(ge=1)] | None = None
+    field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
+    size: Annotated[Int, Field(ge=1)] = 512
+    training_data: _Text = ""
+    metrics: dict[str, Finite] = Field(default_factory=dict)
+    notes: _Text = ""
     registry: Path | None = None
+
+    @classmethod
+    def error(cls, problems: list[FieldProblem]) -> WeightsError:
+        """A WeightsError listing every bad field."""
+        return WeightsError("invalid weights entry: " + format_problems(problems))
 
     @property
     def path(self) -> Path:
@@ -323,55 +344,19 @@ class WeightsEntry:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], registry: Path | None = None) -> WeightsEntry:
-        """Parse one registry entry, validating its fields."""
+        """Parse one registry entry (JSON fields; ``registry`` is the file it came from)."""
         origin = str(registry) if registry else "registry entry"
+        name = data.get("name") if isinstance(data, Mapping) else None
+        where = f"{origin}: entry {name!r}" if isinstance(name, str) and name else origin
+
+        def error(problems: list[FieldProblem]) -> WeightsError:
+            return WeightsError(f"{where}: {format_problems(problems)}")
+
         if not isinstance(data, Mapping):
-            raise WeightsError(f"{origin}: an entry must be a JSON object, got {data!r}")
-        required = ("name", "file", "sha256", "variant")
-        absent = [k for k in required if not isinstance(data.get(k), str) or not data.get(k)]
-        if absent:
-            raise WeightsError(f"{origin}: entry lacks string field(s) {absent}: {dict(data)}")
-        known = {f for f in cls.__dataclass_fields__ if f != "registry"}
-        extra = sorted(set(data) - known)
-        if extra:
-            raise WeightsError(f"{origin}: entry {data['name']!r} has unknown fields {extra}")
-        try:
-            variant = canonical_variant(data["variant"])
-        except ValueError as exc:
-            raise WeightsError(f"{origin}: entry {data['name']!r}: {exc}") from exc
-        sha = data["sha256"].lower()
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise WeightsError(f"{origin}: entry {data['name']!r} has a malformed sha256")
-        metrics = data.get("metrics", {})
-        if not isinstance(metrics, Mapping):
-            raise WeightsError(f"{origin}: entry {data['name']!r}: metrics must be an object")
-        if not isinstance(data.get("residual", False), bool):
-            raise WeightsError(f"{origin}: entry {data['name']!r}: residual must be true or false")
-        field_size = data.get("field_size")
-        if field_size is not None and (
-            isinstance(field_size, bool) or not isinstance(field_size, int)
-        ):
-            raise WeightsError(
-                f"{origin}: entry {data['name']!r}: field_size must be an integer or null"
-            )
-        try:
-            return cls(
-                name=data["name"],
-                file=data["file"],
-                sha256=sha,
-                variant=variant,
-                width=float(data.get("width", 1.0)),
-                residual=data.get("residual", False),
-                field_size=field_size,
-                field_deadzone=float(data.get("field_deadzone", 0.0)),
-                size=int(data.get("size", 512)),
-                training_data=str(data.get("training_data", "")),
-                metrics={str(k): float(v) for k, v in metrics.items()},
-                notes=str(data.get("notes", "")),
-                registry=registry,
-            )
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"{origin}: entry {data['name']!r}: {exc}") from exc
+            raise error([FieldProblem("<root>", f"expected an object (got {type(data).__name__})")])
+        if "registry" in data:  # not a JSON field: where the JSON file lies
+            raise error([FieldProblem("registry", "unknown field")])
+        return validate(cls, {**data, "registry": registry}, error)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of this entry (without the registry location)."""

@@ -156,8 +156,8 @@ def test_bad_released_records_name_the_field(mutate, field: str) -> None:
     ("mutate", "field"),
     [
         (lambda d: d.update(type_code="000"), "type_code"),
-        (lambda d: d.update(unknown=True), "record.unknown"),
-        (lambda d: d.pop("size"), "record.size"),
+        (lambda d: d.update(unknown=True), "unknown"),
+        (lambda d: d.pop("size"), "size"),
         (lambda d: d.update(model="fancy"), "model"),
         (lambda d: d.update(blur=None), "blur"),
         (lambda d: d.update(color=None), "color"),
@@ -180,3 +180,58 @@ def test_bad_records_name_the_field(mutate, field: str) -> None:
 def test_invalid_json_text_is_a_record_error() -> None:
     with pytest.raises(RecordError, match="invalid JSON"):
         DegradationRecord.from_json("{not json")
+
+
+def test_record_errors_list_every_bad_field_with_the_value_it_got() -> None:
+    data = sample_record(np.random.default_rng(3), "111", 512, fov_mean=0.4).to_dict()
+    data["hole"]["k_h"] = 4
+    data["spots"][1]["radius"] = 2.5
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_json(json.dumps(data))
+    assert info.value.field == "hole.k_h"
+    assert str(info.value) == (
+        "hole.k_h: kernel size must be an odd integer >= 1 (got 4); "
+        "spots[1].radius: Input should be a valid integer (got 2.5)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [(True, "valid integer"), ("512", "valid integer"), (0, "greater than or equal to 1")],
+)
+def test_record_size_must_be_a_positive_integer(value: object, why: str) -> None:
+    data = sample_record(np.random.default_rng(3), "001", 512).to_dict() | {"size": value}
+    with pytest.raises(RecordError, match=why) as info:
+        DegradationRecord.from_dict(data)
+    assert info.value.field == "size"
+
+
+def test_released_sections_must_match_the_type_code() -> None:
+    data = json.loads(EXAMPLE_111)
+    data["type"] = "001"  # illumination only: spots and blur are not allowed
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(data)
+    assert info.value.field == "released.params.spots"
+    assert str(info.value).startswith("released.params.spots: not allowed for type 001")
+    assert "released.params.blur: not allowed for type 001" in str(info.value)
+    del data["params"]["illumination"]
+    with pytest.raises(RecordError, match="required for type 001") as info:
+        DegradationRecord.from_released(data)
+    assert info.value.field == "released.params.illumination"
+
+
+def test_a_released_record_that_is_not_an_object_is_a_record_error() -> None:
+    with pytest.raises(RecordError, match=r"released: expected an object \(got list\)"):
+        DegradationRecord.from_released([1, 2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_json_text_survives_parsing_byte_for_byte(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for code in TYPE_CODES:
+        text = sample_record(rng, code, 512, fov_mean=0.3 + seed / 10).to_json()
+        assert DegradationRecord.from_json(text).to_json() == text
+        again = DegradationRecord.from_json(text.encode())
+        assert type(again.size) is int and all(
+            isinstance(s.center[0], int) for s in again.spots or ()
+        )

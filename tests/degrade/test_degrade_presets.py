@@ -32,12 +32,12 @@ def test_custom_preset_from_dict_inherits_the_model_defaults() -> None:
         ({"name": "x", "blur_sigma": [6, 2]}, "blur_sigma"),
         ({"name": "x", "blur_speed": [1, 2]}, "blur_speed"),
         ({"name": "x", "brightness": [-0.1, 1.0]}, "brightness"),
-        ({"name": "x", "spot_count": [1.5, 3]}, "spot_count"),
+        ({"name": "x", "spot_count": [1.5, 3]}, "spot_count[0]"),
         ({"name": "x", "spot_kernel": 4}, "spot_kernel"),
         ({"name": "x", "model": "other"}, "model"),
         ({"name": ""}, "name"),
         ({"blur_sigma": [1, 2]}, "name"),
-        ({"name": "x", "halo_colors": [[1, 2, 300]]}, "halo_colors"),
+        ({"name": "x", "halo_colors": [[1, 2, 300]]}, "halo_colors[0][2]"),
         ({"name": "x", "halo_gamma": [0.5]}, "halo_gamma"),
         ({"name": "x", "hole_diameter": [0.5, 1.5]}, "hole_diameter"),
         ({"name": "x", "base": "unknown"}, "base"),
@@ -60,3 +60,27 @@ def test_custom_ranges_bound_the_sampled_parameters() -> None:
         assert len(record.spots) == 3
         assert 2 <= record.blur.sigma <= 3
         assert record.preset == "narrow"
+
+
+def test_building_a_preset_directly_is_validated_like_from_dict() -> None:
+    with pytest.raises(PresetError) as info:
+        Preset(name="x", blur_sigma=(6.0, 2.0))
+    assert info.value.field == "blur_sigma"
+    assert str(info.value) == "blur_sigma: low > high (got (6.0, 2.0))"
+
+
+def test_preset_errors_list_every_bad_field() -> None:
+    with pytest.raises(PresetError) as info:
+        Preset.from_dict({"name": "x", "spot_kernel": 4, "blur_speed": 1, "contrast": "high"})
+    text = str(info.value)
+    assert "contrast: expected a pair of numbers [low, high] (got 'high')" in text
+    assert "spot_kernel: must be an odd positive integer (got 4)" in text
+    assert "blur_speed: unknown field (got 1)" in text
+
+
+def test_presets_are_frozen_and_round_trip_their_dict() -> None:
+    preset = get_preset("cofe-train")
+    with pytest.raises(PresetError, match="frozen"):
+        preset.name = "other"  # type: ignore[misc]
+    assert Preset.from_dict(preset.to_dict()) == preset
+    assert preset.to_dict()["halo_colors"] == [list(c) for c in preset.halo_colors]

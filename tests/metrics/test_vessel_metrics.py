@@ -316,7 +316,7 @@ def _real_images(shared: Path) -> list[dict]:
 def test_vesselness_scores_real_hrf_and_chase_photographs_well(shared_dir: Path):
     """On clean photographs preprocessed as the pipeline does (512 px), a decent segmenter
     reaches AUC >= 0.85; measured over all 52 images: HRF 0.949, CHASE_DB1 0.932."""
-    from fundus_batch import stages
+    from fundus_batch import imaging, stages
     from fundus_batch.io.codecs import decode_image
 
     rows = stages.Preprocess(size=512)(
@@ -325,8 +325,8 @@ def test_vesselness_scores_real_hrf_and_chase_photographs_well(shared_dir: Path)
     for row in rows:
         assert row["status"] == "ok", row.get("error")
         image = decode_image(row["clean_png"])
-        mask = stages.decode_mask(row["mask_png"])
-        truth = stages.decode_mask(row["vessel_gt_png"])
+        mask = imaging.decode_mask(row["mask_png"])
+        truth = imaging.decode_mask(row["vessel_gt_png"])
         scores = segment_and_score(image, truth, mask)
         assert scores["vessel_auc"] >= 0.88, (row["image_id"], scores)
         band = _rim_band(mask, 6) & (truth == 0)

@@ -327,14 +327,18 @@ def test_duplicate_names_within_user_registries_are_an_error(user_dir: Path) -> 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"variant": "unet_256"}, "unknown Cofe-Net variant"),
-        ({"sha256": "abc"}, "malformed sha256"),
-        ({"licence": "?"}, "unknown fields"),
-        ({"name": ""}, "lacks string field"),
-        ({"width": "wide"}, "could not convert"),
-        ({"residual": "false"}, "residual must be true or false"),
-        ({"field_size": "192"}, "field_size must be an integer or null"),
-        ({"field_size": True}, "field_size must be an integer or null"),
+        ({"variant": "unet_256"}, "variant: unknown Cofe-Net variant"),
+        ({"sha256": "abc"}, "sha256: malformed sha256"),
+        ({"licence": "?"}, "licence: unknown field"),
+        ({"name": ""}, "name: String should have at least 1 character"),
+        ({"file": 3}, "file: Input should be a valid string"),
+        ({"width": "wide"}, "width: Input should be a valid number"),
+        ({"width": 1.5}, r"width: Input should be less than or equal to 1 \(got 1\.5\)"),
+        ({"residual": "false"}, "residual: Input should be a valid boolean"),
+        ({"field_size": "192"}, "field_size: Input should be a valid integer"),
+        ({"field_size": True}, "field_size: Input should be a valid integer"),
+        ({"metrics": {"psnr": "high"}}, r"metrics\.psnr: Input should be a valid number"),
+        ({"registry": "/elsewhere.json"}, "registry: unknown field"),
     ],
 )
 def test_invalid_registry_entries_are_rejected(change: dict, message: str) -> None:

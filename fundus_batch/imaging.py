@@ -1,0 +1,78 @@
+"""Small image helpers shared by the stages, the CLI and verification: FOV masks and vessel
+maps decoded to binary arrays, the crop of a binary map, output encoding and digests.
+
+A plain library module: no rows, no batches, no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from fundus_batch.fov import Circle, FOVError, crop_to_fov
+from fundus_batch.io import codecs
+
+ImageFormat = Literal["png", "jpeg"]
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data`` as lower-case hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_ext(image_format: str) -> str:
+    """File extension of an output format."""
+    return "jpg" if image_format == "jpeg" else "png"
+
+
+def encode_output(rgb: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
+    """Encode an RGB working image in the run's output format."""
+    if image_format == "jpeg":
+        return codecs.encode_jpeg(rgb, quality=jpeg_quality)
+    return codecs.encode_png(rgb)
+
+
+def as_stored(rgb: np.ndarray, encoded: bytes, image_format: str) -> np.ndarray:
+    """The pixels a reader of ``encoded`` gets back: ``rgb`` itself for lossless PNG, the
+    decoded bytes for JPEG."""
+    return rgb if image_format == "png" else codecs.decode_image(encoded)
+
+
+def to_binary(arr: np.ndarray) -> np.ndarray:
+    """An image or map as binary HxW uint8 (0/255), thresholded at 127 on its first channel."""
+    grey = arr[..., 0] if arr.ndim == 3 else arr
+    return np.where(grey > 127, 255, 0).astype(np.uint8)
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Decode a stored FOV mask to a binary HxW uint8 (0/255) array."""
+    return to_binary(codecs.decode_image(data))
+
+
+def circle_from_mask(mask: np.ndarray) -> Circle:
+    """The FOV circle of a binary mask whose field may be clipped top/bottom or left/right:
+    centred on the mask's bounding box, with its longer side as the diameter."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        raise FOVError("blank", "the given FOV mask is empty")
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+
+
+def decode_vessel_truth(data: bytes) -> np.ndarray:
+    """A vessel ground-truth map as binary uint8 (0/255): 0/255 maps are thresholded at 127,
+    label maps with small values (HRF's artery/vein labels 0-3) count every label > 0."""
+    arr = codecs.decode_image(data).max(axis=2)
+    cut = 0 if arr.max() <= 3 else 127
+    return np.where(arr > cut, 255, 0).astype(np.uint8)
+
+
+def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int) -> np.ndarray:
+    """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene."""
+    if binary.shape[:2] != shape:
+        binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    cropped, _ = crop_to_fov(np.dstack([binary] * 3), circle, size=size)
+    return np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)

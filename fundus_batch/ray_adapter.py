@@ -1,0 +1,372 @@
+"""Ray Data for the pipeline: the ONLY module in fundus_batch that imports Ray.
+
+It connects to Ray, reads and plans the manifest on the workers, and turns the run's
+:class:`~fundus_batch.stages.StageSpec` list into ``map_batches`` operators. Planning is a pure
+value: :func:`map_batches_calls` returns the exact arguments of every ``map_batches`` call
+(:class:`MapBatchesCall`) from a config and a :class:`ClusterShape`, without Ray;
+:func:`apply_calls` applies them to a Dataset. Consecutive CPU stages share one actor pool, so
+the decoded images they pass each other never leave the worker; a stage that declares a GPU
+(Enhance) gets its own pool, on GPUs when the cluster has them. Ray is imported inside the
+functions that need it, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+
+from fundus_batch.io import storage
+from fundus_batch.manifest_stream import KeySet, ManifestScan, csv_convert_options, plan_batch
+from fundus_batch.schema import to_table
+from fundus_batch.stages import Chain, Resources, StageSpec, items_of, rows_of, stage_specs
+
+if TYPE_CHECKING:
+    from fundus_batch.config import RunConfig
+
+# Manifest rows per planning batch (the workers' done-pair filter), before rows are cut into
+# blocks of ``ray.rows_per_block`` for the image stages.
+PLAN_ROWS = 2048
+# Reading and planning ask for no CPU: their tasks are light, and a planning task waits (holding
+# what it asked for) until the stages take its blocks, so any CPU it held could be the share
+# the fetch tasks need on a small node, and the run would wait forever.
+PLAN_CPUS = 0.0
+PLANNED_COLUMNS = (
+    "image_id",
+    "status",
+    "source_uri",
+    "split",
+    "source_mask_uri",
+    "vessel_gt_uri",
+    "pending_variants",
+)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """The CPUs and GPUs of the cluster a run plans for."""
+
+    cpus: float
+    gpus: float
+
+
+def init_ray(config: RunConfig) -> ClusterShape:
+    """Connect to (or start) Ray and report the cluster's CPUs and GPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+        if address:
+            kwargs["address"] = address
+        else:
+            # "local" starts a private instance; None would join any cluster on this machine.
+            kwargs["address"] = "local"
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kwargs["include_dashboard"] = False
+            if config.ray.num_cpus is not None:
+                kwargs["num_cpus"] = config.ray.num_cpus
+            if config.ray.num_gpus is not None:
+                kwargs["num_gpus"] = config.ray.num_gpus
+        ray.init(**kwargs)
+    res = ray.cluster_resources()
+    return ClusterShape(cpus=float(res.get("CPU", 1.0)), gpus=float(res.get("GPU", 0.0)))
+
+
+def configure_data_context() -> None:
+    """Ray Data settings of a run: no Ray progress bars or verbose stats, no ordering."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_stats_logs = False
+    ctx.execution_options.preserve_order = False
+
+
+def shutdown() -> None:
+    """Stop the local Ray instance this process started (no-op when none)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# --- the stages as Ray Data UDFs -----------------------------------------------------------
+
+
+class StageUDF:
+    """Stages as a Ray Data UDF: Arrow batch in, Arrow batch (fixed schema) out.
+
+    The stages are built from their specs inside the worker, so models load in workers only.
+    Rows become items once per batch and back once: between the chained stages the images stay
+    decoded.
+    """
+
+    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema) -> None:
+        self.chain = Chain(specs)
+        self.schema = schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        if batch.num_columns < len(self.schema):  # planned rows carry only the manifest's columns
+            blank = dict.fromkeys(self.schema.names)
+            rows = [{**blank, **row} for row in rows]
+        return to_table(rows_of(self.chain.process(items_of(rows))), self.schema)
+
+
+class TaskUDF:
+    """A :class:`StageUDF` for task operators: a picklable callable that builds its stages on
+    its first batch in each worker process."""
+
+    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema) -> None:
+        self.specs = tuple(specs)
+        self.schema = schema
+        self._udf: StageUDF | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"specs": self.specs, "schema": self.schema, "_udf": None}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._udf is None:
+            self._udf = StageUDF(self.specs, self.schema)
+        return self._udf(batch)
+
+
+# --- planning: pure values ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Consecutive stages that run in one worker, with what each worker gets and how many
+    actors (0: tasks)."""
+
+    specs: tuple[StageSpec, ...]
+    resources: Resources
+    actors: int = 0
+
+
+def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
+    """Group the run's stages into pools and size them from the cluster's resources.
+
+    Fetch is I/O bound and runs as light threaded tasks. The CPU stages run in an actor pool
+    that leaves CPU headroom for those tasks (on a 2-CPU node, whole-CPU actors would starve
+    them). Enhancement gets one GPU per actor when the cluster has GPUs, else CPU actors.
+    """
+    specs = stage_specs(config)
+    fetch, rest = specs[0], specs[1:]
+    pools = [Pool((fetch,), fetch.resources)]
+    per_actor = config.ray.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
+    headroom = 0.5 if cluster.cpus < 8 else 1.0
+    cpu_actors = config.ray.degrade_actors or max(1, int((cluster.cpus - headroom) / per_actor))
+    cpu_res = Resources(num_cpus=per_actor, actor=True)
+    # Without a stage that wants a GPU (no enhancement, or the classical enhancer) every
+    # stage after Fetch runs in the one CPU actor pool.
+    split = next((i for i, s in enumerate(rest) if s.resources.num_gpus > 0), None)
+    if split is None:
+        return [*pools, Pool(tuple(rest), cpu_res, cpu_actors)]
+    enh = config.enhance
+    budget = max(cluster.cpus - headroom, per_actor)
+    if cluster.gpus >= 1 and enh.device != "cpu":
+        enh_actors = enh.actors or int(cluster.gpus)
+        enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
+        enh_res = Resources(num_cpus=enh_cpus, num_gpus=1.0, actor=True)
+        left = budget - enh_actors * enh_cpus
+    else:
+        enh_res = Resources(num_cpus=enh.cpus_per_actor, actor=True)
+        enh_actors = enh.actors or max(1, int(budget / 2 / enh.cpus_per_actor))
+        left = budget - enh_actors * enh.cpus_per_actor
+    if not config.ray.degrade_actors:
+        cpu_actors = max(1, int(left / per_actor))
+    return [
+        *pools,
+        Pool(tuple(rest[:split]), cpu_res, cpu_actors),
+        Pool((rest[split],), enh_res, enh_actors),
+        Pool(tuple(rest[split + 1 :]), Resources(num_cpus=0.25)),
+    ]
+
+
+@dataclass(frozen=True)
+class MapBatchesCall:
+    """The arguments of one ``Dataset.map_batches`` call. ``compute`` ``actors`` means an
+    ``ActorPoolStrategy(size=pool_size)``; ``tasks`` means Ray's default task pool."""
+
+    specs: tuple[StageSpec, ...]
+    fn: Callable[[pa.Table], pa.Table] | type[StageUDF]
+    fn_constructor_args: tuple[Any, ...] | None
+    compute: Literal["tasks", "actors"]
+    pool_size: int | None
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    batch_format: str = "pyarrow"
+    zero_copy_batch: bool = True
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``map_batches`` besides ``fn`` and ``compute``."""
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "batch_format": self.batch_format,
+            "zero_copy_batch": self.zero_copy_batch,
+            "num_cpus": self.num_cpus,
+        }
+        if self.num_gpus:
+            kwargs["num_gpus"] = self.num_gpus
+        if self.fn_constructor_args is not None:
+            kwargs["fn_constructor_args"] = self.fn_constructor_args
+        return kwargs
+
+
+def map_batches_calls(
+    config: RunConfig, cluster: ClusterShape, schema: pa.Schema
+) -> list[MapBatchesCall]:
+    """Every ``map_batches`` call of the run's stages, in order (no Ray needed)."""
+    calls = []
+    for pool in plan_pools(config, cluster):
+        res = pool.resources
+        common: dict[str, Any] = {
+            "specs": pool.specs,
+            "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus,
+            "batch_size": config.ray.rows_per_block,
+        }
+        if res.actor:
+            call = MapBatchesCall(
+                fn=StageUDF,
+                fn_constructor_args=(pool.specs, schema),
+                compute="actors",
+                pool_size=max(1, pool.actors),
+                **common,
+            )
+        else:
+            # Ray retries tasks and restarts actors lost to worker failures by default.
+            call = MapBatchesCall(
+                fn=TaskUDF(pool.specs, schema),
+                fn_constructor_args=None,
+                compute="tasks",
+                pool_size=None,
+                **common,
+            )
+        calls.append(call)
+    return calls
+
+
+def apply_calls(ds: Any, calls: Sequence[MapBatchesCall]) -> Any:
+    """``ds`` with each call's ``map_batches`` applied in order."""
+    import ray
+
+    for call in calls:
+        kwargs = call.kwargs()
+        if call.compute == "actors":
+            kwargs["compute"] = ray.data.ActorPoolStrategy(size=call.pool_size)
+        ds = ds.map_batches(call.fn, **kwargs)
+    return ds
+
+
+# --- the manifest --------------------------------------------------------------------------
+
+
+def _plan_udf(
+    done_ref: Any, selected_ref: Any, variants: list[int], passthrough: list[str], schema: pa.Schema
+) -> Callable[[pa.Table], pa.Table]:
+    """Planning on the workers: manifest batch in, pending work rows out (the done set and the
+    ``--limit`` selection arrive through the object store, fetched once per task)."""
+    narrow = pa.schema([schema.field(n) for n in (*PLANNED_COLUMNS, *passthrough)])
+    sets: list[tuple[KeySet, KeySet | None]] = []
+
+    def apply(batch: pa.Table) -> pa.Table:
+        import ray
+
+        if not sets:
+            sets.append((ray.get(done_ref), ray.get(selected_ref)))
+        done, selected = sets[0]
+        return to_table(plan_batch(batch, done, selected, variants, passthrough), narrow)
+
+    return apply
+
+
+def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
+    """The manifest as a Ray Dataset, read by Ray Data (a local file is read on this node)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
+    import ray
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = storage.filesystem(scan.uri, config.storage_options)
+    kwargs: dict[str, Any] = {"partitioning": None, "file_extensions": None, "num_cpus": PLAN_CPUS}
+    if isinstance(fs, LocalFileSystem):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        path = os.path.abspath(path)
+        node = ray.get_runtime_context().get_node_id()
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        kwargs["ray_remote_args"] = {"scheduling_strategy": strategy}
+    else:
+        kwargs["filesystem"] = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    if scan.kind == "parquet":
+        # Ray 2.60's V2 Parquet reader lists files in a one-CPU task that no argument lightens,
+        # which waits forever when the actor pools hold all but a fraction of a small node.
+        ctx = ray.data.DataContext.get_current()
+        v2 = getattr(ctx, "use_datasource_v2", False)
+        ctx.use_datasource_v2 = False
+        try:
+            return ray.data.read_parquet(path, **kwargs)
+        finally:
+            ctx.use_datasource_v2 = v2
+    return ray.data.read_csv(
+        path,
+        convert_options=csv_convert_options(scan.columns),
+        read_options=pacsv.ReadOptions(block_size=4 << 20),
+        **kwargs,
+    )
+
+
+def _with_cpus(ds: Any, num_cpus: float) -> Any:
+    """``ds`` with its last operator asking for ``num_cpus``. Ray 2.60's ``repartition`` takes
+    no resource arguments and its tasks default to one CPU, which the actor pools may hold all
+    of on a small node (the run would wait forever); with the CPUs of the map before it, Ray
+    fuses the two into one task."""
+    args = getattr(ds._logical_plan.dag, "ray_remote_args", None)
+    if isinstance(args, dict):
+        args["num_cpus"] = num_cpus
+    return ds
+
+
+def build_dataset(
+    scan: ManifestScan,
+    done: KeySet,
+    schema: pa.Schema,
+    config: RunConfig,
+    cluster: ClusterShape,
+    variants: list[int],
+) -> Any:
+    """The lazy Ray Dataset of a run (nothing executes until it is iterated): the manifest read
+    by Ray Data, planned on the workers (``variants`` per image), then the stages."""
+    import ray
+
+    plan = _plan_udf(
+        ray.put(done),
+        ray.put(scan.selected_ids if scan.limited else None),
+        variants,
+        list(scan.passthrough.names),
+        schema,
+    )
+    # Planning and the cut into blocks fuse into one light task that streams its blocks, so the
+    # first reach the image stages while the manifest is still being planned.
+    ds = read_manifest(scan, config)
+    ds = ds.map_batches(plan, batch_size=PLAN_ROWS, batch_format="pyarrow", num_cpus=PLAN_CPUS)
+    ds = _with_cpus(ds.repartition(target_num_rows_per_block=config.ray.rows_per_block), PLAN_CPUS)
+    return apply_calls(ds, map_batches_calls(config, cluster, schema))
+
+
+def iter_tables(ds: Any) -> Iterator[pa.Table]:
+    """The output blocks of a dataset as Arrow tables, as they finish (empty ones skipped)."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if batch.num_rows:
+            yield batch

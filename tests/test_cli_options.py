@@ -1,0 +1,169 @@
+"""Pipeline command options are generated from RunConfig: help, default and choices come from
+the model, and no command declares a config field by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import click
+import pytest
+from click.testing import CliRunner
+from pydantic.fields import FieldInfo
+
+from fundus_batch import cli
+from fundus_batch.cli import main
+from fundus_batch.cli_options import ConfigOption
+from fundus_batch.config import RunConfig
+from fundus_batch.degrade import PRESETS, TYPE_CODES
+
+PIPELINE_COMMANDS = ("run", "degrade", "enhance", "score", "demo")
+# Options of those commands that are not RunConfig fields, by command.
+NOT_CONFIG = {
+    "run": {"config_path", "verbose"},
+    "degrade": {"verbose"},
+    "enhance": {"verbose"},
+    "score": {"verbose"},
+    "demo": {"out", "count", "with_enhance", "verbose"},  # demo's --out holds inputs and run
+}
+# The option names the README, the jobs and earlier releases use.
+KEPT_NAMES = {
+    "run": {"--manifest", "--out", "--seed", "--variants", "--address", "--limit"}
+    | {"--retry-failed", "--wait-for-lease"},
+    "degrade": {"--manifest", "--out", "--variants", "--types", "--type-mode", "--seed", "--size"}
+    | {"--preset", "--format", "--address", "--enhance", "--enhancer", "--weights", "--limit"}
+    | {"--wait-for-lease"},
+    "enhance": {"--manifest", "--out", "--enhancer", "--weights", "--variant", "--width"}
+    | {"--size", "--batch-size", "--device", "--address", "--limit", "--wait-for-lease"},
+    "score": {"--manifest", "--out", "--size", "--address", "--limit", "--min-quality"}
+    | {"--wait-for-lease"},
+    "demo": {"--out", "--count", "--variants", "--enhance"},
+}
+
+
+def _model_field(path: str) -> FieldInfo:
+    """The field straight from ``RunConfig.model_fields`` (sections one level deep)."""
+    if "." in path:
+        section, name = path.split(".")
+        model: Any = RunConfig.model_fields[section].annotation
+        return model.model_fields[name]
+    return RunConfig.model_fields[path]
+
+
+def _config_options() -> list[tuple[str, ConfigOption]]:
+    found = []
+    for name in PIPELINE_COMMANDS:
+        for param in main.commands[name].params:
+            if isinstance(param, ConfigOption):
+                found.append((name, param))
+    return found
+
+
+def _help_record(command: str, option: click.Option) -> str:
+    ctx = click.Context(main.commands[command], info_name=command)
+    record = option.get_help_record(ctx)
+    assert record is not None
+    return record[1]
+
+
+def test_no_pipeline_command_declares_a_config_field_by_hand():
+    for name in PIPELINE_COMMANDS:
+        params = main.commands[name].params
+        by_hand = {p.name for p in params if not isinstance(p, ConfigOption)}
+        assert by_hand == NOT_CONFIG[name], name
+        for param in params:
+            if isinstance(param, ConfigOption):
+                _model_field(param.field)  # a real field (KeyError otherwise)
+
+
+def test_every_existing_option_name_is_kept():
+    for name, kept in KEPT_NAMES.items():
+        options = {o for p in main.commands[name].params for o in p.opts}
+        assert kept <= options, (name, kept - options)
+
+
+def test_each_option_takes_its_help_and_default_from_the_model():
+    options = _config_options()
+    assert len(options) >= 40
+    for command, option in options:
+        info = _model_field(option.field)
+        assert info.description, f"{option.field} has no description"
+        help_text = _help_record(command, option)
+        assert help_text.startswith(info.description), (command, option.field)
+        if option.required:
+            continue
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        assert option.default == default, (command, option.field)
+        if default not in (None, False):
+            assert f"default: {default}" in help_text, (command, option.field, help_text)
+
+
+def test_literal_fields_list_their_choices():
+    literals = 0
+    for command, option in _config_options():
+        annotation = _model_field(option.field).annotation
+        if get_origin(annotation) is Literal:
+            literals += 1
+            assert isinstance(option.type, click.Choice)
+            assert list(option.type.choices) == list(get_args(annotation)), option.field
+            ctx = click.Context(main.commands[command], info_name=command)
+            record = option.get_help_record(ctx)
+            assert record is not None and "|".join(get_args(annotation)) in record[0]
+    assert literals >= 5
+
+
+def test_preset_lists_the_registered_presets_and_types_the_type_codes():
+    degrade = {p.name: p for p in main.commands["degrade"].params}
+    preset = degrade["preset"]
+    assert isinstance(preset.type, click.Choice)
+    assert sorted(preset.type.choices) == sorted(PRESETS)
+    shown = CliRunner().invoke(main, ["degrade", "--help"]).output
+    assert all(name in shown for name in PRESETS)
+    assert isinstance(degrade["types"], ConfigOption)
+    assert all(code in _help_record("degrade", degrade["types"]) for code in TYPE_CODES)
+
+
+def test_numeric_options_show_the_model_limits():
+    variants = next(p for p in main.commands["degrade"].params if p.name == "variants")
+    assert isinstance(variants, click.Option)
+    assert "1<=x<=1000" in _help_record("degrade", variants)
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list[Any]:
+    seen: list[Any] = []
+    monkeypatch.setattr(cli, "_run", lambda config, **kwargs: seen.append((config, kwargs)))
+    return seen
+
+
+def test_run_options_override_only_the_fields_given(tmp_path: Path, captured):
+    config = tmp_path / "c.yaml"
+    config.write_text("manifest: m.csv\nout: o\nseed: 5\nvariants: 2\nretry_failed: true\n")
+    result = CliRunner().invoke(main, ["run", str(config), "--variants", "3"])
+    assert result.exit_code == 0, result.output
+    [(cfg, kwargs)] = captured
+    assert (cfg.seed, cfg.variants, cfg.retry_failed) == (5, 3, True)  # defaults did not win
+    assert kwargs == {"verbose": False}
+
+
+def test_degrade_options_reach_their_fields(tmp_path: Path, captured):
+    args = ["degrade", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--verbose"]
+    args += ["--types", "001,100", "--format", "jpeg", "--address", "ray://h:1"]
+    args += ["--wait-for-lease", "5", "--enhance", "--weights", "w.pt", "--preset", "cofe-train"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    [(cfg, kwargs)] = captured
+    assert cfg.types == ["001", "100"] and cfg.image_format == "jpeg"
+    assert cfg.ray.address == "ray://h:1" and cfg.lease.wait == 5.0
+    assert cfg.enhance.enabled and cfg.enhance.weights == "w.pt" and cfg.preset == "cofe-train"
+    assert cfg.variants == 7 and cfg.mode == "pairs" and kwargs == {"verbose": True}
+
+
+def test_a_value_outside_the_model_limits_is_rejected_naming_the_field(tmp_path: Path):
+    out = tmp_path / "o"
+    args = ["degrade", "--manifest", "m.csv", "--out", str(out), "--variants", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "variants" in result.output, result.output
+    assert not out.exists()

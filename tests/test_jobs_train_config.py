@@ -1,0 +1,83 @@
+"""jobs/train_cofenet.py's YAML job config: shipped configs load, bad ones name the field."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def job() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "train_cofenet", REPO / "jobs" / "train_cofenet.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_cofenet", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN_CONFIGS = sorted(p.name for p in (REPO / "jobs" / "configs").glob("train*.yaml"))
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_shipped_training_configs_load_unchanged(job: ModuleType, name: str) -> None:
+    path = REPO / "jobs" / "configs" / name
+    config = job.load_job(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert job.read_config(str(path)) == raw
+    assert config.data.datasets == raw["data"]["datasets"]
+    assert config.quality == raw["quality"]
+
+
+def test_no_config_means_the_defaults(job: ModuleType) -> None:
+    config = job.load_job(None)
+    assert config.working_size == 512 and config.preset == "cofe-release"
+    assert config.data.holdout == job.DEFAULT_HOLDOUT and config.quality == job.DEFAULT_QUALITY
+    assert job.read_config(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"nmae": "x"}, "nmae: unknown field"),
+        ({"working_size": "512"}, "working_size: Input should be a valid integer (got '512')"),
+        ({"preset": "cofe-rleease"}, "preset: unknown preset"),
+        ({"data": {"datasets": ["hrf", "drive"]}}, "data.datasets[1]: Input should be"),
+        ({"data": {"holdout": {"drive": ["01"]}}}, "data.holdout.drive: bad key"),
+        ({"quality": {"nr_luminance": [170.0, 45.0]}}, "quality.nr_luminance: low > high"),
+        ({"quality": {"nr_luma": [1.0, 2.0]}}, "quality.nr_luma: bad key: unknown measure"),
+        ({"field_deadzone": -0.1}, "field_deadzone: Input should be greater than or equal to 0"),
+        ({"train": {"lr": 0.0}}, "train.lr: Input should be greater than 0 (got 0.0)"),
+        ({"train": {"widht": 0.5}}, "train.widht: unknown field (got 0.5)"),
+        ([1, 2], "<root>: expected an object (got list)"),
+    ],
+)
+def test_bad_job_configs_name_the_field(
+    job: ModuleType, tmp_path: Path, data: object, expected: str
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(job.JobConfigError) as info:
+        job.load_job(str(path))
+    assert str(info.value).startswith(f"invalid job config {path}: ")
+    assert expected in str(info.value)
+
+
+def test_the_command_reports_a_bad_config_and_exits_2(
+    job: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  steps: 0\n")
+    assert job.main(["--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        "train.steps: Input should be greater than or equal to 1 (got 0)" in capsys.readouterr().err
+    )

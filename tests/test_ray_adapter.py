@@ -1,0 +1,203 @@
+"""The Ray adapter: the exact ``map_batches`` arguments planned for each cluster and config,
+the arguments that reach Ray Data, and that no other module imports Ray."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from fundus_batch import ray_adapter
+from fundus_batch.config import build_config
+from fundus_batch.enhance import ClassicalEnhance, Enhance
+from fundus_batch.ray_adapter import (
+    ClusterShape,
+    MapBatchesCall,
+    StageUDF,
+    TaskUDF,
+    apply_calls,
+    map_batches_calls,
+)
+from fundus_batch.schema import work_schema
+from fundus_batch.stages import Degrade, Fetch, Preprocess, Score, Write
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fundus_batch"
+SCHEMA = work_schema()
+
+
+def _config(**extra: Any):
+    data: dict[str, Any] = {"manifest": "m.csv", "out": "/tmp/out", "variants": 1, "size": 256}
+    data.update(extra)
+    return build_config(data, "test")
+
+
+def _calls(cluster: ClusterShape, **extra: Any) -> list[MapBatchesCall]:
+    return map_batches_calls(_config(**extra), cluster, SCHEMA)
+
+
+def _classes(call: MapBatchesCall) -> list[type]:
+    return [s.cls for s in call.specs]
+
+
+def test_cpu_only_two_cpu_cluster_plans_fetch_tasks_then_one_cpu_actor_pool():
+    fetch, pool = _calls(ClusterShape(cpus=2, gpus=0))
+    assert fetch.stage_names == ("fetch",) and fetch.compute == "tasks"
+    assert isinstance(fetch.fn, TaskUDF) and fetch.fn.specs == fetch.specs
+    assert fetch.kwargs() == {
+        "batch_size": 8,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+        "num_cpus": 0.25,
+    }
+    assert _classes(pool) == [Preprocess, Score, Degrade, Score, Write]
+    assert (pool.compute, pool.pool_size, pool.fn) == ("actors", 2, StageUDF)
+    assert pool.fn_constructor_args == (pool.specs, SCHEMA)
+    # 0.75 CPU per actor leaves a fetch task room on the 2-CPU node.
+    assert pool.kwargs() == {
+        "batch_size": 8,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+        "num_cpus": 0.75,
+        "fn_constructor_args": (pool.specs, SCHEMA),
+    }
+
+
+def test_gpu_cluster_gives_cofenet_its_own_pool_of_one_gpu_per_actor():
+    calls = _calls(ClusterShape(cpus=16, gpus=2), enhance={"enabled": True})
+    fetch, cpu, gpu, tail = calls
+    assert _classes(fetch) == [Fetch]
+    assert _classes(cpu) == [Preprocess, Score, Degrade]
+    assert _classes(gpu) == [Enhance] and _classes(tail) == [Score, Write]
+    assert (gpu.compute, gpu.pool_size, gpu.num_gpus, gpu.num_cpus) == ("actors", 2, 1.0, 1.0)
+    assert gpu.kwargs()["num_gpus"] == 1.0
+    assert gpu.kwargs()["fn_constructor_args"] == (gpu.specs, SCHEMA)
+    # 16 CPUs less one of headroom and one per GPU actor: 13 whole-CPU actors for the rest.
+    assert (cpu.compute, cpu.pool_size, cpu.num_cpus, cpu.num_gpus) == ("actors", 13, 1.0, 0.0)
+    assert "num_gpus" not in cpu.kwargs()
+    assert (tail.compute, tail.num_cpus, tail.num_gpus) == ("tasks", 0.25, 0.0)
+    enhance = gpu.specs[0].kwargs
+    assert enhance["source_role"] == "degraded" and enhance["image_format"] == "png"
+    assert enhance["weights"] == "fundus-cofenet-small" and enhance["batch_size"] == 4
+
+
+def test_cpu_only_cluster_runs_cofenet_on_cpu_actors_within_the_cpus():
+    calls = _calls(ClusterShape(cpus=16, gpus=0), enhance={"enabled": True})
+    assert all(c.num_gpus == 0 and "num_gpus" not in c.kwargs() for c in calls)
+    [enhance] = [c for c in calls if Enhance in _classes(c)]
+    assert enhance.compute == "actors" and enhance.num_cpus == 1.0
+    actors = [c for c in calls if c.compute == "actors"]
+    assert sum(c.num_cpus * (c.pool_size or 1) for c in actors) <= 16
+
+
+def test_metrics_off_plans_no_score_stage_and_fetches_no_vessel_maps():
+    calls = _calls(ClusterShape(cpus=2, gpus=0), compute_metrics=False)
+    assert [_classes(c) for c in calls] == [[Fetch], [Preprocess, Degrade, Write]]
+    assert calls[0].specs[0].kwargs["vessels"] is False
+
+
+def test_classical_enhancement_joins_the_cpu_pool_even_on_a_gpu_cluster():
+    calls = _calls(
+        ClusterShape(cpus=8, gpus=1),
+        enhance={"enabled": True, "enhancer": "classical"},
+        image_format="jpeg",
+    )
+    assert [_classes(c) for c in calls] == [
+        [Fetch],
+        [Preprocess, Score, Degrade, ClassicalEnhance, Score, Write],
+    ]
+    assert all(c.num_gpus == 0 for c in calls)
+    classical = calls[1].specs[3].kwargs
+    assert classical == {"source_role": "degraded", "image_format": "jpeg", "jpeg_quality": 95}
+
+
+def test_enhance_mode_enhances_the_clean_image():
+    calls = _calls(ClusterShape(cpus=2, gpus=1), mode="enhance", enhance={"enabled": True})
+    [enhance] = [c for c in calls if Enhance in _classes(c)]
+    assert enhance.specs[0].kwargs["source_role"] == "clean"
+    assert enhance.num_gpus == 1.0 and enhance.pool_size == 1
+
+
+def test_no_module_but_the_adapter_imports_ray():
+    importers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.append(path.relative_to(PACKAGE).as_posix())
+    assert importers and set(importers) == {"ray_adapter.py"}
+
+
+def test_the_real_map_batches_receives_the_planned_arguments(ray_cluster, tmp_path, monkeypatch):
+    """Apply the calls of a 2-CPU plan to a tiny real dataset, record what Ray Data's
+    ``map_batches`` is given, and run it to written pairs."""
+    import ray
+
+    from fundus_batch.io.codecs import encode_jpeg
+    from fundus_batch.synth import synth_fundus
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"img{i}.jpg"
+        path.write_bytes(encode_jpeg(synth_fundus(400, seed=i, canvas=(480, 420)).image))
+        paths.append(str(path))
+    out = tmp_path / "out"
+    config = _config(out=str(out), variants=2, ray={"rows_per_block": 2})
+    calls = map_batches_calls(config, ClusterShape(cpus=2, gpus=0), SCHEMA)
+
+    seen: list[tuple[Any, dict[str, Any]]] = []
+    original = ray.data.Dataset.map_batches
+
+    def recording(self, fn, **kwargs):
+        seen.append((fn, kwargs))
+        return original(self, fn, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", recording)
+    planned = pa.table(
+        {
+            "image_id": [f"img{i}" for i in range(2)],
+            "status": ["ok", "ok"],
+            "source_uri": paths,
+            "pending_variants": pa.array([[0, 1], [0, 1]], pa.list_(pa.int32())),
+        }
+    )
+    ds = apply_calls(ray.data.from_arrow(planned), calls)
+    assert len(seen) == len(calls) == 2
+    for (fn, kwargs), call in zip(seen, calls, strict=True):
+        compute = kwargs.pop("compute", None)
+        assert fn is call.fn and kwargs == call.kwargs()
+        if call.compute == "actors":
+            assert isinstance(compute, ray.data.ActorPoolStrategy)
+            assert (compute.min_size, compute.max_size) == (call.pool_size, call.pool_size)
+        else:
+            assert compute is None
+    rows = [r for t in ray_adapter.iter_tables(ds) for r in t.to_pylist()]
+    assert sorted((r["image_id"], r["variant"]) for r in rows) == [
+        ("img0", 0),
+        ("img0", 1),
+        ("img1", 0),
+        ("img1", 1),
+    ]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert all(r["clean_png"] is None and r["degraded_png"] is None for r in rows)
+    for r in rows:
+        assert (out / r["degraded_uri"]).is_file() and r["psnr_degraded"] > 10
+
+
+def test_stage_specs_are_checked_against_the_stage_signature():
+    from fundus_batch.stages import StageSpec
+
+    with pytest.raises(TypeError, match="Degrade"):
+        StageSpec(Degrade, {"seed": 1, "variant": 2, "types": ["111"]})
+    spec = StageSpec(Preprocess, {"size": 128})
+    assert spec.name == "preprocess" and spec.resources == Preprocess.resources
+    stage = spec.build()
+    assert isinstance(stage, Preprocess) and stage.size == 128
