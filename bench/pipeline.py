@@ -1,18 +1,27 @@
-"""Benchmark: the Ray pipeline against a plain multiprocessing.Pool doing the same per-image work.
+"""Benchmark: the pipeline's three speed ratios (issue 11), each measured within this one run.
 
-Prints two ratios, each measured within this one run:
+1. floor: ``fundus-batch degrade --variants 1`` (its defaults, metrics on) over ``--floor-images``
+   raw EyePACS photographs (the 10 in ../shared/data/eyepacs_sample repeated under distinct
+   image ids), wall time of the CLI as a subprocess, Ray start-up included, divided by the
+   floor: a 2-process multiprocessing.Pool that reads each file, decodes it reduced
+   (``decode_image(min_side=512)``), resizes it to 512 and encodes two PNGs (target <= 2.5);
+2. throughput: the Ray pipeline against a 2-process multiprocessing.Pool running the same stage
+   chain in-process on the same images, Ray images/s / Pool images/s, with and without Ray's
+   start-up (target >= 0.9, start-up excluded);
+3. memory: peak memory (PSS summed over the driver and every process it started) of a run over
+   ``--big`` synthetic images divided by that of a run over ``--small`` (target <= 1.3).
 
-1. throughput: Ray images/s divided by Pool images/s on the same images (target >= 0.8 once the
-   run is long enough to amortise Ray's start-up);
-2. memory: peak memory (PSS summed over the driver and every process it started) of a run over
-   ``--big`` images divided by that of a run over ``--small`` images (target <= 1.3: memory must
-   not grow with the archive).
+It also prints where one image's CPU time goes (``steps``: each step timed in-process, no Ray,
+on ``--steps-images`` EyePACS photographs) and the per-stage CPU seconds per image from the
+Ray output's ``seconds_*`` columns.
 
-    python bench/pipeline.py --images 160 --variants 2 --size 256
-    python bench/pipeline.py --skip-throughput --small 1000 --big 10000 --size 128 --variants 1
+    python bench/pipeline.py                                   # everything
+    python bench/pipeline.py --skip-memory --skip-throughput   # steps + floor ratio
+    python bench/pipeline.py --skip-floor --skip-steps --skip-throughput --big 5000
 
-The memory runs end with `fundus_batch.verify` on their output (every row once, every file
-present and matching its checksum).
+The EyePACS sections skip with a message when ../shared (relative to the repo root) is absent;
+the throughput section then runs on synthetic photographs. The memory runs end with
+`fundus_batch.verify` on their output (every row once, every file present, checksums match).
 """
 
 from __future__ import annotations
@@ -26,19 +35,58 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
 import pandas as pd
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from fundus_batch.io.codecs import encode_jpeg
-from fundus_batch.synth import synth_fundus
-from fundus_batch.verify import verify
+from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png  # noqa: E402
+from fundus_batch.shards import read_frame  # noqa: E402
+from fundus_batch.synth import synth_fundus  # noqa: E402
+
+EYEPACS = ROOT.parent / "shared" / "data" / "eyepacs_sample"
+FLOOR_TARGET, THROUGHPUT_TARGET, MEMORY_TARGET = 2.5, 0.9, 1.3
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+Rows = list[dict]
 
 
-def make_inputs(folder: Path, n: int, size: int) -> Path:
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def load_avg() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def eyepacs_files() -> list[Path]:
+    return sorted(EYEPACS.glob("*.jpeg")) if EYEPACS.is_dir() else []
+
+
+def eyepacs_manifest(folder: Path, n: int) -> Path:
+    """A manifest of ``n`` rows over the EyePACS samples, repeated under distinct image ids."""
+    files = eyepacs_files()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "image_id": f"{files[i % len(files)].stem}_r{i // len(files):04d}",
+            "uri": str(files[i % len(files)]),
+        }
+        for i in range(n)
+    ]
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def synthetic_manifest(folder: Path, n: int, size: int) -> Path:
     """``n`` raw-camera-like synthetic JPEGs (a few distinct eyes, repeated) and a manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     distinct = []
@@ -55,64 +103,233 @@ def make_inputs(folder: Path, n: int, size: int) -> Path:
     return manifest
 
 
-def _config_dict(manifest: Path, out: Path, args: argparse.Namespace) -> dict:
+def config_dict(manifest: Path, out: Path, args: argparse.Namespace, size: int) -> dict:
     return {
         "manifest": str(manifest),
         "out": str(out),
         "variants": args.variants,
-        "size": args.size,
+        "size": size,
         "progress": False,
         "shard_rows": 1000,
-        "ray": {
-            "num_cpus": args.cpus,
-            "rows_per_block": args.rows_per_block,
-            "degrade_actors": args.actors,
-        },
+        "ray": {"num_cpus": args.cpus, "rows_per_block": args.rows_per_block},
     }
 
 
-_CHAIN: list = []
+# --- the stage chain without Ray -----------------------------------------------------------
 
 
-def _pool_init(cfg: dict) -> None:
+def local_chain(cfg: dict) -> Callable[[Rows], Rows]:
+    """The run's stage chain, built and called in this process (no Ray).
+
+    Today this is ``stages.Chain(stage_specs(config))``, each stage called in order on a list of
+    row dicts; it is the one place that knows how, so the Pool baseline follows the stage API.
+    """
     from fundus_batch.config import build_config
-    from fundus_batch.pipeline import _Chain, stage_factories
+    from fundus_batch.stages import Chain, stage_specs
 
-    _CHAIN.append(_Chain(tuple(stage_factories(build_config(cfg, "bench")))))
-
-
-def _pool_worker(row: dict) -> int:
-    from fundus_batch import stages
-
-    return sum(1 for r in _CHAIN[0]([row]) if stages.is_ok(r))
+    return Chain(stage_specs(build_config(cfg, "bench")))
 
 
-def run_pool(manifest: Path, out: Path, args: argparse.Namespace) -> float:
-    """Seconds for a multiprocessing.Pool to do every image's work."""
-    cfg = _config_dict(manifest, out, args)
+def planned_rows(manifest: Path, variants: int) -> Rows:
     frame = pd.read_csv(manifest)
-    rows = [
+    return [
         {
             "image_id": r.image_id,
             "source_uri": r.uri,
             "status": "ok",
-            "pending_variants": list(range(args.variants)),
+            "pending_variants": list(range(variants)),
         }
         for r in frame.itertuples()
     ]
+
+
+_CHAIN: list[Callable[[Rows], Rows]] = []
+
+
+def _pool_init(cfg: dict) -> None:
+    _CHAIN.append(local_chain(cfg))
+
+
+def _pool_worker(row: dict) -> tuple[int, dict[str, float]]:
+    """(ok rows, seconds_* summed over the output rows) of one image."""
+    out = _CHAIN[0]([row])
+    seconds: dict[str, float] = {}
+    for r in out:
+        for key, value in r.items():
+            if key.startswith("seconds_") and value is not None:
+                stage = key.removeprefix("seconds_")
+                seconds[stage] = seconds.get(stage, 0.0) + value
+    return sum(1 for r in out if r.get("status", "ok") == "ok"), seconds
+
+
+def run_pool(
+    manifest: Path, out: Path, args: argparse.Namespace, size: int
+) -> tuple[float, dict[str, float]]:
+    """Seconds for a multiprocessing.Pool to run the stage chain on every image (pool start and
+    building the stages included), and each stage's seconds per output row."""
+    cfg = config_dict(manifest, out, args, size)
+    rows = planned_rows(manifest, args.variants)
+    ok, per_stage = 0, {}
     start = time.perf_counter()
+    cpu = TreeCPU(os.getpid(), include_root=False)
     with mp.get_context("spawn").Pool(args.cpus, _pool_init, (cfg,)) as pool:
-        ok = sum(pool.imap_unordered(_pool_worker, rows, chunksize=1))
+        for n, stage_s in pool.imap_unordered(_pool_worker, rows, chunksize=1):
+            ok += n
+            for key, value in stage_s.items():
+                per_stage[key] = per_stage.get(key, 0.0) + value
+        per_stage["CPU seconds (all processes)"] = cpu.stop()
     seconds = time.perf_counter() - start
     assert ok == len(rows) * args.variants, f"pool produced {ok} ok rows"
-    return seconds
+    return seconds, {k: v / ok for k, v in per_stage.items()}
 
 
-def run_ray(manifest: Path, out: Path, args: argparse.Namespace) -> tuple[float, float, float]:
-    """(seconds after start-up, start-up seconds, peak PSS bytes) of the Ray pipeline in a fresh
-    driver process."""
+# --- the floor ------------------------------------------------------------------------------
+
+
+def _floor_one(path: str) -> int:
+    rgb = decode_image(Path(path).read_bytes(), min_side=512)
+    small = cv2.resize(rgb, (512, 512), interpolation=cv2.INTER_AREA)
+    mask = np.where(small[..., 0] > 20, 255, 0).astype(np.uint8)
+    return len(encode_png(small)) + len(encode_png(mask))
+
+
+class TreeCPU:
+    """CPU seconds (user + system) of a process's descendants (and of the process itself
+    unless ``include_root`` is False), sampled every ``period`` s in a thread: the part of
+    the machine a run used, which, unlike its wall time, other users' load barely changes.
+    A process that exits between two samples loses at most one period of its CPU time."""
+
+    def __init__(self, pid: int, *, include_root: bool = True, period: float = 0.2) -> None:
+        self.root = psutil.Process(pid)
+        self.include_root = include_root
+        self.period = period
+        self.seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            family = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        if self.include_root:
+            family.append(self.root)
+        for p in family:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self.seen[(p.pid, p.create_time())] = t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def stop(self) -> float:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seen.values())
+
+
+def run_floor(manifest: Path, cpus: int) -> tuple[float, float]:
+    """(wall s, CPU s) of a ``cpus``-process Pool that reads, decodes reduced, resizes to 512
+    and encodes two PNGs (image and a binary mask) per row of ``manifest``."""
+    paths = list(pd.read_csv(manifest)["uri"])
+    start = time.perf_counter()
+    cpu = TreeCPU(os.getpid(), include_root=False)
+    with mp.get_context("spawn").Pool(cpus) as pool:
+        total = sum(pool.imap_unordered(_floor_one, paths, chunksize=4))
+        cpu_s = cpu.stop()  # before the workers exit
+    assert total > 0
+    return time.perf_counter() - start, cpu_s
+
+
+def run_cli(manifest: Path, out: Path, variants: int) -> tuple[float, float]:
+    """(wall s, CPU s of the CLI and every process it started) of ``fundus-batch degrade``
+    with its defaults, Ray start-up included."""
+    cli = Path(sys.executable).with_name("fundus-batch")
+    command = [str(cli), "degrade", "--manifest", str(manifest), "--out", str(out)]
+    command += ["--variants", str(variants)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    cpu = TreeCPU(proc.pid)
+    _, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    cpu_s = cpu.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"fundus-batch degrade failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return seconds, cpu_s
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Mean seconds per output row of each stage that ran, from the Parquet ``seconds_*``
+    columns (time inside the stage's code)."""
+    frame = read_frame(str(out))
+    if frame is None:
+        raise SystemExit(f"the run wrote no Parquet shards under {out / 'pairs'}")
+    cols = [c for c in frame.columns if c.startswith("seconds_") and frame[c].notna().any()]
+    return {c.removeprefix("seconds_"): float(frame[c].fillna(0.0).mean()) for c in cols}
+
+
+def print_stage_seconds(out: Path | None, per: dict[str, float] | None = None) -> None:
+    """Print each stage's seconds per output row, from the run's Parquet (or ``per``)."""
+    per = stage_seconds(out) if out is not None else per or {}
+    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per.items())
+    print(
+        f"  per stage, ms per output row (seconds_*: time inside the stage, = CPU time only on "
+        f"a machine that is not oversubscribed): {parts} (sum {sum(per.values()) * 1e3:.1f})"
+    )
+
+
+def floor_section(root: Path, args: argparse.Namespace) -> None:
+    if not eyepacs_files():
+        print(f"floor: SKIPPED ({EYEPACS} is absent: the raw EyePACS samples are needed)")
+        return
+    manifest = eyepacs_manifest(root / "floor_in", args.floor_images)
+    print(
+        f"floor ratio ({args.floor_images} raw EyePACS photographs, 1 variant, metrics on, "
+        f"{args.cpus} CPUs; {load_avg()})"
+    )
+    floor_s, floor_cpu = run_floor(manifest, args.cpus)
+    cli_s, cli_cpu = run_cli(manifest, root / "floor_out", 1)
+    ratio = cli_s / floor_s
+    print(
+        f"  floor (Pool: read + reduced decode + resize 512 + 2 PNG): {floor_s:6.2f} s "
+        f"({floor_cpu:.1f} CPU s)"
+    )
+    print(
+        f"  fundus-batch degrade (subprocess, Ray start-up included): {cli_s:6.2f} s "
+        f"({cli_cpu:.1f} CPU s)"
+    )
+    ok = verdict(ratio <= FLOOR_TARGET)
+    print(f"  ratio CLI/floor: {ratio:.2f}  (target <= {FLOOR_TARGET})  {ok}")
+    # On a loaded machine the two wall times see different shares of the CPUs; CPU seconds
+    # do not, so their ratio is what a quiet machine's wall ratio would approach (start-up
+    # aside, which is partly idle waiting).
+    print(f"  ratio of CPU seconds (load-independent check): {cli_cpu / floor_cpu:.2f}")
+    busy = floor_cpu / (floor_s * args.cpus)
+    if busy < 0.8:
+        print(
+            f"  WARNING: the floor kept only {busy:.0%} of {args.cpus} CPUs busy (other load on "
+            "the machine): the wall ratio above is not a fair measurement"
+        )
+    print_stage_seconds(root / "floor_out")
+    print(f"  ({load_avg()})")
+
+
+# --- Ray in a driver of its own ---------------------------------------------------------------
+
+
+def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, float]:
+    """(seconds after start-up, start-up seconds, peak PSS bytes, CPU seconds of the driver and
+    every process it started) of the Ray pipeline in a fresh driver process."""
     cfg_path = out.parent / f"{out.name}.json"
-    cfg_path.write_text(json.dumps(_config_dict(manifest, out, args)))
+    cfg_path.write_text(json.dumps(cfg))
     code = (
         "import json, sys, time; from fundus_batch.config import build_config; "
         "from fundus_batch import pipeline; "
@@ -122,11 +339,11 @@ def run_ray(manifest: Path, out: Path, args: argparse.Namespace) -> tuple[float,
         "print(json.dumps({'seconds': e - t, 'startup': t - t0, 'ok': s.ok, "
         "'rows': s.rows_in}))"
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=RAY_ENV
     )
     peak = [0]
+    cpu = TreeCPU(proc.pid)
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
@@ -148,63 +365,247 @@ def run_ray(manifest: Path, out: Path, args: argparse.Namespace) -> tuple[float,
     watcher.start()
     stdout, _ = proc.communicate()
     watcher.join()
+    cpu_s = cpu.stop()
     if proc.returncode != 0:
         raise SystemExit(f"ray run failed with exit code {proc.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["ok"] == result["rows"], result
-    return result["seconds"], result["startup"], float(peak[0])
+    return result["seconds"], result["startup"], float(peak[0]), cpu_s
+
+
+def throughput_section(root: Path, args: argparse.Namespace) -> None:
+    if eyepacs_files():
+        n, size = args.throughput_images, 512
+        manifest = eyepacs_manifest(root / "tp_in", n)
+        what = "raw EyePACS photographs"
+    else:
+        n, size = args.images, args.size
+        manifest = synthetic_manifest(root / "tp_in", n, size)
+        what = f"synthetic photographs ({EYEPACS} absent)"
+    print(
+        f"throughput ({n} {what} x {args.variants} variants at {size} px, {args.cpus} CPUs; "
+        f"{load_avg()})"
+    )
+    pool_s, pool_stages = run_pool(manifest, root / "pool_out", args, size)
+    ray_s, startup, _, ray_cpu = run_ray(
+        manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size)
+    )
+    pool_ips, ray_ips, total_ips = n / pool_s, n / ray_s, n / (ray_s + startup)
+    ratio = ray_ips / pool_ips
+    print(f"  multiprocessing.Pool (same stage chain): {pool_ips:6.2f} images/s ({pool_s:.1f} s)")
+    print(
+        f"  Ray pipeline: {ray_ips:6.2f} images/s ({ray_s:.1f} s after {startup:.1f} s of start-up)"
+    )
+    print(
+        f"  ratio Ray/Pool, start-up excluded: {ratio:.2f}  (target >= {THROUGHPUT_TARGET})  "
+        f"{verdict(ratio >= THROUGHPUT_TARGET)}"
+    )
+    print(f"  ratio Ray/Pool, start-up included: {total_ips / pool_ips:.2f}")
+    pool_cpu = pool_stages.pop("CPU seconds (all processes)") * n
+    print(
+        f"  CPU seconds per image (every process): Pool {pool_cpu / n * 1e3:.1f} ms, Ray "
+        f"{ray_cpu / n * 1e3:.1f} ms with start-up; ratio Pool/Ray {pool_cpu / ray_cpu:.2f} "
+        "(load-independent check of the throughput ratio)"
+    )
+    print("  Pool:", end="")
+    print_stage_seconds(None, pool_stages)
+    print("  Ray: ", end="")
+    print_stage_seconds(root / "ray_out")
+    print(f"  ({load_avg()})")
+
+
+def memory_section(root: Path, args: argparse.Namespace) -> None:
+    from fundus_batch.verify import verify
+
+    print(
+        f"memory ({args.small} vs {args.big} synthetic images at {args.memory_size} px, "
+        f"{args.variants} variants; {load_avg()})"
+    )
+    peaks = {}
+    for n in (args.small, args.big):
+        manifest = synthetic_manifest(root / f"mem{n}", n, args.memory_size)
+        out = root / f"mem_out{n}"
+        seconds, _, peaks[n], _ = run_ray(
+            manifest, out, config_dict(manifest, out, args, args.memory_size)
+        )
+        print(
+            f"  {n} images -> peak PSS {peaks[n] / 2**20:.0f} MiB ({seconds:.0f} s, "
+            f"{n / seconds:.1f} images/s)"
+        )
+        report = verify(str(out), str(manifest))
+        print(
+            f"  verify: {'OK' if report.ok else 'FAILED'} ({report.rows} rows, "
+            f"{report.files_checked} files checked)"
+        )
+        if not report.ok:
+            print(report.summary())
+    ratio = peaks[args.big] / peaks[args.small]
+    print(
+        f"  ratio peak({args.big})/peak({args.small}): {ratio:.2f}  (target <= {MEMORY_TARGET})  "
+        f"{verdict(ratio <= MEMORY_TARGET)}"
+    )
+
+
+# --- where one image's time goes ----------------------------------------------------------------
+
+
+class Timer:
+    """Process CPU seconds (OpenCV threads included) per named step, summed over calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[..., Any], *a: object, **kw: object) -> Any:
+        start = time.process_time()
+        result = fn(*a, **kw)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.process_time() - start
+        return result
+
+
+def profile_steps(paths: list[Path], size: int = 512, seed: int = 0) -> dict[str, float]:
+    """CPU seconds per image of each step of one image's work (one variant, metrics on)."""
+    from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
+    from fundus_batch.fov import _detect, crop_to_fov
+    from fundus_batch.imaging import decode_mask
+    from fundus_batch.metrics import METRIC_VERSION, noref_metrics, reference_context
+    from fundus_batch.schema import to_table, work_schema
+    from fundus_batch.stages import choose_type
+
+    t = Timer()
+    schema = work_schema()
+    blank = dict.fromkeys(schema.names)
+    decoders = (decode_image, decode_mask, decode_image)
+    for path in paths:
+        image_id = path.stem
+        raw = t("read file", path.read_bytes)
+        rgb = t("reduced JPEG decode", decode_image, raw, min_side=size)
+        circle, _, box = t("FOV detection", _detect, rgb)
+        image, mask = t("crop + resize", crop_to_fov, rgb, circle, size, box)
+        t(FLOOR_ONLY, cv2.resize, rgb, (size, size), interpolation=cv2.INTER_AREA)
+        clean_png = t("PNG encode clean", encode_png, image)
+        mask_png = t("PNG encode mask", encode_png, mask)
+        type_code = choose_type(TYPE_CODES, "cycle", seed, image_id, 0)
+        degraded, record = t(
+            "degradation", degrade, image, mask, type_code, sample_rng(seed, image_id, 0)
+        )
+        t("record to JSON", lambda r: (r.to_json(), r.flat_summary()), record)
+        degraded_png = t("PNG encode degraded", encode_png, degraded)
+        pngs = (clean_png, mask_png, degraded_png)
+        ctx = t("no-reference context (from the mask)", noref_mask_context, mask, image.shape)
+        nr_clean = t("no-reference metrics clean", noref_metrics, image, None, context=ctx)
+        nr_deg = t("no-reference metrics degraded", noref_metrics, degraded, None, context=ctx)
+        ref = t("full-reference context (clean)", reference_context, image, mask)
+        fr = t("full-reference metrics (variant)", ref.metrics, degraded)
+        t(REDECODE, lambda pngs: [f(b) for f, b in zip(decoders, pngs, strict=True)], pngs)
+        row = {
+            "image_id": image_id,
+            "variant": 0,
+            "status": "ok",
+            "type_code": type_code,
+            "clean_png": clean_png,
+            "mask_png": mask_png,
+            "degraded_png": degraded_png,
+            "params_json": record.to_json(),
+            "metric_version": METRIC_VERSION,
+            **{f"{k}_clean": float(v) for k, v in nr_clean.items()},
+            **{f"{k}_degraded": float(v) for k, v in nr_deg.items()},
+            **{f"{k}_degraded": float(fr[k]) for k in ("psnr", "ssim", "ms_ssim")},
+            **record.flat_summary(),
+        }
+        full = {**blank, **row}
+        table = t(TO_ARROW, lambda r: [to_table([r], schema) for _ in range(3)], full)
+        t(FROM_ARROW, lambda tb: [tb.to_pylist() for _ in range(3)], table[0])
+    return {k: v / len(paths) for k, v in t.seconds.items()}
+
+
+def noref_mask_context(mask: np.ndarray, shape: tuple[int, ...]) -> Any:
+    """A no-reference context with everything it derives from the mask computed (lazily
+    computed parts would otherwise land in the first image's metrics)."""
+    from fundus_batch.metrics import NorefContext
+
+    ctx = NorefContext(mask, shape)
+    _ = ctx.laplacian_fov8, ctx.square, ctx.uniformity_grid
+    return ctx
+
+
+FLOOR_ONLY = "(floor only: resize the whole frame to 512)"
+REDECODE = "PNG decode clean + mask + degraded (today's chained stages)"
+TO_ARROW = "row -> Arrow (x3 stage boundaries)"
+FROM_ARROW = "Arrow -> row (x3 stage boundaries)"
+FLOOR_STEPS = (
+    "read file",
+    "reduced JPEG decode",
+    FLOOR_ONLY,
+    "PNG encode clean",
+    "PNG encode mask",
+)
+
+
+def steps_section(args: argparse.Namespace) -> None:
+    files = eyepacs_files()
+    if not files:
+        print(f"steps: SKIPPED ({EYEPACS} is absent)")
+        return
+    paths = [files[i % len(files)] for i in range(args.steps_images)]
+    profile_steps(paths[:2])  # warm-up: imports, OpenCV and scikit-image first calls
+    print(
+        f"where one image's CPU time goes ({len(paths)} raw EyePACS photographs, 512 px, "
+        f"1 variant, metrics on, in-process, process CPU time; {load_avg()})"
+    )
+    per = profile_steps(paths)
+    for name, seconds in per.items():
+        print(f"  {name:<62} {seconds * 1e3:7.1f} ms")
+    floor = sum(per[k] for k in FLOOR_STEPS)
+    today = sum(v for k, v in per.items() if k != FLOOR_ONLY)
+    # arrays kept in the worker: no re-decode, one Arrow conversion (at the write) instead of 3
+    kept = today - per[REDECODE] - 2 / 3 * (per[TO_ARROW] + per[FROM_ARROW])
+    print(f"  {'pipeline total (today: bytes between stages)':<62} {today * 1e3:7.1f} ms")
+    print(f"  {'pipeline total (arrays kept between stages)':<62} {kept * 1e3:7.1f} ms")
+    print(f"  {'floor total':<62} {floor * 1e3:7.1f} ms")
+    n, startup = args.floor_images, args.startup
+    for label, cpu in (("today", today), ("arrays kept", kept)):
+        bound = (cpu * n / args.cpus + startup) / (floor * n / args.cpus)
+        print(
+            f"  CPU-bound lower limit of the floor ratio, {label}: {cpu / floor:.2f} without "
+            f"start-up, {bound:.2f} with {startup:.0f} s of it at {n} images on {args.cpus} CPUs "
+            "(no Ray overhead counted)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=160)
-    parser.add_argument("--variants", type=int, default=2)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--floor-images", type=int, default=600)
+    parser.add_argument("--steps-images", type=int, default=20)
+    parser.add_argument(
+        "--startup",
+        type=float,
+        default=5.0,
+        help="Ray start-up seconds assumed by the steps' limit",
+    )
+    parser.add_argument("--throughput-images", type=int, default=600, help="EyePACS images")
+    parser.add_argument("--images", type=int, default=160, help="synthetic throughput images")
+    parser.add_argument("--variants", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256, help="synthetic throughput size")
+    parser.add_argument("--memory-size", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--rows-per-block", type=int, default=4)
-    parser.add_argument("--actors", type=int, default=None, help="CPU actors [auto]")
     parser.add_argument("--small", type=int, default=1000)
-    parser.add_argument("--big", type=int, default=5000)
+    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--skip-steps", action="store_true")
+    parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if not args.skip_steps:
+            steps_section(args)
+        if not args.skip_floor:
+            floor_section(root, args)
         if not args.skip_throughput:
-            manifest = make_inputs(root / "in", args.images, args.size)
-            pool_s = run_pool(manifest, root / "pool_out", args)
-            ray_s, startup, _ = run_ray(manifest, root / "ray_out", args)
-            pool_ips, ray_ips = args.images / pool_s, args.images / ray_s
-            total_ips = args.images / (ray_s + startup)
-            print(
-                f"throughput ({args.images} images x {args.variants} variants at "
-                f"{args.size} px, {args.cpus} CPUs)"
-            )
-            print(f"  multiprocessing.Pool: {pool_ips:6.2f} images/s ({pool_s:.1f} s)")
-            print(
-                f"  Ray pipeline:         {ray_ips:6.2f} images/s ({ray_s:.1f} s after "
-                f"{startup:.1f} s of Ray start-up)"
-            )
-            print(f"  ratio Ray/Pool:       {ray_ips / pool_ips:.2f}  (target >= 0.8)")
-            print(f"  ratio with start-up:  {total_ips / pool_ips:.2f}")
+            throughput_section(root, args)
         if not args.skip_memory:
-            peaks = {}
-            for n in (args.small, args.big):
-                manifest = make_inputs(root / f"mem{n}", n, args.size)
-                seconds, _, peaks[n] = run_ray(manifest, root / f"mem_out{n}", args)
-                print(
-                    f"memory: {n} images -> peak PSS {peaks[n] / 2**20:.0f} MiB "
-                    f"({seconds:.0f} s, {n / seconds:.1f} images/s)"
-                )
-                report = verify(str(root / f"mem_out{n}"), str(manifest))
-                print(
-                    f"  verify: {'OK' if report.ok else 'FAILED'} ({report.rows} rows, "
-                    f"{report.files_checked} files checked)"
-                )
-                if not report.ok:
-                    print(report.summary())
-            ratio = peaks[args.big] / peaks[args.small]
-            print(f"  ratio peak({args.big})/peak({args.small}): {ratio:.2f}  (target <= 1.3)")
+            memory_section(root, args)
 
 
 if __name__ == "__main__":

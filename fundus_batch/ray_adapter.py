@@ -34,6 +34,8 @@ PLAN_ROWS = 2048
 # what it asked for) until the stages take its blocks, so any CPU it held could be the share
 # the fetch tasks need on a small node, and the run would wait forever.
 PLAN_CPUS = 0.0
+# The label of every Ray node that carries its node id (what ``label_selector`` matches).
+NODE_ID_LABEL = "ray.io/node-id"
 PLANNED_COLUMNS = (
     "image_id",
     "status",
@@ -301,12 +303,9 @@ def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
     fs, path = storage.filesystem(scan.uri, config.storage_options)
     kwargs: dict[str, Any] = {"partitioning": None, "file_extensions": None, "num_cpus": PLAN_CPUS}
     if isinstance(fs, LocalFileSystem):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+        # Read on this (the driver's) node: other nodes may not have the file.
         path = os.path.abspath(path)
-        node = ray.get_runtime_context().get_node_id()
-        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-        kwargs["ray_remote_args"] = {"scheduling_strategy": strategy}
+        kwargs["label_selector"] = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
     else:
         kwargs["filesystem"] = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     if scan.kind == "parquet":

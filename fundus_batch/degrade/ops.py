@@ -131,14 +131,14 @@ def _gaussian_dft(src: np.ndarray, k_w: int, k_h: int, sigma: float) -> np.ndarr
 _LUMA = np.array([[19595.0, 38470.0, 7471.0, 32768.0]], dtype=np.float32)
 _UNIT32 = np.arange(256, dtype=np.float32) / np.float32(255.0)
 _UNIT64 = _UNIT32.astype(np.float64)
-_BYTE32 = np.arange(256, dtype=np.float32)
 
 
 def luma(image: np.ndarray) -> np.ndarray:
     """PIL's RGB -> L conversion: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as uint8."""
     # every intermediate is an integer below 2^24, so float32 arithmetic is exact
     h, w = image.shape[:2]
-    as_float = cv2.LUT(image, _BYTE32, dst=_scratch("rgb32", (h, w, 3), np.float32))
+    as_float = _scratch("rgb32", (h, w, 3), np.float32)
+    np.copyto(as_float, image)  # exact, and ~3x faster than a float lookup table
     out = _scratch("luma32", (h, w), np.float32)
     weighted: np.ndarray = cv2.transform(as_float, _LUMA, dst=out)
     weighted *= np.float32(1.0 / 65536.0)
@@ -166,8 +166,10 @@ def _blend_with_grey(image: np.ndarray, factor: float) -> np.ndarray:
     h, w = image.shape[:2]
     grey = luma(image)
     base = cv2.merge([grey, grey, grey])
-    base32 = cv2.LUT(base, _BYTE32, dst=_scratch("base32", (h, w, 3), np.float32))
-    mixed = cv2.LUT(image, _BYTE32, dst=_scratch("rgb32", (h, w, 3), np.float32))
+    base32 = _scratch("base32", (h, w, 3), np.float32)
+    np.copyto(base32, base)
+    mixed = _scratch("rgb32", (h, w, 3), np.float32)
+    np.copyto(mixed, image)
     np.subtract(mixed, base32, out=mixed)
     np.multiply(mixed, np.float32(factor), out=mixed)
     np.add(mixed, base32, out=mixed)
@@ -197,7 +199,12 @@ def to_unit_float(
 
     Written to ``out`` when given (same shape as ``image``, dtype ``dtype``).
     """
-    return cv2.LUT(image, _UNIT64 if dtype is np.float64 else _UNIT32, dst=out)
+    if dtype is np.float64:
+        return cv2.LUT(image, _UNIT64, dst=out)
+    if out is None:
+        out = np.empty(image.shape, np.float32)
+    # IEEE division is correctly rounded, so this equals the table of x / 255 (and is faster)
+    return np.divide(image, np.float32(255.0), out=out, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
