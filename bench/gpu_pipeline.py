@@ -1,0 +1,262 @@
+"""The pipeline with GPU enhancement actors: images/s and how busy the GPU is while it runs.
+
+Runs ``fundus_batch.pipeline.run`` (enhancement on, Cofe-Net, device auto) over ``--images``
+synthetic raw-camera-like JPEGs (``fundus_batch.synth``; a few distinct eyes, repeated), while a
+background thread samples GPU utilisation and memory every ``--sample-ms`` (``nvidia-smi -lms``;
+else ``torch.cuda.utilization``; else 'n/a'). Ray start-up is timed apart from the run.
+
+    python bench/gpu_pipeline.py --images 3000 --json out/gpu_pipeline.json
+
+Busy % is reported over the whole run and over its active window (first to last sample with the
+GPU above 0 %), so that Ray's actor start and the last shard's write do not hide the steady
+state. Target on an H100/H200-class GPU: >= 150 images/s, GPU busy >= 80 %. Without a GPU the
+run falls back to CPU enhancement and the utilisation reads 'n/a' (for testing the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import fundus_batch  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import torch
+
+from fundus_batch.config import RunConfig
+from fundus_batch.io.codecs import encode_jpeg
+from fundus_batch.pipeline import init_ray, run, shutdown
+from fundus_batch.synth import synth_fundus
+
+IMAGES_PER_S_TARGET, BUSY_TARGET = 150.0, 80.0
+
+
+def make_manifest(folder: Path, n: int, size: int, distinct: int) -> Path:
+    """``n`` raw-camera-like JPEGs (``distinct`` eyes, repeated under new ids) and a manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    eyes = []
+    for i in range(min(n, distinct)):
+        s = synth_fundus(int(size * 1.5), seed=i, canvas=(int(size * 2), int(size * 1.6)))
+        eyes.append(encode_jpeg(s.image, quality=90))
+    rows = []
+    for i in range(n):
+        path = folder / f"img_{i:06d}.jpg"
+        path.write_bytes(eyes[i % len(eyes)])
+        rows.append({"image_id": f"img_{i:06d}", "uri": str(path)})
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+class GpuSampler:
+    """Samples (seconds since start, GPU busy %, memory MiB) in a background thread."""
+
+    def __init__(self, interval_ms: int) -> None:
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float, float]] = []
+        self.source = "n/a"
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread: threading.Thread | None = None
+        self._t0 = time.monotonic()
+
+    def start(self) -> GpuSampler:
+        self._t0 = time.monotonic()
+        if shutil.which("nvidia-smi") and torch.cuda.is_available():
+            self.source = "nvidia-smi"
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    str(self.interval_ms),
+                    "-i",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self._thread = threading.Thread(target=self._read_smi, daemon=True)
+        elif torch.cuda.is_available():
+            try:
+                torch.cuda.utilization()
+            except Exception:  # no pynvml / NVML: nothing to sample with
+                return self
+            self.source = "torch.cuda.utilization"
+            self._thread = threading.Thread(target=self._poll_torch, daemon=True)
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def _read_smi(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                busy, mem = float(parts[0]), float(parts[1])
+            except (ValueError, IndexError):
+                continue  # "[N/A]" or a partial line
+            self.samples.append((time.monotonic() - self._t0, busy, mem))
+
+    def _poll_torch(self) -> None:
+        while not self._stop.wait(self.interval_ms / 1000):
+            mem = (
+                torch.cuda.device_memory_used() / 2**20
+                if hasattr(torch.cuda, "device_memory_used")
+                else float("nan")
+            )
+            self.samples.append((time.monotonic() - self._t0, float(torch.cuda.utilization()), mem))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and median busy % over all samples and over the active window."""
+        out: dict[str, Any] = {"source": self.source, "samples": len(self.samples)}
+        if not self.samples:
+            return {**out, "busy_mean": None, "busy_p50": None}
+        busy = [b for _, b, _ in self.samples]
+        active = [i for i, b in enumerate(busy) if b > 0]
+        window = busy[active[0] : active[-1] + 1] if active else []
+        return {
+            **out,
+            "busy_mean": statistics.fmean(busy),
+            "busy_p50": statistics.median(busy),
+            "active_window_s": (
+                self.samples[active[-1]][0] - self.samples[active[0]][0] if active else 0.0
+            ),
+            "active_busy_mean": statistics.fmean(window) if window else 0.0,
+            "active_busy_p50": statistics.median(window) if window else 0.0,
+            "memory_used_max_mib": max((m for _, _, m in self.samples if m == m), default=None),
+            "trace": [[round(t, 2), b, m] for t, b, m in self.samples],
+        }
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.1f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="images in the manifest")
+    parser.add_argument("--size", type=int, default=512, help="working size (multiple of 32)")
+    parser.add_argument("--distinct", type=int, default=16, help="distinct synthetic eyes")
+    parser.add_argument("--mode", choices=("enhance", "pairs"), default="enhance")
+    parser.add_argument("--variants", type=int, default=1, help="pairs mode: variants per image")
+    parser.add_argument("--metrics", action="store_true", help="compute the quality metrics")
+    parser.add_argument("--weights", default="fundus-cofenet-small")
+    parser.add_argument("--enhance-batch", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--actors", type=int, default=None, help="enhancement actors")
+    parser.add_argument("--rows-per-block", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    parser.add_argument("--sample-ms", type=int, default=200)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        raise SystemExit(f"--images: must be >= 1, got {args.images}")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_pipeline_", dir=args.workdir))
+    try:
+        start = time.perf_counter()
+        manifest = make_manifest(work / "in", args.images, args.size, args.distinct)
+        inputs_s = time.perf_counter() - start
+        config = RunConfig.model_validate(
+            {
+                "manifest": str(manifest),
+                "out": str(work / "out"),
+                "mode": args.mode,
+                "variants": args.variants,
+                "size": args.size,
+                "compute_metrics": args.metrics,
+                "progress": False,
+                "ray": {"num_cpus": args.cpus, "rows_per_block": args.rows_per_block},
+                "enhance": {
+                    "enabled": True,
+                    "enhancer": "cofenet",
+                    "weights": args.weights,
+                    "batch_size": args.enhance_batch,
+                    "actors": args.actors,
+                    "device": "auto",
+                },
+            }
+        )
+        start = time.perf_counter()
+        cluster = init_ray(config)
+        ray_start_s = time.perf_counter() - start
+        sampler = GpuSampler(args.sample_ms).start()
+        start = time.perf_counter()
+        try:
+            summary = run(config)
+        finally:
+            run_s = time.perf_counter() - start
+            sampler.stop()
+            shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    gpu = sampler.summary()
+    rate = summary.ok / run_s
+    result = {
+        "images": args.images,
+        "mode": args.mode,
+        "size": args.size,
+        "enhance_batch": args.enhance_batch,
+        "metrics": args.metrics,
+        "cluster": {"cpus": cluster.cpus, "gpus": cluster.gpus},
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "inputs_s": inputs_s,
+        "ray_start_s": ray_start_s,
+        "run_s": run_s,
+        "rows_ok": summary.ok,
+        "rows_failed": summary.failed,
+        "failed_by_stage": summary.failed_by_stage,
+        "images_per_s": rate,
+        "images_per_s_with_start": summary.ok / (run_s + ray_start_s),
+        "gpu": gpu,
+        "targets": {"images_per_s": IMAGES_PER_S_TARGET, "gpu_busy": BUSY_TARGET},
+    }
+    print(
+        f"{summary.ok} ok / {summary.failed} failed of {args.images} images ({args.mode}, "
+        f"cluster {cluster.cpus:g} CPU {cluster.gpus:g} GPU); Ray start {ray_start_s:.1f} s, "
+        f"run {run_s:.1f} s"
+    )
+    print(
+        f"images/s {rate:.1f} (target >= {IMAGES_PER_S_TARGET:g}); "
+        f"with Ray start {result['images_per_s_with_start']:.1f}"
+    )
+    print(
+        f"GPU busy ({gpu['source']}, {gpu['samples']} samples): mean {_fmt(gpu['busy_mean'], '%')}"
+        f", p50 {_fmt(gpu['busy_p50'], '%')}; active window mean "
+        f"{_fmt(gpu.get('active_busy_mean'), '%')}, p50 {_fmt(gpu.get('active_busy_p50'), '%')}"
+        f" (target >= {BUSY_TARGET:g}%)"
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if summary.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

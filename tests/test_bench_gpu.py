@@ -1,0 +1,96 @@
+"""The GPU benchmarks (bench/enhance.py sweep, bench/gpu_pipeline.py) on the CPU, tiny sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+enhance = _load("enhance")
+gpu_pipeline = _load("gpu_pipeline")
+
+TINY = ["--models", "small", "--size", "192", "--images", "1", "--distinct", "1"]
+TINY += ["--rounds", "1", "--warmup", "1", "--batch", "1"]
+
+
+def test_sweep_json_has_every_configuration_and_shows_bf16_error(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    argv = [*TINY, "--sweep", "--device", "cpu", "--dtypes", "fp32,bf16"]
+    assert enhance.main([*argv, "--layouts", "channels_last", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["environment"]["device"] == "cpu"
+    rows = {(r["dtype"], r["layout"]): r for r in doc["results"]}
+    assert set(rows) == {("fp32", "channels_last"), ("bf16", "channels_last")}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["images_per_s"] > 0 and row["finite"]
+        assert row["peak_gpu_mib"] is None  # no GPU: no peak memory to report
+    # Against the fp32 NCHW reference: fp32 agrees to rounding, bf16 autocast really is bf16.
+    assert rows[("fp32", "channels_last")]["max_abs_diff_vs_fp32"] < 1e-5
+    assert 1e-4 < rows[("bf16", "channels_last")]["max_abs_diff_vs_fp32"] < 0.05
+
+
+def test_cpu_comparison_writes_json_with_naive_and_fast_paths(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    argv = ["--size", "192", "--images", "1", "--rounds", "1", "--batch", "1", "--json", str(out)]
+    assert enhance.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["mode"] == "cpu-compare"
+    names = [p["name"] for p in doc["paths"]]
+    assert names[0].startswith("naive") and len(names) == 3
+    assert all(p["images_per_s"] > 0 for p in doc["paths"])
+
+
+def test_bad_batch_list_names_the_flag() -> None:
+    with pytest.raises(SystemExit, match="--batch"):
+        enhance.main([*TINY[:-2], "--sweep", "--batch", "0,4"])
+
+
+def test_sampler_summary_reports_active_window_apart_from_idle_edges() -> None:
+    sampler = gpu_pipeline.GpuSampler(200)
+    busy = [0, 0, 90, 50, 100, 0]
+    sampler.samples = [(0.2 * i, float(b), 1000.0 + i) for i, b in enumerate(busy)]
+    got = sampler.summary()
+    assert got["busy_mean"] == pytest.approx(40.0) and got["busy_p50"] == pytest.approx(25.0)
+    assert got["active_busy_mean"] == pytest.approx(80.0)
+    assert got["active_busy_p50"] == pytest.approx(90.0)
+    assert got["active_window_s"] == pytest.approx(0.4)
+    assert got["memory_used_max_mib"] == 1005.0
+
+
+def test_sampler_without_samples_reports_none() -> None:
+    got = gpu_pipeline.GpuSampler(200).summary()
+    assert got["busy_mean"] is None and got["samples"] == 0
+
+
+def test_synthetic_manifest_repeats_distinct_eyes(tmp_path: Path) -> None:
+    manifest = gpu_pipeline.make_manifest(tmp_path, 3, 192, distinct=2)
+    lines = manifest.read_text().splitlines()
+    assert lines[0] == "image_id,uri" and len(lines) == 4
+    files = sorted(tmp_path.glob("img_*.jpg"))
+    assert files[0].read_bytes() == files[2].read_bytes() != files[1].read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: needs a GPU")
+def test_cuda_sweep_reports_peak_gpu_memory(tmp_path: Path) -> None:
+    out = tmp_path / "cuda.json"
+    argv = [*TINY, "--device", "cuda", "--dtypes", "fp16", "--json", str(out)]
+    assert enhance.main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["status"] == "ok" and r["peak_gpu_mib"] > 0 for r in rows)
