@@ -46,8 +46,15 @@ def _check_inputs(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return fov
 
 
+STEPS = frozenset({"color", "halo", "hole", "spots", "blur"})
+
+
 def _apply(
-    image: np.ndarray, fov: np.ndarray, record: DegradationRecord, preset: Preset | None
+    image: np.ndarray,
+    fov: np.ndarray,
+    record: DegradationRecord,
+    preset: Preset | None,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[np.ndarray, DegradationRecord]:
     if image.shape[0] != record.size:
         raise RecordError("size", f"record is for {record.size} px, image is {image.shape[0]} px")
@@ -55,7 +62,7 @@ def _apply(
     # write in place, only the blur needs the other buffer. (Fresh multi-megabyte arrays per
     # step cost page faults comparable to the arithmetic.)
     slot = "a"
-    if record.color is not None:
+    if record.color is not None and "color" not in skip:
         c = record.color
         jittered = ops.color_jitter(image, c.brightness, c.contrast, c.saturation)
         # the halo's float64 map promotes the float32 image next anyway: promote it here
@@ -63,6 +70,8 @@ def _apply(
     else:
         current = ops.to_unit_float(image, out=_buffer(slot, image, np.float32))
     for step in _ORDER[record.model]:
+        if step in skip:
+            continue
         # halo, hole and spots give float64 (in place when the image already is)
         target = current if current.dtype == np.float64 else _buffer(slot, image, np.float64)
         if step == "halo" and record.halo is not None:
@@ -122,9 +131,22 @@ def degrade(
     return _apply(image, fov, record, p)
 
 
-def replay(image: np.ndarray, mask: np.ndarray, record: DegradationRecord) -> np.ndarray:
-    """Apply a recorded parameter set with no randomness (same output as ``degrade``)."""
+def replay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    record: DegradationRecord,
+    *,
+    skip: frozenset[str] | set[str] | tuple[str, ...] = (),
+) -> np.ndarray:
+    """Apply a recorded parameter set with no randomness (same output as ``degrade``).
+
+    ``skip`` leaves steps out (``color``, ``halo``, ``hole``, ``spots``, ``blur``), e.g. to
+    measure how much of a degradation's error one step causes.
+    """
     if not isinstance(record, DegradationRecord):
         raise TypeError(f"record must be a DegradationRecord, got {type(record).__name__}")
+    unknown = sorted(set(skip) - STEPS)
+    if unknown:
+        raise ValueError(f"skip: unknown steps {unknown}; known: {sorted(STEPS)}")
     fov = _check_inputs(image, mask)
-    return _apply(image, fov, record, None)[0]
+    return _apply(image, fov, record, None, frozenset(skip))[0]

@@ -283,3 +283,29 @@ def test_results_do_not_share_the_engines_reused_buffers(fundus512) -> None:
     again = replay(image, mask, record)
     np.testing.assert_array_equal(first, kept)
     np.testing.assert_array_equal(again, first)
+
+
+# ---- ablation replay: steps left out on purpose
+
+
+def test_replay_skipping_the_hole_equals_a_zero_strength_hole(fundus512, example) -> None:
+    image, mask = fundus512
+    record = _only(example, "001")
+    skipped = replay(image, mask, record, skip=("hole",))
+    zero = replay(image, mask, _only(example, "001", hole=replace(example.hole, strength=0.0)))
+    assert np.array_equal(skipped, zero)
+    assert not np.array_equal(skipped, replay(image, mask, record))
+
+
+def test_replay_skipping_nothing_is_the_plain_replay(fundus512) -> None:
+    image, mask = fundus512
+    out, record = degrade(image, mask, "111", sample_rng(5, "eye", 2))
+    assert np.array_equal(replay(image, mask, record, skip=()), out)
+    halo_left_out = replay(image, mask, record, skip=("halo",))
+    assert not np.array_equal(halo_left_out, out)
+
+
+def test_replay_rejects_an_unknown_step_by_name(fundus512, example) -> None:
+    image, mask = fundus512
+    with pytest.raises(ValueError, match="'vignette'"):
+        replay(image, mask, example, skip=("vignette",))
