@@ -33,32 +33,15 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd
 import torch
 
 from fundus_batch.config import RunConfig
-from fundus_batch.io.codecs import encode_jpeg
 from fundus_batch.pipeline import init_ray, run, shutdown
-from fundus_batch.synth import synth_fundus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import synthetic_manifest
 
 IMAGES_PER_S_TARGET, BUSY_TARGET = 150.0, 80.0
-
-
-def make_manifest(folder: Path, n: int, size: int, distinct: int) -> Path:
-    """``n`` raw-camera-like JPEGs (``distinct`` eyes, repeated under new ids) and a manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    eyes = []
-    for i in range(min(n, distinct)):
-        s = synth_fundus(int(size * 1.5), seed=i, canvas=(int(size * 2), int(size * 1.6)))
-        eyes.append(encode_jpeg(s.image, quality=90))
-    rows = []
-    for i in range(n):
-        path = folder / f"img_{i:06d}.jpg"
-        path.write_bytes(eyes[i % len(eyes)])
-        rows.append({"image_id": f"img_{i:06d}", "uri": str(path)})
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
 
 
 class GpuSampler:
@@ -180,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_pipeline_", dir=args.workdir))
     try:
         start = time.perf_counter()
-        manifest = make_manifest(work / "in", args.images, args.size, args.distinct)
+        manifest = synthetic_manifest(work / "in", args.images, args.size, args.distinct)
         inputs_s = time.perf_counter() - start
         config = RunConfig.model_validate(
             {

@@ -47,9 +47,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png  # noqa: E402
+from fundus_batch.io.codecs import decode_image, encode_png  # noqa: E402
 from fundus_batch.shards import read_frame  # noqa: E402
-from fundus_batch.synth import synth_fundus  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import synthetic_manifest  # noqa: E402
 
 EYEPACS = ROOT.parent / "shared" / "data" / "eyepacs_sample"
 FLOOR_TARGET, THROUGHPUT_TARGET, MEMORY_TARGET = 2.5, 0.9, 1.3
@@ -81,23 +83,6 @@ def eyepacs_manifest(folder: Path, n: int) -> Path:
         }
         for i in range(n)
     ]
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
-
-
-def synthetic_manifest(folder: Path, n: int, size: int) -> Path:
-    """``n`` raw-camera-like synthetic JPEGs (a few distinct eyes, repeated) and a manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    distinct = []
-    for i in range(min(n, 16)):
-        s = synth_fundus(int(size * 1.5), seed=i, canvas=(int(size * 2), int(size * 1.6)))
-        distinct.append(encode_jpeg(s.image, quality=90))
-    rows = []
-    for i in range(n):
-        path = folder / f"img_{i:06d}.jpg"
-        path.write_bytes(distinct[i % len(distinct)])
-        rows.append({"image_id": f"img_{i:06d}", "uri": str(path)})
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
