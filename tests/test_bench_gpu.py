@@ -80,7 +80,7 @@ def test_sampler_without_samples_reports_none() -> None:
 
 
 def test_synthetic_manifest_repeats_distinct_eyes(tmp_path: Path) -> None:
-    manifest = gpu_pipeline.make_manifest(tmp_path, 3, 192, distinct=2)
+    manifest = gpu_pipeline.synthetic_manifest(tmp_path, 3, 192, distinct=2)
     lines = manifest.read_text().splitlines()
     assert lines[0] == "image_id,uri" and len(lines) == 4
     files = sorted(tmp_path.glob("img_*.jpg"))
