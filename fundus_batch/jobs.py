@@ -7,7 +7,7 @@ import json
 import sys
 
 from fundus_batch import pipeline
-from fundus_batch.config import ConfigError, load_config
+from fundus_batch.config import ConfigError, RunConfig, load_config
 from fundus_batch.manifest import ManifestError
 
 
@@ -19,9 +19,11 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--manifest", help="override the config's manifest")
-    parser.add_argument("--out", help="override the config's output root")
-    parser.add_argument("--limit", type=int, help="process only the first N manifest rows")
+    fields = RunConfig.model_fields
+    for name in ("manifest", "out"):
+        parser.add_argument(f"--{name}", help=f"overrides the config: {fields[name].description}")
+    limit = fields["limit"].description
+    parser.add_argument("--limit", type=int, help=f"overrides the config: {limit}")
     args = parser.parse_args(argv)
     overrides = {"manifest": args.manifest, "out": args.out, "limit": args.limit, "mode": mode}
     try:
