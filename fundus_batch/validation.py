@@ -1,7 +1,8 @@
 """The one validation style: pydantic models, and one error format that names the field.
 
-Every validated structure (the run config, presets, degradation-record JSON, the training
-config, the weights registry, the training job's YAML) is a pydantic model. A
+Every validated structure (the run config, presets, the training config, the weights
+registry, the training job's YAML) is a pydantic model; the degradation records are stdlib
+dataclasses whose annotated fields pydantic validates through a ``TypeAdapter``. A
 :class:`pydantic.ValidationError` becomes the caller's own error class through
 :func:`field_problems` / :func:`format_problems`, one line per problem::
 
@@ -77,9 +78,9 @@ def field_problems(exc: ValidationError, root: str = "") -> list[FieldProblem]:
         loc = err["loc"]
         if loc and loc[-1] == "[key]":  # pydantic's marker for a bad mapping key
             loc, message = loc[:-1], f"bad key: {message}"
-        if err["type"] == "extra_forbidden":
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # model, dataclass
             message = "unknown field"
-        if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        if err["type"] in ("model_type", "model_attributes_type", "dict_type", "dataclass_type"):
             message = f"expected an object (got {type(err['input']).__name__})"
         elif err["type"] != "missing" and "input" in err:
             message += f" (got {_shown(err['input'])})"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fundus_batch.validation import (
     FieldProblem,
@@ -71,6 +72,21 @@ def test_unknown_missing_and_non_object_inputs_read_plainly() -> None:
     problems = _problems({"sgima": 1.0})
     assert [str(p) for p in problems] == ["sigma: Field required", "sgima: unknown field (got 1.0)"]
     assert [str(p) for p in _problems([1, 2])] == ["<root>: expected an object (got list)"]
+
+
+def test_a_stdlib_dataclass_validated_by_pydantic_reads_like_a_model() -> None:
+    @dataclass(frozen=True)
+    class Spot:
+        __pydantic_config__ = ConfigDict(extra="forbid")
+        radius: Int
+
+    adapter = TypeAdapter(list[Spot])
+    with pytest.raises(ValidationError) as info:
+        adapter.validate_python([{"radius": 1, "raduis": 2}, 3])
+    assert [str(p) for p in field_problems(info.value, "spots")] == [
+        "spots[0].raduis: unknown field (got 2)",
+        "spots[1]: expected an object (got int)",
+    ]
 
 
 def test_a_bad_mapping_key_names_the_mapping_entry() -> None:

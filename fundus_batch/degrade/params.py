@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +20,8 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
@@ -28,6 +30,7 @@ from fundus_batch.validation import (
     FieldProblem,
     Finite,
     Int,
+    field_problems,
     first_and_rest,
     length,
     validate,
@@ -52,10 +55,10 @@ __all__ = [
     "type_groups",
 ]
 
+RecordT = TypeVar("RecordT")
+
 TYPE_CODES = ("001", "010", "011", "100", "101", "110", "111")
 """The seven degradation types: bits (blur, spots, illumination) as in the released code."""
-
-Point = tuple[int, int]
 
 
 class RecordError(ValueError):
@@ -74,7 +77,8 @@ def type_groups(type_code: str) -> tuple[bool, bool, bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# pydantic models of the JSON input (own schema and released schema)
+# field constraints, declared once: the records' annotations (checked by pydantic on JSON input,
+# plain annotations when a record is built in Python) and the released schema's models
 
 
 def _odd(value: int) -> int:
@@ -84,75 +88,18 @@ def _odd(value: int) -> int:
 
 
 TypeCode = Literal["001", "010", "011", "100", "101", "110", "111"]
+ModelName = Literal["release", "train"]
 Odd = Annotated[Int, AfterValidator(_odd)]
 Count = Annotated[Int, Field(ge=0)]
 NonNeg = Annotated[Finite, Field(ge=0.0)]
-PointJson = Annotated[tuple[Int, Int], length(2, "[x, y]")]
+Point = Annotated[tuple[Int, Int], length(2, "[x, y]")]
 Channel = Annotated[Int, Field(ge=0, le=255)]
-RGBJson = Annotated[tuple[Channel, Channel, Channel], length(3, "[R, G, B]")]
-HazeJson = Annotated[tuple[Finite, Finite, Finite], length(3, "[k, beta, d]")]
+RGB = Annotated[tuple[Channel, Channel, Channel], length(3, "[R, G, B]")]
+Haze = Annotated[tuple[Finite, Finite, Finite], length(3, "[k, beta, d]")]
 
 
 class _Json(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _ColorJson(_Json):
-    brightness: NonNeg
-    contrast: NonNeg
-    saturation: NonNeg
-
-
-class _HaloJson(_Json):
-    style: Count
-    color: RGBJson
-    center: PointJson
-    dia_a: NonNeg
-    dia_b: NonNeg
-    kernel: Odd
-    sigma: NonNeg
-
-
-class _HoleJson(_Json):
-    center: PointJson
-    diameter: Count
-    k_w: Odd
-    k_h: Odd
-    sigma: NonNeg
-    strength: Finite | None
-    fov_mean: Finite | None = None
-    base: Finite | None = None
-    mix: Finite | None = None
-
-
-class _SpotJson(_Json):
-    radius: Count
-    center: PointJson
-    k_w: Odd
-    k_h: Odd
-    sigma: NonNeg
-    amplitude: Finite
-    haze: HazeJson
-
-
-class _BlurJson(_Json):
-    sigma: NonNeg
-    k_w: Odd
-    k_h: Odd
-
-
-class _RecordJson(_Json):
-    """:meth:`DegradationRecord.to_dict`'s schema; which sections a type needs is the record's."""
-
-    type_code: TypeCode
-    preset: Annotated[str, Strict(), Field(min_length=1)]
-    model: Literal["release", "train"]
-    size: Annotated[Int, Field(ge=1)]
-    color: _ColorJson | None = None
-    halo: _HaloJson | None = None
-    hole: _HoleJson | None = None
-    spots: list[_SpotJson] | None = None
-    blur: _BlurJson | None = None
 
 
 class _ReleasedColor(_Json):
@@ -163,9 +110,9 @@ class _ReleasedColor(_Json):
 
 class _ReleasedHalo(_Json):
     num: Annotated[Int, Field(ge=0, lt=len(RELEASE_HALO_COLORS))]
-    center_a: PointJson
+    center_a: Point
     dia_a: NonNeg
-    center_b: PointJson
+    center_b: Point
     dia_b: NonNeg
 
     @field_validator("center_b")
@@ -177,7 +124,7 @@ class _ReleasedHalo(_Json):
 
 
 class _ReleasedHole(_Json):
-    center: PointJson
+    center: Point
     diameter_circle: Count
     brightness_factor: Finite
     rad_w: Odd
@@ -193,7 +140,7 @@ class _ReleasedIllumination(_Json):
 
 class _ReleasedSpot(_Json):
     radius: Count
-    center: PointJson
+    center: Point
     rad_w: Odd
     rad_h: Odd
     sigma: NonNeg
@@ -235,6 +182,25 @@ def _record_error(problems: list[FieldProblem]) -> RecordError:
     return RecordError(*first_and_rest(problems))
 
 
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
+def _parse(cls: type[RecordT], data: Any, path: str = "") -> RecordT:
+    """Validate JSON data into the record dataclass ``cls`` (RecordError names the field)."""
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    try:
+        record: RecordT = adapter.validate_python(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        cause = errors[0].get("ctx", {}).get("error") if len(errors) == 1 else None
+        if isinstance(cause, RecordError):  # raised by DegradationRecord.__post_init__
+            raise cause from None
+        raise _record_error(field_problems(exc, path)) from None
+    return record
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -243,6 +209,8 @@ def _plain(value: Any) -> Any:
 
 class _Sub:
     """JSON helpers shared by the sub-records (dataclass field names are the JSON keys)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with lists for tuples."""
@@ -257,32 +225,32 @@ class _Sub:
 class ColorRecord(_Sub):
     """PIL ImageEnhance factors, applied in this order."""
 
-    brightness: float
-    contrast: float
-    saturation: float
+    brightness: NonNeg
+    contrast: NonNeg
+    saturation: NonNeg
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "color") -> ColorRecord:
         """Parse and validate (RecordError names the field under ``path``)."""
-        return cls(**dict(validate(_ColorJson, d, _record_error, path)))
+        return _parse(cls, d, path)
 
 
 @dataclass(frozen=True)
 class HaloRecord(_Sub):
     """Coloured ring between diameters ``dia_a`` and ``dia_b`` around ``center`` (x, y)."""
 
-    style: int
-    color: tuple[int, int, int]
+    style: Count
+    color: RGB
     center: Point
-    dia_a: float
-    dia_b: float
-    kernel: int
-    sigma: float
+    dia_a: NonNeg
+    dia_b: NonNeg
+    kernel: Odd
+    sigma: NonNeg
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "halo") -> HaloRecord:
         """Parse and validate (RecordError names the field under ``path``)."""
-        return cls(**dict(validate(_HaloJson, d, _record_error, path)))
+        return _parse(cls, d, path)
 
 
 @dataclass(frozen=True)
@@ -294,19 +262,19 @@ class HoleRecord(_Sub):
     """
 
     center: Point
-    diameter: int
-    k_w: int
-    k_h: int
-    sigma: float
-    strength: float | None
-    fov_mean: float | None = None
-    base: float | None = None
-    mix: float | None = None
+    diameter: Count
+    k_w: Odd
+    k_h: Odd
+    sigma: NonNeg
+    strength: Finite | None
+    fov_mean: Finite | None = None
+    base: Finite | None = None
+    mix: Finite | None = None
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "hole") -> HoleRecord:
         """Parse and validate (RecordError names the field under ``path``)."""
-        return cls(**dict(validate(_HoleJson, d, _record_error, path)))
+        return _parse(cls, d, path)
 
 
 @dataclass(frozen=True)
@@ -316,32 +284,32 @@ class SpotRecord(_Sub):
     ``haze`` = (k, beta, d) of the amplitude model a = k (1 - exp(-beta d)).
     """
 
-    radius: int
+    radius: Count
     center: Point
-    k_w: int
-    k_h: int
-    sigma: float
-    amplitude: float
-    haze: tuple[float, float, float]
+    k_w: Odd
+    k_h: Odd
+    sigma: NonNeg
+    amplitude: Finite
+    haze: Haze
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "spots[0]") -> SpotRecord:
         """Parse and validate (RecordError names the field under ``path``)."""
-        return cls(**dict(validate(_SpotJson, d, _record_error, path)))
+        return _parse(cls, d, path)
 
 
 @dataclass(frozen=True)
 class BlurRecord(_Sub):
     """Truncated Gaussian blur with kernel (k_w, k_h) and ``sigma``."""
 
-    sigma: float
-    k_w: int
-    k_h: int
+    sigma: NonNeg
+    k_w: Odd
+    k_h: Odd
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "blur") -> BlurRecord:
         """Parse and validate (RecordError names the field under ``path``)."""
-        return cls(**dict(validate(_BlurJson, d, _record_error, path)))
+        return _parse(cls, d, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,10 +325,12 @@ class DegradationRecord:
     is the working side in pixels.
     """
 
-    type_code: str
-    preset: str
-    model: str
-    size: int
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    type_code: TypeCode
+    preset: Annotated[str, Strict(), Field(min_length=1)]
+    model: ModelName
+    size: Annotated[Int, Field(ge=1)]
     color: ColorRecord | None = None
     halo: HaloRecord | None = None
     hole: HoleRecord | None = None
@@ -408,18 +378,7 @@ class DegradationRecord:
     @classmethod
     def from_dict(cls, d: Any) -> DegradationRecord:
         """Parse and validate a dict written by :meth:`to_dict` (RecordError names the field)."""
-        j = validate(_RecordJson, d, _record_error)
-        return cls(
-            type_code=j.type_code,
-            preset=j.preset,
-            model=j.model,
-            size=j.size,
-            color=None if j.color is None else ColorRecord(**dict(j.color)),
-            halo=None if j.halo is None else HaloRecord(**dict(j.halo)),
-            hole=None if j.hole is None else HoleRecord(**dict(j.hole)),
-            spots=None if j.spots is None else tuple(SpotRecord(**dict(s)) for s in j.spots),
-            blur=None if j.blur is None else BlurRecord(**dict(j.blur)),
-        )
+        return _parse(cls, d)
 
     def to_json(self) -> str:
         """Compact JSON text; floats round-trip exactly."""

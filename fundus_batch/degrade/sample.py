@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from .params import (
     HaloRecord,
     HoleRecord,
     SpotRecord,
+    TypeCode,
     type_groups,
 )
 from .presets import (
@@ -240,4 +242,5 @@ def sample_record(
         spots = tuple(_spot(rng, p, size) for _ in range(n))
     if blur_on:
         blur = _blur(rng, p, size)
-    return DegradationRecord(type_code, p.name, p.model, size, color, halo, hole, spots, blur)
+    code = cast(TypeCode, type_code)  # type_groups above refused anything else
+    return DegradationRecord(code, p.name, p.model, size, color, halo, hole, spots, blur)

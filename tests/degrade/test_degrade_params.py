@@ -8,7 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from fundus_batch.degrade import TYPE_CODES, DegradationRecord, RecordError, sample_record
+from fundus_batch.degrade import (
+    TYPE_CODES,
+    DegradationRecord,
+    HoleRecord,
+    RecordError,
+    SpotRecord,
+    sample_record,
+)
 
 # Section 2.9 of degradation-model.md: a real type-111 record of the released script.
 EXAMPLE_111 = (
@@ -175,6 +182,32 @@ def test_bad_records_name_the_field(mutate, field: str) -> None:
     with pytest.raises(RecordError) as info:
         DegradationRecord.from_dict(data)
     assert info.value.field == field
+
+
+def test_unknown_keys_wrong_types_and_non_objects_read_plainly() -> None:
+    data = sample_record(np.random.default_rng(3), "111", 512, fov_mean=0.4).to_dict()
+    data["hole"]["zz"] = 1
+    data["halo"]["center"] = ["1", 2]
+    data["spots"][0] = 5
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_dict(data)
+    assert str(info.value) == (
+        "halo.center[0]: Input should be a valid integer (got '1'); "
+        "hole.zz: unknown field (got 1); "
+        "spots[0]: expected an object (got int)"
+    )
+    with pytest.raises(RecordError, match=r"^<root>: expected an object \(got list\)$"):
+        DegradationRecord.from_dict([data])
+
+
+def test_sub_records_parse_alone_and_name_the_field_under_their_path() -> None:
+    record = sample_record(np.random.default_rng(3), "111", 512, fov_mean=0.4)
+    assert record.hole is not None and record.spots is not None
+    assert HoleRecord.from_dict(record.hole.to_dict()) == record.hole
+    assert SpotRecord.from_dict(record.spots[1].to_dict(), "spots[1]") == record.spots[1]
+    with pytest.raises(RecordError) as info:
+        SpotRecord.from_dict(record.spots[1].to_dict() | {"k_w": 4}, "spots[1]")
+    assert info.value.field == "spots[1].k_w"
 
 
 def test_invalid_json_text_is_a_record_error() -> None:
