@@ -31,10 +31,13 @@ class RayOptions(_Strict):
         None, ge=1, description="actors of the CPU-stage pool; None: from the cluster's CPUs"
     )
     degrade_cpus_per_actor: float | None = Field(
-        None, gt=0, le=64, description="CPUs per CPU-stage actor; None: 0.75 below 8 CPUs, else 1"
+        None,
+        gt=0,
+        le=64,
+        description="CPUs per CPU-stage actor; None: 1 (0.75 below 8 CPUs with a GPU stage)",
     )
     rows_per_block: int = Field(8, ge=1, le=10_000, description="rows per Ray Data block")
-    fetch_threads: int = Field(8, ge=1, le=256, description="download threads per Fetch task")
+    fetch_threads: int = Field(8, ge=1, le=256, description="download threads per CPU-stage worker")
 
 
 class EnhanceOptions(_Strict):

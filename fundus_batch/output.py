@@ -13,9 +13,11 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -276,11 +278,19 @@ class ShardWriter:
         self.shards.append(uri)
 
 
+# Libraries whose package metadata holds their ``__version__``: read there unless already
+# imported (importing torch and scikit-image just for their versions costs the driver ~1.5 s).
+_VERSION_DISTRIBUTIONS = {"torch": "torch", "skimage": "scikit-image"}
+
+
 def environment_versions() -> dict[str, str]:
     """Versions of the libraries that shape the outputs."""
     versions = {"fundus_batch": __version__, "python": platform.python_version()}
     for mod in ("numpy", "cv2", "PIL", "pyarrow", "ray", "torch", "skimage"):
         try:
+            if mod in _VERSION_DISTRIBUTIONS and mod not in sys.modules:
+                versions[mod] = metadata.version(_VERSION_DISTRIBUTIONS[mod])
+                continue
             versions[mod] = __import__(mod).__version__
         except Exception:  # a missing optional library is simply not listed
             continue

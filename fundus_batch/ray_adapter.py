@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import cv2
 import pyarrow as pa
 
 from fundus_batch.io import storage
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 PLAN_ROWS = 2048
 # Reading and planning ask for no CPU: their tasks are light, and a planning task waits (holding
 # what it asked for) until the stages take its blocks, so any CPU it held could be the share
-# the fetch tasks need on a small node, and the run would wait forever.
+# an actor of the stages needs on a small node, and the run would wait forever.
 PLAN_CPUS = 0.0
 # The label of every Ray node that carries its node id (what ``label_selector`` matches).
 NODE_ID_LABEL = "ray.io/node-id"
@@ -107,7 +108,9 @@ class StageUDF:
     decoded.
     """
 
-    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema) -> None:
+    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema, cpus: float = 1.0) -> None:
+        # OpenCV would run a thread per core in every worker; each has its own CPU share.
+        cv2.setNumThreads(max(1, round(cpus)))
         self.chain = Chain(specs)
         self.schema = schema
 
@@ -123,17 +126,18 @@ class TaskUDF:
     """A :class:`StageUDF` for task operators: a picklable callable that builds its stages on
     its first batch in each worker process."""
 
-    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema) -> None:
+    def __init__(self, specs: Sequence[StageSpec], schema: pa.Schema, cpus: float = 1.0) -> None:
         self.specs = tuple(specs)
         self.schema = schema
+        self.cpus = cpus
         self._udf: StageUDF | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"specs": self.specs, "schema": self.schema, "_udf": None}
+        return {"specs": self.specs, "schema": self.schema, "cpus": self.cpus, "_udf": None}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._udf is None:
-            self._udf = StageUDF(self.specs, self.schema)
+            self._udf = StageUDF(self.specs, self.schema, self.cpus)
         return self._udf(batch)
 
 
@@ -153,24 +157,23 @@ class Pool:
 def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     """Group the run's stages into pools and size them from the cluster's resources.
 
-    Fetch is I/O bound and runs as light threaded tasks. The CPU stages run in an actor pool
-    that leaves CPU headroom for those tasks (on a 2-CPU node, whole-CPU actors would starve
-    them). Enhancement gets one GPU per actor when the cluster has GPUs, else CPU actors.
+    Fetch runs in the first CPU actor pool, ahead of the stages that decode what it read (its
+    threads still overlap the downloads), so raw source bytes never cross the object store.
+    Without a GPU stage every stage runs in that one pool, of whole-CPU actors that may take
+    every CPU (reading and planning ask for none). A stage that declares a GPU (Enhance) gets
+    its own pool, one GPU per actor when the cluster has GPUs, else CPU actors; the stages after
+    it run as light tasks, so the actor pools then leave CPU headroom for them.
     """
     specs = stage_specs(config)
-    fetch, rest = specs[0], specs[1:]
-    pools = [Pool((fetch,), fetch.resources)]
+    split = next((i for i, s in enumerate(specs) if s.resources.num_gpus > 0), None)
+    if split is None:
+        per_actor = config.ray.degrade_cpus_per_actor or 1.0
+        cpu_actors = config.ray.degrade_actors or max(1, int(cluster.cpus / per_actor))
+        return [Pool(tuple(specs), Resources(num_cpus=per_actor, actor=True), cpu_actors)]
     per_actor = config.ray.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
     headroom = 0.5 if cluster.cpus < 8 else 1.0
-    cpu_actors = config.ray.degrade_actors or max(1, int((cluster.cpus - headroom) / per_actor))
-    cpu_res = Resources(num_cpus=per_actor, actor=True)
-    # Without a stage that wants a GPU (no enhancement, or the classical enhancer) every
-    # stage after Fetch runs in the one CPU actor pool.
-    split = next((i for i, s in enumerate(rest) if s.resources.num_gpus > 0), None)
-    if split is None:
-        return [*pools, Pool(tuple(rest), cpu_res, cpu_actors)]
-    enh = config.enhance
     budget = max(cluster.cpus - headroom, per_actor)
+    enh = config.enhance
     if cluster.gpus >= 1 and enh.device != "cpu":
         enh_actors = enh.actors or int(cluster.gpus)
         enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
@@ -180,13 +183,11 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
         enh_res = Resources(num_cpus=enh.cpus_per_actor, actor=True)
         enh_actors = enh.actors or max(1, int(budget / 2 / enh.cpus_per_actor))
         left = budget - enh_actors * enh.cpus_per_actor
-    if not config.ray.degrade_actors:
-        cpu_actors = max(1, int(left / per_actor))
+    cpu_actors = config.ray.degrade_actors or max(1, int(left / per_actor))
     return [
-        *pools,
-        Pool(tuple(rest[:split]), cpu_res, cpu_actors),
-        Pool((rest[split],), enh_res, enh_actors),
-        Pool(tuple(rest[split + 1 :]), Resources(num_cpus=0.25)),
+        Pool(tuple(specs[:split]), Resources(num_cpus=per_actor, actor=True), cpu_actors),
+        Pool((specs[split],), enh_res, enh_actors),
+        Pool(tuple(specs[split + 1 :]), Resources(num_cpus=0.25)),
     ]
 
 
@@ -241,7 +242,7 @@ def map_batches_calls(
         if res.actor:
             call = MapBatchesCall(
                 fn=StageUDF,
-                fn_constructor_args=(pool.specs, schema),
+                fn_constructor_args=(pool.specs, schema, res.num_cpus),
                 compute="actors",
                 pool_size=max(1, pool.actors),
                 **common,
@@ -249,7 +250,7 @@ def map_batches_calls(
         else:
             # Ray retries tasks and restarts actors lost to worker failures by default.
             call = MapBatchesCall(
-                fn=TaskUDF(pool.specs, schema),
+                fn=TaskUDF(pool.specs, schema, res.num_cpus),
                 fn_constructor_args=None,
                 compute="tasks",
                 pool_size=None,

@@ -73,12 +73,15 @@ class Item:
     """One row between stages: its scalar columns, its images decoded (kept while the stages of
     one worker pass the item on) and encoded (what Write stores and what crosses workers).
 
-    Decoded arrays are read-only: variant items of one image share them.
+    Decoded arrays are read-only: variant items of one image share them, and the metric
+    contexts of its clean image (``clean_scoring``: built by the first Score stage, reused by
+    the later ones in the same worker, never serialised).
     """
 
     row: Row
     images: dict[str, np.ndarray] = field(default_factory=dict)
     encoded: dict[str, bytes] = field(default_factory=dict)
+    clean_scoring: _CleanScoring | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -122,10 +125,13 @@ class Item:
     def drop_images(self) -> None:
         self.images.clear()
         self.encoded.clear()
+        self.clean_scoring = None
 
     def derive(self, **columns: Any) -> Item:
         """A new item of the same images (shared, not copied) with ``columns`` set."""
-        return Item({**self.row, **columns}, dict(self.images), dict(self.encoded))
+        return Item(
+            {**self.row, **columns}, dict(self.images), dict(self.encoded), self.clean_scoring
+        )
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Item:
@@ -459,6 +465,11 @@ class _CleanScoring:
             self._reference = reference_context(self.image, self.mask)
         return self._reference
 
+    def release_reference(self) -> None:
+        """Free the full-reference context (several image-sized float arrays); it is rebuilt
+        if needed again."""
+        self._reference = None
+
 
 def _same(item: Item, role: str, pixels: np.ndarray, data: bytes | None) -> bool:
     if item.images.get(role) is pixels:
@@ -484,14 +495,20 @@ class Score(RowsCallable):
         self._clean: _CleanScoring | None = None
 
     def _clean_for(self, item: Item) -> _CleanScoring:
-        """The clean image, mask and metric contexts of ``item``, kept while the items that
-        follow (the other variants of one image) carry the same clean image and mask."""
-        cached = self._clean
+        """The clean image, mask and metric contexts of ``item``: those an earlier Score stage
+        left on the item, else those kept while the items that follow (the other variants of
+        one image) carry the same clean image and mask."""
+        cached = item.clean_scoring or self._clean
         if cached is None or not cached.matches(item):
-            cached = self._clean = _CleanScoring(item)
+            cached = _CleanScoring(item)
         else:  # share the decoded arrays with the item rather than decoding its bytes again
             item.images.setdefault("clean", cached.image)
             item.images.setdefault("mask", cached.mask)
+        if self._clean is not None and self._clean is not cached:
+            # The items of a batch keep their image's contexts until Write: keep only one
+            # image's full-reference context alive at a time, as when each stage kept its own.
+            self._clean.release_reference()
+        self._clean = item.clean_scoring = cached
         return cached
 
     def process(self, batch: Batch) -> Batch:

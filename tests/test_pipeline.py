@@ -158,7 +158,7 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
         manifest, out, variants=2, enhance={"enabled": True, "weights": str(tiny_weights)}
     )
     pools = plan_pools(cfg, ClusterShape(cpus=2, gpus=1))
-    assert [p.resources.num_gpus for p in pools] == [0, 0, 1, 0]
+    assert [p.resources.num_gpus for p in pools] == [0, 1, 0]
     summary = pipeline.run(cfg)
     assert (summary.ok, summary.failed) == (4, 4)
     df = _table(out)

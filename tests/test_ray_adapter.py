@@ -42,42 +42,55 @@ def _classes(call: MapBatchesCall) -> list[type]:
     return [s.cls for s in call.specs]
 
 
-def test_cpu_only_two_cpu_cluster_plans_fetch_tasks_then_one_cpu_actor_pool():
-    fetch, pool = _calls(ClusterShape(cpus=2, gpus=0))
-    assert fetch.stage_names == ("fetch",) and fetch.compute == "tasks"
-    assert isinstance(fetch.fn, TaskUDF) and fetch.fn.specs == fetch.specs
-    assert fetch.kwargs() == {
-        "batch_size": 8,
-        "batch_format": "pyarrow",
-        "zero_copy_batch": True,
-        "num_cpus": 0.25,
-    }
-    assert _classes(pool) == [Preprocess, Score, Degrade, Score, Write]
+def test_cpu_only_two_cpu_cluster_plans_one_actor_pool_from_fetch_to_write():
+    [pool] = _calls(ClusterShape(cpus=2, gpus=0))
+    assert _classes(pool) == [Fetch, Preprocess, Score, Degrade, Score, Write]
     assert (pool.compute, pool.pool_size, pool.fn) == ("actors", 2, StageUDF)
-    assert pool.fn_constructor_args == (pool.specs, SCHEMA)
-    # 0.75 CPU per actor leaves a fetch task room on the 2-CPU node.
+    assert pool.fn_constructor_args == (pool.specs, SCHEMA, 1.0)
+    # No fetch tasks to leave room for (reading and planning ask for no CPU): whole-CPU actors.
     assert pool.kwargs() == {
         "batch_size": 8,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
-        "num_cpus": 0.75,
-        "fn_constructor_args": (pool.specs, SCHEMA),
+        "num_cpus": 1.0,
+        "fn_constructor_args": (pool.specs, SCHEMA, 1.0),
     }
+
+
+def test_cpu_actor_size_and_count_follow_the_ray_options():
+    [pool] = _calls(ClusterShape(cpus=8, gpus=0), ray={"degrade_cpus_per_actor": 2.0})
+    assert (pool.pool_size, pool.num_cpus, pool.fn_constructor_args[2]) == (4, 2.0, 2.0)
+    [pool] = _calls(ClusterShape(cpus=8, gpus=0), ray={"degrade_actors": 3})
+    assert (pool.pool_size, pool.num_cpus) == (3, 1.0)
+
+
+def test_stage_workers_size_opencv_threads_to_their_cpu_share():
+    import cv2
+
+    specs = _calls(ClusterShape(cpus=2, gpus=0))[0].specs
+    before = cv2.getNumThreads()
+    try:
+        StageUDF(specs, SCHEMA, 1.0)
+        assert cv2.getNumThreads() == 1
+        StageUDF(specs, SCHEMA, 2.0)
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
 
 
 def test_gpu_cluster_gives_cofenet_its_own_pool_of_one_gpu_per_actor():
     calls = _calls(ClusterShape(cpus=16, gpus=2), enhance={"enabled": True})
-    fetch, cpu, gpu, tail = calls
-    assert _classes(fetch) == [Fetch]
-    assert _classes(cpu) == [Preprocess, Score, Degrade]
+    cpu, gpu, tail = calls
+    assert _classes(cpu) == [Fetch, Preprocess, Score, Degrade]
     assert _classes(gpu) == [Enhance] and _classes(tail) == [Score, Write]
     assert (gpu.compute, gpu.pool_size, gpu.num_gpus, gpu.num_cpus) == ("actors", 2, 1.0, 1.0)
     assert gpu.kwargs()["num_gpus"] == 1.0
-    assert gpu.kwargs()["fn_constructor_args"] == (gpu.specs, SCHEMA)
+    assert gpu.kwargs()["fn_constructor_args"] == (gpu.specs, SCHEMA, 1.0)
     # 16 CPUs less one of headroom and one per GPU actor: 13 whole-CPU actors for the rest.
     assert (cpu.compute, cpu.pool_size, cpu.num_cpus, cpu.num_gpus) == ("actors", 13, 1.0, 0.0)
     assert "num_gpus" not in cpu.kwargs()
     assert (tail.compute, tail.num_cpus, tail.num_gpus) == ("tasks", 0.25, 0.0)
+    assert isinstance(tail.fn, TaskUDF) and tail.fn.specs == tail.specs and tail.fn.cpus == 0.25
     enhance = gpu.specs[0].kwargs
     assert enhance["source_role"] == "degraded" and enhance["image_format"] == "png"
     assert enhance["weights"] == "fundus-cofenet-small" and enhance["batch_size"] == 4
@@ -94,7 +107,7 @@ def test_cpu_only_cluster_runs_cofenet_on_cpu_actors_within_the_cpus():
 
 def test_metrics_off_plans_no_score_stage_and_fetches_no_vessel_maps():
     calls = _calls(ClusterShape(cpus=2, gpus=0), compute_metrics=False)
-    assert [_classes(c) for c in calls] == [[Fetch], [Preprocess, Degrade, Write]]
+    assert [_classes(c) for c in calls] == [[Fetch, Preprocess, Degrade, Write]]
     assert calls[0].specs[0].kwargs["vessels"] is False
 
 
@@ -105,11 +118,10 @@ def test_classical_enhancement_joins_the_cpu_pool_even_on_a_gpu_cluster():
         image_format="jpeg",
     )
     assert [_classes(c) for c in calls] == [
-        [Fetch],
-        [Preprocess, Score, Degrade, ClassicalEnhance, Score, Write],
+        [Fetch, Preprocess, Score, Degrade, ClassicalEnhance, Score, Write],
     ]
     assert all(c.num_gpus == 0 for c in calls)
-    classical = calls[1].specs[3].kwargs
+    classical = calls[0].specs[4].kwargs
     assert classical == {"source_role": "degraded", "image_format": "jpeg", "jpeg_quality": 95}
 
 
@@ -170,7 +182,7 @@ def test_the_real_map_batches_receives_the_planned_arguments(ray_cluster, tmp_pa
         }
     )
     ds = apply_calls(ray.data.from_arrow(planned), calls)
-    assert len(seen) == len(calls) == 2
+    assert len(seen) == len(calls) == 1
     for (fn, kwargs), call in zip(seen, calls, strict=True):
         compute = kwargs.pop("compute", None)
         assert fn is call.fn and kwargs == call.kwargs()

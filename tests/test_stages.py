@@ -253,6 +253,43 @@ def test_chained_stages_decode_only_the_source_and_lossy_outputs(
     assert len(calls) == decodes
 
 
+def test_chained_score_stages_build_one_clean_metric_context_per_image(
+    raw_jpeg: Path, tmp_path: Path, monkeypatch
+):
+    """Score(clean) before Degrade and Score(degraded) after it share the clean image's
+    no-reference and full-reference contexts through the item: one of each per image."""
+    from fundus_batch import metrics
+
+    built: list[str] = []
+    real_noref, real_reference = metrics.NorefContext, metrics.reference_context
+
+    def noref(*args, **kwargs):
+        built.append("noref")
+        return real_noref(*args, **kwargs)
+
+    def reference(*args, **kwargs):
+        built.append("reference")
+        return real_reference(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "NorefContext", noref)
+    monkeypatch.setattr(metrics, "reference_context", reference)
+    other = tmp_path / "other.jpg"
+    other.write_bytes(encode_jpeg(synth_fundus(600, seed=5, canvas=(700, 640)).image))
+    rows = [_row("a", str(raw_jpeg)), _row("b", str(other))]
+    chain = stages.Chain(_chain_specs(str(tmp_path / "out"), "png", variants=3))
+    out = chain(stages.Fetch(threads=1)(rows))
+    assert [r["status"] for r in out] == ["ok"] * 6, [r.get("error") for r in out]
+    assert sorted(built) == ["noref", "noref", "reference", "reference"]
+    # Up to Write the items hold their image's contexts; only the last image's full-reference
+    # context is still alive (each is several image-sized float arrays).
+    items = stages.Chain(_chain_specs("unused", "png", variants=3)[:-1]).process(
+        stages.items_of(stages.Fetch(threads=1)(rows))
+    )
+    contexts = {id(i.clean_scoring): i.clean_scoring for i in items}
+    assert len(contexts) == 2
+    assert [c._reference is not None for c in contexts.values() if c is not None] == [False, True]
+
+
 @pytest.mark.parametrize("image_format", ["png", "jpeg"])
 def test_chained_stages_equal_stages_that_exchange_encoded_bytes(
     raw_jpeg: Path, tmp_path: Path, image_format: str
