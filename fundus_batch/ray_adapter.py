@@ -302,7 +302,15 @@ def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = storage.filesystem(scan.uri, config.storage_options)
-    kwargs: dict[str, Any] = {"partitioning": None, "file_extensions": None, "num_cpus": PLAN_CPUS}
+    kwargs: dict[str, Any] = {
+        "partitioning": None,
+        "file_extensions": None,
+        "num_cpus": PLAN_CPUS,
+        # One read block, planned by one streaming task: every planning task (it asks for no
+        # CPU) holds a worker process of its own, so more blocks meant more processes, and more
+        # memory, the longer the manifest.
+        "override_num_blocks": 1,
+    }
     if isinstance(fs, LocalFileSystem):
         # Read on this (the driver's) node: other nodes may not have the file.
         path = os.path.abspath(path)
