@@ -320,3 +320,22 @@ def test_a_noref_context_refuses_another_mask_or_size(eye: tuple[np.ndarray, np.
         noref_metrics(img[:-1], None, context=ctx)
     with pytest.raises(ValueError, match="needs a mask"):
         noref_metrics(img, None)
+
+
+def test_blur_effect_does_not_depend_on_opencv_thread_count() -> None:
+    import cv2
+
+    from fundus_batch.fov import preprocess
+
+    # This FOV's inscribed square was one pixel smaller with one OpenCV thread than with two.
+    s = synth_fundus(320, seed=0, canvas=(400, 360))
+    pre = preprocess(s.image, size=256)
+    before = cv2.getNumThreads()
+    try:
+        values = []
+        for threads in (1, 2, 4):
+            cv2.setNumThreads(threads)
+            values.append(blur_effect(pre.image, pre.mask))
+    finally:
+        cv2.setNumThreads(before)
+    assert values[0] == values[1] == values[2]
