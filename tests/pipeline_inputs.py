@@ -40,3 +40,19 @@ def write_inputs(
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+def working_row(image_id: str, seed: int = 3) -> dict:
+    """A preprocessed and degraded row as the Write stage receives it (64 px synthetic images)."""
+    s = synth_fundus(64, seed=seed)
+    png = encode_png(s.image)
+    return {
+        "image_id": image_id,
+        "status": "ok",
+        "variant": 0,
+        "type_code": "001",
+        "clean_png": png,
+        "mask_png": encode_png(s.mask),
+        "degraded_png": png,
+        "carries_clean": True,
+    }

@@ -72,7 +72,8 @@ def _start(log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     return proc, info
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate an emulator process, killing it if it does not exit within 10 s."""
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -107,7 +108,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         finally:
             _STATE["users"] -= 1
             if _STATE["users"] == 0 and _STATE["proc"] is not None:
-                _stop(_STATE["proc"])
+                stop_process(_STATE["proc"])
                 _STATE["proc"] = _STATE["info"] = None
 
 

@@ -12,12 +12,10 @@ import pytest
 
 from fundus_batch import outpaths, pipeline, stages
 from fundus_batch.config import build_config
-from fundus_batch.io.codecs import encode_png
 from fundus_batch.output import OutputStore, ShardWriter
 from fundus_batch.schema import output_schema
-from fundus_batch.synth import synth_fundus
 from fundus_batch.verify import verify
-from tests.pipeline_inputs import write_inputs
+from tests.pipeline_inputs import working_row, write_inputs
 
 
 def _files_under(root: Path) -> set[Path]:
@@ -25,18 +23,7 @@ def _files_under(root: Path) -> set[Path]:
 
 
 def _working_row(image_id: str) -> dict:
-    s = synth_fundus(64, seed=3)
-    png = encode_png(s.image)
-    return {
-        "image_id": image_id,
-        "status": "ok",
-        "variant": 0,
-        "type_code": "001",
-        "clean_png": png,
-        "mask_png": encode_png(s.mask),
-        "degraded_png": png,
-        "carries_clean": True,
-    }
+    return working_row(image_id, seed=3)
 
 
 def test_write_records_paths_relative_to_out(tmp_path: Path) -> None:

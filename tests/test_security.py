@@ -24,10 +24,8 @@ import pytest
 
 from fundus_batch import stages
 from fundus_batch.config import ConfigError, load_config
-from fundus_batch.io.codecs import encode_png
 from fundus_batch.manifest import ManifestError, validate_frame
-from fundus_batch.synth import synth_fundus
-from tests.pipeline_inputs import write_inputs
+from tests.pipeline_inputs import working_row, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,18 +62,7 @@ def test_ids_at_the_limit_of_safety_are_accepted() -> None:
 
 
 def _working_row(image_id: str) -> dict:
-    s = synth_fundus(64, seed=1)
-    png = encode_png(s.image)
-    return {
-        "image_id": image_id,
-        "status": "ok",
-        "variant": 0,
-        "type_code": "001",
-        "clean_png": png,
-        "mask_png": encode_png(s.mask),
-        "degraded_png": png,
-        "carries_clean": True,
-    }
+    return working_row(image_id, seed=1)
 
 
 def _files_under(root: Path) -> set[Path]:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fundus_batch.io import storage
+from tests.s3_fixture import stop_process
 
 START_TIMEOUT = 30.0
 
@@ -56,12 +57,7 @@ def _start(
         _wait_for_port(port, proc, log)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
