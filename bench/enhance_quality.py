@@ -11,8 +11,9 @@ as in training), enhanced by that fold's Cofe-Net and by the classical baseline,
 against the clean photograph inside the FOV: PSNR gain over the degraded input, SSIM, the
 new-error share (``fundus_batch.metrics.harm``) at the 95th percentile of photographs, and,
 where the photograph has vessel ground truth, the vesselness AUC of clean, degraded and enhanced
-images. The targets of issue 10 are checked line by line; the script prints FAIL lines honestly
-and exits 0 either way. Needs ``../shared``.
+images; for a gated model, the mean opening of its gate (0: photograph left alone). The targets
+of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
+way. Needs ``../shared``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,6 +56,15 @@ def load_fold(folder: Path) -> tuple[Any, dict[str, Any]]:
     return model, evaluation
 
 
+def gate_openings(model: Any, images: list[np.ndarray]) -> list[float]:
+    """The gate's opening per image (NaN for a model without a gate)."""
+    if not getattr(model, "field_gate", False):
+        return [float("nan")] * len(images)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+    with torch.no_grad():
+        return [float(v) for v in model.gate_opening(model(x))]
+
+
 def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline."""
     model, evaluation = load_fold(folder)
@@ -75,11 +86,12 @@ def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
             for i, t in enumerate(TYPE_CODES)
         ]
         cofe = enhance_images(model, degraded, batch_size=4)
+        gates = gate_openings(model, degraded)
         truth = None if sample.vessels is None else np.where(sample.vessels > 127, 255, 0)
         clean_auc = None
         if truth is not None:
             clean_auc = segment_and_score(sample.image, truth.astype(np.uint8), sample.mask)
-        for t, deg, enh in zip(TYPE_CODES, degraded, cofe, strict=True):
+        for t, deg, enh, gate in zip(TYPE_CODES, degraded, cofe, gates, strict=True):
             enh = np.where(fov[..., None], enh, 0).astype(np.uint8)
             outputs = {"cofenet": enh, "classical": classical(deg, sample.mask)}
             row: dict[str, Any] = {
@@ -87,6 +99,7 @@ def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
                 "type_code": t,
                 "psnr_degraded": psnr(deg, sample.image, fov),
                 "ssim_degraded": ssim(deg, sample.image, fov),
+                "gate": gate,
             }
             for name, out in outputs.items():
                 row[f"psnr_{name}"] = psnr(out, sample.image, fov)
@@ -124,6 +137,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             "n": float(len(sel)),
             "psnr_degraded": mean("psnr_degraded"),
             "ssim_degraded": mean("ssim_degraded"),
+            "gate": mean("gate"),
         }
         for name in ("cofenet", "classical"):
             gains = [r[f"psnr_{name}"] - r["psnr_degraded"] for r in sel]
@@ -168,10 +182,11 @@ def markdown(fold: str, per_type: dict[str, dict[str, float]], misses: list[str]
         "",
         "| type | n | PSNR degraded | gain Cofe-Net | gain classical | SSIM degraded "
         "| SSIM Cofe-Net | SSIM classical | new-error p95 Cofe-Net | new-error p95 classical "
-        "| vessel AUC clean / degraded / Cofe-Net / classical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vessel AUC clean / degraded / Cofe-Net / classical | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t, s in per_type.items():
+        gate = "-" if np.isnan(s["gate"]) else f"{s['gate']:.2f}"
         auc = "-"
         if not np.isnan(s["vessel_auc_clean"]):
             auc = (
@@ -182,11 +197,11 @@ def markdown(fold: str, per_type: dict[str, dict[str, float]], misses: list[str]
             f"| {t} | {int(s['n'])} | {s['psnr_degraded']:.2f} | {s['gain_cofenet']:+.2f} | "
             f"{s['gain_classical']:+.2f} | {s['ssim_degraded']:.4f} | {s['ssim_cofenet']:.4f} | "
             f"{s['ssim_classical']:.4f} | {100 * s['new_error_p95_cofenet']:.2f} % | "
-            f"{100 * s['new_error_p95_classical']:.2f} % | {auc} |"
+            f"{100 * s['new_error_p95_classical']:.2f} % | {auc} | {gate} |"
         )
     mean_c = np.mean([s["gain_cofenet"] for s in per_type.values()])
     mean_k = np.mean([s["gain_classical"] for s in per_type.values()])
-    lines.append(f"| mean | | | {mean_c:+.2f} | {mean_k:+.2f} | | | | | | |")
+    lines.append(f"| mean | | | {mean_c:+.2f} | {mean_k:+.2f} | | | | | | | |")
     lines.append("")
     lines.append("targets: " + ("all hold" if not misses else "MISSED: " + "; ".join(misses)))
     return "\n".join(lines)

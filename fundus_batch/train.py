@@ -7,8 +7,12 @@ cofe-net-architecture.md section 5.1):
       + lambda_disc * (L1_D(out_512, clean) + L1_D(out_256, clean_256))  optic-disc box, if given
       + lambda_vessel * BCE_R(vessel, vessel_gt)                          if vessel GT exists
       + lambda_lqa * BCE(sigmoid(attention), pooled spot mask)           optional, off by default
+      + lambda_gate * BCE(gate logits, pair has an illumination defect)  field_gate models
 
 where ``L1_R(a, b) = mean(|a - b| * R)`` over all elements, as in the released training code.
+A ``field_gate`` model is trained with its gate teacher-forced to that label, so the correction
+learns only from pairs that need one, and the gate learns separately, by the BCE term, to tell
+them apart.
 
 Pairs come from a :class:`DegradeSource` (clean images degraded on the fly with the
 fundus_batch.degrade engine, a fresh draw per (seed, image id, sample index)) or a
@@ -29,7 +33,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, get_args, overload
 
@@ -42,6 +46,8 @@ from torch import Tensor
 
 from fundus_batch.degrade import TYPE_CODES, DegradationRecord, degrade, sample_rng
 from fundus_batch.degrade.ops import color_jitter
+from fundus_batch.degrade.params import type_groups
+from fundus_batch.degrade.presets import get_preset
 from fundus_batch.metrics import psnr, ssim
 from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet, check_size
 from fundus_batch.validation import FieldProblem, Finite, Int, Model, format_problems, length
@@ -138,7 +144,10 @@ class TrainConfig(Model):
     working size). ``pixel_loss`` is ``l1`` (the reference) or ``mse`` (what PSNR measures).
     ``init_weights`` names a state dict of the same architecture to start from (after ``init``);
     for a ``field_size`` model the output conv of G is zeroed again, since its output means a
-    correction there. ``head_lr_scale`` multiplies the learning rate of that output conv.
+    correction there, and a ``field_gate`` model may start from weights without a gate (it
+    starts undecided). ``head_lr_scale`` multiplies the learning rate of that output conv.
+    ``field_gate`` adds the smooth-correction head's global gate, trained as the module
+    docstring says with weight ``lambda_gate``.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -147,6 +156,7 @@ class TrainConfig(Model):
     width: Annotated[Finite, Field(gt=0.0, le=1.0)] = 0.25
     residual: bool = True
     field_size: Annotated[Int, Field(ge=1)] | None = None
+    field_gate: bool = False
     size: Annotated[Int, AfterValidator(_crop_size)] = 256
     batch_size: _Positive = 4
     steps: _Positive = 1000
@@ -172,6 +182,7 @@ class TrainConfig(Model):
     lambda_disc: _Weight = 10.0
     lambda_vessel: _Weight = 0.1
     lambda_lqa: _Weight = 0.0
+    lambda_gate: _Weight = 1.0
     init: Init = "released"
     loss_scale: LossScale = "none"
     loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01
@@ -381,8 +392,11 @@ class DegradeSource:
     ``keep_colour`` the training target of an illumination type is the clean image with that
     draw's global colour jitter (brightness, contrast, saturation) applied: the model learns to
     undo the spatial part (halo, hole), which it can see, and not to guess a global colour,
-    which it cannot know and would impose on every photograph. Validation items always score
-    against the clean image itself.
+    which it cannot know and would impose on every photograph. With ``clean_jitter`` that share
+    of training draws first gives the clean photograph a colour jitter of the preset's ranges
+    (the jittered photograph is then both the target and what is degraded): photographs differ
+    in colour, and a colour shift alone must not read as an illumination defect. Validation
+    items always score against the clean image itself.
     """
 
     def __init__(
@@ -392,6 +406,7 @@ class DegradeSource:
         types: Sequence[str] = TYPE_CODES,
         *,
         keep_colour: bool = False,
+        clean_jitter: float = 0.0,
     ) -> None:
         items: list[CleanSample] = []
         for i, s in enumerate(samples):
@@ -415,6 +430,9 @@ class DegradeSource:
         self.preset = preset
         self.types = tuple(types)
         self.keep_colour = keep_colour
+        if not 0.0 <= clean_jitter <= 1.0:
+            raise TrainError(f"clean_jitter must be in [0, 1], got {clean_jitter}")
+        self.clean_jitter = clean_jitter
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -446,6 +464,11 @@ class DegradeSource:
         """A fresh degradation of sample ``index`` (type and parameters drawn from ``rng``)."""
         s = self.samples[index]
         type_code = self.types[int(rng.integers(len(self.types)))]
+        if self.clean_jitter > 0 and rng.random() < self.clean_jitter:
+            p = get_preset(self.preset)
+            b, c, sat = (rng.uniform(*r) for r in (p.brightness, p.contrast, p.saturation))
+            jittered = color_jitter(s.image, float(b), float(c), float(sat))
+            s = replace(s, image=np.where(s.mask[..., None] > 127, jittered, 0).astype(np.uint8))
         return self._item(s, type_code, rng)
 
     def val_items(self, seed: int) -> list[ValItem]:
@@ -626,6 +649,7 @@ class Batch:
     has_disc: Tensor
     spots: Tensor
     has_spots: Tensor
+    illumination: Tensor  # N: 1.0 where the pair's degradation includes illumination
 
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``."""
@@ -651,6 +675,7 @@ def make_batch(items: Sequence[TrainItem]) -> Batch:
         has_disc=has_d,
         spots=spots,
         has_spots=has_s,
+        illumination=torch.tensor([float(type_groups(it.type_code)[0]) for it in items]),
     )
 
 
@@ -737,6 +762,11 @@ def cofenet_loss(
         weight = batch.has_spots
         per_item = bce.mean(dim=(1, 2, 3))
         terms["lqa"] = config.lambda_lqa * (per_item * weight).sum() / weight.sum()
+    logits = model.gate_logits(outputs)
+    if logits is not None and config.lambda_gate > 0:
+        labels = batch.illumination.to(logits).view(-1, 1).expand_as(logits)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        terms["gate"] = config.lambda_gate * bce
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -939,7 +969,7 @@ def _lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * max(0.0, 1.0 - (step - start) / (total - start))
 
 
-_ARCH_KEYS = ("variant", "width", "residual", "field_size")
+_ARCH_KEYS = ("variant", "width", "residual", "field_size", "field_gate")
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -1024,14 +1054,21 @@ def train(
         config.width,
         residual=config.residual,
         field=config.field_size,
+        field_gate=config.field_gate,
         generator=torch.Generator().manual_seed(config.seed),
     )
     if config.init == "fixup":
         fixup_init(model, torch.Generator().manual_seed(config.seed))
     if config.init_weights:
         from fundus_batch.models import load_weights
+        from fundus_batch.models.weights import read_state_dict
 
-        load_weights(model, config.init_weights)
+        state = dict(read_state_dict(config.init_weights))
+        if config.field_gate:  # weights from a model without the gate: keep the gate's init
+            for key, value in model.state_dict().items():
+                if key.startswith("G_gate."):
+                    state.setdefault(key, value)
+        load_weights(model, state)
         model.train()
         if config.field_size is not None:
             torch.nn.init.zeros_(model.G_deconv1_0.weight)
@@ -1056,7 +1093,7 @@ def train(
         clash = [
             k
             for k in (*_ARCH_KEYS, "seed", "batch_size", "size")
-            if saved.get(k) != getattr(config, k)
+            if saved.get(k, TrainConfig.model_fields[k].default) != getattr(config, k)
         ]
         if clash:
             raise TrainError(f"checkpoint {config.checkpoint} was trained with other {clash}")
@@ -1101,7 +1138,8 @@ def train(
             items.append(_crop(item, config.size, rng))
         batch = make_batch(items).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            outputs = model(batch.degraded)
+            teacher = batch.illumination if config.field_gate else None
+            outputs = model(batch.degraded, gate=teacher)
         loss, terms = cofenet_loss(model, outputs, batch, config)
         if not torch.isfinite(loss):
             raise TrainError(f"loss is not finite at step {step}: {terms}")

@@ -197,6 +197,7 @@ def inference_model(config: TrainConfig, deadzone: float) -> Any:
         residual=config.residual,
         field=config.field_size,
         field_deadzone=deadzone,
+        field_gate=config.field_gate,
     )
 
 
@@ -247,6 +248,7 @@ class JobConfig(BaseModel):
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_QUALITY.items()}
     )
     keep_colour: bool = False
+    clean_jitter: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.0
     field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
 
 
@@ -300,6 +302,7 @@ def registry_entry(
         "residual": config.residual,
         "field_size": config.field_size,
         "field_deadzone": field_deadzone,
+        "field_gate": config.field_gate,
         "size": size,
         "training_data": training_data,
         "metrics": metrics,
@@ -328,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="training crop side")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--head-lr-scale", type=float, help="learning-rate factor of G's output")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--init", choices=INITS)
+    parser.add_argument(
+        "--init-weights",
+        help="state dict to start from (relative paths: to the repository; '' for none)",
+    )
     parser.add_argument("--loss-scale", choices=LOSS_SCALES)
     parser.add_argument("--val-every", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -366,14 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "head_lr_scale": args.head_lr_scale,
             "seed": args.seed,
             "init": args.init,
+            "init_weights": args.init_weights,
             "loss_scale": args.loss_scale,
             "val_every": args.val_every,
             "num_threads": args.threads,
             "device": args.device,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if args.init_weights == "":  # a cold start
+            values["init_weights"] = None
         if values.get("init_weights"):  # relative to the repository
             values["init_weights"] = str(
                 Path(__file__).resolve().parents[1] / values["init_weights"]
@@ -406,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             load_samples(root, train_entries, size, quality),
             preset=preset,
             keep_colour=job.keep_colour,
+            clean_jitter=job.clean_jitter,
         )
         held_samples = evenly(load_samples(root, held, size, quality), args.eval_count)
         held = [e for e in held if e["image_id"] in {s.image_id for s in held_samples}]

@@ -12,7 +12,7 @@ import torch
 from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
 from fundus_batch.fov import Circle, crop_to_fov
 from fundus_batch.io.codecs import encode_png
-from fundus_batch.models import build_cofenet, file_sha256, list_weights, load_registered
+from fundus_batch.models import CofeNet, build_cofenet, file_sha256, list_weights, load_registered
 from fundus_batch.models.weights import PACKAGE_WEIGHTS_DIR
 from fundus_batch.schema import output_schema, to_table
 from fundus_batch.synth import synth_fundus
@@ -543,3 +543,76 @@ def test_shipped_model_reproduces_the_card_on_two_held_out_images(shared_dir: Pa
         assert row["psnr_degraded"] == pytest.approx(want["psnr_degraded"], abs=1e-6)
         assert row["psnr_enhanced"] == pytest.approx(want["psnr_enhanced"], abs=0.05)
         assert row["ssim_enhanced"] == pytest.approx(want["ssim_enhanced"], abs=1e-3)
+
+
+# ------------------------------------------------------------------------------ field gate
+
+
+def test_gated_model_warm_starts_without_a_gate_and_its_loss_is_the_gate_bce(
+    tmp_path: Path,
+) -> None:
+    donor = build_cofenet("cofe-net", 0.125, field=192)
+    fixup_init(donor, torch.Generator().manual_seed(7))
+    path = tmp_path / "donor.pt"
+    torch.save(donor.state_dict(), path)  # no G_gate keys
+    config = _tiny(
+        residual=False,
+        field_size=192,
+        field_gate=True,
+        init="fixup",
+        init_weights=str(path),
+        steps=1,
+        lambda_gate=2.0,
+        val_at_end=False,
+    )
+    samples = _samples(2, 192, disc=False)
+    source = DegradeSource(samples, types=("001", "010"))
+    items = [
+        source._item(samples[0], t, sample_rng(5, "gate", i)) for i, t in enumerate(("001", "010"))
+    ]
+    batch = make_batch(items)
+    assert batch.illumination.tolist() == [1.0, 0.0]
+    model = train(config, source).model.eval()
+    assert "G_gate.weight" in model.state_dict()
+    with torch.no_grad():
+        outputs = model(batch.degraded)
+        _, terms = cofenet_loss(model, outputs, batch, config)
+    logits = model.gate_logits(outputs)
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    expected = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert terms["gate"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gated_training_passes_the_labels_as_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor | None] = []
+    forward = CofeNet.forward
+
+    def spy(self: CofeNet, x: torch.Tensor, x256: torch.Tensor | None = None, *, gate=None):  # type: ignore[no-untyped-def]
+        seen.append(gate)
+        return forward(self, x, x256, gate=gate)
+
+    monkeypatch.setattr(CofeNet, "forward", spy)
+    config = _tiny(residual=False, field_size=192, field_gate=True, init="fixup", steps=2)
+    train(config, DegradeSource(_samples(2, 192, disc=False), types=("011", "110")))
+    assert len(seen) == 2
+    assert all(g is not None and set(g.tolist()) <= {0.0, 1.0} for g in seen)
+
+
+def test_clean_jitter_recolours_the_photograph_that_is_both_target_and_input() -> None:
+    samples = _samples(1, 192, disc=False)
+    plain = DegradeSource(samples, types=("010",))
+    jittered = DegradeSource(samples, types=("010",), clean_jitter=1.0)
+    a = plain.train_item(0, sample_rng(2, "cj", 0))
+    b = jittered.train_item(0, sample_rng(2, "cj", 0))
+    assert np.array_equal(a.clean, samples[0].image)
+    fov = samples[0].mask > 127
+    assert not np.array_equal(b.clean[fov], samples[0].image[fov])  # recoloured
+    assert not b.clean[~fov].any()  # and still black outside the FOV
+
+    # The spots were added to the recoloured photograph, not to the original.
+    def gap(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.abs(x.astype(int) - y.astype(int))[fov].mean())
+
+    assert gap(b.degraded, b.clean) < 0.5 * gap(b.degraded, samples[0].image)
+    with pytest.raises(TrainError, match="clean_jitter"):
+        DegradeSource(samples, clean_jitter=1.5)

@@ -16,12 +16,22 @@ units) shrinks every correction by that much towards zero, so a photograph that 
 slight change is returned unchanged. The input's own detail passes through untouched, so the
 head can undo smooth illumination defects (halo, dark disc, colour cast) but cannot paint speckle
 or blotches finer than the window, and any working size that is a multiple of 32 works.
+
+``field_gate=True`` (with ``field``) adds a global gate to that head: a linear layer on the mean
+and maximum of G's deepest features gives one logit per image and pass, and each pass's
+correction is multiplied by its sigmoid. Each pixel of G sees only part of the photograph, but
+whether it shows an illumination defect at all (a halo ring at the rim, a dark disc, a colour
+shift) is a question about the whole field: the gate answers it once and closes on photographs
+that need no correction. The logits come back as the last output (``gate_logits``), so training
+can supervise them; ``forward(..., gate=y)`` uses ``y`` (N values in [0, 1]) in place of the
+predicted gate (teacher forcing).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +66,14 @@ MIN_SIZE = 192
 _LOGIT_EPS = 1e-3
 
 Outputs = Tensor | tuple[Tensor, ...]
+
+
+@dataclass
+class _Gate:
+    """One forward pass's gate: the teacher-forced values, if any, and the logits of each pass."""
+
+    given: Tensor | None
+    logits: list[Tensor] = field(default_factory=list)
 
 
 def canonical_variant(name: str) -> str:
@@ -230,6 +248,7 @@ class CofeNet(nn.Module):
         field: int | None = None,
         field_sigma: float = 2.0,
         field_deadzone: float = 0.0,
+        field_gate: bool = False,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -249,13 +268,16 @@ class CofeNet(nn.Module):
                 raise ValueError(f"field_sigma must be > 0, got {field_sigma}")
             if not (math.isfinite(field_deadzone) and 0.0 <= field_deadzone < 0.5):
                 raise ValueError(f"field_deadzone must be in [0, 0.5), got {field_deadzone}")
+        if field_gate and field is None:
+            raise ValueError("field_gate needs the smooth-correction head (field)")
         self.variant = variant
         self.width = width
         self.residual = bool(residual)
         self.field = None if field is None else int(field)
         self.field_sigma = float(field_sigma)
         self.field_deadzone = float(field_deadzone)
-        self.n_outputs = N_OUTPUTS[variant]
+        self.field_gate = bool(field_gate)
+        self.n_outputs = N_OUTPUTS[variant] + int(self.field_gate)
         self.has_rsa = variant != "encode_decode_res"
         self.two_scale = "2scale" in variant
         self.has_lqa = variant.endswith("_atten")
@@ -290,6 +312,8 @@ class CofeNet(nn.Module):
         self.G_deconv1_0 = _conv(g1, 3, 5)
         if self.two_scale:
             self.G_input_2 = _up(3, 3)
+        if self.field_gate:
+            self.G_gate = nn.Linear(2 * g3, 1)
 
         if self.has_rsa:  # CE-Net vessel segmenter, inline (Gu et al. attribute names)
             self.firstconv = nn.Conv2d(3, e1, 7, stride=2, padding=3, bias=False)
@@ -368,6 +392,7 @@ class CofeNet(nn.Module):
         image: Tensor,
         feats: tuple[Tensor, Tensor, Tensor] | None,
         attention: Tensor | None,
+        gate: _Gate | None = None,
     ) -> Tensor:
         """One pass of G; ``image`` is the 3-channel picture the residual formulation refines."""
         x = F.relu(self.G_conv1(inp), inplace=True)
@@ -392,13 +417,21 @@ class CofeNet(nn.Module):
             x = torch.cat([x, feats[2]], dim=1)
         x = F.relu(self.G_conv4(x), inplace=True)
         x = self._res("G_conv4", (1, 2, 3), x)
+        scale = None
+        if gate is not None:
+            logit = self.G_gate(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
+            gate.logits.append(logit)
+            given = gate.given
+            scale = torch.sigmoid(logit) if given is None else given.to(logit).view(-1, 1)
+            scale = scale.view(-1, 1, 1, 1)
 
         x = self.G_deconv4_0(self._res("G_deconv4", (3, 2, 1), x)) + x_quarter
         x = self.G_deconv3_0(self._res("G_deconv3", (3, 2, 1), x)) + x_half
         x = self.G_deconv2_0(self._res("G_deconv2", (3, 2, 1), x)) + x_full
         x = self.G_deconv1_0(self._res("G_deconv1", (3, 2, 1), x))
         if self.field is not None:  # unclamped: the caller takes the correction back out
-            return image + self._smooth(torch.tanh(x))
+            correction = self._smooth(torch.tanh(x))
+            return image + (correction if scale is None else scale * correction)
         if self.residual:
             x = torch.logit(image.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)) + x
         return torch.sigmoid(x)
@@ -416,8 +449,11 @@ class CofeNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x512: Tensor, x256: Tensor | None = None) -> Outputs:
-        """Enhance ``x512`` (N,3,H,W in [0,1]); ``x256`` is the half-size copy (2-scale only)."""
+    def forward(
+        self, x512: Tensor, x256: Tensor | None = None, *, gate: Tensor | None = None
+    ) -> Outputs:
+        """Enhance ``x512`` (N,3,H,W in [0,1]); ``x256`` is the half-size copy (2-scale only);
+        ``gate`` (N values, ``field_gate`` models only) replaces the predicted gate."""
         if not isinstance(x512, Tensor):
             raise TypeError(f"x512 must be a torch.Tensor, got {type(x512).__name__}")
         if x512.ndim != 4 or x512.shape[1] != 3 or not x512.is_floating_point():
@@ -431,11 +467,16 @@ class CofeNet(nn.Module):
             if not isinstance(x256, Tensor) or tuple(x256.shape) != want:
                 got = tuple(x256.shape) if isinstance(x256, Tensor) else type(x256).__name__
                 raise ValueError(f"x256 must have shape {want}, got {got}")
+        if gate is not None and (
+            not self.field_gate or not isinstance(gate, Tensor) or gate.numel() != x512.shape[0]
+        ):
+            raise ValueError("gate needs a field_gate model and one value per image")
         if self.field is None:
             return self._forward_net(x512, x256)
         small = F.interpolate(x512, size=(self.field, self.field), mode="area")
         small_half = default_x256(small)
-        items = list(self._as_tuple(self._forward_net(small, small_half)))
+        passes = _Gate(gate) if self.field_gate else None
+        items = list(self._as_tuple(self._forward_net(small, small_half, passes)))
         # Outputs at the network's size become corrections (output - input), resized and
         # added to the full-size input; the vessel map is resized.
         items[0] = self._add_correction(items[0] - small, x512)
@@ -447,6 +488,8 @@ class CofeNet(nn.Module):
             items[v] = F.interpolate(
                 items[v], size=(height, width), mode="bilinear", align_corners=False
             )
+        if passes is not None:  # N x passes (the coarse pass first)
+            items.append(torch.cat(passes.logits, dim=1))
         return items[0] if len(items) == 1 else tuple(items)
 
     @staticmethod
@@ -459,24 +502,24 @@ class CofeNet(nn.Module):
             up = torch.sign(up) * (up.abs() - self.field_deadzone).clamp_min(0.0)
         return (image + up).clamp(0.0, 1.0)
 
-    def _forward_net(self, x512: Tensor, x256: Tensor | None) -> Outputs:
+    def _forward_net(self, x512: Tensor, x256: Tensor | None, gate: _Gate | None = None) -> Outputs:
         """The released forward pass at the network's input size."""
         if not self.has_rsa:
-            first = self._g(x512, x512, None, None)
-            return self._g(first, first, None, None)
+            first = self._g(x512, x512, None, None, gate)
+            return self._g(first, first, None, None, gate)
 
         d1, d2, d3, vessel = self._rsa(x512)
         if not self.two_scale:
-            return self._g(x512, x512, (d1, d2, d3), None), vessel
+            return self._g(x512, x512, (d1, d2, d3), None, gate), vessel
 
         if x256 is None:
             x256 = default_x256(x512)
         attention = self._lqa(x512) if self.has_lqa else None
         coarse_feats = (F.max_pool2d(d1, 2), F.max_pool2d(d2, 2), F.max_pool2d(d3, 2))
         coarse_att = F.max_pool2d(attention, 2) if attention is not None else None
-        out_256 = self._g(torch.cat([x256, x256], dim=1), x256, coarse_feats, coarse_att)
+        out_256 = self._g(torch.cat([x256, x256], dim=1), x256, coarse_feats, coarse_att, gate)
         up = self.G_input_2(out_256)
-        out_512 = self._g(torch.cat([x512, up], dim=1), x512, (d1, d2, d3), attention)
+        out_512 = self._g(torch.cat([x512, up], dim=1), x512, (d1, d2, d3), attention, gate)
         if attention is None:
             return out_512, out_256, vessel
         return out_512, out_256, vessel, attention
@@ -506,10 +549,21 @@ class CofeNet(nn.Module):
         """The LQA attention map (half resolution, linear), or None without LQA."""
         return self._check_outputs(outputs)[3] if self.has_lqa else None
 
+    def gate_logits(self, outputs: Outputs) -> Tensor | None:
+        """The gate's logits (N x passes, the last pass's last), or None without a gate."""
+        return self._check_outputs(outputs)[-1] if self.field_gate else None
+
+    def gate_opening(self, outputs: Outputs) -> Tensor | None:
+        """How far the gate opened for each image (sigmoid of the last pass's logit), or None."""
+        logits = self.gate_logits(outputs)
+        return None if logits is None else torch.sigmoid(logits[:, -1])
+
     def extra_repr(self) -> str:
         extra = (
             "" if self.field is None else f", field={self.field}, field_sigma={self.field_sigma}"
         )
+        if self.field_gate:
+            extra += ", field_gate=True"
         return f"variant={self.variant!r}, width={self.width}, residual={self.residual}{extra}"
 
 
@@ -527,6 +581,9 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
             nn.init.normal_(module.weight, 1.0, 0.02, generator=generator)
             nn.init.zeros_(module.bias)
             module.reset_running_stats()
+        elif isinstance(module, nn.Linear):  # the field gate: starts undecided (sigmoid 0.5)
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
         elif next(module.parameters(recurse=False), None) is not None:
             raise TypeError(f"no initialisation rule for {type(module).__name__}")
 
@@ -538,6 +595,7 @@ def build_cofenet(
     residual: bool = False,
     field: int | None = None,
     field_deadzone: float = 0.0,
+    field_gate: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> CofeNet:
@@ -546,13 +604,16 @@ def build_cofenet(
     ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
     scales every channel count; ``residual`` (width < 1 only) outputs
     ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
-    the smooth-correction head (module docstring). Randomness comes from ``generator``
-    (a CPU generator) or, when it is None, from the caller's torch seed. ``device="meta"`` builds
-    a shape-only model. The model is returned in training mode, on ``device`` (default: CPU).
+    the smooth-correction head and ``field_gate`` its gate (module docstring). Randomness comes
+    from ``generator`` (a CPU generator) or, when it is None, from the caller's torch seed.
+    ``device="meta"`` builds a shape-only model. The model is returned in training mode, on
+    ``device`` (default: CPU).
     """
     target = torch.device("cpu" if device is None else device)
     with torch.device("meta"):  # allocate once, skip PyTorch's default (global-RNG) init
-        model = CofeNet(variant, width, residual, field, field_deadzone=field_deadzone)
+        model = CofeNet(
+            variant, width, residual, field, field_deadzone=field_deadzone, field_gate=field_gate
+        )
     if target.type == "meta":
         return model
     model = model.to_empty(device="cpu")

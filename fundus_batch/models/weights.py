@@ -323,6 +323,7 @@ class WeightsEntry(Model):
     residual: Annotated[bool, Strict()] = False
     field_size: Annotated[Int, Field(ge=1)] | None = None
     field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
+    field_gate: Annotated[bool, Strict()] = False
     size: Annotated[Int, Field(ge=1)] = 512
     training_data: _Text = ""
     metrics: dict[str, Finite] = Field(default_factory=dict)
@@ -369,6 +370,7 @@ class WeightsEntry(Model):
             "residual": self.residual,
             "field_size": self.field_size,
             "field_deadzone": self.field_deadzone,
+            "field_gate": self.field_gate,
             "size": self.size,
             "training_data": self.training_data,
             "metrics": dict(self.metrics),
@@ -461,6 +463,7 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
         residual=entry.residual,
         field=entry.field_size,
         field_deadzone=entry.field_deadzone,
+        field_gate=entry.field_gate,
     )
     load_weights(model, path)
     model.weights_entry = entry

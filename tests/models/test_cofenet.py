@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fundus_batch.models import cofenet
 from fundus_batch.models.cofenet import (
     DEFAULT_VARIANT,
+    N_OUTPUTS,
     VARIANTS,
     CofeNet,
     build_cofenet,
@@ -504,3 +505,72 @@ def test_field_deadzone_drops_small_corrections_and_shrinks_large_ones() -> None
     assert torch.equal(model._add_correction(small, image), image)
     shrunk = model._add_correction(large, image)
     assert torch.allclose(shrunk, image - 8 / 255, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the field head's gate
+
+
+def _gated_model(seed: int = 0) -> CofeNet:
+    from fundus_batch.train import fixup_init
+
+    model = build_cofenet(
+        "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(seed)
+    )
+    fixup_init(model, torch.Generator().manual_seed(seed))
+    torch.nn.init.normal_(
+        model.G_deconv1_0.weight, 0.0, 0.05, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    return model.eval()
+
+
+def test_gate_logits_come_last_one_per_image_and_pass() -> None:
+    model = _gated_model()
+    assert model.n_outputs == N_OUTPUTS[DEFAULT_VARIANT] + 1
+    assert "G_gate.weight" in model.state_dict() and "field_gate=True" in repr(model)
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(1)))
+    assert model.gate_logits(out).shape == (3, 2)  # the coarse pass, then the full one
+    assert _field_model().gate_logits(_field_model()(torch.rand(1, 3, 192, 192))) is None
+
+
+def test_a_closed_gate_returns_the_input_and_an_open_one_corrects_it() -> None:
+    model = _gated_model(seed=2)
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3)) * 0.5 + 0.25
+    with torch.no_grad():
+        assert torch.equal(model.enhanced(model(x, gate=torch.zeros(2))), x)
+        opened = model.enhanced(model(x, gate=torch.ones(2)))
+        torch.nn.init.constant_(model.G_gate.bias, -30.0)  # predicted: closed
+        closed = model.enhanced(model(x))
+        torch.nn.init.constant_(model.G_gate.bias, 30.0)  # predicted: open
+        predicted_open = model.enhanced(model(x))
+    assert (opened - x).abs().mean() > 1e-3
+    assert torch.allclose(closed, x, atol=1e-6)
+    assert torch.allclose(predicted_open, opened, atol=1e-6)
+
+
+def test_the_gate_starts_undecided_and_scales_the_correction_by_its_sigmoid() -> None:
+    model = _gated_model(seed=4)
+    assert not model.G_gate.weight.any() and not model.G_gate.bias.any()
+    with torch.no_grad():  # small enough that nothing is clamped
+        model.G_deconv1_0.weight.mul_(0.002)
+    x = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(5)) * 0.5 + 0.25
+    with torch.no_grad():
+        full = model(x, gate=torch.ones(1))[1] - F.avg_pool2d(x, 2)  # the coarse correction
+        half = model(x)[1] - F.avg_pool2d(x, 2)
+    assert torch.allclose(half, 0.5 * full, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "gate", "message"),
+    [
+        ({"field_gate": True}, None, "field_gate needs the smooth-correction head"),
+        ({"field": 192}, torch.ones(1), "gate needs a field_gate model"),
+        ({"field": 192, "field_gate": True}, torch.ones(3), "one value per image"),
+    ],
+)
+def test_gate_settings_that_cannot_work_are_rejected(
+    kwargs: dict, gate: torch.Tensor | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        model = CofeNet(DEFAULT_VARIANT, 0.125, **kwargs)
+        model(torch.rand(1, 3, 192, 192), gate=gate)

@@ -278,6 +278,16 @@ def test_load_registered_builds_the_registered_model_and_loads_it(user_dir: Path
     assert _same_weights(source, model)
 
 
+def test_a_gated_field_model_is_built_with_its_head_and_gate(user_dir: Path) -> None:
+    source = build_cofenet(
+        "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(3)
+    )
+    _register(user_dir, source, "gated", field_size=192, field_deadzone=0.01, field_gate=True)
+    model = load_registered("gated")
+    assert (model.field, model.field_deadzone, model.field_gate) == (192, 0.01, True)
+    assert _same_weights(source, model)
+
+
 def test_sha256_mismatch_is_refused(user_dir: Path) -> None:
     path = _register(user_dir, _model(RES), "tampered")
     torch.save(_model(RES, seed=99).state_dict(), path)
