@@ -190,6 +190,13 @@ class TrainConfig(Model):
     init_weights: str | None = None
     head_lr_scale: Annotated[Finite, Field(gt=0.0)] = 1.0
 
+    @field_validator("field_gate")
+    @classmethod
+    def _gate_needs_the_field_head(cls, gate: bool, info: ValidationInfo) -> bool:
+        if gate and info.data.get("field_size") is None:
+            raise ValueError("needs field_size (the gate belongs to the smooth-correction head)")
+        return gate
+
     @field_validator("resume")
     @classmethod
     def _resume_needs_a_checkpoint(cls, resume: bool, info: ValidationInfo) -> bool:

@@ -616,3 +616,8 @@ def test_clean_jitter_recolours_the_photograph_that_is_both_target_and_input() -
     assert gap(b.degraded, b.clean) < 0.5 * gap(b.degraded, samples[0].image)
     with pytest.raises(TrainError, match="clean_jitter"):
         DegradeSource(samples, clean_jitter=1.5)
+
+
+def test_a_gate_without_the_field_head_is_a_config_error() -> None:
+    with pytest.raises(TrainError, match=r"field_gate: .*needs field_size"):
+        _tiny(field_gate=True)
