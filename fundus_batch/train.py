@@ -404,6 +404,11 @@ class DegradeSource:
     (the jittered photograph is then both the target and what is degraded): photographs differ
     in colour, and a colour shift alone must not read as an illumination defect. Validation
     items always score against the clean image itself.
+
+    ``leave_alone`` photographs are not training targets for illumination (they failed the
+    quality bounds: dark, unevenly lit, soft) but are still photographs whose own lighting a
+    model must keep: a draw of a type without an illumination defect takes its photograph
+    uniformly from the samples and these together. Indices and ``len`` count the samples only.
     """
 
     def __init__(
@@ -414,6 +419,7 @@ class DegradeSource:
         *,
         keep_colour: bool = False,
         clean_jitter: float = 0.0,
+        leave_alone: Iterable[CleanSample] = (),
     ) -> None:
         items: list[CleanSample] = []
         for i, s in enumerate(samples):
@@ -427,7 +433,10 @@ class DegradeSource:
             items.append(s)
         if not items:
             raise TrainError("DegradeSource needs at least one sample")
-        ids = [s.image_id for s in items]
+        self.leave_alone = list(leave_alone)
+        for s in self.leave_alone:
+            _check_sample(s)
+        ids = [s.image_id for s in [*items, *self.leave_alone]]
         if len(set(ids)) != len(ids):
             raise TrainError("DegradeSource sample image_ids must be unique")
         bad = [t for t in types if t not in TYPE_CODES]
@@ -471,6 +480,10 @@ class DegradeSource:
         """A fresh degradation of sample ``index`` (type and parameters drawn from ``rng``)."""
         s = self.samples[index]
         type_code = self.types[int(rng.integers(len(self.types)))]
+        if self.leave_alone and not type_groups(type_code)[0]:
+            pick = int(rng.integers(len(self.samples) + len(self.leave_alone)))
+            if pick >= len(self.samples):
+                s = self.leave_alone[pick - len(self.samples)]
         if self.clean_jitter > 0 and rng.random() < self.clean_jitter:
             p = get_preset(self.preset)
             b, c, sat = (rng.uniform(*r) for r in (p.brightness, p.contrast, p.saturation))

@@ -140,10 +140,12 @@ def load_samples(
     entries: list[dict[str, str]],
     size: int,
     quality: dict[str, list[float]] | None = None,
+    rejected: list[CleanSample] | None = None,
 ) -> list[CleanSample]:
     """Load and preprocess the listed images (see fundus_batch.train.load_clean_sample).
 
-    With ``quality``, photographs whose measures fall outside the bounds are left out (logged).
+    With ``quality``, photographs whose measures fall outside the bounds are left out (logged)
+    or, given a ``rejected`` list, appended to it.
     """
     samples = []
     for e in entries:
@@ -157,6 +159,8 @@ def load_samples(
         bad = quality_failures(sample, quality) if quality else []
         if bad:
             log.info("not a clean target: %s (%s)", e["image_id"], ", ".join(bad))
+            if rejected is not None:
+                rejected.append(sample)
             continue
         samples.append(sample)
     return samples
@@ -189,7 +193,9 @@ def split_entries(
     return train_entries, held
 
 
-def inference_model(config: TrainConfig, deadzone: float) -> Any:
+def inference_model(
+    config: TrainConfig, deadzone: float, gate_threshold: float | None = None
+) -> Any:
     """An untrained model of the configured architecture, as it will ship."""
     return build_cofenet(
         config.variant,
@@ -198,6 +204,7 @@ def inference_model(config: TrainConfig, deadzone: float) -> Any:
         field=config.field_size,
         field_deadzone=deadzone,
         field_gate=config.field_gate,
+        field_gate_threshold=gate_threshold,
     )
 
 
@@ -249,7 +256,17 @@ class JobConfig(BaseModel):
     )
     keep_colour: bool = False
     clean_jitter: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.0
+    leave_alone: bool = Field(
+        default=False,
+        description="photographs outside the quality bounds still train, as ones to leave alone"
+        " (types without an illumination defect only; DegradeSource)",
+    )
     field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
+    field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = Field(
+        default=None,
+        description="shipped gated models apply the correction whole where the gate's sigmoid"
+        " reaches this, else not at all (None: scaled by the sigmoid)",
+    )
 
 
 def load_job(path: str | None) -> JobConfig:
@@ -266,10 +283,12 @@ def load_job(path: str | None) -> JobConfig:
 
     job = validate(JobConfig, data, error)
     try:  # the train section as it stands; CLI overrides are checked again in main
-        TrainConfig.from_dict(job.train)
+        train = TrainConfig.from_dict(job.train)
     except TrainError as exc:
         problems = exc.problems or [FieldProblem("", str(exc))]
         raise error([p._replace(field=f"train.{p.field}".rstrip(".")) for p in problems]) from None
+    if job.field_gate_threshold is not None and not train.field_gate:
+        raise error([FieldProblem("field_gate_threshold", "needs train.field_gate: true")])
     return job
 
 
@@ -286,6 +305,7 @@ def registry_entry(
     training_data: str,
     report: ValReport,
     field_deadzone: float = 0.0,
+    field_gate_threshold: float | None = None,
 ) -> dict[str, Any]:
     """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
     metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
@@ -303,6 +323,7 @@ def registry_entry(
         "field_size": config.field_size,
         "field_deadzone": field_deadzone,
         "field_gate": config.field_gate,
+        "field_gate_threshold": field_gate_threshold,
         "size": size,
         "training_data": training_data,
         "metrics": metrics,
@@ -414,12 +435,16 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(TRAINING_DATA[d] for d in datasets if d != args.holdout_source)
             + f"; degradations synthesised on the fly by fundus_batch.degrade ({preset})"
         )
+        leave_alone: list[CleanSample] = []
         train_source = DegradeSource(
-            load_samples(root, train_entries, size, quality),
+            load_samples(root, train_entries, size, quality, leave_alone),
             preset=preset,
             keep_colour=job.keep_colour,
             clean_jitter=job.clean_jitter,
+            leave_alone=leave_alone if job.leave_alone else (),
         )
+        if job.leave_alone:
+            log.info("%d photographs to leave alone", len(leave_alone))
         held_samples = evenly(load_samples(root, held, size, quality), args.eval_count)
         held = [e for e in held if e["image_id"] in {s.image_id for s in held_samples}]
         val_source = DegradeSource(held_samples, preset=preset)
@@ -439,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": "fundus_batch.metrics psnr/ssim inside the FOV mask, uint8, data range 255",
     }
     if args.eval_only:
-        model = inference_model(config, deadzone)
+        model = inference_model(config, deadzone, job.field_gate_threshold)
         load_weights(model, args.eval_only)
         report = evaluate(model, val_source.val_items(config.seed), device="cpu")
         log.info("evaluation of %s\n%s", args.eval_only, report.table())
@@ -459,11 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.save(state, weights)
     # Evaluate what ships (fp16-rounded weights, loaded like load_registered does).
-    shipped = inference_model(config, deadzone)
+    shipped = inference_model(config, deadzone, job.field_gate_threshold)
     load_weights(shipped, weights).eval()
     report = evaluate(shipped, val_source.val_items(config.seed), step=result.step)
     log.info("shipped weights, held-out evaluation\n%s", report.table())
-    entry = registry_entry(name, weights, config, size, training_data, report, deadzone)
+    entry = registry_entry(
+        name, weights, config, size, training_data, report, deadzone, job.field_gate_threshold
+    )
     (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     eval_doc = {
         "name": name,
@@ -472,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_config": config.to_dict(),
         "train_images": len(train_source),
         "train_image_ids": [train_source.image_id(i) for i in range(len(train_source))],
+        "leave_alone_image_ids": [s.image_id for s in getattr(train_source, "leave_alone", [])],
         "quality": quality,
         "steps": result.step,
         "train_seconds": round(result.seconds, 1),

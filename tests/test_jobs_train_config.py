@@ -57,6 +57,8 @@ def test_no_config_means_the_defaults(job: ModuleType) -> None:
         ({"quality": {"nr_luma": [1.0, 2.0]}}, "quality.nr_luma: bad key: unknown measure"),
         ({"field_deadzone": -0.1}, "field_deadzone: Input should be greater than or equal to 0"),
         ({"train": {"lr": 0.0}}, "train.lr: Input should be greater than 0 (got 0.0)"),
+        ({"field_gate_threshold": 0.9}, "field_gate_threshold: needs train.field_gate: true"),
+        ({"field_gate_threshold": 1.0}, "field_gate_threshold: Input should be less than 1"),
         ({"train": {"widht": 0.5}}, "train.widht: unknown field (got 0.5)"),
         ([1, 2], "<root>: expected an object (got list)"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -616,6 +617,28 @@ def test_clean_jitter_recolours_the_photograph_that_is_both_target_and_input() -
     assert gap(b.degraded, b.clean) < 0.5 * gap(b.degraded, samples[0].image)
     with pytest.raises(TrainError, match="clean_jitter"):
         DegradeSource(samples, clean_jitter=1.5)
+
+
+def test_leave_alone_photographs_are_drawn_only_for_types_without_illumination() -> None:
+    target, poor = _samples(2, 192, disc=False)
+    poor = replace(poor, image_id="poor-0")
+    source = DegradeSource([target], leave_alone=[poor])
+    assert len(source) == 1 and source.image_id(0) == target.image_id
+    drawn: dict[str, set[str]] = {}
+    for k in range(120):
+        item = source.train_item(0, sample_rng(3, "la", k))
+        drawn.setdefault(item.image_id, set()).add(item.type_code)
+    assert all(t[2] == "0" for t in drawn[poor.image_id])  # never given a halo or a hole
+    assert {t for t in drawn[target.image_id] if t[2] == "1"} == {"001", "011", "101", "111"}
+    assert {t for t in drawn[target.image_id] if t[2] == "0"}  # still drawn without one too
+    # A draw with an illumination defect is the one it would be without leave-alone photographs.
+    plain = DegradeSource([target])
+    for k in range(6):
+        a, b = (src.train_item(0, sample_rng(3, "la", k)) for src in (plain, source))
+        if a.type_code[2] == "1":
+            assert b.type_code == a.type_code and np.array_equal(a.degraded, b.degraded)
+    with pytest.raises(TrainError, match="unique"):
+        DegradeSource([target], leave_alone=[replace(poor, image_id=target.image_id)])
 
 
 def test_a_gate_without_the_field_head_is_a_config_error() -> None:

@@ -24,7 +24,9 @@ whether it shows an illumination defect at all (a halo ring at the rim, a dark d
 shift) is a question about the whole field: the gate answers it once and closes on photographs
 that need no correction. The logits come back as the last output (``gate_logits``), so training
 can supervise them; ``forward(..., gate=y)`` uses ``y`` (N values in [0, 1]) in place of the
-predicted gate (teacher forcing).
+predicted gate (teacher forcing). ``field_gate_threshold=t`` makes the predicted gate a decision:
+the correction is applied whole where the sigmoid reaches ``t`` and not at all below it. Training
+teacher-forces 0 or 1, so a half-open gate applies a correction scaled as it never was in training.
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ class CofeNet(nn.Module):
         field_sigma: float = 2.0,
         field_deadzone: float = 0.0,
         field_gate: bool = False,
+        field_gate_threshold: float | None = None,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -270,6 +273,13 @@ class CofeNet(nn.Module):
                 raise ValueError(f"field_deadzone must be in [0, 0.5), got {field_deadzone}")
         if field_gate and field is None:
             raise ValueError("field_gate needs the smooth-correction head (field)")
+        if field_gate_threshold is not None:
+            if not field_gate:
+                raise ValueError("field_gate_threshold needs field_gate")
+            if not (math.isfinite(field_gate_threshold) and 0.0 < field_gate_threshold < 1.0):
+                raise ValueError(
+                    f"field_gate_threshold must be in (0, 1), got {field_gate_threshold}"
+                )
         self.variant = variant
         self.width = width
         self.residual = bool(residual)
@@ -277,6 +287,9 @@ class CofeNet(nn.Module):
         self.field_sigma = float(field_sigma)
         self.field_deadzone = float(field_deadzone)
         self.field_gate = bool(field_gate)
+        self.field_gate_threshold = (
+            None if field_gate_threshold is None else float(field_gate_threshold)
+        )
         self.n_outputs = N_OUTPUTS[variant] + int(self.field_gate)
         self.has_rsa = variant != "encode_decode_res"
         self.two_scale = "2scale" in variant
@@ -422,7 +435,12 @@ class CofeNet(nn.Module):
             logit = self.G_gate(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
             gate.logits.append(logit)
             given = gate.given
-            scale = torch.sigmoid(logit) if given is None else given.to(logit).view(-1, 1)
+            if given is not None:
+                scale = given.to(logit).view(-1, 1)
+            elif self.field_gate_threshold is not None:
+                scale = (torch.sigmoid(logit) >= self.field_gate_threshold).to(logit)
+            else:
+                scale = torch.sigmoid(logit)
             scale = scale.view(-1, 1, 1, 1)
 
         x = self.G_deconv4_0(self._res("G_deconv4", (3, 2, 1), x)) + x_quarter
@@ -564,6 +582,8 @@ class CofeNet(nn.Module):
         )
         if self.field_gate:
             extra += ", field_gate=True"
+        if self.field_gate_threshold is not None:
+            extra += f", field_gate_threshold={self.field_gate_threshold}"
         return f"variant={self.variant!r}, width={self.width}, residual={self.residual}{extra}"
 
 
@@ -596,23 +616,31 @@ def build_cofenet(
     field: int | None = None,
     field_deadzone: float = 0.0,
     field_gate: bool = False,
+    field_gate_threshold: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> CofeNet:
     """Build a Cofe-Net variant with ``define_G`` initialisation; no download, no global RNG.
 
-    ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
-    scales every channel count; ``residual`` (width < 1 only) outputs
-    ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
-    the smooth-correction head and ``field_gate`` its gate (module docstring). Randomness comes
-    from ``generator`` (a CPU generator) or, when it is None, from the caller's torch seed.
-    ``device="meta"`` builds a shape-only model. The model is returned in training mode, on
-    ``device`` (default: CPU).
+        ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
+        scales every channel count; ``residual`` (width < 1 only) outputs
+        ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
+        the smooth-correction head, ``field_gate`` its gate and ``field_gate_threshold`` the gate's
+    decision threshold (module docstring). Randomness comes
+        from ``generator`` (a CPU generator) or, when it is None, from the caller's torch seed.
+        ``device="meta"`` builds a shape-only model. The model is returned in training mode, on
+        ``device`` (default: CPU).
     """
     target = torch.device("cpu" if device is None else device)
     with torch.device("meta"):  # allocate once, skip PyTorch's default (global-RNG) init
         model = CofeNet(
-            variant, width, residual, field, field_deadzone=field_deadzone, field_gate=field_gate
+            variant,
+            width,
+            residual,
+            field,
+            field_deadzone=field_deadzone,
+            field_gate=field_gate,
+            field_gate_threshold=field_gate_threshold,
         )
     if target.type == "meta":
         return model

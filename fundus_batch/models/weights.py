@@ -324,6 +324,7 @@ class WeightsEntry(Model):
     field_size: Annotated[Int, Field(ge=1)] | None = None
     field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
     field_gate: Annotated[bool, Strict()] = False
+    field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = None
     size: Annotated[Int, Field(ge=1)] = 512
     training_data: _Text = ""
     metrics: dict[str, Finite] = Field(default_factory=dict)
@@ -371,6 +372,7 @@ class WeightsEntry(Model):
             "field_size": self.field_size,
             "field_deadzone": self.field_deadzone,
             "field_gate": self.field_gate,
+            "field_gate_threshold": self.field_gate_threshold,
             "size": self.size,
             "training_data": self.training_data,
             "metrics": dict(self.metrics),
@@ -464,6 +466,7 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
         field=entry.field_size,
         field_deadzone=entry.field_deadzone,
         field_gate=entry.field_gate,
+        field_gate_threshold=entry.field_gate_threshold,
     )
     load_weights(model, path)
     model.weights_entry = entry

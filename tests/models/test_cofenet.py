@@ -560,6 +560,37 @@ def test_the_gate_starts_undecided_and_scales_the_correction_by_its_sigmoid() ->
     assert torch.allclose(half, 0.5 * full, atol=1e-6)
 
 
+def test_a_gate_threshold_applies_the_correction_whole_or_not_at_all() -> None:
+    model = _gated_model(seed=6)
+    decided = _gated_model(seed=6)
+    decided.field_gate_threshold = 0.9
+    x = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(7)) * 0.5 + 0.25
+    with torch.no_grad():
+        whole = model.enhanced(model(x, gate=torch.ones(1)))
+        for bias, expected in ((2.0, x), (2.3, whole)):  # sigmoid 0.881 and 0.909
+            for m in (model, decided):
+                torch.nn.init.constant_(m.G_gate.bias, bias)
+            soft = model.enhanced(model(x))
+            assert torch.equal(decided.enhanced(decided(x)), expected)
+            assert not torch.equal(soft, x) and not torch.equal(soft, whole)  # scaled
+        # Teacher forcing still wins over the threshold.
+        assert torch.equal(decided.enhanced(decided(x, gate=torch.zeros(1))), x)
+    assert "field_gate_threshold=0.9" in repr(decided)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"field": 192, "field_gate_threshold": 0.5}, "field_gate_threshold needs field_gate"),
+        ({"field": 192, "field_gate": True, "field_gate_threshold": 1.0}, r"in \(0, 1\)"),
+        ({"field": 192, "field_gate": True, "field_gate_threshold": 0.0}, r"in \(0, 1\)"),
+    ],
+)
+def test_gate_thresholds_that_cannot_work_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CofeNet(DEFAULT_VARIANT, 0.125, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "gate", "message"),
     [

@@ -282,9 +282,18 @@ def test_a_gated_field_model_is_built_with_its_head_and_gate(user_dir: Path) -> 
     source = build_cofenet(
         "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(3)
     )
-    _register(user_dir, source, "gated", field_size=192, field_deadzone=0.01, field_gate=True)
+    _register(
+        user_dir,
+        source,
+        "gated",
+        field_size=192,
+        field_deadzone=0.01,
+        field_gate=True,
+        field_gate_threshold=0.95,
+    )
     model = load_registered("gated")
     assert (model.field, model.field_deadzone, model.field_gate) == (192, 0.01, True)
+    assert model.field_gate_threshold == 0.95
     assert _same_weights(source, model)
 
 
@@ -347,6 +356,7 @@ def test_duplicate_names_within_user_registries_are_an_error(user_dir: Path) -> 
         ({"residual": "false"}, "residual: Input should be a valid boolean"),
         ({"field_size": "192"}, "field_size: Input should be a valid integer"),
         ({"field_size": True}, "field_size: Input should be a valid integer"),
+        ({"field_gate_threshold": 1.0}, r"field_gate_threshold: Input should be less than 1"),
         ({"metrics": {"psnr": "high"}}, r"metrics\.psnr: Input should be a valid number"),
         ({"registry": "/elsewhere.json"}, "registry: unknown field"),
     ],
