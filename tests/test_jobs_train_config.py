@@ -83,3 +83,25 @@ def test_the_command_reports_a_bad_config_and_exits_2(
     assert (
         "train.steps: Input should be greater than or equal to 1 (got 0)" in capsys.readouterr().err
     )
+
+
+def test_photographs_outside_the_quality_bounds_go_to_the_rejected_list(
+    job: ModuleType, tmp_path: Path
+) -> None:
+    from fundus_batch.io.codecs import encode_png
+    from fundus_batch.synth import synth_fundus
+
+    entries = []
+    for name, gain in (("bright", 1.0), ("dark", 0.15)):
+        s = synth_fundus(256, seed=3)
+        image = (s.image.astype(float) * gain).astype("uint8")
+        (tmp_path / f"{name}.png").write_bytes(encode_png(image))
+        entries.append({"image_id": f"synth/{name}", "image": f"{name}.png"})
+    bounds = {"nr_luminance": [45.0, 170.0]}
+    rejected: list = []
+    kept = job.load_samples(tmp_path, entries, 256, bounds, rejected)
+    assert [s.image_id for s in kept] == ["synth/bright"]
+    assert [s.image_id for s in rejected] == ["synth/dark"]
+    assert [s.image_id for s in job.load_samples(tmp_path, entries, 256, bounds)] == [
+        "synth/bright"
+    ]

@@ -622,14 +622,13 @@ def build_cofenet(
 ) -> CofeNet:
     """Build a Cofe-Net variant with ``define_G`` initialisation; no download, no global RNG.
 
-        ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
-        scales every channel count; ``residual`` (width < 1 only) outputs
-        ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
-        the smooth-correction head, ``field_gate`` its gate and ``field_gate_threshold`` the gate's
-    decision threshold (module docstring). Randomness comes
-        from ``generator`` (a CPU generator) or, when it is None, from the caller's torch seed.
-        ``device="meta"`` builds a shape-only model. The model is returned in training mode, on
-        ``device`` (default: CPU).
+    ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
+    scales every channel count; ``residual`` (width < 1 only) outputs
+    ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
+    the smooth-correction head, ``field_gate`` its gate and ``field_gate_threshold`` the gate's
+    decision threshold (module docstring). Randomness comes from ``generator`` (a CPU generator)
+    or, when it is None, from the caller's torch seed. ``device="meta"`` builds a shape-only
+    model. The model is returned in training mode, on ``device`` (default: CPU).
     """
     target = torch.device("cpu" if device is None else device)
     with torch.device("meta"):  # allocate once, skip PyTorch's default (global-RNG) init
