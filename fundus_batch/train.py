@@ -8,11 +8,15 @@ cofe-net-architecture.md section 5.1):
       + lambda_vessel * BCE_R(vessel, vessel_gt)                          if vessel GT exists
       + lambda_lqa * BCE(sigmoid(attention), pooled spot mask)           optional, off by default
       + lambda_gate * BCE(gate logits, pair has an illumination defect)  field_gate models
+      + lambda_overshoot * (10 / ln 10) * OS / MSE                        optional, off by default
 
 where ``L1_R(a, b) = mean(|a - b| * R)`` over all elements, as in the released training code.
 A ``field_gate`` model is trained with its gate teacher-forced to that label, so the correction
 learns only from pairs that need one, and the gate learns separately, by the BCE term, to tell
-them apart.
+them apart. ``OS`` is the FOV mean of max(|out - clean| - |degraded - clean|, 0)^2, the error
+an enhancer adds beyond what the degraded input had (over-shoot), and ``MSE`` the pair's own
+FOV mean squared error, held constant: per pair, the first-order cost in dB of counting the
+over-shoot ``1 + lambda_overshoot`` times in the error.
 
 Pairs come from a :class:`DegradeSource` (clean images degraded on the fly with the
 fundus_batch.degrade engine, a fresh draw per (seed, image id, sample index)) or a
@@ -147,7 +151,7 @@ class TrainConfig(Model):
     correction there, and a ``field_gate`` model may start from weights without a gate (it
     starts undecided). ``head_lr_scale`` multiplies the learning rate of that output conv.
     ``field_gate`` adds the smooth-correction head's global gate, trained as the module
-    docstring says with weight ``lambda_gate``.
+    docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -183,6 +187,7 @@ class TrainConfig(Model):
     lambda_vessel: _Weight = 0.1
     lambda_lqa: _Weight = 0.0
     lambda_gate: _Weight = 1.0
+    lambda_overshoot: _Weight = 0.0
     init: Init = "released"
     loss_scale: LossScale = "none"
     loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01
@@ -787,8 +792,20 @@ def cofenet_loss(
         labels = batch.illumination.to(logits).view(-1, 1).expand_as(logits)
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         terms["gate"] = config.lambda_gate * bce
+    if config.lambda_overshoot > 0:
+        terms["overshoot"] = config.lambda_overshoot * _overshoot(out_512, batch, config)
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _overshoot(out: Tensor, batch: Batch, config: TrainConfig) -> Tensor:
+    """(10 / ln 10) * mean over pairs of OS / MSE (module docstring), both FOV means."""
+    mask = batch.mask
+    count = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * out.shape[1]
+    excess = torch.relu((out - batch.clean).abs() - (batch.degraded - batch.clean).abs()) * mask
+    over = excess.square().sum(dim=(1, 2, 3)) / count
+    mse = ((out - batch.clean) * mask).square().sum(dim=(1, 2, 3)) / count
+    return (10.0 / math.log(10.0)) * (over / (mse.detach() + config.loss_scale_eps)).mean()
 
 
 # ------------------------------------------------------------------------------- evaluation

@@ -619,6 +619,27 @@ def test_clean_jitter_recolours_the_photograph_that_is_both_target_and_input() -
         DegradeSource(samples, clean_jitter=1.5)
 
 
+def test_overshoot_term_charges_only_error_added_beyond_the_degraded_input() -> None:
+    source = DegradeSource(_samples(2, 192, disc=False), types=("001",))
+    batch = make_batch([source.train_item(i, sample_rng(4, "os", i)) for i in range(2)])
+    model = build_cofenet("cofe-net", 0.125, field=192)
+    fixup_init(model, torch.Generator().manual_seed(0))  # the identity: output = input
+    config = _tiny(residual=False, field_size=192, lambda_overshoot=2.0)
+    _, terms = cofenet_loss(model, model(batch.degraded), batch, config)
+    assert terms["overshoot"] == 0.0  # left as degraded: nothing added
+    assert "overshoot" not in cofenet_loss(model, model(batch.degraded), batch, _tiny())[1]
+
+    from fundus_batch.train import _overshoot
+
+    clean, degraded, mask = batch.clean, batch.degraded, batch.mask
+    assert _overshoot(clean, batch, config).item() == 0.0  # mended
+    twice = clean + 2 * (degraded - clean)  # twice the degraded error, same direction
+    count = mask.sum(dim=(1, 2, 3)) * 3
+    err = ((degraded - clean) * mask).square().sum(dim=(1, 2, 3)) / count
+    want = (10 / np.log(10)) * (err / (4 * err + config.loss_scale_eps)).mean()
+    assert _overshoot(twice, batch, config).item() == pytest.approx(want.item(), rel=1e-4)
+
+
 def test_leave_alone_photographs_are_drawn_only_for_types_without_illumination() -> None:
     target, poor = _samples(2, 192, disc=False)
     poor = replace(poor, image_id="poor-0")
