@@ -39,6 +39,7 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -96,7 +97,7 @@ def _span(rng: np.random.Generator, n: int, most: int = 64) -> tuple[int, int]:
 
 def flip_bits(rng: np.random.Generator, data: bytes, _: list[bytes]) -> bytes:
     out = bytearray(data)
-    for _ in range(int(rng.integers(1, 9))):
+    for _repeat in range(int(rng.integers(1, 9))):
         i = int(rng.integers(0, len(out)))
         out[i] ^= 1 << int(rng.integers(0, 8))
     return bytes(out)
@@ -105,7 +106,7 @@ def flip_bits(rng: np.random.Generator, data: bytes, _: list[bytes]) -> bytes:
 def set_bytes(rng: np.random.Generator, data: bytes, _: list[bytes]) -> bytes:
     out = bytearray(data)
     choices = (0x00, 0xFF, 0x7F, 0x80, 0x01)
-    for _ in range(int(rng.integers(1, 17))):
+    for _repeat in range(int(rng.integers(1, 17))):
         i = int(rng.integers(0, len(out)))
         out[i] = int(rng.choice(choices)) if rng.random() < 0.5 else int(rng.integers(0, 256))
     return bytes(out)
@@ -119,7 +120,7 @@ def boundary_int(rng: np.random.Generator, data: bytes, _: list[bytes]) -> bytes
         return data
     i = int(rng.integers(0, limit - width))
     value = int(rng.choice(INTERESTING_INTS)) & ((1 << (8 * width)) - 1)
-    order = "big" if rng.random() < 0.5 else "little"
+    order: Literal["big", "little"] = "big" if rng.random() < 0.5 else "little"
     return data[:i] + value.to_bytes(width, order) + data[i + width :]
 
 
@@ -189,7 +190,7 @@ def png_chunk(rng: np.random.Generator, data: bytes, _: list[bytes]) -> bytes:
         return flip_bits(rng, data, _)
     pos, length = chunks[int(rng.integers(0, len(chunks)))]
     out = bytearray(data)
-    for _ in range(int(rng.integers(1, 4))):
+    for _repeat in range(int(rng.integers(1, 4))):
         k = pos + 8 + int(rng.integers(0, length))
         out[k] = int(rng.choice((0, 1, 0xFF, int(rng.integers(0, 256)))))
     crc = zlib.crc32(bytes(out[pos + 4 : pos + 8 + length])) & 0xFFFFFFFF
@@ -222,7 +223,7 @@ def make_input(seed: int, index: int, seeds: dict[str, bytes]) -> tuple[bytes, d
     data = seeds[base]
     steps = []
     pool = [seeds[n] for n in names]
-    for _ in range(int(rng.integers(1, 4))):
+    for _repeat in range(int(rng.integers(1, 4))):
         name = str(rng.choice(sorted(MUTATORS)))
         data = MUTATORS[name](rng, data, pool)
         steps.append(name)

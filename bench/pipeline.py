@@ -154,7 +154,7 @@ def run_pool(
     building the stages included), and each stage's seconds per output row."""
     cfg = config_dict(manifest, out, args, size)
     rows = planned_rows(manifest, args.variants)
-    ok, per_stage = 0, {}
+    ok, per_stage = 0, dict[str, float]()
     start = time.perf_counter()
     cpu = TreeCPU(os.getpid(), include_root=False)
     with mp.get_context("spawn").Pool(args.cpus, _pool_init, (cfg,)) as pool:
