@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,15 +55,6 @@ def load_fold(folder: Path) -> tuple[Any, dict[str, Any]]:
     return model, evaluation
 
 
-def gate_openings(model: Any, images: list[np.ndarray]) -> list[float]:
-    """The gate's opening per image (NaN for a model without a gate)."""
-    if not getattr(model, "field_gate", False):
-        return [float("nan")] * len(images)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
-    with torch.no_grad():
-        return [float(v) for v in model.gate_opening(model(x))]
-
-
 def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline."""
     model, evaluation = load_fold(folder)
@@ -85,8 +75,8 @@ def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
             degrade(sample.image, sample.mask, t, sample_rng(seed, sample.image_id, i), preset)[0]
             for i, t in enumerate(TYPE_CODES)
         ]
-        cofe = enhance_images(model, degraded, batch_size=4)
-        gates = gate_openings(model, degraded)
+        gates: list[float] = []
+        cofe = enhance_images(model, degraded, batch_size=4, gates=gates)
         truth = None if sample.vessels is None else np.where(sample.vessels > 127, 255, 0)
         clean_auc = None
         if truth is not None:

@@ -835,8 +835,13 @@ def enhance_images(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    gates: list[float] | None = None,
 ) -> list[np.ndarray]:
-    """Enhance HxWx3 uint8 images of one size in eval mode; returns uint8 images (unmasked)."""
+    """Enhance HxWx3 uint8 images of one size in eval mode; returns uint8 images (unmasked).
+
+    ``gates``, when given, receives each image's gate opening from the same pass (NaN for a
+    model without a gate).
+    """
     device = torch.device(device)
     out: list[np.ndarray] = []
     was_training = model.training
@@ -845,9 +850,16 @@ def enhance_images(
         for start in range(0, len(images), batch_size):
             x = _images(images[start : start + batch_size]).to(device)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                y = model.enhanced(model(x))
+                outputs = model(x)
+                y = model.enhanced(outputs)
                 y = y.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+                opening = model.gate_opening(outputs)
             out.extend(y.permute(0, 2, 3, 1).cpu().numpy())
+            if gates is not None:
+                if opening is None:
+                    gates.extend([float("nan")] * len(x))
+                else:
+                    gates.extend(float(v) for v in opening.float().cpu())
     finally:
         model.train(was_training)
     return out

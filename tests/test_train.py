@@ -24,6 +24,7 @@ from fundus_batch.train import (
     TrainConfig,
     TrainError,
     cofenet_loss,
+    enhance_images,
     evaluate,
     fixup_init,
     load_checkpoint,
@@ -597,6 +598,26 @@ def test_gated_training_passes_the_labels_as_the_gate(monkeypatch: pytest.Monkey
     train(config, DegradeSource(_samples(2, 192, disc=False), types=("011", "110")))
     assert len(seen) == 2
     assert all(g is not None and set(g.tolist()) <= {0.0, 1.0} for g in seen)
+
+
+def test_enhance_images_reports_the_gate_opening_of_the_pass_that_enhanced() -> None:
+    gated = build_cofenet("cofe-net", 0.125, field=192, field_gate=True)
+    fixup_init(gated, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gated.G_gate.bias.fill_(0.7)  # a gate that is neither shut nor open
+    images = [s.image for s in _samples(3, 192, disc=False)]
+    gates: list[float] = []
+    out = enhance_images(gated, images, batch_size=2, gates=gates)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+    with torch.no_grad():
+        want = gated.gate_opening(gated(x))
+    assert want is not None
+    assert gates == pytest.approx(want.tolist(), abs=1e-6)
+    assert 0.1 < min(gates) and max(gates) < 0.9
+    assert all(np.array_equal(a, b) for a, b in zip(out, enhance_images(gated, images), strict=True))
+    plain: list[float] = []
+    enhance_images(build_cofenet("cofe-net", 0.125), images[:1], gates=plain)
+    assert len(plain) == 1 and np.isnan(plain[0])
 
 
 def test_clean_jitter_recolours_the_photograph_that_is_both_target_and_input() -> None:
