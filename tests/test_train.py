@@ -614,7 +614,9 @@ def test_enhance_images_reports_the_gate_opening_of_the_pass_that_enhanced() -> 
     assert want is not None
     assert gates == pytest.approx(want.tolist(), abs=1e-6)
     assert 0.1 < min(gates) and max(gates) < 0.9
-    assert all(np.array_equal(a, b) for a, b in zip(out, enhance_images(gated, images), strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(out, enhance_images(gated, images), strict=True)
+    )
     plain: list[float] = []
     enhance_images(build_cofenet("cofe-net", 0.125), images[:1], gates=plain)
     assert len(plain) == 1 and np.isnan(plain[0])
