@@ -613,7 +613,7 @@ def test_enhance_images_reports_the_gate_opening_of_the_pass_that_enhanced() -> 
         want = gated.gate_opening(gated(x))
     assert want is not None
     assert gates == pytest.approx(want.tolist(), abs=1e-6)
-    assert 0.1 < min(gates) and max(gates) < 0.9
+    assert min(gates) > 0.1 and max(gates) < 0.9
     assert all(
         np.array_equal(a, b) for a, b in zip(out, enhance_images(gated, images), strict=True)
     )
@@ -652,7 +652,7 @@ def test_overshoot_term_charges_only_error_added_beyond_the_degraded_input() -> 
     assert terms["overshoot"] == 0.0  # left as degraded: nothing added
     assert "overshoot" not in cofenet_loss(model, model(batch.degraded), batch, _tiny())[1]
 
-    from fundus_batch.train import _overshoot
+    from fundus_batch.train.loss import _overshoot
 
     clean, degraded, mask = batch.clean, batch.degraded, batch.mask
     assert _overshoot(clean, batch, config).item() == 0.0  # mended

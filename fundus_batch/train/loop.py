@@ -1,0 +1,273 @@
+"""The training loop: initialisation, checkpoints and :func:`train`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fundus_batch.degrade import sample_rng
+from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet
+from fundus_batch.train.config import CHECKPOINT_FORMAT, TrainConfig, TrainError
+from fundus_batch.train.evaluation import ValReport, _device, _use_amp, evaluate
+from fundus_batch.train.loss import cofenet_loss
+from fundus_batch.train.samples import TrainSource, _crop, _flip, make_batch
+
+log = logging.getLogger(__name__)
+
+
+def fixup_init(model: CofeNet, generator: torch.Generator) -> None:
+    """He-normal convs (zero bias), unit BatchNorm, and zeroed residual branches and heads."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+            module.reset_running_stats()
+    zeroed = [m.conv2 for m in model.modules() if isinstance(m, ResBlock)]
+    zeroed.append(model.G_deconv1_0)
+    if model.has_lqa:
+        zeroed.append(model.a_spot_256)
+    for conv in zeroed:
+        torch.nn.init.zeros_(conv.weight)
+
+
+def _rng_for(seed: int, *parts: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *parts])))
+
+
+def _sample_index(k: int, n: int, seed: int) -> int:
+    """The k-th drawn sample: epoch-wise permutations seeded by (seed, epoch)."""
+    epoch, pos = divmod(k, n)
+    return int(_rng_for(seed, 0x5EED, epoch).permutation(n)[pos])
+
+
+def _lr_at(step: int, total: int, config: TrainConfig) -> float:
+    start = int(config.decay_start * total)
+    if step < start or total <= start:
+        return config.lr
+    return config.lr * max(0.0, 1.0 - (step - start) / (total - start))
+
+
+_ARCH_KEYS = ("variant", "width", "residual", "field_size", "field_gate")
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a training checkpoint (weights_only=True); TrainError if it is not one."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise TrainError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not a fundus_batch training checkpoint")
+    return data
+
+
+def _save_checkpoint(
+    path: str,
+    model: CofeNet,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    history: list[list[float]],
+) -> None:
+    data = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": config.to_dict(),
+        "history": history,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, target)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: CofeNet
+    step: int
+    total_steps: int
+    history: list[list[float]]  # [step, loss] per logged step
+    val: list[ValReport] = field(default_factory=list)
+    seconds: float = 0.0  # training time of this call, validation excluded
+    seconds_per_step: float = 0.0
+    checkpoint: str | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Loss at the last logged step (nan if none)."""
+        return self.history[-1][1] if self.history else float("nan")
+
+
+def train(
+    config: TrainConfig,
+    train_source: TrainSource,
+    val_source: TrainSource | None = None,
+    *,
+    on_val: Callable[[ValReport], None] | None = None,
+) -> TrainResult:
+    """Train a Cofe-Net generator; see the module docstring for the loss and the data flow."""
+    if len(train_source) == 0:
+        raise TrainError("the training source is empty")
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = _device(config.device)
+    amp = _use_amp(config.amp, device)
+    total = config.steps
+    if config.epochs is not None:
+        total = max(1, math.ceil(config.epochs * len(train_source) / config.batch_size))
+    end = total if config.stop_at is None else min(total, config.stop_at)
+
+    model = build_cofenet(
+        config.variant,
+        config.width,
+        residual=config.residual,
+        field=config.field_size,
+        field_gate=config.field_gate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    if config.init == "fixup":
+        fixup_init(model, torch.Generator().manual_seed(config.seed))
+    if config.init_weights:
+        from fundus_batch.models import load_weights
+        from fundus_batch.models.weights import read_state_dict
+
+        state = dict(read_state_dict(config.init_weights))
+        if config.field_gate:  # weights from a model without the gate: keep the gate's init
+            for key, value in model.state_dict().items():
+                if key.startswith("G_gate."):
+                    state.setdefault(key, value)
+        load_weights(model, state)
+        model.train()
+        if config.field_size is not None:
+            torch.nn.init.zeros_(model.G_deconv1_0.weight)
+            assert model.G_deconv1_0.bias is not None  # built with a bias
+            torch.nn.init.zeros_(model.G_deconv1_0.bias)
+    model = model.to(device)
+    head = list(model.G_deconv1_0.parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": body, "lr_scale": 1.0},
+            {"params": head, "lr_scale": config.head_lr_scale},
+        ],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    step = 0
+    history: list[list[float]] = []
+    if config.resume and config.checkpoint and Path(config.checkpoint).is_file():
+        ckpt = load_checkpoint(config.checkpoint)
+        saved = ckpt["config"]
+        clash = [
+            k
+            for k in (*_ARCH_KEYS, "seed", "batch_size", "size")
+            if saved.get(k, TrainConfig.model_fields[k].default) != getattr(config, k)
+        ]
+        if clash:
+            raise TrainError(f"checkpoint {config.checkpoint} was trained with other {clash}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        history = [list(h) for h in ckpt["history"]]
+        log.info("resumed from %s at step %d", config.checkpoint, step)
+    elif config.resume:
+        log.info("no checkpoint at %s yet: starting from step 0", config.checkpoint)
+
+    val_items = val_source.val_items(config.seed) if val_source is not None else []
+    reports: list[ValReport] = []
+    val_seconds = [0.0]
+
+    def validate(at: int) -> None:
+        report = evaluate(
+            model, val_items, step=at, batch_size=config.val_batch_size, device=device, amp=amp
+        )
+        val_seconds[0] += report.seconds
+        reports.append(report)
+        log.info("step %d: validation (%.1fs)\n%s", at, report.seconds, report.table())
+        if on_val is not None:
+            on_val(report)
+
+    n = len(train_source)
+    model.train()
+    start_time = time.perf_counter()
+    first_step = step
+    running: list[float] = []
+    while step < end:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
+        items = []
+        for slot in range(config.batch_size):
+            k = step * config.batch_size + slot
+            index = _sample_index(k, n, config.seed)
+            rng = sample_rng(config.seed, train_source.image_id(index), k)
+            item = train_source.train_item(index, rng)
+            if config.flip and rng.integers(2):
+                item = _flip(item)
+            items.append(_crop(item, config.size, rng))
+        batch = make_batch(items).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            teacher = batch.illumination if config.field_gate else None
+            outputs = model(batch.degraded, gate=teacher)
+        loss, terms = cofenet_loss(model, outputs, batch, config)
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss is not finite at step {step}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        running.append(float(loss.detach()))
+        if step % config.log_every == 0 or step == end:
+            mean = float(np.mean(running))
+            history.append([float(step), mean])
+            running = []
+            elapsed = time.perf_counter() - start_time - val_seconds[0]
+            log.info(
+                "step %d/%d loss %.5f (%s) lr %.2e %.2fs/step",
+                step,
+                total,
+                mean,
+                ", ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                optimizer.param_groups[0]["lr"],
+                elapsed / (step - first_step),
+            )
+        if config.checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
+            _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
+        if val_items and config.val_every and step % config.val_every == 0 and step < end:
+            validate(step)
+    seconds = time.perf_counter() - start_time - val_seconds[0]
+    if config.checkpoint:
+        _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
+    if val_items and config.val_at_end and (not reports or reports[-1].step != step):
+        validate(step)
+    model.eval()
+    done = step - first_step
+    return TrainResult(
+        model=model,
+        step=step,
+        total_steps=total,
+        history=history,
+        val=reports,
+        seconds=seconds,
+        seconds_per_step=seconds / done if done else 0.0,
+        checkpoint=config.checkpoint,
+    )

@@ -1,0 +1,492 @@
+"""Training data: clean samples, the sources that pair them with degradations, and batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol, overload
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from fundus_batch.degrade import TYPE_CODES, DegradationRecord, degrade, sample_rng
+from fundus_batch.degrade.ops import color_jitter
+from fundus_batch.degrade.params import type_groups
+from fundus_batch.degrade.presets import get_preset
+from fundus_batch.train.config import TrainError
+
+
+@dataclass(frozen=True)
+class CleanSample:
+    """One clean working image for on-the-fly degradation.
+
+    ``image`` HxWx3 uint8 (square), ``mask`` HxW uint8 0/255 (FOV), optional ``vessels`` HxW
+    (uint8 0..255 or float 0..1: vessel probability) and ``disc_box`` (x0, y0, x1, y1) in
+    working pixels, end exclusive.
+    """
+
+    image_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    vessels: np.ndarray | None = None
+    disc_box: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class TrainItem:
+    """One training pair at the source's working size (before cropping)."""
+
+    image_id: str
+    type_code: str
+    clean: np.ndarray
+    degraded: np.ndarray
+    mask: np.ndarray
+    vessels: np.ndarray | None = None  # float32 HxW in [0, 1]
+    disc: np.ndarray | None = None  # bool HxW
+    spots: np.ndarray | None = None  # float32 HxW in [0, 1]
+
+
+@dataclass
+class ValItem:
+    """One held-out (clean, degraded) pair."""
+
+    image_id: str
+    type_code: str
+    clean: np.ndarray
+    degraded: np.ndarray
+    mask: np.ndarray
+
+
+class TrainSource(Protocol):
+    """What ``train`` needs from a dataset."""
+
+    def __len__(self) -> int: ...
+
+    def image_id(self, index: int) -> str: ...
+
+    def train_item(self, index: int, rng: np.random.Generator) -> TrainItem: ...
+
+    def val_items(self, seed: int) -> list[ValItem]: ...
+
+
+def _check_sample(sample: CleanSample) -> None:
+    img, mask = sample.image, sample.mask
+    where = f"sample {sample.image_id!r}"
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3:
+        raise TrainError(f"{where}: image must be an HxWx3 uint8 array")
+    if img.shape[2] != 3 or img.shape[0] != img.shape[1]:
+        raise TrainError(f"{where}: image must be square RGB, got shape {img.shape}")
+    if not isinstance(mask, np.ndarray) or mask.shape != img.shape[:2] or mask.dtype != np.uint8:
+        raise TrainError(f"{where}: mask must be an HxW uint8 array matching the image")
+    if not (mask > 127).any():
+        raise TrainError(f"{where}: the FOV mask is empty")
+    if sample.vessels is not None:
+        v = sample.vessels
+        if not isinstance(v, np.ndarray) or v.shape != img.shape[:2]:
+            raise TrainError(f"{where}: vessels must be an HxW array matching the image")
+    if sample.disc_box is not None:
+        box = sample.disc_box
+        if (
+            len(box) != 4
+            or not (0 <= box[0] < box[2] <= img.shape[1])
+            or not (0 <= box[1] < box[3] <= img.shape[0])
+        ):
+            raise TrainError(f"{where}: disc_box must be (x0, y0, x1, y1) inside the image")
+
+
+def _aux_map(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
+    """A label map as uint8 0/255 (label > 0), resized (INTER_AREA) to ``shape`` (h, w)."""
+    from fundus_batch.io.codecs import decode_image
+
+    grey = decode_image(Path(path).read_bytes()).max(axis=2)
+    binary: np.ndarray = np.where(grey > 0, 255, 0).astype(np.uint8)
+    if binary.shape != shape:
+        binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return binary
+
+
+def load_clean_sample(
+    image_id: str,
+    image_path: str | os.PathLike[str],
+    size: int = 512,
+    *,
+    vessels_path: str | os.PathLike[str] | None = None,
+    mask_path: str | os.PathLike[str] | None = None,
+) -> CleanSample:
+    """Read a clean photograph and crop it to the ``size`` working image with fov.preprocess.
+
+    ``vessels_path`` and ``mask_path`` are label images of the photograph's size (any pixel
+    value > 0 is vessel / FOV); they get the same crop. A given FOV mask is intersected with
+    the detected one. Vessel probabilities follow the released loader: >= 0.6 -> 1, < 0.4 -> 0.
+    """
+    from fundus_batch.fov import crop_to_fov, preprocess
+    from fundus_batch.io.codecs import decode_image
+
+    rgb = decode_image(Path(image_path).read_bytes(), min_side=size)
+    pre = preprocess(rgb, size)
+
+    def cropped(path: str | os.PathLike[str]) -> np.ndarray:
+        plane = _aux_map(path, rgb.shape[:2])
+        return crop_to_fov(np.dstack([plane, plane, plane]), pre.circle, size)[0][..., 0]
+
+    mask = pre.mask
+    if mask_path is not None:
+        mask = np.where((mask > 127) & (cropped(mask_path) > 127), 255, 0).astype(np.uint8)
+    image = np.where(mask[..., None] > 127, pre.image, 0).astype(np.uint8)
+    vessels = None
+    if vessels_path is not None:
+        v = cropped(vessels_path).astype(np.float32) / 255.0
+        v[v >= 0.6] = 1.0
+        v[v < 0.4] = 0.0
+        vessels = np.where(mask > 127, np.round(v * 255.0), 0).astype(np.uint8)
+    sample = CleanSample(image_id, image, mask, vessels)
+    _check_sample(sample)
+    return sample
+
+
+def _vessel_float(v: np.ndarray) -> np.ndarray:
+    out = v.astype(np.float32)
+    if v.dtype == np.uint8:
+        out /= 255.0
+    return np.clip(out, 0.0, 1.0)
+
+
+def _box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = box
+    out[y0:y1, x0:x1] = True
+    return out
+
+
+def spot_mask(record: DegradationRecord, size: int | None = None) -> np.ndarray:
+    """Where the record's spots are: float32 HxW in {0, 1}, discs grown by one blur sigma."""
+    side = record.size if size is None else size
+    out = np.zeros((side, side), dtype=np.uint8)
+    for spot in record.spots or ():
+        radius = round(spot.radius // 2 + spot.sigma)
+        cv2.circle(out, (int(spot.center[0]), int(spot.center[1])), int(radius), 1, -1)
+    return out.astype(np.float32)
+
+
+def _flip(item: TrainItem) -> TrainItem:
+    def f(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a[:, ::-1])
+
+    return TrainItem(
+        item.image_id,
+        item.type_code,
+        f(item.clean),  # type: ignore[arg-type]
+        f(item.degraded),  # type: ignore[arg-type]
+        f(item.mask),  # type: ignore[arg-type]
+        f(item.vessels),
+        f(item.disc),
+        f(item.spots),
+    )
+
+
+class DegradeSource:
+    """Clean images degraded on the fly by the fundus_batch.degrade engine.
+
+    Each draw picks a type uniformly from ``types`` and degrades with ``preset``. With
+    ``keep_colour`` the training target of an illumination type is the clean image with that
+    draw's global colour jitter (brightness, contrast, saturation) applied: the model learns to
+    undo the spatial part (halo, hole), which it can see, and not to guess a global colour,
+    which it cannot know and would impose on every photograph. With ``clean_jitter`` that share
+    of training draws first gives the clean photograph a colour jitter of the preset's ranges
+    (the jittered photograph is then both the target and what is degraded): photographs differ
+    in colour, and a colour shift alone must not read as an illumination defect. Validation
+    items always score against the clean image itself.
+
+    ``leave_alone`` photographs are not training targets for illumination (they failed the
+    quality bounds: dark, unevenly lit, soft) but are still photographs whose own lighting a
+    model must keep: a draw of a type without an illumination defect takes its photograph
+    uniformly from the samples and these together. Indices and ``len`` count the samples only.
+    """
+
+    def __init__(
+        self,
+        samples: Iterable[CleanSample | tuple[Any, ...]],
+        preset: Any = "cofe-release",
+        types: Sequence[str] = TYPE_CODES,
+        *,
+        keep_colour: bool = False,
+        clean_jitter: float = 0.0,
+        leave_alone: Iterable[CleanSample] = (),
+    ) -> None:
+        items: list[CleanSample] = []
+        for i, s in enumerate(samples):
+            if not isinstance(s, CleanSample):
+                if not isinstance(s, tuple) or not 2 <= len(s) <= 4:
+                    raise TrainError(
+                        f"sample {i} must be a CleanSample or (image, mask[, vessels[, disc_box]])"
+                    )
+                s = CleanSample(f"sample-{i:05d}", *s)
+            _check_sample(s)
+            items.append(s)
+        if not items:
+            raise TrainError("DegradeSource needs at least one sample")
+        self.leave_alone = list(leave_alone)
+        for s in self.leave_alone:
+            _check_sample(s)
+        ids = [s.image_id for s in [*items, *self.leave_alone]]
+        if len(set(ids)) != len(ids):
+            raise TrainError("DegradeSource sample image_ids must be unique")
+        bad = [t for t in types if t not in TYPE_CODES]
+        if bad or not types:
+            raise TrainError(f"types must be a non-empty subset of {TYPE_CODES}, got {types}")
+        self.samples = items
+        self.preset = preset
+        self.types = tuple(types)
+        self.keep_colour = keep_colour
+        if not 0.0 <= clean_jitter <= 1.0:
+            raise TrainError(f"clean_jitter must be in [0, 1], got {clean_jitter}")
+        self.clean_jitter = clean_jitter
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_id(self, index: int) -> str:
+        """Id of sample ``index``."""
+        return self.samples[index].image_id
+
+    def _item(self, s: CleanSample, type_code: str, rng: np.random.Generator) -> TrainItem:
+        degraded, record = degrade(s.image, s.mask, type_code, rng, self.preset)
+        shape = s.image.shape[:2]
+        target = s.image
+        if self.keep_colour and record.color is not None:
+            c = record.color
+            jittered = color_jitter(s.image, c.brightness, c.contrast, c.saturation)
+            target = np.where(s.mask[..., None] > 127, jittered, 0).astype(np.uint8)
+        return TrainItem(
+            image_id=s.image_id,
+            type_code=type_code,
+            clean=target,
+            degraded=degraded,
+            mask=s.mask,
+            vessels=None if s.vessels is None else _vessel_float(s.vessels),
+            disc=None if s.disc_box is None else _box_mask(shape, s.disc_box),
+            spots=spot_mask(record, shape[0]),
+        )
+
+    def train_item(self, index: int, rng: np.random.Generator) -> TrainItem:
+        """A fresh degradation of sample ``index`` (type and parameters drawn from ``rng``)."""
+        s = self.samples[index]
+        type_code = self.types[int(rng.integers(len(self.types)))]
+        if self.leave_alone and not type_groups(type_code)[0]:
+            pick = int(rng.integers(len(self.samples) + len(self.leave_alone)))
+            if pick >= len(self.samples):
+                s = self.leave_alone[pick - len(self.samples)]
+        if self.clean_jitter > 0 and rng.random() < self.clean_jitter:
+            p = get_preset(self.preset)
+            b, c, sat = (rng.uniform(*r) for r in (p.brightness, p.contrast, p.saturation))
+            jittered = color_jitter(s.image, float(b), float(c), float(sat))
+            s = replace(s, image=np.where(s.mask[..., None] > 127, jittered, 0).astype(np.uint8))
+        return self._item(s, type_code, rng)
+
+    def val_items(self, seed: int) -> list[ValItem]:
+        """Every sample degraded once with each type: rng = sample_rng(seed, id, type index)."""
+        out: list[ValItem] = []
+        for s in self.samples:
+            for t_index, type_code in enumerate(TYPE_CODES):
+                if type_code not in self.types:
+                    continue
+                degraded, _ = degrade(
+                    s.image, s.mask, type_code, sample_rng(seed, s.image_id, t_index), self.preset
+                )
+                out.append(ValItem(s.image_id, type_code, s.image, degraded, s.mask))
+        return out
+
+
+class PairsSource:
+    """A pairs dataset written by the pipeline, on local disk or any fsspec URL (``s3://``,
+    ...): ``root`` is the output folder or its ``pairs/`` folder; shards are read through
+    :mod:`fundus_batch.shards`, images from the rows' URIs.
+
+    Only rows with status ``ok`` and a degraded image are used; with ``split`` only rows whose
+    ``split`` column equals it (TrainError if the column is absent). Relative URIs resolve
+    against the output folder (the one holding ``pairs/``). No vessel or disc ground truth;
+    spot masks come from ``params_json``.
+    """
+
+    _COLUMNS = (
+        "image_id",
+        "variant",
+        "status",
+        "type_code",
+        "clean_uri",
+        "mask_uri",
+        "degraded_uri",
+        "params_json",
+    )
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from fundus_batch import shards
+
+        self.root = str(root)
+        self.storage_options = storage_options
+        folder = shards.pairs_dir(self.root, storage_options)
+        # Rows record image paths relative to OUT, the folder that holds pairs/.
+        self.out_root = shards.output_root(self.root, storage_options)
+        paths = shards.list_shards(folder, storage_options)
+        if not paths:
+            raise TrainError(f"no Parquet files under {folder}")
+        rows: list[dict[str, Any]] = []
+        for path in paths:
+            table = shards.read_shard(path, [*self._COLUMNS, "split"], storage_options)
+            missing = [c for c in self._COLUMNS if c not in table.column_names]
+            if missing:
+                raise TrainError(f"{path} lacks pairs columns {missing}")
+            if split is not None and "split" not in table.column_names:
+                raise TrainError(f"{path} has no split column, cannot select split {split!r}")
+            rows.extend(table.to_pylist())
+        keep = [
+            r
+            for r in rows
+            if r["status"] == "ok"
+            and r["degraded_uri"]
+            and r["type_code"] in TYPE_CODES
+            and (split is None or r.get("split") == split)
+        ]
+        if not keep:
+            raise TrainError(f"no usable rows (status ok, split {split!r}) in {folder}")
+        keep.sort(key=lambda r: (str(r["image_id"]), int(r["variant"] or 0)))
+        self.rows = keep
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_id(self, index: int) -> str:
+        """``image_id/variant`` of row ``index``."""
+        row = self.rows[index]
+        return f"{row['image_id']}/{row['variant']}"
+
+    def _read(self, uri: str, grey: bool = False) -> np.ndarray:
+        from fundus_batch.io import storage
+        from fundus_batch.io.codecs import decode_image
+        from fundus_batch.outpaths import resolve
+
+        data = storage.read_bytes(resolve(self.out_root, uri), storage_options=self.storage_options)
+        rgb = decode_image(data)
+        return rgb[..., 0].copy() if grey else rgb
+
+    def _pair(self, index: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+        row = self.rows[index]
+        clean = self._read(row["clean_uri"])
+        mask = np.where(self._read(row["mask_uri"], grey=True) > 127, 255, 0).astype(np.uint8)
+        degraded = self._read(row["degraded_uri"])
+        if clean.shape != degraded.shape or clean.shape[:2] != mask.shape:
+            raise TrainError(f"row {self.image_id(index)}: clean/degraded/mask sizes differ")
+        return row, clean, degraded, mask
+
+    def train_item(self, index: int, rng: np.random.Generator) -> TrainItem:
+        """Row ``index`` as a training pair (``rng`` is unused: the degradation is stored)."""
+        row, clean, degraded, mask = self._pair(index)
+        spots = None
+        if row.get("params_json"):
+            record = DegradationRecord.from_json(row["params_json"])
+            spots = spot_mask(record, clean.shape[0])
+        return TrainItem(
+            self.image_id(index), row["type_code"], clean, degraded, mask, None, None, spots
+        )
+
+    def val_items(self, seed: int) -> list[ValItem]:
+        """Every row as stored (``seed`` is unused: the degradations are fixed)."""
+        out = []
+        for i in range(len(self.rows)):
+            row, clean, degraded, mask = self._pair(i)
+            out.append(ValItem(str(row["image_id"]), row["type_code"], clean, degraded, mask))
+        return out
+
+
+def _crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
+    side = item.clean.shape[0]
+    if side < size or item.clean.shape[1] < size:
+        raise TrainError(
+            f"{item.image_id}: sample is {item.clean.shape[1]}x{side}, smaller than the "
+            f"training size {size}"
+        )
+    y = int(rng.integers(side - size + 1))
+    x = int(rng.integers(item.clean.shape[1] - size + 1))
+
+    @overload
+    def c(a: np.ndarray) -> np.ndarray: ...
+    @overload
+    def c(a: None) -> None: ...
+    def c(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[y : y + size, x : x + size]
+
+    return TrainItem(
+        item.image_id,
+        item.type_code,
+        c(item.clean),
+        c(item.degraded),
+        c(item.mask),
+        c(item.vessels),
+        c(item.disc),
+        c(item.spots),
+    )
+
+
+def _images(arrs: Sequence[np.ndarray]) -> Tensor:
+    stacked = np.stack(arrs)
+    # Contiguous NCHW: a channels_last input crashes CPU conv backward in this torch build.
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+
+
+def _planes(arrs: Sequence[np.ndarray | None], shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Stacked N x 1 x H x W float planes (zeros where absent) and an N-vector of presence."""
+    present = torch.tensor([a is not None for a in arrs], dtype=torch.float32)
+    filled = [np.zeros(shape, np.float32) if a is None else a.astype(np.float32) for a in arrs]
+    return torch.from_numpy(np.stack(filled))[:, None], present
+
+
+@dataclass
+class Batch:
+    """Training tensors on one device (N x C x H x W, floats in [0, 1])."""
+
+    clean: Tensor
+    degraded: Tensor
+    mask: Tensor
+    vessels: Tensor
+    has_vessels: Tensor
+    disc: Tensor
+    has_disc: Tensor
+    spots: Tensor
+    has_spots: Tensor
+    illumination: Tensor  # N: 1.0 where the pair's degradation includes illumination
+
+    def to(self, device: torch.device) -> Batch:
+        """A copy on ``device``."""
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def make_batch(items: Sequence[TrainItem]) -> Batch:
+    """Stack training items of one size into tensors."""
+    shape = items[0].clean.shape[:2]
+    if any(it.clean.shape[:2] != shape for it in items):
+        raise TrainError("all items of a batch must have the same size")
+    vessels, has_v = _planes([it.vessels for it in items], shape)
+    disc, has_d = _planes([it.disc for it in items], shape)
+    spots, has_s = _planes([it.spots for it in items], shape)
+    mask = torch.from_numpy(np.stack([it.mask > 127 for it in items])).float()[:, None]
+    return Batch(
+        clean=_images([it.clean for it in items]),
+        degraded=_images([it.degraded for it in items]),
+        mask=mask,
+        vessels=vessels,
+        has_vessels=has_v,
+        disc=disc,
+        has_disc=has_d,
+        spots=spots,
+        has_spots=has_s,
+        illumination=torch.tensor([float(type_groups(it.type_code)[0]) for it in items]),
+    )
