@@ -128,6 +128,16 @@ def planned_rows(manifest: Path, variants: int) -> Rows:
     ]
 
 
+def steady_rate(marks: list[tuple[float, int]], total: int) -> float:
+    """Rows per second between the marks where 20 % and 80 % of ``total`` rows were done: the
+    rate once every worker is busy, without start-up, ramp or tail (NaN if too few marks)."""
+    low = next((m for m in marks if m[1] >= 0.2 * total), None)
+    high = next((m for m in marks if m[1] >= 0.8 * total), None)
+    if low is None or high is None or high[0] <= low[0]:
+        return float("nan")
+    return (high[1] - low[1]) / (high[0] - low[0])
+
+
 _CHAIN: list[Callable[[Rows], Rows]] = []
 
 
@@ -149,23 +159,26 @@ def _pool_worker(row: dict) -> tuple[int, dict[str, float]]:
 
 def run_pool(
     manifest: Path, out: Path, args: argparse.Namespace, size: int
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], float]:
     """Seconds for a multiprocessing.Pool to run the stage chain on every image (pool start and
-    building the stages included), and each stage's seconds per output row."""
+    building the stages included), each stage's seconds per output row, and the steady rate
+    (:func:`steady_rate`, images/s)."""
     cfg = config_dict(manifest, out, args, size)
     rows = planned_rows(manifest, args.variants)
     ok, per_stage = 0, dict[str, float]()
     start = time.perf_counter()
     cpu = TreeCPU(os.getpid(), include_root=False)
     with mp.get_context("spawn").Pool(args.cpus, _pool_init, (cfg,)) as pool:
+        marks: list[tuple[float, int]] = []
         for n, stage_s in pool.imap_unordered(_pool_worker, rows, chunksize=1):
             ok += n
+            marks.append((time.perf_counter(), len(marks) + 1))
             for key, value in stage_s.items():
                 per_stage[key] = per_stage.get(key, 0.0) + value
         per_stage["CPU seconds (all processes)"] = cpu.stop()
     seconds = time.perf_counter() - start
     assert ok == len(rows) * args.variants, f"pool produced {ok} ok rows"
-    return seconds, {k: v / ok for k, v in per_stage.items()}
+    return seconds, {k: v / ok for k, v in per_stage.items()}, steady_rate(marks, len(rows))
 
 
 # --- the floor ------------------------------------------------------------------------------
@@ -310,9 +323,9 @@ def floor_section(root: Path, args: argparse.Namespace) -> None:
 # --- Ray in a driver of its own ---------------------------------------------------------------
 
 
-def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, float]:
+def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, float, float]:
     """(seconds after start-up, start-up seconds, peak PSS bytes, CPU seconds of the driver and
-    every process it started) of the Ray pipeline in a fresh driver process."""
+    every process it started, steady rows/s) of the Ray pipeline in a fresh driver process."""
     cfg_path = out.parent / f"{out.name}.json"
     cfg_path.write_text(json.dumps(cfg))
     code = (
@@ -320,9 +333,11 @@ def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, 
         "from fundus_batch import pipeline; "
         f"c = build_config(json.load(open({str(cfg_path)!r})), 'bench'); "
         "t0 = time.perf_counter(); pipeline.init_ray(c); "
-        "t = time.perf_counter(); s = pipeline.run(c); e = time.perf_counter(); "
+        "m = []; t = time.perf_counter(); "
+        "s = pipeline.run(c, progress=lambda n, _: m.append((time.perf_counter(), n))); "
+        "e = time.perf_counter(); "
         "print(json.dumps({'seconds': e - t, 'startup': t - t0, 'ok': s.ok, "
-        "'rows': s.rows_in}))"
+        "'rows': s.rows_in, 'marks': m}))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=RAY_ENV
@@ -355,7 +370,8 @@ def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, 
         raise SystemExit(f"ray run failed with exit code {proc.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["ok"] == result["rows"], result
-    return result["seconds"], result["startup"], float(peak[0]), cpu_s
+    steady = steady_rate([(t, n) for t, n in result["marks"]], result["rows"])
+    return result["seconds"], result["startup"], float(peak[0]), cpu_s, steady
 
 
 def throughput_section(root: Path, args: argparse.Namespace) -> None:
@@ -371,8 +387,8 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"throughput ({n} {what} x {args.variants} variants at {size} px, {args.cpus} CPUs; "
         f"{load_avg()})"
     )
-    pool_s, pool_stages = run_pool(manifest, root / "pool_out", args, size)
-    ray_s, startup, _, ray_cpu = run_ray(
+    pool_s, pool_stages, pool_steady = run_pool(manifest, root / "pool_out", args, size)
+    ray_s, startup, _, ray_cpu, ray_steady = run_ray(
         manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size)
     )
     pool_ips, ray_ips, total_ips = n / pool_s, n / ray_s, n / (ray_s + startup)
@@ -386,6 +402,11 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"{verdict(ratio >= THROUGHPUT_TARGET)}"
     )
     print(f"  ratio Ray/Pool, start-up included: {total_ips / pool_ips:.2f}")
+    print(
+        f"  steady rates (rows 20-80 % done; no start-up, ramp or tail): Pool {pool_steady:.2f}, "
+        f"Ray {ray_steady:.2f} images/s, ratio {ray_steady / pool_steady:.2f} (information only: "
+        "the target is the ratio above)"
+    )
     pool_cpu = pool_stages.pop("CPU seconds (all processes)") * n
     print(
         f"  CPU seconds per image (every process): Pool {pool_cpu / n * 1e3:.1f} ms, Ray "
@@ -410,7 +431,7 @@ def memory_section(root: Path, args: argparse.Namespace) -> None:
     for n in (args.small, args.big):
         manifest = synthetic_manifest(root / f"mem{n}", n, args.memory_size)
         out = root / f"mem_out{n}"
-        seconds, _, peaks[n], _ = run_ray(
+        seconds, _, peaks[n], _, _ = run_ray(
             manifest, out, config_dict(manifest, out, args, args.memory_size)
         )
         print(
