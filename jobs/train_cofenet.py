@@ -1,9 +1,10 @@
 """Train a small Cofe-Net on real clean photographs degraded on the fly, and package it.
 
-Reproduces the shipped ``fundus-cofenet-small`` model (2 CPU cores, about 45 minutes):
+Reproduces the shipped ``fundus-cofenet-small`` model (v3: 1,500 steps from v2, about 40
+minutes of one free CPU core; ``jobs/configs/train_small.yaml`` reproduces v2 from v1):
 
-    python jobs/train_cofenet.py --config jobs/configs/train_small.yaml \\
-        --data-root /work/shared/data --out runs/cofenet-small
+    python jobs/train_cofenet.py --config jobs/configs/train_gated_warm.yaml \\
+        --data-root /work/shared/data --name fundus-cofenet-small --threads 1 --out runs/v3
 
 Training images are HRF ``training/`` (vessels = AV label > 0, FOV masks given) and CHASE_DB1
 (first observer's vessels, FOV detected), optionally the EyePACS sample (no vessel ground truth),
