@@ -392,6 +392,7 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size)
     )
     pool_ips, ray_ips, total_ips = n / pool_s, n / ray_s, n / (ray_s + startup)
+    ray_steady /= args.variants  # the Ray run counts output rows, the Pool photographs
     ratio = ray_ips / pool_ips
     print(f"  multiprocessing.Pool (same stage chain): {pool_ips:6.2f} images/s ({pool_s:.1f} s)")
     print(
