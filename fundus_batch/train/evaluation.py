@@ -14,10 +14,11 @@ from fundus_batch.degrade import TYPE_CODES
 from fundus_batch.metrics import psnr, ssim
 from fundus_batch.models.cofenet import CofeNet, check_size
 from fundus_batch.train.config import TrainError
-from fundus_batch.train.samples import ValItem, _images
+from fundus_batch.train.samples import ValItem, image_batch
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a config's ``device`` ("auto": CUDA when present, else CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -26,7 +27,8 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _use_amp(config_amp: bool | None, device: torch.device) -> bool:
+def use_amp(config_amp: bool | None, device: torch.device) -> bool:
+    """Whether to run in bf16 autocast: the config's choice, by default on CUDA only."""
     if config_amp is None:
         return device.type == "cuda"
     if config_amp and device.type != "cuda":
@@ -54,7 +56,7 @@ def enhance_images(
     model.eval()
     try:
         for start in range(0, len(images), batch_size):
-            x = _images(images[start : start + batch_size]).to(device)
+            x = image_batch(images[start : start + batch_size]).to(device)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 outputs = model(x)
                 y = model.enhanced(outputs)

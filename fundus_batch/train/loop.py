@@ -17,9 +17,9 @@ import torch
 from fundus_batch.degrade import sample_rng
 from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet
 from fundus_batch.train.config import CHECKPOINT_FORMAT, TrainConfig, TrainError
-from fundus_batch.train.evaluation import ValReport, _device, _use_amp, evaluate
+from fundus_batch.train.evaluation import ValReport, evaluate, resolve_device, use_amp
 from fundus_batch.train.loss import cofenet_loss
-from fundus_batch.train.samples import TrainSource, _crop, _flip, make_batch
+from fundus_batch.train.samples import TrainSource, flipped, make_batch, random_crop
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def train(
         raise TrainError("the training source is empty")
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    device = _device(config.device)
-    amp = _use_amp(config.amp, device)
+    device = resolve_device(config.device)
+    amp = use_amp(config.amp, device)
     total = config.steps
     if config.epochs is not None:
         total = max(1, math.ceil(config.epochs * len(train_source) / config.batch_size))
@@ -222,8 +222,8 @@ def train(
             rng = sample_rng(config.seed, train_source.image_id(index), k)
             item = train_source.train_item(index, rng)
             if config.flip and rng.integers(2):
-                item = _flip(item)
-            items.append(_crop(item, config.size, rng))
+                item = flipped(item)
+            items.append(random_crop(item, config.size, rng))
         batch = make_batch(items).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             teacher = batch.illumination if config.field_gate else None

@@ -172,7 +172,9 @@ def spot_mask(record: DegradationRecord, size: int | None = None) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _flip(item: TrainItem) -> TrainItem:
+def flipped(item: TrainItem) -> TrainItem:
+    """``item`` mirrored left to right (every plane)."""
+
     def f(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else np.ascontiguousarray(a[:, ::-1])
 
@@ -407,7 +409,8 @@ class PairsSource:
         return out
 
 
-def _crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
+def random_crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
+    """``item`` cut to a ``size`` square at a position drawn from ``rng``."""
     side = item.clean.shape[0]
     if side < size or item.clean.shape[1] < size:
         raise TrainError(
@@ -436,7 +439,8 @@ def _crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:
     )
 
 
-def _images(arrs: Sequence[np.ndarray]) -> Tensor:
+def image_batch(arrs: Sequence[np.ndarray]) -> Tensor:
+    """HxWx3 uint8 images as one contiguous NCHW float tensor in [0, 1]."""
     stacked = np.stack(arrs)
     # Contiguous NCHW: a channels_last input crashes CPU conv backward in this torch build.
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
@@ -479,8 +483,8 @@ def make_batch(items: Sequence[TrainItem]) -> Batch:
     spots, has_s = _planes([it.spots for it in items], shape)
     mask = torch.from_numpy(np.stack([it.mask > 127 for it in items])).float()[:, None]
     return Batch(
-        clean=_images([it.clean for it in items]),
-        degraded=_images([it.degraded for it in items]),
+        clean=image_batch([it.clean for it in items]),
+        degraded=image_batch([it.degraded for it in items]),
         mask=mask,
         vessels=vessels,
         has_vessels=has_v,

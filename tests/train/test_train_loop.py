@@ -1,0 +1,173 @@
+"""fundus_batch.train.loop: initialisation, determinism, resume and the gate in training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fundus_batch.degrade import TYPE_CODES, sample_rng
+from fundus_batch.models import CofeNet, build_cofenet
+from fundus_batch.train import (
+    DegradeSource,
+    TrainError,
+    cofenet_loss,
+    fixup_init,
+    load_checkpoint,
+    make_batch,
+    train,
+)
+from tests.train.train_helpers import state_copy, synth_samples, tiny_config
+
+
+def test_field_model_warm_starts_from_weights_with_a_zeroed_output_conv(tmp_path: Path) -> None:
+    donor = build_cofenet("cofe-net", 0.125, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "donor.pt"
+    torch.save(donor.state_dict(), path)
+    config = tiny_config(
+        residual=False,
+        field_size=192,
+        init="fixup",
+        init_weights=str(path),
+        steps=1,
+        head_lr_scale=0.1,
+        val_at_end=False,
+    )
+    result = train(config, DegradeSource(synth_samples(2, 224, disc=False)))
+    state = result.model.state_dict()
+    # G's body is the donor's (the zeroed output conv passes no gradient back on step one);
+    # the output conv was zeroed, then took one step of lr * head_lr_scale.
+    assert torch.equal(state["G_conv1.weight"], donor.state_dict()["G_conv1.weight"])
+    head = float(state["G_deconv1_0.weight"].abs().max())
+    assert 0 < head <= 1e-3 * 0.1 * 1.01
+
+
+def test_training_end_to_end_lowers_the_loss_on_a_fixed_batch() -> None:
+    samples = synth_samples(2, 192)
+    source = DegradeSource(samples, types=("001", "011"))
+    probe = make_batch([source.train_item(i, sample_rng(99, "probe", i)) for i in range(2)])
+    config = tiny_config(steps=20, lambda_lqa=0.5, lr=2e-3)
+
+    def probe_loss(model: torch.nn.Module) -> float:
+        model.train()
+        with torch.no_grad():
+            return cofenet_loss(model, model(probe.degraded), probe, config)[0].item()
+
+    initial = build_cofenet(
+        "cofe-net", 0.125, residual=True, generator=torch.Generator().manual_seed(config.seed)
+    )
+    result = train(config, source, DegradeSource(samples[:1]))
+    assert result.step == 20 and len(result.history) == 20
+    assert probe_loss(result.model) < 0.8 * probe_loss(initial)
+    report = result.val[-1]
+    assert set(report.per_type) == set(TYPE_CODES)
+    assert all(m.n == 1 for m in report.per_type.values())
+
+
+def test_fixup_init_starts_a_residual_model_at_the_identity() -> None:
+    model = build_cofenet("cofe-net", 0.125, residual=True)
+    fixup_init(model, torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 192, 192, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert torch.allclose(model.enhanced(out), x, atol=1e-5)
+    assert torch.allclose(
+        model.coarse(out),
+        torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True).clamp(
+            0, 1
+        ),
+        atol=1e-5,
+    )
+    assert model.G_conv1.weight.std() > 0.08  # He-normal, not the released N(0, 0.02)
+
+
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    source = DegradeSource(synth_samples(3, 224))
+    full = train(tiny_config(steps=4, decay_start=0.5), source)
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = train(tiny_config(steps=4, decay_start=0.5, checkpoint=str(ckpt), stop_at=2), source)
+    assert first.step == 2
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["width"] == 0.125
+    second = train(tiny_config(steps=4, decay_start=0.5, checkpoint=str(ckpt), resume=True), source)
+    assert second.step == 4
+    assert load_checkpoint(ckpt)["step"] == 4
+
+    a, b = state_copy(full.model), state_copy(second.model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(state_copy(first.model)["G_conv1.weight"], a["G_conv1.weight"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    source = DegradeSource(synth_samples(1, 192))
+    ckpt = tmp_path / "ckpt.pt"
+    train(tiny_config(steps=1, checkpoint=str(ckpt)), source)
+    with pytest.raises(TrainError, match="width"):
+        train(tiny_config(steps=2, width=0.25, checkpoint=str(ckpt), resume=True), source)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="cannot read checkpoint"):
+        train(tiny_config(steps=2, checkpoint=str(ckpt), resume=True), source)
+
+
+def test_same_config_gives_identical_weights_and_another_seed_does_not() -> None:
+    source = DegradeSource(synth_samples(2, 192))
+    a = state_copy(train(tiny_config(steps=2), source).model)
+    b = state_copy(train(tiny_config(steps=2), source).model)
+    c = state_copy(train(tiny_config(steps=2, seed=1), source).model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["G_conv1.weight"], c["G_conv1.weight"])
+
+
+def test_gated_model_warm_starts_without_a_gate_and_its_loss_is_the_gate_bce(
+    tmp_path: Path,
+) -> None:
+    donor = build_cofenet("cofe-net", 0.125, field=192)
+    fixup_init(donor, torch.Generator().manual_seed(7))
+    path = tmp_path / "donor.pt"
+    torch.save(donor.state_dict(), path)  # no G_gate keys
+    config = tiny_config(
+        residual=False,
+        field_size=192,
+        field_gate=True,
+        init="fixup",
+        init_weights=str(path),
+        steps=1,
+        lambda_gate=2.0,
+        val_at_end=False,
+    )
+    samples = synth_samples(2, 192, disc=False)
+    source = DegradeSource(samples, types=("001", "010"))
+    items = [
+        source._item(samples[0], t, sample_rng(5, "gate", i)) for i, t in enumerate(("001", "010"))
+    ]
+    batch = make_batch(items)
+    assert batch.illumination.tolist() == [1.0, 0.0]
+    model = train(config, source).model.eval()
+    assert "G_gate.weight" in model.state_dict()
+    with torch.no_grad():
+        outputs = model(batch.degraded)
+        _, terms = cofenet_loss(model, outputs, batch, config)
+    logits = model.gate_logits(outputs)
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    expected = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert terms["gate"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gated_training_passes_the_labels_as_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor | None] = []
+    forward = CofeNet.forward
+
+    def spy(self: CofeNet, x: torch.Tensor, x256: torch.Tensor | None = None, *, gate=None):  # type: ignore[no-untyped-def]
+        seen.append(gate)
+        return forward(self, x, x256, gate=gate)
+
+    monkeypatch.setattr(CofeNet, "forward", spy)
+    config = tiny_config(residual=False, field_size=192, field_gate=True, init="fixup", steps=2)
+    train(config, DegradeSource(synth_samples(2, 192, disc=False), types=("011", "110")))
+    assert len(seen) == 2
+    assert all(g is not None and set(g.tolist()) <= {0.0, 1.0} for g in seen)
