@@ -1,4 +1,4 @@
-"""Training tests run torch on one thread: the suite runs several workers on 2 cores."""
+"""Fixtures for the training tests."""
 
 from __future__ import annotations
 
@@ -8,4 +8,5 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
+    """Torch on one thread, as the training jobs here run (``--threads 1``)."""
     torch.set_num_threads(1)

@@ -11,11 +11,7 @@ import torch
 from fundus_batch.degrade import TYPE_CODES
 from fundus_batch.models import file_sha256, list_weights, load_registered
 from fundus_batch.models.weights import PACKAGE_WEIGHTS_DIR
-from fundus_batch.train import (
-    DegradeSource,
-    evaluate,
-    load_clean_sample,
-)
+from fundus_batch.train import DegradeSource, evaluate, load_clean_sample
 
 SHIPPED = "fundus-cofenet-small"
 

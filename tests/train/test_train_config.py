@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fundus_batch.train import (
-    TrainConfig,
-    TrainError,
-)
+from fundus_batch.train import TrainConfig, TrainError
 from tests.train.train_helpers import tiny_config
 
 

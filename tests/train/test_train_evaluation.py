@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from fundus_batch.models import build_cofenet
-from fundus_batch.train import (
-    enhance_images,
-    fixup_init,
-)
+from fundus_batch.train import enhance_images, fixup_init
+from fundus_batch.train.samples import image_batch
 from tests.train.train_helpers import synth_samples
 
 
@@ -22,7 +20,7 @@ def test_enhance_images_reports_the_gate_opening_of_the_pass_that_enhanced() -> 
     images = [s.image for s in synth_samples(3, 192, disc=False)]
     gates: list[float] = []
     out = enhance_images(gated, images, batch_size=2, gates=gates)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+    x = image_batch(images)
     with torch.no_grad():
         want = gated.gate_opening(gated(x))
     assert want is not None

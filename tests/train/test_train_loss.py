@@ -8,13 +8,7 @@ import torch
 
 from fundus_batch.degrade import sample_rng
 from fundus_batch.models import build_cofenet
-from fundus_batch.train import (
-    CleanSample,
-    DegradeSource,
-    cofenet_loss,
-    fixup_init,
-    make_batch,
-)
+from fundus_batch.train import CleanSample, DegradeSource, cofenet_loss, fixup_init, make_batch
 from tests.train.train_helpers import synth_samples, tiny_config
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 
 from fundus_batch.synth import synth_fundus
-from fundus_batch.train import (
-    CleanSample,
-    TrainConfig,
-)
+from fundus_batch.train import CleanSample, TrainConfig
 
 
 def synth_samples(n: int = 3, size: int = 224, disc: bool = True) -> list[CleanSample]:
+    """``n`` synthetic fundus photographs of ``size`` px, with a disc box unless told not to."""
     out = []
     for i in range(n):
         s = synth_fundus(size, seed=10 + i)
@@ -21,6 +19,7 @@ def synth_samples(n: int = 3, size: int = 224, disc: bool = True) -> list[CleanS
 
 
 def tiny_config(**kw: object) -> TrainConfig:
+    """A training config small enough for a unit test, with ``kw`` overriding it."""
     base: dict[str, object] = dict(
         width=0.125, size=192, batch_size=2, steps=4, lr=1e-3, log_every=1, device="cpu"
     )
@@ -29,4 +28,5 @@ def tiny_config(**kw: object) -> TrainConfig:
 
 
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s weights."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
