@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+
+from train_cofenet import dataset_files
 
 from fundus_batch.classical import ClassicalEnhancer
 from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
@@ -63,6 +66,11 @@ def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
     classical = ClassicalEnhancer()
     rows: list[dict[str, Any]] = []
     for entry in evaluation["holdout"]:
+        if "noref" in entry:  # trained from a pack: score the photograph itself
+            dataset = str(entry["dataset"])
+            entry = next(
+                e for e in dataset_files(data_root, dataset) if e["image_id"] == entry["image_id"]
+            )
         sample = load_clean_sample(
             entry["image_id"],
             data_root / entry["image"],

@@ -36,7 +36,9 @@ except ImportError:
 import torch
 
 from fundus_batch.config import RunConfig
+from fundus_batch.models import build_cofenet
 from fundus_batch.pipeline import init_ray, run, shutdown
+from fundus_batch.ray_adapter import plan_pools
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inputs import synthetic_manifest
@@ -148,8 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=1, help="pairs mode: variants per image")
     parser.add_argument("--metrics", action="store_true", help="compute the quality metrics")
     parser.add_argument("--weights", default="fundus-cofenet-small")
+    parser.add_argument(
+        "--width",
+        type=float,
+        help="instead of --weights: a Cofe-Net of this width with random weights (1.0: full,"
+        " the network whose GPU cost the busy target is about)",
+    )
     parser.add_argument("--enhance-batch", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--actors", type=int, default=None, help="enhancement actors")
+    parser.add_argument(
+        "--actors", type=int, default=None, help="enhancement actors (default: the planner's)"
+    )
     parser.add_argument("--rows-per-block", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     parser.add_argument("--sample-ms", type=int, default=200)
@@ -165,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         manifest = synthetic_manifest(work / "in", args.images, args.size, args.distinct)
         inputs_s = time.perf_counter() - start
+        weights, variant = args.weights, None
+        if args.width is not None:
+            weights, variant = str(work / "random.pt"), "cofe-net"
+            model = build_cofenet(variant, args.width, generator=torch.Generator().manual_seed(0))
+            torch.save(model.state_dict(), weights)
         config = RunConfig.model_validate(
             {
                 "manifest": str(manifest),
@@ -178,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 "enhance": {
                     "enabled": True,
                     "enhancer": "cofenet",
-                    "weights": args.weights,
+                    "weights": weights,
+                    "variant": variant,
+                    "width": args.width,
                     "batch_size": args.enhance_batch,
                     "actors": args.actors,
                     "device": "auto",
@@ -200,12 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     gpu = sampler.summary()
+    enhance_pool = next(p for p in plan_pools(config, cluster) if p.specs[0].name == "enhance")
     rate = summary.ok / run_s
     result = {
         "images": args.images,
         "mode": args.mode,
         "size": args.size,
         "enhance_batch": args.enhance_batch,
+        "model": f"cofe-net width {args.width:g}, random weights" if args.width else args.weights,
+        "enhance_actors": enhance_pool.actors,
+        "enhance_actor_gpus": enhance_pool.resources.num_gpus,
         "metrics": args.metrics,
         "cluster": {"cpus": cluster.cpus, "gpus": cluster.gpus},
         "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -222,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"{summary.ok} ok / {summary.failed} failed of {args.images} images ({args.mode}, "
-        f"cluster {cluster.cpus:g} CPU {cluster.gpus:g} GPU); Ray start {ray_start_s:.1f} s, "
-        f"run {run_s:.1f} s"
+        f"cluster {cluster.cpus:g} CPU {cluster.gpus:g} GPU; {result['model']}, "
+        f"{enhance_pool.actors} enhance actors of {enhance_pool.resources.num_gpus:g} GPU); "
+        f"Ray start {ray_start_s:.1f} s, run {run_s:.1f} s"
     )
     print(
         f"images/s {rate:.1f} (target >= {IMAGES_PER_S_TARGET:g}); "

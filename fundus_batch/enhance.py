@@ -86,8 +86,8 @@ class Enhance(RowsCallable):
         import torch
 
         self.device = pick_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, round(cpu_share)))
+        # On CUDA too: torch's CPU ops here (conversions, copies) need no more than the share.
+        torch.set_num_threads(max(1, round(cpu_share)))
         self.model, self.model_name, self.model_sha256 = load_model(
             weights, variant, width, self.device
         )

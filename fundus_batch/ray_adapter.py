@@ -12,6 +12,7 @@ functions that need it, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ class Pool:
     actors: int = 0
 
 
+def gpu_actors_per_gpu(cluster: ClusterShape) -> int:
+    """Enhancement actors that share one GPU: one per 3 CPUs the cluster has per GPU, 1 to 6.
+
+    Each actor decodes its inputs and encodes its outputs on its own CPU (about 27 ms an image
+    at 512 px, on the lent H200 machine), which caps one actor near 37 images/s while the
+    shipped model runs at over 3,000 on the GPU; actors side by side lift that cap."""
+    per_gpu = int(cluster.cpus / max(cluster.gpus, 1.0))
+    return max(1, min(6, per_gpu // 3))
+
+
 def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     """Group the run's stages into pools and size them from the cluster's resources.
 
@@ -161,7 +172,8 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     threads still overlap the downloads), so raw source bytes never cross the object store.
     Without a GPU stage every stage runs in that one pool, of whole-CPU actors that may take
     every CPU (reading and planning ask for none). A stage that declares a GPU (Enhance) gets
-    its own pool, one GPU per actor when the cluster has GPUs, else CPU actors; the stages after
+    its own pool, several actors to a GPU when the cluster has GPUs (:func:`gpu_actors_per_gpu`),
+    else CPU actors; the stages after
     it run as light tasks, so the actor pools then leave CPU headroom for them.
     """
     specs = stage_specs(config)
@@ -175,9 +187,11 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     budget = max(cluster.cpus - headroom, per_actor)
     enh = config.enhance
     if cluster.gpus >= 1 and enh.device != "cpu":
-        enh_actors = enh.actors or int(cluster.gpus)
+        gpus = int(cluster.gpus)
+        enh_actors = enh.actors or gpus * gpu_actors_per_gpu(cluster)
         enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
-        enh_res = Resources(num_cpus=enh_cpus, num_gpus=1.0, actor=True)
+        share = 1.0 / math.ceil(enh_actors / gpus)  # actors sharing a GPU must fit on it
+        enh_res = Resources(num_cpus=enh_cpus, num_gpus=share, actor=True)
         left = budget - enh_actors * enh_cpus
     else:
         enh_res = Resources(num_cpus=enh.cpus_per_actor, actor=True)

@@ -17,8 +17,12 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/device_out}"
 mkdir -p "$OUT"
-QUICK=0
+QUICK=0 SHORT=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
+[[ "${1:-}" == "--short" ]] && SHORT=1  # ~4.5 minutes: after a training call in the same lease
+# --pipeline: no sweep; the pipeline with the shipped model, then with a full-width one (~3 min)
+PIPELINE_ONLY=0
+[[ "${1:-}" == "--pipeline" ]] && PIPELINE_ONLY=1
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 START=$SECONDS
 
@@ -60,6 +64,15 @@ if ((QUICK)); then
         --batch 1,2 --dtypes fp32,bf16 --budget-s 60)
     PIPE=(--images 4 --size 256 --enhance-batch 2 --distinct 2)
     T_ENHANCE=240 T_PIPE=240
+elif ((PIPELINE_ONLY)); then
+    ENHANCE=()
+    PIPE=(--images 3000 --size 512 --enhance-batch 32)
+    T_ENHANCE=0 T_PIPE=100
+elif ((SHORT)); then
+    ENHANCE=(--models full,small --size 512 --images 32 --rounds 2 --warmup 2
+        --batch 8,32,64 --compile --budget-s 120)
+    PIPE=(--images 2000 --size 512 --enhance-batch 32)
+    T_ENHANCE=170 T_PIPE=100
 else
     ENHANCE=(--models small,full --size 512 --images 64 --rounds 3 --warmup 3
         --batch 1,4,8,16,32,64 --compile --budget-s 250)
@@ -67,20 +80,32 @@ else
     T_ENHANCE=300 T_PIPE=150
 fi
 
-echo "== enhance sweep on $DEVICE (limit ${T_ENHANCE} s)"
-timeout -k 10 "$T_ENHANCE" "$PY" bench/enhance.py --sweep --device "$DEVICE" "${ENHANCE[@]}" \
-    --json "$OUT/enhance.json" > "$OUT/enhance.log" 2>&1
-RC_ENHANCE=$?
-tail -n 40 "$OUT/enhance.log"
+RC_ENHANCE=0
+touch "$OUT/enhance.log"
+if ((T_ENHANCE > 0)); then
+    echo "== enhance sweep on $DEVICE (limit ${T_ENHANCE} s)"
+    timeout -k 10 "$T_ENHANCE" "$PY" bench/enhance.py --sweep --device "$DEVICE" \
+        "${ENHANCE[@]}" --json "$OUT/enhance.json" > "$OUT/enhance.log" 2>&1
+    RC_ENHANCE=$?
+    tail -n 40 "$OUT/enhance.log"
+fi
 
 echo "== pipeline with GPU actors (limit ${T_PIPE} s)"
 timeout -k 10 "$T_PIPE" "$PY" bench/gpu_pipeline.py "${PIPE[@]}" \
     --json "$OUT/gpu_pipeline.json" > "$OUT/gpu_pipeline.log" 2>&1
 RC_PIPE=$?
 tail -n 5 "$OUT/gpu_pipeline.log"
+if ((PIPELINE_ONLY)); then
+    echo "== pipeline with a full-width Cofe-Net (limit ${T_PIPE} s)"
+    timeout -k 10 "$T_PIPE" "$PY" bench/gpu_pipeline.py --images 2000 --size 512 \
+        --enhance-batch 32 --width 1.0 --json "$OUT/gpu_pipeline_full.json" \
+        >> "$OUT/gpu_pipeline.log" 2>&1
+    RC_PIPE=$((RC_PIPE | $?))
+    tail -n 3 "$OUT/gpu_pipeline.log"
+fi
 
 {
-    echo "device_bench: $([[ $QUICK == 1 ]] && echo quick || echo full) run on $DEVICE," \
+    echo "device_bench: ${1:---full} run on $DEVICE," \
         "$((SECONDS - START)) s; exit codes: enhance $RC_ENHANCE, pipeline $RC_PIPE (124: timeout)"
     head -n 3 "$OUT/env.txt"
     grep -E "^(fastest|  WARNING|  torch.compile)" "$OUT/enhance.log"

@@ -78,22 +78,40 @@ def test_stage_workers_size_opencv_threads_to_their_cpu_share():
         cv2.setNumThreads(before)
 
 
-def test_gpu_cluster_gives_cofenet_its_own_pool_of_one_gpu_per_actor():
+def test_gpu_cluster_gives_cofenet_its_own_pool_of_actors_sharing_each_gpu():
     calls = _calls(ClusterShape(cpus=16, gpus=2), enhance={"enabled": True})
     cpu, gpu, tail = calls
     assert _classes(cpu) == [Fetch, Preprocess, Score, Degrade]
     assert _classes(gpu) == [Enhance] and _classes(tail) == [Score, Write]
-    assert (gpu.compute, gpu.pool_size, gpu.num_gpus, gpu.num_cpus) == ("actors", 2, 1.0, 1.0)
-    assert gpu.kwargs()["num_gpus"] == 1.0
+    # 8 CPUs per GPU: two actors share each GPU, half a GPU and one CPU each.
+    assert (gpu.compute, gpu.pool_size, gpu.num_gpus, gpu.num_cpus) == ("actors", 4, 0.5, 1.0)
+    assert gpu.kwargs()["num_gpus"] == 0.5
     assert gpu.kwargs()["fn_constructor_args"] == (gpu.specs, SCHEMA, 1.0)
-    # 16 CPUs less one of headroom and one per GPU actor: 13 whole-CPU actors for the rest.
-    assert (cpu.compute, cpu.pool_size, cpu.num_cpus, cpu.num_gpus) == ("actors", 13, 1.0, 0.0)
+    # 16 CPUs less one of headroom and one per GPU actor: 11 whole-CPU actors for the rest.
+    assert (cpu.compute, cpu.pool_size, cpu.num_cpus, cpu.num_gpus) == ("actors", 11, 1.0, 0.0)
     assert "num_gpus" not in cpu.kwargs()
     assert (tail.compute, tail.num_cpus, tail.num_gpus) == ("tasks", 0.25, 0.0)
     assert isinstance(tail.fn, TaskUDF) and tail.fn.specs == tail.specs and tail.fn.cpus == 0.25
     enhance = gpu.specs[0].kwargs
     assert enhance["source_role"] == "degraded" and enhance["image_format"] == "png"
     assert enhance["weights"] == "fundus-cofenet-small" and enhance["batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "actors", "share"),  # actors: all of them, on every GPU
+    [(4, 1, 1, 1.0), (8, 1, 2, 0.5), (16, 1, 5, 0.2), (64, 1, 6, 1 / 6), (16, 4, 4, 1.0)],
+)
+def test_gpu_actors_per_gpu_follow_the_cpus_each_gpu_has(
+    cpus: int, gpus: int, actors: int, share: float
+) -> None:
+    [_, gpu, _] = _calls(ClusterShape(cpus=cpus, gpus=gpus), enhance={"enabled": True})
+    assert (gpu.pool_size, gpu.num_gpus) == (actors, pytest.approx(share))
+
+
+def test_actors_set_by_the_user_share_the_gpus_so_that_all_fit():
+    [_, gpu, _] = _calls(ClusterShape(cpus=16, gpus=2), enhance={"enabled": True, "actors": 3})
+    # Three actors on two GPUs: two share one GPU, so each asks for half of one.
+    assert (gpu.pool_size, gpu.num_gpus) == (3, 0.5)
 
 
 def test_cpu_only_cluster_runs_cofenet_on_cpu_actors_within_the_cpus():

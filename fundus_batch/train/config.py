@@ -53,7 +53,9 @@ class TrainConfig(Model):
     ``checkpoint_every`` are in steps (0: only at the end; ``val_at_end=False`` skips the final
     validation). ``device="auto"`` picks CUDA when
     available; ``amp=None`` means bf16 autocast on CUDA and none on CPU. ``num_threads`` sets
-    torch's CPU threads (None: leave them). ``init`` is ``released`` (every conv N(0, 0.02), as
+    torch's CPU threads (None: leave them). ``prefetch`` builds the next batch in a thread while
+    the model trains on this one (the same batches; worth it when the model runs on a GPU).
+    ``init`` is ``released`` (every conv N(0, 0.02), as
     the released ``define_G``) or ``fixup`` (He-normal convs, with the second conv of every
     residual block, the output convs of G and the LQA head zeroed, so a ``residual`` model
     starts as the identity while its inner layers carry signal). ``loss_scale="degraded"``
@@ -101,6 +103,7 @@ class TrainConfig(Model):
     device: str = "auto"
     amp: bool | None = None
     num_threads: _Positive | None = None
+    prefetch: bool = False
     lambda_l1: _Weight = 1.0
     lambda_l1_256: _Weight = 1.0
     lambda_disc: _Weight = 10.0

@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet
 from fundus_batch.train.config import CHECKPOINT_FORMAT, TrainConfig, TrainError
 from fundus_batch.train.evaluation import ValReport, evaluate, resolve_device, use_amp
 from fundus_batch.train.loss import cofenet_loss
-from fundus_batch.train.samples import TrainSource, flipped, make_batch, random_crop
+from fundus_batch.train.samples import Batch, TrainSource, flipped, make_batch, random_crop
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +213,29 @@ def train(
     start_time = time.perf_counter()
     first_step = step
     running: list[float] = []
-    while step < end:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
+
+    def batch_at(at: int) -> Batch:
         items = []
         for slot in range(config.batch_size):
-            k = step * config.batch_size + slot
+            k = at * config.batch_size + slot
             index = _sample_index(k, n, config.seed)
             rng = sample_rng(config.seed, train_source.image_id(index), k)
             item = train_source.train_item(index, rng)
             if config.flip and rng.integers(2):
                 item = flipped(item)
             items.append(random_crop(item, config.size, rng))
-        batch = make_batch(items).to(device)
+        return make_batch(items)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if config.prefetch else None
+    ahead: Future[Batch] | None = None
+    while step < end:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
+        if pool is None:
+            batch = batch_at(step).to(device)
+        else:
+            batch = (ahead.result() if ahead is not None else batch_at(step)).to(device)
+            ahead = pool.submit(batch_at, step + 1) if step + 1 < end else None
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             teacher = batch.illumination if config.field_gate else None
             outputs = model(batch.degraded, gate=teacher)
@@ -254,6 +265,8 @@ def train(
             _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
         if val_items and config.val_every and step % config.val_every == 0 and step < end:
             validate(step)
+    if pool is not None:
+        pool.shutdown()
     seconds = time.perf_counter() - start_time - val_seconds[0]
     if config.checkpoint:
         _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)

@@ -103,6 +103,13 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     assert not torch.equal(state_copy(first.model)["G_conv1.weight"], a["G_conv1.weight"])
 
 
+def test_prefetching_the_next_batch_in_a_thread_gives_the_same_weights() -> None:
+    source = DegradeSource(synth_samples(3, 192))
+    serial = state_copy(train(tiny_config(steps=3), source).model)
+    ahead = state_copy(train(tiny_config(steps=3, prefetch=True), source).model)
+    assert all(torch.equal(serial[k], ahead[k]) for k in serial)
+
+
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     source = DegradeSource(synth_samples(1, 192))
     ckpt = tmp_path / "ckpt.pt"
