@@ -278,18 +278,16 @@ def split_entries(
     return train_entries, held
 
 
-def inference_model(
-    config: TrainConfig, deadzone: float, gate_threshold: float | None = None
-) -> Any:
+def inference_model(config: TrainConfig) -> Any:
     """An untrained model of the configured architecture, as it will ship."""
     return build_cofenet(
         config.variant,
         config.width,
         residual=config.residual,
         field=config.field_size,
-        field_deadzone=deadzone,
+        field_deadzone=config.field_deadzone,
         field_gate=config.field_gate,
-        field_gate_threshold=gate_threshold,
+        field_gate_threshold=config.field_gate_threshold,
     )
 
 
@@ -389,8 +387,6 @@ def registry_entry(
     size: int,
     training_data: str,
     report: ValReport,
-    field_deadzone: float = 0.0,
-    field_gate_threshold: float | None = None,
 ) -> dict[str, Any]:
     """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
     metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
@@ -406,9 +402,9 @@ def registry_entry(
         "width": config.width,
         "residual": config.residual,
         "field_size": config.field_size,
-        "field_deadzone": field_deadzone,
+        "field_deadzone": config.field_deadzone,
         "field_gate": config.field_gate,
-        "field_gate_threshold": field_gate_threshold,
+        "field_gate_threshold": config.field_gate_threshold,
         "size": size,
         "training_data": training_data,
         "metrics": metrics,
@@ -476,7 +472,6 @@ def main(argv: list[str] | None = None) -> int:
         datasets: list[str] = args.datasets.split(",") if args.datasets else list(job.data.datasets)
         holdout: dict[str, list[str]] = {str(k): v for k, v in job.data.holdout.items()}
         quality: dict[str, list[float]] = dict(job.quality)
-        deadzone = job.field_deadzone
         if args.holdout_source:
             if args.holdout_source not in datasets:
                 raise ValueError(f"--holdout-source {args.holdout_source} is not in {datasets}")
@@ -505,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             values["init_weights"] = str(
                 Path(__file__).resolve().parents[1] / values["init_weights"]
             )
+        values["field_deadzone"] = job.field_deadzone
+        values["field_gate_threshold"] = job.field_gate_threshold
         values["checkpoint"] = str(out / "checkpoint.pt")
         values["resume"] = args.resume
         values["val_at_end"] = False  # the job evaluates the saved (fp16) weights itself
@@ -562,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": "fundus_batch.metrics psnr/ssim inside the FOV mask, uint8, data range 255",
     }
     if args.eval_only:
-        model = inference_model(config, deadzone, job.field_gate_threshold)
+        model = inference_model(config)
         load_weights(model, args.eval_only)
         report = evaluate(model, val_source.val_items(config.seed), device="cpu")
         log.info("evaluation of %s\n%s", args.eval_only, report.table())
@@ -582,13 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.save(state, weights)
     # Evaluate what ships (fp16-rounded weights, loaded like load_registered does).
-    shipped = inference_model(config, deadzone, job.field_gate_threshold)
+    shipped = inference_model(config)
     load_weights(shipped, weights).eval()
     report = evaluate(shipped, val_source.val_items(config.seed), step=result.step)
     log.info("shipped weights, held-out evaluation\n%s", report.table())
-    entry = registry_entry(
-        name, weights, config, size, training_data, report, deadzone, job.field_gate_threshold
-    )
+    entry = registry_entry(name, weights, config, size, training_data, report)
     (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     eval_doc = {
         "name": name,

@@ -74,6 +74,8 @@ class TrainConfig(Model):
     starts undecided). ``head_lr_scale`` multiplies the learning rate of that output conv.
     ``field_gate`` adds the smooth-correction head's global gate, trained as the module
     docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term.
+    ``field_deadzone`` and ``field_gate_threshold`` are how the model will ship
+    (``fundus_batch.models.cofenet``): validation during training applies them, training not.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -117,6 +119,8 @@ class TrainConfig(Model):
     pixel_loss: PixelLoss = "l1"
     init_weights: str | None = None
     head_lr_scale: Annotated[Finite, Field(gt=0.0)] = 1.0
+    field_deadzone: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.0
+    field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = None
 
     @field_validator("field_gate")
     @classmethod
@@ -124,6 +128,13 @@ class TrainConfig(Model):
         if gate and info.data.get("field_size") is None:
             raise ValueError("needs field_size (the gate belongs to the smooth-correction head)")
         return gate
+
+    @field_validator("field_gate_threshold")
+    @classmethod
+    def _threshold_needs_the_gate(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not info.data.get("field_gate"):
+            raise ValueError("needs field_gate")
+        return value
 
     @field_validator("resume")
     @classmethod

@@ -199,9 +199,16 @@ def train(
     val_seconds = [0.0]
 
     def validate(at: int) -> None:
-        report = evaluate(
-            model, val_items, step=at, batch_size=config.val_batch_size, device=device, amp=amp
-        )
+        # Scored as it will ship: the dead zone, and the gate as a decision.
+        trained = (model.field_deadzone, model.field_gate_threshold)
+        model.field_deadzone = config.field_deadzone
+        model.field_gate_threshold = config.field_gate_threshold
+        try:
+            report = evaluate(
+                model, val_items, step=at, batch_size=config.val_batch_size, device=device, amp=amp
+            )
+        finally:
+            model.field_deadzone, model.field_gate_threshold = trained
         val_seconds[0] += report.seconds
         reports.append(report)
         log.info("step %d: validation (%.1fs)\n%s", at, report.seconds, report.table())

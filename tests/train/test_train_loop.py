@@ -110,6 +110,24 @@ def test_prefetching_the_next_batch_in_a_thread_gives_the_same_weights() -> None
     assert all(torch.equal(serial[k], ahead[k]) for k in serial)
 
 
+def test_validation_during_training_applies_the_gate_decision_the_model_ships_with() -> None:
+    gated = dict(residual=False, field_size=192, field_gate=True, steps=2)
+    samples = synth_samples(2, 192, disc=False)
+    source = DegradeSource(samples, types=("001", "010"))
+    val = DegradeSource(samples, types=("001", "010"))
+    soft = train(tiny_config(**gated, lr=1e-2), source, val).val[-1]
+    # An untrained gate sits near 0.5: as a decision at 0.99 it never opens.
+    shut = train(tiny_config(**gated, lr=1e-2, field_gate_threshold=0.99), source, val)
+    assert any(m.psnr_gain != 0.0 for m in soft.per_type.values())
+    assert all(m.psnr_gain == 0.0 for m in shut.val[-1].per_type.values())
+    assert shut.model.field_gate_threshold is None  # training itself goes on with the soft gate
+
+
+def test_a_gate_threshold_without_a_gate_names_the_field() -> None:
+    with pytest.raises(TrainError, match="field_gate_threshold"):
+        tiny_config(field_gate_threshold=0.9)
+
+
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     source = DegradeSource(synth_samples(1, 192))
     ckpt = tmp_path / "ckpt.pt"
