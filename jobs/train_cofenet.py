@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         help="state dict to start from (relative paths: to the repository; '' for none)",
     )
     parser.add_argument("--loss-scale", choices=LOSS_SCALES)
+    parser.add_argument(
+        "--trainable", help="comma-separated parameter-name prefixes that train (default: all)"
+    )
     parser.add_argument("--val-every", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -492,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_threads": args.threads,
             "device": args.device,
             "stop_at": args.stop_at,
+            "trainable": tuple(args.trainable.split(",")) if args.trainable else None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if args.init_weights == "":  # a cold start

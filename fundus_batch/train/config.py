@@ -74,6 +74,9 @@ class TrainConfig(Model):
     starts undecided). ``head_lr_scale`` multiplies the learning rate of that output conv.
     ``field_gate`` adds the smooth-correction head's global gate, trained as the module
     docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term.
+    ``trainable`` lists the parameter-name prefixes that train (None: all); the others keep
+    their loaded values (``("G_deconv",)`` trains G's decoder and output, so a gated model's
+    gate, computed before them, decides exactly as the weights it started from did).
     ``field_deadzone`` and ``field_gate_threshold`` are how the model will ship
     (``fundus_batch.models.cofenet``): validation during training applies them, training not.
     """
@@ -119,6 +122,7 @@ class TrainConfig(Model):
     pixel_loss: PixelLoss = "l1"
     init_weights: str | None = None
     head_lr_scale: Annotated[Finite, Field(gt=0.0)] = 1.0
+    trainable: tuple[str, ...] | None = None
     field_deadzone: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.0
     field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = None
 

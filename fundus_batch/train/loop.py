@@ -164,6 +164,26 @@ def train(
             assert model.G_deconv1_0.bias is not None  # built with a bias
             torch.nn.init.zeros_(model.G_deconv1_0.bias)
     model = model.to(device)
+    # Frozen modules keep their normalisation statistics too (BatchNorm would update them).
+    frozen: list[torch.nn.Module] = []
+    if config.trainable is not None:
+        names = [n for n, _ in model.named_parameters() if n.startswith(config.trainable)]
+        if not names:
+            raise TrainError(f"trainable {list(config.trainable)} matches no parameter")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+        frozen = [
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters())
+        ]
+
+    def train_mode() -> None:
+        model.train()
+        for m in frozen:
+            m.eval()
+
     head = list(model.G_deconv1_0.parameters())
     body = [p for p in model.parameters() if all(p is not h for h in head)]
     optimizer = torch.optim.Adam(
@@ -209,6 +229,7 @@ def train(
             )
         finally:
             model.field_deadzone, model.field_gate_threshold = trained
+            train_mode()
         val_seconds[0] += report.seconds
         reports.append(report)
         log.info("step %d: validation (%.1fs)\n%s", at, report.seconds, report.table())
@@ -216,7 +237,7 @@ def train(
             on_val(report)
 
     n = len(train_source)
-    model.train()
+    train_mode()
     start_time = time.perf_counter()
     first_step = step
     running: list[float] = []

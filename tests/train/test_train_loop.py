@@ -123,6 +123,27 @@ def test_validation_during_training_applies_the_gate_decision_the_model_ships_wi
     assert shut.model.field_gate_threshold is None  # training itself goes on with the soft gate
 
 
+def test_training_only_the_decoder_keeps_every_other_weight_and_so_the_gate(
+    tmp_path: Path,
+) -> None:
+    gated = dict(residual=False, field_size=192, field_gate=True, lr=1e-2, steps=3)
+    source = DegradeSource(synth_samples(2, 192, disc=False), types=("001", "010"))
+    ckpt = str(tmp_path / "ckpt.pt")
+    before = state_copy(train(tiny_config(**gated, stop_at=1, checkpoint=ckpt), source).model)
+    decoder = tiny_config(**gated, checkpoint=ckpt, resume=True, trainable=("G_deconv",))
+    after = state_copy(train(decoder, source).model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # The gate reads only what comes before G's decoder (the vessel branch's BatchNorm
+    # statistics included): it decides as before.
+    assert changed and all(k.startswith("G_deconv") for k in changed)
+    assert "G_deconv1_0.weight" in changed
+
+
+def test_trainable_prefixes_that_match_no_parameter_are_refused() -> None:
+    with pytest.raises(TrainError, match="matches no parameter"):
+        train(tiny_config(trainable=("G_nothing",)), DegradeSource(synth_samples(1, 192)))
+
+
 def test_a_gate_threshold_without_a_gate_names_the_field() -> None:
     with pytest.raises(TrainError, match="field_gate_threshold"):
         tiny_config(field_gate_threshold=0.9)
