@@ -173,8 +173,8 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     Without a GPU stage every stage runs in that one pool, of whole-CPU actors that may take
     every CPU (reading and planning ask for none). A stage that declares a GPU (Enhance) gets
     its own pool, several actors to a GPU when the cluster has GPUs (:func:`gpu_actors_per_gpu`),
-    else CPU actors; the stages after
-    it run as light tasks, so the actor pools then leave CPU headroom for them.
+    else CPU actors; the stages after it run as light tasks, so the actor pools then leave CPU
+    headroom for them.
     """
     specs = stage_specs(config)
     split = next((i for i, s in enumerate(specs) if s.resources.num_gpus > 0), None)

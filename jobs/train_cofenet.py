@@ -38,7 +38,6 @@ try:
 except ImportError:  # running from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cv2
 import numpy as np
 import torch
 import yaml
@@ -46,6 +45,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from fundus_batch.degrade import TYPE_CODES
 from fundus_batch.degrade.presets import known_preset
+from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
 from fundus_batch.metrics.noref import NOREF_METRICS, noref_metrics
 from fundus_batch.models import build_cofenet, file_sha256, load_weights
 from fundus_batch.train import (
@@ -173,8 +173,6 @@ def pack_samples(root: Path, datasets: list[str], size: int, dest: Path) -> int:
     the exact working image, so a pack selects the same clean targets as the archive does.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    jpeg = [cv2.IMWRITE_JPEG_QUALITY, PACK_JPEG_QUALITY]
-    jpeg += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     images: list[dict[str, Any]] = []
     for dataset in datasets:
         for e in dataset_files(root, dataset):
@@ -187,11 +185,12 @@ def pack_samples(root: Path, datasets: list[str], size: int, dest: Path) -> int:
                 "mask": f"{stem}.mask.png",
                 "noref": noref_metrics(sample.image, sample.mask),
             }
-            cv2.imwrite(str(dest / entry["image"]), sample.image[..., ::-1], jpeg)
-            cv2.imwrite(str(dest / entry["mask"]), sample.mask)
+            jpeg = encode_jpeg(sample.image, PACK_JPEG_QUALITY, full_chroma=True)
+            (dest / entry["image"]).write_bytes(jpeg)
+            (dest / entry["mask"]).write_bytes(encode_png(sample.mask))
             if sample.vessels is not None:
                 entry["vessels"] = f"{stem}.vessels.png"
-                cv2.imwrite(str(dest / entry["vessels"]), sample.vessels)
+                (dest / entry["vessels"]).write_bytes(encode_png(sample.vessels))
             images.append(entry)
     index = {"working_size": size, "jpeg_quality": PACK_JPEG_QUALITY, "images": images}
     (dest / PACK_INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
@@ -199,16 +198,14 @@ def pack_samples(root: Path, datasets: list[str], size: int, dest: Path) -> int:
 
 
 def _packed_sample(root: Path, e: dict[str, Any], size: int) -> CleanSample:
-    mask = cv2.imread(str(root / e["mask"]), cv2.IMREAD_GRAYSCALE)
-    bgr = cv2.imread(str(root / e["image"]), cv2.IMREAD_COLOR)
-    if mask is None or bgr is None:
-        raise FileNotFoundError(f"pack {root}: cannot read {e['image']} or {e['mask']}")
+    def read(name: str) -> np.ndarray:
+        return decode_image((root / name).read_bytes())
+
+    mask = read(e["mask"])[..., 0]
     if mask.shape != (size, size):
         raise ValueError(f"pack {root} holds {mask.shape[0]} px images, not {size}")
-    image = np.where(mask[..., None] > 127, bgr[..., ::-1], 0).astype(np.uint8)
-    vessels = None
-    if "vessels" in e:
-        vessels = cv2.imread(str(root / e["vessels"]), cv2.IMREAD_GRAYSCALE)
+    image = np.where(mask[..., None] > 127, read(e["image"]), 0).astype(np.uint8)
+    vessels = read(e["vessels"])[..., 0] if "vessels" in e else None
     return CleanSample(e["image_id"], image, mask, vessels)
 
 

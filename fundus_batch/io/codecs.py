@@ -397,12 +397,16 @@ def encode_png(rgb_or_grey: np.ndarray, compression: int = 3, *, rle: bool = Tru
     return buf.tobytes()
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
-    """Baseline JPEG of an RGB or greyscale uint8 array at ``quality`` 1-100."""
+def encode_jpeg(rgb: np.ndarray, quality: int = 95, *, full_chroma: bool = False) -> bytes:
+    """Baseline JPEG of an RGB or greyscale uint8 array at ``quality`` 1-100 (chroma at half
+    resolution, 4:2:0, unless ``full_chroma``: 4:4:4)."""
     arr = _as_uint8_image(rgb, allow_alpha=False)
     if not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(f"JPEG quality must be an int in 1..100, got {quality!r}")
-    ok, buf = cv2.imencode(".jpg", _to_cv_order(arr), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    if full_chroma:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    ok, buf = cv2.imencode(".jpg", _to_cv_order(arr), params)
     if not ok:
         raise ValueError(f"OpenCV failed to encode a JPEG of shape {arr.shape}")
     return buf.tobytes()
