@@ -96,7 +96,8 @@ def config_dict(manifest: Path, out: Path, args: argparse.Namespace, size: int) 
         "size": size,
         "progress": False,
         "shard_rows": 1000,
-        "ray": {"num_cpus": args.cpus, "rows_per_block": args.rows_per_block},
+        "ray": {"num_cpus": args.cpus}
+        | ({"rows_per_block": args.rows_per_block} if args.rows_per_block else {}),
     }
 
 
@@ -595,7 +596,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="synthetic throughput size")
     parser.add_argument("--memory-size", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--rows-per-block", type=int, default=4)
+    parser.add_argument(
+        "--rows-per-block", type=int, default=None, help="default: the run config's (as the CLI)"
+    )
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--skip-steps", action="store_true")

@@ -29,9 +29,6 @@ from fundus_batch.stages import Chain, Resources, StageSpec, items_of, rows_of, 
 if TYPE_CHECKING:
     from fundus_batch.config import RunConfig
 
-# Manifest rows per planning batch (the workers' done-pair filter), before rows are cut into
-# blocks of ``ray.rows_per_block`` for the image stages.
-PLAN_ROWS = 2048
 # Reading and planning ask for no CPU: their tasks are light, and a planning task waits (holding
 # what it asked for) until the stages take its blocks, so any CPU it held could be the share
 # an actor of the stages needs on a small node, and the run would wait forever.
@@ -379,10 +376,12 @@ def build_dataset(
         list(scan.passthrough.names),
         schema,
     )
-    # Planning and the cut into blocks fuse into one light task that streams its blocks, so the
-    # first reach the image stages while the manifest is still being planned.
+    # Reading, planning (a whole read block at a time: a batch size would keep Ray Data from
+    # fusing them) and the cut into blocks fuse into one light task that streams its blocks, so
+    # the first reach the image stages while the manifest is still being read, and no worker
+    # process is started for planning alone.
     ds = read_manifest(scan, config)
-    ds = ds.map_batches(plan, batch_size=PLAN_ROWS, batch_format="pyarrow", num_cpus=PLAN_CPUS)
+    ds = ds.map_batches(plan, batch_size=None, batch_format="pyarrow", num_cpus=PLAN_CPUS)
     ds = _with_cpus(ds.repartition(target_num_rows_per_block=config.ray.rows_per_block), PLAN_CPUS)
     return apply_calls(ds, map_batches_calls(config, cluster, schema))
 

@@ -222,6 +222,41 @@ def test_the_real_map_batches_receives_the_planned_arguments(ray_cluster, tmp_pa
         assert (out / r["degraded_uri"]).is_file() and r["psnr_degraded"] > 10
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_reading_and_planning_the_manifest_fuse_into_one_task_before_the_stages(
+    ray_cluster, tmp_path, capsys, kind
+):
+    """Read, plan and the cut into blocks run as one task (one worker process, not three), then
+    the stages' actor pool; the fused plan still yields every pending pair."""
+    from fundus_batch.manifest_stream import KeySet, scan_manifest
+
+    frame = pa.table({"image_id": ["a", "b", "c"], "uri": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]})
+    path = tmp_path / f"m.{kind}"
+    if kind == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(frame, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(frame, path)
+    config = _config(manifest=str(path), out=str(tmp_path / "out"), variants=2)
+    scan = scan_manifest(str(path))
+    ds = ray_adapter.build_dataset(
+        scan, KeySet.of([]), SCHEMA, config, ClusterShape(cpus=2, gpus=0), [0, 1]
+    )
+    ds.explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    operators = [line.strip(" +-") for line in optimized.splitlines() if "[" in line]
+    reader = "ReadCSV" if kind == "csv" else "ReadParquet"
+    assert operators == [
+        "ActorPoolMapOperator[MapBatches(StageUDF)]",
+        f"TaskPoolMapOperator[{reader}->MapBatches(apply)->StreamingRepartition"
+        "[num_rows_per_block=8,strict=False]]",
+        "InputDataBuffer[Input]",
+    ], operators
+
+
 def test_stage_specs_are_checked_against_the_stage_signature():
     from fundus_batch.stages import StageSpec
 
