@@ -341,12 +341,6 @@ class JobConfig(BaseModel):
         description="photographs outside the quality bounds still train, as ones to leave alone"
         " (types without an illumination defect only; DegradeSource)",
     )
-    field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
-    field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = Field(
-        default=None,
-        description="shipped gated models apply the correction whole where the gate's sigmoid"
-        " reaches this, else not at all (None: scaled by the sigmoid)",
-    )
 
 
 def load_job(path: str | None) -> JobConfig:
@@ -363,12 +357,10 @@ def load_job(path: str | None) -> JobConfig:
 
     job = validate(JobConfig, data, error)
     try:  # the train section as it stands; CLI overrides are checked again in main
-        train = TrainConfig.from_dict(job.train)
+        TrainConfig.from_dict(job.train)
     except TrainError as exc:
         problems = exc.problems or [FieldProblem("", str(exc))]
         raise error([p._replace(field=f"train.{p.field}".rstrip(".")) for p in problems]) from None
-    if job.field_gate_threshold is not None and not train.field_gate:
-        raise error([FieldProblem("field_gate_threshold", "needs train.field_gate: true")])
     return job
 
 
@@ -501,8 +493,6 @@ def main(argv: list[str] | None = None) -> int:
             values["init_weights"] = str(
                 Path(__file__).resolve().parents[1] / values["init_weights"]
             )
-        values["field_deadzone"] = job.field_deadzone
-        values["field_gate_threshold"] = job.field_gate_threshold
         values["checkpoint"] = str(out / "checkpoint.pt")
         values["resume"] = args.resume
         values["val_at_end"] = False  # the job evaluates the saved (fp16) weights itself

@@ -55,10 +55,17 @@ def test_no_config_means_the_defaults(job: ModuleType) -> None:
         ({"data": {"holdout": {"drive": ["01"]}}}, "data.holdout.drive: bad key"),
         ({"quality": {"nr_luminance": [170.0, 45.0]}}, "quality.nr_luminance: low > high"),
         ({"quality": {"nr_luma": [1.0, 2.0]}}, "quality.nr_luma: bad key: unknown measure"),
-        ({"field_deadzone": -0.1}, "field_deadzone: Input should be greater than or equal to 0"),
+        (
+            {"train": {"field_deadzone": -0.1}},
+            "train.field_deadzone: Input should be greater than or equal to 0",
+        ),
+        ({"field_deadzone": 0.01}, "field_deadzone: unknown field"),
         ({"train": {"lr": 0.0}}, "train.lr: Input should be greater than 0 (got 0.0)"),
-        ({"field_gate_threshold": 0.9}, "field_gate_threshold: needs train.field_gate: true"),
-        ({"field_gate_threshold": 1.0}, "field_gate_threshold: Input should be less than 1"),
+        ({"train": {"field_gate_threshold": 0.9}}, "train.field_gate_threshold: needs field_gate"),
+        (
+            {"train": {"field_gate": True, "field_size": 192, "field_gate_threshold": 1.0}},
+            "train.field_gate_threshold: Input should be less than 1",
+        ),
         ({"train": {"widht": 0.5}}, "train.widht: unknown field (got 0.5)"),
         ([1, 2], "<root>: expected an object (got list)"),
     ],
@@ -105,3 +112,21 @@ def test_photographs_outside_the_quality_bounds_go_to_the_rejected_list(
     assert [s.image_id for s in job.load_samples(tmp_path, entries, 256, bounds)] == [
         "synth/bright"
     ]
+
+
+def test_the_shipped_recipe_builds_the_model_the_registry_describes(job: ModuleType) -> None:
+    """train_gated_warm.yaml (the v3 recipe) yields the shipped registry entry's architecture,
+    deadzone and gate threshold: the shipped settings are declared once, in the train section."""
+    import json
+
+    from fundus_batch.train import TrainConfig
+
+    path = REPO / "jobs" / "configs" / "train_gated_warm.yaml"
+    config = TrainConfig.from_dict(job.load_job(str(path)).train)
+    registry = json.loads((REPO / "fundus_batch" / "weights" / "registry.json").read_text())
+    [entry] = [e for e in registry["weights"] if e["name"] == "fundus-cofenet-small"]
+    model = job.inference_model(config)
+    keys = ("width", "residual", "field_size", "field_deadzone", "field_gate")
+    assert {k: getattr(config, k) for k in keys} == {k: entry[k] for k in keys}
+    assert config.field_gate_threshold == entry["field_gate_threshold"]
+    assert (model.field_deadzone, model.field_gate_threshold) == (0.00784, 0.95)
