@@ -29,6 +29,9 @@ from fundus_batch.stages import Chain, Resources, StageSpec, items_of, rows_of, 
 if TYPE_CHECKING:
     from fundus_batch.config import RunConfig
 
+# Manifest rows planned at a time (the workers' done-pair filter), before rows are cut into
+# blocks of ``ray.rows_per_block`` for the image stages.
+PLAN_ROWS = 2048
 # Reading and planning ask for no CPU: their tasks are light, and a planning task waits (holding
 # what it asked for) until the stages take its blocks, so any CPU it held could be the share
 # an actor of the stages needs on a small node, and the run would wait forever.
@@ -288,19 +291,22 @@ def apply_calls(ds: Any, calls: Sequence[MapBatchesCall]) -> Any:
 
 def _plan_udf(
     done_ref: Any, selected_ref: Any, variants: list[int], passthrough: list[str], schema: pa.Schema
-) -> Callable[[pa.Table], pa.Table]:
-    """Planning on the workers: manifest batch in, pending work rows out (the done set and the
-    ``--limit`` selection arrive through the object store, fetched once per task)."""
+) -> Callable[[pa.Table], Iterator[pa.Table]]:
+    """Planning on the workers: a read block of the manifest in, its pending work rows out,
+    ``PLAN_ROWS`` manifest rows at a time (the done set and the ``--limit`` selection arrive
+    through the object store, fetched once per task)."""
     narrow = pa.schema([schema.field(n) for n in (*PLANNED_COLUMNS, *passthrough)])
     sets: list[tuple[KeySet, KeySet | None]] = []
 
-    def apply(batch: pa.Table) -> pa.Table:
+    def apply(block: pa.Table) -> Iterator[pa.Table]:
         import ray
 
         if not sets:
             sets.append((ray.get(done_ref), ray.get(selected_ref)))
         done, selected = sets[0]
-        return to_table(plan_batch(batch, done, selected, variants, passthrough), narrow)
+        for start in range(0, block.num_rows, PLAN_ROWS):
+            batch = block.slice(start, PLAN_ROWS)
+            yield to_table(plan_batch(batch, done, selected, variants, passthrough), narrow)
 
     return apply
 
@@ -376,10 +382,10 @@ def build_dataset(
         list(scan.passthrough.names),
         schema,
     )
-    # Reading, planning (a whole read block at a time: a batch size would keep Ray Data from
-    # fusing them) and the cut into blocks fuse into one light task that streams its blocks, so
-    # the first reach the image stages while the manifest is still being read, and no worker
-    # process is started for planning alone.
+    # Reading, planning and the cut into blocks fuse into one light task that streams its
+    # blocks, so the first reach the image stages while the manifest is still being read, and no
+    # worker process is started for planning alone. The plan takes whole read blocks (a batch
+    # size would keep Ray Data from fusing it with the read) and yields PLAN_ROWS at a time.
     ds = read_manifest(scan, config)
     ds = ds.map_batches(plan, batch_size=None, batch_format="pyarrow", num_cpus=PLAN_CPUS)
     ds = _with_cpus(ds.repartition(target_num_rows_per_block=config.ray.rows_per_block), PLAN_CPUS)

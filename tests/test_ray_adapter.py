@@ -224,13 +224,16 @@ def test_the_real_map_batches_receives_the_planned_arguments(ray_cluster, tmp_pa
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_reading_and_planning_the_manifest_fuse_into_one_task_before_the_stages(
-    ray_cluster, tmp_path, capsys, kind
+    ray_cluster, tmp_path, capsys, monkeypatch, kind
 ):
     """Read, plan and the cut into blocks run as one task (one worker process, not three), then
-    the stages' actor pool; the fused plan still yields every pending pair."""
+    the stages' actor pool; planned PLAN_ROWS rows at a time, every pending pair comes out once
+    (here as a failed row: the files do not exist)."""
     from fundus_batch.manifest_stream import KeySet, scan_manifest
 
-    frame = pa.table({"image_id": ["a", "b", "c"], "uri": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]})
+    monkeypatch.setattr(ray_adapter, "PLAN_ROWS", 2)
+    ids = ["a", "b", "c", "d", "e"]
+    frame = pa.table({"image_id": ids, "uri": [f"/nowhere/{i}.jpg" for i in ids]})
     path = tmp_path / f"m.{kind}"
     if kind == "csv":
         import pyarrow.csv as pacsv
@@ -255,6 +258,11 @@ def test_reading_and_planning_the_manifest_fuse_into_one_task_before_the_stages(
         "[num_rows_per_block=8,strict=False]]",
         "InputDataBuffer[Input]",
     ], operators
+    rows = [r for t in ray_adapter.iter_tables(ds) for r in t.to_pylist()]
+    assert sorted((r["image_id"], r["variant"]) for r in rows) == [
+        (i, v) for i in ids for v in (0, 1)
+    ]
+    assert {(r["status"], r["failed_stage"]) for r in rows} == {("failed", "fetch")}
 
 
 def test_stage_specs_are_checked_against_the_stage_signature():
