@@ -38,7 +38,8 @@ import torch
 from fundus_batch.config import RunConfig
 from fundus_batch.models import build_cofenet
 from fundus_batch.pipeline import init_ray, run, shutdown
-from fundus_batch.ray_adapter import plan_pools
+from fundus_batch.ray_adapter import ClusterShape, plan_pools
+from fundus_batch.shards import read_frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inputs import synthetic_manifest
@@ -137,6 +138,32 @@ class GpuSampler:
         }
 
 
+def stage_load(out: Path, config: RunConfig, cluster: ClusterShape, run_s: float) -> dict[str, Any]:
+    """Where the run's time went, from the output's ``seconds_*`` columns (a row's time inside
+    each stage): ms per row of each stage, and for each actor pool the share of its actors'
+    time spent inside its stages (near 1: that pool bounds the run; well below: it waits).
+    Shares are given in enhance mode only: in pairs mode every variant row repeats its image's
+    fetch and preprocess seconds."""
+    frame = read_frame(str(out))
+    if frame is None or frame.empty:
+        return {"ms_per_row": {}, "pools": []}
+    cols = [c for c in frame.columns if c.startswith("seconds_") and frame[c].notna().any()]
+    totals = {c.removeprefix("seconds_"): float(frame[c].fillna(0.0).sum()) for c in cols}
+    pools = []
+    for pool in plan_pools(config, cluster):
+        names = [s.name for s in pool.specs]
+        busy = sum(totals.get(n, 0.0) for n in names)
+        share = busy / (pool.actors * run_s) if pool.actors and run_s > 0 else None
+        pools.append(
+            {
+                "stages": names,
+                "actors": pool.actors,
+                "busy_share": share if config.mode == "enhance" else None,
+            }
+        )
+    return {"ms_per_row": {k: v / len(frame) * 1e3 for k, v in totals.items()}, "pools": pools}
+
+
 def _fmt(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.1f}{unit}"
 
@@ -213,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             run_s = time.perf_counter() - start
             sampler.stop()
             shutdown()
+        load = stage_load(work / "out", config, cluster, run_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": rate,
         "images_per_s_with_start": summary.ok / (run_s + ray_start_s),
         "gpu": gpu,
+        "stage_load": load,
         "targets": {"images_per_s": IMAGES_PER_S_TARGET, "gpu_busy": BUSY_TARGET},
     }
     print(
@@ -257,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{_fmt(gpu.get('active_busy_mean'), '%')}, p50 {_fmt(gpu.get('active_busy_p50'), '%')}"
         f" (target >= {BUSY_TARGET:g}%)"
     )
+    per_stage = ", ".join(f"{k} {v:.1f}" for k, v in load["ms_per_row"].items())
+    print(f"ms per row inside each stage: {per_stage}")
+    for pool in load["pools"]:
+        share = pool["busy_share"]
+        print(
+            f"  pool {'+'.join(pool['stages'])}: "
+            + (f"{pool['actors']} actors" if pool["actors"] else "tasks")
+            + ("" if share is None else f", busy {share * 100:.0f} % of their time")
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -94,3 +94,22 @@ def test_cuda_sweep_reports_peak_gpu_memory(tmp_path: Path) -> None:
     assert enhance.main(argv) == 0
     rows = json.loads(out.read_text())["results"]
     assert rows and all(r["status"] == "ok" and r["peak_gpu_mib"] > 0 for r in rows)
+
+
+def test_pipeline_bench_on_the_cpu_reports_where_each_pool_spends_its_time(
+    tmp_path: Path,
+) -> None:
+    """Without a GPU the enhancement actors run on the CPU; the JSON still says how long a row
+    spends in each stage (enhance: decode, forward pass and encode) and how busy each pool was."""
+    out = tmp_path / "pipeline.json"
+    argv = ["--images", "4", "--size", "192", "--distinct", "2", "--cpus", "2"]
+    argv += ["--enhance-batch", "2", "--rows-per-block", "2", "--json", str(out)]
+    assert gpu_pipeline.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["rows_ok"] == 4 and doc["gpu"]["busy_mean"] is None
+    load = doc["stage_load"]
+    assert {"fetch", "preprocess", "enhance", "write"} <= set(load["ms_per_row"])
+    assert all(v > 0 for v in load["ms_per_row"].values())
+    pools = {tuple(p["stages"]): p for p in load["pools"]}
+    enhance_pool = pools[("enhance",)]
+    assert enhance_pool["actors"] >= 1 and 0 < enhance_pool["busy_share"] <= 1
