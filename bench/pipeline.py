@@ -329,17 +329,25 @@ def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, 
     every process it started, steady rows/s) of the Ray pipeline in a fresh driver process."""
     cfg_path = out.parent / f"{out.name}.json"
     cfg_path.write_text(json.dumps(cfg))
-    code = (
-        "import json, sys, time; from fundus_batch.config import build_config; "
-        "from fundus_batch import pipeline; "
-        f"c = build_config(json.load(open({str(cfg_path)!r})), 'bench'); "
-        "t0 = time.perf_counter(); pipeline.init_ray(c); "
-        "m = []; t = time.perf_counter(); "
-        "s = pipeline.run(c, progress=lambda n, _: m.append((time.perf_counter(), n))); "
-        "e = time.perf_counter(); "
-        "print(json.dumps({'seconds': e - t, 'startup': t - t0, 'ok': s.ok, "
-        "'rows': s.rows_in, 'marks': m}))"
-    )
+    # Ray's own lines go to a log file, as in the CLI; the JSON line goes to stdout after.
+    code = f"""
+import json, time
+from fundus_batch import pipeline
+from fundus_batch.config import build_config
+from fundus_batch.console import ray_output
+
+c = build_config(json.load(open({str(cfg_path)!r})), "bench")
+m = []
+with ray_output(False):
+    t0 = time.perf_counter()
+    pipeline.init_ray(c)
+    t = time.perf_counter()
+    s = pipeline.run(c, progress=lambda n, _: m.append((time.perf_counter(), n)))
+    e = time.perf_counter()
+    pipeline.shutdown()
+result = {{"seconds": e - t, "startup": t - t0, "ok": s.ok, "rows": s.rows_in, "marks": m}}
+print(json.dumps(result))
+"""
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=RAY_ENV
     )

@@ -29,6 +29,7 @@ from train_cofenet import dataset_files, quality_failures, read_config
 
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
+from fundus_batch.console import ray_output
 from fundus_batch.metrics import NOREF_METRICS, noref_metrics
 from fundus_batch.shards import read_frame
 from fundus_batch.train import load_clean_sample
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--weights", default="fundus-cofenet-small")
     parser.add_argument("--enhancer", choices=["cofenet", "classical"], default="cofenet")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own output")
     args = parser.parse_args()
     folder = args.shared / "data" / "cofenet_lq"
     images = sorted((folder / "image").glob("*.png"))[: args.limit]
@@ -87,7 +89,11 @@ def main() -> None:
             },
             "bench",
         )
-        summary = pipeline.run(config)
+        with ray_output(args.verbose) as console:  # Ray's lines go to a log file, as in the CLI
+            summary = pipeline.run(config)
+            pipeline.shutdown()
+        if console.log_path is not None:
+            print(f"(Ray's output: {console.log_path})")
         frame = read_frame(str(out))
         if frame is None:
             raise SystemExit(f"the run wrote no Parquet shards under {out / 'pairs'}")
