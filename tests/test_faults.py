@@ -44,8 +44,8 @@ class PausableProxy:
 
     During an outage every open connection is reset and new ones are accepted and reset at
     once, so clients see connection errors (what a network partition or a restarting endpoint
-    looks like) while the server behind keeps its state. ``outage_after(n, seconds)`` starts an
-    outage once ``n`` HTTP requests have gone through.
+    looks like) while the server behind keeps its state. ``outage_after(n, seconds, path)``
+    starts an outage once ``n`` HTTP requests for ``path`` have gone through.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -64,7 +64,8 @@ class PausableProxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
-        self._trigger: tuple[int, float] | None = None
+        self._trigger: tuple[int, float, bytes] | None = None
+        self._matched = 0
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
 
@@ -108,7 +109,7 @@ class PausableProxy:
                 if not data:
                     break
                 if count_requests and data[:4] in (b"GET ", b"PUT ", b"HEAD", b"POST", b"DELE"):
-                    self._count_request()
+                    self._count_request(data.split(b"\r\n", 1)[0])
                 dst.sendall(data)
         except OSError:
             pass
@@ -119,17 +120,23 @@ class PausableProxy:
                 self._open.discard(src)
                 self._open.discard(dst)
 
-    def _count_request(self) -> None:
+    def _count_request(self, request_line: bytes) -> None:
         with self._lock:
             self.requests += 1
             trigger = self._trigger
-            if trigger is None or self.requests < trigger[0]:
+            if trigger is None or trigger[2] not in request_line:
+                return
+            self._matched += 1
+            if self._matched < trigger[0]:
                 return
             self._trigger = None
         threading.Thread(target=self.outage, args=(trigger[1],), daemon=True).start()
 
-    def outage_after(self, requests: int, seconds: float) -> None:
-        self._trigger = (requests, seconds)
+    def outage_after(self, requests: int, seconds: float, path: bytes = b"") -> None:
+        """Start an outage of ``seconds`` once ``requests`` HTTP requests whose request line
+        contains ``path`` have gone through."""
+        self._matched = 0
+        self._trigger = (requests, seconds, path)
 
     def outage(self, seconds: float) -> None:
         """Drop every connection and refuse new ones for ``seconds`` (blocks)."""
@@ -248,7 +255,9 @@ def test_s3_endpoint_down_for_5_seconds_mid_run_loses_nothing(
     ray_cluster, tmp_path, s3_server, s3_bucket
 ):
     """Inputs and outputs on S3 behind a proxy that drops and refuses every connection for
-    5 s once the run is under way; storage retries carry the run through."""
+    5 s once the workers are reading the images (from their second read on, so the outage
+    falls within the run however long Ray takes to start); storage retries carry the run
+    through."""
     import s3fs
 
     upstream = int(s3_server["endpoint_url"].rsplit(":", 1)[1])
@@ -268,7 +277,7 @@ def test_s3_endpoint_down_for_5_seconds_mid_run_loses_nothing(
             "client_kwargs": {"endpoint_url": proxy.endpoint},
         }
         out = f"s3://{s3_bucket}/out"
-        proxy.outage_after(requests=6, seconds=5.0)
+        proxy.outage_after(requests=2, seconds=5.0, path=b"/raw/")
         summary = pipeline.run(_config(manifest, out, storage_options=options))
         finished = time.monotonic()
         assert proxy.outage_ended is not None and proxy.outage_ended < finished
