@@ -13,7 +13,8 @@
 # then, with the device tool:
 #   run(command="bash infra/device_train.sh", carry=["build/gpudata"], timeout_s=480)
 # $OUT gets <run>.pt (fp16 weights), train_logs.tar.gz (logs, eval and registry JSON) and
-# summary.txt. Test here on the CPU: OUT=/tmp/t RUNS=hrf PROBE=2 BUDGET=60 bash infra/device_train.sh
+# summary.txt. RUNS, CONFIG, PROBE, BUDGET and INIT_FOLDS (see launch) are settings.
+# Test here on the CPU: OUT=/tmp/t RUNS=hrf PROBE=2 BUDGET=60 bash infra/device_train.sh
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,11 +47,19 @@ fi
 } > "$OUT/summary.txt"
 
 launch() {  # launch RUN ARGS...: one run in the background, into $WORK/RUN
-    local run=$1 hold=()
+    local run=$1 hold=() init=()
     shift
     [[ $run != all ]] && hold=(--holdout-source "$run")
+    # INIT_FOLDS: a fold starts from $INIT_FOLDS/fold-RUN's weights (the config's are the
+    # all-source model's), e.g. jobs/weights/folds for training v3 further.
+    if [[ -n ${INIT_FOLDS:-} && $run != all ]]; then
+        local weights
+        weights=$(ls "$INIT_FOLDS/fold-$run"/*.pt 2>/dev/null | head -n 1)
+        [[ -z $weights ]] && { echo "no weights in $INIT_FOLDS/fold-$run" >> "$WORK/$run.out"; return; }
+        init=(--init-weights "$weights")
+    fi
     "$PY" jobs/train_cofenet.py --config "$CONFIG" --data-root "$PACK" --out "$WORK/$run" \
-        "${hold[@]}" "$@" >> "$WORK/$run.out" 2>&1 &
+        "${hold[@]}" "${init[@]}" "$@" >> "$WORK/$run.out" 2>&1 &
 }
 
 for run in $RUNS; do launch "$run" --steps 1000000 --stop-at "$PROBE"; done

@@ -429,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         "--init-weights",
         help="state dict to start from (relative paths: to the repository; '' for none)",
     )
+    parser.add_argument(
+        "--init-head",
+        choices=("zero", "keep"),
+        help="G's output conv from --init-weights: zeroed (default) or kept (train further)",
+    )
     parser.add_argument("--loss-scale", choices=LOSS_SCALES)
     parser.add_argument(
         "--trainable", help="comma-separated parameter-name prefixes that train (default: all)"
@@ -479,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "init": args.init,
             "init_weights": args.init_weights,
+            "init_head": args.init_head,
             "loss_scale": args.loss_scale,
             "val_every": args.val_every,
             "num_threads": args.threads,

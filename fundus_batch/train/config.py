@@ -69,9 +69,11 @@ class TrainConfig(Model):
     (``fundus_batch.models.cofenet``); train such a model on whole images (``size`` = the
     working size). ``pixel_loss`` is ``l1`` (the reference) or ``mse`` (what PSNR measures).
     ``init_weights`` names a state dict of the same architecture to start from (after ``init``);
-    for a ``field_size`` model the output conv of G is zeroed again, since its output means a
-    correction there, and a ``field_gate`` model may start from weights without a gate (it
-    starts undecided). ``head_lr_scale`` multiplies the learning rate of that output conv.
+    for a ``field_size`` model the output conv of G is zeroed again (``init_head: zero``),
+    since its output means a correction there, unless ``init_head`` is ``keep`` (the weights
+    are a model of the same head, trained further), and a ``field_gate`` model may start from
+    weights without a gate (it starts undecided). ``head_lr_scale`` multiplies the learning
+    rate of that output conv.
     ``field_gate`` adds the smooth-correction head's global gate, trained as the module
     docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term.
     ``trainable`` lists the parameter-name prefixes that train (None: all); the others keep
@@ -121,6 +123,7 @@ class TrainConfig(Model):
     loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01
     pixel_loss: PixelLoss = "l1"
     init_weights: str | None = None
+    init_head: Literal["zero", "keep"] = "zero"
     head_lr_scale: Annotated[Finite, Field(gt=0.0)] = 1.0
     trainable: tuple[str, ...] | None = None
     field_deadzone: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.0
@@ -138,6 +141,13 @@ class TrainConfig(Model):
     def _threshold_needs_the_gate(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and not info.data.get("field_gate"):
             raise ValueError("needs field_gate")
+        return value
+
+    @field_validator("init_head")
+    @classmethod
+    def _keeping_the_head_needs_weights(cls, value: str, info: ValidationInfo) -> str:
+        if value == "keep" and not info.data.get("init_weights"):
+            raise ValueError("keep needs init_weights")
         return value
 
     @field_validator("resume")

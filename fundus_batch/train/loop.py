@@ -159,7 +159,7 @@ def train(
                     state.setdefault(key, value)
         load_weights(model, state)
         model.train()
-        if config.field_size is not None:
+        if config.field_size is not None and config.init_head == "zero":
             torch.nn.init.zeros_(model.G_deconv1_0.weight)
             assert model.G_deconv1_0.bias is not None  # built with a bias
             torch.nn.init.zeros_(model.G_deconv1_0.bias)

@@ -139,6 +139,32 @@ def test_training_only_the_decoder_keeps_every_other_weight_and_so_the_gate(
     assert "G_deconv1_0.weight" in changed
 
 
+@pytest.mark.parametrize("init_head", ["zero", "keep"])
+def test_init_head_keeps_or_zeroes_the_output_conv_of_the_weights_started_from(
+    tmp_path: Path, init_head: str
+) -> None:
+    """Starting a field model from weights of the same head: ``keep`` continues from their
+    correction, ``zero`` (the default) starts from none (G's output conv frozen here, so what
+    it holds after training is what it started with)."""
+    field = dict(residual=False, field_size=192)
+    source = DegradeSource(synth_samples(1, 192, disc=False), types=("001",))
+    first = train(tiny_config(**field, lr=1e-2, steps=2), source).model
+    weights = tmp_path / "first.pt"
+    torch.save(first.state_dict(), weights)
+    start = state_copy(first)["G_deconv1_0.weight"]
+    assert start.abs().sum() > 0
+    config = tiny_config(
+        **field, steps=1, init_weights=str(weights), init_head=init_head, trainable=("G_conv1",)
+    )
+    after = state_copy(train(config, source).model)["G_deconv1_0.weight"]
+    assert torch.equal(after, start) if init_head == "keep" else not after.any()
+
+
+def test_keeping_the_init_head_without_init_weights_names_the_field() -> None:
+    with pytest.raises(TrainError, match="init_head"):
+        tiny_config(init_head="keep")
+
+
 def test_trainable_prefixes_that_match_no_parameter_are_refused() -> None:
     with pytest.raises(TrainError, match="matches no parameter"):
         train(tiny_config(trainable=("G_nothing",)), DegradeSource(synth_samples(1, 192)))
