@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
-from train_cofenet import dataset_files
+from train_cofenet import dataset_files, load_samples
 
 from fundus_batch.classical import ClassicalEnhancer
 from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
@@ -38,7 +38,7 @@ from fundus_batch.metrics.harm import new_error_share
 from fundus_batch.metrics.reference import psnr, ssim
 from fundus_batch.metrics.vessels import segment_and_score
 from fundus_batch.models import WeightsEntry, model_for_entry
-from fundus_batch.train import enhance_images, load_clean_sample
+from fundus_batch.train import enhance_images
 
 REPO = Path(__file__).resolve().parents[1]
 ILLUMINATION = ("001", "011", "101", "111")
@@ -71,13 +71,7 @@ def score_fold(folder: Path, data_root: Path) -> dict[str, Any]:
             entry = next(
                 e for e in dataset_files(data_root, dataset) if e["image_id"] == entry["image_id"]
             )
-        sample = load_clean_sample(
-            entry["image_id"],
-            data_root / entry["image"],
-            size,
-            vessels_path=data_root / entry["vessels"] if "vessels" in entry else None,
-            mask_path=data_root / entry["mask"] if "mask" in entry else None,
-        )
+        sample = load_samples(data_root, [entry], size)[0]
         fov = sample.mask > 127
         degraded = [
             degrade(sample.image, sample.mask, t, sample_rng(seed, sample.image_id, i), preset)[0]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -14,6 +17,19 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUNDUS_BATCH_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="module")
+def job() -> ModuleType:
+    """jobs/train_cofenet.py imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "train_cofenet", REPO / "jobs" / "train_cofenet.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_cofenet", module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -11,18 +9,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def job() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "train_cofenet", REPO / "jobs" / "train_cofenet.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("train_cofenet", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "jobs" / "configs").glob("train*.yaml"))
