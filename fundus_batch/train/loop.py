@@ -256,45 +256,47 @@ def train(
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if config.prefetch else None
     ahead: Future[Batch] | None = None
-    while step < end:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
-        if pool is None:
-            batch = batch_at(step).to(device)
-        else:
-            batch = (ahead.result() if ahead is not None else batch_at(step)).to(device)
-            ahead = pool.submit(batch_at, step + 1) if step + 1 < end else None
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            teacher = batch.illumination if config.field_gate else None
-            outputs = model(batch.degraded, gate=teacher)
-        loss, terms = cofenet_loss(model, outputs, batch, config)
-        if not torch.isfinite(loss):
-            raise TrainError(f"loss is not finite at step {step}: {terms}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        running.append(float(loss.detach()))
-        if step % config.log_every == 0 or step == end:
-            mean = float(np.mean(running))
-            history.append([float(step), mean])
-            running = []
-            elapsed = time.perf_counter() - start_time - val_seconds[0]
-            log.info(
-                "step %d/%d loss %.5f (%s) lr %.2e %.2fs/step",
-                step,
-                total,
-                mean,
-                ", ".join(f"{k} {v:.4f}" for k, v in terms.items()),
-                optimizer.param_groups[0]["lr"],
-                elapsed / (step - first_step),
-            )
-        if config.checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
-        if val_items and config.val_every and step % config.val_every == 0 and step < end:
-            validate(step)
-    if pool is not None:
-        pool.shutdown()
+    try:
+        while step < end:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
+            if pool is None:
+                batch = batch_at(step).to(device)
+            else:
+                batch = (ahead.result() if ahead is not None else batch_at(step)).to(device)
+                ahead = pool.submit(batch_at, step + 1) if step + 1 < end else None
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                teacher = batch.illumination if config.field_gate else None
+                outputs = model(batch.degraded, gate=teacher)
+            loss, terms = cofenet_loss(model, outputs, batch, config)
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss is not finite at step {step}: {terms}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running.append(float(loss.detach()))
+            if step % config.log_every == 0 or step == end:
+                mean = float(np.mean(running))
+                history.append([float(step), mean])
+                running = []
+                elapsed = time.perf_counter() - start_time - val_seconds[0]
+                log.info(
+                    "step %d/%d loss %.5f (%s) lr %.2e %.2fs/step",
+                    step,
+                    total,
+                    mean,
+                    ", ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                    optimizer.param_groups[0]["lr"],
+                    elapsed / (step - first_step),
+                )
+            if config.checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
+                _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
+            if val_items and config.val_every and step % config.val_every == 0 and step < end:
+                validate(step)
+    finally:  # a failed step leaves no batch being built behind it
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - start_time - val_seconds[0]
     if config.checkpoint:
         _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)

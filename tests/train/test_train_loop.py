@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +111,27 @@ def test_prefetching_the_next_batch_in_a_thread_gives_the_same_weights() -> None
     serial = state_copy(train(tiny_config(steps=3), source).model)
     ahead = state_copy(train(tiny_config(steps=3, prefetch=True), source).model)
     assert all(torch.equal(serial[k], ahead[k]) for k in serial)
+
+
+class _FailingSource(DegradeSource):
+    """A source whose ``fail_at``-th training item (counted from 0) raises."""
+
+    def __init__(self, *args: Any, fail_at: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_at, self.calls = fail_at, 0
+
+    def train_item(self, index: int, rng: np.random.Generator) -> Any:
+        self.calls += 1
+        if self.calls > self.fail_at:
+            raise OSError("photograph unreadable")
+        return super().train_item(index, rng)
+
+
+def test_a_batch_that_fails_to_build_stops_training_and_its_prefetch_thread() -> None:
+    source = _FailingSource(synth_samples(3, 192), fail_at=4)  # batch_size 2: the third batch
+    with pytest.raises(OSError, match="unreadable"):
+        train(tiny_config(steps=5, prefetch=True), source)
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
 
 
 def test_validation_during_training_applies_the_gate_decision_the_model_ships_with() -> None:
