@@ -12,8 +12,9 @@
 #       typing_extensions* typing_inspection*)    # for cp312, as infra/device_pack.sh fetches
 # then, with the device tool:
 #   run(command="bash infra/device_train.sh", carry=["build/gpudata"], timeout_s=480)
-# $OUT gets <run>.pt (fp16 weights), train_logs.tar.gz (logs, eval and registry JSON) and
-# summary.txt. RUNS, CONFIG, PROBE, BUDGET and INIT_FOLDS (see launch) are settings.
+# $OUT gets <run>.pt (fp16 weights), train_logs.tar.gz (logs, eval and registry JSON),
+# summary.txt and, where they fit the device's limits, <run>.checkpoint.pt (resume a run here:
+# copy it to <out>/checkpoint.pt and pass --resume with a larger --steps). RUNS, CONFIG, PROBE, BUDGET and INIT_FOLDS (see launch) are settings.
 # Test here on the CPU: OUT=/tmp/t RUNS=hrf PROBE=2 BUDGET=60 bash infra/device_train.sh
 set -uo pipefail
 
@@ -78,9 +79,24 @@ echo "probe: $((SECONDS - START)) s, slowest ${slowest} s/step with all runs on 
 for run in $RUNS; do launch "$run" --steps "$STEPS" --resume; done
 wait
 
+# The device returns at most 8 files of at most 16 MiB: each run's weights, the logs and the
+# summary first, then the runs' checkpoints, in RUNS order, while they fit (the decoder
+# recipe's are 12 MB; a whole-model checkpoint, 31 MB, stays on the device).
+files=2
+for run in $RUNS; do files=$((files + 1)); done
 for run in $RUNS; do
     weights=$(ls "$WORK/$run"/*.pt 2>/dev/null | grep -v checkpoint.pt | head -n 1)
     [[ -n $weights ]] && cp "$weights" "$OUT/$run.pt"
+    ckpt="$WORK/$run/checkpoint.pt"
+    if [[ -f $ckpt ]]; then
+        size=$(stat -c %s "$ckpt")
+        if ((size < 16 * 1024 * 1024 && files < 8)); then
+            cp "$ckpt" "$OUT/$run.checkpoint.pt" && files=$((files + 1))
+        else
+            echo "$run: checkpoint ($((size / 1048576)) MiB) not brought back (16 MiB, 8 files)" \
+                >> "$OUT/summary.txt"
+        fi
+    fi
     {
         echo "== $run"
         grep -E "resumed|done:" "$WORK/$run/train.log" | tail -n 2
