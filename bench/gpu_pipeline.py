@@ -36,6 +36,7 @@ except ImportError:
 import torch
 
 from fundus_batch.config import RunConfig
+from fundus_batch.console import ray_output
 from fundus_batch.models import build_cofenet
 from fundus_batch.pipeline import init_ray, run, shutdown
 from fundus_batch.ray_adapter import ClusterShape, plan_pools
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-ms", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own output on the console")
     args = parser.parse_args(argv)
     if args.images < 1:
         raise SystemExit(f"--images: must be >= 1, got {args.images}")
@@ -229,17 +231,26 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
         )
-        start = time.perf_counter()
-        cluster = init_ray(config)
-        ray_start_s = time.perf_counter() - start
-        sampler = GpuSampler(args.sample_ms).start()
-        start = time.perf_counter()
+        log_path: Path | None = None
         try:
-            summary = run(config)
-        finally:
-            run_s = time.perf_counter() - start
-            sampler.stop()
-            shutdown()
+            with ray_output(args.verbose) as console:  # Ray's lines go to a file, as in the CLI
+                log_path = console.log_path
+                start = time.perf_counter()
+                cluster = init_ray(config)
+                ray_start_s = time.perf_counter() - start
+                sampler = GpuSampler(args.sample_ms).start()
+                start = time.perf_counter()
+                try:
+                    summary = run(config)
+                finally:
+                    run_s = time.perf_counter() - start
+                    sampler.stop()
+                    shutdown()
+        except BaseException:
+            if log_path is not None and log_path.is_file():  # the device keeps no files
+                tail = log_path.read_text(errors="replace").splitlines()[-40:]
+                print(f"Ray's output ({log_path}), last lines:", *tail, sep="\n", file=sys.stderr)
+            raise
         load = stage_load(work / "out", config, cluster, run_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)

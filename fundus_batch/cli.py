@@ -295,28 +295,17 @@ def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> None:
     """Run the pipeline with a live progress bar; Ray's own output goes to a log file unless
     ``verbose``."""
     from fundus_batch import pipeline
-    from fundus_batch.console import ProgressBar, ray_output
+    from fundus_batch.console import run_on_console
 
-    log_path: Path | None = None
-    try:
-        with ray_output(verbose) as console:
-            log_path = console.log_path
-            bar = ProgressBar(console.stream) if config.progress else None
-            try:
-                summary = pipeline.run(config, progress=bar.update if bar else None)
-            finally:
-                if bar is not None:
-                    bar.close()
-    except BaseException:
-        if log_path is not None and log_path.is_file() and log_path.stat().st_size:
-            click.echo(f"Ray's output: {log_path}", err=True)
-        raise
+    summary, log_path = run_on_console(
+        lambda progress: pipeline.run(config, progress=progress),
+        verbose=verbose,
+        progress=config.progress,
+        say=lambda line: click.echo(line, err=True),
+    )
     _print_summary(summary)
-    if log_path is not None and log_path.is_file():
-        if log_path.stat().st_size:
-            click.echo(f"ray log           {log_path}")
-        else:
-            log_path.unlink()
+    if log_path is not None:
+        click.echo(f"ray log           {log_path}")
     if fidelity:
         _print_fidelity(summary.out, config.out_storage_options)
     if not summary.complete:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 
 def _clock_text(seconds: float) -> str:
@@ -186,3 +186,38 @@ def ray_output(verbose: bool) -> Iterator[Console]:
             os.close(copy)
         os.close(log_fd)
         console.close()
+
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]
+
+
+def run_on_console(
+    run: Callable[[Progress | None], T],
+    *,
+    verbose: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[T, Path | None]:
+    """``run(progress)`` with Ray's output in a log file unless ``verbose`` and, if
+    ``progress``, a live bar on the console. Returns ``run``'s result and the log file (None
+    when verbose or when Ray wrote nothing: the empty file is removed). When ``run`` raises,
+    ``say`` tells where Ray's output went first."""
+    log_path: Path | None = None
+    try:
+        with ray_output(verbose) as console:
+            log_path = console.log_path
+            bar = ProgressBar(console.stream) if progress else None
+            try:
+                result = run(bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except BaseException:
+        if log_path is not None and log_path.is_file() and log_path.stat().st_size:
+            say(f"Ray's output: {log_path}")
+        raise
+    if log_path is not None and log_path.is_file() and not log_path.stat().st_size:
+        log_path.unlink()
+        log_path = None
+    return result, log_path

@@ -8,11 +8,16 @@ import sys
 
 from fundus_batch import pipeline
 from fundus_batch.config import ConfigError, RunConfig, load_config
+from fundus_batch.console import run_on_console
 from fundus_batch.manifest import ManifestError
 
 
 def job_main(argv: list[str] | None, description: str, mode: str | None = None) -> int:
     """Parse ``--config`` (+ overrides), run the pipeline, print a JSON summary.
+
+    As in the CLI, Ray's own output goes to a log file on the driver's node unless
+    ``--verbose`` (the summary's ``ray_log`` names it), and the config's ``progress`` prints a
+    progress line every few seconds to the job log.
 
     Exit codes: 0 when every manifest row is accounted for, 1 when the run is incomplete,
     2 when the config or manifest is rejected before any work starts.
@@ -24,11 +29,19 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
         parser.add_argument(f"--{name}", help=f"overrides the config: {fields[name].description}")
     limit = fields["limit"].description
     parser.add_argument("--limit", type=int, help=f"overrides the config: {limit}")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Ray's own output in the job log, not a file"
+    )
     args = parser.parse_args(argv)
     overrides = {"manifest": args.manifest, "out": args.out, "limit": args.limit, "mode": mode}
     try:
         config = load_config(args.config, overrides)
-        summary = pipeline.run(config)
+        summary, log_path = run_on_console(
+            lambda progress: pipeline.run(config, progress=progress),
+            verbose=args.verbose,
+            progress=config.progress,
+            say=lambda line: print(line, file=sys.stderr),
+        )
     except (ConfigError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -43,6 +56,7 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
                 "done_before": summary.done_before,
                 "complete": summary.complete,
                 "seconds": round(summary.seconds, 1),
+                "ray_log": str(log_path) if log_path is not None else None,
             }
         )
     )

@@ -134,3 +134,54 @@ def test_verbose_leaves_ray_output_on_the_console():
         assert needle in proc.stderr, needle
     assert "forwarded worker output" in proc.stdout
     assert proc.stdout.strip().endswith("log: None")
+
+
+RUN_SCRIPT = """
+import os, sys
+from fundus_batch.console import run_on_console
+
+def run(progress):
+    if {noisy}:
+        os.write(2, b"ray noise\\n")
+    progress(0, 2)
+    progress(2, 2)
+    if {fail}:
+        raise RuntimeError("the run failed")
+    return "result"
+
+try:
+    result, log = run_on_console(run, verbose=False, progress=True, say=print)
+    print("returned", result, log)
+except RuntimeError as exc:
+    print("raised", exc)
+"""
+
+
+def _run_on_console(*, noisy: bool, fail: bool) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", RUN_SCRIPT.format(noisy=noisy, fail=fail)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def test_run_on_console_shows_the_bar_and_names_the_log_only_when_ray_wrote_one():
+    noisy = _run_on_console(noisy=True, fail=False)
+    assert "rows 2/2 100%" in noisy.stderr and "ray noise" not in noisy.stderr
+    log = Path(noisy.stdout.split("returned result ", 1)[1].strip())
+    assert log.read_text() == "ray noise\n"
+    log.unlink()
+    quiet = _run_on_console(noisy=False, fail=False)
+    assert quiet.stdout.strip() == "returned result None"  # the empty log file is removed
+
+
+def test_run_on_console_says_where_ray_output_went_when_the_run_fails():
+    proc = _run_on_console(noisy=True, fail=True)
+    said, raised = proc.stdout.strip().splitlines()[-2:]
+    assert said.startswith("Ray's output: ") and raised == "raised the run failed"
+    log = Path(said.removeprefix("Ray's output: "))
+    assert log.read_text() == "ray noise\n"
+    log.unlink()

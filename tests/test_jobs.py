@@ -61,7 +61,7 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
     config = tmp_path / "job.yaml"
     config.write_text(
         f"manifest: {manifest}\nout: {out}\nvariants: 2\nsize: 256\n"
-        "progress: false\nray: {rows_per_block: 2}\n"
+        "progress: true\nray: {rows_per_block: 2}\n"
     )
     runtime_env = {"excludes": [".venv", ".git", "out", "demo-out", "*.egg-info"]}
     submit = [
@@ -95,6 +95,10 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
     assert "succeeded" in (done.stdout + done.stderr).lower(), log
     summary = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith('{"out"')))
     assert summary["complete"] and summary["rows_in"] == 10
+    # The job log holds the run's progress lines; Ray's own lines went to the file it names.
+    assert "rows 10/10 100%" in done.stdout, log
+    assert "Connecting to existing Ray cluster" not in done.stdout, log
+    assert "Connecting to existing Ray cluster" in Path(summary["ray_log"]).read_text()
     assert (summary["ok"], summary["failed"]) == (6, 4)
     df = pq.read_table(str(out / "pairs")).to_pandas()
     assert len(df) == 10 and not df.duplicated(["image_id", "variant"]).any()

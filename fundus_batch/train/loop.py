@@ -290,7 +290,11 @@ def train(
                     optimizer.param_groups[0]["lr"],
                     elapsed / (step - first_step),
                 )
-            if config.checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
+            if (
+                config.checkpoint
+                and config.checkpoint_every
+                and step % config.checkpoint_every == 0
+            ):
                 _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
             if val_items and config.val_every and step % config.val_every == 0 and step < end:
                 validate(step)
