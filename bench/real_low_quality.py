@@ -29,8 +29,9 @@ from train_cofenet import dataset_files, quality_failures, read_config
 
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
-from fundus_batch.console import ray_output
+from fundus_batch.console import Progress, run_on_console
 from fundus_batch.metrics import NOREF_METRICS, noref_metrics
+from fundus_batch.pipeline import RunSummary
 from fundus_batch.shards import read_frame
 from fundus_batch.train import load_clean_sample
 
@@ -89,11 +90,19 @@ def main() -> None:
             },
             "bench",
         )
-        with ray_output(args.verbose) as console:  # Ray's lines go to a log file, as in the CLI
-            summary = pipeline.run(config)
-            pipeline.shutdown()
-        if console.log_path is not None:
-            print(f"(Ray's output: {console.log_path})")
+
+        def run_once(progress: Progress | None) -> RunSummary:
+            try:
+                return pipeline.run(config, progress=progress)
+            finally:
+                pipeline.shutdown()
+
+        # Ray's lines go to a log file, as in the CLI
+        summary, log_path = run_on_console(
+            run_once, verbose=args.verbose, progress=False, say=print
+        )
+        if log_path is not None:
+            print(f"(Ray's output: {log_path})")
         frame = read_frame(str(out))
         if frame is None:
             raise SystemExit(f"the run wrote no Parquet shards under {out / 'pairs'}")
