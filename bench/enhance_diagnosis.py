@@ -10,7 +10,10 @@ replayed with steps left out (``replay(..., skip=...)``). Printed per type, as m
   target (only the draw's global colour jitter: the ceiling of a model trained with
   ``keep_colour``), and of the degradation without its halo or without its hole;
 - the share of the squared error the enhancer removed (against the colour-kept target) in the
-  pixels only the halo moved and in the pixels only the hole moved (by more than 2 grey levels).
+  pixels only the halo moved and in the pixels only the hole moved (by more than 2 grey levels);
+- the new-error share (``fundus_batch.metrics.harm``, in % of FOV pixels) against the clean
+  photograph and against the colour-kept target, and where the new-error pixels lie: the share
+  of them in pixels only the halo moved, only the hole moved, both, or neither.
 
 Needs ``../shared``; prints a line and exits 0 without it.
 """
@@ -27,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_batch.degrade import TYPE_CODES, degrade, replay, sample_rng
+from fundus_batch.metrics.harm import NEW_ERROR_LEVELS, new_error_share
 from fundus_batch.metrics.reference import psnr
 from fundus_batch.models import WeightsEntry, model_for_entry
 from fundus_batch.train import enhance_images, load_clean_sample
@@ -49,6 +53,28 @@ def _removed(
 
 def _moved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2) > MOVED
+
+
+def _new_error(enhanced: np.ndarray, degraded: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """The pixels ``new_error_share`` counts, as a map."""
+    ref = clean.astype(np.int16)
+    worse = np.abs(enhanced.astype(np.int16) - ref) - np.abs(degraded.astype(np.int16) - ref)
+    return (worse > NEW_ERROR_LEVELS).any(axis=2)
+
+
+def _where(new: np.ndarray, halo: np.ndarray, hole: np.ndarray) -> dict[str, float]:
+    """Shares of the new-error pixels ``new`` in each region (NaN where there are none)."""
+    regions = {
+        "new_in_halo_only": halo & ~hole,
+        "new_in_hole_only": hole & ~halo,
+        "new_in_both": halo & hole,
+        "new_in_neither": ~halo & ~hole,
+    }
+    count = int(new.sum())
+    return {
+        key: (float((new & region).sum()) / count if count else float("nan"))
+        for key, region in regions.items()
+    }
 
 
 def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, float]]:
@@ -77,6 +103,7 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
             hole_only = _moved(replay(image, mask, record, skip=("halo", "spots", "blur")), target)
             enhanced = enhance_images(model, [degraded], batch_size=1)[0]
             enhanced = np.where(fov[..., None], enhanced, 0).astype(np.uint8)
+            new = _new_error(enhanced, degraded, image) & fov
             rows[code].append(
                 {
                     "psnr_degraded": psnr(degraded, image, fov),
@@ -90,6 +117,10 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
                     "hole_error_removed": _removed(
                         enhanced, degraded, target, hole_only & ~halo_only & fov
                     ),
+                    "new_error_pct": 100 * new_error_share(enhanced, degraded, image, mask),
+                    "new_error_vs_colour_kept_pct": 100
+                    * new_error_share(enhanced, degraded, target, mask),
+                    **_where(new, halo_only, hole_only),
                 }
             )
     return {
