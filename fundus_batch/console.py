@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+T = TypeVar("T")
+Progress = Callable[[int, int], None]  # (rows done, rows in all)
+
 
 def _clock_text(seconds: float) -> str:
     hours, rest = divmod(round(seconds), 3600)
@@ -186,10 +189,6 @@ def ray_output(verbose: bool) -> Iterator[Console]:
             os.close(copy)
         os.close(log_fd)
         console.close()
-
-
-T = TypeVar("T")
-Progress = Callable[[int, int], None]
 
 
 def run_on_console(

@@ -14,7 +14,8 @@
 #   run(command="bash infra/device_train.sh", carry=["build/gpudata"], timeout_s=480)
 # $OUT gets <run>.pt (fp16 weights), train_logs.tar.gz (logs, eval and registry JSON),
 # summary.txt and, where they fit the device's limits, <run>.checkpoint.pt (resume a run here:
-# copy it to <out>/checkpoint.pt and pass --resume with a larger --steps). RUNS, CONFIG, PROBE, BUDGET and INIT_FOLDS (see launch) are settings.
+# copy it to <out>/checkpoint.pt and pass --resume with a larger --steps). RUNS, CONFIG,
+# PROBE, BUDGET and INIT_FOLDS (see launch) are settings.
 # Test here on the CPU: OUT=/tmp/t RUNS=hrf PROBE=2 BUDGET=60 bash infra/device_train.sh
 set -uo pipefail
 
