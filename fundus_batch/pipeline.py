@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fundus_batch import ray_adapter, run_settings
 from fundus_batch.config import RunConfig
+from fundus_batch.console import Progress
 from fundus_batch.io import storage
 from fundus_batch.lease import OutLease
 from fundus_batch.manifest_stream import ManifestScan, done_keys, scan_manifest
@@ -52,7 +52,7 @@ def run_variants(config: RunConfig) -> list[int]:
     return list(range(config.variants)) if config.mode == "pairs" else [-1]
 
 
-def run(config: RunConfig, *, progress: Callable[[int, int], None] | None = None) -> RunSummary:
+def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
     """Run the pipeline described by ``config``; resumes whatever ``config.out`` already holds."""
     started = time.time()
     # One streaming pass: a bad row is rejected here, before any work, naming line and field.
@@ -94,7 +94,7 @@ def _run_leased(
     lease: OutLease,
     settings: dict[str, Any],
     started: float,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> RunSummary:
     """The run itself, once this process holds the OUT lease."""
     previous = store.read_json(RUN_JSON)
