@@ -13,9 +13,11 @@ network runs on the input resized to N x N and G's output is read as an additive
 ``tanh(G)``, smoothed inside a Gaussian window of ``field_sigma`` network pixels and resized to
 the input size: ``enhanced = clamp(input + correction, 0, 1)``; ``field_deadzone`` (in [0, 1]
 units) shrinks every correction by that much towards zero, so a photograph that needs only a
-slight change is returned unchanged. The input's own detail passes through untouched, so the
-head can undo smooth illumination defects (halo, dark disc, colour cast) but cannot paint speckle
-or blotches finer than the window, and any working size that is a multiple of 32 works.
+slight change is returned unchanged; ``field_scale`` multiplies the correction before that (1:
+as trained; the model card measures smaller ones, which trade gain for fewer new errors). The
+input's own detail passes through untouched, so the head can undo smooth illumination defects
+(halo, dark disc, colour cast) but cannot paint speckle or blotches finer than the window, and any
+working size that is a multiple of 32 works.
 
 ``field_gate=True`` (with ``field``) adds a global gate to that head: a linear layer on the mean
 and maximum of G's deepest features gives one logit per image and pass, and each pass's
@@ -252,6 +254,7 @@ class CofeNet(nn.Module):
         field_deadzone: float = 0.0,
         field_gate: bool = False,
         field_gate_threshold: float | None = None,
+        field_scale: float = 1.0,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -271,6 +274,8 @@ class CofeNet(nn.Module):
                 raise ValueError(f"field_sigma must be > 0, got {field_sigma}")
             if not (math.isfinite(field_deadzone) and 0.0 <= field_deadzone < 0.5):
                 raise ValueError(f"field_deadzone must be in [0, 0.5), got {field_deadzone}")
+            if not (math.isfinite(field_scale) and field_scale > 0):
+                raise ValueError(f"field_scale must be > 0, got {field_scale}")
         if field_gate and field is None:
             raise ValueError("field_gate needs the smooth-correction head (field)")
         if field_gate_threshold is not None:
@@ -286,6 +291,7 @@ class CofeNet(nn.Module):
         self.field = None if field is None else int(field)
         self.field_sigma = float(field_sigma)
         self.field_deadzone = float(field_deadzone)
+        self.field_scale = float(field_scale)
         self.field_gate = bool(field_gate)
         self.field_gate_threshold = (
             None if field_gate_threshold is None else float(field_gate_threshold)
@@ -516,6 +522,8 @@ class CofeNet(nn.Module):
 
     def _add_correction(self, correction: Tensor, image: Tensor) -> Tensor:
         up = F.interpolate(correction, size=image.shape[2:], mode="bilinear", align_corners=False)
+        if self.field_scale != 1.0:
+            up = up * self.field_scale
         if self.field_deadzone > 0:  # corrections this small are shading, not a defect
             up = torch.sign(up) * (up.abs() - self.field_deadzone).clamp_min(0.0)
         return (image + up).clamp(0.0, 1.0)

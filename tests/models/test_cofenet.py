@@ -507,6 +507,20 @@ def test_field_deadzone_drops_small_corrections_and_shrinks_large_ones() -> None
     assert torch.allclose(shrunk, image - 8 / 255, atol=1e-6)
 
 
+def test_field_scale_multiplies_the_correction_before_the_deadzone() -> None:
+    model = _field_model()
+    model.field_deadzone, model.field_scale = 2 / 255, 0.5
+    image = torch.full((1, 3, 64, 64), 0.5)
+    assert torch.equal(model._add_correction(torch.full((1, 3, 8, 8), 3 / 255), image), image)
+    scaled = model._add_correction(torch.full((1, 3, 8, 8), -10 / 255), image)
+    assert torch.allclose(scaled, image - 3 / 255, atol=1e-6)  # -10 * 0.5, then 2 levels off
+
+
+def test_field_scale_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="field_scale must be > 0"):
+        CofeNet(DEFAULT_VARIANT, width=0.25, field=192, field_scale=0.0)
+
+
 # ------------------------------------------------------------------ the field head's gate
 
 
