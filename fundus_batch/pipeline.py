@@ -152,17 +152,17 @@ def _run_leased(
     if todo:
         if progress is not None:
             progress(0, todo)  # the bar appears before Ray starts, not with the first block
-        cluster = ray_adapter.init_ray(config)
-        ray_adapter.configure_data_context()
-        run_info["cluster"] = asdict(cluster)
-        ds = ray_adapter.build_dataset(scan, done, schema, config, cluster, variants)
-        seen = 0
-        for batch in ray_adapter.iter_tables(ds):
-            writer.add(batch)
-            counts.add(batch)
-            seen += batch.num_rows
-            if progress is not None:
-                progress(seen, todo)
+        with ray_adapter.connected(config) as cluster:
+            ray_adapter.configure_data_context()
+            run_info["cluster"] = asdict(cluster)
+            ds = ray_adapter.build_dataset(scan, done, schema, config, cluster, variants)
+            seen = 0
+            for batch in ray_adapter.iter_tables(ds):
+                writer.add(batch)
+                counts.add(batch)
+                seen += batch.num_rows
+                if progress is not None:
+                    progress(seen, todo)
         writer.close()
     # Counts cover the whole output, including rows that earlier runs committed.
     final = Counts(rows_in=expected)

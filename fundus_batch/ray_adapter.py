@@ -12,6 +12,7 @@ functions that need it, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -88,6 +89,22 @@ def configure_data_context() -> None:
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
     ctx.execution_options.preserve_order = False
+
+
+@contextlib.contextmanager
+def connected(config: RunConfig) -> Iterator[ClusterShape]:
+    """Ray for one run: :func:`init_ray` unless this process is connected already, and on exit
+    a disconnect (a local instance stops) only if the connection was made here, so that Ray's
+    last messages come out while the caller's console settings still hold."""
+    import ray
+
+    here = not ray.is_initialized()
+    cluster = init_ray(config)
+    try:
+        yield cluster
+    finally:
+        if here:
+            ray.shutdown()
 
 
 def shutdown() -> None:

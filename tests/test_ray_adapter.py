@@ -4,6 +4,9 @@ the arguments that reach Ray Data, and that no other module imports Ray."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +277,33 @@ def test_stage_specs_are_checked_against_the_stage_signature():
     assert spec.name == "preprocess" and spec.resources == Preprocess.resources
     stage = spec.build()
     assert isinstance(stage, Preprocess) and stage.size == 128
+
+
+RUN_ALONE = """
+import ray
+from fundus_batch.config import build_config
+from fundus_batch.ray_adapter import connected
+
+config = build_config({"manifest": "m.csv", "out": "o", "ray": {"num_cpus": 1}}, "test")
+with connected(config) as cluster:
+    inside = ray.is_initialized()
+print(inside, ray.is_initialized(), cluster.cpus)
+"""
+
+
+def test_a_run_that_connected_to_ray_disconnects_at_its_end() -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_ALONE], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "False", "1.0"]
+
+
+def test_a_run_inside_an_existing_connection_leaves_it_open(ray_cluster: None) -> None:
+    import ray
+
+    with ray_adapter.connected(_config()) as cluster:
+        assert cluster.gpus == 1.0  # the fixture's instance, not a new one
+    assert ray.is_initialized()
