@@ -29,9 +29,8 @@ from train_cofenet import dataset_files, quality_failures, read_config
 
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
-from fundus_batch.console import Progress, run_on_console
+from fundus_batch.console import run_on_console
 from fundus_batch.metrics import NOREF_METRICS, noref_metrics
-from fundus_batch.pipeline import RunSummary
 from fundus_batch.shards import read_frame
 from fundus_batch.train import load_clean_sample
 
@@ -91,15 +90,12 @@ def main() -> None:
             "bench",
         )
 
-        def run_once(progress: Progress | None) -> RunSummary:
-            try:
-                return pipeline.run(config, progress=progress)
-            finally:
-                pipeline.shutdown()
-
-        # Ray's lines go to a log file, as in the CLI
+        # Ray's lines go to a log file, as in the CLI; the run stops the Ray it started
         summary, log_path = run_on_console(
-            run_once, verbose=args.verbose, progress=False, say=print
+            lambda progress: pipeline.run(config, progress=progress),
+            verbose=args.verbose,
+            progress=False,
+            say=print,
         )
         if log_path is not None:
             print(f"(Ray's output: {log_path})")
