@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_batch.degrade import TYPE_CODES, degrade, replay, sample_rng
-from fundus_batch.metrics.harm import NEW_ERROR_LEVELS, new_error_share
+from fundus_batch.metrics.harm import new_error_map, new_error_share
 from fundus_batch.metrics.reference import psnr
 from fundus_batch.models import WeightsEntry, model_for_entry
 from fundus_batch.train import enhance_images, load_clean_sample
@@ -53,13 +53,6 @@ def _removed(
 
 def _moved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2) > MOVED
-
-
-def _new_error(enhanced: np.ndarray, degraded: np.ndarray, clean: np.ndarray) -> np.ndarray:
-    """The pixels ``new_error_share`` counts, as a map."""
-    ref = clean.astype(np.int16)
-    worse = np.abs(enhanced.astype(np.int16) - ref) - np.abs(degraded.astype(np.int16) - ref)
-    return (worse > NEW_ERROR_LEVELS).any(axis=2)
 
 
 def _where(new: np.ndarray, halo: np.ndarray, hole: np.ndarray) -> dict[str, float]:
@@ -103,7 +96,7 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
             hole_only = _moved(replay(image, mask, record, skip=("halo", "spots", "blur")), target)
             enhanced = enhance_images(model, [degraded], batch_size=1)[0]
             enhanced = np.where(fov[..., None], enhanced, 0).astype(np.uint8)
-            new = _new_error(enhanced, degraded, image) & fov
+            new = new_error_map(enhanced, degraded, image) & fov
             rows[code].append(
                 {
                     "psnr_degraded": psnr(degraded, image, fov),

@@ -102,15 +102,20 @@ print("after the run; log:", path)
 NOISE = ("native noise", "python noise", "deprecated noise", "ray data noise")
 
 
-def _run_script(verbose: bool) -> subprocess.CompletedProcess[str]:
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter whose stdout and stderr are real file descriptors."""
     return subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(verbose=verbose)],
+        [sys.executable, "-c", code],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
+
+
+def _run_script(verbose: bool) -> subprocess.CompletedProcess[str]:
+    return _python(SCRIPT.format(verbose=verbose))
 
 
 def test_ray_output_goes_to_a_log_file_and_ours_to_the_console():
@@ -158,14 +163,7 @@ except RuntimeError as exc:
 
 
 def _run_on_console(*, noisy: bool, fail: bool) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", RUN_SCRIPT.format(noisy=noisy, fail=fail)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    return _python(RUN_SCRIPT.format(noisy=noisy, fail=fail))
 
 
 def test_run_on_console_shows_the_bar_and_names_the_log_only_when_ray_wrote_one():

@@ -9,15 +9,14 @@ from fundus_batch.metrics.reference import check_image, check_mask
 NEW_ERROR_LEVELS = 40
 
 
-def new_error_share(
+def new_error_map(
     enhanced: np.ndarray,
     degraded: np.ndarray,
     clean: np.ndarray,
-    mask: np.ndarray,
     levels: int = NEW_ERROR_LEVELS,
-) -> float:
-    """Share of FOV pixels where |enhanced - clean| exceeds |degraded - clean| by more than
-    ``levels`` grey levels in any channel (RGB uint8 images of one size, HxW mask)."""
+) -> np.ndarray:
+    """HxW bool: where |enhanced - clean| exceeds |degraded - clean| by more than ``levels``
+    grey levels in any channel (RGB uint8 images of one size)."""
     enhanced = check_image(enhanced, "enhanced")
     degraded = check_image(degraded, "degraded")
     clean = check_image(clean, "clean")
@@ -26,8 +25,19 @@ def new_error_share(
             f"shapes differ: enhanced {enhanced.shape}, degraded {degraded.shape}, "
             f"clean {clean.shape}"
         )
-    fov = check_mask(mask, clean.shape)
     ref = clean.astype(np.int16)
     worse = np.abs(enhanced.astype(np.int16) - ref) - np.abs(degraded.astype(np.int16) - ref)
-    hit = (worse > levels).any(axis=2)
+    return (worse > levels).any(axis=2)
+
+
+def new_error_share(
+    enhanced: np.ndarray,
+    degraded: np.ndarray,
+    clean: np.ndarray,
+    mask: np.ndarray,
+    levels: int = NEW_ERROR_LEVELS,
+) -> float:
+    """Share of FOV pixels of :func:`new_error_map` (HxW mask)."""
+    hit = new_error_map(enhanced, degraded, clean, levels)
+    fov = check_mask(mask, hit.shape)
     return float(hit[fov].mean())
