@@ -5,19 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from fundus_batch import pipeline
+from fundus_batch import outpaths, pipeline
 from fundus_batch.config import ConfigError, RunConfig, load_config
 from fundus_batch.console import run_on_console
+from fundus_batch.io import storage
 from fundus_batch.manifest import ManifestError
+
+LOG_FOLDER = "logs"
+
+
+def keep_ray_log(config: RunConfig, out: str, log_path: Path) -> str:
+    """Copy Ray's log file of the run to ``OUT/logs/`` (credentials redacted, as in every log
+    the project writes) and return its URI there.
+
+    A job's driver writes it to the head node's temporary folder, which goes with the node (a
+    KubeRay head pod); in OUT it stays beside the rows it explains.
+    """
+    uri = storage.join(out, LOG_FOLDER, log_path.name)
+    outpaths.check_local_target(out, uri)
+    text = storage.redact(log_path.read_text(encoding="utf-8", errors="replace"))
+    storage.write_bytes(uri, text.encode(), storage_options=config.out_storage_options)
+    return uri
 
 
 def job_main(argv: list[str] | None, description: str, mode: str | None = None) -> int:
     """Parse ``--config`` (+ overrides), run the pipeline, print a JSON summary.
 
     As in the CLI, Ray's own output goes to a log file on the driver's node unless
-    ``--verbose`` (the summary's ``ray_log`` names it), and the config's ``progress`` prints a
-    progress line every few seconds to the job log.
+    ``--verbose``; after the run it is copied to ``OUT/logs/`` (:func:`keep_ray_log`; the
+    summary's ``ray_log`` names the copy, or the node's file when copying failed). The config's
+    ``progress`` prints a progress line every few seconds to the job log.
 
     Exit codes: 0 when every manifest row is accounted for, 1 when the run is incomplete,
     2 when the config or manifest is rejected before any work starts.
@@ -45,6 +64,14 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
     except (ConfigError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    ray_log = None
+    if log_path is not None:
+        ray_log = str(log_path)
+        try:
+            ray_log = keep_ray_log(config, summary.out, log_path)
+        except Exception as exc:  # the run's result stands; only its log stays on the node
+            reason = storage.redact(f"{type(exc).__name__}: {exc}")
+            print(f"warning: Ray's log stays at {log_path}: {reason}", file=sys.stderr)
     print(
         json.dumps(
             {
@@ -56,7 +83,7 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
                 "done_before": summary.done_before,
                 "complete": summary.complete,
                 "seconds": round(summary.seconds, 1),
-                "ray_log": str(log_path) if log_path is not None else None,
+                "ray_log": ray_log,
             }
         )
     )

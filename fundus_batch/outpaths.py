@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # The entries a run writes directly under OUT; none of them may be a link elsewhere.
-TOP_LEVEL = ("images", "pairs", "run.json")
+TOP_LEVEL = ("images", "pairs", "run.json", "logs")
 
 
 class OutsideOutError(ValueError):
@@ -148,8 +148,8 @@ def check_local_target(out: str, uri: str) -> None:
 
 
 def check_out_root(out: str) -> None:
-    """Refuse to run on a local OUT whose ``images``, ``pairs`` or ``run.json`` is a symbolic
-    link (object stores: nothing to check)."""
+    """Refuse to run on a local OUT whose ``images``, ``pairs``, ``run.json`` or ``logs`` is a
+    symbolic link (object stores: nothing to check)."""
     if not _is_local(out):
         return
     base = _local_path(out)

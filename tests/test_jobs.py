@@ -14,6 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fundus_batch import jobs, outpaths
+from fundus_batch.config import build_config
+from fundus_batch.io import storage
 from tests.pipeline_inputs import write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +98,13 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
     assert "succeeded" in (done.stdout + done.stderr).lower(), log
     summary = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith('{"out"')))
     assert summary["complete"] and summary["rows_in"] == 10
-    # The job log holds the run's progress lines; Ray's own lines went to the file it names.
+    # The job log holds the run's progress lines; Ray's own lines went to a file, copied into
+    # OUT/logs so that it outlives the head node.
     assert "rows 10/10 100%" in done.stdout, log
     assert "Connecting to existing Ray cluster" not in done.stdout, log
-    assert "Connecting to existing Ray cluster" in Path(summary["ray_log"]).read_text()
+    ray_log = Path(summary["ray_log"])
+    assert ray_log.parent == out / "logs", summary
+    assert "Connecting to existing Ray cluster" in ray_log.read_text()
     assert (summary["ok"], summary["failed"]) == (6, 4)
     df = pq.read_table(str(out / "pairs")).to_pandas()
     assert len(df) == 10 and not df.duplicated(["image_id", "variant"]).any()
@@ -115,3 +121,43 @@ def test_job_script_rejects_a_bad_config_before_any_work(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "variants" in done.stderr
+
+
+def _log_file(tmp_path: Path) -> Path:
+    log = tmp_path / "node-tmp" / "ray-20261201T000000-42.log"
+    log.parent.mkdir()
+    log.write_text(
+        "(raylet) a line only Ray's log holds\n"
+        "GET https://b.s3.amazonaws.com/k?X-Amz-Signature=deadbeefcafe&X-Amz-Expires=60\n"
+    )
+    return log
+
+
+def test_ray_log_is_copied_into_out_logs_on_local_disk(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config = build_config({"manifest": "m.csv", "out": str(out)}, "test")
+    uri = jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+    assert Path(uri) == out / "logs" / "ray-20261201T000000-42.log"
+    text = Path(uri).read_text()
+    assert "a line only Ray's log holds" in text
+    assert "deadbeefcafe" not in text and "X-Amz-Signature" in text  # redacted, as every log
+
+
+def test_ray_log_is_copied_into_out_logs_on_s3(tmp_path: Path, s3_server, s3_bucket) -> None:
+    so = s3_server["storage_options"]
+    out = f"s3://{s3_bucket}/run"
+    config = build_config({"manifest": "m.csv", "out": out, "storage_options": so}, "test")
+    uri = jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+    assert uri == f"{out}/logs/ray-20261201T000000-42.log"
+    assert b"a line only Ray's log holds" in storage.read_bytes(uri, storage_options=so)
+
+
+def test_ray_log_is_not_written_through_a_symlinked_logs_folder(tmp_path: Path) -> None:
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.mkdir()
+    (out / "logs").symlink_to(victim, target_is_directory=True)
+    config = build_config({"manifest": "m.csv", "out": str(out)}, "test")
+    with pytest.raises(outpaths.OutsideOutError, match="symbolic link"):
+        jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+    assert list(victim.iterdir()) == []

@@ -88,7 +88,7 @@ def _config(manifest: Path, out: str | Path, **extra):
     return build_config(data, "test")
 
 
-@pytest.mark.parametrize("name", ["pairs", "images", "run.json"])
+@pytest.mark.parametrize("name", ["pairs", "images", "run.json", "logs"])
 def test_a_run_on_an_out_with_a_symlinked_top_level_entry_refuses_before_work(
     tmp_path: Path, name: str
 ) -> None:
