@@ -12,8 +12,8 @@
    ``--big`` synthetic images divided by that of a run over ``--small`` (target <= 1.3).
 
 It also prints where one image's CPU time goes (``steps``: each step timed in-process, no Ray,
-on ``--steps-images`` EyePACS photographs) and the per-stage CPU seconds per image from the
-Ray output's ``seconds_*`` columns.
+one OpenCV thread as in a stage actor, on ``--steps-images`` EyePACS photographs) and the
+per-stage CPU seconds per image from the Ray output's ``seconds_*`` columns.
 
     python bench/pipeline.py                                   # everything
     python bench/pipeline.py --skip-memory --skip-throughput   # steps + floor ratio
@@ -479,18 +479,19 @@ class Timer:
 
 
 def profile_steps(paths: list[Path], size: int = 512, seed: int = 0) -> dict[str, float]:
-    """CPU seconds per image of each step of one image's work (one variant, metrics on)."""
+    """CPU seconds per image of each step of one image's work (one variant, metrics on), on
+    one OpenCV thread as in a one-CPU stage actor (``ray_adapter.StageUDF``)."""
     from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
     from fundus_batch.fov import _detect, crop_to_fov
-    from fundus_batch.imaging import decode_mask
     from fundus_batch.metrics import METRIC_VERSION, noref_metrics, reference_context
     from fundus_batch.schema import to_table, work_schema
     from fundus_batch.stages import choose_type
 
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     t = Timer()
     schema = work_schema()
     blank = dict.fromkeys(schema.names)
-    decoders = (decode_image, decode_mask, decode_image)
     for path in paths:
         image_id = path.stem
         raw = t("read file", path.read_bytes)
@@ -506,13 +507,11 @@ def profile_steps(paths: list[Path], size: int = 512, seed: int = 0) -> dict[str
         )
         t("record to JSON", lambda r: (r.to_json(), r.flat_summary()), record)
         degraded_png = t("PNG encode degraded", encode_png, degraded)
-        pngs = (clean_png, mask_png, degraded_png)
         ctx = t("no-reference context (from the mask)", noref_mask_context, mask, image.shape)
         nr_clean = t("no-reference metrics clean", noref_metrics, image, None, context=ctx)
         nr_deg = t("no-reference metrics degraded", noref_metrics, degraded, None, context=ctx)
         ref = t("full-reference context (clean)", reference_context, image, mask)
         fr = t("full-reference metrics (variant)", ref.metrics, degraded)
-        t(REDECODE, lambda pngs: [f(b) for f, b in zip(decoders, pngs, strict=True)], pngs)
         row = {
             "image_id": image_id,
             "variant": 0,
@@ -529,8 +528,9 @@ def profile_steps(paths: list[Path], size: int = 512, seed: int = 0) -> dict[str
             **record.flat_summary(),
         }
         full = {**blank, **row}
-        table = t(TO_ARROW, lambda r: [to_table([r], schema) for _ in range(3)], full)
-        t(FROM_ARROW, lambda tb: [tb.to_pylist() for _ in range(3)], table[0])
+        table = t(TO_ARROW, to_table, [full], schema)
+        t(FROM_ARROW, table.to_pylist)
+    cv2.setNumThreads(threads)
     return {k: v / len(paths) for k, v in t.seconds.items()}
 
 
@@ -545,9 +545,8 @@ def noref_mask_context(mask: np.ndarray, shape: tuple[int, ...]) -> Any:
 
 
 FLOOR_ONLY = "(floor only: resize the whole frame to 512)"
-REDECODE = "PNG decode clean + mask + degraded (today's chained stages)"
-TO_ARROW = "row -> Arrow (x3 stage boundaries)"
-FROM_ARROW = "Arrow -> row (x3 stage boundaries)"
+TO_ARROW = "row -> Arrow (the actor's output block)"
+FROM_ARROW = "Arrow -> row (the actor's input block)"
 FLOOR_STEPS = (
     "read file",
     "reduced JPEG decode",
@@ -572,20 +571,16 @@ def steps_section(args: argparse.Namespace) -> None:
     for name, seconds in per.items():
         print(f"  {name:<62} {seconds * 1e3:7.1f} ms")
     floor = sum(per[k] for k in FLOOR_STEPS)
-    today = sum(v for k, v in per.items() if k != FLOOR_ONLY)
-    # arrays kept in the worker: no re-decode, one Arrow conversion (at the write) instead of 3
-    kept = today - per[REDECODE] - 2 / 3 * (per[TO_ARROW] + per[FROM_ARROW])
-    print(f"  {'pipeline total (today: bytes between stages)':<62} {today * 1e3:7.1f} ms")
-    print(f"  {'pipeline total (arrays kept between stages)':<62} {kept * 1e3:7.1f} ms")
+    chain = sum(v for k, v in per.items() if k != FLOOR_ONLY)
+    print(f"  {'pipeline total (the stage chain)':<62} {chain * 1e3:7.1f} ms")
     print(f"  {'floor total':<62} {floor * 1e3:7.1f} ms")
     n, startup = args.floor_images, args.startup
-    for label, cpu in (("today", today), ("arrays kept", kept)):
-        bound = (cpu * n / args.cpus + startup) / (floor * n / args.cpus)
-        print(
-            f"  CPU-bound lower limit of the floor ratio, {label}: {cpu / floor:.2f} without "
-            f"start-up, {bound:.2f} with {startup:.0f} s of it at {n} images on {args.cpus} CPUs "
-            "(no Ray overhead counted)"
-        )
+    bound = (chain * n / args.cpus + startup) / (floor * n / args.cpus)
+    print(
+        f"  CPU-bound lower limit of the floor ratio: {chain / floor:.2f} without start-up, "
+        f"{bound:.2f} with {startup:.0f} s of it at {n} images on {args.cpus} CPUs (no Ray "
+        "overhead counted)"
+    )
 
 
 def main() -> None:
