@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -98,80 +98,162 @@ class Enhance(RowsCallable):
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
 
+    def _forward(self, images: list[np.ndarray]) -> tuple[Any, Any]:
+        """Queue the network on one chunk of RGB uint8 images of one size: (the enhanced
+        chunk, N x H x W x 3 uint8 on the model's device, unmasked; the network's outputs)."""
+        import torch
+
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.to(self.device)
+        with torch.inference_mode():
+            if self.device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    outputs = self.model(x)
+            else:
+                outputs = self.model(x)
+            y = self.model.enhanced(outputs).float().clamp_(0, 1)
+            y = y.mul_(255.0).round_().to(torch.uint8)
+        return y.permute(0, 2, 3, 1), outputs
+
     def run_model(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list | None]:
         """Run the network on RGB uint8 images of one size.
 
         Returns the enhanced images (RGB uint8, unmasked) and, for variants with a vessel
         branch, the vessel probability maps of the inputs (HxW float32), else None.
         """
-        import torch
-
         enhanced: list[np.ndarray] = []
         vessels: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = np.stack(images[start : start + self.batch_size])
-            x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
-            x = x.to(self.device)
-            with torch.inference_mode():
-                if self.device == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        outputs = self.model(x)
-                else:
-                    outputs = self.model(x)
-                y = self.model.enhanced(outputs).float().clamp_(0, 1)
-                y = y.mul_(255.0).round_().to(torch.uint8)
-                v = self.model.vessel(outputs)
-                if v is not None:
-                    vessels.extend(v.float()[:, 0].cpu().numpy())
-            enhanced.extend(y.permute(0, 2, 3, 1).cpu().numpy())
+            y, outputs = self._forward(images[start : start + self.batch_size])
+            v = self.model.vessel(outputs)
+            if v is not None:
+                vessels.extend(v.float()[:, 0].cpu().numpy())
+            enhanced.extend(y.cpu().numpy())
         return enhanced, (vessels or None)
+
+    def _launch(self, images: list[np.ndarray]) -> _Launched:
+        """Queue one chunk and its copy to the host: on CUDA both run while the CPU goes on."""
+        import torch
+
+        y, _ = self._forward(images)
+        if self.device != "cuda":
+            return _Launched(y, None)
+        host = torch.empty(y.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(y, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(host, done)
 
     def enhance_arrays(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Enhance RGB uint8 images of one size; returns RGB uint8 images (unmasked)."""
         return self.run_model(images)[0]
 
     def process(self, batch: Batch) -> Batch:
-        """Enhance every ok item; ``seconds_enhance`` is a row's whole time in the stage: decoding
-        its inputs, its share of the forward pass and encoding its output."""
-        todo: list[tuple[Item, np.ndarray, np.ndarray]] = []
-        seconds: dict[int, float] = {}
+        """Enhance every ok item, in chunks of up to ``batch_size`` consecutive images of one
+        size.
+
+        The CPU and the GPU work at once: while a chunk is on the GPU, the next chunk's inputs
+        are decoded and the previous chunk's outputs masked and encoded. ``seconds_enhance`` is
+        a row's whole time in the stage: decoding its inputs, its share of its chunk's forward
+        pass (the wait for it included) and encoding its output.
+        """
+        pending: _Chunk | None = None
+        filling: list[_Entry] = []
         for item in batch:
             if not item.ok:
                 continue
             start = time.perf_counter()
             try:
-                todo.append((item, item.image(self.source_role), item.image("mask")))
+                entry = _Entry(item, item.image(self.source_role), item.image("mask"))
             except Exception as exc:
                 item.fail(self.name, exc)
-            seconds[id(item)] = time.perf_counter() - start
-        # Batch images of equal size together.
-        by_shape: dict[tuple[int, ...], list[tuple[Item, np.ndarray, np.ndarray]]] = {}
-        for entry in todo:
-            by_shape.setdefault(entry[1].shape, []).append(entry)
-        for group in by_shape.values():
-            start = time.perf_counter()
-            try:
-                enhanced, _ = self.run_model([img for _, img, _ in group])
-                results = [
-                    np.where(mask[..., None] > 0, out, 0).astype(np.uint8)
-                    for (_, _, mask), out in zip(group, enhanced, strict=True)
-                ]
-            except Exception as exc:
-                for item, _, _ in group:
-                    item.fail(self.name, exc)
                 continue
-            per_row = (time.perf_counter() - start) / len(group)
-            for (item, _, _), result in zip(group, results, strict=True):
-                start = time.perf_counter()
-                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
-                item.row["model_name"] = self.model_name
-                item.row["model_sha256"] = self.model_sha256
-                item.row["enhance_device"] = self.device
-                item.row["seconds_enhance"] = (
-                    seconds[id(item)] + per_row + time.perf_counter() - start
-                )
+            entry.seconds = time.perf_counter() - start
+            if filling and (
+                len(filling) == self.batch_size or entry.image.shape != filling[0].image.shape
+            ):
+                pending = self._next(filling, pending)
+                filling = []
+            filling.append(entry)
+        if filling:
+            pending = self._next(filling, pending)
+        if pending is not None:
+            self._finish(pending)
         return batch
+
+    def _next(self, entries: list[_Entry], pending: _Chunk | None) -> _Chunk:
+        """Queue ``entries`` on the model, then finish the chunk queued before them."""
+        start = time.perf_counter()
+        launched: _Launched | Exception
+        try:
+            launched = self._launch([e.image for e in entries])
+        except Exception as exc:
+            launched = exc
+        current = _Chunk(entries, launched, time.perf_counter() - start)
+        if pending is not None:
+            self._finish(pending)
+        return current
+
+    def _finish(self, chunk: _Chunk) -> None:
+        """Wait for the chunk's outputs, mask them to the FOV and encode them."""
+        start = time.perf_counter()
+        try:
+            if isinstance(chunk.launched, Exception):
+                raise chunk.launched
+            enhanced = chunk.launched.result()
+        except Exception as exc:
+            for entry in chunk.entries:
+                entry.item.fail(self.name, exc)
+            return
+        shared = (chunk.seconds + time.perf_counter() - start) / len(chunk.entries)
+        for entry, out in zip(chunk.entries, enhanced, strict=True):
+            start = time.perf_counter()
+            item = entry.item
+            try:
+                result = np.where(entry.mask[..., None] > 0, out, 0).astype(np.uint8)
+                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
+            except Exception as exc:
+                item.fail(self.name, exc)
+                continue
+            item.row["model_name"] = self.model_name
+            item.row["model_sha256"] = self.model_sha256
+            item.row["enhance_device"] = self.device
+            item.row["seconds_enhance"] = entry.seconds + shared + time.perf_counter() - start
+
+
+@dataclass
+class _Entry:
+    """An item to enhance, its decoded input and FOV mask, and the seconds spent decoding."""
+
+    item: Item
+    image: np.ndarray
+    mask: np.ndarray
+    seconds: float = 0.0
+
+
+@dataclass
+class _Launched:
+    """A chunk's enhanced images on the host (N x H x W x 3 uint8), ready once ``done`` (a CUDA
+    event; None on the CPU) has happened."""
+
+    host: Any
+    done: Any
+
+    def result(self) -> list[np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return list(self.host.numpy())
+
+
+@dataclass
+class _Chunk:
+    """Consecutive entries of one input size, their queued forward pass (or the exception that
+    stopped it) and the seconds spent queueing it."""
+
+    entries: list[_Entry]
+    launched: _Launched | Exception
+    seconds: float
 
 
 class ClassicalEnhance(RowsCallable):

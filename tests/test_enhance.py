@@ -1,0 +1,82 @@
+"""The Cofe-Net Enhance stage (fundus_batch.enhance): chunked, overlapped, row by row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fundus_batch.degrade import degrade, sample_rng
+from fundus_batch.enhance import Enhance
+from fundus_batch.stages import Item
+from fundus_batch.synth import synth_fundus
+
+
+def _item(image_id: str, size: int, seed: int) -> Item:
+    """A type-001 degraded synthetic photograph (the shipped model's gate opens on it)."""
+    clean = synth_fundus(size, seed=seed)
+    degraded, _ = degrade(clean.image, clean.mask, "001", sample_rng(0, image_id, 0))
+    return Item({"image_id": image_id, "status": "ok"}, {"degraded": degraded, "mask": clean.mask})
+
+
+def _masked(out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask[..., None] > 0, out, 0).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stage() -> Enhance:
+    return Enhance(batch_size=2, device="cpu")
+
+
+def test_chunks_enhance_each_image_as_the_model_does_and_skip_a_corrupt_one(stage):
+    items = [_item(f"img_{i}", 256, i) for i in range(5)]
+    corrupt = Item({"image_id": "bad", "status": "ok"}, {}, {"degraded": b"not a png"})
+    batch = [*items[:2], corrupt, *items[2:]]
+    want = stage.run_model([i.images["degraded"] for i in items])[0]  # chunks of 2, in order
+    out = stage.process(batch)
+    assert [i.row["image_id"] for i in out] == [i.row["image_id"] for i in batch]
+    assert corrupt.row["status"] == "failed" and corrupt.row["failed_stage"] == "enhance"
+    for item, enhanced in zip(items, want, strict=True):
+        assert item.row["status"] == "ok"
+        got = item.image("enhanced")
+        np.testing.assert_array_equal(got, _masked(enhanced, item.images["mask"]))
+        assert not np.array_equal(got, _masked(item.images["degraded"], item.images["mask"]))
+        assert item.row["enhance_device"] == "cpu" and item.row["seconds_enhance"] > 0
+
+
+def test_images_of_another_size_start_a_new_chunk(stage):
+    batch = [_item("a", 256, 1), _item("b", 320, 2), _item("c", 256, 3)]
+    stage.process(batch)
+    for item in batch:
+        alone = stage.enhance_arrays([item.images["degraded"]])[0]
+        np.testing.assert_array_equal(item.image("enhanced"), _masked(alone, item.images["mask"]))
+
+
+def test_a_failed_forward_pass_fails_only_its_chunk(stage, monkeypatch):
+    calls = []
+    launch = stage._launch
+
+    def second_fails(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return launch(images)
+
+    monkeypatch.setattr(stage, "_launch", second_fails)
+    batch = [_item(f"img_{i}", 256, i) for i in range(5)]
+    stage.process(batch)
+    assert calls == [2, 2, 1]
+    assert [i.row["status"] for i in batch] == ["ok", "ok", "failed", "failed", "ok"]
+    assert "out of memory" in batch[2].row["error"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-only: needs a GPU")
+def test_on_cuda_overlapped_chunks_give_what_the_model_gives() -> None:
+    cuda = Enhance(batch_size=2, device="cuda")
+    items = [_item(f"img_{i}", 256, i) for i in range(5)]
+    want = cuda.run_model([i.images["degraded"] for i in items])[0]
+    cuda.process(items)
+    for item, enhanced in zip(items, want, strict=True):
+        got = item.image("enhanced").astype(int)
+        assert np.abs(got - _masked(enhanced, item.images["mask"])).max() <= 1
+        assert item.row["enhance_device"] == "cuda"
