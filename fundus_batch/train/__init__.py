@@ -9,6 +9,7 @@ cofe-net-architecture.md section 5.1):
       + lambda_lqa * BCE(sigmoid(attention), pooled spot mask)           optional, off by default
       + lambda_gate * BCE(gate logits, pair has an illumination defect)  field_gate models
       + lambda_overshoot * (10 / ln 10) * OS / MSE                        optional, off by default
+      + lambda_new_error * (10 / ln 10) * OS_m / MSE                      optional, off by default
 
 where ``L1_R(a, b) = mean(|a - b| * R)`` over all elements, as in the released training code.
 A ``field_gate`` model is trained with its gate teacher-forced to that label, so the correction
@@ -16,7 +17,10 @@ learns only from pairs that need one, and the gate learns separately, by the BCE
 them apart. ``OS`` is the FOV mean of max(|out - clean| - |degraded - clean|, 0)^2, the error
 an enhancer adds beyond what the degraded input had (over-shoot), and ``MSE`` the pair's own
 FOV mean squared error, held constant: per pair, the first-order cost in dB of counting the
-over-shoot ``1 + lambda_overshoot`` times in the error.
+over-shoot ``1 + lambda_overshoot`` times in the error. ``OS_m`` is OS with ``m =
+new_error_margin`` taken off the added error first: the tail of the over-shoot, the pixels an
+enhancer moves far from the clean image (``fundus_batch.metrics.harm`` counts those beyond 40
+grey levels), charged without shrinking every smaller correction with them.
 
 Pairs come from a :class:`DegradeSource` (clean images degraded on the fly with the
 fundus_batch.degrade engine, a fresh draw per (seed, image id, sample index)) or a

@@ -75,7 +75,10 @@ class TrainConfig(Model):
     weights without a gate (it starts undecided). ``head_lr_scale`` multiplies the learning
     rate of that output conv.
     ``field_gate`` adds the smooth-correction head's global gate, trained as the module
-    docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term.
+    docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term
+    and ``lambda_new_error`` its tail: only the error added beyond ``new_error_margin`` (in
+    [0, 1], the degraded input's error plus that much), which is where the new-error share of
+    ``fundus_batch.metrics.harm`` counts pixels.
     ``trainable`` lists the parameter-name prefixes that train (None: all); the others keep
     their loaded values (``("G_deconv",)`` trains G's decoder and output, so a gated model's
     gate, computed before them, decides exactly as the weights it started from did).
@@ -118,6 +121,8 @@ class TrainConfig(Model):
     lambda_lqa: _Weight = 0.0
     lambda_gate: _Weight = 1.0
     lambda_overshoot: _Weight = 0.0
+    lambda_new_error: _Weight = 0.0
+    new_error_margin: Annotated[Finite, Field(ge=0.0, lt=1.0)] = 0.1
     init: Init = "released"
     loss_scale: LossScale = "none"
     loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01

@@ -103,15 +103,21 @@ def cofenet_loss(
         terms["gate"] = config.lambda_gate * bce
     if config.lambda_overshoot > 0:
         terms["overshoot"] = config.lambda_overshoot * _overshoot(out_512, batch, config)
+    if config.lambda_new_error > 0:
+        terms["new_error"] = config.lambda_new_error * _overshoot(
+            out_512, batch, config, margin=config.new_error_margin
+        )
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _overshoot(out: Tensor, batch: Batch, config: TrainConfig) -> Tensor:
-    """(10 / ln 10) * mean over pairs of OS / MSE (module docstring), both FOV means."""
+def _overshoot(out: Tensor, batch: Batch, config: TrainConfig, margin: float = 0.0) -> Tensor:
+    """(10 / ln 10) * mean over pairs of OS / MSE (package docstring), both FOV means; with a
+    ``margin``, OS counts only the error added beyond the degraded input's plus ``margin``."""
     mask = batch.mask
     count = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * out.shape[1]
-    excess = torch.relu((out - batch.clean).abs() - (batch.degraded - batch.clean).abs()) * mask
+    added = (out - batch.clean).abs() - (batch.degraded - batch.clean).abs()
+    excess = torch.relu(added - margin if margin else added) * mask
     over = excess.square().sum(dim=(1, 2, 3)) / count
     mse = ((out - batch.clean) * mask).square().sum(dim=(1, 2, 3)) / count
     return (10.0 / math.log(10.0)) * (over / (mse.detach() + config.loss_scale_eps)).mean()

@@ -115,3 +115,28 @@ def test_overshoot_term_charges_only_error_added_beyond_the_degraded_input() -> 
     err = ((degraded - clean) * mask).square().sum(dim=(1, 2, 3)) / count
     want = (10 / np.log(10)) * (err / (4 * err + config.loss_scale_eps)).mean()
     assert _overshoot(twice, batch, config).item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_new_error_term_charges_only_error_added_beyond_the_margin() -> None:
+    from fundus_batch.train.loss import _overshoot
+
+    source = DegradeSource(synth_samples(2, 192, disc=False), types=("001",))
+    batch = make_batch([source.train_item(i, sample_rng(4, "ne", i)) for i in range(2)])
+    config = tiny_config(residual=False, field_size=192, lambda_new_error=3.0)
+    clean, degraded, mask = batch.clean, batch.degraded, batch.mask
+    added = 0.05 * torch.sign(degraded - clean + 1e-9)  # 0.05 beyond the degraded error
+    small = degraded + added
+    assert _overshoot(small, batch, config, margin=0.1).item() == 0.0  # under the margin
+    assert _overshoot(small, batch, config).item() > 0.0  # the plain over-shoot charges it
+    big = degraded + 3 * added  # 0.15 added: 0.05 beyond the margin in every FOV pixel
+    count = mask.sum(dim=(1, 2, 3)) * 3
+    tail = ((0.05 * mask).square() * torch.ones_like(big)).sum(dim=(1, 2, 3)) / count
+    err = ((big - clean) * mask).square().sum(dim=(1, 2, 3)) / count
+    want = (10 / np.log(10)) * (tail / (err + config.loss_scale_eps)).mean()
+    got = _overshoot(big, batch, config, margin=0.1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
+    model = build_cofenet("cofe-net", 0.125, field=192)
+    fixup_init(model, torch.Generator().manual_seed(0))  # the identity: output = input
+    _, terms = cofenet_loss(model, model(degraded), batch, config)
+    assert terms["new_error"] == 0.0  # left as degraded: nothing added
+    assert "new_error" not in cofenet_loss(model, model(degraded), batch, tiny_config())[1]
