@@ -78,7 +78,9 @@ class TrainConfig(Model):
     docstring says with weight ``lambda_gate``; ``lambda_overshoot`` weighs the over-shoot term
     and ``lambda_new_error`` its tail: only the error added beyond ``new_error_margin`` (in
     [0, 1], the degraded input's error plus that much), which is where the new-error share of
-    ``fundus_batch.metrics.harm`` counts pixels.
+    ``fundus_batch.metrics.harm`` counts pixels, measured against the training target
+    (``new_error_against: target``) or, as that share is, against the photograph that was
+    degraded (``photograph``: they differ where the target keeps the draw's colour jitter).
     ``trainable`` lists the parameter-name prefixes that train (None: all); the others keep
     their loaded values (``("G_deconv",)`` trains G's decoder and output, so a gated model's
     gate, computed before them, decides exactly as the weights it started from did).
@@ -123,6 +125,7 @@ class TrainConfig(Model):
     lambda_overshoot: _Weight = 0.0
     lambda_new_error: _Weight = 0.0
     new_error_margin: Annotated[Finite, Field(ge=0.0, lt=1.0)] = 0.1
+    new_error_against: Literal["target", "photograph"] = "target"
     init: Init = "released"
     loss_scale: LossScale = "none"
     loss_scale_eps: Annotated[Finite, Field(gt=0.0)] = 0.01

@@ -104,20 +104,29 @@ def cofenet_loss(
     if config.lambda_overshoot > 0:
         terms["overshoot"] = config.lambda_overshoot * _overshoot(out_512, batch, config)
     if config.lambda_new_error > 0:
+        reference = batch.photo if config.new_error_against == "photograph" else batch.clean
         terms["new_error"] = config.lambda_new_error * _overshoot(
-            out_512, batch, config, margin=config.new_error_margin
+            out_512, batch, config, margin=config.new_error_margin, reference=reference
         )
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _overshoot(out: Tensor, batch: Batch, config: TrainConfig, margin: float = 0.0) -> Tensor:
+def _overshoot(
+    out: Tensor,
+    batch: Batch,
+    config: TrainConfig,
+    margin: float = 0.0,
+    reference: Tensor | None = None,
+) -> Tensor:
     """(10 / ln 10) * mean over pairs of OS / MSE (package docstring), both FOV means; with a
-    ``margin``, OS counts only the error added beyond the degraded input's plus ``margin``."""
+    ``margin``, OS counts only the error added beyond the degraded input's plus ``margin``;
+    errors are against ``reference`` (default: the target, ``batch.clean``)."""
     mask = batch.mask
+    ref = batch.clean if reference is None else reference
     count = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * out.shape[1]
-    added = (out - batch.clean).abs() - (batch.degraded - batch.clean).abs()
+    added = (out - ref).abs() - (batch.degraded - ref).abs()
     excess = torch.relu(added - margin if margin else added) * mask
     over = excess.square().sum(dim=(1, 2, 3)) / count
-    mse = ((out - batch.clean) * mask).square().sum(dim=(1, 2, 3)) / count
+    mse = ((out - ref) * mask).square().sum(dim=(1, 2, 3)) / count
     return (10.0 / math.log(10.0)) * (over / (mse.detach() + config.loss_scale_eps)).mean()

@@ -48,6 +48,7 @@ class TrainItem:
     vessels: np.ndarray | None = None  # float32 HxW in [0, 1]
     disc: np.ndarray | None = None  # bool HxW
     spots: np.ndarray | None = None  # float32 HxW in [0, 1]
+    photo: np.ndarray | None = None  # the photograph that was degraded, when ``clean`` is not it
 
 
 @dataclass
@@ -187,6 +188,7 @@ def flipped(item: TrainItem) -> TrainItem:
         f(item.vessels),
         f(item.disc),
         f(item.spots),
+        f(item.photo),
     )
 
 
@@ -272,6 +274,7 @@ class DegradeSource:
             vessels=None if s.vessels is None else _vessel_float(s.vessels),
             disc=None if s.disc_box is None else _box_mask(shape, s.disc_box),
             spots=spot_mask(record, shape[0]),
+            photo=None if target is s.image else s.image,
         )
 
     def train_item(self, index: int, rng: np.random.Generator) -> TrainItem:
@@ -436,6 +439,7 @@ def random_crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainIt
         c(item.vessels),
         c(item.disc),
         c(item.spots),
+        c(item.photo),
     )
 
 
@@ -467,6 +471,7 @@ class Batch:
     spots: Tensor
     has_spots: Tensor
     illumination: Tensor  # N: 1.0 where the pair's degradation includes illumination
+    photo: Tensor  # the photographs that were degraded (``clean`` where that is the target)
 
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``."""
@@ -493,4 +498,5 @@ def make_batch(items: Sequence[TrainItem]) -> Batch:
         spots=spots,
         has_spots=has_s,
         illumination=torch.tensor([float(type_groups(it.type_code)[0]) for it in items]),
+        photo=image_batch([it.clean if it.photo is None else it.photo for it in items]),
     )

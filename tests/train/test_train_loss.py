@@ -140,3 +140,29 @@ def test_new_error_term_charges_only_error_added_beyond_the_margin() -> None:
     _, terms = cofenet_loss(model, model(degraded), batch, config)
     assert terms["new_error"] == 0.0  # left as degraded: nothing added
     assert "new_error" not in cofenet_loss(model, model(degraded), batch, tiny_config())[1]
+
+
+def test_new_error_term_can_measure_against_the_photograph_instead_of_the_target() -> None:
+    from fundus_batch.train.loss import _overshoot
+
+    source = DegradeSource(synth_samples(2, 192, disc=False), types=("001",), keep_colour=True)
+    batch = make_batch([source.train_item(i, sample_rng(5, "ph", i)) for i in range(2)])
+    assert not torch.equal(batch.photo, batch.clean)  # the target keeps the colour jitter
+    model = build_cofenet("cofe-net", 0.125, field=192)
+    fixup_init(model, torch.Generator().manual_seed(0))
+    outputs = model(batch.degraded)
+    out = model.enhanced(outputs).float()
+    for against, ref in (("target", batch.clean), ("photograph", batch.photo)):
+        config = tiny_config(
+            residual=False,
+            field_size=192,
+            lambda_new_error=2.0,
+            new_error_margin=0.0,
+            new_error_against=against,
+        )
+        _, terms = cofenet_loss(model, outputs, batch, config)
+        want = 2.0 * _overshoot(out, batch, config, reference=ref).item()
+        assert terms["new_error"] == pytest.approx(want, rel=1e-5)
+    # mended to the target: nothing added against it, the kept jitter added against the photo
+    assert _overshoot(batch.clean, batch, config, reference=batch.clean).item() == 0.0
+    assert _overshoot(batch.clean, batch, config, reference=batch.photo).item() > 0.0

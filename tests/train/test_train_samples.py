@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fundus_batch.degrade import degrade, sample_rng
 from fundus_batch.fov import Circle, crop_to_fov
@@ -18,9 +19,11 @@ from fundus_batch.train import (
     PairsSource,
     TrainError,
     load_clean_sample,
+    make_batch,
     spot_mask,
     train,
 )
+from fundus_batch.train.samples import flipped, random_crop
 from tests.train.train_helpers import synth_samples, tiny_config
 
 
@@ -38,6 +41,14 @@ def test_keep_colour_targets_carry_the_colour_jitter_but_not_the_halo_or_hole() 
     jittered = color_jitter(sample.image, c.brightness, c.contrast, c.saturation)
     assert np.array_equal(b.clean, np.where(sample.mask[..., None] > 127, jittered, 0))
     assert not np.array_equal(b.clean, b.degraded)  # the halo and hole are still to undo
+    # The photograph itself travels beside the target (for the new-error term), through
+    # flips, crops and batches; a plain item's photograph is its target.
+    assert a.photo is None and b.photo is sample.image
+    crop = random_crop(flipped(b), 160, np.random.default_rng(0))
+    assert crop.photo is not None and crop.photo.shape == crop.clean.shape
+    batch = make_batch([a, b])
+    assert torch.equal(batch.photo[0], batch.clean[0])
+    assert torch.equal(batch.photo[1], make_batch([a]).clean[0])
     # Validation always scores against the clean photograph itself.
     assert all(np.array_equal(v.clean, sample.image) for v in kept.val_items(0))
 
