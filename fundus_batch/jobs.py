@@ -12,22 +12,19 @@ from fundus_batch.config import ConfigError, RunConfig, load_config
 from fundus_batch.console import run_on_console
 from fundus_batch.io import storage
 from fundus_batch.manifest import ManifestError
+from fundus_batch.output import OutputStore
 
-LOG_FOLDER = "logs"
 
-
-def keep_ray_log(config: RunConfig, out: str, log_path: Path) -> str:
+def keep_ray_log(config: RunConfig, log_path: Path) -> str:
     """Copy Ray's log file of the run to ``OUT/logs/`` (credentials redacted, as in every log
     the project writes) and return its URI there.
 
     A job's driver writes it to the head node's temporary folder, which goes with the node (a
     KubeRay head pod); in OUT it stays beside the rows it explains.
     """
-    uri = storage.join(out, LOG_FOLDER, log_path.name)
-    outpaths.check_local_target(out, uri)
+    store = OutputStore(config.out, config.out_storage_options, retries=config.storage_retries)
     text = storage.redact(log_path.read_text(encoding="utf-8", errors="replace"))
-    storage.write_bytes(uri, text.encode(), storage_options=config.out_storage_options)
-    return uri
+    return store.write_file(f"{outpaths.LOGS_DIR}/{log_path.name}", text.encode())
 
 
 def job_main(argv: list[str] | None, description: str, mode: str | None = None) -> int:
@@ -68,7 +65,7 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
     if log_path is not None:
         ray_log = str(log_path)
         try:
-            ray_log = keep_ray_log(config, summary.out, log_path)
+            ray_log = keep_ray_log(config, log_path)
         except Exception as exc:  # the run's result stands; only its log stays on the node
             reason = storage.redact(f"{type(exc).__name__}: {exc}")
             print(f"warning: Ray's log stays at {log_path}: {reason}", file=sys.stderr)

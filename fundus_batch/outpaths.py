@@ -29,8 +29,9 @@ __all__ = [
     "stored_uri_problem",
 ]
 
+LOGS_DIR = "logs"  # a Ray job's own log files (fundus_batch.jobs)
 # The entries a run writes directly under OUT; none of them may be a link elsewhere.
-TOP_LEVEL = ("images", "pairs", "run.json", "logs")
+TOP_LEVEL = ("images", "pairs", "run.json", LOGS_DIR)
 
 
 class OutsideOutError(ValueError):

@@ -195,15 +195,17 @@ class OutputStore:
             self.fs.rm(path)
         return len(stale)
 
+    def write_file(self, name: str, data: bytes) -> str:
+        """Store ``data`` at ``name`` under the root (never through a link out of a local root);
+        returns its URI."""
+        uri = storage.join(self.root, name)
+        outpaths.check_local_target(self.root, uri)
+        storage.write_bytes(uri, data, storage_options=self.storage_options, retries=self.retries)
+        return uri
+
     def write_json(self, name: str, data: dict) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8")
-        outpaths.check_local_target(self.root, storage.join(self.root, name))
-        storage.write_bytes(
-            storage.join(self.root, name),
-            payload,
-            storage_options=self.storage_options,
-            retries=self.retries,
-        )
+        self.write_file(name, payload)
 
     def read_json(self, name: str) -> dict | None:
         try:

@@ -136,7 +136,7 @@ def _log_file(tmp_path: Path) -> Path:
 def test_ray_log_is_copied_into_out_logs_on_local_disk(tmp_path: Path) -> None:
     out = tmp_path / "out"
     config = build_config({"manifest": "m.csv", "out": str(out)}, "test")
-    uri = jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+    uri = jobs.keep_ray_log(config, _log_file(tmp_path))
     assert Path(uri) == out / "logs" / "ray-20261201T000000-42.log"
     text = Path(uri).read_text()
     assert "a line only Ray's log holds" in text
@@ -147,7 +147,7 @@ def test_ray_log_is_copied_into_out_logs_on_s3(tmp_path: Path, s3_server, s3_buc
     so = s3_server["storage_options"]
     out = f"s3://{s3_bucket}/run"
     config = build_config({"manifest": "m.csv", "out": out, "storage_options": so}, "test")
-    uri = jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+    uri = jobs.keep_ray_log(config, _log_file(tmp_path))
     assert uri == f"{out}/logs/ray-20261201T000000-42.log"
     assert b"a line only Ray's log holds" in storage.read_bytes(uri, storage_options=so)
 
@@ -159,5 +159,5 @@ def test_ray_log_is_not_written_through_a_symlinked_logs_folder(tmp_path: Path) 
     (out / "logs").symlink_to(victim, target_is_directory=True)
     config = build_config({"manifest": "m.csv", "out": str(out)}, "test")
     with pytest.raises(outpaths.OutsideOutError, match="symbolic link"):
-        jobs.keep_ray_log(config, config.out, _log_file(tmp_path))
+        jobs.keep_ray_log(config, _log_file(tmp_path))
     assert list(victim.iterdir()) == []

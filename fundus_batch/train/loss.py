@@ -126,7 +126,7 @@ def _overshoot(
     ref = batch.clean if reference is None else reference
     count = mask.sum(dim=(1, 2, 3)).clamp_min(1.0) * out.shape[1]
     added = (out - ref).abs() - (batch.degraded - ref).abs()
-    excess = torch.relu(added - margin if margin else added) * mask
+    excess = torch.relu(added - margin) * mask
     over = excess.square().sum(dim=(1, 2, 3)) / count
     mse = ((out - ref) * mask).square().sum(dim=(1, 2, 3)) / count
     return (10.0 / math.log(10.0)) * (over / (mse.detach() + config.loss_scale_eps)).mean()

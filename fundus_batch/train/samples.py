@@ -487,8 +487,12 @@ def make_batch(items: Sequence[TrainItem]) -> Batch:
     disc, has_d = _planes([it.disc for it in items], shape)
     spots, has_s = _planes([it.spots for it in items], shape)
     mask = torch.from_numpy(np.stack([it.mask > 127 for it in items])).float()[:, None]
+    clean = image_batch([it.clean for it in items])
+    photo = clean
+    if any(it.photo is not None for it in items):
+        photo = image_batch([it.clean if it.photo is None else it.photo for it in items])
     return Batch(
-        clean=image_batch([it.clean for it in items]),
+        clean=clean,
         degraded=image_batch([it.degraded for it in items]),
         mask=mask,
         vessels=vessels,
@@ -498,5 +502,5 @@ def make_batch(items: Sequence[TrainItem]) -> Batch:
         spots=spots,
         has_spots=has_s,
         illumination=torch.tensor([float(type_groups(it.type_code)[0]) for it in items]),
-        photo=image_batch([it.clean if it.photo is None else it.photo for it in items]),
+        photo=photo,
     )
