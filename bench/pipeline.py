@@ -140,6 +140,11 @@ def steady_rate(marks: list[tuple[float, int]], total: int) -> float:
     return (high[1] - low[1]) / (high[0] - low[0])
 
 
+def first_row(marks: list[tuple[float, int]], start: float) -> float:
+    """Seconds from ``start`` to the first mark with a finished row (NaN if none)."""
+    return next((t - start for t, n in marks if n > 0), float("nan"))
+
+
 _CHAIN: list[Callable[[Rows], Rows]] = []
 
 
@@ -161,10 +166,10 @@ def _pool_worker(row: dict) -> tuple[int, dict[str, float]]:
 
 def run_pool(
     manifest: Path, out: Path, args: argparse.Namespace, size: int
-) -> tuple[float, dict[str, float], float]:
+) -> tuple[float, dict[str, float], float, float]:
     """Seconds for a multiprocessing.Pool to run the stage chain on every image (pool start and
-    building the stages included), each stage's seconds per output row, and the steady rate
-    (:func:`steady_rate`, images/s)."""
+    building the stages included), each stage's seconds per output row, the steady rate
+    (:func:`steady_rate`, images/s) and the seconds to the first finished image."""
     cfg = config_dict(manifest, out, args, size)
     rows = planned_rows(manifest, args.variants)
     ok, per_stage = 0, dict[str, float]()
@@ -180,7 +185,8 @@ def run_pool(
         per_stage["CPU seconds (all processes)"] = cpu.stop()
     seconds = time.perf_counter() - start
     assert ok == len(rows) * args.variants, f"pool produced {ok} ok rows"
-    return seconds, {k: v / ok for k, v in per_stage.items()}, steady_rate(marks, len(rows))
+    per_row = {k: v / ok for k, v in per_stage.items()}
+    return seconds, per_row, steady_rate(marks, len(rows)), first_row(marks, start)
 
 
 # --- the floor ------------------------------------------------------------------------------
@@ -335,9 +341,12 @@ def floor_section(root: Path, args: argparse.Namespace) -> None:
 # --- Ray in a driver of its own ---------------------------------------------------------------
 
 
-def run_ray(manifest: Path, out: Path, cfg: dict) -> tuple[float, float, float, float, float]:
+def run_ray(
+    manifest: Path, out: Path, cfg: dict
+) -> tuple[float, float, float, float, float, float]:
     """(seconds after start-up, start-up seconds, peak PSS bytes, CPU seconds of the driver and
-    every process it started, steady rows/s) of the Ray pipeline in a fresh driver process."""
+    every process it started, steady rows/s, seconds from the end of start-up to the first
+    finished block) of the Ray pipeline in a fresh driver process."""
     cfg_path = out.parent / f"{out.name}.json"
     cfg_path.write_text(json.dumps(cfg))
     # Ray's own lines go to a log file, as in the CLI; the JSON line goes to stdout after.
@@ -356,7 +365,7 @@ with ray_output(False):
     s = pipeline.run(c, progress=lambda n, _: m.append((time.perf_counter(), n)))
     e = time.perf_counter()
     pipeline.shutdown()
-result = {{"seconds": e - t, "startup": t - t0, "ok": s.ok, "rows": s.rows_in, "marks": m}}
+result = {{"seconds": e - t, "startup": t - t0, "ok": s.ok, "rows": s.rows_in, "marks": m, "t": t}}
 print(json.dumps(result))
 """
     proc = subprocess.Popen(
@@ -390,8 +399,10 @@ print(json.dumps(result))
         raise SystemExit(f"ray run failed with exit code {proc.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["ok"] == result["rows"], result
-    steady = steady_rate([(t, n) for t, n in result["marks"]], result["rows"])
-    return result["seconds"], result["startup"], float(peak[0]), cpu_s, steady
+    marks = [(t, n) for t, n in result["marks"]]
+    steady = steady_rate(marks, result["rows"])
+    first = first_row(marks, result["t"])
+    return result["seconds"], result["startup"], float(peak[0]), cpu_s, steady, first
 
 
 def throughput_section(root: Path, args: argparse.Namespace) -> None:
@@ -407,8 +418,8 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"throughput ({n} {what} x {args.variants} variants at {size} px, {args.cpus} CPUs; "
         f"{load_avg()})"
     )
-    pool_s, pool_stages, pool_steady = run_pool(manifest, root / "pool_out", args, size)
-    ray_s, startup, _, ray_cpu, ray_steady = run_ray(
+    pool_s, pool_stages, pool_steady, pool_first = run_pool(manifest, root / "pool_out", args, size)
+    ray_s, startup, _, ray_cpu, ray_steady, ray_first = run_ray(
         manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size)
     )
     pool_ips, ray_ips, total_ips = n / pool_s, n / ray_s, n / (ray_s + startup)
@@ -427,6 +438,11 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"  steady rates (rows 20-80 % done; no start-up, ramp or tail): Pool {pool_steady:.2f}, "
         f"Ray {ray_steady:.2f} images/s, ratio {ray_steady / pool_steady:.2f} (information only: "
         "the target is the ratio above)"
+    )
+    print(
+        f"  first finished row: Pool {pool_first:.1f} s after its start, Ray {ray_first:.1f} s "
+        "after its start-up (Ray Data's operator and actor start, each worker importing Ray Data "
+        "and the stages)"
     )
     pool_cpu = pool_stages.pop("CPU seconds (all processes)") * n
     print(
@@ -452,7 +468,7 @@ def memory_section(root: Path, args: argparse.Namespace) -> None:
     for n in (args.small, args.big):
         manifest = synthetic_manifest(root / f"mem{n}", n, args.memory_size)
         out = root / f"mem_out{n}"
-        seconds, _, peaks[n], _, _ = run_ray(
+        seconds, _, peaks[n], _, _, _ = run_ray(
             manifest, out, config_dict(manifest, out, args, args.memory_size)
         )
         print(

@@ -1,4 +1,4 @@
-"""The pipeline bench's steady-rate helper (the bench itself needs Ray and minutes to run)."""
+"""The pipeline bench's steady-rate and first-row helpers (the bench itself needs Ray)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,9 @@ def test_steady_rate_ignores_the_slow_start_and_the_tail() -> None:
 def test_steady_rate_is_nan_without_a_middle() -> None:
     assert math.isnan(bench.steady_rate([(1.0, 100)], 100))
     assert math.isnan(bench.steady_rate([], 100))
+
+
+def test_first_row_skips_the_progress_mark_of_zero_rows() -> None:
+    # The CLI's progress callback reports 0 rows before Ray starts.
+    assert bench.first_row([(10.2, 0), (16.5, 8), (17.0, 16)], 10.0) == 6.5
+    assert math.isnan(bench.first_row([(10.2, 0)], 10.0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 RecordT = TypeVar("RecordT")
+SubT = TypeVar("SubT", bound="_Sub")
 
 TYPE_CODES = ("001", "010", "011", "100", "101", "110", "111")
 """The seven degradation types: bits (blur, spots, illumination) as in the released code."""
@@ -211,6 +212,14 @@ class _Sub:
     """JSON helpers shared by the sub-records (dataclass field names are the JSON keys)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
+    json_path: ClassVar[str]
+    """Where the record sits in a degradation record's JSON (error messages name it)."""
+
+    @classmethod
+    def from_dict(cls: type[SubT], d: Any, path: str | None = None) -> SubT:
+        """Parse and validate (RecordError names the field under ``path``, by default the
+        record's ``json_path``)."""
+        return _parse(cls, d, cls.json_path if path is None else path)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with lists for tuples."""
@@ -225,19 +234,18 @@ class _Sub:
 class ColorRecord(_Sub):
     """PIL ImageEnhance factors, applied in this order."""
 
+    json_path: ClassVar[str] = "color"
+
     brightness: NonNeg
     contrast: NonNeg
     saturation: NonNeg
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "color") -> ColorRecord:
-        """Parse and validate (RecordError names the field under ``path``)."""
-        return _parse(cls, d, path)
 
 
 @dataclass(frozen=True)
 class HaloRecord(_Sub):
     """Coloured ring between diameters ``dia_a`` and ``dia_b`` around ``center`` (x, y)."""
+
+    json_path: ClassVar[str] = "halo"
 
     style: Count
     color: RGB
@@ -247,11 +255,6 @@ class HaloRecord(_Sub):
     kernel: Odd
     sigma: NonNeg
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "halo") -> HaloRecord:
-        """Parse and validate (RecordError names the field under ``path``)."""
-        return _parse(cls, d, path)
-
 
 @dataclass(frozen=True)
 class HoleRecord(_Sub):
@@ -260,6 +263,8 @@ class HoleRecord(_Sub):
     ``base`` and ``mix`` are the release model's raw draws (b0 and the unit uniform that places
     the strength inside [b0 - 0.06 mu, b0 - 0.05 mu]); ``fov_mean`` is the mu that was used.
     """
+
+    json_path: ClassVar[str] = "hole"
 
     center: Point
     diameter: Count
@@ -271,11 +276,6 @@ class HoleRecord(_Sub):
     base: Finite | None = None
     mix: Finite | None = None
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "hole") -> HoleRecord:
-        """Parse and validate (RecordError names the field under ``path``)."""
-        return _parse(cls, d, path)
-
 
 @dataclass(frozen=True)
 class SpotRecord(_Sub):
@@ -283,6 +283,8 @@ class SpotRecord(_Sub):
 
     ``haze`` = (k, beta, d) of the amplitude model a = k (1 - exp(-beta d)).
     """
+
+    json_path: ClassVar[str] = "spots[0]"
 
     radius: Count
     center: Point
@@ -292,24 +294,16 @@ class SpotRecord(_Sub):
     amplitude: Finite
     haze: Haze
 
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "spots[0]") -> SpotRecord:
-        """Parse and validate (RecordError names the field under ``path``)."""
-        return _parse(cls, d, path)
-
 
 @dataclass(frozen=True)
 class BlurRecord(_Sub):
     """Truncated Gaussian blur with kernel (k_w, k_h) and ``sigma``."""
 
+    json_path: ClassVar[str] = "blur"
+
     sigma: NonNeg
     k_w: Odd
     k_h: Odd
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = "blur") -> BlurRecord:
-        """Parse and validate (RecordError names the field under ``path``)."""
-        return _parse(cls, d, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -474,8 +474,16 @@ class Batch:
     photo: Tensor  # the photographs that were degraded (``clean`` where that is the target)
 
     def to(self, device: torch.device) -> Batch:
-        """A copy on ``device``."""
-        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+        """A copy on ``device``; a tensor that fills two fields (``photo`` is often ``clean``)
+        is copied once and stays shared."""
+        moved: dict[int, Tensor] = {}
+        out = []
+        for f in fields(self):
+            tensor = getattr(self, f.name)
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            out.append(moved[id(tensor)])
+        return Batch(*out)
 
 
 def make_batch(items: Sequence[TrainItem]) -> Batch:

@@ -53,6 +53,17 @@ def test_keep_colour_targets_carry_the_colour_jitter_but_not_the_halo_or_hole() 
     assert all(np.array_equal(v.clean, sample.image) for v in kept.val_items(0))
 
 
+def test_a_batch_whose_photographs_are_its_targets_moves_that_tensor_once() -> None:
+    item = DegradeSource(synth_samples(1, 192, disc=False), types=("001",)).train_item(
+        0, sample_rng(3, "mv", 0)
+    )
+    batch = make_batch([item])
+    assert batch.photo is batch.clean
+    moved = batch.to(torch.device("meta"))  # a device that always copies
+    assert moved.photo is moved.clean and moved.clean is not batch.clean
+    assert moved.degraded is not moved.clean and moved.degraded.device.type == "meta"
+
+
 def test_spot_mask_covers_where_the_spots_changed_the_image() -> None:
     s = synth_fundus(256, seed=4)
     degraded, record = degrade(s.image, s.mask, "010", sample_rng(1, "spots", 0))
