@@ -30,6 +30,7 @@ from train_cofenet import dataset_files, quality_failures, read_config
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.console import run_on_console
+from fundus_batch.fidelity import unchanged_counts, unchanged_lines
 from fundus_batch.metrics import NOREF_METRICS, noref_metrics
 from fundus_batch.shards import read_frame
 from fundus_batch.train import load_clean_sample
@@ -108,6 +109,8 @@ def main() -> None:
         f"{args.weights if args.enhancer == 'cofenet' else 'the classical enhancer'} "
         f"in {summary.seconds:.0f} s"
     )
+    for line in unchanged_lines(unchanged_counts(frame)):
+        print(line)
     print("")
     n_clean, clean = clean_eyepacs_medians(args.shared / "data")
     print(

@@ -210,7 +210,11 @@ def enhance_image_cmd(
     image[mask == 0] = 0
     result = enhance_image(image, mask, enhancer=enhancer, weights=weights, device=device)
     _write_image(output, result.image, quality)
-    click.echo(f"{output}: {result.model_name} ({result.seconds:.2f} s)")
+    if result.change == 0:
+        what = "unchanged: the enhancer left every pixel of the FOV as it was"
+    else:
+        what = f"mean change {result.change:.2f} grey levels in the FOV"
+    click.echo(f"{output}: {result.model_name} ({result.seconds:.2f} s), {what}")
 
 
 # -------------------------------------------------------------------------------- manifests
@@ -326,10 +330,11 @@ def _print_summary(summary: Any) -> None:
 
 
 def _print_fidelity(out: str, storage_options: dict | None) -> None:
-    """A WARNING line for every degradation type on which enhancement lowered PSNR or SSIM."""
-    from fundus_batch.fidelity import output_warning_lines
+    """A WARNING line for every degradation type on which enhancement lowered PSNR or SSIM, and
+    a NOTE naming the images it left unchanged."""
+    from fundus_batch.fidelity import output_summary_lines
 
-    for line in output_warning_lines(out, storage_options):
+    for line in output_summary_lines(out, storage_options):
         click.echo(line)
 
 

@@ -81,9 +81,9 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def print_demo_table(out: str) -> None:
-    """Print the per-type table, the failed-row count and a WARNING line for every type on
-    which enhancement lowered PSNR or SSIM."""
-    from fundus_batch.fidelity import fidelity_losses, warning_lines
+    """Print the per-type table, the failed-row count, a WARNING line for every type on
+    which enhancement lowered PSNR or SSIM and a NOTE naming the images it left unchanged."""
+    from fundus_batch.fidelity import summary_lines
     from fundus_batch.shards import read_frame
 
     frame = read_frame(out)
@@ -93,7 +93,7 @@ def print_demo_table(out: str) -> None:
     print("")
     print(summary_table(frame).round(3).to_string())
     print(f"failed rows: {n_failed} of {len(frame)}")
-    for line in warning_lines(fidelity_losses(frame)):
+    for line in summary_lines(frame):
         print(line)
     print("")
     print(f"images:  {Path(out) / 'images'}")

@@ -53,6 +53,18 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def fov_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference of two RGB uint8 images inside the FOV (mask > 0), in grey
+    levels averaged over the channels: 0.0 exactly when the enhancer left every FOV pixel as it
+    was."""
+    import cv2
+
+    fov = (mask > 0).astype(np.uint8)
+    if not fov.any():
+        return 0.0
+    return float(np.mean(cv2.mean(cv2.absdiff(before, after), mask=fov)[:3]))
+
+
 class Enhance(RowsCallable):
     """Enhance each row's degraded (pairs mode) or source image with Cofe-Net.
 
@@ -213,12 +225,14 @@ class Enhance(RowsCallable):
             try:
                 result = np.where(entry.mask[..., None] > 0, out, 0).astype(np.uint8)
                 item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
+                change = fov_change(entry.image, result, entry.mask)
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
             item.row["model_name"] = self.model_name
             item.row["model_sha256"] = self.model_sha256
             item.row["enhance_device"] = self.device
+            item.row["enhance_change"] = change
             item.row["seconds_enhance"] = entry.seconds + shared + time.perf_counter() - start
 
 
@@ -283,26 +297,31 @@ class ClassicalEnhance(RowsCallable):
                 continue
             start = time.perf_counter()
             try:
-                result = self.enhancer(item.image(self.source_role), item.image("mask"))
+                source, mask = item.image(self.source_role), item.image("mask")
+                result = self.enhancer(source, mask)
                 item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
+                change = fov_change(source, result, mask)
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
             item.row["model_name"] = self.enhancer.model_name
             item.row["model_sha256"] = self.enhancer.model_sha256
             item.row["enhance_device"] = "cpu"
+            item.row["enhance_change"] = change
             item.row["seconds_enhance"] = time.perf_counter() - start
         return batch
 
 
 @dataclass(frozen=True)
 class EnhancedImage:
-    """One enhanced working image (RGB uint8, zero outside the FOV) and what made it."""
+    """One enhanced working image (RGB uint8, zero outside the FOV), what made it and how much
+    it changed the input (:func:`fov_change`; 0.0: left as it was)."""
 
     image: np.ndarray
     model_name: str
     model_sha256: str
     seconds: float
+    change: float
 
 
 def enhance_image(
@@ -328,7 +347,10 @@ def enhance_image(
     if enhancer == "classical":
         model = ClassicalEnhancer()
         out = model(image, mask)
-        return EnhancedImage(out, model.model_name, model.model_sha256, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return EnhancedImage(
+            out, model.model_name, model.model_sha256, seconds, fov_change(image, out, mask)
+        )
     if enhancer != "cofenet":
         raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
     net = Enhance(
@@ -336,4 +358,7 @@ def enhance_image(
     )
     result = net.enhance_arrays([image])[0]
     out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
-    return EnhancedImage(out, net.model_name, net.model_sha256, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return EnhancedImage(
+        out, net.model_name, net.model_sha256, seconds, fov_change(image, out, mask)
+    )

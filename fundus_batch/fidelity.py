@@ -1,8 +1,10 @@
-"""Where enhancement lowered fidelity: per degradation type, mean enhanced vs degraded scores.
+"""What enhancement did, per degradation type: where it lowered fidelity (mean enhanced vs
+degraded scores) and which images it left unchanged.
 
 Used by the run summary, the demo's table and the HTML report, so that every one of them says
 the same thing: a type whose mean enhanced PSNR (or SSIM) against the clean image is below the
-degraded input's was made worse by enhancement. Rows must be ``ok``; failed rows never count.
+degraded input's was made worse by enhancement, and an image whose ``enhance_change`` is 0 came
+back exactly as it went in. Rows must be ``ok``; failed rows never count.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FIDELITY_COLUMNS", "FidelityLoss", "fidelity_losses", "warning_lines"]
+__all__ = [
+    "FIDELITY_COLUMNS",
+    "FidelityLoss",
+    "Unchanged",
+    "fidelity_losses",
+    "output_summary_lines",
+    "summary_lines",
+    "unchanged_counts",
+    "unchanged_lines",
+    "warning_lines",
+]
 
 FIDELITY_COLUMNS = (
     "type_code",
@@ -21,8 +33,9 @@ FIDELITY_COLUMNS = (
     "psnr_enhanced",
     "ssim_degraded",
     "ssim_enhanced",
+    "enhance_change",
 )
-"""The Parquet columns :func:`fidelity_losses` reads."""
+"""The Parquet columns :func:`summary_lines` reads."""
 
 _METRICS = (("psnr", "PSNR", " dB", ".2f"), ("ssim", "SSIM", "", ".2g"))
 
@@ -90,11 +103,63 @@ def warning_lines(losses: list[FidelityLoss]) -> list[str]:
     return lines
 
 
-def output_warning_lines(out: str, storage_options: dict | None = None) -> list[str]:
-    """:func:`warning_lines` of the rows stored under output folder ``out`` (none yet: [])."""
+@dataclass(frozen=True)
+class Unchanged:
+    """The enhanced rows of one degradation type (``None``: rows without one, as in enhance
+    mode) and how many of them the enhancer returned unchanged inside the FOV."""
+
+    type_code: str | None
+    unchanged: int
+    rows: int
+
+
+def unchanged_counts(frame: pd.DataFrame) -> list[Unchanged]:
+    """Per degradation type, the ``ok`` rows that recorded ``enhance_change`` and how many of
+    them have 0 (every FOV pixel as it went in: a gated model that judged the image to need no
+    correction does this); sorted by type. Rows written before the column existed do not count.
+    """
+    if "enhance_change" not in frame.columns:
+        return []
+    ok = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
+    change = pd.to_numeric(ok["enhance_change"], errors="coerce")
+    ok = ok[change.notna()]
+    change = change[change.notna()]
+    if ok.empty:
+        return []
+    codes = ok["type_code"].tolist() if "type_code" in ok.columns else [None] * len(ok)
+    keys = ["" if code is None or pd.isna(code) else str(code) for code in codes]
+    counts = []
+    for code, sub in change.groupby(keys):
+        counts.append(Unchanged(str(code) or None, int((sub == 0).sum()), int(sub.size)))
+    return sorted(counts, key=lambda c: c.type_code or "")
+
+
+def unchanged_lines(counts: list[Unchanged]) -> list[str]:
+    """``NOTE enhancement left images unchanged: 010 (7 of 7), 100 (5 of 7)``, or for rows
+    without a type ``NOTE enhancement left 100 of 100 images unchanged``; empty when it changed
+    every image."""
+    hits = [c for c in counts if c.unchanged]
+    typed = [c for c in hits if c.type_code is not None]
+    lines = []
+    if typed:
+        parts = ", ".join(f"{c.type_code} ({c.unchanged} of {c.rows})" for c in typed)
+        lines.append(f"NOTE enhancement left images unchanged: {parts}")
+    for c in hits:
+        if c.type_code is None:
+            lines.append(f"NOTE enhancement left {c.unchanged} of {c.rows} images unchanged")
+    return lines
+
+
+def summary_lines(frame: pd.DataFrame) -> list[str]:
+    """The WARNING lines (:func:`warning_lines`), then the NOTE lines (:func:`unchanged_lines`)."""
+    return warning_lines(fidelity_losses(frame)) + unchanged_lines(unchanged_counts(frame))
+
+
+def output_summary_lines(out: str, storage_options: dict | None = None) -> list[str]:
+    """:func:`summary_lines` of the rows stored under output folder ``out`` (none yet: [])."""
     from fundus_batch.shards import read_frame
 
     frame = read_frame(out, list(FIDELITY_COLUMNS), storage_options)
     if frame is None:
         return []
-    return warning_lines(fidelity_losses(frame))
+    return summary_lines(frame)

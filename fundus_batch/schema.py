@@ -76,6 +76,7 @@ _CORE_FIELDS: list[pa.Field] = [
     pa.field("model_name", pa.string()),
     pa.field("model_sha256", pa.string()),
     pa.field("enhance_device", pa.string()),
+    pa.field("enhance_change", pa.float64()),
     pa.field("psnr_degraded", pa.float64()),
     pa.field("ssim_degraded", pa.float64()),
     pa.field("ms_ssim_degraded", pa.float64()),

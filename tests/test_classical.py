@@ -142,6 +142,10 @@ def test_stage_writes_the_enhance_columns_and_fails_bad_rows_alone(fundus):
     assert good_out["model_name"] == "classical-1"
     assert good_out["model_sha256"] == ClassicalEnhancer().model_sha256
     assert good_out["seconds_enhance"] >= 0.0
+    inside = fundus.mask > 0
+    diff = np.abs(decode_image(good_out["enhanced_png"]).astype(int) - degraded.astype(int))
+    assert good_out["enhance_change"] == pytest.approx(diff[inside].mean(), abs=1e-9)
+    assert good_out["enhance_change"] > 0.5  # the hole of type 001 is lifted
     assert bad_out["status"] == "failed" and bad_out["failed_stage"] == "enhance"
     assert "enhanced_png" not in bad_out
     assert skipped_out == skipped

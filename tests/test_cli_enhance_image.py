@@ -40,6 +40,28 @@ def test_classical_output_is_the_library_result_on_the_preprocessed_photo(raw_ph
     written = decode_image(out.read_bytes())
     assert np.array_equal(written, enhance_classical(pre.image, pre.mask))
     assert (written[pre.mask == 0] == 0).all()
+    # A clean photograph: the classical dead zone leaves its gentle shading alone, and says so.
+    assert np.array_equal(written[pre.mask > 0], pre.image[pre.mask > 0])
+    assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
+
+
+def test_a_changed_image_is_reported_with_its_mean_change(tmp_path):
+    s = synth_fundus(256, seed=5)
+    dark = s.image.copy()
+    yy, xx = np.mgrid[:256, :256]
+    hole = ((yy - 128) ** 2 + (xx - 128) ** 2 < 50**2) & (s.mask > 0)
+    dark[hole] = (dark[hole] * 0.4).astype(np.uint8)  # a dark central disc to lift
+    src, mask = tmp_path / "dark.png", tmp_path / "dark_mask.png"
+    src.write_bytes(encode_png(dark))
+    mask.write_bytes(encode_png(s.mask))
+    out = tmp_path / "out.png"
+    args = ["enhance-image", str(src), str(out), "--enhancer", "classical", "--preprocessed"]
+    result = CliRunner().invoke(main, [*args, "--mask", str(mask)])
+    _ok(result)
+    written = decode_image(out.read_bytes())
+    diff = np.abs(written.astype(int) - dark.astype(int))[s.mask > 0].mean()
+    assert diff > 0.5
+    assert f"mean change {diff:.2f} grey levels in the FOV" in result.output
 
 
 def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
@@ -52,6 +74,9 @@ def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
     pre = preprocess(decode_image(raw_photo.read_bytes()), size=256)
     assert written.shape == (256, 256, 3)
     assert (written[pre.mask == 0] == 0).all() and written[pre.mask > 0].mean() > 10
+    # A clean photograph: the shipped model's gate stays shut and says so.
+    assert np.array_equal(written[pre.mask > 0], pre.image[pre.mask > 0])
+    assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
 
 
 def test_preprocessed_input_with_its_mask_writes_jpeg_by_extension(tmp_path):

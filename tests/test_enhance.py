@@ -44,6 +44,21 @@ def test_chunks_enhance_each_image_as_the_model_does_and_skip_a_corrupt_one(stag
         assert item.row["enhance_device"] == "cpu" and item.row["seconds_enhance"] > 0
 
 
+def test_the_change_column_is_zero_exactly_where_the_model_left_the_image_alone(stage):
+    clean = synth_fundus(256, seed=7)
+    blurred, _ = degrade(clean.image, clean.mask, "100", sample_rng(0, "blur", 0))
+    alone = Item({"image_id": "blur", "status": "ok"}, {"degraded": blurred, "mask": clean.mask})
+    lifted = _item("hole", 256, 7)
+    stage.process([alone, lifted])
+    # The shipped model's gate stays shut on a blur-only draw: the image comes back as it was.
+    np.testing.assert_array_equal(alone.image("enhanced"), _masked(blurred, clean.mask))
+    assert alone.row["enhance_change"] == 0.0
+    inside = lifted.images["mask"] > 0
+    diff = np.abs(lifted.image("enhanced").astype(int) - lifted.images["degraded"].astype(int))
+    assert lifted.row["enhance_change"] == pytest.approx(diff[inside].mean(), abs=1e-9)
+    assert lifted.row["enhance_change"] > 0.5
+
+
 def test_images_of_another_size_start_a_new_chunk(stage):
     batch = [_item("a", 256, 1), _item("b", 320, 2), _item("c", 256, 3)]
     stage.process(batch)

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fundus_batch.fidelity import fidelity_losses, output_warning_lines, warning_lines
+from fundus_batch.fidelity import (
+    Unchanged,
+    fidelity_losses,
+    output_summary_lines,
+    unchanged_counts,
+    unchanged_lines,
+    warning_lines,
+)
 from fundus_batch.output import OutputStore, ShardWriter
 from fundus_batch.schema import output_schema, to_table
 
@@ -73,10 +80,44 @@ def test_rows_missing_one_value_do_not_tilt_the_comparison():
     assert fidelity_losses(pd.DataFrame(rows)) == []
 
 
-def test_output_warning_lines_reads_a_written_output(tmp_path: Path):
+def test_output_summary_lines_reads_a_written_output(tmp_path: Path):
     out = str(tmp_path / "out")
-    assert output_warning_lines(out) == []  # nothing written yet
+    assert output_summary_lines(out) == []  # nothing written yet
+    rows = _rows({"010": -9.0, "111": 2.0})
+    for row in rows:
+        if row["status"] == "ok":
+            row["enhance_change"] = 0.0 if row["image_id"] == "img0" else 3.5
     writer = ShardWriter(OutputStore(out), output_schema())
-    writer.add(to_table(_rows({"010": -9.0, "111": 2.0}), output_schema()))
+    writer.add(to_table(rows, output_schema()))
     writer.close()
-    assert output_warning_lines(out) == ["WARNING enhancement lowered PSNR on 010 (-9.00 dB)"]
+    assert output_summary_lines(out) == [
+        "WARNING enhancement lowered PSNR on 010 (-9.00 dB)",
+        "NOTE enhancement left images unchanged: 010 (1 of 2), 111 (1 of 2)",
+    ]
+
+
+def test_images_left_unchanged_are_counted_per_type_and_failed_rows_never():
+    rows = [
+        {"type_code": "010", "status": "ok", "enhance_change": 0.0},
+        {"type_code": "010", "status": "ok", "enhance_change": 0.0},
+        {"type_code": "001", "status": "ok", "enhance_change": 4.2},
+        {"type_code": "001", "status": "ok", "enhance_change": 0.0},
+        {"type_code": "001", "status": "ok", "enhance_change": None},  # written before the column
+        {"type_code": "111", "status": "ok", "enhance_change": 1e-3},  # changed, if barely
+        {"type_code": "111", "status": "failed", "enhance_change": 0.0},
+    ]
+    counts = unchanged_counts(pd.DataFrame(rows))
+    assert counts == [Unchanged("001", 1, 2), Unchanged("010", 2, 2), Unchanged("111", 0, 1)]
+    assert unchanged_lines(counts) == [
+        "NOTE enhancement left images unchanged: 001 (1 of 2), 010 (2 of 2)"
+    ]
+    assert unchanged_lines([Unchanged("111", 0, 3)]) == []
+
+
+def test_enhance_mode_rows_without_a_type_are_counted_together():
+    frame = pd.DataFrame({"status": ["ok"] * 3, "enhance_change": [0.0, 0.0, 2.0]})
+    assert unchanged_counts(frame) == [Unchanged(None, 2, 3)]
+    assert unchanged_lines(unchanged_counts(frame)) == [
+        "NOTE enhancement left 2 of 3 images unchanged"
+    ]
+    assert unchanged_counts(frame.drop(columns=["enhance_change"])) == []

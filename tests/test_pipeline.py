@@ -169,6 +169,7 @@ def test_enhancement_runs_on_a_declared_gpu_actor_with_cpu_fallback(
         assert ok[f"vessel_auc_{role}"].between(0, 1).all()
         assert ok[f"vessel_f1_{role}"].between(0, 1).all()
     assert (ok.vessel_segmenter == "sato-v1").all() and (ok.enhance_device == "cpu").all()
+    assert ok.enhance_change.ge(0).all()
     assert ok.vessel_auc_clean.gt(0.9).all()  # the independent segmenter on exact vessel maps
     for row in ok.itertuples():
         enhanced = decode_image((out / row.enhanced_uri).read_bytes())

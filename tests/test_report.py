@@ -577,6 +577,7 @@ def _with_enhancement(built, out: str, gain: dict[str, float]) -> Path:
     frame["ssim_enhanced"] = frame["ssim_degraded"] + 0.01
     frame["model_name"] = np.where(ok, "tiny-model", None)
     frame["enhance_device"] = np.where(ok, "cuda", None)
+    frame["enhance_change"] = np.where(ok, np.where(frame["type_code"] == "010", 0.0, 2.5), None)
     writer = ShardWriter(OutputStore(out), output_schema())
     writer.add(pa.Table.from_pandas(frame[output_schema().names], preserve_index=False))
     writer.close()
@@ -595,6 +596,8 @@ def test_report_states_the_device_and_flags_types_where_enhancement_lowered_psnr
     assert warning in summary
     assert warning in " ".join(page.text["metrics"].split())
     assert "SSIM on" not in summary
+    n_010 = int(((built["frame"]["status"] == "ok") & (built["frame"]["type_code"] == "010")).sum())
+    assert f"NOTE enhancement left images unchanged: 010 ({n_010} of {n_010})" in summary
 
 
 def test_report_has_no_fidelity_warning_when_enhancement_helped(built, tmp_path: Path):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from fundus_batch.fidelity import fidelity_losses, warning_lines
+from fundus_batch.fidelity import fidelity_losses, unchanged_counts, unchanged_lines, warning_lines
 from fundus_batch.io import storage
 from fundus_batch.output import RUN_JSON, OutputStore
 from fundus_batch.report.formatting import NO_TYPE, duration, num, type_label
@@ -186,6 +186,7 @@ class Enhancement:
     models: list[str]
     devices: list[tuple[str, int]]  # (device, rows); empty when the output did not record it
     warnings: list[str]  # one line per metric enhancement lowered, see fidelity.warning_lines
+    notes: list[str]  # the types whose images came back unchanged, see fidelity.unchanged_lines
 
 
 @dataclass(frozen=True)
@@ -316,9 +317,10 @@ class ReportData:
 def aggregate(loaded: Loaded) -> ReportData:
     """Every section's numbers and text."""
     warnings = warning_lines(fidelity_losses(loaded.ok))
+    notes = unchanged_lines(unchanged_counts(loaded.ok))
     return ReportData(
         out=storage.redact(loaded.out),
-        summary=summary(loaded, warnings),
+        summary=summary(loaded, warnings, notes),
         metrics=metrics(loaded, warnings),
         downstream=downstream(loaded),
         failures=failures(loaded),
@@ -333,7 +335,7 @@ def _text(value: object) -> str:
     return storage.redact(str(value))
 
 
-def summary(loaded: Loaded, warnings: list[str]) -> Summary:
+def summary(loaded: Loaded, warnings: list[str], notes: list[str]) -> Summary:
     run = loaded.run or {}
     counts = run.get("counts") or {}
     frame = loaded.frame
@@ -367,7 +369,7 @@ def summary(loaded: Loaded, warnings: list[str]) -> Summary:
         accounted=accounted,
         disagreement=disagreement,
         quality=_quality_gate(frame),
-        enhancement=_enhancement(loaded.ok, warnings),
+        enhancement=_enhancement(loaded.ok, warnings, notes),
         run_json_missing=loaded.run is None,
         config=_settings(run),
         versions=[(_text(k), _text(v)) for k, v in (run.get("versions") or {}).items()],
@@ -414,8 +416,9 @@ def _quality_gate(frame: pd.DataFrame) -> QualityGate | None:
     return QualityGate(int(judged.sum()), len(judged), top)
 
 
-def _enhancement(ok: pd.DataFrame, warnings: list[str]) -> Enhancement | None:
-    """Which model ran on which device(s); None when no row was enhanced."""
+def _enhancement(ok: pd.DataFrame, warnings: list[str], notes: list[str]) -> Enhancement | None:
+    """Which model ran on which device(s), where it harmed and what it left alone; None when no
+    row was enhanced."""
     if "enhanced_uri" not in ok.columns or not ok["enhanced_uri"].notna().any():
         return None
     enhanced = ok[ok["enhanced_uri"].notna()]
@@ -426,7 +429,7 @@ def _enhancement(ok: pd.DataFrame, warnings: list[str]) -> Enhancement | None:
     if "enhance_device" in enhanced.columns and enhanced["enhance_device"].notna().any():
         counts = enhanced["enhance_device"].fillna("not recorded").astype(str).value_counts()
         devices = [(_text(d), int(n)) for d, n in counts.items()]
-    return Enhancement([_text(m) for m in models], devices, list(warnings))
+    return Enhancement([_text(m) for m in models], devices, list(warnings), list(notes))
 
 
 # ---------------------------------------------------------------------------- metrics
