@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -341,12 +342,20 @@ def floor_section(root: Path, args: argparse.Namespace) -> None:
 # --- Ray in a driver of its own ---------------------------------------------------------------
 
 
-def run_ray(
-    manifest: Path, out: Path, cfg: dict
-) -> tuple[float, float, float, float, float, float]:
-    """(seconds after start-up, start-up seconds, peak PSS bytes, CPU seconds of the driver and
-    every process it started, steady rows/s, seconds from the end of start-up to the first
-    finished block) of the Ray pipeline in a fresh driver process."""
+@dataclass(frozen=True)
+class RayRun:
+    """One run of the Ray pipeline in a fresh driver process."""
+
+    seconds: float  # after start-up
+    startup: float
+    peak_pss: float  # bytes, the driver and every process it started
+    cpu_seconds: float  # the driver and every process it started
+    steady: float  # rows/s (:func:`steady_rate`)
+    first_row: float  # seconds from the end of start-up to the first finished block
+
+
+def run_ray(manifest: Path, out: Path, cfg: dict) -> RayRun:
+    """Run the Ray pipeline on ``cfg`` in a fresh driver process and measure it."""
     cfg_path = out.parent / f"{out.name}.json"
     cfg_path.write_text(json.dumps(cfg))
     # Ray's own lines go to a log file, as in the CLI; the JSON line goes to stdout after.
@@ -402,7 +411,7 @@ print(json.dumps(result))
     marks = [(t, n) for t, n in result["marks"]]
     steady = steady_rate(marks, result["rows"])
     first = first_row(marks, result["t"])
-    return result["seconds"], result["startup"], float(peak[0]), cpu_s, steady, first
+    return RayRun(result["seconds"], result["startup"], float(peak[0]), cpu_s, steady, first)
 
 
 def throughput_section(root: Path, args: argparse.Namespace) -> None:
@@ -419,15 +428,14 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"{load_avg()})"
     )
     pool_s, pool_stages, pool_steady, pool_first = run_pool(manifest, root / "pool_out", args, size)
-    ray_s, startup, _, ray_cpu, ray_steady, ray_first = run_ray(
-        manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size)
-    )
-    pool_ips, ray_ips, total_ips = n / pool_s, n / ray_s, n / (ray_s + startup)
-    ray_steady /= args.variants  # the Ray run counts output rows, the Pool photographs
+    ray = run_ray(manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size))
+    pool_ips, ray_ips, total_ips = n / pool_s, n / ray.seconds, n / (ray.seconds + ray.startup)
+    ray_steady = ray.steady / args.variants  # the Ray run counts output rows, the Pool photographs
     ratio = ray_ips / pool_ips
     print(f"  multiprocessing.Pool (same stage chain): {pool_ips:6.2f} images/s ({pool_s:.1f} s)")
     print(
-        f"  Ray pipeline: {ray_ips:6.2f} images/s ({ray_s:.1f} s after {startup:.1f} s of start-up)"
+        f"  Ray pipeline: {ray_ips:6.2f} images/s ({ray.seconds:.1f} s after {ray.startup:.1f} s "
+        "of start-up)"
     )
     print(
         f"  ratio Ray/Pool, start-up excluded: {ratio:.2f}  (target >= {THROUGHPUT_TARGET})  "
@@ -440,14 +448,15 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         "the target is the ratio above)"
     )
     print(
-        f"  first finished row: Pool {pool_first:.1f} s after its start, Ray {ray_first:.1f} s "
+        f"  first finished row: Pool {pool_first:.1f} s after its start, Ray {ray.first_row:.1f} s "
         "after its start-up (Ray Data's operator and actor start, each worker importing Ray Data "
         "and the stages)"
     )
     pool_cpu = pool_stages.pop("CPU seconds (all processes)") * n
     print(
         f"  CPU seconds per image (every process): Pool {pool_cpu / n * 1e3:.1f} ms, Ray "
-        f"{ray_cpu / n * 1e3:.1f} ms with start-up; ratio Pool/Ray {pool_cpu / ray_cpu:.2f} "
+        f"{ray.cpu_seconds / n * 1e3:.1f} ms with start-up; ratio Pool/Ray "
+        f"{pool_cpu / ray.cpu_seconds:.2f} "
         "(load-independent check of the throughput ratio)"
     )
     print("  Pool:", end="")
@@ -468,9 +477,8 @@ def memory_section(root: Path, args: argparse.Namespace) -> None:
     for n in (args.small, args.big):
         manifest = synthetic_manifest(root / f"mem{n}", n, args.memory_size)
         out = root / f"mem_out{n}"
-        seconds, _, peaks[n], _, _, _ = run_ray(
-            manifest, out, config_dict(manifest, out, args, args.memory_size)
-        )
+        ray = run_ray(manifest, out, config_dict(manifest, out, args, args.memory_size))
+        seconds, peaks[n] = ray.seconds, ray.peak_pss
         print(
             f"  {n} images -> peak PSS {peaks[n] / 2**20:.0f} MiB ({seconds:.0f} s, "
             f"{n / seconds:.1f} images/s)"

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fundus_batch.imaging import ImageFormat
+from fundus_batch.metrics.harm import mean_change
 from fundus_batch.stages import Batch, Item, Resources, RowsCallable, SourceRole
 
 
@@ -51,18 +52,6 @@ def pick_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("enhance.device is 'cuda' but this worker sees no GPU")
     return requested
-
-
-def fov_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
-    """Mean absolute difference of two RGB uint8 images inside the FOV (mask > 0), in grey
-    levels averaged over the channels: 0.0 exactly when the enhancer left every FOV pixel as it
-    was."""
-    import cv2
-
-    fov = (mask > 0).astype(np.uint8)
-    if not fov.any():
-        return 0.0
-    return float(np.mean(cv2.mean(cv2.absdiff(before, after), mask=fov)[:3]))
 
 
 class Enhance(RowsCallable):
@@ -225,7 +214,7 @@ class Enhance(RowsCallable):
             try:
                 result = np.where(entry.mask[..., None] > 0, out, 0).astype(np.uint8)
                 item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
-                change = fov_change(entry.image, result, entry.mask)
+                change = mean_change(entry.image, result, entry.mask)
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
@@ -300,7 +289,7 @@ class ClassicalEnhance(RowsCallable):
                 source, mask = item.image(self.source_role), item.image("mask")
                 result = self.enhancer(source, mask)
                 item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
-                change = fov_change(source, result, mask)
+                change = mean_change(source, result, mask)
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
@@ -315,7 +304,7 @@ class ClassicalEnhance(RowsCallable):
 @dataclass(frozen=True)
 class EnhancedImage:
     """One enhanced working image (RGB uint8, zero outside the FOV), what made it and how much
-    it changed the input (:func:`fov_change`; 0.0: left as it was)."""
+    it changed the input (``metrics.harm.mean_change``; 0.0: left as it was)."""
 
     image: np.ndarray
     model_name: str
@@ -349,7 +338,7 @@ def enhance_image(
         out = model(image, mask)
         seconds = time.perf_counter() - start
         return EnhancedImage(
-            out, model.model_name, model.model_sha256, seconds, fov_change(image, out, mask)
+            out, model.model_name, model.model_sha256, seconds, mean_change(image, out, mask)
         )
     if enhancer != "cofenet":
         raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
@@ -360,5 +349,5 @@ def enhance_image(
     out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
     seconds = time.perf_counter() - start
     return EnhancedImage(
-        out, net.model_name, net.model_sha256, seconds, fov_change(image, out, mask)
+        out, net.model_name, net.model_sha256, seconds, mean_change(image, out, mask)
     )

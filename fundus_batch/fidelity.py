@@ -121,17 +121,11 @@ def unchanged_counts(frame: pd.DataFrame) -> list[Unchanged]:
     if "enhance_change" not in frame.columns:
         return []
     ok = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
-    change = pd.to_numeric(ok["enhance_change"], errors="coerce")
-    ok = ok[change.notna()]
-    change = change[change.notna()]
-    if ok.empty:
-        return []
-    codes = ok["type_code"].tolist() if "type_code" in ok.columns else [None] * len(ok)
-    keys = ["" if code is None or pd.isna(code) else str(code) for code in codes]
-    counts = []
-    for code, sub in change.groupby(keys):
-        counts.append(Unchanged(str(code) or None, int((sub == 0).sum()), int(sub.size)))
-    return sorted(counts, key=lambda c: c.type_code or "")
+    change = pd.to_numeric(ok["enhance_change"], errors="coerce").dropna()
+    no_type = pd.Series(None, index=ok.index, dtype=object)
+    types = ok["type_code"] if "type_code" in ok.columns else no_type
+    groups = change.groupby(types[change.index].astype(object).fillna(""))
+    return [Unchanged(str(code) or None, int((sub == 0).sum()), len(sub)) for code, sub in groups]
 
 
 def unchanged_lines(counts: list[Unchanged]) -> list[str]:

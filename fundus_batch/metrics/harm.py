@@ -1,12 +1,26 @@
-"""How much damage an enhancer adds: pixels it moved further from the clean image."""
+"""What an enhancer did to an image: how much it changed it, and the damage it added (pixels it
+moved further from the clean image)."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from fundus_batch.metrics.reference import check_image, check_mask
 
 NEW_ERROR_LEVELS = 40
+
+
+def mean_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference of two RGB uint8 images of one size over the FOV pixels (HxW
+    mask) and the three channels, in grey levels: 0.0 exactly when every FOV pixel is the same
+    in both."""
+    before = check_image(before, "before")
+    after = check_image(after, "after")
+    if before.shape != after.shape:
+        raise ValueError(f"shapes differ: before {before.shape}, after {after.shape}")
+    fov = check_mask(mask, before.shape).astype(np.uint8)
+    return float(np.mean(cv2.mean(cv2.absdiff(before, after), mask=fov)[:3]))
 
 
 def new_error_map(

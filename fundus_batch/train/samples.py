@@ -476,14 +476,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``; a tensor that fills two fields (``photo`` is often ``clean``)
         is copied once and stays shared."""
-        moved: dict[int, Tensor] = {}
-        out = []
-        for f in fields(self):
-            tensor = getattr(self, f.name)
-            if id(tensor) not in moved:
-                moved[id(tensor)] = tensor.to(device)
-            out.append(moved[id(tensor)])
-        return Batch(*out)
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        unique = {id(t): t for t in tensors}
+        moved = {key: t.to(device) for key, t in unique.items()}
+        return Batch(*(moved[id(t)] for t in tensors))
 
 
 def make_batch(items: Sequence[TrainItem]) -> Batch:

@@ -1,11 +1,12 @@
-"""fundus_batch.metrics.harm: the pixels an enhancer moved further from the clean image."""
+"""fundus_batch.metrics.harm: how much an enhancer changed an image, and the pixels it moved
+further from the clean image."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fundus_batch.metrics.harm import new_error_map, new_error_share
+from fundus_batch.metrics.harm import mean_change, new_error_map, new_error_share
 
 
 def _images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,3 +40,18 @@ def test_new_error_rejects_images_of_different_shapes() -> None:
     enhanced, degraded, clean = _images()
     with pytest.raises(ValueError, match="shapes differ"):
         new_error_map(enhanced[:2], degraded, clean)
+
+
+def test_mean_change_averages_the_fov_pixels_and_channels_and_is_zero_only_when_equal() -> None:
+    before = np.zeros((4, 4, 3), np.uint8)
+    after = before.copy()
+    after[0, 0] = (30, 60, 90)  # 60 on average over the channels, inside the FOV
+    after[3, 3] = 255  # outside the FOV: does not count
+    mask = np.full((4, 4), 255, np.uint8)
+    mask[3, 3] = 0
+    assert mean_change(before, after, mask) == pytest.approx(60 / 15)
+    assert mean_change(after, before, mask) == pytest.approx(60 / 15)
+    after[0, 0] = 0
+    assert mean_change(before, after, mask) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        mean_change(before, after[:2], mask)
