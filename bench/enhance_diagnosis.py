@@ -13,7 +13,10 @@ replayed with steps left out (``replay(..., skip=...)``). Printed per type, as m
   pixels only the halo moved and in the pixels only the hole moved (by more than 2 grey levels);
 - the new-error share (``fundus_batch.metrics.harm``, in % of FOV pixels) against the clean
   photograph and against the colour-kept target, and where the new-error pixels lie: the share
-  of them in pixels only the halo moved, only the hole moved, both, or neither.
+  of them in pixels only the halo moved, only the hole moved, both, or neither;
+- the new-error share of the colour-kept target itself (what a model that removed the halo and
+  the hole perfectly but kept the colour jitter would add), also at the 95th percentile of
+  photographs, as issue 10's line counts it.
 
 Needs ``../shared``; prints a line and exits 0 without it.
 """
@@ -113,14 +116,21 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
                     "new_error_pct": 100 * new_error_share(enhanced, degraded, image, mask),
                     "new_error_vs_colour_kept_pct": 100
                     * new_error_share(enhanced, degraded, target, mask),
+                    "colour_kept_new_error_pct": 100
+                    * new_error_share(target, degraded, image, mask),
                     **_where(new, halo_only, hole_only),
                 }
             )
-    return {
+    table = {
         code: {key: float(np.nanmean([r[key] for r in found])) for key in found[0]}
         for code, found in rows.items()
         if found
     }
+    for code, found in rows.items():
+        if found:
+            shares = [r["colour_kept_new_error_pct"] for r in found]
+            table[code]["colour_kept_new_error_p95_pct"] = float(np.percentile(shares, 95))
+    return table
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
+        [--gate-from-type]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -14,7 +15,9 @@ where the photograph has vessel ground truth, the vesselness AUC of clean, degra
 images; for a gated model, the mean opening of its gate (0: photograph left alone). The targets
 of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
 way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``;
-1: as trained). Needs ``../shared``.
+1: as trained); ``--gate-from-type`` replaces a gated model's predicted gate with the type
+code's answer (open exactly on the illumination types), to measure what the gate costs. Needs
+``../shared``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[st
     return model, evaluation
 
 
-def score_fold(folder: Path, data_root: Path, correction_scale: float = 1.0) -> dict[str, Any]:
+def score_fold(
+    folder: Path, data_root: Path, correction_scale: float = 1.0, gate_from_type: bool = False
+) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline."""
     model, evaluation = load_fold(folder, correction_scale)
     protocol = evaluation["protocol"]
@@ -81,7 +86,8 @@ def score_fold(folder: Path, data_root: Path, correction_scale: float = 1.0) -> 
             for i, t in enumerate(TYPE_CODES)
         ]
         gates: list[float] = []
-        cofe = enhance_images(model, degraded, batch_size=4, gates=gates)
+        given = [float(t in ILLUMINATION) for t in TYPE_CODES] if gate_from_type else None
+        cofe = enhance_images(model, degraded, batch_size=4, gates=gates, given_gates=given)
         truth = None if sample.vessels is None else np.where(sample.vessels > 127, 255, 0)
         clean_auc = None
         if truth is not None:
@@ -219,6 +225,11 @@ def main() -> int:
     parser.add_argument(
         "--correction-scale", type=float, default=1.0, help="multiplies each fold's correction"
     )
+    parser.add_argument(
+        "--gate-from-type",
+        action="store_true",
+        help="open a gated model's gate exactly on the illumination types",
+    )
     args = parser.parse_args()
     if not args.correction_scale > 0:
         parser.error(f"--correction-scale must be > 0, got {args.correction_scale}")
@@ -233,7 +244,7 @@ def main() -> int:
     texts = []
     for folder in folders:
         start = time.perf_counter()
-        scored = score_fold(folder, args.data_root, args.correction_scale)
+        scored = score_fold(folder, args.data_root, args.correction_scale, args.gate_from_type)
         per_type = summarise(scored["rows"])
         misses = check_targets(per_type, scored["rows"])
         report[folder.name] = {**scored, "per_type": per_type, "missed": misses}

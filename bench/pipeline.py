@@ -41,6 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# One BLAS thread per process, as Ray gives its one-CPU workers (it sets OMP_NUM_THREADS from
+# their CPU share): the Pool baseline and the in-process steps then do what an actor does, and
+# process CPU time does not count a second BLAS thread's spinning. Set before numpy loads.
+os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -150,6 +155,7 @@ _CHAIN: list[Callable[[Rows], Rows]] = []
 
 
 def _pool_init(cfg: dict) -> None:
+    cv2.setNumThreads(1)  # as ray_adapter.StageUDF does in a one-CPU actor
     _CHAIN.append(local_chain(cfg))
 
 

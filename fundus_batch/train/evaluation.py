@@ -44,12 +44,16 @@ def enhance_images(
     device: torch.device | str = "cpu",
     amp: bool = False,
     gates: list[float] | None = None,
+    given_gates: Sequence[float] | None = None,
 ) -> list[np.ndarray]:
     """Enhance HxWx3 uint8 images of one size in eval mode; returns uint8 images (unmasked).
 
     ``gates``, when given, receives each image's gate opening from the same pass (NaN for a
-    model without a gate).
+    model without a gate). ``given_gates`` (one value per image, ``field_gate`` models only)
+    replaces the predicted gate, e.g. with the type code's answer to measure what the gate costs.
     """
+    if given_gates is not None and len(given_gates) != len(images):
+        raise ValueError(f"given_gates has {len(given_gates)} values for {len(images)} images")
     device = torch.device(device)
     out: list[np.ndarray] = []
     was_training = model.training
@@ -57,8 +61,12 @@ def enhance_images(
     try:
         for start in range(0, len(images), batch_size):
             x = image_batch(images[start : start + batch_size]).to(device)
+            given = None
+            if given_gates is not None:
+                chunk = given_gates[start : start + batch_size]
+                given = torch.tensor(chunk, dtype=torch.float32, device=device)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                outputs = model(x)
+                outputs = model(x, gate=given)
                 y = model.enhanced(outputs)
                 y = y.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
                 opening = model.gate_opening(outputs)
