@@ -2,7 +2,7 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
-        [--gate-from-type]
+        [--gate-from-type] [--tuning 12]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -16,8 +16,11 @@ images; for a gated model, the mean opening of its gate (0: photograph left alon
 of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
 way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``;
 1: as trained); ``--gate-from-type`` replaces a gated model's predicted gate with the type
-code's answer (open exactly on the illumination types), to measure what the gate costs. Needs
-``../shared``.
+code's answer (open exactly on the illumination types), to measure what the gate costs;
+``--tuning N`` scores N other quality-passing photographs of each held-out source instead (the
+fold never saw them and the held-out table does not use them), degraded with run seed 100, so
+that a setting such as the correction scale is chosen there and tested once on the held-out ones.
+Needs ``../shared``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ TARGET_ILLUMINATION_GAIN = 3.0
 TARGET_MAX_LOSS = -0.5
 TARGET_MEAN_GAIN = 3.0
 TARGET_NEW_ERROR_P95 = 0.005
+TUNING_SEED = 100  # the tuning draws' run seed (``sample_rng(TUNING_SEED, image_id, type index)``)
 
 
 def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[str, Any]]:
@@ -64,22 +68,45 @@ def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[st
     return model, evaluation
 
 
+def tuning_entries(evaluation: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
+    """The photographs of the fold's held-out source that the bench does not score, in the
+    source's file order: none of them trained the fold, so a setting may be chosen on them."""
+    scored = {str(e["image_id"]) for e in evaluation["holdout"]}
+    source = str(evaluation["holdout"][0]["image_id"]).split("/", 1)[0]
+    return [e for e in dataset_files(data_root, source) if e["image_id"] not in scored]
+
+
 def score_fold(
-    folder: Path, data_root: Path, correction_scale: float = 1.0, gate_from_type: bool = False
+    folder: Path,
+    data_root: Path,
+    correction_scale: float = 1.0,
+    gate_from_type: bool = False,
+    tuning: int = 0,
 ) -> dict[str, Any]:
-    """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline."""
+    """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline:
+    on the fold's held-out photographs, or with ``tuning`` > 0 on that many quality-passing
+    tuning photographs (:func:`tuning_entries`) degraded with seed ``TUNING_SEED``."""
     model, evaluation = load_fold(folder, correction_scale)
     protocol = evaluation["protocol"]
     size, seed, preset = protocol["working_size"], protocol["seed"], protocol["preset"]
     classical = ClassicalEnhancer()
     rows: list[dict[str, Any]] = []
-    for entry in evaluation["holdout"]:
-        if "noref" in entry:  # trained from a pack: score the photograph itself
-            dataset = str(entry["dataset"])
-            entry = next(
-                e for e in dataset_files(data_root, dataset) if e["image_id"] == entry["image_id"]
-            )
-        sample = load_samples(data_root, [entry], size)[0]
+    if tuning:
+        seed = TUNING_SEED
+        entries = tuning_entries(evaluation, data_root)
+        samples = load_samples(data_root, entries, size, evaluation["quality"])[:tuning]
+    else:
+        samples = []
+        for entry in evaluation["holdout"]:
+            if "noref" in entry:  # trained from a pack: score the photograph itself
+                dataset = str(entry["dataset"])
+                entry = next(
+                    e
+                    for e in dataset_files(data_root, dataset)
+                    if e["image_id"] == entry["image_id"]
+                )
+            samples.append(load_samples(data_root, [entry], size)[0])
+    for sample in samples:
         fov = sample.mask > 127
         degraded = [
             degrade(sample.image, sample.mask, t, sample_rng(seed, sample.image_id, i), preset)[0]
@@ -115,11 +142,7 @@ def score_fold(
                         "vessel_auc"
                     ]
             rows.append(row)
-    return {
-        "fold": folder.name,
-        "held_out": [e["image_id"] for e in evaluation["holdout"]],
-        "rows": rows,
-    }
+    return {"fold": folder.name, "held_out": [x.image_id for x in samples], "rows": rows}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -226,6 +249,13 @@ def main() -> int:
         "--correction-scale", type=float, default=1.0, help="multiplies each fold's correction"
     )
     parser.add_argument(
+        "--tuning",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score N tuning photographs of each held-out source instead of the held-out ones",
+    )
+    parser.add_argument(
         "--gate-from-type",
         action="store_true",
         help="open a gated model's gate exactly on the illumination types",
@@ -233,6 +263,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.correction_scale > 0:
         parser.error(f"--correction-scale must be > 0, got {args.correction_scale}")
+    if args.tuning < 0:
+        parser.error(f"--tuning must be >= 0, got {args.tuning}")
     if not args.data_root.is_dir():
         print(f"no data at {args.data_root}: this bench needs ../shared")
         return 0
@@ -244,7 +276,9 @@ def main() -> int:
     texts = []
     for folder in folders:
         start = time.perf_counter()
-        scored = score_fold(folder, args.data_root, args.correction_scale, args.gate_from_type)
+        scored = score_fold(
+            folder, args.data_root, args.correction_scale, args.gate_from_type, args.tuning
+        )
         per_type = summarise(scored["rows"])
         misses = check_targets(per_type, scored["rows"])
         report[folder.name] = {**scored, "per_type": per_type, "missed": misses}
