@@ -68,6 +68,14 @@ def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[st
     return model, evaluation
 
 
+def _photograph_entry(entry: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """A held-out entry as a file entry: one trained from a pack names the photograph itself."""
+    if "noref" not in entry:
+        return entry
+    files = dataset_files(data_root, str(entry["dataset"]))
+    return next(e for e in files if e["image_id"] == entry["image_id"])
+
+
 def tuning_entries(evaluation: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
     """The photographs of the fold's held-out source that the bench does not score, in the
     source's file order: none of them trained the fold, so a setting may be chosen on them."""
@@ -96,16 +104,8 @@ def score_fold(
         entries = tuning_entries(evaluation, data_root)
         samples = load_samples(data_root, entries, size, evaluation["quality"])[:tuning]
     else:
-        samples = []
-        for entry in evaluation["holdout"]:
-            if "noref" in entry:  # trained from a pack: score the photograph itself
-                dataset = str(entry["dataset"])
-                entry = next(
-                    e
-                    for e in dataset_files(data_root, dataset)
-                    if e["image_id"] == entry["image_id"]
-                )
-            samples.append(load_samples(data_root, [entry], size)[0])
+        entries = [_photograph_entry(e, data_root) for e in evaluation["holdout"]]
+        samples = load_samples(data_root, entries, size)
     for sample in samples:
         fov = sample.mask > 127
         degraded = [

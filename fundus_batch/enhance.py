@@ -336,18 +336,15 @@ def enhance_image(
     if enhancer == "classical":
         model = ClassicalEnhancer()
         out = model(image, mask)
-        seconds = time.perf_counter() - start
-        return EnhancedImage(
-            out, model.model_name, model.model_sha256, seconds, mean_change(image, out, mask)
+        name, sha256 = model.model_name, model.model_sha256
+    elif enhancer == "cofenet":
+        net = Enhance(
+            weights=weights, batch_size=1, device=device, cpu_share=float(os.cpu_count() or 1)
         )
-    if enhancer != "cofenet":
+        result = net.enhance_arrays([image])[0]
+        out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
+        name, sha256 = net.model_name, net.model_sha256
+    else:
         raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
-    net = Enhance(
-        weights=weights, batch_size=1, device=device, cpu_share=float(os.cpu_count() or 1)
-    )
-    result = net.enhance_arrays([image])[0]
-    out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
     seconds = time.perf_counter() - start
-    return EnhancedImage(
-        out, net.model_name, net.model_sha256, seconds, mean_change(image, out, mask)
-    )
+    return EnhancedImage(out, name, sha256, seconds, mean_change(image, out, mask))
