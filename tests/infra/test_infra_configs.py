@@ -1081,3 +1081,12 @@ def test_dockerfile_rules_catch(name: str) -> None:
     assert old in GOOD_DOCKERFILE
     problems = check_dockerfile(GOOD_DOCKERFILE.replace(old, new))
     assert any(expected in p for p in problems), f"{expected!r} not among {problems}"
+
+
+def test_ci_runs_each_step_of_the_readme_test_command_on_a_line_of_its_own() -> None:
+    # Under set -e only the last command of an && chain stops the script when it fails.
+    readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    command = next(line for line in readme if line.endswith("pytest -q -rs"))
+    ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
+    for step in command.split(" && "):
+        assert step.strip() in ci_lines, f".ci/run must run {step.strip()!r} on its own line"
