@@ -2,7 +2,7 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
-        [--gate-from-type] [--tuning 12]
+        [--gate-from-type] [--tuning 12 | --confirm]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -20,7 +20,9 @@ code's answer (open exactly on the illumination types), to measure what the gate
 ``--tuning N`` scores N other quality-passing photographs of each held-out source instead (the
 fold never saw them and the held-out table does not use them), degraded with run seed 100, so
 that a setting such as the correction scale is chosen there and tested once on the held-out ones.
-Needs ``../shared``.
+``--confirm`` scores every quality-passing photograph of each held-out source that is neither
+held out nor among the first ``TUNING_PHOTOS`` tuning ones, degraded with run seed 200: a
+second, larger test on photographs no choice has looked at. Needs ``../shared``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from train_cofenet import dataset_files, load_samples
 from fundus_batch.classical import ClassicalEnhancer
 from fundus_batch.degrade import TYPE_CODES, degrade, sample_rng
 from fundus_batch.metrics.harm import new_error_share
-from fundus_batch.metrics.reference import psnr, ssim
+from fundus_batch.metrics.reference import finite, psnr, ssim
 from fundus_batch.metrics.vessels import segment_and_score
 from fundus_batch.models import WeightsEntry, model_for_entry
 from fundus_batch.train import enhance_images
@@ -55,6 +57,8 @@ TARGET_MAX_LOSS = -0.5
 TARGET_MEAN_GAIN = 3.0
 TARGET_NEW_ERROR_P95 = 0.005
 TUNING_SEED = 100  # the tuning draws' run seed (``sample_rng(TUNING_SEED, image_id, type index)``)
+TUNING_PHOTOS = 12  # the tuning photographs the model card's choices were made on
+CONFIRM_SEED = 200  # the confirmation draws' run seed
 
 
 def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[str, Any]]:
@@ -90,19 +94,23 @@ def score_fold(
     correction_scale: float = 1.0,
     gate_from_type: bool = False,
     tuning: int = 0,
+    confirm: bool = False,
 ) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline:
-    on the fold's held-out photographs, or with ``tuning`` > 0 on that many quality-passing
-    tuning photographs (:func:`tuning_entries`) degraded with seed ``TUNING_SEED``."""
+    on the fold's held-out photographs; with ``tuning`` > 0 on that many quality-passing
+    tuning photographs (:func:`tuning_entries`) degraded with seed ``TUNING_SEED``; with
+    ``confirm`` on the quality-passing ones after the first ``TUNING_PHOTOS``, with
+    ``CONFIRM_SEED``."""
     model, evaluation = load_fold(folder, correction_scale)
     protocol = evaluation["protocol"]
     size, seed, preset = protocol["working_size"], protocol["seed"], protocol["preset"]
     classical = ClassicalEnhancer()
     rows: list[dict[str, Any]] = []
-    if tuning:
-        seed = TUNING_SEED
+    if tuning or confirm:
         entries = tuning_entries(evaluation, data_root)
-        samples = load_samples(data_root, entries, size, evaluation["quality"])[:tuning]
+        passing = load_samples(data_root, entries, size, evaluation["quality"])
+        seed = CONFIRM_SEED if confirm else TUNING_SEED
+        samples = passing[TUNING_PHOTOS:] if confirm else passing[:tuning]
     else:
         entries = [_photograph_entry(e, data_root) for e in evaluation["holdout"]]
         samples = load_samples(data_root, entries, size)
@@ -125,12 +133,13 @@ def score_fold(
             row: dict[str, Any] = {
                 "image_id": sample.image_id,
                 "type_code": t,
-                "psnr_degraded": psnr(deg, sample.image, fov),
+                # A draw can leave a photograph as it was (a 1 x 1 blur): PSNR capped, not inf.
+                "psnr_degraded": finite(psnr(deg, sample.image, fov)),
                 "ssim_degraded": ssim(deg, sample.image, fov),
                 "gate": gate,
             }
             for name, out in outputs.items():
-                row[f"psnr_{name}"] = psnr(out, sample.image, fov)
+                row[f"psnr_{name}"] = finite(psnr(out, sample.image, fov))
                 row[f"ssim_{name}"] = ssim(out, sample.image, fov)
                 row[f"new_error_{name}"] = new_error_share(out, deg, sample.image, fov)
             if truth is not None and clean_auc is not None:
@@ -248,12 +257,19 @@ def main() -> int:
     parser.add_argument(
         "--correction-scale", type=float, default=1.0, help="multiplies each fold's correction"
     )
-    parser.add_argument(
+    photos = parser.add_mutually_exclusive_group()
+    photos.add_argument(
+        "--confirm",
+        action="store_true",
+        help=f"score the quality-passing photographs after the first {TUNING_PHOTOS} tuning ones",
+    )
+    photos.add_argument(
         "--tuning",
         type=int,
         default=0,
         metavar="N",
-        help="score N tuning photographs of each held-out source instead of the held-out ones",
+        help="score N tuning photographs of each held-out source instead of the held-out ones "
+        f"(beyond {TUNING_PHOTOS} they overlap --confirm's)",
     )
     parser.add_argument(
         "--gate-from-type",
@@ -277,7 +293,12 @@ def main() -> int:
     for folder in folders:
         start = time.perf_counter()
         scored = score_fold(
-            folder, args.data_root, args.correction_scale, args.gate_from_type, args.tuning
+            folder,
+            args.data_root,
+            args.correction_scale,
+            args.gate_from_type,
+            args.tuning,
+            args.confirm,
         )
         per_type = summarise(scored["rows"])
         misses = check_targets(per_type, scored["rows"])

@@ -104,8 +104,9 @@ class Enhance(RowsCallable):
         chunk, N x H x W x 3 uint8 on the model's device, unmasked; the network's outputs)."""
         import torch
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-        x = x.to(self.device)
+        # uint8 crosses to the device (a quarter of float32's bytes); it is converted there.
+        x = torch.from_numpy(np.stack(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
         with torch.inference_mode():
             if self.device == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
