@@ -2,7 +2,7 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
-        [--gate-from-type] [--tuning 12 | --confirm]
+        [--gate-threshold T] [--gate-from-type] [--tuning 12 | --confirm]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -15,8 +15,10 @@ where the photograph has vessel ground truth, the vesselness AUC of clean, degra
 images; for a gated model, the mean opening of its gate (0: photograph left alone). The targets
 of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
 way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``;
-1: as trained); ``--gate-from-type`` replaces a gated model's predicted gate with the type
-code's answer (open exactly on the illumination types), to measure what the gate costs;
+1: as trained); ``--gate-threshold`` replaces a gated fold's ``field_gate_threshold`` (the
+sigmoid at which its correction applies); ``--gate-from-type`` replaces a gated model's
+predicted gate with the type code's answer (open exactly on the illumination types), to measure
+what the gate costs;
 ``--tuning N`` scores N other quality-passing photographs of each held-out source instead (the
 fold never saw them and the held-out table does not use them), degraded with run seed 100, so
 that a setting such as the correction scale is chosen there and tested once on the held-out ones.
@@ -61,13 +63,20 @@ TUNING_PHOTOS = 12  # the tuning photographs the model card's choices were made 
 CONFIRM_SEED = 200  # the confirmation draws' run seed
 
 
-def load_fold(folder: Path, correction_scale: float = 1.0) -> tuple[Any, dict[str, Any]]:
+def load_fold(
+    folder: Path, correction_scale: float = 1.0, gate_threshold: float | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The fold's Cofe-Net (eval mode, fp16 weights as shipped, its correction multiplied by
-    ``correction_scale``) and its eval document."""
+    ``correction_scale``, its gate's threshold ``gate_threshold`` if given) and its eval
+    document."""
     registry = json.loads((folder / "registry.json").read_text(encoding="utf-8"))
     entry = WeightsEntry.from_dict(registry["weights"][0], folder / "registry.json")
     model = model_for_entry(entry)
     model.field_scale = correction_scale
+    if gate_threshold is not None:
+        if not model.field_gate:
+            raise ValueError(f"{folder}: --gate-threshold needs a gated model")
+        model.field_gate_threshold = gate_threshold
     evaluation = json.loads((folder / f"{entry.name}.eval.json").read_text(encoding="utf-8"))
     return model, evaluation
 
@@ -95,13 +104,14 @@ def score_fold(
     gate_from_type: bool = False,
     tuning: int = 0,
     confirm: bool = False,
+    gate_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline:
     on the fold's held-out photographs; with ``tuning`` > 0 on that many quality-passing
     tuning photographs (:func:`tuning_entries`) degraded with seed ``TUNING_SEED``; with
     ``confirm`` on the quality-passing ones after the first ``TUNING_PHOTOS``, with
     ``CONFIRM_SEED``."""
-    model, evaluation = load_fold(folder, correction_scale)
+    model, evaluation = load_fold(folder, correction_scale, gate_threshold)
     protocol = evaluation["protocol"]
     size, seed, preset = protocol["working_size"], protocol["seed"], protocol["preset"]
     classical = ClassicalEnhancer()
@@ -257,6 +267,12 @@ def main() -> int:
     parser.add_argument(
         "--correction-scale", type=float, default=1.0, help="multiplies each fold's correction"
     )
+    parser.add_argument(
+        "--gate-threshold",
+        type=float,
+        metavar="T",
+        help="the gate opening (0 < T < 1) at which a gated fold applies its correction",
+    )
     photos = parser.add_mutually_exclusive_group()
     photos.add_argument(
         "--confirm",
@@ -279,6 +295,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.correction_scale > 0:
         parser.error(f"--correction-scale must be > 0, got {args.correction_scale}")
+    if args.gate_threshold is not None and not 0.0 < args.gate_threshold < 1.0:
+        parser.error(f"--gate-threshold must be in (0, 1), got {args.gate_threshold}")
     if args.tuning < 0:
         parser.error(f"--tuning must be >= 0, got {args.tuning}")
     if not args.data_root.is_dir():
@@ -299,6 +317,7 @@ def main() -> int:
             args.gate_from_type,
             args.tuning,
             args.confirm,
+            args.gate_threshold,
         )
         per_type = summarise(scored["rows"])
         misses = check_targets(per_type, scored["rows"])
