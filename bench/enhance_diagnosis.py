@@ -121,16 +121,16 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
                     **_where(new, halo_only, hole_only),
                 }
             )
-    table = {
-        code: {key: float(np.nanmean([r[key] for r in found])) for key in found[0]}
+    return {
+        code: {
+            **{key: float(np.nanmean([r[key] for r in found])) for key in found[0]},
+            "colour_kept_new_error_p95_pct": float(
+                np.percentile([r["colour_kept_new_error_pct"] for r in found], 95)
+            ),
+        }
         for code, found in rows.items()
         if found
     }
-    for code, found in rows.items():
-        if found:
-            shares = [r["colour_kept_new_error_pct"] for r in found]
-            table[code]["colour_kept_new_error_p95_pct"] = float(np.percentile(shares, 95))
-    return table
 
 
 def main() -> int:

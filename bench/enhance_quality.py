@@ -49,7 +49,7 @@ from fundus_batch.metrics.harm import new_error_share
 from fundus_batch.metrics.reference import finite, psnr, ssim
 from fundus_batch.metrics.vessels import segment_and_score
 from fundus_batch.models import WeightsEntry, model_for_entry
-from fundus_batch.train import enhance_images
+from fundus_batch.train import CleanSample, enhance_images
 
 REPO = Path(__file__).resolve().parents[1]
 ILLUMINATION = ("001", "011", "101", "111")
@@ -97,33 +97,44 @@ def tuning_entries(evaluation: dict[str, Any], data_root: Path) -> list[dict[str
     return [e for e in dataset_files(data_root, source) if e["image_id"] not in scored]
 
 
+def _photographs(
+    evaluation: dict[str, Any], data_root: Path, tuning: int, confirm: bool
+) -> tuple[list[CleanSample], int]:
+    """The photographs to score and their run seed: the fold's held-out ones with its own seed;
+    with ``tuning`` > 0 that many quality-passing tuning photographs (:func:`tuning_entries`)
+    with ``TUNING_SEED``; with ``confirm`` the quality-passing ones after the first
+    ``TUNING_PHOTOS``, with ``CONFIRM_SEED``."""
+    if tuning and confirm:
+        raise ValueError("tuning and confirm select different photographs: give one")
+    size = evaluation["protocol"]["working_size"]
+    if not (tuning or confirm):
+        entries = [_photograph_entry(e, data_root) for e in evaluation["holdout"]]
+        return load_samples(data_root, entries, size), evaluation["protocol"]["seed"]
+    entries = tuning_entries(evaluation, data_root)
+    passing = load_samples(data_root, entries, size, evaluation["quality"])
+    if confirm:
+        return passing[TUNING_PHOTOS:], CONFIRM_SEED
+    return passing[:tuning], TUNING_SEED
+
+
 def score_fold(
     folder: Path,
     data_root: Path,
+    *,
     correction_scale: float = 1.0,
+    gate_threshold: float | None = None,
     gate_from_type: bool = False,
     tuning: int = 0,
     confirm: bool = False,
-    gate_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline:
-    on the fold's held-out photographs; with ``tuning`` > 0 on that many quality-passing
-    tuning photographs (:func:`tuning_entries`) degraded with seed ``TUNING_SEED``; with
-    ``confirm`` on the quality-passing ones after the first ``TUNING_PHOTOS``, with
-    ``CONFIRM_SEED``."""
+    """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline on
+    the photographs :func:`_photographs` selects."""
     model, evaluation = load_fold(folder, correction_scale, gate_threshold)
-    protocol = evaluation["protocol"]
-    size, seed, preset = protocol["working_size"], protocol["seed"], protocol["preset"]
+    preset = evaluation["protocol"]["preset"]
+    samples, seed = _photographs(evaluation, data_root, tuning, confirm)
     classical = ClassicalEnhancer()
+    given = [float(t in ILLUMINATION) for t in TYPE_CODES] if gate_from_type else None
     rows: list[dict[str, Any]] = []
-    if tuning or confirm:
-        entries = tuning_entries(evaluation, data_root)
-        passing = load_samples(data_root, entries, size, evaluation["quality"])
-        seed = CONFIRM_SEED if confirm else TUNING_SEED
-        samples = passing[TUNING_PHOTOS:] if confirm else passing[:tuning]
-    else:
-        entries = [_photograph_entry(e, data_root) for e in evaluation["holdout"]]
-        samples = load_samples(data_root, entries, size)
     for sample in samples:
         fov = sample.mask > 127
         degraded = [
@@ -131,7 +142,6 @@ def score_fold(
             for i, t in enumerate(TYPE_CODES)
         ]
         gates: list[float] = []
-        given = [float(t in ILLUMINATION) for t in TYPE_CODES] if gate_from_type else None
         cofe = enhance_images(model, degraded, batch_size=4, gates=gates, given_gates=given)
         truth = None if sample.vessels is None else np.where(sample.vessels > 127, 255, 0)
         clean_auc = None
@@ -313,11 +323,11 @@ def main() -> int:
         scored = score_fold(
             folder,
             args.data_root,
-            args.correction_scale,
-            args.gate_from_type,
-            args.tuning,
-            args.confirm,
-            args.gate_threshold,
+            correction_scale=args.correction_scale,
+            gate_threshold=args.gate_threshold,
+            gate_from_type=args.gate_from_type,
+            tuning=args.tuning,
+            confirm=args.confirm,
         )
         per_type = summarise(scored["rows"])
         misses = check_targets(per_type, scored["rows"])
