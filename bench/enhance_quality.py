@@ -2,7 +2,8 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
-        [--gate-threshold T] [--gate-from-type] [--tuning 12 | --confirm]
+        [--gate-threshold T] [--gate-from-type] [--spot-deadzone D | --without-spot-head]
+        [--tuning 12 | --confirm]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -18,7 +19,8 @@ way. ``--correction-scale`` multiplies every fold's correction (the model's ``fi
 1: as trained); ``--gate-threshold`` replaces a gated fold's ``field_gate_threshold`` (the
 sigmoid at which its correction applies); ``--gate-from-type`` replaces a gated model's
 predicted gate with the type code's answer (open exactly on the illumination types), to measure
-what the gate costs;
+what the gate costs; ``--spot-deadzone`` replaces a fold's spot-head dead zone (``spot_deadzone``,
+in [0, 1] units) and ``--without-spot-head`` scores a fold without its spot head;
 ``--tuning N`` scores N other quality-passing photographs of each held-out source instead (the
 fold never saw them and the held-out table does not use them), degraded with run seed 100, so
 that a setting such as the correction scale is chosen there and tested once on the held-out ones.
@@ -64,10 +66,15 @@ CONFIRM_SEED = 200  # the confirmation draws' run seed
 
 
 def load_fold(
-    folder: Path, correction_scale: float = 1.0, gate_threshold: float | None = None
+    folder: Path,
+    correction_scale: float = 1.0,
+    gate_threshold: float | None = None,
+    spot_deadzone: float | None = None,
+    spot_head: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """The fold's Cofe-Net (eval mode, fp16 weights as shipped, its correction multiplied by
-    ``correction_scale``, its gate's threshold ``gate_threshold`` if given) and its eval
+    ``correction_scale``, its gate's threshold ``gate_threshold`` and its spot head's dead zone
+    ``spot_deadzone`` if given, without its spot head unless ``spot_head``) and its eval
     document."""
     registry = json.loads((folder / "registry.json").read_text(encoding="utf-8"))
     entry = WeightsEntry.from_dict(registry["weights"][0], folder / "registry.json")
@@ -77,6 +84,12 @@ def load_fold(
         if not model.field_gate:
             raise ValueError(f"{folder}: --gate-threshold needs a gated model")
         model.field_gate_threshold = gate_threshold
+    if spot_deadzone is not None:
+        if model.spot is None:
+            raise ValueError(f"{folder}: --spot-deadzone needs a model with a spot head")
+        model.spot_deadzone = spot_deadzone
+    if not spot_head:
+        model.spot = None
     evaluation = json.loads((folder / f"{entry.name}.eval.json").read_text(encoding="utf-8"))
     return model, evaluation
 
@@ -124,12 +137,16 @@ def score_fold(
     correction_scale: float = 1.0,
     gate_threshold: float | None = None,
     gate_from_type: bool = False,
+    spot_deadzone: float | None = None,
+    spot_head: bool = True,
     tuning: int = 0,
     confirm: bool = False,
 ) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline on
     the photographs :func:`_photographs` selects."""
-    model, evaluation = load_fold(folder, correction_scale, gate_threshold)
+    model, evaluation = load_fold(
+        folder, correction_scale, gate_threshold, spot_deadzone, spot_head
+    )
     preset = evaluation["protocol"]["preset"]
     samples, seed = _photographs(evaluation, data_root, tuning, confirm)
     classical = ClassicalEnhancer()
@@ -283,6 +300,16 @@ def main() -> int:
         metavar="T",
         help="the gate opening (0 < T < 1) at which a gated fold applies its correction",
     )
+    spots = parser.add_mutually_exclusive_group()
+    spots.add_argument(
+        "--spot-deadzone",
+        type=float,
+        metavar="D",
+        help="the spot head's dead zone in [0, 1] units (2 grey levels: 0.00784)",
+    )
+    spots.add_argument(
+        "--without-spot-head", action="store_true", help="score the folds without their spot head"
+    )
     photos = parser.add_mutually_exclusive_group()
     photos.add_argument(
         "--confirm",
@@ -307,6 +334,8 @@ def main() -> int:
         parser.error(f"--correction-scale must be > 0, got {args.correction_scale}")
     if args.gate_threshold is not None and not 0.0 < args.gate_threshold < 1.0:
         parser.error(f"--gate-threshold must be in (0, 1), got {args.gate_threshold}")
+    if args.spot_deadzone is not None and not 0.0 <= args.spot_deadzone < 0.5:
+        parser.error(f"--spot-deadzone must be in [0, 0.5), got {args.spot_deadzone}")
     if args.tuning < 0:
         parser.error(f"--tuning must be >= 0, got {args.tuning}")
     if not args.data_root.is_dir():
@@ -326,6 +355,8 @@ def main() -> int:
             correction_scale=args.correction_scale,
             gate_threshold=args.gate_threshold,
             gate_from_type=args.gate_from_type,
+            spot_deadzone=args.spot_deadzone,
+            spot_head=not args.without_spot_head,
             tuning=args.tuning,
             confirm=args.confirm,
         )

@@ -369,6 +369,16 @@ def read_config(path: str | None) -> dict[str, Any]:
     return load_job(path).model_dump(exclude_unset=True)
 
 
+def report_metrics(report: ValReport) -> dict[str, float]:
+    """A registry entry's ``metrics``: the held-out evaluation's gain, PSNR and SSIM per type."""
+    metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
+    for t, m in report.per_type.items():
+        metrics[f"val_psnr_gain_{t}"] = round(m.psnr_gain, 3)
+        metrics[f"val_psnr_enhanced_{t}"] = round(m.psnr_enhanced, 3)
+        metrics[f"val_ssim_enhanced_{t}"] = round(m.ssim_enhanced, 4)
+    return metrics
+
+
 def registry_entry(
     name: str,
     weights: Path,
@@ -378,11 +388,6 @@ def registry_entry(
     report: ValReport,
 ) -> dict[str, Any]:
     """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
-    metrics: dict[str, float] = {"val_psnr_gain_mean": round(report.mean_psnr_gain, 3)}
-    for t, m in report.per_type.items():
-        metrics[f"val_psnr_gain_{t}"] = round(m.psnr_gain, 3)
-        metrics[f"val_psnr_enhanced_{t}"] = round(m.psnr_enhanced, 3)
-        metrics[f"val_ssim_enhanced_{t}"] = round(m.ssim_enhanced, 4)
     return {
         "name": name,
         "file": weights.name,
@@ -396,7 +401,7 @@ def registry_entry(
         "field_gate_threshold": config.field_gate_threshold,
         "size": size,
         "training_data": training_data,
-        "metrics": metrics,
+        "metrics": report_metrics(report),
         "notes": "see MODEL_CARD.md",
     }
 

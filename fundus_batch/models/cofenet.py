@@ -29,6 +29,15 @@ can supervise them; ``forward(..., gate=y)`` uses ``y`` (N values in [0, 1]) in 
 predicted gate (teacher forcing). ``field_gate_threshold=t`` makes the predicted gate a decision:
 the correction is applied whole where the sigmoid reaches ``t`` and not at all below it. Training
 teacher-forces 0 or 1, so a half-open gate applies a correction scaled as it never was in training.
+
+``spot_head=C`` (with ``field``) puts a full-resolution spot remover in front of that head: a
+``SpotHead`` of C channels adds a correction to the input inside the FOV (the working image is
+zero outside it, so the FOV is where any channel is above 0), and everything after it sees the
+corrected image. The smooth field cannot remove the degradation's spots, which are finer than its
+window; the spot head is trained on its own (``fundus_batch.train.spots``) to undo them and to
+leave everything else, blur included, as it is. ``spot_deadzone`` shrinks its correction as
+``field_deadzone`` does the field's. No registered model has one: the heads trained so far also
+dim bright lesions such as hard exudates (weights/MODEL_CARD.md, "A spot head").
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ __all__ = [
     "MIN_SIZE",
     "N_OUTPUTS",
     "SIZE_MULTIPLE",
+    "SPOT_DILATIONS",
     "VARIANTS",
     "CofeNet",
+    "SpotHead",
     "build_cofenet",
     "canonical_variant",
     "check_size",
@@ -67,9 +78,42 @@ ALIASES: dict[str, str] = {"cofe-net": DEFAULT_VARIANT, "cofenet": DEFAULT_VARIA
 N_OUTPUTS: dict[str, int] = dict(zip(VARIANTS, (1, 2, 3, 4), strict=True))
 SIZE_MULTIPLE = 32
 MIN_SIZE = 192
+SPOT_DILATIONS = (1, 2, 4, 8, 4, 2, 1)
 _LOGIT_EPS = 1e-3
 
 Outputs = Tensor | tuple[Tensor, ...]
+
+
+class SpotHead(nn.Module):
+    """A full-resolution residual network: the image plus a correction it computes.
+
+    ``forward(x, fov)`` takes N x 3 x H x W images in [0, 1] and their FOV (N x 1 x H x W, 1
+    inside) and returns ``x + correction``; the correction starts at zero (an identity). Residual
+    3 x 3 convolutions dilated by ``SPOT_DILATIONS`` see a 49-pixel window at full resolution.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(4, channels, 3, padding=1)
+        self.body = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in SPOT_DILATIONS
+        )
+        self.out = nn.Conv2d(channels, 3, 3, padding=1)
+        self.zero_output()
+
+    def zero_output(self) -> None:
+        """Make the correction zero (the head then returns its input)."""
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
+
+    def correction(self, x: Tensor, fov: Tensor) -> Tensor:
+        h = F.relu(self.inp(torch.cat([x, fov], dim=1)))
+        for conv in self.body:
+            h = h + F.relu(conv(h))
+        return self.out(h)
+
+    def forward(self, x: Tensor, fov: Tensor) -> Tensor:
+        return x + self.correction(x, fov)
 
 
 @dataclass
@@ -255,6 +299,8 @@ class CofeNet(nn.Module):
         field_gate: bool = False,
         field_gate_threshold: float | None = None,
         field_scale: float = 1.0,
+        spot_head: int | None = None,
+        spot_deadzone: float = 0.0,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -278,6 +324,13 @@ class CofeNet(nn.Module):
                 raise ValueError(f"field_scale must be > 0, got {field_scale}")
         if field_gate and field is None:
             raise ValueError("field_gate needs the smooth-correction head (field)")
+        if spot_head is not None:
+            if field is None:
+                raise ValueError("spot_head needs the smooth-correction head (field)")
+            if isinstance(spot_head, bool) or not isinstance(spot_head, int) or spot_head < 1:
+                raise ValueError(f"spot_head must be a channel count >= 1, got {spot_head!r}")
+        if not (math.isfinite(spot_deadzone) and 0.0 <= spot_deadzone < 0.5):
+            raise ValueError(f"spot_deadzone must be in [0, 0.5), got {spot_deadzone}")
         if field_gate_threshold is not None:
             if not field_gate:
                 raise ValueError("field_gate_threshold needs field_gate")
@@ -296,6 +349,7 @@ class CofeNet(nn.Module):
         self.field_gate_threshold = (
             None if field_gate_threshold is None else float(field_gate_threshold)
         )
+        self.spot_deadzone = float(spot_deadzone)
         self.n_outputs = N_OUTPUTS[variant] + int(self.field_gate)
         self.has_rsa = variant != "encode_decode_res"
         self.two_scale = "2scale" in variant
@@ -333,6 +387,7 @@ class CofeNet(nn.Module):
             self.G_input_2 = _up(3, 3)
         if self.field_gate:
             self.G_gate = nn.Linear(2 * g3, 1)
+        self.spot = None if spot_head is None else SpotHead(spot_head)
 
         if self.has_rsa:  # CE-Net vessel segmenter, inline (Gu et al. attribute names)
             self.firstconv = nn.Conv2d(3, e1, 7, stride=2, padding=3, bias=False)
@@ -497,6 +552,8 @@ class CofeNet(nn.Module):
             raise ValueError("gate needs a field_gate model and one value per image")
         if self.field is None:
             return self._forward_net(x512, x256)
+        if self.spot is not None:  # the coarse image is then the corrected one's
+            x512, x256 = self.remove_spots(x512), None
         small = F.interpolate(x512, size=(self.field, self.field), mode="area")
         small_half = default_x256(small)
         passes = _Gate(gate) if self.field_gate else None
@@ -515,6 +572,18 @@ class CofeNet(nn.Module):
         if passes is not None:  # N x passes (the coarse pass first)
             items.append(torch.cat(passes.logits, dim=1))
         return items[0] if len(items) == 1 else tuple(items)
+
+    def remove_spots(self, x: Tensor) -> Tensor:
+        """The spot head's output for ``x`` (``spot_head`` models): corrected inside the FOV."""
+        if self.spot is None:
+            raise ValueError("this model has no spot head")
+        fov = (x.amax(dim=1, keepdim=True) > 0).to(x)
+        correction = self.spot.correction(x, fov)
+        if self.spot_deadzone > 0:
+            correction = torch.sign(correction) * (correction.abs() - self.spot_deadzone).clamp_min(
+                0.0
+            )
+        return (x + correction * fov).clamp(0.0, 1.0)
 
     @staticmethod
     def _as_tuple(outputs: Outputs) -> tuple[Tensor, ...]:
@@ -592,6 +661,8 @@ class CofeNet(nn.Module):
             extra += ", field_gate=True"
         if self.field_gate_threshold is not None:
             extra += f", field_gate_threshold={self.field_gate_threshold}"
+        if self.spot is not None:
+            extra += f", spot_head={self.spot.out.in_channels}"
         return f"variant={self.variant!r}, width={self.width}, residual={self.residual}{extra}"
 
 
@@ -614,6 +685,9 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
             nn.init.zeros_(module.bias)
         elif next(module.parameters(recurse=False), None) is not None:
             raise TypeError(f"no initialisation rule for {type(module).__name__}")
+    for module in model.modules():
+        if isinstance(module, SpotHead):  # starts as an identity
+            module.zero_output()
 
 
 def build_cofenet(
@@ -625,6 +699,8 @@ def build_cofenet(
     field_deadzone: float = 0.0,
     field_gate: bool = False,
     field_gate_threshold: float | None = None,
+    spot_head: int | None = None,
+    spot_deadzone: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> CofeNet:
@@ -633,8 +709,9 @@ def build_cofenet(
     ``variant`` is a released ``which_model_netG`` name or ``"cofe-net"``; ``width`` in (0, 1]
     scales every channel count; ``residual`` (width < 1 only) outputs
     ``sigmoid(logit(input) + G)`` instead of ``sigmoid(G)``; ``field`` (width < 1 only) selects
-    the smooth-correction head, ``field_gate`` its gate and ``field_gate_threshold`` the gate's
-    decision threshold (module docstring). Randomness comes from ``generator`` (a CPU generator)
+    the smooth-correction head, ``field_gate`` its gate, ``field_gate_threshold`` the gate's
+    decision threshold and ``spot_head`` / ``spot_deadzone`` the spot remover in front of the
+    head (module docstring). Randomness comes from ``generator`` (a CPU generator)
     or, when it is None, from the caller's torch seed. ``device="meta"`` builds a shape-only
     model. The model is returned in training mode, on ``device`` (default: CPU).
     """
@@ -648,6 +725,8 @@ def build_cofenet(
             field_deadzone=field_deadzone,
             field_gate=field_gate,
             field_gate_threshold=field_gate_threshold,
+            spot_head=spot_head,
+            spot_deadzone=spot_deadzone,
         )
     if target.type == "meta":
         return model

@@ -325,6 +325,8 @@ class WeightsEntry(Model):
     field_deadzone: Annotated[Finite, Field(ge=0.0)] = 0.0
     field_gate: Annotated[bool, Strict()] = False
     field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = None
+    spot_head: Annotated[Int, Field(ge=1)] | None = None
+    spot_deadzone: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.0
     size: Annotated[Int, Field(ge=1)] = 512
     training_data: _Text = ""
     metrics: dict[str, Finite] = Field(default_factory=dict)
@@ -373,6 +375,8 @@ class WeightsEntry(Model):
             "field_deadzone": self.field_deadzone,
             "field_gate": self.field_gate,
             "field_gate_threshold": self.field_gate_threshold,
+            "spot_head": self.spot_head,
+            "spot_deadzone": self.spot_deadzone,
             "size": self.size,
             "training_data": self.training_data,
             "metrics": dict(self.metrics),
@@ -467,6 +471,8 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
         field_deadzone=entry.field_deadzone,
         field_gate=entry.field_gate,
         field_gate_threshold=entry.field_gate_threshold,
+        spot_head=entry.spot_head,
+        spot_deadzone=entry.spot_deadzone,
     )
     load_weights(model, path)
     model.weights_entry = entry

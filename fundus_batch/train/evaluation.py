@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fundus_batch.degrade import TYPE_CODES
-from fundus_batch.metrics import psnr, ssim
+from fundus_batch.metrics import finite, psnr, ssim
 from fundus_batch.models.cofenet import CofeNet, check_size
 from fundus_batch.train.config import TrainError
 from fundus_batch.train.samples import ValItem, image_batch
@@ -175,8 +175,9 @@ def evaluate(
                 {
                     "image_id": it.image_id,
                     "type_code": it.type_code,
-                    "psnr_degraded": float(psnr(it.degraded, it.clean, fov)),
-                    "psnr_enhanced": float(psnr(enh, it.clean, fov)),
+                    # An unchanged draw (a 1 x 1 blur) has an infinite PSNR: capped.
+                    "psnr_degraded": finite(psnr(it.degraded, it.clean, fov)),
+                    "psnr_enhanced": finite(psnr(enh, it.clean, fov)),
                     "ssim_degraded": float(ssim(it.degraded, it.clean, fov)),
                     "ssim_enhanced": float(ssim(enh, it.clean, fov)),
                 }

@@ -619,3 +619,95 @@ def test_gate_settings_that_cannot_work_are_rejected(
     with pytest.raises(ValueError, match=message):
         model = CofeNet(DEFAULT_VARIANT, 0.125, **kwargs)
         model(torch.rand(1, 3, 192, 192), gate=gate)
+
+
+# ------------------------------------------------------------------ the spot head
+
+
+def _spot_model(deadzone: float = 0.0) -> CofeNet:
+    model = build_cofenet(
+        "cofe-net",
+        0.125,
+        field=192,
+        spot_head=4,
+        spot_deadzone=deadzone,
+        generator=torch.Generator().manual_seed(7),
+    )
+    return model.eval()
+
+
+def _fundus_like(seed: int, size: int = 192) -> torch.Tensor:
+    """Random colours inside a centred disc, zero outside (like a working image)."""
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.45 * size) ** 2
+    return x * disc
+
+
+def test_a_new_spot_head_is_an_identity_and_leaves_the_field_model_unchanged() -> None:
+    model = _spot_model()
+    assert model.spot is not None
+    without = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator())
+    without.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("spot.")}
+    )
+    x = _fundus_like(1)
+    with torch.no_grad():
+        assert torch.equal(model.remove_spots(x), x)
+        assert torch.equal(model.enhanced(model(x)), without.eval().enhanced(without(x)))
+
+
+def test_the_spot_heads_correction_stays_inside_the_fov_and_feeds_the_field() -> None:
+    model = _spot_model()
+    assert model.spot is not None
+    torch.nn.init.constant_(model.spot.out.bias, 0.05)
+    x = _fundus_like(2)
+    inside = x.amax(dim=1, keepdim=True) > 0
+    with torch.no_grad():
+        out = model.remove_spots(x)
+        corrected = model.enhanced(model(x))
+        field_only = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator())
+        field_only.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if not k.startswith("spot.")}
+        )
+        expected = field_only.eval().enhanced(field_only(out))
+    assert torch.allclose(out, (x + 0.05).clamp(0, 1) * inside, atol=1e-6)
+    assert torch.allclose(corrected, expected, atol=1e-6)
+
+
+def test_spot_deadzone_drops_small_corrections_and_shrinks_large_ones() -> None:
+    x = _fundus_like(3)
+    inside = x.amax(dim=1, keepdim=True) > 0
+    for bias, expected in ((1.5 / 255, 0.0), (10 / 255, 8 / 255)):
+        model = _spot_model(deadzone=2 / 255)
+        assert model.spot is not None
+        torch.nn.init.constant_(model.spot.out.bias, bias)
+        with torch.no_grad():
+            out = model.remove_spots(x)
+        assert torch.allclose(out, (x + expected).clamp(0, 1) * inside, atol=1e-6)
+
+
+def test_the_spot_heads_weights_are_saved_under_spot() -> None:
+    keys = [k for k in _spot_model().state_dict() if k.startswith("spot.")]
+    assert keys[:2] == ["spot.inp.weight", "spot.inp.bias"]
+    assert keys[-2:] == ["spot.out.weight", "spot.out.bias"]
+    assert len(keys) == 2 * (2 + len(cofenet.SPOT_DILATIONS))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"spot_head": 4}, "spot_head needs the smooth-correction head"),
+        ({"field": 192, "spot_head": 0}, "channel count >= 1"),
+        ({"field": 192, "spot_head": True}, "channel count >= 1"),
+        ({"field": 192, "spot_head": 4, "spot_deadzone": 0.5}, r"in \[0, 0\.5\)"),
+    ],
+)
+def test_spot_head_settings_that_cannot_work_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CofeNet(DEFAULT_VARIANT, 0.125, **kwargs)
+
+
+def test_remove_spots_needs_a_spot_head() -> None:
+    with pytest.raises(ValueError, match="no spot head"):
+        _field_model().remove_spots(torch.zeros(1, 3, 192, 192))

@@ -297,6 +297,28 @@ def test_a_gated_field_model_is_built_with_its_head_and_gate(user_dir: Path) -> 
     assert _same_weights(source, model)
 
 
+def test_a_spot_head_model_is_built_with_its_head_and_loads_the_heads_weights(
+    user_dir: Path,
+) -> None:
+    source = build_cofenet(
+        "cofe-net", 0.125, field=192, spot_head=4, generator=torch.Generator().manual_seed(5)
+    )
+    assert source.spot is not None
+    torch.nn.init.normal_(source.spot.out.weight, 0.0, 0.01)  # a trained head is not zero
+    _register(user_dir, source, "spots", field_size=192, spot_head=4, spot_deadzone=0.002)
+    model = load_registered("spots")
+    assert model.spot is not None and model.spot.out.in_channels == 4
+    assert model.spot_deadzone == 0.002
+    assert _same_weights(source, model)
+
+
+def test_a_spot_head_entry_does_not_load_weights_without_the_head(user_dir: Path) -> None:
+    source = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator().manual_seed(5))
+    _register(user_dir, source, "headless", field_size=192, spot_head=4)
+    with pytest.raises(WeightsError, match=r"missing keys.*spot\.inp\.weight"):
+        load_registered("headless")
+
+
 def test_sha256_mismatch_is_refused(user_dir: Path) -> None:
     path = _register(user_dir, _model(RES), "tampered")
     torch.save(_model(RES, seed=99).state_dict(), path)
@@ -357,6 +379,8 @@ def test_duplicate_names_within_user_registries_are_an_error(user_dir: Path) -> 
         ({"field_size": "192"}, "field_size: Input should be a valid integer"),
         ({"field_size": True}, "field_size: Input should be a valid integer"),
         ({"field_gate_threshold": 1.0}, r"field_gate_threshold: Input should be less than 1"),
+        ({"spot_head": 0}, r"spot_head: Input should be greater than or equal to 1"),
+        ({"spot_deadzone": 0.5}, r"spot_deadzone: Input should be less than 0\.5"),
         ({"metrics": {"psnr": "high"}}, r"metrics\.psnr: Input should be a valid number"),
         ({"registry": "/elsewhere.json"}, "registry: unknown field"),
     ],
@@ -369,7 +393,15 @@ def test_invalid_registry_entries_are_rejected(change: dict, message: str) -> No
 
 def test_entry_round_trips_through_its_dict_form() -> None:
     entry = WeightsEntry.from_dict(
-        {"name": "x", "file": "x.pth", "sha256": "A" * 64, "variant": "cofe-net", "width": 0.25}
+        {
+            "name": "x",
+            "file": "x.pth",
+            "sha256": "A" * 64,
+            "variant": "cofe-net",
+            "width": 0.25,
+            "spot_head": 32,
+            "spot_deadzone": 0.004,
+        }
     )
     assert entry.variant == ATTEN and entry.sha256 == "a" * 64
     assert WeightsEntry.from_dict(entry.to_dict()) == entry
