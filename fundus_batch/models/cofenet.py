@@ -580,9 +580,8 @@ class CofeNet(nn.Module):
         fov = (x.amax(dim=1, keepdim=True) > 0).to(x)
         correction = self.spot.correction(x, fov)
         if self.spot_deadzone > 0:
-            correction = torch.sign(correction) * (correction.abs() - self.spot_deadzone).clamp_min(
-                0.0
-            )
+            shrunk = (correction.abs() - self.spot_deadzone).clamp_min(0.0)
+            correction = torch.sign(correction) * shrunk
         return (x + correction * fov).clamp(0.0, 1.0)
 
     @staticmethod
