@@ -40,7 +40,7 @@ from fundus_batch.models import file_sha256
 from fundus_batch.models.cofenet import SpotHead
 from fundus_batch.models.weights import WeightsEntry, model_for_entry
 from fundus_batch.train import DegradeSource, evaluate
-from fundus_batch.train.spots import PRESET, spot_pairs, train_spot_head
+from fundus_batch.train.spots import PRESET, SpotPairs, spot_pairs, train_spot_head
 
 log = logging.getLogger("train_spot_head")
 
@@ -132,20 +132,23 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     size = entry.size
-    start = time.perf_counter()
-    samples = load_samples(args.data_root, entries, size)
-    pairs = spot_pairs(samples, args.pair_seed, args.per_photo)
-    log.info(
-        "%d photographs, %d pairs in %.0fs", len(samples), len(pairs), time.perf_counter() - start
-    )
-
     head = new_head(args.channels, args.init_seed)
     began = time.perf_counter()
-    if args.head is not None:  # trained before: package it
+    pairs: SpotPairs | None = None
+    if args.head is not None:  # trained before: package it (no pairs to build)
         head.load_state_dict(torch.load(args.head, map_location="cpu", weights_only=True))
         head.eval()
         losses: list[float] = []
     else:
+        samples = load_samples(args.data_root, entries, size)
+        pairs = spot_pairs(samples, args.pair_seed, args.per_photo)
+        log.info(
+            "%d photographs, %d pairs in %.0fs",
+            len(samples),
+            len(pairs),
+            time.perf_counter() - began,
+        )
+        began = time.perf_counter()
         losses = train_spot_head(
             head,
             pairs,
@@ -186,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
         "from_sha256": entry.sha256,
         **options,
         "preset": PRESET,
-        "train_photographs": len(samples),
-        "pairs": len(pairs),
+        "train_photographs": len(entries),
+        "pairs": None if pairs is None else len(pairs),
         "head_from": None if args.head is None else str(args.head),
         "train_seconds": round(seconds, 1),
         "loss_every_100": [round(v, 5) for v in losses[::100]],

@@ -149,6 +149,8 @@ def test_a_head_trained_before_is_packaged_into_the_same_file(
     assert file_sha256(tmp_path / "b" / "tiny.pt") == file_sha256(tmp_path / "a" / "tiny.pt")
     section = json.loads((tmp_path / "b" / "tiny.eval.json").read_text())["spot_head"]
     assert section["head_from"] == str(head) and section["loss_every_100"] == []
+    assert section["pairs"] is None  # no training pairs are built to package a head
+    assert "pairs in" not in (tmp_path / "b" / "train_spot_head.log").read_text()
     assert not (tmp_path / "b" / "tiny.spot-head.pt").exists()
 
 
