@@ -116,6 +116,13 @@ class SpotHead(nn.Module):
         return x + self.correction(x, fov)
 
 
+def _shrink(correction: Tensor, deadzone: float) -> Tensor:
+    """``correction`` moved ``deadzone`` towards zero (values inside the dead zone become 0)."""
+    if deadzone <= 0:
+        return correction
+    return torch.sign(correction) * (correction.abs() - deadzone).clamp_min(0.0)
+
+
 @dataclass
 class _Gate:
     """One forward pass's gate: the teacher-forced values, if any, and the logits of each pass."""
@@ -578,10 +585,7 @@ class CofeNet(nn.Module):
         if self.spot is None:
             raise ValueError("this model has no spot head")
         fov = (x.amax(dim=1, keepdim=True) > 0).to(x)
-        correction = self.spot.correction(x, fov)
-        if self.spot_deadzone > 0:
-            shrunk = (correction.abs() - self.spot_deadzone).clamp_min(0.0)
-            correction = torch.sign(correction) * shrunk
+        correction = _shrink(self.spot.correction(x, fov), self.spot_deadzone)
         return (x + correction * fov).clamp(0.0, 1.0)
 
     @staticmethod
@@ -592,9 +596,8 @@ class CofeNet(nn.Module):
         up = F.interpolate(correction, size=image.shape[2:], mode="bilinear", align_corners=False)
         if self.field_scale != 1.0:
             up = up * self.field_scale
-        if self.field_deadzone > 0:  # corrections this small are shading, not a defect
-            up = torch.sign(up) * (up.abs() - self.field_deadzone).clamp_min(0.0)
-        return (image + up).clamp(0.0, 1.0)
+        # corrections smaller than the dead zone are shading, not a defect
+        return (image + _shrink(up, self.field_deadzone)).clamp(0.0, 1.0)
 
     def _forward_net(self, x512: Tensor, x256: Tensor | None, gate: _Gate | None = None) -> Outputs:
         """The released forward pass at the network's input size."""

@@ -54,11 +54,12 @@ def _sample_index(k: int, n: int, seed: int) -> int:
     return int(_rng_for(seed, 0x5EED, epoch).permutation(n)[pos])
 
 
-def _lr_at(step: int, total: int, config: TrainConfig) -> float:
-    start = int(config.decay_start * total)
+def decayed_lr(step: int, total: int, lr: float, decay_start: float) -> float:
+    """``lr`` until ``decay_start`` (a fraction of ``total`` steps), then linearly down to 0."""
+    start = int(decay_start * total)
     if step < start or total <= start:
-        return config.lr
-    return config.lr * max(0.0, 1.0 - (step - start) / (total - start))
+        return lr
+    return lr * max(0.0, 1.0 - (step - start) / (total - start))
 
 
 _ARCH_KEYS = ("variant", "width", "residual", "field_size", "field_gate")
@@ -258,8 +259,9 @@ def train(
     ahead: Future[Batch] | None = None
     try:
         while step < end:
+            lr = decayed_lr(step, total, config.lr, config.decay_start)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, config) * group.get("lr_scale", 1.0)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if pool is None:
                 batch = batch_at(step).to(device)
             else:

@@ -19,14 +19,16 @@ from torch import Tensor
 
 from fundus_batch.degrade import TYPE_CODES, degrade, replay, sample_rng
 from fundus_batch.models.cofenet import SpotHead
-from fundus_batch.train.samples import CleanSample
+from fundus_batch.train.loop import decayed_lr
+from fundus_batch.train.samples import CleanSample, image_batch
 
 IDENTITY_SHARE = 0.15
 PRESET = "cofe-release"
 _CHANGED = 2  # grey levels: a target pixel further than this from the input is a spot pixel
 _MIN_FOV_SHARE = 0.3  # a random crop is redrawn (up to 10 times) until this much of it is FOV
+_DECAY_START = 0.6  # the learning rate is constant for this share of the steps, then falls to 0
 
-__all__ = ["IDENTITY_SHARE", "SpotPairs", "photo_key", "spot_pairs", "train_spot_head"]
+__all__ = ["IDENTITY_SHARE", "SpotPairs", "spot_pairs", "train_spot_head"]
 
 
 @dataclass(frozen=True)
@@ -41,35 +43,26 @@ class SpotPairs:
         return len(self.degraded)
 
 
-def photo_key(image_id: str) -> int:
-    """A photograph's key in the pair seeds: its id's last 8 bytes, little-endian, mod 2**31."""
-    return int.from_bytes(image_id.encode()[-8:].ljust(8, b"_"), "little") % 2**31
-
-
 def spot_pairs(samples: Sequence[CleanSample], seed: int, per_photo: int) -> SpotPairs:
-    """``per_photo`` (degraded, spot-free target) pairs of each photograph, seeded per pair."""
+    """``per_photo`` (degraded, spot-free target) pairs of each photograph. Pair j draws from
+    ``sample_rng(seed, image_id, j)``: first whether it is the photograph itself, then the type
+    code, then the degradation."""
     degraded, target, fov = [], [], []
     for sample in samples:
+        inside = sample.mask > 127
         for j in range(per_photo):
-            rng = np.random.default_rng([seed, photo_key(sample.image_id), j])
-            inside = sample.mask > 127
+            rng = sample_rng(seed, sample.image_id, j)
             if rng.random() < IDENTITY_SHARE:
                 degraded.append(sample.image)
                 target.append(sample.image)
                 fov.append(inside)
                 continue
             code = TYPE_CODES[int(rng.integers(0, len(TYPE_CODES)))]
-            draw = sample_rng(seed, sample.image_id, 100 + j)
-            image, record = degrade(sample.image, sample.mask, code, draw, PRESET)
+            image, record = degrade(sample.image, sample.mask, code, rng, PRESET)
             degraded.append(image)
             target.append(replay(sample.image, sample.mask, record, skip=("spots",)))
             fov.append(inside)
     return SpotPairs(np.stack(degraded), np.stack(target), np.stack(fov))
-
-
-def _lr(step: int, steps: int, lr: float) -> float:
-    """Constant for the first 60 % of the steps, then linear to zero."""
-    return lr if step < steps * 0.6 else lr * (steps - step) / (steps * 0.4)
 
 
 def train_spot_head(
@@ -106,10 +99,10 @@ def train_spot_head(
             xs.append(pairs.degraded[i, r : r + crop, c : c + crop])
             ys.append(pairs.target[i, r : r + crop, c : c + crop])
             ms.append(pairs.fov[i, r : r + crop, c : c + crop])
-        x, y = _tensor(np.stack(xs)), _tensor(np.stack(ys))
+        x, y = image_batch(xs), image_batch(ys)
         m = torch.from_numpy(np.stack(ms)).unsqueeze(1).float()
         for group in optimiser.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+            group["lr"] = decayed_lr(step, steps, lr, _DECAY_START)
         loss = _masked_mse(head(x, m), y, m)
         optimiser.zero_grad()
         loss.backward()
@@ -134,10 +127,6 @@ def _crop_corner(
         if fov[r : r + crop, c : c + crop].mean() > _MIN_FOV_SHARE:
             break
     return int(r), int(c)
-
-
-def _tensor(images: np.ndarray) -> Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
 def _masked_mse(out: Tensor, target: Tensor, fov: Tensor) -> Tensor:

@@ -644,17 +644,23 @@ def _fundus_like(seed: int, size: int = 192) -> torch.Tensor:
     return x * disc
 
 
-def test_a_new_spot_head_is_an_identity_and_leaves_the_field_model_unchanged() -> None:
-    model = _spot_model()
-    assert model.spot is not None
+def _without_spot_head(model: CofeNet) -> CofeNet:
+    """The same field model with ``model``'s weights and no spot head."""
     without = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator())
     without.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.startswith("spot.")}
     )
+    return without.eval()
+
+
+def test_a_new_spot_head_is_an_identity_and_leaves_the_field_model_unchanged() -> None:
+    model = _spot_model()
+    assert model.spot is not None
+    without = _without_spot_head(model)
     x = _fundus_like(1)
     with torch.no_grad():
         assert torch.equal(model.remove_spots(x), x)
-        assert torch.equal(model.enhanced(model(x)), without.eval().enhanced(without(x)))
+        assert torch.equal(model.enhanced(model(x)), without.enhanced(without(x)))
 
 
 def test_the_spot_heads_correction_stays_inside_the_fov_and_feeds_the_field() -> None:
@@ -666,11 +672,8 @@ def test_the_spot_heads_correction_stays_inside_the_fov_and_feeds_the_field() ->
     with torch.no_grad():
         out = model.remove_spots(x)
         corrected = model.enhanced(model(x))
-        field_only = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator())
-        field_only.load_state_dict(
-            {k: v for k, v in model.state_dict().items() if not k.startswith("spot.")}
-        )
-        expected = field_only.eval().enhanced(field_only(out))
+        field_only = _without_spot_head(model)
+        expected = field_only.enhanced(field_only(out))
     assert torch.allclose(out, (x + 0.05).clamp(0, 1) * inside, atol=1e-6)
     assert torch.allclose(corrected, expected, atol=1e-6)
 

@@ -21,6 +21,7 @@ from fundus_batch.train import (
     make_batch,
     train,
 )
+from fundus_batch.train.loop import decayed_lr
 from tests.train.train_helpers import state_copy, synth_samples, tiny_config
 
 
@@ -267,3 +268,10 @@ def test_gated_training_passes_the_labels_as_the_gate(monkeypatch: pytest.Monkey
     train(config, DegradeSource(synth_samples(2, 192, disc=False), types=("011", "110")))
     assert len(seen) == 2
     assert all(g is not None and set(g.tolist()) <= {0.0, 1.0} for g in seen)
+
+
+def test_the_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:
+    rates = [decayed_lr(step, 10, 1.0, 0.6) for step in range(11)]
+    assert rates[:6] == [1.0] * 6
+    assert rates[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert decayed_lr(5, 10, 2e-3, 1.0) == 2e-3  # decay_start 1: never decays
