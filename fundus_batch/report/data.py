@@ -84,6 +84,8 @@ _CONFIG_KEYS = (
     "limit",
     "shard_rows",
 )
+# Config keys that only the degradation reads: not shown for enhance and score runs.
+_PAIRS_ONLY_KEYS = frozenset({"preset", "variants", "types", "type_mode", "seed"})
 _ENHANCE_KEYS = ("enabled", "weights", "variant", "width", "device")
 _ERROR_KIND_MAX = 80
 _MESSAGE_MAX = 300
@@ -110,6 +112,21 @@ class Loaded:
         """Type codes of the ok rows, sorted, rows without a type last."""
         codes = self.ok["type_code"].unique().tolist()
         return sorted((str(c) for c in codes), key=lambda c: (c == NO_TYPE, c))
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows pair a clean image with degraded variants. In enhance and score
+        runs the ``clean_*`` columns hold the input photograph itself, which may be poor."""
+        mode = ((self.run or {}).get("config") or {}).get("mode")
+        if isinstance(mode, str):
+            return mode == "pairs"
+        degraded = self.frame.get("degraded_uri")
+        return degraded is not None and bool(degraded.notna().any())
+
+    @property
+    def input_label(self) -> str:
+        """What the report calls the ``clean_*`` image: ``clean`` in pairs, else ``input``."""
+        return "clean" if self.pairs else "input"
 
 
 def load(out: str, storage_options: dict | None = None) -> Loaded:
@@ -307,6 +324,7 @@ class Throughput:
 @dataclass(frozen=True)
 class ReportData:
     out: str
+    input_label: str  # see Loaded.input_label
     summary: Summary
     metrics: Metrics
     downstream: Downstream
@@ -317,9 +335,11 @@ class ReportData:
 def aggregate(loaded: Loaded) -> ReportData:
     """Every section's numbers and text."""
     warnings = warning_lines(fidelity_losses(loaded.ok))
-    notes = unchanged_lines(unchanged_counts(loaded.ok))
+    typed = loaded.ok.assign(type_code=loaded.ok["type_code"].replace(NO_TYPE, None))
+    notes = unchanged_lines(unchanged_counts(typed))
     return ReportData(
         out=storage.redact(loaded.out),
+        input_label=loaded.input_label,
         summary=summary(loaded, warnings, notes),
         metrics=metrics(loaded, warnings),
         downstream=downstream(loaded),
@@ -371,16 +391,16 @@ def summary(loaded: Loaded, warnings: list[str], notes: list[str]) -> Summary:
         quality=_quality_gate(frame),
         enhancement=_enhancement(loaded.ok, warnings, notes),
         run_json_missing=loaded.run is None,
-        config=_settings(run),
+        config=_settings(run, pairs=loaded.pairs),
         versions=[(_text(k), _text(v)) for k, v in (run.get("versions") or {}).items()],
     )
 
 
-def _settings(run: Mapping[str, Any]) -> list[Setting]:
+def _settings(run: Mapping[str, Any], *, pairs: bool) -> list[Setting]:
     config = run.get("config") or {}
     rows = []
     for key in _CONFIG_KEYS:
-        if key in config:
+        if key in config and (pairs or key not in _PAIRS_ONLY_KEYS):
             value = config[key]
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
@@ -451,12 +471,13 @@ def metrics(loaded: Loaded, warnings: list[str]) -> Metrics:
             }
             plots.append(BoxPlot(key, f"{label} vs clean, by degradation type", types, roles, data))
     clean_rows = ok.drop_duplicates("image_id")
+    source = loaded.input_label
     for key, label in NOREF_PLOTTED:
         roles = _roles_with(ok, key)
         has_clean = _has(clean_rows, f"{key}_clean")
         if not roles and not has_clean:
             continue
-        data = {("clean", "clean"): values(clean_rows, f"{key}_clean").tolist()}
+        data = {(source, source): values(clean_rows, f"{key}_clean").tolist()}
         data.update(
             {
                 (t, r): values(ok[ok["type_code"] == t], f"{key}_{r}").tolist()
@@ -464,7 +485,7 @@ def metrics(loaded: Loaded, warnings: list[str]) -> Metrics:
                 for r in roles
             }
         )
-        clean = ["clean"] if has_clean else []
+        clean = [source] if has_clean else []
         plots.append(BoxPlot(key, label, clean + types, clean + roles, data))
     return Metrics(
         has_rows=True,
@@ -505,7 +526,7 @@ def _nr_table(loaded: Loaded, clean_rows: pd.DataFrame) -> MeanTable | None:
     if any(_has(clean_rows, f"{c.metric}_clean") for c in metric_cols):
         rows.append(
             MeanRow(
-                "clean",
+                loaded.input_label,
                 len(clean_rows),
                 [_mean(clean_rows, f"{c.metric}_clean") for c in metric_cols],
                 bold=True,

@@ -23,7 +23,12 @@ __all__ = [
 ]
 
 SVG_NS = "http://www.w3.org/2000/svg"
-ROLE_COLORS = {"clean": "#6b7280", "degraded": "#c2410c", "enhanced": "#0f766e"}
+ROLE_COLORS = {
+    "clean": "#6b7280",
+    "input": "#6b7280",
+    "degraded": "#c2410c",
+    "enhanced": "#0f766e",
+}
 _DEFAULT_COLOR = "#2563eb"
 _BOX_W, _GAP = 18, 8
 _LEFT, _RIGHT, _TOP, _BOTTOM = 60, 16, 50, 30

@@ -221,14 +221,15 @@ def contact_sheets(
             for role in roles:
                 recorded = row.get(f"{role}_uri")
                 img = reader.image(recorded)
+                label = loaded.input_label if role == "clean" else role
                 if isinstance(img, str):
                     squares.append(np.full((thumb, thumb, 3), _MISSING_GREY, np.uint8))
-                    thumbs.append(Thumb(role, None, img, None))
+                    thumbs.append(Thumb(label, None, img, None))
                 else:
                     small = thumbnail(img, thumb)
                     squares.append(small)
                     src = _data_uri(codecs.encode_png(small))
-                    thumbs.append(Thumb(role, src, None, reader.link(recorded)))
+                    thumbs.append(Thumb(label, src, None, reader.link(recorded)))
             grid.append(squares)
             entries.append(Entry(thumbs, caption(row)))
         figure = f"contact_{re.sub(r'[^A-Za-z0-9_-]', '_', code)}.png"

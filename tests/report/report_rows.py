@@ -78,3 +78,23 @@ def loaded(rows: list[dict[str, Any]], run: dict[str, Any] | None = None) -> Loa
         frame["type_code"] = None
     frame["type_code"] = frame["type_code"].fillna("none")
     return Loaded("/tmp/out", run, frame)
+
+
+def enhance_rows() -> list[dict[str, Any]]:
+    """Two ok rows of an enhance run: input photographs, no type, no degraded image; the
+    enhancer left the first unchanged."""
+    return [
+        {
+            "image_id": f"photo_{i}",
+            "variant": 0,
+            "status": "ok",
+            "clean_uri": f"images/photo_{i}/clean.png",
+            "enhanced_uri": f"images/photo_{i}/enhanced.png",
+            "nr_luminance_clean": 60.0 + i,
+            "nr_luminance_enhanced": 60.0 + 3 * i,
+            "enhance_change": float(i),
+            "model_name": "tiny-model",
+            "enhance_device": "cpu",
+        }
+        for i in range(2)
+    ]

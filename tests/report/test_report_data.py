@@ -10,7 +10,7 @@ import pytest
 from fundus_batch.output import OutputStore, ShardWriter
 from fundus_batch.report.data import aggregate, downstream, failures, load, throughput
 from fundus_batch.schema import output_schema, to_table
-from tests.report.report_rows import PSNR, failed_row, loaded, ok_rows, run_json
+from tests.report.report_rows import PSNR, enhance_rows, failed_row, loaded, ok_rows, run_json
 
 SECRET = "hunter2-do-not-print"
 
@@ -88,6 +88,36 @@ def test_config_shows_listed_keys_only_and_no_storage_options():
     assert settings["types"] == "001, 010, 111"
     assert settings["enhance"] == "enabled=True, device=auto"
     assert "storage_options" not in settings and SECRET not in repr(settings)
+
+
+def test_enhance_run_calls_its_images_input_and_hides_the_degradation_settings():
+    run = run_json(2, 0)
+    run["config"] = {"mode": "enhance", "preset": "cofe-release", "variants": 7, "seed": 0}
+    run["config"] |= {"types": ["001"], "type_mode": "cycle", "size": 512}
+    data = aggregate(loaded(enhance_rows(), run))
+    assert data.input_label == "input"
+    assert {s.label for s in data.summary.config} == {"mode", "size"}
+    assert data.summary.enhancement is not None
+    assert data.summary.enhancement.notes == ["NOTE enhancement left 1 of 2 images unchanged"]
+    table = data.metrics.no_reference
+    assert table is not None and table.rows[0].label == "input"
+    assert table.rows[0].values[0] == pytest.approx(60.5)
+    (plot,) = [p for p in data.metrics.plots if p.key == "nr_luminance"]
+    assert plot.groups == ["input", "none"] and plot.series == ["input", "enhanced"]
+    assert plot.values[("input", "input")] == [60.0, 61.0]
+
+
+def test_pairs_run_keeps_clean_and_the_degradation_settings():
+    data = aggregate(loaded(ok_rows(), run_json(6, 0)))
+    assert data.input_label == "clean"
+    assert {"variants", "types"} <= {s.label for s in data.summary.config}
+    table = data.metrics.no_reference
+    assert table is not None and table.rows[0].label == "clean"
+
+
+def test_output_without_run_json_is_a_pairs_output_only_when_it_has_degraded_images():
+    assert loaded(ok_rows()).pairs
+    assert not loaded(enhance_rows()).pairs
 
 
 def test_failures_grouped_by_stage_order_then_size_with_ids_and_messages_cut():

@@ -13,7 +13,7 @@ from fundus_batch.report.data import aggregate
 from fundus_batch.report.plots import svg_boxplot
 from fundus_batch.report.render import SECTION_IDS, TEMPLATE, render_page
 from fundus_batch.report.sheets import Caption, ContactSheets, Entry, Thumb, TypeSheet
-from tests.report.report_rows import failed_row, loaded, ok_rows, run_json
+from tests.report.report_rows import enhance_rows, failed_row, loaded, ok_rows, run_json
 
 HOSTILE = "<script>alert(1)</script>"
 SECRET = "hunter2-do-not-print"
@@ -127,6 +127,20 @@ def test_thumbnails_link_to_the_full_size_image_and_missing_ones_say_why():
     )
     assert "file missing" in page.words("contact-sheets")
     assert "5 rows, 1 shown" in page.words("contact-sheets")
+
+
+def test_enhance_run_page_speaks_of_input_photographs_not_clean_images():
+    run = run_json(2, 0)
+    run["config"] = {"mode": "enhance", "seed": 0}
+    data = aggregate(loaded(enhance_rows(), run))
+    page = _Page()
+    page.feed(render_page(data, _sheets(), [], generated=0.0))
+    assert "the input photograph as the run read it" in page.words("contact-sheets")
+    assert "the clean working image" not in page.words("contact-sheets")
+    metrics = page.words("metrics")
+    assert "the input group holds one value per source image" in metrics
+    assert "Full-reference" not in metrics
+    assert "NOTE enhancement left 1 of 2 images unchanged" in page.words("summary")
 
 
 def test_plots_are_inlined_as_svg_without_namespace():
