@@ -2,8 +2,8 @@
 
     python bench/enhance_quality.py [--folds jobs/weights/folds] [--data-root ../shared/data]
         [--json-out quality.json] [--markdown-out quality.md] [--correction-scale 1.0]
-        [--gate-threshold T] [--gate-from-type] [--spot-deadzone D | --without-spot-head]
-        [--tuning 12 | --confirm]
+        [--max-change LEVELS] [--gate-threshold T] [--gate-from-type]
+        [--spot-deadzone D | --without-spot-head] [--tuning 12 | --confirm]
 
 Each fold folder holds a Cofe-Net trained without one source of photographs (``registry.json``,
 the fp16 weights, and ``<name>.eval.json`` whose ``holdout`` lists the photographs of the source
@@ -15,18 +15,20 @@ new-error share (``fundus_batch.metrics.harm``) at the 95th percentile of photog
 where the photograph has vessel ground truth, the vesselness AUC of clean, degraded and enhanced
 images; for a gated model, the mean opening of its gate (0: photograph left alone). The targets
 of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
-way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``;
-1: as trained); ``--gate-threshold`` replaces a gated fold's ``field_gate_threshold`` (the
-sigmoid at which its correction applies); ``--gate-from-type`` replaces a gated model's
-predicted gate with the type code's answer (open exactly on the illumination types), to measure
-what the gate costs; ``--spot-deadzone`` replaces a fold's spot-head dead zone (``spot_deadzone``,
-in [0, 1] units) and ``--without-spot-head`` scores a fold without its spot head;
-``--tuning N`` scores N other quality-passing photographs of each held-out source instead (the
-fold never saw them and the held-out table does not use them), degraded with run seed 100, so
-that a setting such as the correction scale is chosen there and tested once on the held-out ones.
-``--confirm`` scores every quality-passing photograph of each held-out source that is neither
-held out nor among the first ``TUNING_PHOTOS`` tuning ones, degraded with run seed 200: a
-second, larger test on photographs no choice has looked at. Needs ``../shared``.
+way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``; 1:
+as trained); ``--max-change`` keeps every output pixel within that many grey levels of the
+degraded input (the model's ``max_change``); ``--gate-threshold`` replaces a gated fold's
+``field_gate_threshold`` (the sigmoid at which its correction applies); ``--gate-from-type``
+replaces a gated model's predicted gate with the type code's answer (open exactly on the
+illumination types), to measure what the gate costs; ``--spot-deadzone`` replaces a fold's
+spot-head dead zone (``spot_deadzone``, in [0, 1] units) and ``--without-spot-head`` scores a
+fold without its spot head; ``--tuning N`` scores N other quality-passing photographs of each
+held-out source instead (the fold never saw them and the held-out table does not use them),
+degraded with run seed 100, so that a setting such as the correction scale is chosen there and
+tested once on the held-out ones. ``--confirm`` scores every quality-passing photograph of each
+held-out source that is neither held out nor among the first ``TUNING_PHOTOS`` tuning ones,
+degraded with run seed 200: a second, larger test on photographs no choice has looked at. Needs
+``../shared``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from fundus_batch.metrics.harm import new_error_share
 from fundus_batch.metrics.reference import finite, psnr, ssim
 from fundus_batch.metrics.vessels import segment_and_score
 from fundus_batch.models import WeightsEntry, model_for_entry
+from fundus_batch.models.cofenet import check_max_change
 from fundus_batch.train import CleanSample, enhance_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,15 +74,17 @@ def load_fold(
     gate_threshold: float | None = None,
     spot_deadzone: float | None = None,
     spot_head: bool = True,
+    max_change: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The fold's Cofe-Net (eval mode, fp16 weights as shipped, its correction multiplied by
     ``correction_scale``, its gate's threshold ``gate_threshold`` and its spot head's dead zone
-    ``spot_deadzone`` if given, without its spot head unless ``spot_head``) and its eval
-    document."""
+    ``spot_deadzone`` if given, without its spot head unless ``spot_head``, its output within
+    ``max_change`` grey levels of its input if given) and its eval document."""
     registry = json.loads((folder / "registry.json").read_text(encoding="utf-8"))
     entry = WeightsEntry.from_dict(registry["weights"][0], folder / "registry.json")
     model = model_for_entry(entry)
     model.field_scale = correction_scale
+    model.max_change = check_max_change(None if max_change is None else max_change / 255)
     if gate_threshold is not None:
         if not model.field_gate:
             raise ValueError(f"{folder}: --gate-threshold needs a gated model")
@@ -139,13 +144,14 @@ def score_fold(
     gate_from_type: bool = False,
     spot_deadzone: float | None = None,
     spot_head: bool = True,
+    max_change: int | None = None,
     tuning: int = 0,
     confirm: bool = False,
 ) -> dict[str, Any]:
     """Per-photograph, per-type scores of one fold's Cofe-Net and of the classical baseline on
     the photographs :func:`_photographs` selects."""
     model, evaluation = load_fold(
-        folder, correction_scale, gate_threshold, spot_deadzone, spot_head
+        folder, correction_scale, gate_threshold, spot_deadzone, spot_head, max_change
     )
     preset = evaluation["protocol"]["preset"]
     samples, seed = _photographs(evaluation, data_root, tuning, confirm)
@@ -295,6 +301,12 @@ def main() -> int:
         "--correction-scale", type=float, default=1.0, help="multiplies each fold's correction"
     )
     parser.add_argument(
+        "--max-change",
+        type=int,
+        metavar="LEVELS",
+        help="keep every output pixel within LEVELS (1-255) grey levels of the degraded input",
+    )
+    parser.add_argument(
         "--gate-threshold",
         type=float,
         metavar="T",
@@ -336,6 +348,8 @@ def main() -> int:
         parser.error(f"--gate-threshold must be in (0, 1), got {args.gate_threshold}")
     if args.spot_deadzone is not None and not 0.0 <= args.spot_deadzone < 0.5:
         parser.error(f"--spot-deadzone must be in [0, 0.5), got {args.spot_deadzone}")
+    if args.max_change is not None and not 1 <= args.max_change <= 255:
+        parser.error(f"--max-change must be in 1-255, got {args.max_change}")
     if args.tuning < 0:
         parser.error(f"--tuning must be >= 0, got {args.tuning}")
     if not args.data_root.is_dir():
@@ -357,6 +371,7 @@ def main() -> int:
             gate_from_type=args.gate_from_type,
             spot_deadzone=args.spot_deadzone,
             spot_head=not args.without_spot_head,
+            max_change=args.max_change,
             tuning=args.tuning,
             confirm=args.confirm,
         )

@@ -191,6 +191,12 @@ def _write_image(output: Path, image: np.ndarray, quality: int) -> None:
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
 )
+@click.option(
+    "--max-change",
+    type=click.IntRange(1, 255),
+    default=None,
+    help="grey levels Cofe-Net may change any pixel by, at most [default: no limit]",
+)
 @_single_image_options
 def enhance_image_cmd(
     input_path: Path,
@@ -198,6 +204,7 @@ def enhance_image_cmd(
     enhancer: str,
     weights: str,
     device: str,
+    max_change: int | None,
     size: int,
     mask_path: Path | None,
     preprocessed: bool,
@@ -208,7 +215,11 @@ def enhance_image_cmd(
 
     image, mask = _working_image(input_path, mask_path, preprocessed, size, given_mask=True)
     image[mask == 0] = 0
-    result = enhance_image(image, mask, enhancer=enhancer, weights=weights, device=device)
+    if max_change is not None and enhancer != "cofenet":
+        raise click.UsageError("--max-change limits the cofenet enhancer only")
+    result = enhance_image(
+        image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change
+    )
     _write_image(output, result.image, quality)
     if result.change == 0:
         what = "unchanged: the enhancer left every pixel of the FOV as it was"
@@ -388,6 +399,7 @@ def run_cmd(config_path: Path, overrides: dict[str, Any], verbose: bool) -> None
     "enhance.enabled",
     "enhance.enhancer",
     "enhance.weights",
+    "enhance.max_change",
     "limit",
     "lease.wait",
     required=("manifest", "out"),
@@ -409,6 +421,7 @@ def degrade(overrides: dict[str, Any], verbose: bool) -> None:
     "size",
     "enhance.batch_size",
     "enhance.device",
+    "enhance.max_change",
     "ray.address",
     "limit",
     "lease.wait",

@@ -62,7 +62,19 @@ class EnhanceOptions(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the network runs; auto: CUDA when available"
     )
+    max_change: int | None = Field(
+        None,
+        ge=1,
+        le=255,
+        description="grey levels Cofe-Net may change any pixel by, at most; None: no limit",
+    )
     save_vessels: bool = Field(False, description="reserved: no stage writes vessel maps yet")
+
+    @model_validator(mode="after")
+    def _max_change_needs_cofenet(self) -> EnhanceOptions:
+        if self.max_change is not None and self.enhancer != "cofenet":
+            raise ValueError("enhance.max_change limits the cofenet enhancer only")
+        return self
 
 
 class LeaseOptions(_Strict):

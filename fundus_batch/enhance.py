@@ -58,7 +58,8 @@ class Enhance(RowsCallable):
     """Enhance each row's degraded (pairs mode) or source image with Cofe-Net.
 
     The output is masked to the FOV. On CUDA it runs under bf16 autocast with channels_last; on
-    CPU torch uses as many threads as the worker's CPU share.
+    CPU torch uses as many threads as the worker's CPU share. ``max_change`` (grey levels)
+    bounds what the network may do to any pixel (``CofeNet.max_change``).
 
     The network's own vessel branch is not scored: it reached ROC AUC 0.49 on clean images
     (it never learnt vessels), and an enhancer judged by its own branch would be circular.
@@ -79,6 +80,7 @@ class Enhance(RowsCallable):
         width: float | None = None,
         batch_size: int = 4,
         device: str = "auto",
+        max_change: int | None = None,
         source_role: SourceRole = "degraded",
         image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
@@ -86,12 +88,15 @@ class Enhance(RowsCallable):
     ) -> None:
         import torch
 
+        from fundus_batch.models.cofenet import check_max_change
+
         self.device = pick_device(device)
         # On CUDA too: torch's CPU ops here (conversions, copies) need no more than the share.
         torch.set_num_threads(max(1, round(cpu_share)))
         self.model, self.model_name, self.model_sha256 = load_model(
             weights, variant, width, self.device
         )
+        self.model.max_change = check_max_change(None if max_change is None else max_change / 255)
         if self.device == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
@@ -321,11 +326,13 @@ def enhance_image(
     enhancer: str = "cofenet",
     weights: str = "fundus-cofenet-small",
     device: str = "auto",
+    max_change: int | None = None,
 ) -> EnhancedImage:
     """Enhance one FOV-preprocessed RGB uint8 image (HxWx3) with its FOV mask (HxW), no Ray.
 
     ``enhancer`` is ``cofenet`` (``weights``: registered name or checkpoint path; the network
-    states the sizes it accepts) or ``classical``.
+    states the sizes it accepts, ``max_change`` limits it as in :class:`Enhance`) or
+    ``classical``.
     """
     from fundus_batch.classical import ClassicalEnhancer
 
@@ -333,6 +340,8 @@ def enhance_image(
         raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    if max_change is not None and enhancer != "cofenet":
+        raise ValueError("max_change limits the cofenet enhancer only")
     start = time.perf_counter()
     if enhancer == "classical":
         model = ClassicalEnhancer()
@@ -340,7 +349,11 @@ def enhance_image(
         name, sha256 = model.model_name, model.model_sha256
     elif enhancer == "cofenet":
         net = Enhance(
-            weights=weights, batch_size=1, device=device, cpu_share=float(os.cpu_count() or 1)
+            weights=weights,
+            batch_size=1,
+            device=device,
+            max_change=max_change,
+            cpu_share=float(os.cpu_count() or 1),
         )
         result = net.enhance_arrays([image])[0]
         out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)

@@ -91,6 +91,7 @@ def _from_config_dict(cfg: dict[str, Any], model_sha256: str | None) -> dict[str
                 "model_sha256": model_sha256,
                 "variant": enh.get("variant"),
                 "width": enh.get("width"),
+                "max_change": enh.get("max_change"),
             }
             if enabled
             else None
@@ -104,6 +105,18 @@ def _from_config_dict(cfg: dict[str, Any], model_sha256: str | None) -> dict[str
             "type_mode": cfg.get("type_mode"),
             "variants": cfg.get("variants"),
         }
+    return settings
+
+
+# Enhancement settings added after folders were first written, with what their absence means.
+_LATER_ENHANCE_DEFAULTS: dict[str, Any] = {"max_change": None}
+
+
+def _with_later_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """Recorded ``settings`` with the enhancement settings added since filled in."""
+    enh = settings.get("enhance")
+    if isinstance(enh, dict):
+        return {**settings, "enhance": {**_LATER_ENHANCE_DEFAULTS, **enh}}
     return settings
 
 
@@ -125,7 +138,7 @@ def recorded(run_info: dict[str, Any] | None) -> dict[str, Any] | None:
     if not run_info:
         return None
     if isinstance(run_info.get("settings"), dict):
-        return run_info["settings"]
+        return _with_later_defaults(run_info["settings"])
     cfg = run_info.get("config")
     if not isinstance(cfg, dict):
         return None

@@ -703,6 +703,7 @@ def stage_specs(config: RunConfig) -> list[StageSpec]:
                         "width": enh.width,
                         "batch_size": enh.batch_size,
                         "device": enh.device,
+                        "max_change": enh.max_change,
                         "source_role": source_role,
                         "cpu_share": enh.cpus_per_actor,
                         **fmt,

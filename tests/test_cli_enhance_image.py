@@ -79,6 +79,32 @@ def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
     assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
 
 
+def test_max_change_bounds_every_pixel_of_a_photograph_the_model_corrects(tmp_path):
+    from fundus_batch.degrade import degrade, sample_rng
+
+    s = synth_fundus(256, seed=2)
+    dark, _ = degrade(s.image, s.mask, "001", sample_rng(0, "bound", 0))
+    (tmp_path / "in.png").write_bytes(encode_png(dark))
+    (tmp_path / "mask.png").write_bytes(encode_png(s.mask))
+    changes = {}
+    for limit in (None, 6):
+        out = tmp_path / f"out{limit}.png"
+        args = ["enhance-image", str(tmp_path / "in.png"), str(out), "--preprocessed"]
+        args += ["--mask", str(tmp_path / "mask.png"), "--device", "cpu"]
+        args += [] if limit is None else ["--max-change", str(limit)]
+        _ok(CliRunner().invoke(main, args))
+        written = decode_image(out.read_bytes()).astype(int)
+        changes[limit] = np.abs(written - dark.astype(int))[s.mask > 0].max()
+    assert changes[None] > 6  # the shipped model lifts this hole by more than the bound
+    assert 0 < changes[6] <= 6
+
+
+def test_max_change_is_refused_for_the_classical_enhancer(raw_photo, tmp_path):
+    args = ["enhance-image", str(raw_photo), str(tmp_path / "o.png"), "--enhancer", "classical"]
+    result = CliRunner().invoke(main, [*args, "--max-change", "40"])
+    assert result.exit_code == 2 and "limits the cofenet enhancer only" in result.output
+
+
 def test_preprocessed_input_with_its_mask_writes_jpeg_by_extension(tmp_path):
     s = synth_fundus(128, seed=4)
     (tmp_path / "in.png").write_bytes(encode_png(s.image))

@@ -82,6 +82,21 @@ def test_enhancer_classical_validates_and_an_unknown_enhancer_names_the_field():
     assert "enhance.enhancer" in str(err.value)
 
 
+def test_max_change_is_a_grey_level_count_for_cofenet_only():
+    c = build_config({"manifest": "m", "out": "o", "enhance": {"max_change": 40}})
+    assert c.enhance.max_change == 40
+    assert build_config({"manifest": "m", "out": "o"}).enhance.max_change is None
+    for bad in (0, 256):
+        with pytest.raises(ConfigError) as err:
+            build_config({"manifest": "m", "out": "o", "enhance": {"max_change": bad}})
+        assert "enhance.max_change" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        build_config(
+            {"manifest": "m", "out": "o", "enhance": {"enhancer": "classical", "max_change": 40}}
+        )
+    assert "max_change limits the cofenet enhancer only" in str(err.value)
+
+
 def test_config_errors_list_each_field_with_the_value_it_got():
     with pytest.raises(ConfigError) as err:
         build_config(

@@ -55,6 +55,20 @@ def test_settings_record_everything_that_determines_the_outputs(tmp_path):
     enhanced = resolve(_config(tmp_path / "m.csv", tmp_path / "out", enhance={"enabled": True}))
     assert enhanced["enhance"]["weights"] == "fundus-cofenet-small"
     assert len(enhanced["enhance"]["model_sha256"]) == 64
+    assert enhanced["enhance"]["max_change"] is None
+
+
+def test_a_bound_added_to_a_folder_enhanced_before_the_option_existed_is_refused(tmp_path):
+    def settings(**enhance: object) -> dict:
+        return resolve(_config(tmp_path / "m.csv", tmp_path / "out", enhance=enhance))
+
+    unbounded = settings(enabled=True)
+    del unbounded["enhance"]["max_change"]  # as a run.json written before it was recorded
+    old = recorded({"settings": unbounded})
+    compare(old, settings(enabled=True))  # the same run again: accepted
+    with pytest.raises(SettingsMismatchError) as err:
+        compare(old, settings(enabled=True, max_change=40))
+    assert "enhance.max_change: off -> 40" in err.value.differences
 
 
 @pytest.mark.parametrize(

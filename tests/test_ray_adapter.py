@@ -98,6 +98,11 @@ def test_gpu_cluster_gives_cofenet_its_own_pool_of_actors_sharing_each_gpu():
     enhance = gpu.specs[0].kwargs
     assert enhance["source_role"] == "degraded" and enhance["image_format"] == "png"
     assert enhance["weights"] == "fundus-cofenet-small" and enhance["batch_size"] == 4
+    assert enhance["max_change"] is None
+    [_, limited, _] = _calls(
+        ClusterShape(cpus=16, gpus=2), enhance={"enabled": True, "max_change": 40}
+    )
+    assert limited.specs[0].kwargs["max_change"] == 40
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,12 @@ predicted gate (teacher forcing). ``field_gate_threshold=t`` makes the predicted
 the correction is applied whole where the sigmoid reaches ``t`` and not at all below it. Training
 teacher-forces 0 or 1, so a half-open gate applies a correction scaled as it never was in training.
 
+``max_change=m`` (in [0, 1] units, any variant; an inference setting, None by default) moves the
+full-resolution output back to within ``m`` of the input in every pixel and channel: a bound on
+what the model may do to a photograph. A pixel then ends at most ``m`` further from any reference
+than the input was, so at 40/255 no pixel can become 40+ grey levels worse (the "new error" of
+weights/MODEL_CARD.md), at the cost of not lifting the deepest defects all the way.
+
 ``spot_head=C`` (with ``field``) puts a full-resolution spot remover in front of that head: a
 ``SpotHead`` of C channels adds a correction to the input inside the FOV (the working image is
 zero outside it, so the FOV is where any channel is above 0), and everything after it sees the
@@ -62,8 +68,10 @@ __all__ = [
     "SpotHead",
     "build_cofenet",
     "canonical_variant",
+    "check_max_change",
     "check_size",
     "default_x256",
+    "limit_change",
     "scaled_channels",
 ]
 
@@ -114,6 +122,21 @@ class SpotHead(nn.Module):
 
     def forward(self, x: Tensor, fov: Tensor) -> Tensor:
         return x + self.correction(x, fov)
+
+
+def check_max_change(max_change: float | None) -> float | None:
+    """``max_change`` as a float, or ValueError unless it is None or in (0, 1]."""
+    if max_change is None:
+        return None
+    value = float(max_change)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"max_change must be in (0, 1], got {max_change}")
+    return value
+
+
+def limit_change(out: Tensor, source: Tensor, max_change: float) -> Tensor:
+    """``out`` moved back to within ``max_change`` of ``source`` in every pixel and channel."""
+    return torch.minimum(torch.maximum(out, source - max_change), source + max_change)
 
 
 def _shrink(correction: Tensor, deadzone: float) -> Tensor:
@@ -308,6 +331,7 @@ class CofeNet(nn.Module):
         field_scale: float = 1.0,
         spot_head: int | None = None,
         spot_deadzone: float = 0.0,
+        max_change: float | None = None,
     ) -> None:
         super().__init__()
         variant = canonical_variant(variant)
@@ -357,6 +381,7 @@ class CofeNet(nn.Module):
             None if field_gate_threshold is None else float(field_gate_threshold)
         )
         self.spot_deadzone = float(spot_deadzone)
+        self.max_change = check_max_change(max_change)
         self.n_outputs = N_OUTPUTS[variant] + int(self.field_gate)
         self.has_rsa = variant != "encode_decode_res"
         self.two_scale = "2scale" in variant
@@ -557,8 +582,9 @@ class CofeNet(nn.Module):
             not self.field_gate or not isinstance(gate, Tensor) or gate.numel() != x512.shape[0]
         ):
             raise ValueError("gate needs a field_gate model and one value per image")
+        source = x512
         if self.field is None:
-            return self._forward_net(x512, x256)
+            return self._limited(self._forward_net(x512, x256), source)
         if self.spot is not None:  # the coarse image is then the corrected one's
             x512, x256 = self.remove_spots(x512), None
         small = F.interpolate(x512, size=(self.field, self.field), mode="area")
@@ -578,6 +604,14 @@ class CofeNet(nn.Module):
             )
         if passes is not None:  # N x passes (the coarse pass first)
             items.append(torch.cat(passes.logits, dim=1))
+        return self._limited(items[0] if len(items) == 1 else tuple(items), source)
+
+    def _limited(self, outputs: Outputs, source: Tensor) -> Outputs:
+        """``outputs`` with the full-resolution image kept within ``max_change`` of ``source``."""
+        if self.max_change is None:
+            return outputs
+        items = list(self._as_tuple(outputs))
+        items[0] = limit_change(items[0], source, self.max_change)
         return items[0] if len(items) == 1 else tuple(items)
 
     def remove_spots(self, x: Tensor) -> Tensor:

@@ -86,7 +86,7 @@ _CONFIG_KEYS = (
 )
 # Config keys that only the degradation reads: not shown for enhance and score runs.
 _PAIRS_ONLY_KEYS = frozenset({"preset", "variants", "types", "type_mode", "seed"})
-_ENHANCE_KEYS = ("enabled", "weights", "variant", "width", "device")
+_ENHANCE_KEYS = ("enabled", "weights", "variant", "width", "device", "max_change")
 _ERROR_KIND_MAX = 80
 _MESSAGE_MAX = 300
 _IDS_SHOWN = 5

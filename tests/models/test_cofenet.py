@@ -516,6 +516,38 @@ def test_field_scale_multiplies_the_correction_before_the_deadzone() -> None:
     assert torch.allclose(scaled, image - 3 / 255, atol=1e-6)  # -10 * 0.5, then 2 levels off
 
 
+@pytest.mark.parametrize("field", [192, None])
+def test_max_change_keeps_every_output_pixel_within_the_bound_of_the_input(field: int | None):
+    from fundus_batch.train import fixup_init
+
+    model = build_cofenet(
+        "cofe-net", 0.125, field=field, generator=torch.Generator().manual_seed(3)
+    ).eval()
+    if field is not None:  # the head starts as the identity: give it a large correction
+        fixup_init(model, torch.Generator().manual_seed(3))
+        torch.nn.init.normal_(
+            model.G_deconv1_0.weight, 0.0, 0.5, generator=torch.Generator().manual_seed(4)
+        )
+    x = torch.rand(2, 3, 192, 192, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        free = model(x)
+        model.max_change = 10 / 255
+        limited = model(x)
+    free_change = (model.enhanced(free) - x).abs()
+    change = (model.enhanced(limited) - x).abs()
+    assert free_change.max() > 30 / 255  # the bound has work to do
+    assert change.max() <= 10 / 255 + 1e-6
+    within = free_change <= 10 / 255
+    assert torch.equal(model.enhanced(limited)[within], model.enhanced(free)[within])
+    assert torch.equal(model.vessel(limited), model.vessel(free))  # the other outputs as they were
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_max_change_must_be_in_the_unit_interval(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_change must be in"):
+        CofeNet(DEFAULT_VARIANT, width=0.25, max_change=bad)
+
+
 def test_field_scale_must_be_positive() -> None:
     with pytest.raises(ValueError, match="field_scale must be > 0"):
         CofeNet(DEFAULT_VARIANT, width=0.25, field=192, field_scale=0.0)
