@@ -406,7 +406,9 @@ def _settings(run: Mapping[str, Any], *, pairs: bool) -> list[Setting]:
                 value = ", ".join(str(v) for v in value)
             rows.append(Setting(key, _text(value)))
     enhance = config.get("enhance")
-    if isinstance(enhance, Mapping):
+    if isinstance(enhance, Mapping) and not enhance.get("enabled"):
+        rows.append(Setting("enhance", "off"))
+    elif isinstance(enhance, Mapping):
         shown = ", ".join(
             f"{k}={enhance[k]}" for k in _ENHANCE_KEYS if k in enhance and enhance[k] is not None
         )

@@ -88,6 +88,9 @@ def test_config_shows_listed_keys_only_and_no_storage_options():
     assert settings["types"] == "001, 010, 111"
     assert settings["enhance"] == "enabled=True, device=auto"
     assert "storage_options" not in settings and SECRET not in repr(settings)
+    run["config"]["enhance"] = {"enabled": False, "device": "auto", "weights": "w"}
+    settings = {s.label: s.value for s in aggregate(loaded(ok_rows(), run)).summary.config}
+    assert settings["enhance"] == "off"
 
 
 def test_enhance_run_calls_its_images_input_and_hides_the_degradation_settings():
