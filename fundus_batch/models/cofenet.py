@@ -33,8 +33,8 @@ teacher-forces 0 or 1, so a half-open gate applies a correction scaled as it nev
 ``max_change=m`` (in [0, 1] units, any variant; an inference setting, None by default) moves the
 full-resolution output back to within ``m`` of the input in every pixel and channel: a bound on
 what the model may do to a photograph. A pixel then ends at most ``m`` further from any reference
-than the input was, so at 40/255 no pixel can become 40+ grey levels worse (the "new error" of
-weights/MODEL_CARD.md), at the cost of not lifting the deepest defects all the way.
+than the input was, so at 40/255 no pixel can become more than 40 grey levels worse (the "new
+error" of weights/MODEL_CARD.md), at the cost of not lifting the deepest defects all the way.
 
 ``spot_head=C`` (with ``field``) puts a full-resolution spot remover in front of that head: a
 ``SpotHead`` of C channels adds a correction to the input inside the FOV (the working image is
