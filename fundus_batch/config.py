@@ -36,7 +36,9 @@ class RayOptions(_Strict):
         le=64,
         description="CPUs per CPU-stage actor; None: 1 (0.75 below 8 CPUs with a GPU stage)",
     )
-    rows_per_block: int = Field(8, ge=1, le=10_000, description="rows per Ray Data block")
+    rows_per_block: int = Field(
+        8, ge=1, le=10_000, description="images per Ray Data block (fewer in small runs)"
+    )
     fetch_threads: int = Field(8, ge=1, le=256, description="download threads per CPU-stage worker")
 
 

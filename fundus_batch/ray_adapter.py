@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fundus_batch.config import RunConfig
 
 # Manifest rows planned at a time (the workers' done-pair filter), before rows are cut into
-# blocks of ``ray.rows_per_block`` for the image stages.
+# blocks of ``block_rows`` for the image stages.
 PLAN_ROWS = 2048
 # Reading and planning ask for no CPU: their tasks are light, and a planning task waits (holding
 # what it asked for) until the stages take its blocks, so any CPU it held could be the share
@@ -222,6 +222,14 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     ]
 
 
+def block_rows(config: RunConfig, cluster: ClusterShape, images: int) -> int:
+    """Planned rows (images) per block: ``ray.rows_per_block``, or fewer when the run has too
+    few images to give each actor of the first pool two blocks. Seven images in blocks of
+    eight would be one block: one busy actor, and a progress bar that moves once, at the end."""
+    actors = max(1, plan_pools(config, cluster)[0].actors)
+    return max(1, min(config.ray.rows_per_block, math.ceil(images / (2 * actors))))
+
+
 @dataclass(frozen=True)
 class MapBatchesCall:
     """The arguments of one ``Dataset.map_batches`` call. ``compute`` ``actors`` means an
@@ -258,9 +266,10 @@ class MapBatchesCall:
 
 
 def map_batches_calls(
-    config: RunConfig, cluster: ClusterShape, schema: pa.Schema
+    config: RunConfig, cluster: ClusterShape, schema: pa.Schema, rows_per_block: int | None = None
 ) -> list[MapBatchesCall]:
-    """Every ``map_batches`` call of the run's stages, in order (no Ray needed)."""
+    """Every ``map_batches`` call of the run's stages, in order (no Ray needed); batches of
+    ``rows_per_block`` rows (default ``ray.rows_per_block``, see :func:`block_rows`)."""
     calls = []
     for pool in plan_pools(config, cluster):
         res = pool.resources
@@ -268,7 +277,7 @@ def map_batches_calls(
             "specs": pool.specs,
             "num_cpus": res.num_cpus,
             "num_gpus": res.num_gpus,
-            "batch_size": config.ray.rows_per_block,
+            "batch_size": rows_per_block or config.ray.rows_per_block,
         }
         if res.actor:
             call = MapBatchesCall(
@@ -403,10 +412,11 @@ def build_dataset(
     # blocks, so the first reach the image stages while the manifest is still being read, and no
     # worker process is started for planning alone. The plan takes whole read blocks (a batch
     # size would keep Ray Data from fusing it with the read) and yields PLAN_ROWS at a time.
+    rows = block_rows(config, cluster, scan.selected)
     ds = read_manifest(scan, config)
     ds = ds.map_batches(plan, batch_size=None, batch_format="pyarrow", num_cpus=PLAN_CPUS)
-    ds = _with_cpus(ds.repartition(target_num_rows_per_block=config.ray.rows_per_block), PLAN_CPUS)
-    return apply_calls(ds, map_batches_calls(config, cluster, schema))
+    ds = _with_cpus(ds.repartition(target_num_rows_per_block=rows), PLAN_CPUS)
+    return apply_calls(ds, map_batches_calls(config, cluster, schema, rows))
 
 
 def iter_tables(ds: Any) -> Iterator[pa.Table]:

@@ -22,6 +22,7 @@ from fundus_batch.ray_adapter import (
     StageUDF,
     TaskUDF,
     apply_calls,
+    block_rows,
     map_batches_calls,
 )
 from fundus_batch.schema import work_schema
@@ -158,6 +159,18 @@ def test_enhance_mode_enhances_the_clean_image():
     assert enhance.num_gpus == 1.0 and enhance.pool_size == 1
 
 
+@pytest.mark.parametrize(
+    ("images", "cpus", "rows"),
+    [(7, 2, 2), (1, 2, 1), (32, 2, 8), (10_000, 2, 8), (40, 16, 2), (0, 2, 1)],
+)
+def test_small_runs_get_smaller_blocks_so_every_actor_has_two(images: int, cpus: int, rows: int):
+    assert block_rows(_config(), ClusterShape(cpus=cpus, gpus=0), images) == rows
+    config = _config(ray={"rows_per_block": 3})
+    assert block_rows(config, ClusterShape(cpus=2, gpus=0), 10_000) == 3  # the most per block
+    calls = map_batches_calls(_config(), ClusterShape(cpus=2, gpus=0), SCHEMA, rows_per_block=2)
+    assert [c.batch_size for c in calls] == [2]
+
+
 def test_no_module_but_the_adapter_imports_ray():
     importers = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -263,7 +276,7 @@ def test_reading_and_planning_the_manifest_fuse_into_one_task_before_the_stages(
     assert operators == [
         "ActorPoolMapOperator[MapBatches(StageUDF)]",
         f"TaskPoolMapOperator[{reader}->MapBatches(apply)->StreamingRepartition"
-        "[num_rows_per_block=8,strict=False]]",
+        "[num_rows_per_block=2,strict=False]]",  # 5 images, 2 actors: blocks of 2
         "InputDataBuffer[Input]",
     ], operators
     rows = [r for t in ray_adapter.iter_tables(ds) for r in t.to_pylist()]
