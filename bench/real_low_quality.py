@@ -34,7 +34,7 @@ from train_cofenet import dataset_files, quality_failures, read_config
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.console import run_on_console
-from fundus_batch.enhance import enhance_image
+from fundus_batch.enhance import ImageEnhancer
 from fundus_batch.fidelity import unchanged_counts, unchanged_lines
 from fundus_batch.metrics import NOREF_METRICS, noref_metrics
 from fundus_batch.shards import read_frame
@@ -64,13 +64,13 @@ SOURCES = ("hrf", "chase_db1", "eyepacs", "mx_dme")
 def changed_per_source(data_root: Path, weights: str, enhancer: str) -> list[str]:
     """Per ordinary source, how many of its photographs (512 px working images, detected FOV)
     the enhancer changed at all, and the largest mean change inside the FOV (grey levels)."""
+    enhance = ImageEnhancer(enhancer=enhancer, weights=weights)
     lines = []
     for source in SOURCES:
         changes = []
         for entry in dataset_files(data_root, source):
             sample = load_clean_sample(entry["image_id"], data_root / entry["image"], 512)
-            result = enhance_image(sample.image, sample.mask, enhancer=enhancer, weights=weights)
-            changes.append(result.change)
+            changes.append(enhance(sample.image, sample.mask).change)
         changed = sum(1 for c in changes if c > 0)
         lines.append(
             f"{source}: changed {changed} of {len(changes)} photographs "

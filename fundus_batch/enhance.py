@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -319,6 +320,66 @@ class EnhancedImage:
     change: float
 
 
+def _check_image(image: np.ndarray, mask: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+
+
+class ImageEnhancer:
+    """Enhances FOV-preprocessed RGB uint8 images (HxWx3) with their FOV masks (HxW) one at a
+    time, without Ray; the model loads once, here.
+
+    ``enhancer`` is ``cofenet`` (``weights``: registered name or checkpoint path; the network
+    states the sizes it accepts, ``max_change`` limits it as in :class:`Enhance`) or
+    ``classical``.
+    """
+
+    def __init__(
+        self,
+        *,
+        enhancer: str = "cofenet",
+        weights: str = "fundus-cofenet-small",
+        device: str = "auto",
+        max_change: int | None = None,
+    ) -> None:
+        from fundus_batch.classical import ClassicalEnhancer
+
+        if max_change is not None and enhancer != "cofenet":
+            raise ValueError("max_change limits the cofenet enhancer only")
+        self._run: Callable[[np.ndarray, np.ndarray], np.ndarray]
+        if enhancer == "classical":
+            model = ClassicalEnhancer()
+            self._run = model
+            self.model_name, self.model_sha256 = model.model_name, model.model_sha256
+        elif enhancer == "cofenet":
+            net = Enhance(
+                weights=weights,
+                batch_size=1,
+                device=device,
+                max_change=max_change,
+                cpu_share=float(os.cpu_count() or 1),
+            )
+
+            def run(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                result = net.enhance_arrays([image])[0]
+                return np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
+
+            self._run = run
+            self.model_name, self.model_sha256 = net.model_name, net.model_sha256
+        else:
+            raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> EnhancedImage:
+        _check_image(image, mask)
+        start = time.perf_counter()
+        out = self._run(image, mask)
+        seconds = time.perf_counter() - start
+        change = mean_change(image, out, mask)
+        return EnhancedImage(out, self.model_name, self.model_sha256, seconds, change)
+
+
 def enhance_image(
     image: np.ndarray,
     mask: np.ndarray,
@@ -328,37 +389,9 @@ def enhance_image(
     device: str = "auto",
     max_change: int | None = None,
 ) -> EnhancedImage:
-    """Enhance one FOV-preprocessed RGB uint8 image (HxWx3) with its FOV mask (HxW), no Ray.
-
-    ``enhancer`` is ``cofenet`` (``weights``: registered name or checkpoint path; the network
-    states the sizes it accepts, ``max_change`` limits it as in :class:`Enhance`) or
-    ``classical``.
-    """
-    from fundus_batch.classical import ClassicalEnhancer
-
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-    if max_change is not None and enhancer != "cofenet":
-        raise ValueError("max_change limits the cofenet enhancer only")
+    """Enhance one image with a fresh :class:`ImageEnhancer` (same arguments); ``seconds``
+    includes loading the model."""
+    _check_image(image, mask)  # before the model loads
     start = time.perf_counter()
-    if enhancer == "classical":
-        model = ClassicalEnhancer()
-        out = model(image, mask)
-        name, sha256 = model.model_name, model.model_sha256
-    elif enhancer == "cofenet":
-        net = Enhance(
-            weights=weights,
-            batch_size=1,
-            device=device,
-            max_change=max_change,
-            cpu_share=float(os.cpu_count() or 1),
-        )
-        result = net.enhance_arrays([image])[0]
-        out = np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
-        name, sha256 = net.model_name, net.model_sha256
-    else:
-        raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
-    seconds = time.perf_counter() - start
-    return EnhancedImage(out, name, sha256, seconds, mean_change(image, out, mask))
+    one = ImageEnhancer(enhancer=enhancer, weights=weights, device=device, max_change=max_change)
+    return replace(one(image, mask), seconds=time.perf_counter() - start)

@@ -16,6 +16,7 @@ import pandas as pd
 
 __all__ = [
     "FIDELITY_COLUMNS",
+    "NO_TYPE",
     "FidelityLoss",
     "Unchanged",
     "fidelity_losses",
@@ -36,6 +37,9 @@ FIDELITY_COLUMNS = (
     "enhance_change",
 )
 """The Parquet columns :func:`summary_lines` reads."""
+
+NO_TYPE = "none"
+"""The type code of rows without a degradation (enhance and score runs), missing or written so."""
 
 _METRICS = (("psnr", "PSNR", " dB", ".2f"), ("ssim", "SSIM", "", ".2g"))
 
@@ -72,7 +76,7 @@ def fidelity_losses(frame: pd.DataFrame) -> list[FidelityLoss]:
         return []
     ok = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
     losses: list[FidelityLoss] = []
-    for code, sub in sorted(ok.groupby(ok["type_code"].fillna("none")), key=lambda kv: kv[0]):
+    for code, sub in sorted(ok.groupby(ok["type_code"].fillna(NO_TYPE)), key=lambda kv: kv[0]):
         for key, *_ in _METRICS:
             deg_col, enh_col = f"{key}_degraded", f"{key}_enhanced"
             if deg_col not in sub.columns or enh_col not in sub.columns:
@@ -124,8 +128,11 @@ def unchanged_counts(frame: pd.DataFrame) -> list[Unchanged]:
     change = pd.to_numeric(ok["enhance_change"], errors="coerce").dropna()
     no_type = pd.Series(None, index=ok.index, dtype=object)
     types = ok["type_code"] if "type_code" in ok.columns else no_type
-    groups = change.groupby(types[change.index].astype(object).fillna(""))
-    return [Unchanged(str(code) or None, int((sub == 0).sum()), len(sub)) for code, sub in groups]
+    groups = change.groupby(types[change.index].astype(object).fillna(NO_TYPE))
+    return [
+        Unchanged(None if code == NO_TYPE else str(code), int((sub == 0).sum()), len(sub))
+        for code, sub in groups
+    ]
 
 
 def unchanged_lines(counts: list[Unchanged]) -> list[str]:

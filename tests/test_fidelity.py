@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from fundus_batch.fidelity import (
+    NO_TYPE,
     Unchanged,
     fidelity_losses,
     output_summary_lines,
@@ -121,3 +122,6 @@ def test_enhance_mode_rows_without_a_type_are_counted_together():
         "NOTE enhancement left 2 of 3 images unchanged"
     ]
     assert unchanged_counts(frame.drop(columns=["enhance_change"])) == []
+    # The report fills a missing type code with NO_TYPE; the rows are the same untyped rows.
+    written = frame.assign(type_code=[None, NO_TYPE, NO_TYPE])
+    assert unchanged_counts(written) == [Unchanged(None, 2, 3)]

@@ -165,8 +165,11 @@ def test_enhance_mode_enhances_the_clean_image():
 )
 def test_small_runs_get_smaller_blocks_so_every_actor_has_two(images: int, cpus: int, rows: int):
     assert block_rows(_config(), ClusterShape(cpus=cpus, gpus=0), images) == rows
+
+
+def test_rows_per_block_is_the_most_per_block_and_the_batches_follow_the_blocks():
     config = _config(ray={"rows_per_block": 3})
-    assert block_rows(config, ClusterShape(cpus=2, gpus=0), 10_000) == 3  # the most per block
+    assert block_rows(config, ClusterShape(cpus=2, gpus=0), 10_000) == 3
     calls = map_batches_calls(_config(), ClusterShape(cpus=2, gpus=0), SCHEMA, rows_per_block=2)
     assert [c.batch_size for c in calls] == [2]
 

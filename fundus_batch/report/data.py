@@ -335,8 +335,7 @@ class ReportData:
 def aggregate(loaded: Loaded) -> ReportData:
     """Every section's numbers and text."""
     warnings = warning_lines(fidelity_losses(loaded.ok))
-    typed = loaded.ok.assign(type_code=loaded.ok["type_code"].replace(NO_TYPE, None))
-    notes = unchanged_lines(unchanged_counts(typed))
+    notes = unchanged_lines(unchanged_counts(loaded.ok))
     return ReportData(
         out=storage.redact(loaded.out),
         input_label=loaded.input_label,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import SupportsFloat, cast
 
+from fundus_batch.fidelity import NO_TYPE
+
 __all__ = ["NO_TYPE", "TYPE_NAMES", "duration", "fmt", "num", "type_label"]
 
-NO_TYPE = "none"
 TYPE_NAMES = {
     "001": "illumination",
     "010": "spots",
