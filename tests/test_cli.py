@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from fundus_batch import __version__
 from fundus_batch.cli import main
 from fundus_batch.io.codecs import decode_image, encode_jpeg
 from fundus_batch.synth import synth_fundus
@@ -27,6 +29,13 @@ def raw_photo(tmp_path: Path) -> Path:
 
 def _ok(result) -> None:
     assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def test_version_has_one_source_the_package_the_installed_metadata_and_the_cli_agree():
+    assert importlib.metadata.version("fundus-batch") == __version__
+    result = CliRunner().invoke(main, ["--version"])
+    _ok(result)
+    assert result.output.strip() == f"fundus-batch, version {__version__}"
 
 
 def test_synth_writes_image_vessel_mask_and_a_manifest_of_the_photographs(tmp_path: Path):

@@ -24,6 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
+import fundus_batch
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 
@@ -65,15 +67,7 @@ def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def _project_version() -> str:
-    """The [project] version from pyproject.toml (regex: tomllib is Python 3.11+)."""
-    text = (REPO / "pyproject.toml").read_text()
-    match = re.search(r'(?ms)^\[project\].*?^version\s*=\s*"([^"]+)"', text)
-    assert match, "no [project] version in pyproject.toml"
-    return match.group(1)
-
-
-PROJECT_VERSION = _project_version()
+PROJECT_VERSION = fundus_batch.__version__
 
 
 def load_docs(path: Path) -> list[Any]:
