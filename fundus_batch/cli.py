@@ -296,11 +296,11 @@ def manifest_from_eyeq(labels: str, images: str, out_uri: str, split: str | None
 @manifest.command("validate")
 @click.argument("uri")
 def manifest_validate(uri: str) -> None:
-    """Check a manifest without running anything."""
-    from fundus_batch.manifest import read_manifest
+    """Check a manifest without running anything, with the reader and checks of a run."""
+    from fundus_batch.manifest_stream import scan_manifest
 
-    m = read_manifest(uri)
-    click.echo(f"{redact(uri)}: {len(m)} rows, pass-through columns {m.passthrough_columns}")
+    scan = scan_manifest(uri)
+    click.echo(f"{redact(uri)}: {scan.rows} rows, pass-through columns {scan.passthrough.names}")
 
 
 # -------------------------------------------------------------------------------- pipeline

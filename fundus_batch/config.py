@@ -144,10 +144,22 @@ class RunConfig(_Strict):
             return list(TYPE_CODES)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # YAML's `types: 111`
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value
+        ):
+            raise ValueError(
+                f"expected type codes as a list or a comma-separated string, got {value!r}"
+            )
         codes = [str(v).zfill(3) if isinstance(v, int) else str(v) for v in value]
         bad = [c for c in codes if c not in TYPE_CODES]
         if bad:
-            raise ValueError(f"unknown type code(s) {bad}; valid: {list(TYPE_CODES)}")
+            hint = ""
+            if any(isinstance(v, int) and str(v).zfill(3) in bad for v in value):
+                # YAML 1.1 reads 010 and 011 as the octal numbers 8 and 9
+                hint = "; quote type codes in YAML ('010'): a number with a leading 0 is octal"
+            raise ValueError(f"unknown type code(s) {bad}; valid: {list(TYPE_CODES)}{hint}")
         if not codes:
             raise ValueError("at least one type code is needed")
         return codes

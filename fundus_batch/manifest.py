@@ -1,4 +1,4 @@
-"""Image manifests: schema, readers, builders and validation.
+"""Image manifests: schema, builders and validation (``manifest_stream`` reads them).
 
 A manifest is a CSV or Parquet file (any fsspec URL) with one row per source image. Required
 columns are ``image_id`` and ``uri``; ``mask_uri``, ``vessel_uri`` and ``split`` are optional and
@@ -28,18 +28,34 @@ RESERVED_PREFIXES = ("seconds_", "nr_", "psnr_", "ssim_", "ms_ssim_", "vessel_")
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the row (1-based data line) and field."""
+    """A manifest that cannot be used; the message names the row (1-based data row), the line
+    of the file where it starts (CSV, when known) and the field."""
 
-    def __init__(self, message: str, *, row: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        row: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
+    ):
         where = []
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
+        elif line is not None:
+            where.append(f"line {line}")
         if field is not None:
             where.append(f"field '{field}'")
         prefix = f"manifest {', '.join(where)}: " if where else "manifest: "
         super().__init__(prefix + message)
+        self.detail = message
         self.row = row
         self.field = field
+        self.line = line
+
+    def at_line(self, line: int | None) -> ManifestError:
+        """The same error, naming the file line as well."""
+        return ManifestError(self.detail, row=self.row, field=self.field, line=line)
 
 
 @dataclass(frozen=True)
@@ -156,27 +172,6 @@ def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
                 index=out.index,
             )
     return Manifest(out, source)
-
-
-def read_manifest(uri: str, *, storage_options: dict | None = None) -> Manifest:
-    """Read and validate a CSV or Parquet manifest from any fsspec URL."""
-    try:
-        data = storage.read_bytes(uri, storage_options=storage_options)
-    except FileNotFoundError as exc:
-        raise ManifestError(f"cannot read {storage.redact(uri)}: file not found") from exc
-    except OSError as exc:
-        raise ManifestError(f"cannot read {storage.redact(uri)}: {exc}") from exc
-    lower = uri.lower()
-    try:
-        if lower.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(io.BytesIO(data))
-        else:
-            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""])
-    except Exception as exc:
-        raise ManifestError(f"cannot parse {storage.redact(uri)}: {exc}") from exc
-    if len(frame) == 0:
-        raise ManifestError(f"{storage.redact(uri)} has no rows")
-    return validate_frame(frame, storage.redact(uri))
 
 
 def write_manifest(

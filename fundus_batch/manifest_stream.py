@@ -10,6 +10,10 @@ duplicate check and for ``--limit``). Ray Data then reads the same file on the w
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from fundus_batch.io import storage
 from fundus_batch.manifest import (
@@ -127,8 +132,32 @@ def csv_convert_options(columns: Sequence[str]) -> pacsv.ConvertOptions:
     )
 
 
+# The manifest's own columns, read as text whatever type the file stores them as.
+TEXT_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+
+
+def text_columns(table: Any) -> Any:
+    """``table`` (a Table or RecordBatch) with its :data:`TEXT_COLUMNS` stored as binary (some
+    Parquet writers store strings so) cast to strings; invalid UTF-8 raises ``ArrowInvalid``."""
+    for name in TEXT_COLUMNS:
+        if name not in table.schema.names:
+            continue
+        i = table.schema.get_field_index(name)
+        kind = table.schema.field(i).type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            column = table.column(i).cast(pa.string())
+            table = table.set_column(i, pa.field(name, pa.string()), column)
+    return table
+
+
 def _open(uri: str, storage_options: dict | None) -> Any:
     fs, path = storage.filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem) and os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{storage.redact(uri)} is a folder, not a file")
+        if not stat.S_ISREG(mode):  # a FIFO would block the driver
+            raise OSError(f"{storage.redact(uri)} is not a regular file")
     return fs.open(path, "rb")
 
 
@@ -150,7 +179,8 @@ def iter_batches(
     if manifest_kind(uri) == "parquet":
         with _open(uri, storage_options) as f:
             pf = pq.ParquetFile(f)
-            yield from pf.iter_batches(batch_size=STREAM_ROWS, columns=columns)
+            for parquet_batch in pf.iter_batches(batch_size=STREAM_ROWS, columns=columns):
+                yield text_columns(parquet_batch)
         return
     names = csv_columns(uri, storage_options)
     with _open(uri, storage_options) as f:
@@ -186,8 +216,21 @@ def scan_manifest(
         schema = _schema(uri, storage_options)
     except FileNotFoundError as exc:
         raise ManifestError(f"cannot read {source}: file not found") from exc
+    except OSError as exc:
+        raise ManifestError(f"cannot read {source}: {storage.redact(str(exc))}") from exc
     except Exception as exc:
-        raise ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}") from exc
+        raise _parse_error(uri, storage_options, source, exc) from exc
+    try:
+        return _scan(uri, source, schema, storage_options, limit)
+    except ManifestError as exc:
+        if exc.row is None or exc.line is not None or manifest_kind(uri) != "csv":
+            raise
+        raise exc.at_line(_csv_line_of_row(uri, storage_options, exc.row)) from None
+
+
+def _scan(
+    uri: str, source: str, schema: pa.Schema, storage_options: dict | None, limit: int | None
+) -> ManifestScan:
     columns = list(schema.names)
     if len(set(columns)) != len(columns):
         dup = next(c for c in columns if columns.count(c) > 1)
@@ -216,7 +259,7 @@ def scan_manifest(
     except ManifestError:
         raise
     except Exception as exc:
-        raise ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}") from exc
+        raise _parse_error(uri, storage_options, source, exc) from exc
     if rows == 0:
         raise ManifestError(f"{source} has no rows")
     all_keys = np.concatenate(keys)
@@ -262,6 +305,73 @@ def _check_duplicates(uri: str, storage_options: dict | None, keys: np.ndarray) 
     )
 
 
+def _parse_error(
+    uri: str, storage_options: dict | None, source: str, exc: Exception
+) -> ManifestError:
+    """A file the reader cannot parse; for a CSV file whose rows do not all have the header's
+    number of fields, the line of the first such row."""
+    if isinstance(exc, pa.ArrowInvalid) and manifest_kind(uri) == "csv":
+        bad = _csv_bad_record(uri, storage_options)
+        if bad is not None:
+            line, expected, got = bad
+            return ManifestError(
+                f"expected {expected} fields as in the header, found {got}", line=line
+            )
+    return ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}")
+
+
+def _csv_records(uri: str, storage_options: dict | None) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each non-blank record of a CSV file, the header included; a
+    quoted field may span lines. Only for error messages: it reads the file once more."""
+    with _open(uri, storage_options) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="replace", newline="")
+        reader = csv.reader(text)
+        line = 1
+        for fields in reader:
+            if fields:  # the CSV readers skip blank lines
+                yield line, fields
+            line = reader.line_num + 1
+
+
+def _csv_line_of_row(uri: str, storage_options: dict | None, row: int) -> int | None:
+    """The file line where data row ``row`` (1-based) of a CSV manifest starts."""
+    try:
+        for index, (line, _) in enumerate(_csv_records(uri, storage_options)):
+            if index == row:  # record 0 is the header
+                return line
+    except (OSError, csv.Error):
+        pass
+    return None
+
+
+def _csv_bad_record(uri: str, storage_options: dict | None) -> tuple[int, int, int] | None:
+    """(line, fields expected, fields found) of the first record whose field count differs
+    from the header's, or None."""
+    expected = None
+    try:
+        for line, fields in _csv_records(uri, storage_options):
+            if expected is None:
+                expected = len(fields)
+            elif len(fields) != expected:
+                return line, expected, len(fields)
+    except (OSError, csv.Error):
+        pass
+    return None
+
+
+def manifest_ids(
+    uri: str, storage_options: dict | None = None, limit: int | None = None
+) -> list[str]:
+    """The image ids of a manifest in file order (the first ``limit``), read as the run reads
+    them; validate it with :func:`scan_manifest` first."""
+    ids: list[str] = []
+    for batch in iter_batches(uri, storage_options, ["image_id"]):
+        ids.extend(str(x) for x in batch.column(0).to_pylist())
+        if limit is not None and len(ids) >= limit:
+            return ids[:limit]
+    return ids
+
+
 def _id_at(uri: str, storage_options: dict | None, index: int) -> str:
     seen = 0
     for batch in iter_batches(uri, storage_options, ["image_id"]):
@@ -304,6 +414,7 @@ def plan_batch(
     n = batch.num_rows
     if n == 0:
         return []
+    batch = text_columns(batch)
     ids = [str(x) for x in batch.column("image_id").to_pylist()]
     id_arr = np.asarray(ids, dtype=object)
     keep = np.ones(n, dtype=bool)

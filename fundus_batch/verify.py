@@ -117,17 +117,17 @@ def _read_shards(store: OutputStore, report: VerifyReport) -> pa.Table | None:
 def _expected_ids(
     manifest: str, storage_options: dict | None, config: dict, report: VerifyReport
 ) -> list[str] | None:
-    from fundus_batch.manifest import ManifestError, read_manifest
+    from fundus_batch.manifest import ManifestError
+    from fundus_batch.manifest_stream import manifest_ids, scan_manifest
 
+    limit = config.get("limit")
+    limit = limit if isinstance(limit, int) else None
     try:
-        frame = read_manifest(manifest, storage_options=storage_options).frame
+        scan_manifest(manifest, storage_options=storage_options)
+        return manifest_ids(manifest, storage_options, limit)
     except (ManifestError, OSError) as exc:
         report.add(f"manifest {storage.redact(manifest)} cannot be read: {exc}")
         return None
-    limit = config.get("limit")
-    if isinstance(limit, int):
-        frame = frame.head(limit)
-    return [str(i) for i in frame["image_id"]]
 
 
 class _FileCheck:

@@ -51,9 +51,10 @@ def test_synth_writes_image_vessel_mask_and_a_manifest_of_the_photographs(tmp_pa
         "synth_00001_mask.png",
         "synth_00001_vessel.png",
     ]
-    from fundus_batch.manifest import read_manifest
+    from fundus_batch.manifest_stream import scan_manifest
 
-    frame = read_manifest(str(tmp_path / "manifest.csv")).frame
+    assert scan_manifest(str(tmp_path / "manifest.csv")).rows == 2
+    frame = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
     assert list(frame.image_id) == ["synth_00000", "synth_00001"]
     for row in frame.itertuples():
         assert Path(row.uri) == tmp_path.resolve() / f"{row.image_id}.png"

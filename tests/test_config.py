@@ -40,6 +40,35 @@ def test_types_accept_comma_string_and_all():
     assert len(build_config({"manifest": "m", "out": "o", "types": "all"}).types) == 7
 
 
+@pytest.mark.parametrize(
+    ("yaml_value", "codes"),
+    [("111", ["111"]), ("001", ["001"]), ("'010'", ["010"]), ("['010', 111]", ["010", "111"])],
+)
+def test_types_read_from_yaml_as_one_number_or_a_mixed_list(tmp_path: Path, yaml_value, codes):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"manifest: m.csv\nout: o\ntypes: {yaml_value}\n")
+    assert load_config(path).types == codes
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "message"),
+    [
+        ("1.5", "expected type codes"),
+        ("true", "expected type codes"),
+        ("{a: 1}", "expected type codes"),
+        ("[010, 011]", "octal"),  # YAML 1.1 reads them as 8 and 9
+    ],
+)
+def test_types_that_yaml_reads_as_something_else_are_refused_naming_the_field(
+    tmp_path: Path, yaml_value, message
+):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"manifest: m.csv\nout: o\ntypes: {yaml_value}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert "types" in str(err.value)
+
+
 def test_yaml_overrides_and_redaction(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text(

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from fundus_batch import manifest as mf
+from fundus_batch.manifest_stream import manifest_ids, scan_manifest
 from fundus_batch.schema import WORK_COLUMNS
 
 
@@ -91,7 +92,7 @@ def test_a_folder_given_as_manifest_or_image_uri_is_named_as_a_folder(tmp_path: 
     folder = tmp_path / "photos.jpg"
     folder.mkdir()
     with pytest.raises(mf.ManifestError, match="is a folder") as info:
-        mf.read_manifest(str(folder))
+        scan_manifest(str(folder))
     assert str(folder) in str(info.value)
     [row] = Fetch(threads=1, retries=0)(
         [{"image_id": "a", "status": "ok", "source_uri": str(folder)}]
@@ -112,20 +113,20 @@ def test_csv_and_parquet_round_trip(tmp_path: Path):
     m = mf.validate_frame(_frame(image_id=["a", "b"], uri=["x/a.png", "x/b.png"], level=[0, 4]))
     for name in ("m.csv", "m.parquet"):
         mf.write_manifest(m, str(tmp_path / name))
-        back = mf.read_manifest(str(tmp_path / name))
-        assert back.frame["image_id"].tolist() == ["a", "b"]
-        assert [str(v) for v in back.frame["level"]] == ["0", "4"]
+        scan = scan_manifest(str(tmp_path / name))
+        assert scan.rows == 2 and scan.passthrough.names == ["level"]
+        assert manifest_ids(str(tmp_path / name)) == ["a", "b"]
 
 
 def test_unreadable_or_empty_manifest_is_a_clear_error(tmp_path: Path):
     with pytest.raises(mf.ManifestError, match="not found"):
-        mf.read_manifest(str(tmp_path / "missing.csv"))
+        scan_manifest(str(tmp_path / "missing.csv"))
     (tmp_path / "empty.csv").write_text("image_id,uri\n")
     with pytest.raises(mf.ManifestError, match="no rows"):
-        mf.read_manifest(str(tmp_path / "empty.csv"))
+        scan_manifest(str(tmp_path / "empty.csv"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(mf.ManifestError, match="cannot parse"):
-        mf.read_manifest(str(tmp_path / "bad.parquet"))
+        scan_manifest(str(tmp_path / "bad.parquet"))
 
 
 def test_from_dir_lists_images_recursively_and_qualifies_clashing_stems(tmp_path: Path):

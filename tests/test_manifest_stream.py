@@ -38,7 +38,42 @@ def test_bad_row_in_a_later_batch_is_named_by_its_line_and_field(tmp_path):
 def test_blank_uri_is_rejected_with_its_line(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("image_id,uri\na,x.png\nb,\n")
-    with pytest.raises(ManifestError, match=r"row 2, field 'uri'"):
+    with pytest.raises(ManifestError, match=r"row 2 \(line 3\), field 'uri'"):
+        ms.scan_manifest(str(path))
+
+
+def test_a_bad_csv_row_is_named_by_the_file_line_it_starts_on_past_blank_and_quoted_lines(
+    tmp_path,
+):
+    path = tmp_path / "m.csv"
+    path.write_text('image_id,uri,note\na,x.png,"two\nlines"\n\n\n-b,y.png,\n')
+    with pytest.raises(ManifestError, match=r"row 2 \(line 6\), field 'image_id'.*'-b'"):
+        ms.scan_manifest(str(path))
+
+
+def test_a_csv_row_with_the_wrong_number_of_fields_is_named_by_its_line(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("image_id,uri\na,x.png\n\nb,y.png,extra\nc,z.png\n")
+    with pytest.raises(ManifestError, match=r"line 4: expected 2 fields as in the header, found 3"):
+        ms.scan_manifest(str(path))
+
+
+def test_binary_text_columns_of_a_parquet_manifest_are_read_as_utf8_text(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"image_id": [b"10_left", "\u00e9".encode()], "uri": [b"/i/a.png", b"/i/b.png"]}),
+        path,
+    )
+    scan = ms.scan_manifest(str(path))
+    assert ms.manifest_ids(str(path)) == ["10_left", "\u00e9"]
+    [first, _] = ms.plan_batch(pq.read_table(path), ms.KeySet.of([]), scan.selected_ids, [0], [])
+    assert (first["image_id"], first["source_uri"]) == ("10_left", "/i/a.png")
+
+
+def test_binary_ids_that_are_not_utf8_are_refused_before_any_work(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"image_id": [b"\xff\xfe"], "uri": [b"/i/a.png"]}), path)
+    with pytest.raises(ManifestError, match="cannot parse"):
         ms.scan_manifest(str(path))
 
 
