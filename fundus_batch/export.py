@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fundus_batch.io import codecs, storage
+from fundus_batch.manifest import ManifestError, check_image_id, check_split
 from fundus_batch.outpaths import resolve
 from fundus_batch.shards import read_table
 
@@ -18,10 +19,24 @@ def _ok_rows(out: str) -> list[dict]:
     if table is None:
         raise FileNotFoundError(f"no Parquet shards under {out}/pairs")
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["degraded_uri"]]
+    for row in rows:
+        _check_names(row)
     for row in rows:  # rows record paths relative to OUT
         row["clean_uri"] = resolve(out, row["clean_uri"])
         row["degraded_uri"] = resolve(out, row["degraded_uri"])
     return sorted(rows, key=lambda r: (r["image_id"], r["variant"]))
+
+
+def _check_names(row: dict) -> None:
+    """Refuse a row whose image_id or split (used as file and folder names under the export
+    folder) is unsafe: shards written before the manifest check could hold one."""
+    try:
+        check_image_id(row["image_id"])
+        check_split(row.get("split"))
+    except ManifestError as exc:
+        raise ValueError(
+            f"cannot export image_id {row['image_id']!r}: {exc.detail} in the output rows"
+        ) from None
 
 
 def export_pairs(out: str, fmt: str, dest: Path) -> int:

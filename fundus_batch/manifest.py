@@ -8,10 +8,12 @@ names the offending row and field.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -74,28 +76,53 @@ class Manifest:
         return [c for c in self.frame.columns if c not in known]
 
 
+def _name_problems(value: str) -> list[str]:
+    """Why ``value`` is unsafe as one path component (empty list: it is safe)."""
+    problems = []
+    if "/" in value or "\\" in value:
+        problems.append("contains a path separator")
+    if ".." in value or value in {".", ".."}:
+        problems.append("contains '..'")
+    if value != value.strip():
+        problems.append("has leading or trailing whitespace")
+    if any(unicodedata.category(ch) in _UNSAFE_CATEGORIES for ch in value):
+        problems.append("contains control or unassigned characters")
+    if value.startswith("-"):
+        problems.append("starts with '-'")
+    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+        problems.append(f"is longer than {MAX_ID_BYTES} bytes in UTF-8")
+    return problems
+
+
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
+
+
 def check_image_id(image_id: object, row: int | None = None) -> str:
     """Return ``image_id`` if it is safe to use as one path component, else raise."""
     if not isinstance(image_id, str) or image_id.strip() == "":
         raise ManifestError("image_id is empty", row=row, field="image_id")
-    problems = []
-    if "/" in image_id or "\\" in image_id:
-        problems.append("contains a path separator")
-    if ".." in image_id or image_id in {".", ".."}:
-        problems.append("contains '..'")
-    if image_id != image_id.strip():
-        problems.append("has leading or trailing whitespace")
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn"} for ch in image_id):
-        problems.append("contains control or unassigned characters")
-    if image_id.startswith("-"):
-        problems.append("starts with '-'")
-    if len(image_id.encode("utf-8")) > MAX_ID_BYTES:
-        problems.append(f"is longer than {MAX_ID_BYTES} bytes in UTF-8")
+    problems = _name_problems(image_id)
     if problems:
         raise ManifestError(
             f"unsafe image_id {image_id!r}: " + ", ".join(problems), row=row, field="image_id"
         )
     return image_id
+
+
+def check_split(split: object, row: int | None = None) -> str | None:
+    """Return ``split`` (None when missing) if it is safe as one folder name, else raise."""
+    if _is_missing(split):
+        return None
+    text = str(split)
+    if text.strip() == "":
+        raise ManifestError("split is blank", row=row, field="split")
+    if not _PLAIN_ID.fullmatch(text):
+        problems = _name_problems(text)
+        if problems:
+            raise ManifestError(
+                f"unsafe split {text!r}: " + ", ".join(problems), row=row, field="split"
+            )
+    return text
 
 
 def check_columns(columns: list[object], source: str = "<frame>") -> None:
@@ -127,7 +154,12 @@ _PLAIN_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,199}")
 
 
 def check_row(
-    row: int, image_id: object, uri: object, mask_uri: object = None, vessel_uri: object = None
+    row: int,
+    image_id: object,
+    uri: object,
+    mask_uri: object = None,
+    vessel_uri: object = None,
+    split: object = None,
 ) -> str:
     """Validate one manifest row (``row`` is its 1-based data line); returns the image id."""
     if _is_missing(image_id):
@@ -140,6 +172,7 @@ def check_row(
     for opt, value in (("mask_uri", mask_uri), ("vessel_uri", vessel_uri)):
         if not _is_missing(value) and str(value).strip() == "":
             raise ManifestError(f"{opt} is blank", row=row, field=opt)
+    check_split(split, row)
     return image_id
 
 
@@ -150,10 +183,11 @@ def validate_frame(frame: pd.DataFrame, source: str = "<frame>") -> Manifest:
     seen: dict[str, int] = {}
     masks = frame["mask_uri"] if "mask_uri" in frame.columns else [None] * len(frame)
     vessels = frame["vessel_uri"] if "vessel_uri" in frame.columns else [None] * len(frame)
-    rows = zip(frame["image_id"], frame["uri"], masks, vessels, strict=True)
-    for i, (image_id, uri, mask_uri, vessel_uri) in enumerate(rows):
+    splits = frame["split"] if "split" in frame.columns else [None] * len(frame)
+    rows = zip(frame["image_id"], frame["uri"], masks, vessels, splits, strict=True)
+    for i, (image_id, uri, mask_uri, vessel_uri, split) in enumerate(rows):
         row = i + 1
-        image_id = check_row(row, image_id, uri, mask_uri, vessel_uri)
+        image_id = check_row(row, image_id, uri, mask_uri, vessel_uri, split)
         if image_id in seen:
             raise ManifestError(
                 f"duplicate image_id {image_id!r} (first seen in row {seen[image_id]})",
@@ -189,12 +223,70 @@ def write_manifest(
 
 
 def id_from_path(path: str) -> str:
-    """Image id from a file name: the stem, with characters unsafe in ids replaced."""
-    stem = PurePosixPath(posixpath.basename(path.rstrip("/"))).stem
+    """Image id from a file name: the stem, made safe (see :func:`safe_id`)."""
+    return safe_id(_stem(path))
+
+
+def safe_id(text: str) -> str:
+    """``text`` made into an id that :func:`check_image_id` accepts, changed only where needed:
+    separators and control characters become '_', '..' becomes '_', surrounding whitespace
+    goes, a leading '-' becomes '_', and an over-long id keeps its end plus a hash of the
+    whole."""
     cleaned = "".join(
-        "_" if (ch in "/\\" or unicodedata.category(ch) == "Cc") else ch for ch in stem
+        "_" if (ch in "/\\" or unicodedata.category(ch) in _UNSAFE_CATEGORIES) else ch
+        for ch in text
     )
-    return cleaned.replace("..", "_")
+    cleaned = cleaned.replace("..", "_").strip()
+    if len(cleaned.encode("utf-8")) > MAX_ID_BYTES:
+        tail = cleaned.encode("utf-8")[-(MAX_ID_BYTES - 9) :].decode("utf-8", errors="ignore")
+        cleaned = f"{tail.strip()}-{_digest(text)}"
+    if cleaned.startswith("-"):
+        cleaned = "_" + cleaned[1:]
+    return cleaned if cleaned not in {"", "."} else "_"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:8]
+
+
+def _stem(path: str) -> str:
+    return PurePosixPath(posixpath.basename(path.rstrip("/"))).stem
+
+
+def _unique_ids(uris: list[str], rels: list[str]) -> list[str]:
+    """Distinct, deterministic ids for files (``rels``: paths relative to the listed prefix).
+
+    An id is the file stem; files whose stems clash try, in turn, the file name with its
+    extension, the relative path without and with the extension ('/' as '__'), and that path
+    with a hash. Of clashing files, the one whose name needed no cleaning keeps the plainer id.
+    """
+    raw_levels = [
+        [_stem(r) for r in rels],
+        [posixpath.basename(r) for r in rels],
+        [posixpath.splitext(r)[0].replace("/", "__") for r in rels],
+        [r.replace("/", "__") for r in rels],
+    ]
+    levels = [[(safe_id(t), safe_id(t) == t) for t in raw] for raw in raw_levels]
+    hashed = [f"{t}-{_digest(r)}" for t, r in zip(raw_levels[3], rels, strict=True)]
+    levels.append([(safe_id(t), False) for t in hashed])
+    ids: dict[int, str] = {}
+    taken: set[str] = set()
+    pending = list(range(len(uris)))
+    for level in levels:
+        groups: dict[str, list[int]] = {}
+        for i in pending:
+            groups.setdefault(level[i][0], []).append(i)
+        for candidate, members in groups.items():
+            natural = [i for i in members if level[i][1]]
+            winners = members if len(members) == 1 else natural
+            if len(winners) == 1 and candidate not in taken:
+                ids[winners[0]] = candidate
+                taken.add(candidate)
+        pending = [i for i in pending if i not in ids]
+        if not pending:
+            return [ids[i] for i in range(len(uris))]
+    names = ", ".join(storage.redact(uris[i]) for i in pending)
+    raise ManifestError(f"cannot give these files distinct image ids: {names}")
 
 
 # Stems of the companion files that ``synth`` (and many datasets) write beside photographs.
@@ -226,16 +318,18 @@ def from_dir(
         raise ManifestError(
             f"no files with extensions {list(extensions)} under {storage.redact(prefix)}"
         )
-    ids = [id_from_path(u) for u in uris]
+    ids = _unique_ids(uris, _relative_paths(prefix, uris, storage_options))
     frame = pd.DataFrame({"image_id": ids, "uri": uris})
-    dup = frame["image_id"].duplicated(keep=False)
-    if dup.any():
-        # Same stem in several folders: qualify by the path relative to the prefix.
-        base = prefix.rstrip("/") + "/"
-        rel = [u[len(base) :] if u.startswith(base) else u for u in uris]
-        qualified = [id_from_path(r.replace("/", "__")) for r in rel]
-        frame.loc[dup, "image_id"] = [q for q, d in zip(qualified, dup, strict=True) if d]
     return validate_frame(frame, storage.redact(prefix))
+
+
+def _relative_paths(prefix: str, uris: list[str], storage_options: dict | None) -> list[str]:
+    """Each listed URI relative to ``prefix`` however the prefix was spelled (relative,
+    absolute, trailing slash, ``file://``); ``storage.list_files`` returns them resolved."""
+    fs, root = storage.filesystem(prefix, storage_options)
+    root = root.rstrip("/")
+    base = (fs.unstrip_protocol(root) if "://" in prefix else root).rstrip("/") + "/"
+    return [u[len(base) :] if u.startswith(base) else posixpath.basename(u) for u in uris]
 
 
 def _join_images(images: str, name: str) -> str:
@@ -247,17 +341,22 @@ def from_kaggle(
 ) -> Manifest:
     """Manifest from Kaggle EyePACS ``trainLabels.csv`` (columns ``image,level``)."""
     frame = _read_labels(labels_csv, ("image", "level"), storage_options)
+    source = storage.redact(labels_csv)
+    # As from_dir's --ext: a leading dot is optional. Case is kept: it is part of the file name.
+    ext = extension.strip().lstrip(".")
+    suffix = f".{ext}" if ext else ""
     out = pd.DataFrame(
         {
             "image_id": frame["image"].astype(str),
-            "uri": [_join_images(images, f"{name}{extension}") for name in frame["image"]],
-            "dr_level": pd.to_numeric(frame["level"], errors="coerce").astype("Int64"),
+            "uri": [_join_images(images, f"{name}{suffix}") for name in frame["image"]],
+            "dr_level": _labels(frame["level"], "level", DR_LEVELS, source),
         }
     )
-    return validate_frame(out, storage.redact(labels_csv))
+    return validate_frame(out, source)
 
 
 EYEQ_QUALITY = {0: "good", 1: "usable", 2: "reject"}
+DR_LEVELS = range(5)
 
 
 def from_eyeq(
@@ -265,8 +364,9 @@ def from_eyeq(
 ) -> Manifest:
     """Manifest from EyeQ ``Label_EyeQ_*.csv`` (columns ``,image,quality,DR_grade``)."""
     frame = _read_labels(labels_csv, ("image", "quality", "DR_grade"), storage_options)
+    source = storage.redact(labels_csv)
     names = frame["image"].astype(str)
-    quality = pd.to_numeric(frame["quality"], errors="coerce").astype("Int64")
+    quality = _labels(frame["quality"], "quality", EYEQ_QUALITY, source)
     out = pd.DataFrame(
         {
             "image_id": [PurePosixPath(n).stem for n in names],
@@ -275,12 +375,33 @@ def from_eyeq(
             "eyeq_quality_label": [
                 EYEQ_QUALITY.get(int(q)) if pd.notna(q) else None for q in quality
             ],
-            "dr_level": pd.to_numeric(frame["DR_grade"], errors="coerce").astype("Int64"),
+            "dr_level": _labels(frame["DR_grade"], "DR_grade", DR_LEVELS, source),
         }
     )
     if split is not None:
         out["split"] = split
-    return validate_frame(out, storage.redact(labels_csv))
+    return validate_frame(out, source)
+
+
+def _labels(column: pd.Series, name: str, valid: Collection[int], source: str) -> pd.Series:
+    """Integer labels of a label-file column; an empty cell stays empty (unlabelled), any other
+    value outside ``valid`` raises naming the row and column."""
+    values: list[int | None] = []
+    for i, raw in enumerate(column):
+        if _is_missing(raw) or str(raw).strip() == "":
+            values.append(None)
+            continue
+        try:
+            number = float(str(raw).strip())
+        except ValueError:
+            number = float("nan")
+        if not number.is_integer() or int(number) not in valid:
+            allowed = ", ".join(str(v) for v in sorted(valid))
+            raise ManifestError(
+                f"{name} {raw!r} in {source} is not one of {allowed}", row=i + 1, field=name
+            )
+        values.append(int(number))
+    return pd.Series(values, dtype="Int64", index=column.index)
 
 
 def _read_labels(uri: str, columns: tuple[str, ...], storage_options: dict | None) -> pd.DataFrame:

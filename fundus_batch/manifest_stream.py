@@ -236,20 +236,21 @@ def _scan(
         dup = next(c for c in columns if columns.count(c) > 1)
         raise ManifestError(f"column '{dup}' appears more than once in {source}", field=dup)
     check_columns(list(columns), source)
-    wanted = [c for c in (*REQUIRED_COLUMNS, "mask_uri", "vessel_uri") if c in columns]
+    wanted = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in columns]
     keys: list[np.ndarray] = []
     rows = 0
     try:
         for batch in iter_batches(uri, storage_options, wanted):
             ids = _column(batch, "image_id")
             checked = [
-                check_row(rows + i + 1, image_id, u, m, v)
-                for i, (image_id, u, m, v) in enumerate(
+                check_row(rows + i + 1, image_id, u, m, v, s)
+                for i, (image_id, u, m, v, s) in enumerate(
                     zip(
                         ids,
                         _column(batch, "uri"),
                         _column(batch, "mask_uri"),
                         _column(batch, "vessel_uri"),
+                        _column(batch, "split"),
                         strict=True,
                     )
                 )
@@ -388,18 +389,30 @@ def done_keys(
     their number; ``tables`` are the output shards (``image_id`` and ``variant`` columns), read
     one at a time. ``variants`` are this run's variants ([-1] for clean-only rows)."""
     parts: list[np.ndarray] = []
-    wanted = np.asarray(variants, dtype=np.int64)
     for table in tables:
         if table.num_rows == 0:
             continue
-        ids = table.column("image_id").to_pylist()
-        raw = table.column("variant").to_pylist()
-        v = np.asarray([-1 if x is None else int(x) for x in raw], dtype=np.int64)
-        keep = np.isin(v, wanted) & scan.selected_ids.contains(id_keys(ids))
+        keep = in_run(table, scan, variants)
         if keep.any():
-            parts.append(pair_keys(np.asarray(ids, dtype=object)[keep], v[keep]))
+            ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+            parts.append(pair_keys(ids[keep], _variants(table)[keep]))
     done = KeySet.of(parts)
     return done, len(done)
+
+
+def _variants(table: pa.Table) -> np.ndarray:
+    raw = table.column("variant").to_pylist()
+    return np.asarray([-1 if x is None else int(x) for x in raw], dtype=np.int64)
+
+
+def in_run(table: pa.Table, scan: ManifestScan, variants: list[int]) -> np.ndarray:
+    """Which rows of an output table (``image_id`` and ``variant`` columns) are (image,
+    variant) pairs this run covers: an image it selected, one of its variants."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=bool)
+    wanted = np.asarray(variants, dtype=np.int64)
+    ids = table.column("image_id").to_pylist()
+    return np.isin(_variants(table), wanted) & scan.selected_ids.contains(id_keys(ids))
 
 
 def plan_batch(

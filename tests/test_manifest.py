@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -169,3 +170,144 @@ def test_eyeq_labels_in_shared_build_a_manifest(shared_dir: Path):
     m = mf.from_eyeq(str(labels), "s3://bucket/eyepacs/train")
     assert len(m) > 10_000
     assert m.frame["image_id"].is_unique
+
+
+@pytest.mark.parametrize(
+    ("split", "needle"),
+    [
+        ("../../escaped_split", "'..'"),
+        ("/abs", "path separator"),
+        ("a\\b", "path separator"),
+        (".", "'..'"),
+        ("-train", "starts with '-'"),
+        (" train", "whitespace"),
+        ("tr\x00ain", "control"),
+        ("   ", "blank"),
+        ("s" * 201, "longer than"),
+    ],
+)
+def test_unsafe_split_is_rejected_naming_row_and_field(split, needle):
+    frame = _frame(image_id=["a", "b"], uri=["u1", "u2"], split=["train", split])
+    with pytest.raises(mf.ManifestError, match=r"row 2, field 'split'") as err:
+        mf.validate_frame(frame)
+    assert needle in str(err.value)
+
+
+def test_eyeq_split_option_is_checked_like_a_manifest_split(tmp_path: Path):
+    (tmp_path / "eyeq.csv").write_text(",image,quality,DR_grade\n0,1_left.jpeg,0,0\n")
+    with pytest.raises(mf.ManifestError, match=r"row 1, field 'split'"):
+        mf.from_eyeq(str(tmp_path / "eyeq.csv"), "imgs", split="../x")
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"data")
+
+
+def test_from_dir_ids_do_not_depend_on_how_the_prefix_is_spelled(tmp_path: Path, monkeypatch):
+    deep = "/".join(["folder_with_a_long_name"] * 6)
+    _touch(tmp_path / "nested", "a/x.jpeg", "b/x.jpeg", f"{deep}/y.png", f"{deep}/z/y.png")
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "nested")
+    spellings = ["nested", "nested/", "./nested", absolute, f"file://{absolute}/"]
+    built = {s: sorted(mf.from_dir(s).frame["image_id"]) for s in spellings}
+    qualified = [f"{deep}/y", f"{deep}/z/y"]
+    expected = sorted(["a__x", "b__x", *(q.replace("/", "__") for q in qualified)])
+    assert built == dict.fromkeys(spellings, expected)
+
+
+def test_from_dir_gives_every_file_name_a_valid_unique_id(tmp_path: Path):
+    names = [
+        "x.jpeg",
+        "x.png",
+        "-scan.jpeg",
+        "scan2 .jpeg",
+        "scan2.jpeg",
+        "a..b.jpeg",
+        "a_b.jpeg",
+        "tab\there.jpeg",
+        " .png",
+        "n" * 250 + ".png",
+    ]
+    _touch(tmp_path, *names)
+    first = mf.from_dir(str(tmp_path)).frame
+    ids = dict(zip((Path(u).name for u in first["uri"]), first["image_id"], strict=True))
+    long_id = ids.pop("n" * 250 + ".png")
+    assert ids == {
+        "x.jpeg": "x.jpeg",
+        "x.png": "x.png",
+        "-scan.jpeg": "_scan",
+        "scan2 .jpeg": "scan2 .jpeg",
+        "scan2.jpeg": "scan2",
+        "a..b.jpeg": "a_b.jpeg",
+        "a_b.jpeg": "a_b",
+        "tab\there.jpeg": "tab_here",
+        " .png": "_",
+    }
+    assert len(long_id.encode()) <= mf.MAX_ID_BYTES and long_id.startswith("nnn")
+    for image_id in first["image_id"]:
+        mf.check_image_id(image_id)
+    again = mf.from_dir(str(tmp_path)).frame
+    assert again["image_id"].tolist() == first["image_id"].tolist()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["-a", "--", " ", "..", "a..b", "a/b", "x\u200by", "\udcff", "é" * 150, ". x", "-" + "é" * 120],
+)
+def test_id_from_path_always_passes_the_id_check(name: str):
+    mf.check_image_id(mf.id_from_path(f"/data/{name}.jpeg"))
+    mf.check_image_id(mf.safe_id(name))
+
+
+def test_names_that_clean_to_the_same_id_get_hashed_ids_or_an_error_naming_them(
+    tmp_path: Path, monkeypatch
+):
+    _touch(tmp_path, "b..c.jpeg", "b\tc.jpeg")
+    ids = mf.from_dir(str(tmp_path)).frame["image_id"].tolist()
+    assert len(set(ids)) == 2 and all(i.startswith("b_c.jpeg-") for i in ids)
+    monkeypatch.setattr(mf, "_digest", lambda text: "0")  # as if the hashes collided
+    with pytest.raises(mf.ManifestError) as err:
+        mf.from_dir(str(tmp_path))
+    message = str(err.value)
+    assert not re.search(r"\brow \d", message) and "distinct image ids" in message
+    assert str(tmp_path / "b..c.jpeg") in message and str(tmp_path / "b\tc.jpeg") in message
+
+
+def test_from_kaggle_takes_the_extension_with_or_without_its_dot(tmp_path: Path):
+    (tmp_path / "trainLabels.csv").write_text("image,level\n10_left,0\n")
+    for ext in ("jpeg", ".jpeg"):
+        m = mf.from_kaggle(str(tmp_path / "trainLabels.csv"), "s3://b/train", extension=ext)
+        assert m.frame["uri"].tolist() == ["s3://b/train/10_left.jpeg"], ext
+
+
+@pytest.mark.parametrize("level", ["x", "5", "-1", "1.5"])
+def test_an_invalid_kaggle_level_is_named_not_dropped(tmp_path: Path, level: str):
+    (tmp_path / "trainLabels.csv").write_text(f"image,level\n10_left,0\n10_right,{level}\n")
+    with pytest.raises(mf.ManifestError, match=r"row 2, field 'level'"):
+        mf.from_kaggle(str(tmp_path / "trainLabels.csv"), "imgs")
+
+
+@pytest.mark.parametrize(
+    ("quality", "grade", "field"),
+    [("3", "0", "quality"), ("x", "0", "quality"), ("0", "9", "DR_grade"), ("0", "y", "DR_grade")],
+)
+def test_an_invalid_eyeq_label_is_named_not_dropped(
+    tmp_path: Path, quality: str, grade: str, field: str
+):
+    (tmp_path / "e.csv").write_text(
+        f",image,quality,DR_grade\n0,a.jpeg,0,0\n1,b.jpeg,{quality},{grade}\n"
+    )
+    with pytest.raises(mf.ManifestError, match=rf"row 2, field '{field}'"):
+        mf.from_eyeq(str(tmp_path / "e.csv"), "imgs")
+
+
+def test_empty_label_cells_stay_empty_and_whole_float_grades_are_read(tmp_path: Path):
+    (tmp_path / "k.csv").write_text("image,level\na,\nb,2.0\n")
+    assert mf.from_kaggle(str(tmp_path / "k.csv"), "i").frame["dr_level"].tolist() == [pd.NA, 2]
+    (tmp_path / "e.csv").write_text(",image,quality,DR_grade\n0,a.jpeg,,\n1,b.jpeg,1,4\n")
+    e = mf.from_eyeq(str(tmp_path / "e.csv"), "i").frame
+    assert e["eyeq_quality"].tolist() == [pd.NA, 1]
+    assert pd.isna(e["eyeq_quality_label"][0]) and e["eyeq_quality_label"][1] == "usable"
+    assert e["dr_level"].tolist() == [pd.NA, 4]

@@ -164,3 +164,26 @@ def test_id_keys_are_16_bytes_and_distinct_for_a_million_ids():
     keys = ms.id_keys([f"img{i:08d}" for i in range(1_000_000)])
     assert keys.dtype == np.dtype("S16")
     assert len(np.unique(keys)) == 1_000_000
+
+
+@pytest.mark.parametrize("split", ["../../escaped_split", "/abs/dir", "a/b", "..", "-x"])
+def test_unsafe_split_in_a_csv_manifest_is_named_by_row_line_and_field(tmp_path, split):
+    path = tmp_path / "m.csv"
+    path.write_text(f"image_id,uri,split\na,x.png,train\nb,y.png,{split}\n")
+    with pytest.raises(ManifestError, match=r"row 2 \(line 3\), field 'split'.*unsafe split"):
+        ms.scan_manifest(str(path))
+
+
+def test_unsafe_split_in_a_later_parquet_batch_is_named_by_its_row(tmp_path):
+    ids = [f"id{i}" for i in range(BIG)]
+    splits = ["train"] * BIG
+    splits[BIG - 1] = "../up"
+    path = _parquet(tmp_path / "m.parquet", ids, split=splits)
+    with pytest.raises(ManifestError, match=rf"row {BIG}, field 'split'.*'\.\./up'"):
+        ms.scan_manifest(path)
+
+
+def test_empty_and_plain_splits_pass_the_streaming_scan(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("image_id,uri,split\na,x.png,train\nb,y.png,\nc,z.png,val 2\n")
+    assert ms.scan_manifest(str(path)).rows == 3
