@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from fundus_batch import __version__
-from fundus_batch.cli_options import config_options
+from fundus_batch.cli_options import config_options, storage_options_option
 from fundus_batch.io.storage import redact
+
+if TYPE_CHECKING:
+    from fundus_batch.imaging import ImageFormat
 
 
 class _Fail(click.ClickException):
@@ -76,6 +82,18 @@ def synth(outdir: Path, count: int, size: int, seed: int) -> None:
     click.echo(f"wrote {count} synthetic images to {outdir}; manifest {manifest}")
 
 
+# OUTPUT extensions of the single-image commands, and the format each is written in.
+_OUTPUT_FORMATS: dict[str, ImageFormat] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def _output_image(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """OUTPUT, refused unless its extension names a format the command writes."""
+    if value.suffix.lower() not in _OUTPUT_FORMATS:
+        given = f"unsupported extension {value.suffix!r}" if value.suffix else "no extension"
+        raise click.BadParameter(f"{given}; supported: {', '.join(_OUTPUT_FORMATS)}", ctx, param)
+    return value
+
+
 def _single_image_options(command: Any) -> Any:
     """The options ``degrade-image`` and ``enhance-image`` share (working size, mask, format)."""
     for option in reversed(
@@ -90,9 +108,17 @@ def _single_image_options(command: Any) -> Any:
     return command
 
 
+INPUT_IMAGE = click.argument(
+    "input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path)
+)
+OUTPUT_IMAGE = click.argument(
+    "output", type=click.Path(dir_okay=False, path_type=Path), callback=_output_image
+)
+
+
 @main.command("degrade-image")
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@INPUT_IMAGE
+@OUTPUT_IMAGE
 @click.option("--type", "type_code", default="111", show_default=True)
 @click.option("--preset", default="cofe-release", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
@@ -124,7 +150,9 @@ def degrade_image(
     """Degrade one image (FOV preprocessing first unless --preprocessed)."""
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
 
-    image, mask = _working_image(input_path, mask_path, preprocessed, size, given_mask=False)
+    if params_out is not None and params_out.resolve() == output.resolve():
+        raise click.UsageError("--params-out and OUTPUT are the same file")
+    image, mask = _working_image(input_path, mask_path, preprocessed, size)
     if replay_path is not None:
         data = json.loads(_read(replay_path))
         record = DegradationRecord.from_any(data, size=image.shape[0])
@@ -132,9 +160,10 @@ def degrade_image(
     else:
         rng = sample_rng(seed, image_id or input_path.stem, variant)
         out, record = degrade(image, mask, type_code, rng, preset=preset)
-    _write_image(output, out, quality)
+    files = [(output, _encode(output, out, quality))]
     if params_out is not None:
-        params_out.write_text(record.to_json())
+        files.insert(0, (params_out, record.to_json().encode()))
+    _write_files(files)
     click.echo(f"{output}: type {record.type_code}, preset {record.preset}")
 
 
@@ -145,45 +174,59 @@ def _read(path: Path) -> bytes:
 
 
 def _working_image(
-    input_path: Path, mask_path: Path | None, preprocessed: bool, size: int, given_mask: bool
+    input_path: Path, mask_path: Path | None, preprocessed: bool, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """INPUT as a working image and its FOV mask: as it is with ``--preprocessed`` (which needs
-    ``--mask``), else FOV-cropped to ``size`` (around the given mask when ``given_mask``)."""
-    from fundus_batch.fov import crop_to_fov, preprocess
-    from fundus_batch.imaging import circle_from_mask, crop_like, decode_mask
+    ``--mask``), else decoded and FOV-cropped to ``size`` as the pipeline's Preprocess stage
+    does (around the ``--mask`` given, at any resolution, else around the detected FOV)."""
+    from fundus_batch.imaging import decode_mask, decode_source, working_image
     from fundus_batch.io.codecs import decode_image
 
-    rgb = decode_image(_read(input_path))
-    if preprocessed:
-        if mask_path is None:
-            raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")
-        image, mask = rgb.copy(), decode_mask(_read(mask_path))
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-        return image, mask
-    if given_mask and mask_path is not None:
-        given = decode_mask(_read(mask_path))
-        if given.shape != rgb.shape[:2]:
-            raise ValueError(f"mask {given.shape} does not match image {rgb.shape[:2]}")
-        circle = circle_from_mask(given)
-        image, _ = crop_to_fov(rgb, circle, size=size)
-        return image, crop_like(given, rgb.shape[:2], circle, size)
-    pre = preprocess(rgb, size=size)
-    return pre.image, pre.mask
+    raw = _read(input_path)
+    mask_bytes = None if mask_path is None else _read(mask_path)
+    if not preprocessed:
+        pre = working_image(decode_source(raw, size), size, mask_bytes)
+        return pre.image, pre.mask
+    if mask_bytes is None:
+        raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")
+    image, mask = decode_image(raw).copy(), decode_mask(mask_bytes)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    return image, mask
 
 
-def _write_image(output: Path, image: np.ndarray, quality: int) -> None:
-    """Write ``image`` as JPEG or PNG, by OUTPUT's extension."""
+def _encode(output: Path, image: np.ndarray, quality: int) -> bytes:
+    """``image`` encoded in the format of OUTPUT's extension."""
     from fundus_batch.io.codecs import encode_image
 
-    fmt: Literal["png", "jpeg"] = "jpeg" if output.suffix.lower() in (".jpg", ".jpeg") else "png"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(encode_image(image, fmt, quality))
+    return encode_image(image, _OUTPUT_FORMATS[output.suffix.lower()], quality)
+
+
+def _write_files(files: list[tuple[Path, bytes]]) -> None:
+    """Write each ``(path, data)``, creating folders, so that a failure leaves no partial file
+    and every existing one as it was: all go to temporary files beside their targets, which
+    are then renamed over the targets in order."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            # O_EXCL: never reuse a stale name; 0o666 lets the umask decide, as for open().
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            written.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 @main.command("enhance-image")
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@INPUT_IMAGE
+@OUTPUT_IMAGE
 @click.option(
     "--enhancer", default="cofenet", show_default=True, type=click.Choice(["cofenet", "classical"])
 )
@@ -213,14 +256,18 @@ def enhance_image_cmd(
     """Enhance one photograph without Ray (FOV preprocessing first unless --preprocessed)."""
     from fundus_batch.enhance import enhance_image
 
-    image, mask = _working_image(input_path, mask_path, preprocessed, size, given_mask=True)
-    image[mask == 0] = 0
     if max_change is not None and enhancer != "cofenet":
         raise click.UsageError("--max-change limits the cofenet enhancer only")
+    if max_change is not None and _OUTPUT_FORMATS[output.suffix.lower()] != "png":
+        raise click.UsageError(
+            "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
+        )
+    image, mask = _working_image(input_path, mask_path, preprocessed, size)
+    image[mask == 0] = 0
     result = enhance_image(
         image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change
     )
-    _write_image(output, result.image, quality)
+    _write_files([(output, _encode(output, result.image, quality))])
     if result.change == 0:
         what = "unchanged: the enhancer left every pixel of the FOV as it was"
     else:
@@ -240,7 +287,7 @@ def manifest() -> None:
 @click.argument("prefix")
 @click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
 @click.option("--ext", "exts", multiple=True, help="extension filter, e.g. --ext .jpeg")
-@click.option("--storage-options", default=None, help="fsspec options as JSON")
+@storage_options_option("fsspec options as JSON")
 @click.option(
     "--include-masks",
     is_flag=True,
@@ -250,18 +297,20 @@ def manifest_from_dir(
     prefix: str,
     out_uri: str,
     exts: tuple[str, ...],
-    storage_options: str | None,
+    storage_options: dict[str, Any] | None,
     include_masks: bool,
 ) -> None:
     """Every image under a local folder or bucket prefix (FOV masks and vessel maps skipped)."""
     from fundus_batch import manifest as mf
 
-    so = json.loads(storage_options) if storage_options else None
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
     m = mf.from_dir(
-        prefix, extensions=extensions, storage_options=so, include_companions=include_masks
+        prefix,
+        extensions=extensions,
+        storage_options=storage_options,
+        include_companions=include_masks,
     )
-    mf.write_manifest(m, out_uri, storage_options=so)
+    mf.write_manifest(m, out_uri, storage_options=storage_options)
     click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
@@ -453,7 +502,7 @@ def score(overrides: dict[str, Any], verbose: bool) -> None:
 @main.command()
 @click.argument("out")
 @click.option("--dest", default=None, help="HTML file to write [default: OUT/report.html]")
-@click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
+@storage_options_option("fsspec options for OUT, as JSON")
 @click.option(
     "--rows-per-type",
     default=3,
@@ -461,19 +510,20 @@ def score(overrides: dict[str, Any], verbose: bool) -> None:
     type=click.IntRange(1, 1000),
     help="contact-sheet rows shown per degradation type",
 )
-def report(out: str, dest: str | None, storage_options: str | None, rows_per_type: int) -> None:
+def report(
+    out: str, dest: str | None, storage_options: dict[str, Any] | None, rows_per_type: int
+) -> None:
     """Write a self-contained HTML report (contact sheets, metrics, failures, throughput)."""
     from fundus_batch.report import write_report
 
-    so = json.loads(storage_options) if storage_options else None
-    path = write_report(out, dest, storage_options=so, rows_per_type=rows_per_type)
+    path = write_report(out, dest, storage_options=storage_options, rows_per_type=rows_per_type)
     click.echo(f"report: {path}")
 
 
 @main.command("verify")
 @click.argument("out")
 @click.option("--manifest", default=None, help="prove every manifest row is present")
-@click.option("--storage-options", default=None, help="fsspec options for OUT, as JSON")
+@storage_options_option("fsspec options for OUT, as JSON")
 @click.option("--no-files", is_flag=True, help="check rows only, not the image files")
 @click.option("--deep", is_flag=True, help="recompute a random sample of rows from their files")
 @click.option(
@@ -492,7 +542,7 @@ def report(out: str, dest: str | None, storage_options: str | None, rows_per_typ
 def verify_cmd(
     out: str,
     manifest: str | None,
-    storage_options: str | None,
+    storage_options: dict[str, Any] | None,
     no_files: bool,
     deep: bool,
     deep_rows: int,
@@ -501,13 +551,12 @@ def verify_cmd(
     """Prove every row is present exactly once and every output file matches its checksum."""
     from fundus_batch.verify import repair, verify
 
-    so = json.loads(storage_options) if storage_options else None
     if do_repair:
-        click.echo(repair(out, storage_options=so).summary())
+        click.echo(repair(out, storage_options=storage_options).summary())
     result = verify(
         out,
         manifest,
-        storage_options=so,
+        storage_options=storage_options,
         check_files=not no_files,
         deep=deep_rows if deep else 0,
     )

@@ -1,9 +1,11 @@
 """Click options generated from the fields of :class:`RunConfig`, so that each setting is
-declared once (in config.py) with its type, help text, default and choices."""
+declared once (in config.py) with its type, help text, default and choices; and
+``--storage-options``, the fsspec options the commands outside RunConfig take as JSON."""
 
 from __future__ import annotations
 
 import functools
+import json
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -166,3 +168,34 @@ def config_options(*paths: str, required: Sequence[str] = ()) -> Callable[[F], F
         return decorated
 
     return decorate
+
+
+_JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", bool: "a boolean"}
+
+
+class JsonObject(click.ParamType):
+    """A JSON object given as text; empty text means none. The text itself is never echoed
+    back (storage options hold credentials)."""
+
+    name = "json"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        if not value:
+            return None
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as exc:
+            self.fail(f"not valid JSON ({exc})", param, ctx)
+        if not isinstance(data, dict):
+            kind = "null" if data is None else _JSON_KINDS.get(type(data), "a number")
+            self.fail(f'must be a JSON object such as {{"anon": true}}, not {kind}', param, ctx)
+        return data
+
+
+def storage_options_option(help_text: str) -> Callable[[F], F]:
+    """``--storage-options JSON``: fsspec options, parsed and checked to be a JSON object."""
+    return click.option("--storage-options", type=JsonObject(), default=None, help=help_text)

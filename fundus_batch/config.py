@@ -190,6 +190,11 @@ class RunConfig(_Strict):
     def _modes(self) -> RunConfig:
         if self.mode == "enhance" and not self.enhance.enabled:
             self.enhance.enabled = True
+        if self.enhance.max_change is not None and self.image_format == "jpeg":
+            raise ValueError(
+                "enhance.max_change needs image_format png: JPEG encoding of the enhanced image "
+                "moves pixels by more than the bound"
+            )
         return self
 
     @property

@@ -27,16 +27,15 @@ def load_model(
         WeightsEntry,
         build_cofenet,
         file_sha256,
-        load_registered,
         load_weights,
+        model_for_entry,
         model_from_weights,
         resolve_weights,
     )
 
     found = resolve_weights(weights)
     if isinstance(found, WeightsEntry):
-        model = load_registered(found.name, device=device)
-        return model, found.name, found.sha256
+        return model_for_entry(found, device), found.name, found.sha256
     if variant is not None:
         model = load_weights(build_cofenet(variant, width or 1.0), found).eval()
     else:
@@ -45,13 +44,16 @@ def load_model(
 
 
 def pick_device(requested: str) -> str:
-    """``auto`` means CUDA when this worker sees a GPU, else CPU."""
+    """``auto`` means CUDA when this worker sees a GPU, else CPU. Raises ConfigError when
+    ``cuda`` is asked for and there is none."""
     import torch
+
+    from fundus_batch.config import ConfigError
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("enhance.device is 'cuda' but this worker sees no GPU")
+        raise ConfigError("enhance.device (--device) is 'cuda' but this machine sees no GPU")
     return requested
 
 

@@ -1,5 +1,6 @@
 """Small image helpers shared by the stages, the CLI and verification: FOV masks and vessel
-maps decoded to binary arrays, the crop of a binary map, output encoding and digests.
+maps decoded to binary arrays, the crop of a binary map, the working image of a source
+photograph, output encoding and digests.
 
 A plain library module: no rows, no batches, no Ray.
 """
@@ -12,7 +13,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from fundus_batch.fov import Circle, FOVError, crop_to_fov
+from fundus_batch.fov import Circle, FOVError, Preprocessed, crop_to_fov, preprocess
 from fundus_batch.io import codecs
 
 ImageFormat = Literal["png", "jpeg"]
@@ -76,3 +77,31 @@ def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: 
         binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     cropped, _ = crop_to_fov(np.dstack([binary] * 3), circle, size=size)
     return np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
+
+
+def decode_source(raw: bytes, size: int, max_pixels: int = codecs.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a source photograph for a ``size`` working image: a JPEG at the largest reduction
+    whose shorter side stays >= ``size``, other formats at full size."""
+    return codecs.decode_image(raw, max_pixels=max_pixels, min_side=size)
+
+
+def crop_with_given_mask(rgb: np.ndarray, mask_bytes: bytes, size: int) -> Preprocessed:
+    """The working image of ``rgb`` cropped around a supplied FOV mask (of any resolution)
+    instead of a detected one; zero outside the mask."""
+    mask = decode_mask(mask_bytes)
+    if mask.shape[:2] != rgb.shape[:2]:
+        mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_AREA)
+        mask = np.where(mask > 127, 255, 0).astype(np.uint8)
+    circle = circle_from_mask(mask)
+    image, _ = crop_to_fov(rgb, circle, size=size)
+    out_mask = crop_like(mask, rgb.shape[:2], circle, size)
+    image[out_mask == 0] = 0
+    return Preprocessed(image=image, mask=out_mask, circle=circle, status="given_mask")
+
+
+def working_image(rgb: np.ndarray, size: int, mask_bytes: bytes | None = None) -> Preprocessed:
+    """The ``size`` working image of a decoded source photograph, as the pipeline makes it:
+    around the given FOV mask when there is one, else around the detected FOV."""
+    if mask_bytes is not None:
+        return crop_with_given_mask(rgb, mask_bytes, size)
+    return preprocess(rgb, size=size)

@@ -15,10 +15,11 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,6 +30,8 @@ from fundus_batch.schema import STATUS_OK, with_row_checksums
 from fundus_batch.shards import PAIRS_DIR, CorruptShardError
 
 RUN_JSON = "run.json"
+# Which rows of a shard an operation may touch (a boolean per row).
+RowSelection = Callable[[pa.Table], Sequence[bool] | np.ndarray]
 
 
 @dataclass
@@ -99,19 +102,26 @@ class OutputStore:
                 bad.append(path)
         return bad
 
-    def drop_failed(self) -> int:
-        """Rewrite every shard that holds failed rows without them, so that a re-run redoes
-        them; each shard is replaced in one atomic write. Returns the number of rows dropped."""
+    def drop_failed(self, within: RowSelection | None = None) -> int:
+        """Rewrite every shard that holds failed rows (of those ``within`` selects, when given)
+        without them, so that a re-run redoes them; each shard is replaced in one atomic write.
+        Returns the number of rows dropped."""
         dropped = 0
         for path in self.shard_paths():
             table = self._read_shard(path)
-            keep = pc.equal(table.column("status"), STATUS_OK)
-            kept = table.filter(pc.fill_null(keep, False))
-            if kept.num_rows == table.num_rows:
-                continue
-            dropped += table.num_rows - kept.num_rows
-            self._replace_shard(path, kept)
+            failed = pc.invert(pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False))
+            dropped += self._drop(path, table, failed, within)
         return dropped
+
+    def _drop(self, path: str, table: pa.Table, rows: pa.Array, within: RowSelection | None) -> int:
+        """Replace the shard at ``path`` by ``table`` without ``rows`` (a boolean mask), limited
+        to those ``within`` selects; returns how many rows went."""
+        if within is not None:
+            rows = pc.and_(rows, pa.array(within(table), pa.bool_()))
+        n = pc.sum(rows).as_py() or 0
+        if n:
+            self._replace_shard(path, table.filter(pc.invert(rows)))
+        return int(n)
 
     def _replace_shard(self, path: str, kept: pa.Table) -> None:
         """Replace one shard by ``kept`` in one atomic write (removed when ``kept`` is empty)."""
@@ -156,9 +166,10 @@ class OutputStore:
             dropped += mask.count(False)
         return dropped
 
-    def drop_ok_rows_without(self, column: str) -> int:
-        """Remove ``ok`` rows whose ``column`` is null (e.g. ``enhanced_uri`` when enhancement
-        was added to a folder made without it), so that a run redoes them. Returns how many."""
+    def drop_ok_rows_without(self, column: str, within: RowSelection | None = None) -> int:
+        """Remove ``ok`` rows (of those ``within`` selects, when given) whose ``column`` is null
+        (e.g. ``enhanced_uri`` when enhancement was added to a folder made without it), so that
+        a run redoes them. Returns how many."""
         dropped = 0
         for path in self.shard_paths():
             table = self._read_shard(path)
@@ -168,10 +179,7 @@ class OutputStore:
                 missing = pa.array([True] * table.num_rows, pa.bool_())
             ok = pc.equal(table.column("status"), STATUS_OK)
             missing = pc.fill_null(pc.and_(ok, missing), False)
-            n = pc.sum(missing).as_py() or 0
-            if n:
-                self._replace_shard(path, table.filter(pc.invert(missing)))
-                dropped += n
+            dropped += self._drop(path, table, missing, within)
         return dropped
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:

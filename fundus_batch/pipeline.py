@@ -13,12 +13,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from fundus_batch import ray_adapter, run_settings
 from fundus_batch.config import RunConfig
 from fundus_batch.console import Progress
 from fundus_batch.io import storage
 from fundus_batch.lease import OutLease
-from fundus_batch.manifest_stream import ManifestScan, done_keys, scan_manifest
+from fundus_batch.manifest_stream import ManifestScan, done_keys, in_run, scan_manifest
 from fundus_batch.outpaths import check_out_root
 from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
 from fundus_batch.ray_adapter import ClusterShape, init_ray, shutdown
@@ -109,17 +112,21 @@ def _run_leased(
     removed = store.drop_duplicates()  # left by two writers before leases existed
     if removed:
         log.warning("removed %d duplicate rows (one row kept per image and variant)", removed)
+    variants = run_variants(config)
+
+    def this_run(table: pa.Table) -> np.ndarray:
+        return in_run(table, scan, variants)  # rows of other images or variants stay as they are
+
     if config.retry_failed:
-        dropped = store.drop_failed()
+        dropped = store.drop_failed(within=this_run)
         removed += dropped
         if dropped:
             log.warning("removed %d failed rows so that they are redone", dropped)
     if config.enhance.enabled:
-        dropped = store.drop_ok_rows_without("enhanced_uri")
+        dropped = store.drop_ok_rows_without("enhanced_uri", within=this_run)
         removed += dropped
         if dropped:
             log.warning("%d rows lack enhancement; they are redone with it", dropped)
-    variants = run_variants(config)
     # Keys of the done pairs only (16 bytes each); the workers filter the manifest with them.
     done, done_before = done_keys(store.iter_tables(["image_id", "variant"]), scan, variants)
     expected = scan.selected * len(variants)
@@ -164,11 +171,10 @@ def _run_leased(
                 if progress is not None:
                     progress(seen, todo)
         writer.close()
-    # Counts cover the whole output, including rows that earlier runs committed.
+    # Counts cover this run's (image, variant) pairs, including rows earlier runs committed.
     final = Counts(rows_in=expected)
-    table = store.read_table(columns=["status", "failed_stage"])
-    if table is not None:
-        final.add(table)
+    for table in store.iter_tables(["image_id", "variant", "status", "failed_stage"]):
+        final.add(table.filter(pa.array(this_run(table), pa.bool_())))
     summary = RunSummary(
         out=config.out,
         rows_in=expected,
@@ -193,9 +199,16 @@ def _run_leased(
     run_info.update(
         {"state": state, "finished": finished, "seconds": summary.seconds, "counts": final_counts}
     )
-    if touched or _record_differs(previous, run_info):
+    if touched or (not _narrower(previous, expected) and _record_differs(previous, run_info)):
         store.write_json(RUN_JSON, run_info)
     return summary
+
+
+def _narrower(previous: dict[str, Any] | None, rows_in: int) -> bool:
+    """Whether a run that changed nothing covered fewer pairs than the recorded run (a
+    ``--limit`` or a shorter manifest): its record would misdescribe the folder."""
+    recorded = ((previous or {}).get("counts") or {}).get("rows_in")
+    return isinstance(recorded, int) and rows_in < recorded
 
 
 def _record_differs(previous: dict[str, Any] | None, now: dict[str, Any]) -> bool:

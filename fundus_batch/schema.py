@@ -103,7 +103,6 @@ WORK_FIELDS: list[pa.Field] = [
     pa.field("degraded_png", pa.binary()),
     pa.field("enhanced_png", pa.binary()),
     pa.field("vessel_gt_png", pa.binary()),
-    pa.field("carries_clean", pa.bool_()),
     pa.field("pending_variants", pa.list_(pa.int32())),
 ]
 

@@ -13,26 +13,27 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-import cv2
 import numpy as np
 
 from fundus_batch import __version__, outpaths
 from fundus_batch.degrade import degrade, sample_rng, stable_hash
-from fundus_batch.fov import Circle, FOVError, crop_to_fov, preprocess
+from fundus_batch.fov import FOVError
 from fundus_batch.imaging import (
     ImageFormat,
     as_stored,
-    circle_from_mask,
     crop_like,
     decode_mask,
+    decode_source,
     decode_vessel_truth,
     encode_output,
     sha256_hex,
+    working_image,
 )
 from fundus_batch.io import codecs, storage
 from fundus_batch.quality import parse_rule
@@ -312,14 +313,11 @@ class Preprocess(RowsCallable):
                 raise ValueError("no source bytes were fetched")
             width, height = codecs.image_dimensions(raw)
             row["source_width"], row["source_height"] = width, height
-            rgb = codecs.decode_image(raw, max_pixels=self.max_pixels, min_side=self.size)
+            rgb = decode_source(raw, self.size, self.max_pixels)
             # Reduced decoding shrinks the image; report the circle in source pixels.
             scale = max(width, height) / max(rgb.shape[:2])
-            if given_mask is not None:
-                image, mask, circle, status = self._with_given_mask(rgb, given_mask)
-            else:
-                pre = preprocess(rgb, size=self.size)
-                image, mask, circle, status = pre.image, pre.mask, pre.circle, pre.status
+            pre = working_image(rgb, self.size, given_mask)
+            image, mask, circle, status = pre.image, pre.mask, pre.circle, pre.status
             row["fov_cx"], row["fov_cy"] = circle.cx * scale, circle.cy * scale
             row["fov_r"] = circle.r * scale
             row["fov_status"] = status
@@ -336,20 +334,6 @@ class Preprocess(RowsCallable):
             item.fail(self.name, exc)
         row["seconds_preprocess"] = time.perf_counter() - start
         return item
-
-    def _with_given_mask(
-        self, rgb: np.ndarray, mask_bytes: bytes
-    ) -> tuple[np.ndarray, np.ndarray, Circle, str]:
-        """Crop with a manifest-supplied FOV mask instead of detecting one."""
-        mask = decode_mask(mask_bytes)
-        if mask.shape[:2] != rgb.shape[:2]:
-            mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_AREA)
-            mask = np.where(mask > 127, 255, 0).astype(np.uint8)
-        circle = circle_from_mask(mask)
-        image, _ = crop_to_fov(rgb, circle, size=self.size)
-        out_mask = crop_like(mask, rgb.shape[:2], circle, self.size)
-        image[out_mask == 0] = 0
-        return image, out_mask, circle, "given_mask"
 
     def process(self, batch: Batch) -> Batch:
         return [self._one(i) for i in batch]
@@ -406,13 +390,12 @@ class Degrade(RowsCallable):
                 item.fail(self.name, exc)
         image_id = item.row["image_id"]
         out = []
-        for i, variant in enumerate(variants):
+        for variant in variants:
             vitem = item.derive(
                 variant=variant,
                 seed=self.seed,
                 id_hash=f"{stable_hash(image_id):016x}",
                 preset=self.preset,
-                carries_clean=i == 0,
                 type_code=choose_type(self.types, self.type_mode, self.seed, image_id, variant),
             )
             if vitem.ok:
@@ -582,6 +565,9 @@ class QualityGate(RowsCallable):
         return batch
 
 
+_SHARED_REMEMBERED = 4096  # shared files whose content a Write stage remembers
+
+
 class Write(RowsCallable):
     """Write each item's images under deterministic paths and drop the pixels."""
 
@@ -600,6 +586,7 @@ class Write(RowsCallable):
         self.image_format = image_format
         self.storage_options = dict(storage_options or {})
         self.retries = retries
+        self._shared: OrderedDict[str, str] = OrderedDict()  # path -> sha256 of its bytes
 
     def _check_inside(self, uri: str) -> None:
         root = self.out.rstrip("/") + "/"
@@ -611,6 +598,38 @@ class Write(RowsCallable):
         self._check_inside(uri)
         storage.write_bytes(uri, data, storage_options=self.storage_options, retries=self.retries)
         return sha256_hex(data)
+
+    def _put_shared(self, uri: str, data: bytes) -> str:
+        """Write a file all variant rows of an image share (clean, mask) unless it is there.
+
+        Any row writes it when it is missing (the row meant to carry it may have failed); one
+        already there must hold these bytes, or the row fails (the source photograph changed
+        since an earlier run wrote it, whose rows point at it). What this actor last wrote or
+        read at each path is remembered, so the image's other rows cost no I/O.
+        """
+        self._check_inside(uri)
+        digest = sha256_hex(data)
+        held = self._shared.get(uri)
+        if held is None:
+            options, retries = self.storage_options, self.retries
+            size = storage.file_size(uri, storage_options=options, retries=retries)
+            if size is None:
+                storage.write_bytes(uri, data, storage_options=options, retries=retries)
+                held = digest
+            elif size == len(data):
+                held = sha256_hex(storage.read_bytes(uri, storage_options=options, retries=retries))
+            else:
+                held = f"{size} bytes"
+            self._shared[uri] = held
+            if len(self._shared) > _SHARED_REMEMBERED:
+                self._shared.popitem(last=False)
+        if held != digest:
+            raise ValueError(
+                f"{outpaths.relative_to_out(self.out, uri)} already exists with other content: "
+                "the source image changed since an earlier run wrote it; remove the image's "
+                "rows and files (or give it a new image_id) to redo it"
+            )
+        return digest
 
     def process(self, batch: Batch) -> Batch:
         for item in batch:
@@ -641,10 +660,8 @@ class Write(RowsCallable):
             data = item.encoded.get(role)
             if data is None or role not in paths:
                 continue
-            carried = role in ("clean", "mask")
-            if carried and row.get("carries_clean") is False:
-                # Another variant row of this image writes the shared files.
-                digest = sha256_hex(data)
+            if role in ("clean", "mask") and row.get("variant") is not None:
+                digest = self._put_shared(paths[role], data)
             else:
                 digest = self._put(paths[role], data)
             # Relative to OUT, so that a moved or copied OUT still verifies.

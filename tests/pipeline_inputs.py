@@ -54,5 +54,4 @@ def working_row(image_id: str, seed: int = 3) -> dict:
         "clean_png": png,
         "mask_png": encode_png(s.mask),
         "degraded_png": png,
-        "carries_clean": True,
     }

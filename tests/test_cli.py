@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from fundus_batch import __version__
+from fundus_batch import __version__, cli, stages
 from fundus_batch.cli import main
-from fundus_batch.io.codecs import decode_image, encode_jpeg
+from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
 from tests.pipeline_inputs import write_inputs
 
@@ -230,6 +233,134 @@ def test_manifest_from_dir_then_degrade_then_export(ray_cluster, tmp_path):
     )
     [sample, *_] = sorted((tmp_path / "p2p" / "train").iterdir())
     assert decode_image(sample.read_bytes()).shape == (256, 512, 3)
+
+
+@pytest.fixture(scope="module")
+def large_photo(tmp_path_factory) -> tuple[Path, Path]:
+    """A raw JPEG that the pipeline decodes at 1/4 for a 256 working image, and a full-size FOV
+    mask smaller than the detected field (so that using it shows)."""
+    folder = tmp_path_factory.mktemp("large")
+    s = synth_fundus(1000, seed=7, canvas=(1200, 1100))
+    photo, mask_path = folder / "large_eye.jpg", folder / "small_fov.png"
+    photo.write_bytes(encode_jpeg(s.image))
+    mask = np.zeros((1100, 1200), np.uint8)
+    cv2.circle(mask, (600, 550), 400, 255, -1)
+    mask_path.write_bytes(encode_png(mask))
+    return photo, mask_path
+
+
+def _preprocess_stage(photo: Path, mask: Path | None, size: int = 256) -> stages.Item:
+    encoded = {"raw": photo.read_bytes()}
+    if mask is not None:
+        encoded["mask"] = mask.read_bytes()
+    item = stages.Item({"image_id": photo.stem, "status": "ok"}, encoded=encoded)
+    [out] = stages.Preprocess(size=size).process([item])
+    assert out.ok, out.row.get("error")
+    return out
+
+
+@pytest.mark.parametrize("given_mask", [False, True], ids=["detected_fov", "given_mask"])
+def test_working_image_is_the_preprocess_stage_output_for_a_jpeg_larger_than_working_size(
+    large_photo, given_mask
+):
+    photo, mask = large_photo[0], large_photo[1] if given_mask else None
+    image, working_mask = cli._working_image(photo, mask, False, 256)
+    stage = _preprocess_stage(photo, mask)
+    assert np.array_equal(image, stage.image("clean"))
+    assert np.array_equal(working_mask, stage.image("mask"))
+    other = _preprocess_stage(photo, None if given_mask else large_photo[1])
+    assert not np.array_equal(image, other.image("clean"))  # the mask changes the crop
+
+
+@pytest.mark.parametrize("given_mask", [False, True], ids=["detected_fov", "given_mask"])
+def test_degrade_image_regenerates_the_pipeline_row_byte_for_byte(
+    large_photo, tmp_path, given_mask
+):
+    photo, mask = large_photo[0], large_photo[1] if given_mask else None
+    out, params = tmp_path / "out.png", tmp_path / "p.json"
+    args = ["degrade-image", str(photo), str(out), "--size", "256", "--seed", "5"]
+    args += ["--variant", "1", "--type", "011", "--params-out", str(params)]
+    _ok(CliRunner().invoke(main, [*args, *(["--mask", str(mask)] if mask else [])]))
+    degrade = stages.Degrade(seed=5, variants=2, types=["011"])
+    [_, row] = degrade.process([_preprocess_stage(photo, mask)])
+    assert row.ok and row.row["variant"] == 1
+    assert out.read_bytes() == row.encoded["degraded"]
+    assert json.loads(params.read_text()) == json.loads(row.row["params_json"])
+
+
+def test_degrade_image_without_preprocessed_reads_the_mask_it_is_given(raw_photo, tmp_path):
+    args = ["degrade-image", str(raw_photo), str(tmp_path / "o.png"), "--size", "256"]
+    result = CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "nope.png")])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no such file" in lines[0], result.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_failed_write_leaves_the_existing_file_whole_and_no_partial_one(tmp_path):
+    resource = pytest.importorskip("resource")
+    s = synth_fundus(256, seed=1)
+    src, mask = tmp_path / "eye.png", tmp_path / "eye_mask.png"
+    src.write_bytes(encode_png(s.image))
+    mask.write_bytes(encode_png(s.mask))
+    before, names = src.read_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    limit = 8192  # bytes a process may write to one file; the output needs more
+    assert len(before) > limit
+    # OUTPUT is INPUT: a write that fails halfway must not destroy the photograph.
+    args = ["degrade-image", str(src), str(src), "--preprocessed", "--mask", str(mask)]
+    done = subprocess.run(
+        [sys.executable, "-c", "from fundus_batch.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "too large" in lines[0], lines
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_params_out_into_a_missing_folder_creates_it(raw_photo, tmp_path):
+    out, params = tmp_path / "o.png", tmp_path / "new" / "deep" / "p.json"
+    args = ["degrade-image", str(raw_photo), str(out), "--size", "256", "--type", "010"]
+    _ok(CliRunner().invoke(main, [*args, "--params-out", str(params)]))
+    assert out.is_file() and json.loads(params.read_text())["type_code"] == "010"
+
+
+def test_a_params_out_that_cannot_be_written_leaves_no_image_without_its_record(
+    raw_photo, tmp_path
+):
+    (tmp_path / "a_file").write_text("not a folder")
+    out, params = tmp_path / "o.png", tmp_path / "a_file" / "p.json"
+    args = ["degrade-image", str(raw_photo), str(out), "--size", "256"]
+    result = CliRunner().invoke(main, [*args, "--params-out", str(params)])
+    assert result.exit_code == 1 and result.output.startswith("Error:"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", raw_photo.name]
+
+
+def test_params_out_the_same_file_as_output_is_refused(raw_photo, tmp_path):
+    out = tmp_path / "o.png"
+    args = ["degrade-image", str(raw_photo), str(out), "--params-out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--params-out and OUTPUT" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["o.tif", "o.webp", "o"])
+@pytest.mark.parametrize("command", ["degrade-image", "enhance-image"])
+def test_an_output_in_a_format_not_written_is_refused_naming_the_supported_ones(
+    raw_photo, tmp_path, command, name
+):
+    args = [command, str(raw_photo), str(tmp_path / name), "--size", "256"]
+    if command == "enhance-image":
+        args += ["--enhancer", "classical"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "Invalid value for 'OUTPUT'" in result.output
+    assert "supported: .png, .jpg, .jpeg" in result.output
+    assert not (tmp_path / name).exists()
 
 
 def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fundus_batch import cli
+from fundus_batch import cli, stages
 from fundus_batch.classical import enhance_classical
 from fundus_batch.cli import main
 from fundus_batch.fov import preprocess
@@ -105,6 +106,28 @@ def test_max_change_is_refused_for_the_classical_enhancer(raw_photo, tmp_path):
     assert result.exit_code == 2 and "limits the cofenet enhancer only" in result.output
 
 
+def test_max_change_is_refused_for_a_jpeg_output_it_could_not_bound(raw_photo, tmp_path):
+    out = tmp_path / "o.jpg"
+    args = ["enhance-image", str(raw_photo), str(out), "--device", "cpu", "--max-change", "6"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--max-change needs a .png OUTPUT" in result.output
+    assert not out.exists()
+
+
+def test_device_cuda_on_a_machine_without_a_gpu_is_a_one_line_error(
+    monkeypatch, raw_photo, tmp_path
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["enhance-image", str(raw_photo), str(tmp_path / "o.png"), "--device", "cuda"]
+    result = CliRunner().invoke(main, [*args, "--size", "256"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "no GPU" in lines[0], lines
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_preprocessed_input_with_its_mask_writes_jpeg_by_extension(tmp_path):
     s = synth_fundus(128, seed=4)
     (tmp_path / "in.png").write_bytes(encode_png(s.image))
@@ -127,6 +150,25 @@ def test_a_given_mask_replaces_fov_detection(raw_photo, tmp_path):
     detected = preprocess(decode_image(raw_photo.read_bytes()), size=128)
     assert written.shape == (128, 128, 3)
     assert (written[detected.mask == 0] == 0).all() and written[64, 64].sum() > 0
+
+
+def test_a_given_mask_at_another_resolution_is_resized_as_the_pipeline_does(tmp_path):
+    # The authors' low-quality set: 512 px images with 800 px FOV masks.
+    s = synth_fundus(512, seed=6)
+    src, mask = tmp_path / "lq.png", tmp_path / "lq_mask.png"
+    src.write_bytes(encode_png(s.image))
+    mask.write_bytes(encode_png(cv2.resize(s.mask, (800, 800), interpolation=cv2.INTER_NEAREST)))
+    out = tmp_path / "o.png"
+    args = ["enhance-image", str(src), str(out), "--enhancer", "classical", "--size", "256"]
+    _ok(CliRunner().invoke(main, [*args, "--mask", str(mask)]))
+    item = stages.Item(
+        {"image_id": "lq", "status": "ok"},
+        encoded={"raw": src.read_bytes(), "mask": mask.read_bytes()},
+    )
+    [pre] = stages.Preprocess(size=256).process([item])
+    assert pre.ok and pre.row["fov_status"] == "given_mask"
+    expected = enhance_classical(pre.image("clean"), pre.image("mask"))
+    assert np.array_equal(decode_image(out.read_bytes()), expected)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ the model, and no command declares a config field by hand."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -13,7 +14,7 @@ from pydantic.fields import FieldInfo
 
 from fundus_batch import cli
 from fundus_batch.cli import main
-from fundus_batch.cli_options import ConfigOption
+from fundus_batch.cli_options import ConfigOption, JsonObject
 from fundus_batch.config import RunConfig
 from fundus_batch.degrade import PRESETS, TYPE_CODES
 
@@ -167,3 +168,66 @@ def test_a_value_outside_the_model_limits_is_rejected_naming_the_field(tmp_path:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "variants" in result.output, result.output
     assert not out.exists()
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_storage_options_option_parses_a_json_object():
+    found = [
+        path
+        for path, command in _commands(main)
+        for param in command.params
+        if param.name == "storage_options"
+        and isinstance(param.type, JsonObject)
+        and param.opts == ["--storage-options"]
+    ]
+    every = [
+        path for path, c in _commands(main) if any(p.name == "storage_options" for p in c.params)
+    ]
+    assert found == every and len(found) >= 3
+
+
+STORAGE_COMMANDS = {
+    "manifest from-dir": lambda d: ["manifest", "from-dir", str(d), "--out", str(d / "m.csv")],
+    "report": lambda d: ["report", str(d)],
+    "verify": lambda d: ["verify", str(d)],
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("[1]", "not an array"),
+        ('"SECRET"', "not a string"),
+        ("null", "not null"),
+        ('{"key": "SECRET"', "not valid JSON"),
+    ],
+)
+@pytest.mark.parametrize("command", sorted(STORAGE_COMMANDS))
+def test_storage_options_not_a_json_object_is_a_usage_error_naming_the_option(
+    tmp_path: Path, command, value, reason
+):
+    args = [*STORAGE_COMMANDS[command](tmp_path), "--storage-options", value]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "Invalid value for '--storage-options'" in result.output and reason in result.output
+    assert "SECRET" not in result.output  # options hold credentials; never echoed
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ['{"auto_mkdir": true}', ""])
+def test_storage_options_as_a_json_object_or_empty_reach_the_filesystem(tmp_path: Path, value):
+    made = CliRunner().invoke(main, ["synth", str(tmp_path / "s"), "--count", "1", "--size", "64"])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "m.csv"
+    args = ["manifest", "from-dir", str(tmp_path / "s"), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--storage-options", value])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "wrote 1 rows" in result.output and out.is_file()
+    assert JsonObject().convert(value, None, None) == (json.loads(value) if value else None)

@@ -27,6 +27,10 @@ def test_defaults_are_all_seven_types_and_release_preset():
         ({"manifest": "m", "out": "o", "preset": "nope"}, "preset"),
         ({"manifest": "m", "out": "o", "ray": {"rows_per_block": 0}}, "ray.rows_per_block"),
         ({"manifest": "m", "out": "o", "unknown_key": 1}, "unknown_key"),
+        (
+            {"manifest": "m", "out": "o", "image_format": "jpeg", "enhance": {"max_change": 40}},
+            "max_change needs image_format png",
+        ),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(data, field):
@@ -137,3 +141,21 @@ def test_config_errors_list_each_field_with_the_value_it_got():
     assert "  variants: Input should be greater than or equal to 1 (got 0)" in lines
     assert any(line.startswith("  preset: unknown preset;") for line in lines)
     assert "  ray.fetch: unknown field (got 1)" in lines
+
+
+def test_local_demo_config_reads_the_manifest_its_own_recipe_writes(tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from fundus_batch.cli import main
+    from fundus_batch.manifest_stream import scan_manifest
+
+    path = REPO / "jobs" / "configs" / "local_demo.yaml"
+    recipe = re.search(r"`fundus-batch (synth [^`]+)`", path.read_text())
+    assert recipe is not None, "local_demo.yaml no longer names its synth recipe"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*shlex.split(recipe.group(1)), "--size", "64"])
+    assert result.exit_code == 0, result.output
+    assert scan_manifest(load_config(path).manifest).rows == 4

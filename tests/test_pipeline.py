@@ -273,3 +273,42 @@ def test_parquet_manifest_with_limit_does_the_first_rows_then_the_rest_once(ray_
     grades = df.groupby("image_id").grade.first().to_dict()
     assert grades == {f"img_{i:04d}": i % 5 for i in range(4)}
     assert verify(str(out), str(manifest)).ok
+
+
+def test_a_run_over_the_first_images_leaves_the_other_images_rows_and_the_record_alone(
+    ray_cluster, tmp_path
+):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True, size=320)
+    out = tmp_path / "out"
+    full = pipeline.run(_config(manifest, out, variants=1, size=128))
+    assert (full.ok, full.failed) == (2, 2)
+    record = (out / "run.json").read_bytes()
+
+    # nothing to do for the first image: complete, and run.json still describes the full run
+    subset = pipeline.run(_config(manifest, out, variants=1, size=128, limit=1))
+    assert subset.complete and (subset.rows_in, subset.ok, subset.failed) == (1, 1, 0)
+    assert (out / "run.json").read_bytes() == record
+
+    # failed rows of images after the limit are not dropped (only this run's are redone)
+    retried = pipeline.run(_config(manifest, out, variants=1, size=128, limit=1, retry_failed=True))
+    assert retried.complete and len(_table(out)) == 4
+    assert set(_table(out).query("status == 'failed'").image_id) == {"corrupt", "missing"}
+
+    # enhancement added over the first image only: the other images' rows stay as they were
+    before = _table(out).set_index("image_id")
+    enh = {"enabled": True, "enhancer": "classical"}
+    added = pipeline.run(_config(manifest, out, variants=1, size=128, limit=1, enhance=enh))
+    assert added.complete and (added.rows_in, added.ok) == (1, 1)
+    after = _table(out).set_index("image_id")
+    assert sorted(after.index) == sorted(before.index)
+    assert after.enhanced_uri.notna().to_dict() == {
+        "img_0000": True,
+        "img_0001": False,
+        "corrupt": False,
+        "missing": False,
+    }
+    assert after.loc["img_0001", "row_sha256"] == before.loc["img_0001", "row_sha256"]
+    report = verify(str(out), str(manifest))
+    assert report.missing_rows == 0 and report.unexpected_rows == 0
+    assert report.problems == ["'img_0001' variant 0: ok row without enhanced_uri"]
+    assert any("--limit 1" in note for note in report.notes)

@@ -68,7 +68,6 @@ def test_degrade_expands_pending_variants_deterministically_and_replays(raw_jpeg
     rows = deg([dict(pre)])
     assert [r["variant"] for r in rows] == [0, 2, 5]
     assert [r["type_code"] for r in rows] == ["001", "111", "111"]
-    assert [r["carries_clean"] for r in rows] == [True, False, False]
     again = deg([dict(pre)])
     assert [r["degraded_png"] for r in rows] == [r["degraded_png"] for r in again]
     image = decode_image(pre["clean_png"])
@@ -156,12 +155,54 @@ def test_write_refuses_paths_outside_the_output_root(tmp_path: Path):
         "degraded_png": b"x",
         "clean_png": b"y",
         "mask_png": b"z",
-        "carries_clean": True,
     }
     [res] = w([row])
     assert res["status"] == "failed" and res["failed_stage"] == "write"
     assert "'..'" in res["error"] or "outside" in res["error"]
     assert not any((tmp_path).glob("**/v000_111.png"))
+
+
+def _variant_row(variant: int, clean: bytes) -> dict:
+    return {
+        "image_id": "a",
+        "status": "ok",
+        "variant": variant,
+        "type_code": "001",
+        "degraded_png": b"degraded %d" % variant,
+        "clean_png": clean,
+        "mask_png": b"mask",
+    }
+
+
+def test_the_shared_clean_and_mask_are_written_when_the_row_meant_to_carry_them_failed(
+    tmp_path: Path,
+):
+    out = tmp_path / "out"
+    # variant 0 failed before Write; variants 1 and 2 arrive in separate batches and actors
+    [first] = stages.Write(out=str(out))([_variant_row(1, b"clean")])
+    [second] = stages.Write(out=str(out))([_variant_row(2, b"clean")])
+    assert first["status"] == second["status"] == "ok"
+    for role, data in (("clean", b"clean"), ("mask", b"mask")):
+        assert (out / first[f"{role}_uri"]).read_bytes() == data
+        assert first[f"{role}_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_shared_clean_file_with_other_bytes_fails_the_row_and_is_not_overwritten(
+    tmp_path: Path,
+):
+    out = tmp_path / "out"
+    [old] = stages.Write(out=str(out))([_variant_row(0, b"old clean")])
+    clean = out / old["clean_uri"]
+    # a later run (more variants) whose source photograph has changed since
+    rows = stages.Write(out=str(out))(
+        [_variant_row(1, b"new clean"), _variant_row(2, b"other!!!!")]  # the same size too
+    )
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("already exists with other content" in r["error"] for r in rows)
+    assert clean.read_bytes() == b"old clean"
+    # the same bytes again (a resumed or extended run of an unchanged source) are fine
+    [again] = stages.Write(out=str(out))([_variant_row(3, b"old clean")])
+    assert again["status"] == "ok" and again["clean_sha256"] == old["clean_sha256"]
 
 
 def _vessel_rows(tmp_path: Path, truth: np.ndarray | None = None) -> list[dict]:

@@ -359,6 +359,27 @@ def exists(
     return bool(_with_retries("checking", uri, lambda: fs.exists(path), retries, backoff))
 
 
+def file_size(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    backoff: Backoff | None = None,
+) -> int | None:
+    """Size in bytes of the file at ``uri`` as the store has it now (no cached listing), or
+    None when there is none."""
+    fs, path = filesystem(uri, storage_options)
+
+    def size() -> int | None:
+        fs.invalidate_cache(path)
+        try:
+            return int(fs.size(path))
+        except FileNotFoundError:
+            return None
+
+    return _with_retries("checking", uri, size, retries, backoff)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or a URI (``s3://b`` + ``k`` -> ``s3://b/k``).
 

@@ -285,6 +285,13 @@ def model_from_weights(
 ) -> CofeNet:
     """Build the variant and width a checkpoint fits, load it, and return it in eval mode."""
     state = read_state_dict(path_or_state_dict, map_location=map_location)
+    heads = sorted({what for key in state for p, what in _HEAD_KEYS.items() if key.startswith(p)})
+    if heads:
+        raise WeightsError(
+            f"these weights have {' and '.join(heads)}, whose settings a checkpoint does not "
+            "carry: load them by their registered name, or put their registry entry in a "
+            f"registry.json beside the file (or in a folder named by ${ENV_VAR})"
+        )
     found = detect_architecture(state)
     if found is None:
         raise WeightsError(f"cannot build a model for these weights: {_describe(state)}")
@@ -426,19 +433,38 @@ def list_weights() -> dict[str, WeightsEntry]:
 
 
 def resolve_weights(name_or_path: str | os.PathLike[str]) -> WeightsEntry | Path:
-    """A registered entry for a name, or the Path of an existing checkpoint file."""
+    """A registered entry for a name; for an existing checkpoint file, the entry that
+    registers the same bytes (any registry, or a ``registry.json`` beside the file), pointed at
+    that file; else the file's Path (a plain checkpoint: the architecture is read from it)."""
     text = os.fspath(name_or_path)
     entries = list_weights()
     if text in entries:
         return entries[text]
     path = Path(text).expanduser()
     if path.is_file():
-        return path
+        return _entry_for_file(path, list(entries.values())) or path
     known = ", ".join(sorted(entries)) or "none"
     raise WeightsError(
         f"{text!r} is neither a registered weights name (known: {known}) nor an existing file; "
         f"register weights with a JSON file in ${ENV_VAR} or pass a checkpoint path"
     )
+
+
+def _entry_for_file(path: Path, entries: list[WeightsEntry]) -> WeightsEntry | None:
+    """The entry whose sha256 is ``path``'s, with ``file`` set to ``path``: the settings that
+    the weights do not carry (the heads' sizes, dead zones, gate, residual) come from it."""
+    beside = path.parent / "registry.json"
+    if beside.is_file():
+        entries = [*entries, *_read_registry(beside)]
+    digest = file_sha256(path)
+    for entry in entries:
+        if entry.sha256 == digest:
+            return entry.model_copy(update={"file": str(path.resolve()), "registry": None})
+    return None
+
+
+# Keys only a model with registry settings has: without them the file cannot be read right.
+_HEAD_KEYS = {"G_gate.": "a gated correction head", "spot.": "a spot head"}
 
 
 def load_registered(name: str, device: torch.device | str = "cpu") -> CofeNet:

@@ -336,13 +336,66 @@ def test_missing_registered_file_says_where_to_put_it(user_dir: Path) -> None:
 def test_resolve_weights_returns_entries_paths_or_a_helpful_error(
     user_dir: Path, tmp_path: Path
 ) -> None:
-    checkpoint = _register(user_dir, _model(RES), "named")
+    _register(user_dir, _model(RES), "named")
+    plain = tmp_path / "plain.pth"
+    torch.save(_model(RES, seed=7).state_dict(), plain)
     assert isinstance(resolve_weights("named"), WeightsEntry)
-    assert resolve_weights(str(checkpoint)) == checkpoint
+    assert resolve_weights(str(plain)) == plain
     with pytest.raises(WeightsError, match=r"known: named"):
         resolve_weights("no-such-weights")
     with pytest.raises(WeightsError, match="is a file, not a registered"):
-        load_registered(str(checkpoint))
+        load_registered(str(plain))
+
+
+def test_a_registered_file_given_by_path_gets_its_entrys_settings(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    from fundus_batch.enhance import load_model
+
+    source = build_cofenet(
+        "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(3)
+    )
+    path = _register(user_dir, source, "gated", field_size=192, field_gate=True)
+    elsewhere = tmp_path / "copied.pt"
+    elsewhere.write_bytes(path.read_bytes())
+    found = resolve_weights(str(elsewhere))
+    assert isinstance(found, WeightsEntry) and found.path == elsewhere.resolve()
+    model, name, digest = load_model(str(elsewhere))
+    assert (model.field, model.field_gate, name) == (192, True, "gated")
+    assert digest == file_sha256(elsewhere) and _same_weights(source, model)
+
+
+def test_a_registry_json_beside_a_checkpoint_supplies_its_settings(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "trained"  # as jobs/train_cofenet.py leaves it, not on the search path
+    folder.mkdir()
+    source = build_cofenet("cofe-net", 0.125, field=192, generator=torch.Generator().manual_seed(4))
+    _register(folder, source, "mine", field_size=192, field_deadzone=0.01)
+    (folder / "mine.json").rename(folder / "registry.json")
+    found = resolve_weights(str(folder / "mine.pth"))
+    assert isinstance(found, WeightsEntry) and found.name == "mine"
+    model = weights.model_for_entry(found)
+    assert (model.field, model.field_deadzone) == (192, 0.01) and _same_weights(source, model)
+
+
+def test_a_checkpoint_with_a_gate_and_no_entry_is_refused_naming_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    gated = build_cofenet("cofe-net", 0.125, field=192, field_gate=True)
+    path = tmp_path / "gated.pt"
+    torch.save(gated.state_dict(), path)
+    with pytest.raises(WeightsError, match=r"a gated correction head.*registry\.json beside"):
+        model_from_weights(path)
+
+
+def test_the_earlier_shipped_models_load_by_path_with_their_heads() -> None:
+    folder = Path(__file__).resolve().parents[2] / "jobs" / "weights"
+    v1 = resolve_weights(str(folder / "fundus-cofenet-small-v1.pt"))
+    v2 = resolve_weights(str(folder / "fundus-cofenet-small-v2.pt"))
+    assert isinstance(v1, WeightsEntry) and isinstance(v2, WeightsEntry)
+    assert (v1.name, v1.residual, v1.field_size) == ("fundus-cofenet-small-v1", True, None)
+    assert (v2.name, v2.field_size, v2.field_gate) == ("fundus-cofenet-small-v2", 192, False)
 
 
 def test_user_entries_override_package_entries_of_the_same_name(
