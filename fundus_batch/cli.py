@@ -152,6 +152,20 @@ def degrade_image(
 
     if params_out is not None and params_out.resolve() == output.resolve():
         raise click.UsageError("--params-out and OUTPUT are the same file")
+    if replay_path is not None:
+        ctx = click.get_current_context()
+        sampling = {"type_code": "--type", "preset": "--preset", "seed": "--seed"}
+        sampling |= {"image_id": "--id", "variant": "--variant"}
+        given = [
+            flag
+            for name, flag in sampling.items()
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise click.UsageError(
+                f"--replay takes every parameter from its record; {', '.join(given)} would be "
+                "ignored"
+            )
     image, mask = _working_image(input_path, mask_path, preprocessed, size)
     if replay_path is not None:
         data = json.loads(_read(replay_path))

@@ -108,6 +108,18 @@ def test_degrade_image_is_byte_identical_for_same_seed_and_replays(raw_photo, tm
     assert record["type_code"] == "111"
 
 
+def test_degrade_image_refuses_sampling_options_that_a_replay_would_ignore(raw_photo, tmp_path):
+    record = tmp_path / "p.json"
+    args = ["degrade-image", str(raw_photo), "--size", "256"]
+    _ok(CliRunner().invoke(main, [*args, str(tmp_path / "a.png"), "--params-out", str(record)]))
+    result = CliRunner().invoke(
+        main,
+        [*args, str(tmp_path / "b.png"), "--replay", str(record), "--type", "001", "--id", "x"],
+    )
+    assert result.exit_code == 2 and "--type, --id would be ignored" in result.output
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_degrade_image_preprocessed_replays_the_released_json_schema(tmp_path: Path):
     s = synth_fundus(512, seed=9)
     (tmp_path / "in.png").write_bytes(
