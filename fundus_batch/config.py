@@ -164,16 +164,6 @@ class RunConfig(_Strict):
             raise ValueError("at least one type code is needed")
         return codes
 
-    @field_validator("min_quality")
-    @classmethod
-    def _min_quality(cls, value: str | None) -> str | None:
-        if value is not None:
-            from fundus_batch.quality import parse_rule
-            from fundus_batch.schema import OUTPUT_COLUMNS
-
-            parse_rule(value, set(OUTPUT_COLUMNS))
-        return value
-
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str) -> str:
@@ -190,12 +180,35 @@ class RunConfig(_Strict):
     def _modes(self) -> RunConfig:
         if self.mode == "enhance" and not self.enhance.enabled:
             self.enhance.enabled = True
+        if self.min_quality is not None:
+            self._check_min_quality(self.min_quality)
         if self.enhance.max_change is not None and self.image_format == "jpeg":
             raise ValueError(
                 "enhance.max_change needs image_format png: JPEG encoding of the enhanced image "
                 "moves pixels by more than the bound"
             )
         return self
+
+    def _check_min_quality(self, rule: str) -> None:
+        """The rule parses and names only columns this run has filled when the gate runs."""
+        from fundus_batch.quality import QualityRuleError, gate_columns, parse_rule
+        from fundus_batch.schema import OUTPUT_COLUMNS
+
+        try:
+            parsed = parse_rule(rule, set(OUTPUT_COLUMNS))
+        except QualityRuleError as exc:
+            raise ValueError(f"min_quality: {exc}") from None
+        pairs, enhanced = self.mode == "pairs", self.enhance.enabled
+        usable = gate_columns(pairs=pairs, enhanced=enhanced, metrics=self.compute_metrics)
+        for column in sorted(parsed.columns - usable):
+            run = (
+                f"mode {self.mode}, enhancement {'on' if enhanced else 'off'}, "
+                f"metrics {'on' if self.compute_metrics else 'off'}"
+            )
+            raise ValueError(
+                f"min_quality: column {column!r} has no number when the quality gate runs in "
+                f"this run ({run}); a rule can name the numeric columns filled before it"
+            )
 
     @property
     def out_storage_options(self) -> dict[str, Any]:

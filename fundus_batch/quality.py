@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import SupportsFloat
 
+from fundus_batch.schema import NOREF_NAMES
+
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -35,14 +37,19 @@ class Term:
     column: str
     op: str
     value: float
+    written: str = ""  # the number as the rule spells it
 
     def holds(self, actual: SupportsFloat | None) -> bool:
+        """Whether ``actual`` meets the term; a missing or non-numeric value does not."""
         if actual is None or (isinstance(actual, float) and math.isnan(actual)):
             return False
-        return _OPS[self.op](float(actual), self.value)
+        try:
+            return _OPS[self.op](float(actual), self.value)
+        except (TypeError, ValueError):
+            return False
 
     def __str__(self) -> str:
-        return f"{self.column} {self.op} {self.value:g}"
+        return f"{self.column} {self.op} {self.written or repr(self.value)}"
 
 
 @dataclass(frozen=True)
@@ -78,5 +85,26 @@ def parse_rule(text: str, known_columns: set[str] | None = None) -> QualityRule:
             raise QualityRuleError(f"{raw!r} in {part!r} is not a number") from None
         if known_columns is not None and column not in known_columns:
             raise QualityRuleError(f"unknown column {column!r} in quality rule")
-        terms.append(Term(column, op, value))
+        terms.append(Term(column, op, value, raw))
     return QualityRule(tuple(terms))
+
+
+def gate_columns(*, pairs: bool, enhanced: bool, metrics: bool) -> frozenset[str]:
+    """The numeric columns a run has filled when its quality gate runs: the ones a rule may
+    name (``pairs``: degradation runs; ``enhanced``: enhancement on; ``metrics``: metrics on)."""
+    roles = ["clean", *(["degraded"] if pairs else []), *(["enhanced"] if enhanced else [])]
+    names = {"source_width", "source_height", "fov_cx", "fov_cy", "fov_r", "size"}
+    names |= {"seconds_fetch", "seconds_preprocess"}
+    if pairs:
+        names |= {"variant", "seed", "blur_sigma", "n_spots", "hole_strength", "brightness"}
+        names |= {"contrast", "saturation", "seconds_degrade"}
+    if enhanced:
+        names |= {"enhance_change", "seconds_enhance"}
+    if metrics:
+        names.add("seconds_score")
+        for role in roles:
+            names |= {f"{stem}_{role}" for stem in NOREF_NAMES}
+            names |= {f"vessel_{m}_{role}" for m in ("auc", "f1")}
+            if pairs and role != "clean":  # full-reference: against the clean photograph
+                names |= {f"{m}_{role}" for m in ("psnr", "ssim", "ms_ssim")}
+    return frozenset(names)

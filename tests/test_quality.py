@@ -45,3 +45,48 @@ def test_gate_flags_ok_rows_and_leaves_failed_rows_alone():
     )
     assert [r.get("quality_ok") for r in rows] == [True, False, None]
     assert rows[1]["quality_failed"] == "psnr_degraded >= 20"
+
+
+@pytest.mark.parametrize(
+    ("extra", "rule"),
+    [
+        ({}, "image_id > 1"),  # text
+        ({}, "quality_ok == 1"),  # the gate's own verdict
+        ({}, "seconds_write < 10"),  # Write runs after the gate
+        ({"mode": "score"}, "nr_luminance_enhanced > 0"),
+        ({"mode": "score"}, "psnr_degraded > 20"),
+        ({"mode": "enhance"}, "psnr_enhanced > 20"),  # no reference to compare with
+        ({}, "ssim_enhanced > 0.5"),  # pairs without enhancement
+        ({"compute_metrics": False}, "nr_luminance_clean > 1"),
+    ],
+)
+def test_a_rule_on_a_column_without_a_number_at_the_gate_is_refused_before_any_work(extra, rule):
+    with pytest.raises(ConfigError, match=r"min_quality: column .* has no number"):
+        build_config({"manifest": "m", "out": "o", "min_quality": rule, **extra})
+
+
+@pytest.mark.parametrize(
+    ("extra", "rule"),
+    [
+        ({}, "psnr_degraded > 20 and brightness < 1.2 and fov_r > 100"),
+        ({"enhance": {"enabled": True}}, "ms_ssim_enhanced > 0.9 and enhance_change > 0"),
+        ({"mode": "enhance"}, "nr_uniformity_enhanced < 0.5 and nr_luminance_clean > 10"),
+        ({"mode": "score"}, "nr_luminance_clean >= 40 and vessel_auc_clean > 0.8"),
+    ],
+)
+def test_rules_on_what_the_run_computes_before_the_gate_are_accepted(extra, rule):
+    assert build_config({"manifest": "m", "out": "o", "min_quality": rule, **extra}).min_quality
+
+
+def test_a_broken_term_is_named_with_its_threshold_as_written():
+    rule = parse_rule("nr_uniformity_clean < 0.1234567 and nr_laplacian_var_clean >= 1234567")
+    ok, broken = rule.evaluate({"nr_uniformity_clean": 0.2, "nr_laplacian_var_clean": 1234566.0})
+    assert not ok
+    assert broken == ["nr_uniformity_clean < 0.1234567", "nr_laplacian_var_clean >= 1234567"]
+
+
+def test_a_value_that_is_not_a_number_breaks_the_term_instead_of_failing_the_row():
+    [row] = QualityGate(rule="nr_luminance_clean > 1")(
+        [{"status": "ok", "nr_luminance_clean": "x"}]
+    )
+    assert row["status"] == "ok" and row["quality_ok"] is False

@@ -86,7 +86,8 @@ _CONFIG_KEYS = (
 )
 # Config keys that only the degradation reads: not shown for enhance and score runs.
 _PAIRS_ONLY_KEYS = frozenset({"preset", "variants", "types", "type_mode", "seed"})
-_ENHANCE_KEYS = ("enabled", "weights", "variant", "width", "device", "max_change")
+_ENHANCE_KEYS = ("enhancer", "weights", "variant", "width", "device", "max_change")
+_COFENET_ONLY_KEYS = frozenset({"weights", "variant", "width", "device", "max_change"})
 _ERROR_KIND_MAX = 80
 _MESSAGE_MAX = 300
 _IDS_SHOWN = 5
@@ -408,8 +409,11 @@ def _settings(run: Mapping[str, Any], *, pairs: bool) -> list[Setting]:
     if isinstance(enhance, Mapping) and not enhance.get("enabled"):
         rows.append(Setting("enhance", "off"))
     elif isinstance(enhance, Mapping):
+        classical = enhance.get("enhancer") == "classical"
         shown = ", ".join(
-            f"{k}={enhance[k]}" for k in _ENHANCE_KEYS if k in enhance and enhance[k] is not None
+            f"{k}={enhance[k]}"
+            for k in _ENHANCE_KEYS
+            if enhance.get(k) is not None and not (classical and k in _COFENET_ONLY_KEYS)
         )
         rows.append(Setting("enhance", _text(shown)))
     if run and "manifest_rows" in run:

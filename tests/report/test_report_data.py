@@ -80,13 +80,28 @@ def test_summary_from_parquet_only_counts_rows_itself():
     assert dict(summary.cards)["ok"] == "6" and dict(summary.cards)["source images"] == "2"
 
 
+def test_a_classical_run_shows_its_enhancer_and_no_cofenet_settings():
+    run = run_json(6, 0)
+    run["config"]["enhance"] = {
+        "enabled": True,
+        "enhancer": "classical",
+        "weights": "fundus-cofenet-small",
+        "device": "auto",
+    }
+    settings = {s.label: s.value for s in aggregate(loaded(ok_rows(), run)).summary.config}
+    assert settings["enhance"] == "enhancer=classical"
+
+
 def test_config_shows_listed_keys_only_and_no_storage_options():
     run = run_json(6, 0)
     run["config"]["storage_options"] = {"secret": SECRET}
     run["config"]["enhance"] = {"enabled": True, "device": "auto", "weights": None}
     settings = {s.label: s.value for s in aggregate(loaded(ok_rows(), run)).summary.config}
     assert settings["types"] == "001, 010, 111"
-    assert settings["enhance"] == "enabled=True, device=auto"
+    assert settings["enhance"] == "device=auto"
+    run["config"]["enhance"] = {"enabled": True, "enhancer": "cofenet", "weights": "w"}
+    settings = {s.label: s.value for s in aggregate(loaded(ok_rows(), run)).summary.config}
+    assert settings["enhance"] == "enhancer=cofenet, weights=w"
     assert "storage_options" not in settings and SECRET not in repr(settings)
     run["config"]["enhance"] = {"enabled": False, "device": "auto", "weights": "w"}
     settings = {s.label: s.value for s in aggregate(loaded(ok_rows(), run)).summary.config}
