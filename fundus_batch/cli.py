@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from fundus_batch import __version__
-from fundus_batch.cli_options import config_options, storage_options_option
+from fundus_batch.cli_options import JsonObject, config_options, storage_options_option
 from fundus_batch.io.storage import redact
 
 if TYPE_CHECKING:
@@ -333,12 +333,15 @@ def manifest_from_dir(
 @click.option("--images", required=True, help="folder or prefix holding <image>.jpeg")
 @click.option("--out", "out_uri", required=True)
 @click.option("--ext", default=".jpeg", show_default=True)
-def manifest_from_kaggle(labels: str, images: str, out_uri: str, ext: str) -> None:
+@storage_options_option("fsspec options for LABELS and --out, as JSON")
+def manifest_from_kaggle(
+    labels: str, images: str, out_uri: str, ext: str, storage_options: dict[str, Any] | None
+) -> None:
     """From Kaggle EyePACS trainLabels.csv (columns image,level)."""
     from fundus_batch import manifest as mf
 
-    m = mf.from_kaggle(labels, images, extension=ext)
-    mf.write_manifest(m, out_uri)
+    m = mf.from_kaggle(labels, images, extension=ext, storage_options=storage_options)
+    mf.write_manifest(m, out_uri, storage_options=storage_options)
     click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
@@ -347,22 +350,30 @@ def manifest_from_kaggle(labels: str, images: str, out_uri: str, ext: str) -> No
 @click.option("--images", required=True)
 @click.option("--out", "out_uri", required=True)
 @click.option("--split", default=None, help="value for the split column, e.g. train")
-def manifest_from_eyeq(labels: str, images: str, out_uri: str, split: str | None) -> None:
+@storage_options_option("fsspec options for LABELS and --out, as JSON")
+def manifest_from_eyeq(
+    labels: str,
+    images: str,
+    out_uri: str,
+    split: str | None,
+    storage_options: dict[str, Any] | None,
+) -> None:
     """From EyeQ Label_EyeQ_*.csv (columns ,image,quality,DR_grade)."""
     from fundus_batch import manifest as mf
 
-    m = mf.from_eyeq(labels, images, split=split)
-    mf.write_manifest(m, out_uri)
+    m = mf.from_eyeq(labels, images, split=split, storage_options=storage_options)
+    mf.write_manifest(m, out_uri, storage_options=storage_options)
     click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")
 
 
 @manifest.command("validate")
 @click.argument("uri")
-def manifest_validate(uri: str) -> None:
+@storage_options_option("fsspec options for URI, as JSON")
+def manifest_validate(uri: str, storage_options: dict[str, Any] | None) -> None:
     """Check a manifest without running anything, with the reader and checks of a run."""
     from fundus_batch.manifest_stream import scan_manifest
 
-    scan = scan_manifest(uri)
+    scan = scan_manifest(uri, storage_options=storage_options)
     click.echo(f"{redact(uri)}: {scan.rows} rows, pass-through columns {scan.passthrough.names}")
 
 
@@ -538,6 +549,12 @@ def report(
 @click.argument("out")
 @click.option("--manifest", default=None, help="prove every manifest row is present")
 @storage_options_option("fsspec options for OUT, as JSON")
+@click.option(
+    "--manifest-storage-options",
+    type=JsonObject(),
+    default=None,
+    help="fsspec options for --manifest, as JSON [default: --storage-options]",
+)
 @click.option("--no-files", is_flag=True, help="check rows only, not the image files")
 @click.option("--deep", is_flag=True, help="recompute a random sample of rows from their files")
 @click.option(
@@ -557,6 +574,7 @@ def verify_cmd(
     out: str,
     manifest: str | None,
     storage_options: dict[str, Any] | None,
+    manifest_storage_options: dict[str, Any] | None,
     no_files: bool,
     deep: bool,
     deep_rows: int,
@@ -571,6 +589,7 @@ def verify_cmd(
         out,
         manifest,
         storage_options=storage_options,
+        manifest_storage_options=manifest_storage_options,
         check_files=not no_files,
         deep=deep_rows if deep else 0,
     )
@@ -589,7 +608,9 @@ def verify_cmd(
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--lr", default=1e-4, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--train-split", default=None, help="use only rows of this split [all]")
+@click.option(
+    "--train-split", default=None, help="use only rows of this split [all but --val-split's]"
+)
 @click.option("--val-split", default=None, help="validate on rows of this split each epoch")
 @click.option("--val-every", default=0, show_default=True, type=int, help="steps; 0: at the end")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -613,7 +634,7 @@ def train_cmd(
     """Train a Cofe-Net variant on pairs the pipeline generated; checkpoints and resumes."""
     import torch
 
-    from fundus_batch.train import PairsSource, TrainConfig, train
+    from fundus_batch.train import PairsSource, TrainConfig, registry_entry, train
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
@@ -631,7 +652,9 @@ def train_cmd(
         resume=resume,
         device=device,
     )
-    train_source = PairsSource(pairs, split=train_split)
+    # Rows of the validation split are held out of training unless a training split is named.
+    held_out = val_split if train_split is None else None
+    train_source = PairsSource(pairs, split=train_split, exclude_split=held_out)
     val_source = PairsSource(pairs, split=val_split) if val_split else None
 
     def report(val) -> None:
@@ -645,9 +668,14 @@ def train_cmd(
     result = train(config, train_source, val_source, on_val=report)
     weights = out_dir / "model.pt"
     torch.save(result.model.state_dict(), weights)
+    # What the weights do not carry (the residual output): --weights reads it from here.
+    entry = registry_entry(
+        out_dir.name, weights, config, size=size, training_data=f"pairs {redact(pairs)}"
+    )
+    (out_dir / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     click.echo(
         f"trained {result.step} steps in {result.seconds:.0f} s "
-        f"(loss {result.final_loss:.4f}); weights: {weights}"
+        f"(loss {result.final_loss:.4f}); weights: {weights} (registry.json beside it)"
     )
 
 
@@ -696,11 +724,12 @@ def demo(
 @click.argument("out")
 @click.option("--format", "fmt", required=True, type=click.Choice(["basicsr", "pix2pix"]))
 @click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path))
-def export(out: str, fmt: str, dest: Path) -> None:
+@storage_options_option("fsspec options for OUT, as JSON")
+def export(out: str, fmt: str, dest: Path, storage_options: dict[str, Any] | None) -> None:
     """Write a trainer layout (BasicSR GT/LQ + meta_info.txt, or pix2pix aligned A|B)."""
     from fundus_batch.export import export_pairs
 
-    n = export_pairs(out, fmt, dest)
+    n = export_pairs(out, fmt, dest, storage_options=storage_options)
     click.echo(f"exported {n} pairs to {dest} ({fmt})")
 
 

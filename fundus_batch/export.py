@@ -12,10 +12,9 @@ from fundus_batch.outpaths import resolve
 from fundus_batch.shards import read_table
 
 
-def _ok_rows(out: str) -> list[dict]:
-    table = read_table(
-        out, ["image_id", "variant", "type_code", "status", "clean_uri", "degraded_uri", "split"]
-    )
+def _ok_rows(out: str, storage_options: dict | None) -> list[dict]:
+    columns = ["image_id", "variant", "type_code", "status", "clean_uri", "degraded_uri", "split"]
+    table = read_table(out, columns, storage_options)
     if table is None:
         raise FileNotFoundError(f"no Parquet shards under {out}/pairs")
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["degraded_uri"]]
@@ -39,14 +38,15 @@ def _check_names(row: dict) -> None:
         ) from None
 
 
-def export_pairs(out: str, fmt: str, dest: Path) -> int:
-    """Write ``dest`` in ``fmt`` ('basicsr' or 'pix2pix'); returns the number of pairs."""
-    rows = _ok_rows(out)
+def export_pairs(out: str, fmt: str, dest: Path, *, storage_options: dict | None = None) -> int:
+    """Write ``dest`` in ``fmt`` ('basicsr' or 'pix2pix') from the pairs under ``out`` (any
+    fsspec URL, read with ``storage_options``); returns the number of pairs."""
+    rows = _ok_rows(out, storage_options)
     dest.mkdir(parents=True, exist_ok=True)
     if fmt == "basicsr":
-        return _basicsr(rows, dest)
+        return _basicsr(rows, dest, storage_options)
     if fmt == "pix2pix":
-        return _pix2pix(rows, dest)
+        return _pix2pix(rows, dest, storage_options)
     raise ValueError(f"unknown export format {fmt!r}; use basicsr or pix2pix")
 
 
@@ -54,7 +54,16 @@ def _name(row: dict) -> str:
     return f"{row['image_id']}_v{row['variant']:03d}_{row['type_code']}.png"
 
 
-def _basicsr(rows: list[dict], dest: Path) -> int:
+def _pair(row: dict, storage_options: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, degraded) pixels of a row."""
+    clean, degraded = (
+        codecs.decode_image(storage.read_bytes(row[key], storage_options=storage_options))
+        for key in ("clean_uri", "degraded_uri")
+    )
+    return clean, degraded
+
+
+def _basicsr(rows: list[dict], dest: Path, storage_options: dict | None) -> int:
     """BasicSR paired layout: GT/ and LQ/ with identical names, meta_info.txt listing GT."""
     gt, lq = dest / "GT", dest / "LQ"
     gt.mkdir(exist_ok=True)
@@ -62,8 +71,7 @@ def _basicsr(rows: list[dict], dest: Path) -> int:
     lines = []
     for row in rows:
         name = _name(row)
-        clean = codecs.decode_image(storage.read_bytes(row["clean_uri"]))
-        degraded = codecs.decode_image(storage.read_bytes(row["degraded_uri"]))
+        clean, degraded = _pair(row, storage_options)
         (gt / name).write_bytes(codecs.encode_png(clean))
         (lq / name).write_bytes(codecs.encode_png(degraded))
         h, w = clean.shape[:2]
@@ -72,14 +80,13 @@ def _basicsr(rows: list[dict], dest: Path) -> int:
     return len(rows)
 
 
-def _pix2pix(rows: list[dict], dest: Path) -> int:
+def _pix2pix(rows: list[dict], dest: Path, storage_options: dict | None) -> int:
     """pix2pix aligned layout: <split>/<name> holding A (degraded) | B (clean) side by side."""
     for row in rows:
         split = row.get("split") or "train"
         folder = dest / split
         folder.mkdir(exist_ok=True)
-        clean = codecs.decode_image(storage.read_bytes(row["clean_uri"]))
-        degraded = codecs.decode_image(storage.read_bytes(row["degraded_uri"]))
+        clean, degraded = _pair(row, storage_options)
         (folder / _name(row)).write_bytes(
             codecs.encode_png(np.concatenate([degraded, clean], axis=1))
         )

@@ -435,7 +435,13 @@ class OutLease:
         holder: LeaseInfo | None = None
         quick = 0
         while True:
-            acquired, seen = self._try_once()
+            try:
+                acquired, seen = self._try_once()
+            except OSError as exc:  # no such bucket, credentials refused, ...
+                raise LeaseError(
+                    f"cannot take the lease on output {storage.redact(self.root)}: "
+                    f"{type(exc).__name__}: {storage.redact(str(exc))}"
+                ) from exc
             if acquired:
                 self._lost = None
                 self._stop.clear()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from fundus_batch.io import storage
 from fundus_batch.manifest_stream import KeySet, ManifestScan, csv_convert_options, plan_batch
@@ -340,7 +341,6 @@ def _plan_udf(
 def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
     """The manifest as a Ray Dataset, read by Ray Data (a local file is read on this node)."""
     import pyarrow.csv as pacsv
-    import pyarrow.fs as pafs
     import ray
     from fsspec.implementations.local import LocalFileSystem
 
@@ -359,7 +359,8 @@ def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
         path = os.path.abspath(path)
         kwargs["label_selector"] = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
     else:
-        kwargs["filesystem"] = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+        handler = _RetryingHandler(fs, scan.source, config.storage_retries)
+        kwargs["filesystem"] = pafs.PyFileSystem(handler)
     if scan.kind == "parquet":
         # Ray 2.60's V2 Parquet reader lists files in a one-CPU task that no argument lightens,
         # which waits forever when the actor pools hold all but a fraction of a small node.
@@ -376,6 +377,33 @@ def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
         read_options=pacsv.ReadOptions(block_size=4 << 20),
         **kwargs,
     )
+
+
+class _RetryingHandler(pafs.FSSpecHandler):
+    """pyarrow's fsspec handler with the project's retries on the calls that read a manifest.
+
+    The plain handler asks ``isfile`` before opening, which answers False during an endpoint
+    outage, so a short outage became "FileNotFoundError" and stopped the run."""
+
+    def __init__(self, fs: Any, source: str, retries: int) -> None:
+        super().__init__(fs)
+        self.source, self.retries = source, retries
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _RetryingHandler, (self.fs, self.source, self.retries)
+
+    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        return storage.with_retries(what, self.source, fn, retries=self.retries)
+
+    def get_file_info(self, paths: list[str]) -> Any:
+        return self._retry("checking", lambda: super(_RetryingHandler, self).get_file_info(paths))
+
+    def open_input_stream(self, path: str) -> Any:
+        opened = self._retry("reading", lambda: self.fs.open(path, mode="rb"))
+        return pa.PythonFile(opened, mode="r")
+
+    def open_input_file(self, path: str) -> Any:
+        return self.open_input_stream(path)
 
 
 def _with_cpus(ds: Any, num_cpus: float) -> Any:

@@ -164,12 +164,14 @@ def verify(
     manifest: str | None = None,
     *,
     storage_options: dict | None = None,
+    manifest_storage_options: dict | None = None,
     check_files: bool = True,
     threads: int = 8,
     deep: int = 0,
     deep_seed: int | None = None,
 ) -> VerifyReport:
-    """Check the output folder ``out`` (local path or fsspec URL) and return a report.
+    """Check the output folder ``out`` (local path or fsspec URL) and return a report; the
+    manifest is read with ``manifest_storage_options`` when given, else ``storage_options``.
 
     Proves, problem by problem: ``run.json`` and at least one shard are readable; every row has
     status ``ok`` or ``failed`` (failed rows name their stage and error); no (image_id, variant)
@@ -215,7 +217,10 @@ def verify(
         report.variants = config["variants"]
 
     _check_rows(rows, report, pairs)
-    _check_coverage(rows, report, pairs, manifest, storage_options, config)
+    manifest_options = (
+        storage_options if manifest_storage_options is None else manifest_storage_options
+    )
+    _check_coverage(rows, report, pairs, manifest, manifest_options, config)
     if check_files:
         enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
         _check_files(rows, report, pairs, enhance, _FileCheck(storage_options, threads))

@@ -47,7 +47,7 @@ from fundus_batch.degrade import TYPE_CODES
 from fundus_batch.degrade.presets import known_preset
 from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
 from fundus_batch.metrics.noref import NOREF_METRICS, noref_metrics
-from fundus_batch.models import build_cofenet, file_sha256, load_weights
+from fundus_batch.models import build_cofenet, load_weights
 from fundus_batch.train import (
     INITS,
     LOSS_SCALES,
@@ -59,6 +59,7 @@ from fundus_batch.train import (
     ValReport,
     evaluate,
     load_clean_sample,
+    registry_entry,
     train,
 )
 from fundus_batch.validation import FieldProblem, Finite, Int, format_problems, length, validate
@@ -379,33 +380,6 @@ def report_metrics(report: ValReport) -> dict[str, float]:
     return metrics
 
 
-def registry_entry(
-    name: str,
-    weights: Path,
-    config: TrainConfig,
-    size: int,
-    training_data: str,
-    report: ValReport,
-) -> dict[str, Any]:
-    """A registry entry (fundus_batch.models.WeightsEntry fields) for the trained weights."""
-    return {
-        "name": name,
-        "file": weights.name,
-        "sha256": file_sha256(weights),
-        "variant": build_cofenet(config.variant, config.width, device="meta").variant,
-        "width": config.width,
-        "residual": config.residual,
-        "field_size": config.field_size,
-        "field_deadzone": config.field_deadzone,
-        "field_gate": config.field_gate,
-        "field_gate_threshold": config.field_gate_threshold,
-        "size": size,
-        "training_data": training_data,
-        "metrics": report_metrics(report),
-        "notes": "see MODEL_CARD.md",
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML job config (jobs/configs/train_small.yaml)")
@@ -521,8 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("packed %d photographs of %s into %s", count, ", ".join(datasets), out)
         return 0
     if args.pairs:
-        train_source: Any = PairsSource(args.pairs, split="train")
-        val_source: Any = PairsSource(args.pairs, split="val")
+        try:
+            train_source: Any = PairsSource(args.pairs, split="train")
+            val_source: Any = PairsSource(args.pairs, split="val")
+        except (TrainError, OSError) as exc:
+            print(f"error: --pairs {args.pairs}: {exc}", file=sys.stderr)
+            return 2
         held: list[dict[str, Any]] = []
         training_data = f"fundus_batch pairs dataset {args.pairs} (split train)"
     else:
@@ -585,7 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     load_weights(shipped, weights).eval()
     report = evaluate(shipped, val_source.val_items(config.seed), step=result.step)
     log.info("shipped weights, held-out evaluation\n%s", report.table())
-    entry = registry_entry(name, weights, config, size, training_data, report)
+    entry = registry_entry(
+        name,
+        weights,
+        config,
+        size=size,
+        training_data=training_data,
+        metrics=report_metrics(report),
+        notes="see MODEL_CARD.md",
+    )
     (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     eval_doc = {
         "name": name,

@@ -58,3 +58,25 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """(folder, base URL): a local HTTP server over ``folder`` (query strings ignored)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

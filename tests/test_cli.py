@@ -456,7 +456,15 @@ def test_train_command_trains_on_pipeline_pairs_and_resumes(ray_cluster, tmp_pat
     result = runner.invoke(main, [*args, "--steps", "3", "--resume"])
     _ok(result)
     assert "trained 3 steps" in result.output
+    import torch
+
+    from fundus_batch.enhance import load_model
     from fundus_batch.models import model_from_weights
 
-    model = model_from_weights(tmp_path / "model" / "model.pt", residual=True)
-    assert model.width == 0.125
+    trained = model_from_weights(tmp_path / "model" / "model.pt", residual=True)
+    # the registry.json beside the weights says what they do not: the residual output
+    loaded, name, _ = load_model(str(tmp_path / "model" / "model.pt"))
+    assert (loaded.width, loaded.residual, name) == (0.125, True, "model")
+    x = torch.rand(1, 3, 192, 192)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], trained(x)[0])

@@ -195,9 +195,26 @@ def test_every_storage_options_option_parses_a_json_object():
 
 STORAGE_COMMANDS = {
     "manifest from-dir": lambda d: ["manifest", "from-dir", str(d), "--out", str(d / "m.csv")],
+    "manifest from-kaggle": lambda d: [
+        *("manifest", "from-kaggle", str(d / "l.csv"), "--images", str(d), "--out", str(d / "m"))
+    ],
+    "manifest from-eyeq": lambda d: [
+        *("manifest", "from-eyeq", str(d / "l.csv"), "--images", str(d), "--out", str(d / "m"))
+    ],
+    "manifest validate": lambda d: ["manifest", "validate", str(d / "m.csv")],
     "report": lambda d: ["report", str(d)],
     "verify": lambda d: ["verify", str(d)],
+    "export": lambda d: ["export", str(d), "--format", "basicsr", "--dest", str(d / "x")],
 }
+
+
+def test_every_command_that_reads_storage_takes_storage_options():
+    having = {
+        " ".join(path)
+        for path, command in _commands(main)
+        if any(p.name == "storage_options" for p in command.params)
+    }
+    assert having == set(STORAGE_COMMANDS)
 
 
 @pytest.mark.parametrize(

@@ -69,3 +69,30 @@ def test_export_refuses_an_unsafe_image_id_in_old_shards(tmp_path: Path, fmt: st
     with pytest.raises(ValueError, match=r"unsafe image_id '../../up'"):
         export_pairs(str(tmp_path / "out"), fmt, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_export_reads_an_output_folder_in_object_storage_with_its_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fsspec
+
+    from fundus_batch.io import storage
+
+    local = tmp_path / "out"
+    _write_output(local, [("a", None)])
+    remote = f"memory://export-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(local), remote.removeprefix("memory://"), recursive=True)
+    seen: list[object] = []
+    plain = storage.filesystem
+
+    def recording(uri: str, storage_options: dict | None = None):  # type: ignore[no-untyped-def]
+        seen.append(storage_options)
+        return plain(uri, storage_options)
+
+    monkeypatch.setattr(storage, "filesystem", recording)
+    options = {"skip_instance_cache": False}
+    assert export_pairs(remote, "basicsr", tmp_path / "dest", storage_options=options) == 1
+    assert seen and all(o == options for o in seen)  # the listing, the shard and both images
+    assert _files(tmp_path / "dest") == ["GT/a_v000_001.png", "LQ/a_v000_001.png", "meta_info.txt"]
+    fs.rm(remote.removeprefix("memory://"), recursive=True)

@@ -78,6 +78,14 @@ def test_the_command_reports_a_bad_config_and_exits_2(
     )
 
 
+def test_pairs_without_a_train_split_are_an_error_and_exit_2(
+    job: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--pairs", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--steps", "1"]
+    assert job.main(args) == 2
+    assert f"error: --pairs {tmp_path / 'nothing'}:" in capsys.readouterr().err
+
+
 def test_photographs_outside_the_quality_bounds_go_to_the_rejected_list(
     job: ModuleType, tmp_path: Path
 ) -> None:

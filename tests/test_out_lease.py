@@ -226,6 +226,16 @@ def test_s3_lease_uses_conditional_puts(s3_server, s3_bucket):
     assert second.holder() is None
 
 
+def test_an_output_bucket_that_does_not_exist_is_named_as_the_output(s3_server):
+    from fundus_batch.lease import LeaseError
+
+    root = "s3://no-such-bucket-fb/out"
+    with pytest.raises(
+        LeaseError, match=r"cannot take the lease on output s3://no-such-bucket-fb/out"
+    ):
+        OutLease(root, s3_server["storage_options"]).acquire(wait=0)
+
+
 # ---------------------------------------------------------------------------- duplicates
 
 

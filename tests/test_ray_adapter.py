@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from fundus_batch import ray_adapter
 from fundus_batch.config import build_config
@@ -328,3 +329,43 @@ def test_a_run_inside_an_existing_connection_leaves_it_open(ray_cluster: None) -
     with ray_adapter.connected(_config()) as cluster:
         assert cluster.gpus == 1.0  # the fixture's instance, not a new one
     assert ray.is_initialized()
+
+
+class Outage(MemoryFileSystem):
+    """Refuses the next ``failures`` calls of each kind, as an endpoint that is briefly down."""
+
+    failures: ClassVar[dict[str, int]] = {"open": 0, "info": 0}
+
+    def _fail(self, kind: str) -> None:
+        if self.failures[kind]:
+            self.failures[kind] -= 1
+            raise ConnectionError("endpoint down")
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        self._fail("open")
+        return super()._open(path, mode, **kwargs)
+
+    def info(self, path: str, **kwargs: Any) -> Any:
+        self._fail("info")
+        return super().info(path, **kwargs)
+
+
+def test_the_manifest_reader_rides_out_a_short_outage_and_pickles(monkeypatch) -> None:
+    import pickle
+
+    from fundus_batch.io import storage
+
+    monkeypatch.setattr(storage, "DEFAULT_BACKOFF", storage.Backoff(base=0.01, cap=0.01))
+    fs = Outage(skip_instance_cache=True)
+    path = f"/outage-{os.getpid()}/m.csv"
+    fs.pipe_file(path, b"image_id,uri\na,x.png\n")
+    Outage.failures = {"open": 2, "info": 2}  # the endpoint goes down
+    handler = ray_adapter._RetryingHandler(fs, "s3://b/m.csv", retries=3)
+    [info] = handler.get_file_info([path])
+    assert info.size == 21
+    with handler.open_input_stream(path) as stream:
+        assert stream.read() == b"image_id,uri\na,x.png\n"
+    assert Outage.failures == {"open": 0, "info": 0}
+    again = pickle.loads(pickle.dumps(handler))
+    assert (again.source, again.retries) == ("s3://b/m.csv", 3)
+    fs.rm(path)

@@ -270,28 +270,6 @@ def test_redact_leaves_ordinary_query_strings_alone() -> None:
     assert redact(url) == url
 
 
-@pytest.fixture
-def http_folder(tmp_path: Path):
-    """(folder, base URL): a local HTTP server over ``folder`` (query strings ignored)."""
-    import functools
-    import http.server
-    import threading
-
-    folder = tmp_path / "served"
-    folder.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def test_presigned_manifest_and_image_urls_leave_no_secret_in_run_json_rows_or_report(
     ray_cluster, http_folder, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -228,6 +228,24 @@ def redact(text: str) -> str:
     return _AWS_KEY_ID.sub(_MASK, text)
 
 
+# http(s) URIs (presigned URLs carry their credentials in the query) take only the options
+# under these keys; the object store's options would make their HTTP client refuse to start.
+_HTTP_PROTOCOLS = ("http", "https")
+
+
+def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options that apply to ``uri``: for http(s) URIs those under the ``http`` (or
+    ``https``) key, for others everything but those keys."""
+    options = dict(storage_options or {})
+    nested = {k: options.pop(k) for k in _HTTP_PROTOCOLS if k in options}
+    if fsspec.utils.get_protocol(uri) not in _HTTP_PROTOCOLS:
+        return options
+    chosen = nested.get(fsspec.utils.get_protocol(uri), nested.get("http", {}))
+    if not isinstance(chosen, dict):
+        raise ValueError("storage options under 'http' or 'https' must be an object")
+    return dict(chosen)
+
+
 def filesystem(
     uri: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -235,7 +253,7 @@ def filesystem(
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"storage URI must be a non-empty string, got {uri!r}")
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     except ValueError as exc:
         raise ValueError(f"cannot open storage for {redact(uri)}: {redact(str(exc))}") from exc
     return fs, path

@@ -391,16 +391,21 @@ class WeightsEntry(Model):
         }
 
 
+EVAL_SUFFIX = ".eval.json"  # evaluation records, not registry files
+
+
 def registry_files() -> list[Path]:
     """Registry JSON files, in precedence order: the package's, then ``$FUNDUS_BATCH_WEIGHTS``'s.
 
     ``FUNDUS_BATCH_WEIGHTS`` names one folder (or several, ``os.pathsep``-separated); every
-    ``*.json`` file directly inside is a registry file.
+    ``*.json`` file directly inside is a registry file, except the evaluation records
+    (``*.eval.json``) that training writes beside its weights.
     """
     files = [PACKAGE_REGISTRY] if PACKAGE_REGISTRY.is_file() else []
     for folder in os.environ.get(ENV_VAR, "").split(os.pathsep):
         if folder.strip():
-            files += sorted(Path(folder).expanduser().glob("*.json"))
+            found = sorted(Path(folder).expanduser().glob("*.json"))
+            files += [f for f in found if not f.name.endswith(EVAL_SUFFIX)]
     return files
 
 

@@ -48,7 +48,13 @@ from fundus_batch.train.config import (
     TrainError,
 )
 from fundus_batch.train.evaluation import TypeMetrics, ValReport, enhance_images, evaluate
-from fundus_batch.train.loop import TrainResult, fixup_init, load_checkpoint, train
+from fundus_batch.train.loop import (
+    TrainResult,
+    fixup_init,
+    load_checkpoint,
+    registry_entry,
+    train,
+)
 from fundus_batch.train.loss import cofenet_loss
 from fundus_batch.train.samples import (
     Batch,
@@ -87,6 +93,7 @@ __all__ = [
     "load_checkpoint",
     "load_clean_sample",
     "make_batch",
+    "registry_entry",
     "spot_mask",
     "train",
 ]

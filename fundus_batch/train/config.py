@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, get_args
 
@@ -92,7 +93,7 @@ class TrainConfig(Model):
 
     variant: str = "cofe-net"
     width: Annotated[Finite, Field(gt=0.0, le=1.0)] = 0.25
-    residual: bool = True
+    residual: Annotated[bool, Field(validate_default=True)] = True
     field_size: Annotated[Int, Field(ge=1)] | None = None
     field_gate: bool = False
     size: Annotated[Int, AfterValidator(_crop_size)] = 256
@@ -136,6 +137,37 @@ class TrainConfig(Model):
     trainable: tuple[str, ...] | None = None
     field_deadzone: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.0
     field_gate_threshold: Annotated[Finite, Field(gt=0.0, lt=1.0)] | None = None
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, variant: str) -> str:
+        from fundus_batch.models.cofenet import canonical_variant
+
+        canonical_variant(variant)  # raises naming the known variants
+        return variant
+
+    @field_validator("residual")
+    @classmethod
+    def _residual_needs_a_narrow_model(cls, residual: bool, info: ValidationInfo) -> bool:
+        if residual and info.data.get("width") == 1.0:
+            raise ValueError("needs width < 1 (the full-width variants keep their output)")
+        return residual
+
+    @field_validator("field_size")
+    @classmethod
+    def _field_head_needs_a_plain_narrow_model(
+        cls, field_size: int | None, info: ValidationInfo
+    ) -> int | None:
+        if field_size is not None and (info.data.get("residual") or info.data.get("width") == 1.0):
+            raise ValueError("needs width < 1 and residual: false")
+        return field_size
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+        return device
 
     @field_validator("field_gate")
     @classmethod

@@ -120,6 +120,39 @@ class TrainResult:
         return self.history[-1][1] if self.history else float("nan")
 
 
+def registry_entry(
+    name: str,
+    weights: Path,
+    config: TrainConfig,
+    *,
+    size: int,
+    training_data: str,
+    metrics: dict[str, float] | None = None,
+    notes: str = "",
+) -> dict[str, Any]:
+    """A weights-registry entry (``fundus_batch.models.WeightsEntry`` fields) for ``weights``
+    trained with ``config``: what a checkpoint does not carry (residual output, the heads'
+    settings) for ``--weights`` to build the same model; ``size`` is the working size."""
+    from fundus_batch.models.weights import file_sha256
+
+    return {
+        "name": name,
+        "file": weights.name,
+        "sha256": file_sha256(weights),
+        "variant": build_cofenet(config.variant, config.width, device="meta").variant,
+        "width": config.width,
+        "residual": config.residual,
+        "field_size": config.field_size,
+        "field_deadzone": config.field_deadzone,
+        "field_gate": config.field_gate,
+        "field_gate_threshold": config.field_gate_threshold,
+        "size": size,
+        "training_data": training_data,
+        "metrics": dict(metrics or {}),
+        "notes": notes,
+    }
+
+
 def train(
     config: TrainConfig,
     train_source: TrainSource,

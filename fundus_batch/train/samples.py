@@ -312,7 +312,8 @@ class PairsSource:
     :mod:`fundus_batch.shards`, images from the rows' URIs.
 
     Only rows with status ``ok`` and a degraded image are used; with ``split`` only rows whose
-    ``split`` column equals it (TrainError if the column is absent). Relative URIs resolve
+    ``split`` column equals it (TrainError if the column is absent), with ``exclude_split``
+    only rows whose split differs (the rest, when another split is held out). Relative URIs resolve
     against the output folder (the one holding ``pairs/``). No vessel or disc ground truth;
     spot masks come from ``params_json``.
     """
@@ -333,6 +334,8 @@ class PairsSource:
         root: str | os.PathLike[str],
         split: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        *,
+        exclude_split: str | None = None,
     ) -> None:
         from fundus_batch import shards
 
@@ -360,6 +363,7 @@ class PairsSource:
             and r["degraded_uri"]
             and r["type_code"] in TYPE_CODES
             and (split is None or r.get("split") == split)
+            and (exclude_split is None or r.get("split") != exclude_split)
         ]
         if not keep:
             raise TrainError(f"no usable rows (status ok, split {split!r}) in {folder}")

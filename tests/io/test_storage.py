@@ -374,6 +374,23 @@ def test_filesystem_passes_storage_options_through() -> None:
     assert fs.anon is True
 
 
+S3_OPTIONS = {"key": "K", "secret": "S", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_a_presigned_http_url_is_read_whatever_object_store_options_the_run_has(
+    http_folder: tuple[Path, str],
+) -> None:
+    folder, base = http_folder
+    (folder / "img.jpg").write_bytes(b"photo")
+    url = f"{base}/img.jpg?X-Amz-Signature=abc"
+    assert storage.read_bytes(url, storage_options=S3_OPTIONS, retries=0) == b"photo"
+    # options meant for HTTP go under "http"; the object store never sees that key
+    fs, _ = filesystem(url, {**S3_OPTIONS, "http": {"headers": {"X-Test": "1"}}})
+    assert fs.kwargs["headers"] == {"X-Test": "1"}
+    s3, _ = filesystem("s3://bucket/k", {**S3_OPTIONS, "http": {"headers": {}}})
+    assert "http" not in s3.storage_options and s3.client_kwargs == S3_OPTIONS["client_kwargs"]
+
+
 def test_filesystem_rejects_unknown_protocols_and_redacts() -> None:
     with pytest.raises(ValueError) as info:
         filesystem("nosuchproto://user:topsecret@host/x")

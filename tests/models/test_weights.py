@@ -389,6 +389,14 @@ def test_a_checkpoint_with_a_gate_and_no_entry_is_refused_naming_what_is_missing
         model_from_weights(path)
 
 
+def test_evaluation_records_beside_weights_are_not_read_as_registry_files(
+    user_dir: Path,
+) -> None:
+    _register(user_dir, _model(RES), "named")
+    (user_dir / "named.eval.json").write_text(json.dumps({"name": "named", "holdout": []}))
+    assert list(list_weights()) == ["named"]
+
+
 def test_the_earlier_shipped_models_load_by_path_with_their_heads() -> None:
     folder = Path(__file__).resolve().parents[2] / "jobs" / "weights"
     v1 = resolve_weights(str(folder / "fundus-cofenet-small-v1.pt"))

@@ -31,6 +31,22 @@ def test_invalid_config_raises_a_typed_error(bad: dict[str, object]) -> None:
         tiny_config(**bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"variant": "nope"}, r"variant: unknown Cofe-Net variant 'nope'"),
+        ({"width": 1.0}, r"residual: needs width < 1"),
+        ({"field_size": 24}, r"field_size: needs width < 1 and residual: false"),
+        ({"device": "gpu"}, r"device: unknown device 'gpu'"),
+    ],
+)
+def test_settings_the_model_cannot_be_built_with_are_named_before_any_data_loads(
+    bad: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TrainError, match=message):
+        TrainConfig.from_dict(bad)
+
+
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> None:
     config = tiny_config(betas=(0.9, 0.99))
     assert TrainConfig.from_dict(config.to_dict()) == config

@@ -205,6 +205,8 @@ def test_training_from_a_pairs_dataset(tmp_path: Path) -> None:
     val_src = PairsSource(tmp_path, split="val")
     assert len(train_src) == 4 and len(val_src) == 2  # the failed row is not used
     assert len(PairsSource(tmp_path)) == 6
+    rest = PairsSource(tmp_path, exclude_split="val")  # what `train --val-split val` trains on
+    assert len(rest) == 4 and {r["split"] for r in rest.rows} == {"train"}
     result = train(tiny_config(steps=2, lambda_lqa=1.0), train_src, val_src)
     assert result.step == 2
     assert set(result.val[-1].per_type) == {"001", "010"}
