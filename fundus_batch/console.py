@@ -197,15 +197,19 @@ def run_on_console(
     verbose: bool,
     progress: bool,
     say: Callable[[str], None],
+    on_log: Callable[[Path], None] | None = None,
 ) -> tuple[T, Path | None]:
     """``run(progress)`` with Ray's output in a log file unless ``verbose`` and, if
     ``progress``, a live bar on the console. Returns ``run``'s result and the log file (None
-    when verbose or when Ray wrote nothing: the empty file is removed). When ``run`` raises,
-    ``say`` tells where Ray's output went first."""
+    when verbose or when Ray wrote nothing: the empty file is removed). ``on_log`` gets the
+    log file as soon as it exists. When ``run`` raises, ``say`` tells where Ray's output went
+    first."""
     log_path: Path | None = None
     try:
         with ray_output(verbose) as console:
             log_path = console.log_path
+            if log_path is not None and on_log is not None:
+                on_log(log_path)
             bar = ProgressBar(console.stream) if progress else None
             try:
                 result = run(bar.update if bar is not None else None)

@@ -11,8 +11,11 @@ from fundus_batch import outpaths, pipeline
 from fundus_batch.config import ConfigError, RunConfig, load_config
 from fundus_batch.console import run_on_console
 from fundus_batch.io import storage
+from fundus_batch.lease import LeaseError
 from fundus_batch.manifest import ManifestError
+from fundus_batch.outpaths import OutsideOutError
 from fundus_batch.output import OutputStore
+from fundus_batch.run_settings import SettingsMismatchError
 
 
 def keep_ray_log(config: RunConfig, log_path: Path) -> str:
@@ -36,7 +39,9 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
     ``progress`` prints a progress line every few seconds to the job log.
 
     Exit codes: 0 when every manifest row is accounted for, 1 when the run is incomplete,
-    2 when the config or manifest is rejected before any work starts.
+    2 when it is refused before any work starts (the config, the manifest, settings that differ
+    from OUT's, another run holding OUT's lease). A run that fails after Ray started still gets
+    its Ray log copied to ``OUT/logs/``.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
@@ -50,25 +55,28 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
     )
     args = parser.parse_args(argv)
     overrides = {"manifest": args.manifest, "out": args.out, "limit": args.limit, "mode": mode}
+    log_paths: list[Path] = []
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
     try:
         config = load_config(args.config, overrides)
         summary, log_path = run_on_console(
             lambda progress: pipeline.run(config, progress=progress),
             verbose=args.verbose,
             progress=config.progress,
-            say=lambda line: print(line, file=sys.stderr),
+            say=say,
+            on_log=log_paths.append,
         )
-    except (ConfigError, ManifestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, ManifestError, SettingsMismatchError, LeaseError, OutsideOutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # refused before any work
         return 2
-    ray_log = None
-    if log_path is not None:
-        ray_log = str(log_path)
-        try:
-            ray_log = keep_ray_log(config, log_path)
-        except Exception as exc:  # the run's result stands; only its log stays on the node
-            reason = storage.redact(f"{type(exc).__name__}: {exc}")
-            print(f"warning: Ray's log stays at {log_path}: {reason}", file=sys.stderr)
+    except BaseException:
+        if log_paths:  # a failed run's log matters most: keep it where it outlives the node
+            _keep_log(config, log_paths[0])
+        raise
+    ray_log = None if log_path is None else _keep_log(config, log_path)
     print(
         json.dumps(
             {
@@ -85,3 +93,13 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
         )
     )
     return 0 if summary.complete else 1
+
+
+def _keep_log(config: RunConfig, log_path: Path) -> str:
+    """Copy Ray's log to OUT/logs; the copy's URI, or the node's path when copying failed."""
+    try:
+        return keep_ray_log(config, log_path)
+    except Exception as exc:  # the run's result stands; only its log stays on the node
+        reason = storage.redact(f"{type(exc).__name__}: {exc}")
+        print(f"warning: Ray's log stays at {log_path}: {reason}", file=sys.stderr)
+        return str(log_path)

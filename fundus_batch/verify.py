@@ -111,7 +111,11 @@ def _read_shards(store: OutputStore, report: VerifyReport) -> pa.Table | None:
             else:
                 reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
             report.add(f"shard {storage.redact(path)} is unreadable: {reason}")
-    return shards.concat_tables(tables)
+    try:
+        return shards.concat_tables(tables)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # e.g. a manifest column's type changed
+        report.add(f"the shards' columns do not agree: {exc}")
+        return None
 
 
 def _manifest_ids(
@@ -235,7 +239,8 @@ def verify(
                 "without enhancement get it from a run without --limit"
             )
     if deep > 0 and table is not None:
-        _check_deep(table, out, report, deep, storage_options, deep_seed)
+        settings = (run_info or {}).get("settings") or {}
+        _check_deep(table, out, report, deep, storage_options, deep_seed, settings)
     return report
 
 
@@ -493,6 +498,35 @@ def _deep_row(row: dict[str, Any], storage_options: dict | None) -> list[str]:
     return problems
 
 
+def _against_settings(row: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """What a row's own record says that the folder's recorded settings contradict (or leave
+    out): a row that rewrites its seed, type or record would otherwise be recomputed from them
+    and agree with itself."""
+    from fundus_batch.stages import choose_type
+
+    problems: list[str] = []
+    pairs = row.get("variant") is not None
+    needed: tuple[str, ...] = ("params_json", "seed", "type_code", "preset") if pairs else ()
+    if settings.get("metric_version"):
+        needed += ("metric_version",)
+    missing = [k for k in needed if row.get(k) in (None, "")]
+    if missing:
+        problems.append(f"deep check: an ok row without {', '.join(missing)}")
+    for key in ("seed", "preset", "metric_version"):
+        recorded, own = settings.get(key), row.get(key)
+        if key in needed and None not in (recorded, own) and own != recorded:
+            problems.append(f"deep check: {key} {own!r}, the folder's is {recorded!r}")
+    types, mode, seed = settings.get("types"), settings.get("type_mode"), settings.get("seed")
+    if pairs and types and mode and isinstance(seed, int) and row.get("type_code"):
+        expected = choose_type(types, mode, seed, str(row["image_id"]), int(row["variant"]))
+        if row["type_code"] != expected:
+            problems.append(
+                f"deep check: type_code {row['type_code']!r}, the folder's settings draw "
+                f"{expected!r}"
+            )
+    return problems
+
+
 def _check_deep(
     table: pa.Table,
     out: str,
@@ -500,8 +534,10 @@ def _check_deep(
     sample: int,
     storage_options: dict | None,
     seed: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Recompute ``sample`` randomly chosen ok rows from their files (see :func:`_deep_row`)."""
+    """Recompute ``sample`` randomly chosen ok rows from their files (see :func:`_deep_row`),
+    after checking that what they are recomputed from agrees with the folder's ``settings``."""
     import random
 
     from fundus_batch import outpaths
@@ -519,11 +555,12 @@ def _check_deep(
         for role in ROLES:
             if row.get(f"{role}_uri"):
                 row[f"{role}_uri"] = outpaths.resolve(out, row[f"{role}_uri"])
+        problems = _against_settings(row, settings or {})
         try:
-            problems = _deep_row(row, storage_options)
+            problems += _deep_row(row, storage_options)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
-            problems = [f"deep check could not run: {reason}"]
+            problems.append(f"deep check could not run: {reason}")
         for problem in problems:
             report.add(f"{label}: {problem}")
     report.deep_checked = len(chosen)
@@ -554,8 +591,10 @@ def repair(out: str, *, storage_options: dict | None = None, wait: float = 0.0) 
     import time
 
     from fundus_batch.lease import OutLease
+    from fundus_batch.outpaths import check_out_root
     from fundus_batch.output import Counts
 
+    check_out_root(out)  # shards are rewritten and removed: never through a link out of OUT
     store = OutputStore(out, storage_options)
     report = RepairReport(out=storage.redact(out))
     lease = OutLease(out, storage_options)
@@ -563,8 +602,8 @@ def repair(out: str, *, storage_options: dict | None = None, wait: float = 0.0) 
     try:
         report.duplicates_removed = store.drop_duplicates()
         run_info = store.read_json(RUN_JSON)
-        if run_info is None:
-            return report
+        if run_info is None or not report.duplicates_removed:
+            return report  # nothing removed: run.json stays as it was
         report.state_before = report.state_after = run_info.get("state")
         counts = dict(run_info.get("counts") or {})
         rows_in = counts.get("rows_in")
@@ -576,8 +615,6 @@ def repair(out: str, *, storage_options: dict | None = None, wait: float = 0.0) 
             report.state_after = "complete" if rows_in == final.written else "incomplete"
         counts.update({"ok": final.ok, "failed": final.failed})
         counts["failed_by_stage"] = final.failed_by_stage
-        if not report.duplicates_removed and report.state_after == report.state_before:
-            return report  # nothing changed: run.json stays as it was
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         history = list(run_info.get("history") or [])
         history.append(

@@ -161,3 +161,47 @@ def test_ray_log_is_not_written_through_a_symlinked_logs_folder(tmp_path: Path) 
     with pytest.raises(outpaths.OutsideOutError, match="symbolic link"):
         jobs.keep_ray_log(config, _log_file(tmp_path))
     assert list(victim.iterdir()) == []
+
+
+def _job_config(tmp_path: Path) -> Path:
+    config = tmp_path / "job.yaml"
+    config.write_text(f"manifest: m.csv\nout: {tmp_path / 'out'}\nprogress: false\n")
+    return config
+
+
+def test_a_run_refused_before_any_work_exits_2_with_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fundus_batch import pipeline
+    from fundus_batch.run_settings import SettingsMismatchError
+
+    def refuse(config, progress=None):  # type: ignore[no-untyped-def]
+        raise SettingsMismatchError(str(config.out), ["seed: 0 -> 1"])
+
+    monkeypatch.setattr(pipeline, "run", refuse)
+    assert jobs.job_main(["--config", str(_job_config(tmp_path))], "test") == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "seed: 0 -> 1" in err and "Traceback" not in err
+
+
+def test_a_run_that_fails_after_ray_started_still_keeps_its_ray_log_in_out(
+    tmp_path: Path,
+) -> None:
+    # A process of its own: Ray's output is sent to a log file only on real descriptors.
+    script = f"""
+import os
+from fundus_batch import jobs, pipeline
+
+def fail(config, progress=None):
+    os.write(2, b"(raylet) what went wrong\\n")  # lands in Ray's log file
+    raise RuntimeError("worker died")
+
+pipeline.run = fail
+jobs.job_main(["--config", {str(_job_config(tmp_path))!r}], "test")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "RuntimeError: worker died" in done.stderr
+    [kept] = (tmp_path / "out" / "logs").iterdir()
+    assert "what went wrong" in kept.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.io.codecs import decode_image, encode_png
-from fundus_batch.verify import VerifyReport, verify
+from fundus_batch.verify import VerifyReport, repair, verify
 from tests.pipeline_inputs import write_inputs
 
 VARIANTS = 2
@@ -422,3 +423,64 @@ def test_image_folders_or_files_swapped_for_links_to_elsewhere_are_rejected(
     report = verify(str(out), str(manifest))
     found = _problems_about(report, repr(row.image_id), "symbolic link")
     assert len(found) == 1 and "degraded_uri" in found[0], report.problems
+
+
+def test_deep_check_catches_a_forged_row_that_drops_its_record(run_out) -> None:
+    from fundus_batch.schema import ROW_CHECKSUM, row_checksum
+
+    manifest, out = run_out
+
+    def forge(row: dict) -> None:  # paint the degraded image, then hide what would replay it
+        path = out / row["degraded_uri"]
+        image = decode_image(path.read_bytes()).copy()
+        image[:50, :50] = 255
+        data = encode_png(image)
+        path.write_bytes(data)
+        row["degraded_sha256"] = hashlib.sha256(data).hexdigest()
+        row["params_json"] = row["metric_version"] = None
+        row[ROW_CHECKSUM] = row_checksum(row)
+
+    image_id, variant = _edit_ok_row(out, forge)
+    report = verify(str(out), str(manifest), deep=100)
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "without")
+    assert len(found) == 1 and "params_json" in found[0] and "metric_version" in found[0]
+
+
+def test_deep_check_catches_a_seed_the_folders_settings_do_not_have(run_out) -> None:
+    manifest, out = run_out
+    image_id, variant = _edit_ok_row(out, lambda r: r.update(seed=r["seed"] + 7), rechecksum=True)
+    report = verify(str(out), str(manifest), deep=100)
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "deep check: seed")
+    assert len(found) == 1 and "the folder's is" in found[0]
+
+
+def test_repair_with_nothing_to_remove_leaves_run_json_as_it_was(run_out) -> None:
+    _, out = run_out
+    before = (out / "run.json").read_bytes()
+    assert repair(str(out)).duplicates_removed == 0
+    assert (out / "run.json").read_bytes() == before
+
+
+def test_repair_refuses_a_pairs_folder_that_links_out_of_out(run_out, tmp_path: Path) -> None:
+    from fundus_batch.outpaths import OutsideOutError
+
+    _, out = run_out
+    outside = tmp_path / "elsewhere"
+    shutil.move(out / "pairs", outside)
+    (out / "pairs").symlink_to(outside, target_is_directory=True)
+    shards_before = sorted(p.name for p in outside.iterdir())
+    with pytest.raises(OutsideOutError):
+        repair(str(out))
+    assert sorted(p.name for p in outside.iterdir()) == shards_before
+
+
+def test_shards_whose_columns_disagree_are_a_problem_not_a_crash(run_out) -> None:
+    manifest, out = run_out
+    [first, *_] = sorted((out / "pairs").glob("*.parquet"))
+    table = pq.read_table(first)
+    grade = table.schema.get_field_index("grade")
+    # the manifest of a later run gave the pass-through column another type
+    as_number = pa.array([int(v) for v in table.column(grade).to_pylist()], pa.int64())
+    pq.write_table(table.set_column(grade, "grade", as_number), first)
+    report = verify(str(out), str(manifest))
+    assert not report.ok and _problems_about(report, "columns do not agree")

@@ -1084,3 +1084,16 @@ def test_ci_runs_each_step_of_the_readme_test_command_on_a_line_of_its_own() -> 
     ci_lines = {line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()}
     for step in command.split(" && "):
         assert step.strip() in ci_lines, f".ci/run must run {step.strip()!r} on its own line"
+
+
+def test_the_docker_readme_tags_images_with_the_package_version() -> None:
+    readme = (INFRA / "docker" / "README.md").read_text(encoding="utf-8").splitlines()
+    [line] = [x for x in readme if x.startswith("VERSION=")]
+    shown = subprocess.run(
+        ["bash", "-c", f"{line}\nprintf %s \"$VERSION\""],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown == fundus_batch.__version__
