@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from fundus_batch import __version__, outpaths, shards
 from fundus_batch.io import storage
-from fundus_batch.schema import STATUS_OK, with_row_checksums
+from fundus_batch.schema import ROW_CHECKSUM, STATUS_OK, row_checksum, with_row_checksums
 from fundus_batch.shards import PAIRS_DIR, CorruptShardError
 
 RUN_JSON = "run.json"
@@ -135,27 +135,43 @@ class OutputStore:
             self.fs.rm(path)
 
     def drop_duplicates(self) -> int:
-        """Keep one row per (image_id, variant) across all shards, preferring an ``ok`` row over
-        a failed one, then the first in shard order; rewrite each shard that holds a dropped
-        row atomically. A crash part-way leaves every pair with at least one row (a kept row
-        is never dropped), so running it again finishes the job. Returns rows dropped."""
+        """Keep one row per (image_id, variant) across all shards, preferring a row whose
+        ``row_sha256`` matches its values, then an ``ok`` row over a failed one, then the first
+        in shard order; rewrite each shard that holds a dropped row atomically. A crash
+        part-way leaves every pair with at least one row (a kept row is never dropped), so
+        running it again finishes the job. Returns rows dropped."""
         paths = self.shard_paths()
-        keep: dict[tuple[str, int], tuple[int, int, bool]] = {}
         keys: list[list[tuple[str, int]]] = []
-        for si, path in enumerate(paths):
+        status: list[list[bool]] = []
+        for path in paths:
             t = self._read_shard(path, ["image_id", "variant", "status"])
             ids = t.column("image_id").to_pylist()
             variants = t.column("variant").to_pylist()
-            status = t.column("status").to_pylist()
-            shard_keys = [
-                (i, -1 if v is None else int(v)) for i, v in zip(ids, variants, strict=True)
-            ]
-            keys.append(shard_keys)
-            for ri, (key, st) in enumerate(zip(shard_keys, status, strict=True)):
-                ok = st == STATUS_OK
+            keys.append(
+                [(i, -1 if v is None else int(v)) for i, v in zip(ids, variants, strict=True)]
+            )
+            status.append([s == STATUS_OK for s in t.column("status").to_pylist()])
+        seen: dict[tuple[str, int], int] = {}
+        for shard_keys in keys:
+            for key in shard_keys:
+                seen[key] = seen.get(key, 0) + 1
+        # Rows of repeated pairs only: is each one's checksum right? (Shards without them are
+        # not read again.)
+        intact: dict[tuple[int, int], bool] = {}
+        for si, path in enumerate(paths):
+            rows = [ri for ri, key in enumerate(keys[si]) if seen[key] > 1]
+            if rows:
+                table = self._read_shard(path)
+                for ri in rows:
+                    row = table.slice(ri, 1).to_pylist()[0]
+                    intact[(si, ri)] = row.get(ROW_CHECKSUM) == row_checksum(row)
+        keep: dict[tuple[str, int], tuple[int, int, tuple[bool, bool]]] = {}
+        for si, shard_keys in enumerate(keys):
+            for ri, key in enumerate(shard_keys):
+                rank = (intact.get((si, ri), True), status[si][ri])
                 best = keep.get(key)
-                if best is None or (ok and not best[2]):
-                    keep[key] = (si, ri, ok)
+                if best is None or rank > best[2]:
+                    keep[key] = (si, ri, rank)
         dropped = 0
         for si, path in enumerate(paths):
             mask = [keep[key][:2] == (si, ri) for ri, key in enumerate(keys[si])]

@@ -268,6 +268,23 @@ def test_drop_duplicates_keeps_one_row_per_pair_preferring_ok(tmp_path):
     assert store.drop_duplicates() == 0
 
 
+def test_drop_duplicates_keeps_the_copy_whose_checksum_holds(tmp_path):
+    from fundus_batch.schema import with_row_checksums
+
+    pairs = tmp_path / "out" / "pairs"
+    for name in ("part-a", "part-b"):
+        _shard(pairs / f"{name}.parquet", ["x"], [0], ["ok"])
+        path = pairs / f"{name}.parquet"
+        pq.write_table(with_row_checksums(pq.read_table(path)), path)
+    # the copy that sorts first was edited after its checksum was taken
+    first = pq.read_table(pairs / "part-a.parquet")
+    edited = first.set_column(first.schema.get_field_index("tag"), "tag", pa.array(["edited"]))
+    pq.write_table(edited, pairs / "part-a.parquet")
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.drop_duplicates() == 1
+    assert store.read_table().column("tag").to_pylist() == ["part-b"]
+
+
 # ------------------------------------------------------------------- two runs at once
 
 
