@@ -227,7 +227,16 @@ class RunConfig(_Strict):
         return _redact_strings(data)
 
 
-_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "sas", "session")
+_SECRET_WORDS = (
+    "secret",
+    "token",
+    "password",
+    "key",
+    "credential",
+    "sas",
+    "session",
+    "authorization",  # an HTTP header
+)
 
 
 def _redact_options(options: Any) -> Any:

@@ -83,6 +83,8 @@ def test_yaml_overrides_and_redaction(tmp_path: Path):
     assert c.seed == 5 and c.ray.address == "auto"
     red = c.redacted()
     assert "hunter2" not in str(red) and "AKIAXXXX" not in str(red)
+    headers = {"http": {"headers": {"Authorization": "Bearer sekrit"}}}
+    assert "sekrit" not in str(load_config(path, {"storage_options": headers}).redacted())
     assert red["storage_options"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:1"
 
 

@@ -238,9 +238,10 @@ def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, A
     ``https``) key, for others everything but those keys."""
     options = dict(storage_options or {})
     nested = {k: options.pop(k) for k in _HTTP_PROTOCOLS if k in options}
-    if fsspec.utils.get_protocol(uri) not in _HTTP_PROTOCOLS:
+    protocol = fsspec.utils.get_protocol(uri)
+    if protocol not in _HTTP_PROTOCOLS:
         return options
-    chosen = nested.get(fsspec.utils.get_protocol(uri), nested.get("http", {}))
+    chosen = nested.get(protocol, nested.get("http", {}))
     if not isinstance(chosen, dict):
         raise ValueError("storage options under 'http' or 'https' must be an object")
     return dict(chosen)
