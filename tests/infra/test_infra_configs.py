@@ -1090,7 +1090,7 @@ def test_the_docker_readme_tags_images_with_the_package_version() -> None:
     readme = (INFRA / "docker" / "README.md").read_text(encoding="utf-8").splitlines()
     [line] = [x for x in readme if x.startswith("VERSION=")]
     shown = subprocess.run(
-        ["bash", "-c", f"{line}\nprintf %s \"$VERSION\""],
+        ["bash", "-c", f'{line}\nprintf %s "$VERSION"'],
         cwd=REPO,
         capture_output=True,
         text=True,
