@@ -450,8 +450,8 @@ def test_deep_check_catches_a_seed_the_folders_settings_do_not_have(run_out) -> 
     manifest, out = run_out
     image_id, variant = _edit_ok_row(out, lambda r: r.update(seed=r["seed"] + 7), rechecksum=True)
     report = verify(str(out), str(manifest), deep=100)
-    found = _problems_about(report, repr(image_id), f"variant {variant}", "deep check: seed")
-    assert len(found) == 1 and "the folder's is" in found[0]
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "the folder's is")
+    assert len(found) == 1 and "deep check: seed" in found[0]
 
 
 def test_repair_with_nothing_to_remove_leaves_run_json_as_it_was(run_out) -> None:
