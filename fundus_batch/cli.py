@@ -154,8 +154,13 @@ def degrade_image(
         raise click.UsageError("--params-out and OUTPUT are the same file")
     if replay_path is not None:
         ctx = click.get_current_context()
-        sampling = {"type_code": "--type", "preset": "--preset", "seed": "--seed"}
-        sampling |= {"image_id": "--id", "variant": "--variant"}
+        sampling = {
+            "type_code": "--type",
+            "preset": "--preset",
+            "seed": "--seed",
+            "image_id": "--id",
+            "variant": "--variant",
+        }
         given = [
             flag
             for name, flag in sampling.items()

@@ -200,14 +200,15 @@ class RunConfig(_Strict):
             raise ValueError(f"min_quality: {exc}") from None
         pairs, enhanced = self.mode == "pairs", self.enhance.enabled
         usable = gate_columns(pairs=pairs, enhanced=enhanced, metrics=self.compute_metrics)
-        for column in sorted(parsed.columns - usable):
+        unfilled = sorted(parsed.columns - usable)
+        if unfilled:
             run = (
                 f"mode {self.mode}, enhancement {'on' if enhanced else 'off'}, "
                 f"metrics {'on' if self.compute_metrics else 'off'}"
             )
             raise ValueError(
-                f"min_quality: column {column!r} has no number when the quality gate runs in "
-                f"this run ({run}); a rule can name the numeric columns filled before it"
+                f"min_quality: column {unfilled[0]!r} has no number when the quality gate runs "
+                f"in this run ({run}); a rule can name the numeric columns filled before it"
             )
 
     @property

@@ -227,13 +227,11 @@ def verify(
     _check_coverage(rows, report, pairs, manifest, manifest_options, config)
     if check_files:
         enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
-        _check_files(rows, report, pairs, enhance, _FileCheck(storage_options, threads))
+        unenhanced = _check_files(
+            rows, report, pairs, enhance, _FileCheck(storage_options, threads)
+        )
         limit = config.get("limit")
-        if (
-            enhance
-            and isinstance(limit, int)
-            and any("without enhanced_uri" in p for p in report.problems)
-        ):
+        if unenhanced and isinstance(limit, int):
             report.notes.append(
                 f"the last run had --limit {limit}: rows of later images made by an earlier run "
                 "without enhancement get it from a run without --limit"
@@ -327,7 +325,8 @@ def _check_coverage(
 
 def _check_files(
     rows: list[dict[str, Any]], report: VerifyReport, pairs: bool, enhance: bool, check: _FileCheck
-) -> None:
+) -> int:
+    """Check every row's files; returns how many ok rows lack the enhanced image required."""
     required = {"clean", "mask"} | ({"degraded"} if pairs else set())
     if enhance:
         required.add("enhanced")
@@ -335,6 +334,7 @@ def _check_files(
     results = check.run(uris)
     report.files_checked = len(results)
     bad_uris: set[str] = set()
+    unenhanced = 0
     for row in rows:
         label = _label(row.get("image_id"), row.get("variant"))
         for role in ROLES:
@@ -342,6 +342,7 @@ def _check_files(
             if not uri:
                 if row.get("status") == STATUS_OK and role in required:
                     report.add(f"{label}: ok row without {role}_uri")
+                    unenhanced += role == "enhanced"
                 continue
             digest, shape, error = results[uri]
             if error is not None:
@@ -362,6 +363,7 @@ def _check_files(
                 bad_uris.add(uri)
                 report.add(f"{label}: {role} file {uri} is {shape[1]}x{shape[0]}, not {size}")
     report.bad_files = len(bad_uris)
+    return unenhanced
 
 
 def _resolve_row_uris(rows: list[dict[str, Any]], out: str, report: VerifyReport) -> None:
