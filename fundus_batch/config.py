@@ -30,6 +30,12 @@ class RayOptions(_Strict):
     degrade_actors: int | None = Field(
         None, ge=1, description="actors of the CPU-stage pool; None: from the cluster's CPUs"
     )
+    max_degrade_actors: int | None = Field(
+        None,
+        ge=1,
+        description="most actors the CPU-stage pool grows to as nodes join; None: no limit, "
+        "or degrade_actors when that is set",
+    )
     degrade_cpus_per_actor: float | None = Field(
         None,
         gt=0,
@@ -40,6 +46,17 @@ class RayOptions(_Strict):
         8, ge=1, le=10_000, description="images per Ray Data block (fewer in small runs)"
     )
     fetch_threads: int = Field(8, ge=1, le=256, description="download threads per CPU-stage worker")
+
+    @model_validator(mode="after")
+    def _pool_bounds_in_order(self) -> RayOptions:
+        _check_bounds(self.degrade_actors, self.max_degrade_actors, "degrade_actors")
+        return self
+
+
+def _check_bounds(start: int | None, most: int | None, name: str) -> None:
+    """A pool may not be told to start with more actors than it may grow to."""
+    if start is not None and most is not None and most < start:
+        raise ValueError(f"max_{name} ({most}) is below {name} ({start})")
 
 
 class EnhanceOptions(_Strict):
@@ -58,7 +75,13 @@ class EnhanceOptions(_Strict):
     )
     batch_size: int = Field(4, ge=1, le=256, description="images per network forward pass")
     actors: int | None = Field(
-        None, ge=1, description="enhancement actors; None: one per GPU, else from the CPUs"
+        None, ge=1, description="enhancement actors; None: from the GPUs, else from the CPUs"
+    )
+    max_actors: int | None = Field(
+        None,
+        ge=1,
+        description="most enhancement actors as nodes join; None: no limit, or actors when that "
+        "is set",
     )
     cpus_per_actor: float = Field(1.0, gt=0, le=64, description="CPUs per CPU enhancement actor")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -76,6 +99,7 @@ class EnhanceOptions(_Strict):
     def _max_change_needs_cofenet(self) -> EnhanceOptions:
         if self.max_change is not None and self.enhancer != "cofenet":
             raise ValueError("enhance.max_change limits the cofenet enhancer only")
+        _check_bounds(self.actors, self.max_actors, "actors")
         return self
 
 

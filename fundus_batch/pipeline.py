@@ -159,18 +159,22 @@ def _run_leased(
     if todo:
         if progress is not None:
             progress(0, todo)  # the bar appears before Ray starts, not with the first block
-        with ray_adapter.connected(config) as cluster:
-            ray_adapter.configure_data_context()
-            run_info["cluster"] = asdict(cluster)
-            ds = ray_adapter.build_dataset(scan, done, schema, config, cluster, variants)
-            seen = 0
-            for batch in ray_adapter.iter_tables(ds):
-                writer.add(batch)
-                counts.add(batch)
-                seen += batch.num_rows
-                if progress is not None:
-                    progress(seen, todo)
-        writer.close()
+        try:
+            with ray_adapter.connected(config) as cluster:
+                ray_adapter.configure_data_context()
+                run_info["cluster"] = asdict(cluster)
+                ds = ray_adapter.build_dataset(scan, done, schema, config, cluster, variants)
+                seen = 0
+                for batch in ray_adapter.iter_tables(ds):
+                    writer.add(batch)
+                    counts.add(batch)
+                    seen += batch.num_rows
+                    if progress is not None:
+                        progress(seen, todo)
+            writer.close()
+        except BaseException as exc:
+            _record_stop(store, lease, run_info, entry, exc)
+            raise
     # Counts cover this run's (image, variant) pairs, including rows earlier runs committed.
     final = Counts(rows_in=expected)
     for table in store.iter_tables(["image_id", "variant", "status", "failed_stage"]):
@@ -202,6 +206,30 @@ def _run_leased(
     if touched or (not _narrower(previous, expected) and _record_differs(previous, run_info)):
         store.write_json(RUN_JSON, run_info)
     return summary
+
+
+def _record_stop(
+    store: OutputStore,
+    lease: OutLease,
+    run_info: dict[str, Any],
+    entry: dict[str, Any],
+    exc: BaseException,
+) -> None:
+    """Make run.json say that the run stopped, and why, instead of that it is still running
+    (best effort: nothing is written once the lease is another run's)."""
+    interrupted = isinstance(exc, KeyboardInterrupt | SystemExit)
+    stop = {
+        "state": "interrupted" if interrupted else "failed",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "error": storage.redact(f"{type(exc).__name__}: {exc}")[:1000],
+    }
+    entry.update(stop)
+    run_info.update(stop)
+    try:
+        lease.ensure()
+        store.write_json(RUN_JSON, run_info)
+    except Exception as problem:  # the original error is what the caller must see
+        log.warning("could not record the stop in %s: %s", RUN_JSON, problem)
 
 
 def _narrower(previous: dict[str, Any] | None, rows_in: int) -> bool:

@@ -23,6 +23,7 @@ import cv2
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from fundus_batch.config import ConfigError
 from fundus_batch.io import storage
 from fundus_batch.manifest_stream import KeySet, ManifestScan, csv_convert_options, plan_batch
 from fundus_batch.schema import to_table
@@ -53,16 +54,19 @@ PLANNED_COLUMNS = (
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """The CPUs and GPUs of the cluster a run plans for."""
+    """The CPUs and GPUs of the cluster a run plans for; ``fixed``: no node can join it (a
+    private local instance), so its actor pools need not grow."""
 
     cpus: float
     gpus: float
+    fixed: bool = False
 
 
 def init_ray(config: RunConfig) -> ClusterShape:
     """Connect to (or start) Ray and report the cluster's CPUs and GPUs."""
     import ray
 
+    private = False
     if not ray.is_initialized():
         address = config.ray.address or os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
@@ -71,6 +75,7 @@ def init_ray(config: RunConfig) -> ClusterShape:
         else:
             # "local" starts a private instance; None would join any cluster on this machine.
             kwargs["address"] = "local"
+            private = True
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kwargs["include_dashboard"] = False
             if config.ray.num_cpus is not None:
@@ -79,7 +84,8 @@ def init_ray(config: RunConfig) -> ClusterShape:
                 kwargs["num_gpus"] = config.ray.num_gpus
         ray.init(**kwargs)
     res = ray.cluster_resources()
-    return ClusterShape(cpus=float(res.get("CPU", 1.0)), gpus=float(res.get("GPU", 0.0)))
+    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+    return ClusterShape(cpus=cpus, gpus=gpus, fixed=private)
 
 
 def configure_data_context() -> None:
@@ -165,12 +171,26 @@ class TaskUDF:
 
 @dataclass(frozen=True)
 class Pool:
-    """Consecutive stages that run in one worker, with what each worker gets and how many
-    actors (0: tasks)."""
+    """Consecutive stages that run in one worker, with what each worker gets, how many actors
+    it starts with (0: tasks) and how many it may grow to as nodes join (None: no limit)."""
 
     specs: tuple[StageSpec, ...]
     resources: Resources
     actors: int = 0
+    max_actors: int | None = 0
+
+
+def _bounds(
+    planned: int, start: int | None, most: int | None, cluster: ClusterShape
+) -> tuple[int, int | None]:
+    """(start, most) actors of a pool: what the cluster has room for now (``planned``) unless
+    the user set a start, within the user's bound; a start without a bound, or a cluster no
+    node can join, fixes the pool."""
+    if start is None:
+        start = planned if most is None else min(planned, most)
+    elif most is None:
+        most = start
+    return start, start if cluster.fixed else most
 
 
 def gpu_actors_per_gpu(cluster: ClusterShape) -> int:
@@ -193,32 +213,56 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
     its own pool, several actors to a GPU when the cluster has GPUs (:func:`gpu_actors_per_gpu`),
     else CPU actors; the stages after it run as light tasks, so the actor pools then leave CPU
     headroom for them.
+
+    Each actor pool starts with what the cluster has room for when the run starts and grows
+    (Ray Data's actor autoscaling, which asks an autoscaling cluster for nodes) as nodes join,
+    up to ``ray.max_degrade_actors`` / ``enhance.max_actors``; ``ray.degrade_actors`` /
+    ``enhance.actors`` set the start, and fix the pool when no bound is given.
     """
     specs = stage_specs(config)
+    ray_opts = config.ray
     split = next((i for i, s in enumerate(specs) if s.resources.num_gpus > 0), None)
     if split is None:
-        per_actor = config.ray.degrade_cpus_per_actor or 1.0
-        cpu_actors = config.ray.degrade_actors or max(1, int(cluster.cpus / per_actor))
-        return [Pool(tuple(specs), Resources(num_cpus=per_actor, actor=True), cpu_actors)]
-    per_actor = config.ray.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
+        per_actor = ray_opts.degrade_cpus_per_actor or 1.0
+        cpu = _bounds(
+            max(1, int(cluster.cpus / per_actor)),
+            ray_opts.degrade_actors,
+            ray_opts.max_degrade_actors,
+            cluster,
+        )
+        return [Pool(tuple(specs), Resources(num_cpus=per_actor, actor=True), *cpu)]
+    per_actor = ray_opts.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
     headroom = 0.5 if cluster.cpus < 8 else 1.0
     budget = max(cluster.cpus - headroom, per_actor)
     enh = config.enhance
-    if cluster.gpus >= 1 and enh.device != "cpu":
-        gpus = int(cluster.gpus)
-        enh_actors = enh.actors or gpus * gpu_actors_per_gpu(cluster)
+    if enh.device == "cuda" and cluster.gpus < 1 and cluster.fixed:
+        raise ConfigError(
+            "enhance.device is 'cuda' but the local Ray instance has no GPU (ray.num_gpus, or "
+            "run on a cluster with GPU nodes)"
+        )
+    # Asked for CUDA, GPU actors wait for a GPU node that an autoscaling cluster adds.
+    if (cluster.gpus >= 1 and enh.device != "cpu") or enh.device == "cuda":
+        gpus = max(1, int(cluster.gpus))
+        enh_bounds = _bounds(
+            gpus * gpu_actors_per_gpu(cluster), enh.actors, enh.max_actors, cluster
+        )
         enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
-        share = 1.0 / math.ceil(enh_actors / gpus)  # actors sharing a GPU must fit on it
+        share = 1.0 / math.ceil(enh_bounds[0] / gpus)  # actors sharing a GPU must fit on it
         enh_res = Resources(num_cpus=enh_cpus, num_gpus=share, actor=True)
-        left = budget - enh_actors * enh_cpus
     else:
         enh_res = Resources(num_cpus=enh.cpus_per_actor, actor=True)
-        enh_actors = enh.actors or max(1, int(budget / 2 / enh.cpus_per_actor))
-        left = budget - enh_actors * enh.cpus_per_actor
-    cpu_actors = config.ray.degrade_actors or max(1, int(left / per_actor))
+        planned = max(1, int(budget / 2 / enh.cpus_per_actor))
+        enh_bounds = _bounds(planned, enh.actors, enh.max_actors, cluster)
+    left = budget - enh_bounds[0] * enh_res.num_cpus
+    cpu = _bounds(
+        max(1, int(left / per_actor)),
+        ray_opts.degrade_actors,
+        ray_opts.max_degrade_actors,
+        cluster,
+    )
     return [
-        Pool(tuple(specs[:split]), Resources(num_cpus=per_actor, actor=True), cpu_actors),
-        Pool((specs[split],), enh_res, enh_actors),
+        Pool(tuple(specs[:split]), Resources(num_cpus=per_actor, actor=True), *cpu),
+        Pool((specs[split],), enh_res, *enh_bounds),
         Pool(tuple(specs[split + 1 :]), Resources(num_cpus=0.25)),
     ]
 
@@ -234,13 +278,16 @@ def block_rows(config: RunConfig, cluster: ClusterShape, images: int) -> int:
 @dataclass(frozen=True)
 class MapBatchesCall:
     """The arguments of one ``Dataset.map_batches`` call. ``compute`` ``actors`` means an
-    ``ActorPoolStrategy(size=pool_size)``; ``tasks`` means Ray's default task pool."""
+    actor pool of ``pool_size`` actors that may grow to ``max_pool_size`` (None: no limit;
+    equal: a fixed pool), see :meth:`strategy_kwargs`; ``tasks`` means Ray's default task
+    pool."""
 
     specs: tuple[StageSpec, ...]
     fn: Callable[[pa.Table], pa.Table] | type[StageUDF]
     fn_constructor_args: tuple[Any, ...] | None
     compute: Literal["tasks", "actors"]
     pool_size: int | None
+    max_pool_size: int | None
     num_cpus: float
     num_gpus: float
     batch_size: int
@@ -265,6 +312,12 @@ class MapBatchesCall:
             kwargs["fn_constructor_args"] = self.fn_constructor_args
         return kwargs
 
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``ActorPoolStrategy`` for an actor pool."""
+        if self.max_pool_size == self.pool_size:
+            return {"size": self.pool_size}
+        return {"min_size": self.pool_size, "max_size": self.max_pool_size}
+
 
 def map_batches_calls(
     config: RunConfig, cluster: ClusterShape, schema: pa.Schema, rows_per_block: int | None = None
@@ -286,6 +339,7 @@ def map_batches_calls(
                 fn_constructor_args=(pool.specs, schema, res.num_cpus),
                 compute="actors",
                 pool_size=max(1, pool.actors),
+                max_pool_size=pool.max_actors,
                 **common,
             )
         else:
@@ -295,6 +349,7 @@ def map_batches_calls(
                 fn_constructor_args=None,
                 compute="tasks",
                 pool_size=None,
+                max_pool_size=None,
                 **common,
             )
         calls.append(call)
@@ -308,7 +363,7 @@ def apply_calls(ds: Any, calls: Sequence[MapBatchesCall]) -> Any:
     for call in calls:
         kwargs = call.kwargs()
         if call.compute == "actors":
-            kwargs["compute"] = ray.data.ActorPoolStrategy(size=call.pool_size)
+            kwargs["compute"] = ray.data.ActorPoolStrategy(**call.strategy_kwargs())
         ds = ds.map_batches(call.fn, **kwargs)
     return ds
 

@@ -312,3 +312,44 @@ def test_a_run_over_the_first_images_leaves_the_other_images_rows_and_the_record
     assert report.missing_rows == 0 and report.unexpected_rows == 0
     assert report.problems == ["'img_0001' variant 0: ok row without enhanced_uri"]
     assert any("--limit 1" in note for note in report.notes)
+
+
+def test_a_run_that_stops_with_an_error_says_so_in_run_json(tmp_path: Path) -> None:
+    """CUDA asked of a private local instance without a GPU: refused once Ray has started,
+    after run.json was written; the record says the run failed, and why, not running. In a
+    process of its own, so that the private instance is the run's own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False, size=320)
+    config = {
+        "manifest": str(manifest),
+        "out": str(tmp_path / "out"),
+        "progress": False,
+        "enhance": {"enabled": True, "device": "cuda"},
+        "ray": {"num_cpus": 1, "num_gpus": 0},
+    }
+    code = (
+        "import json, sys\n"
+        "from fundus_batch import pipeline\n"
+        "from fundus_batch.config import ConfigError, build_config\n"
+        "try:\n"
+        "    pipeline.run(build_config(json.loads(sys.argv[1]), 'test'))\n"
+        "except ConfigError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "REFUSED" in done.stdout and "no GPU" in done.stdout, done.stdout + done.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["state"] == "failed" and "cuda" in record["error"], record
+    assert record["history"][-1]["state"] == "failed" and record["finished"]

@@ -4,6 +4,8 @@ the arguments that reach Ray Data, and that no other module imports Ray."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from fundus_batch import ray_adapter
-from fundus_batch.config import build_config
+from fundus_batch.config import ConfigError, build_config
 from fundus_batch.enhance import ClassicalEnhance, Enhance
 from fundus_batch.ray_adapter import (
     ClusterShape,
@@ -30,6 +32,7 @@ from fundus_batch.schema import work_schema
 from fundus_batch.stages import Degrade, Fetch, Preprocess, Score, Write
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fundus_batch"
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA = work_schema()
 
 
@@ -67,6 +70,62 @@ def test_cpu_actor_size_and_count_follow_the_ray_options():
     assert (pool.pool_size, pool.num_cpus, pool.fn_constructor_args[2]) == (4, 2.0, 2.0)
     [pool] = _calls(ClusterShape(cpus=8, gpus=0), ray={"degrade_actors": 3})
     assert (pool.pool_size, pool.num_cpus) == (3, 1.0)
+
+
+def test_pools_start_with_what_fits_and_grow_as_nodes_join_up_to_the_bound():
+    growing = ClusterShape(cpus=8, gpus=0)
+    [pool] = _calls(growing)
+    assert (pool.pool_size, pool.max_pool_size) == (8, None)
+    assert pool.strategy_kwargs() == {"min_size": 8, "max_size": None}
+    [pool] = _calls(growing, ray={"max_degrade_actors": 20})
+    assert pool.strategy_kwargs() == {"min_size": 8, "max_size": 20}
+    [pool] = _calls(growing, ray={"max_degrade_actors": 3})  # the bound caps the start too
+    assert pool.strategy_kwargs() == {"size": 3}
+    [pool] = _calls(growing, ray={"degrade_actors": 2})  # a start without a bound: fixed
+    assert pool.strategy_kwargs() == {"size": 2}
+    [pool] = _calls(growing, ray={"degrade_actors": 2, "max_degrade_actors": 12})
+    assert pool.strategy_kwargs() == {"min_size": 2, "max_size": 12}
+    # A private local instance never gains a node: fixed pools, whatever the bounds.
+    [pool] = _calls(ClusterShape(cpus=8, gpus=0, fixed=True), ray={"max_degrade_actors": 20})
+    assert pool.strategy_kwargs() == {"size": 8}
+
+
+def test_the_gpu_pool_grows_with_gpu_nodes_at_the_share_planned_for_the_first():
+    cpu, gpu, tail = _calls(ClusterShape(cpus=16, gpus=1), enhance={"enabled": True})
+    assert gpu.strategy_kwargs() == {"min_size": 5, "max_size": None} and gpu.num_gpus == 0.2
+    assert cpu.strategy_kwargs() == {"min_size": 10, "max_size": None}  # 16 - 1 - 5
+    assert tail.compute == "tasks" and tail.pool_size is None
+    [_, gpu, _] = _calls(
+        ClusterShape(cpus=16, gpus=1), enhance={"enabled": True, "actors": 2, "max_actors": 8}
+    )
+    assert gpu.strategy_kwargs() == {"min_size": 2, "max_size": 8} and gpu.num_gpus == 0.5
+    [_, gpu, _] = _calls(ClusterShape(cpus=16, gpus=1, fixed=True), enhance={"enabled": True})
+    assert gpu.strategy_kwargs() == {"size": 5}
+
+
+def test_cuda_asked_of_a_cluster_without_gpus_waits_for_gpu_nodes_unless_none_can_join():
+    # An autoscaling cluster adds a GPU node for the pending GPU actor.
+    cpu, gpu, _ = _calls(ClusterShape(cpus=4, gpus=0), enhance={"enabled": True, "device": "cuda"})
+    assert (gpu.num_gpus, gpu.strategy_kwargs()) == (1.0, {"min_size": 1, "max_size": None})
+    assert cpu.num_gpus == 0
+    # auto on a cluster without GPUs stays on CPU actors.
+    [_, enh, _] = _calls(ClusterShape(cpus=4, gpus=0), enhance={"enabled": True})
+    assert enh.num_gpus == 0
+    with pytest.raises(ConfigError, match="local Ray instance has no GPU"):
+        _calls(
+            ClusterShape(cpus=4, gpus=0, fixed=True), enhance={"enabled": True, "device": "cuda"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("section", "start", "most"),
+    [("ray", "degrade_actors", "max_degrade_actors"), ("enhance", "actors", "max_actors")],
+)
+def test_a_bound_below_the_start_is_refused_naming_both_fields(
+    section: str, start: str, most: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{most} \(2\) is below {start} \(4\)"):
+        _config(**{section: {start: 4, most: 2}})
 
 
 def test_stage_workers_size_opencv_threads_to_their_cpu_share():
@@ -231,7 +290,8 @@ def test_the_real_map_batches_receives_the_planned_arguments(ray_cluster, tmp_pa
         assert fn is call.fn and kwargs == call.kwargs()
         if call.compute == "actors":
             assert isinstance(compute, ray.data.ActorPoolStrategy)
-            assert (compute.min_size, compute.max_size) == (call.pool_size, call.pool_size)
+            # The cluster can gain nodes: the pool starts with both CPUs and may grow.
+            assert (compute.min_size, compute.max_size) == (2, float("inf"))
         else:
             assert compute is None
     rows = [r for t in ray_adapter.iter_tables(ds) for r in t.to_pylist()]
@@ -303,7 +363,7 @@ def test_stage_specs_are_checked_against_the_stage_signature():
 
 RUN_ALONE = """
 import ray
-from fundus_batch.config import build_config
+from fundus_batch.config import ConfigError, build_config
 from fundus_batch.ray_adapter import connected
 
 config = build_config({"manifest": "m.csv", "out": "o", "ray": {"num_cpus": 1}}, "test")
@@ -369,3 +429,112 @@ def test_the_manifest_reader_rides_out_a_short_outage_and_pickles(monkeypatch) -
     again = pickle.loads(pickle.dumps(handler))
     assert (again.source, again.retries) == ("s3://b/m.csv", 3)
     fs.rm(path)
+
+
+_GROWTH_DRIVER = """
+import json, subprocess, sys, time
+import ray
+from fundus_batch import pipeline, ray_adapter
+from fundus_batch.config import build_config
+from ray._private import state
+
+config = build_config(json.loads(sys.argv[1]), "growth")
+join = json.loads(sys.argv[2])
+ray.init(address=config.ray.address)  # pipeline.run then leaves the connection open
+planned = ray_adapter.init_ray
+
+
+def init_then_a_node_joins(config):
+    shape = planned(config)  # the pools are planned for the 1-CPU head
+    subprocess.run(join, check=True, capture_output=True, timeout=180)
+    while ray.cluster_resources().get("CPU", 0) < 3:
+        time.sleep(0.2)
+    return shape
+
+
+ray_adapter.init_ray = init_then_a_node_joins
+summary = pipeline.run(config)
+nodes = [
+    a["Address"]["NodeID"] for a in state.actors().values() if "StageUDF" in a["ActorClassName"]
+]
+heads = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("CPU") == 1.0]
+print(json.dumps({"ok": summary.ok, "rows": summary.rows_in, "nodes": nodes, "head": heads}))
+"""
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_after_planning_gets_actors_of_the_stage_pool(tmp_path: Path) -> None:
+    """A real two-node cluster: a 1-CPU head, a run that plans its pool on it (one actor), and
+    a 2-CPU node started with `ray start --address` before the stages start. The pool grows
+    onto the new node."""
+    import shutil
+    import socket
+
+    import pandas as pd
+
+    from tests.pipeline_inputs import write_inputs
+
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1"]
+    head += ["--include-dashboard=false", "--disable-usage-stats"]
+    started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        source = pd.read_csv(write_inputs(tmp_path / "in", n_good=3, broken=False, size=512))
+        rows = [{"image_id": f"p{i:03d}", "uri": source.uri[i % 3]} for i in range(60)]
+        manifest = tmp_path / "in" / "many.csv"
+        pd.DataFrame(rows).to_csv(manifest, index=False)
+        config = {
+            "manifest": str(manifest),
+            "out": str(tmp_path / "out"),
+            "variants": 2,
+            "progress": False,
+            "ray": {"address": f"127.0.0.1:{port}", "rows_per_block": 1},
+        }
+        join = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2"]
+        driver = subprocess.run(
+            [sys.executable, "-c", _GROWTH_DRIVER, json.dumps(config), json.dumps(join)],
+            env={**env, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+        result = json.loads(driver.stdout.strip().splitlines()[-1])
+        assert (result["ok"], result["rows"]) == (120, 120)
+        [head_node] = result["head"]
+        assert len(result["nodes"]) > 1, result  # the pool started with one actor
+        assert any(n != head_node for n in result["nodes"]), result
+    finally:
+        _stop_cluster(port)
+
+
+def _stop_cluster(port: int) -> None:
+    """Stop the processes of the cluster whose head listens on ``port`` (``ray stop`` would
+    stop every Ray instance on the machine)."""
+    import psutil
+
+    mine: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if f":{port}" in line or f"port={port}" in line:
+            with contextlib.suppress(psutil.Error):  # the raylets' agents name no port
+                mine.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+    for proc in mine.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(mine.values()), timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    # `ray start` left its address for a later ray.init() without one to join, as `ray stop` would.
+    from ray._common.utils import get_ray_address_file
+
+    marker = Path(get_ray_address_file(None))
+    if marker.is_file() and marker.read_text().strip().endswith(f":{port}"):
+        marker.unlink()
