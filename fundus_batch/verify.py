@@ -224,7 +224,8 @@ def verify(
     manifest_options = (
         storage_options if manifest_storage_options is None else manifest_storage_options
     )
-    _check_coverage(rows, report, pairs, manifest, manifest_options, config)
+    covered = _widest_complete_run(run_info)
+    _check_coverage(rows, report, pairs, manifest, manifest_options, config, covered)
     if check_files:
         enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
         unenhanced = _check_files(
@@ -279,6 +280,20 @@ def _check_rows(rows: list[dict[str, Any]], report: VerifyReport, pairs: bool) -
         )
 
 
+def _widest_complete_run(run_info: dict[str, Any] | None) -> int:
+    """Manifest images the widest complete run in ``run.json``'s history covered (0: none)."""
+    widest = 0
+    for entry in (run_info or {}).get("history") or []:
+        if not isinstance(entry, dict) or entry.get("state") != "complete":
+            continue
+        rows_in = (entry.get("counts") or {}).get("rows_in")
+        settings = entry.get("settings") or {}
+        per_image = settings.get("variants") if settings.get("mode") == "pairs" else 1
+        if isinstance(rows_in, int) and isinstance(per_image, int) and per_image > 0:
+            widest = max(widest, rows_in // per_image)
+    return widest
+
+
 def _check_coverage(
     rows: list[dict[str, Any]],
     report: VerifyReport,
@@ -286,7 +301,10 @@ def _check_coverage(
     manifest: str | None,
     storage_options: dict | None,
     config: dict,
+    covered: int = 0,
 ) -> None:
+    """Every expected (image, variant) has a row: the manifest's images up to the last run's
+    ``--limit``, or as far as the widest complete run in the history went (``covered``)."""
     present = {(r.get("image_id"), r.get("variant")) for r in rows}
     ids = sorted({str(r.get("image_id")) for r in rows})
     if manifest is not None:
@@ -298,17 +316,20 @@ def _check_coverage(
                     n = sum(1 for r in rows if r.get("image_id") == image_id)
                     report.unexpected_rows += n
                     report.add(f"{image_id!r}: {n} row(s) for an image not in the manifest")
-            # The last run's --limit: the images after it need not be there yet.
+            # The images after the last run's --limit need not be there yet, unless an
+            # earlier complete run went further.
             limit = config.get("limit")
-            if isinstance(limit, int) and limit < len(manifest_ids):
+            if isinstance(limit, int) and max(limit, covered) < len(manifest_ids):
+                upto = max(limit, covered)
                 with_rows = {image_id for image_id, _ in present}
-                absent = sum(1 for i in manifest_ids[limit:] if i not in with_rows)
+                absent = sum(1 for i in manifest_ids[upto:] if i not in with_rows)
                 if absent:
                     report.notes.append(
-                        f"{absent} manifest image(s) after the last run's --limit {limit} "
-                        "have no rows yet"
+                        f"{absent} manifest image(s) after the first {upto} (the widest "
+                        "complete run; the last run had --limit "
+                        f"{limit}) have no rows yet"
                     )
-                manifest_ids = manifest_ids[:limit]
+                manifest_ids = manifest_ids[:upto]
             ids = manifest_ids
     if pairs and report.variants is None:
         return  # without run.json the variants an image should have are unknown

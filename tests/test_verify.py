@@ -151,6 +151,22 @@ def test_an_image_missing_from_the_output_is_found_through_the_manifest(run_out)
         assert _problems_about(report, "'img_0001'", f"variant {variant}", "no row")
 
 
+def test_after_a_limit_run_images_an_earlier_complete_run_made_are_still_checked(
+    run_out,
+) -> None:
+    """A full run, then a --limit 2 run that redid a row: the last run's limit does not hide
+    the rows missing beyond it, which the first run had written."""
+    manifest, out = run_out
+    _drop_rows(out, "img_0000", variant=0)
+    _drop_rows(out, "img_0002")
+    summary = pipeline.run(_config(manifest, out, limit=2))
+    assert summary.complete and summary.done_before == 2 * VARIANTS - 1
+    assert json.loads((out / "run.json").read_text())["config"]["limit"] == 2
+    report = verify(str(out), str(manifest))
+    assert report.missing_rows == VARIANTS, report.problems
+    assert _problems_about(report, "'img_0002'", "no row")
+
+
 def test_a_missing_variant_is_found_even_without_the_manifest(run_out) -> None:
     _, out = run_out
     _drop_rows(out, "img_0002", variant=1)
