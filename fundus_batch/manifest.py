@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
 import re
 import unicodedata
@@ -333,6 +334,10 @@ def _relative_paths(prefix: str, uris: list[str], storage_options: dict | None) 
 
 
 def _join_images(images: str, name: str) -> str:
+    """``images`` + ``name``; a local folder is made absolute first, as from_dir's listing is,
+    so that the manifest means the same files from any working directory (a Ray worker's)."""
+    if "://" not in images:
+        images = os.path.abspath(images)
     return storage.join(images, name)
 
 

@@ -282,6 +282,17 @@ def test_from_kaggle_takes_the_extension_with_or_without_its_dot(tmp_path: Path)
         assert m.frame["uri"].tolist() == ["s3://b/train/10_left.jpeg"], ext
 
 
+def test_a_relative_images_folder_gives_absolute_uris(tmp_path: Path, monkeypatch) -> None:
+    """A manifest of relative paths would name other files from a worker's working directory."""
+    (tmp_path / "trainLabels.csv").write_text("image,level\n10_left,0\n")
+    (tmp_path / "eyeq.csv").write_text(",image,quality,DR_grade\n0,1_left.jpeg,0,0\n")
+    monkeypatch.chdir(tmp_path)
+    kaggle = mf.from_kaggle("trainLabels.csv", "train")
+    assert kaggle.frame["uri"].tolist() == [str(tmp_path / "train" / "10_left.jpeg")]
+    eyeq = mf.from_eyeq("eyeq.csv", "./img/")
+    assert eyeq.frame["uri"].tolist() == [str(tmp_path / "img" / "1_left.jpeg")]
+
+
 @pytest.mark.parametrize("level", ["x", "5", "-1", "1.5"])
 def test_an_invalid_kaggle_level_is_named_not_dropped(tmp_path: Path, level: str):
     (tmp_path / "trainLabels.csv").write_text(f"image,level\n10_left,0\n10_right,{level}\n")
