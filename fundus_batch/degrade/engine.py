@@ -42,6 +42,11 @@ def _check_inputs(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
     fov = mask if mask.dtype == np.bool_ else mask > 127
     if not fov.any():
+        if mask.dtype == np.uint8 and mask.any():
+            raise ValueError(
+                "the FOV mask has no pixel above 127: a uint8 mask must be 0/255 "
+                f"(got values up to {int(mask.max())}; pass a 0/1 mask as bool or times 255)"
+            )
         raise ValueError("the FOV mask is empty")
     return fov
 

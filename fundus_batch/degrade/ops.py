@@ -211,10 +211,23 @@ def to_unit_float(
 # geometry helpers
 
 
+def _near_center(shape: tuple[int, int], center: tuple[int, int], radius: int) -> tuple[int, int]:
+    """``center`` clamped to [-radius - 1, side + radius + 1] on each axis.
+
+    A disc whose centre lies further out covers no pixel in that axis either way; clamping
+    keeps the squares of coordinate differences small (no int64 overflow or wrap-around).
+    """
+    h, w = shape
+    reach = max(int(radius), 0) + 1
+    cx = min(max(int(center[0]), -reach), w + reach)
+    cy = min(max(int(center[1]), -reach), h + reach)
+    return cx, cy
+
+
 def disc(shape: tuple[int, int], center: tuple[int, int], radius: int) -> np.ndarray:
     """Boolean filled disc: (x - cx)^2 + (y - cy)^2 <= radius^2, x = column, y = row."""
     h, w = shape
-    cx, cy = center
+    cx, cy = _near_center(shape, center, radius)
     ys = (np.arange(h, dtype=np.int64) - cy) ** 2
     xs = (np.arange(w, dtype=np.int64) - cx) ** 2
     limit = radius * radius
@@ -274,7 +287,7 @@ def _disc_spans(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the columns [a, b) that :func:`disc` sets (a == b == 0 where the row is empty)."""
     h, w = shape
-    cx, cy = center
+    cx, cy = _near_center(shape, center, radius)
     dy = np.arange(h, dtype=np.int64) - cy
     rest = radius * radius - dy * dy
     inside = rest >= 0

@@ -37,7 +37,11 @@ from fundus_batch.validation import (
 )
 
 from .presets import (
+    CENTER_REACH,
+    MAX_KERNEL_FACTOR,
+    MAX_LENGTH_FACTOR,
     MODELS,
+    PRESETS,
     RELEASE_HALO_COLORS,
     release_halo_blur,
     release_spot_amplitude,
@@ -179,6 +183,44 @@ class _Released(_Json):
     params: _ReleasedParams
 
 
+# ----------------------------------------------------------------------------------------------
+# geometry bounds relative to the working size (a huge coordinate, diameter or kernel size would
+# overflow or wrap around in the operators' integer arithmetic, or make OpenCV refuse it)
+
+Geometry = Literal["point", "length", "kernel"]
+
+
+def _check_geometry(path: str, kind: Geometry, value: Any, size: int) -> None:
+    """RecordError naming ``path`` unless ``value`` lies within the bound of ``kind``."""
+    if kind == "point":
+        reach = CENTER_REACH * size
+        if any(abs(v) > reach for v in value):
+            raise RecordError(
+                path,
+                f"coordinates must lie within [-{reach}, {reach}] ({CENTER_REACH} x size "
+                f"{size}), got {_plain(value)}",
+            )
+    elif kind == "length":
+        most = MAX_LENGTH_FACTOR * size
+        if value > most:
+            raise RecordError(
+                path, f"must be at most {most} ({MAX_LENGTH_FACTOR} x size {size}), got {value}"
+            )
+    else:
+        most = MAX_KERNEL_FACTOR * size + 1
+        if value > most:
+            raise RecordError(
+                path,
+                f"kernel size must be at most {most} ({MAX_KERNEL_FACTOR} x size {size} + 1), "
+                f"got {value}",
+            )
+
+
+def _check_size(size: Any) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RecordError("size", f"must be an integer >= 1, got {size!r}")
+
+
 def _record_error(problems: list[FieldProblem]) -> RecordError:
     return RecordError(*first_and_rest(problems))
 
@@ -214,6 +256,13 @@ class _Sub:
     __pydantic_config__ = ConfigDict(extra="forbid")
     json_path: ClassVar[str]
     """Where the record sits in a degradation record's JSON (error messages name it)."""
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = ()
+    """Fields bounded relative to the working size, and how (see ``_check_geometry``)."""
+
+    def check_geometry(self, path: str, size: int) -> None:
+        """RecordError naming ``path.field`` for a coordinate, length or kernel out of bounds."""
+        for name, kind in self.geometry:
+            _check_geometry(f"{path}.{name}", kind, getattr(self, name), size)
 
     @classmethod
     def from_dict(cls: type[SubT], d: Any, path: str | None = None) -> SubT:
@@ -246,6 +295,12 @@ class HaloRecord(_Sub):
     """Coloured ring between diameters ``dia_a`` and ``dia_b`` around ``center`` (x, y)."""
 
     json_path: ClassVar[str] = "halo"
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (
+        ("center", "point"),
+        ("dia_a", "length"),
+        ("dia_b", "length"),
+        ("kernel", "kernel"),
+    )
 
     style: Count
     color: RGB
@@ -265,6 +320,12 @@ class HoleRecord(_Sub):
     """
 
     json_path: ClassVar[str] = "hole"
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (
+        ("center", "point"),
+        ("diameter", "length"),
+        ("k_w", "kernel"),
+        ("k_h", "kernel"),
+    )
 
     center: Point
     diameter: Count
@@ -285,6 +346,12 @@ class SpotRecord(_Sub):
     """
 
     json_path: ClassVar[str] = "spots[0]"
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (
+        ("radius", "length"),
+        ("center", "point"),
+        ("k_w", "kernel"),
+        ("k_h", "kernel"),
+    )
 
     radius: Count
     center: Point
@@ -300,6 +367,7 @@ class BlurRecord(_Sub):
     """Truncated Gaussian blur with kernel (k_w, k_h) and ``sigma``."""
 
     json_path: ClassVar[str] = "blur"
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (("k_w", "kernel"), ("k_h", "kernel"))
 
     sigma: NonNeg
     k_w: Odd
@@ -337,8 +405,7 @@ class DegradationRecord:
             raise RecordError("model", f"must be one of {MODELS}, got {self.model!r}")
         if not isinstance(self.preset, str) or not self.preset:
             raise RecordError("preset", f"must be a non-empty string, got {self.preset!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise RecordError("size", f"must be an integer >= 1, got {self.size!r}")
+        _check_size(self.size)
         for name, wanted in (
             ("color", illumination),
             ("halo", illumination),
@@ -352,6 +419,11 @@ class DegradationRecord:
                 raise RecordError(name, f"{state} for type {self.type_code}")
         if self.spots is not None and not isinstance(self.spots, tuple):
             object.__setattr__(self, "spots", tuple(self.spots))
+        for sub in (self.halo, self.hole, self.blur):
+            if sub is not None:
+                sub.check_geometry(sub.json_path, self.size)
+        for i, spot in enumerate(self.spots or ()):
+            spot.check_geometry(f"spots[{i}]", self.size)
 
     # ---- own schema
 
@@ -371,8 +443,21 @@ class DegradationRecord:
 
     @classmethod
     def from_dict(cls, d: Any) -> DegradationRecord:
-        """Parse and validate a dict written by :meth:`to_dict` (RecordError names the field)."""
-        return _parse(cls, d)
+        """Parse and validate a dict written by :meth:`to_dict` (RecordError names the field).
+
+        A record of a built-in preset must have that preset's halo colour for its style.
+        """
+        record = _parse(cls, d)
+        record._check_halo_table()
+        return record
+
+    def _check_halo_table(self) -> None:
+        """RecordError unless the halo style and colour are an entry of the built-in preset's
+        table (records of custom presets are not checked: their table is not known here)."""
+        preset = PRESETS.get(self.preset)
+        if self.halo is None or preset is None or preset.model != self.model:
+            return
+        _check_halo_style(self.halo, preset.halo_colors, f"preset {self.preset}")
 
     def to_json(self) -> str:
         """Compact JSON text; floats round-trip exactly."""
@@ -393,7 +478,8 @@ class DegradationRecord:
         """The released script's ``{"name", "type", "params"}`` dict (name only if given).
 
         Only release-model records can be expressed in that schema; the hole strength must
-        be resolved.
+        be resolved, and the halo colour must be the released colour of its style (the schema
+        stores only the style).
         """
         if self.model != "release":
             raise RecordError("model", "only release-model records have a released-schema form")
@@ -402,6 +488,8 @@ class DegradationRecord:
             c, h, o = self.color, self.halo, self.hole
             if o.strength is None:
                 raise RecordError("hole.strength", "unresolved (no FOV mean was applied)")
+            # the schema stores only the style ("num"); the importer takes the colour from it
+            _check_halo_style(h, RELEASE_HALO_COLORS, "the released schema")
             params["illumination"] = {
                 "color": {
                     "brightness_factor": c.brightness,
@@ -451,10 +539,13 @@ class DegradationRecord:
         """Import a released-script JSON dict made at working size ``size``.
 
         The halo kernel and sigma and the spot amplitudes are recomputed from the stored
-        geometry with the release-model formulas.
+        geometry with the release-model formulas. Geometry is bounded relative to ``size``
+        (see ``_check_geometry``); a RecordError names the released field.
         """
+        _check_size(size)
         type_code = d.get("type") if isinstance(d, Mapping) else None
         j = validate(_Released, d, _record_error, "released", context={"type": type_code})
+        _check_released_geometry(j.params, size)
         color = halo = hole = blur = None
         spots = None
         ill = j.params.illumination
@@ -462,6 +553,12 @@ class DegradationRecord:
             c, h, o = ill.color, ill.halo, ill.hole
             color = ColorRecord(c.brightness_factor, c.contrast_factor, c.saturation_factor)
             kernel, sigma = release_halo_blur(h.center_a, h.dia_a, size)
+            if kernel > MAX_KERNEL_FACTOR * size + 1:
+                raise RecordError(
+                    "released.params.illumination.halo",
+                    f"center_a {list(h.center_a)} and dia_a {h.dia_a} give a halo blur kernel of "
+                    f"{kernel} px, more than {MAX_KERNEL_FACTOR} x size {size} + 1",
+                )
             halo = HaloRecord(
                 style=h.num,
                 color=RELEASE_HALO_COLORS[h.num],
@@ -518,3 +615,48 @@ def _released_spot(s: _ReleasedSpot, size: int) -> SpotRecord:
         amplitude=amplitude,
         haze=(k, beta, dist),
     )
+
+
+def _check_halo_style(
+    halo: HaloRecord, colors: tuple[tuple[int, int, int], ...], where: str
+) -> None:
+    """RecordError unless ``halo.style`` indexes ``colors`` and ``halo.color`` is that entry."""
+    if halo.style >= len(colors):
+        raise RecordError(
+            "halo.style", f"must be 0..{len(colors) - 1} for {where}, got {halo.style}"
+        )
+    expected = colors[halo.style]
+    if tuple(halo.color) != expected:
+        raise RecordError(
+            "halo.color",
+            f"style {halo.style} has colour {list(expected)} in {where}, got {_plain(halo.color)}",
+        )
+
+
+_RELEASED_GEOMETRY: dict[str, tuple[tuple[str, Geometry], ...]] = {
+    "halo": (("center_a", "point"), ("dia_a", "length"), ("dia_b", "length")),
+    "hole": (
+        ("center", "point"),
+        ("diameter_circle", "length"),
+        ("rad_w", "kernel"),
+        ("rad_h", "kernel"),
+    ),
+    "spot": (("radius", "length"), ("center", "point"), ("rad_w", "kernel"), ("rad_h", "kernel")),
+    "blur": (("rad_w", "kernel"), ("rad_h", "kernel")),
+}
+
+
+def _check_released_geometry(params: _ReleasedParams, size: int) -> None:
+    """The geometry bounds of :class:`DegradationRecord`, named by released-schema paths."""
+    root = "released.params"
+    sections: list[tuple[str, str, Any]] = []
+    if params.illumination is not None:
+        sections.append((f"{root}.illumination.halo", "halo", params.illumination.halo))
+        sections.append((f"{root}.illumination.hole", "hole", params.illumination.hole))
+    for i, spot in enumerate(params.spots or ()):
+        sections.append((f"{root}.spots[{i}]", "spot", spot))
+    if params.blur is not None:
+        sections.append((f"{root}.blur", "blur", params.blur))
+    for path, kind, section in sections:
+        for name, bound in _RELEASED_GEOMETRY[kind]:
+            _check_geometry(f"{path}.{name}", bound, getattr(section, name), size)

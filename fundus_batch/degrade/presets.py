@@ -40,6 +40,9 @@ from fundus_batch.validation import (
 )
 
 __all__ = [
+    "CENTER_REACH",
+    "MAX_KERNEL_FACTOR",
+    "MAX_LENGTH_FACTOR",
     "MODELS",
     "PRESETS",
     "REFERENCE_SIZE",
@@ -59,6 +62,16 @@ REFERENCE_SIZE = 512
 """Working size at which the released constants are defined."""
 
 MODELS = ("release", "train")
+
+# Geometry bounds of a degradation record, relative to its working side ``size`` (enforced
+# when a record is built or parsed). They lie far outside anything a preset can sample: the
+# preset fields that scale a length have upper limits that keep every draw inside them.
+CENTER_REACH = 4
+"""Centre coordinates lie within [-4 size, 4 size]."""
+MAX_LENGTH_FACTOR = 8
+"""Diameters and radii are at most 8 size."""
+MAX_KERNEL_FACTOR = 4
+"""Kernel sizes are at most 4 size + 1."""
 
 RELEASE_HALO_COLORS: tuple[tuple[int, int, int], ...] = (
     (251, 249, 246),
@@ -109,14 +122,14 @@ _PAIR_RULES: dict[str, tuple[float | None, float | None]] = {
     "brightness": (0.0, None),
     "contrast": (0.0, None),
     "saturation": (0.0, None),
-    "halo_inner": (1e-6, None),
+    "halo_inner": (1e-6, 4.0),  # dia_a <= 4 size, so the release halo kernel <= 4 size + 1
     "halo_sigma": (1e-6, 1.0),
     "hole_diameter": (1e-6, 1.0),
     "hole_center_x": (0.0, 1.0),
     "hole_center_y": (0.0, 1.0),
     "hole_base": (None, None),
     "hole_mean_coef": (None, None),
-    "hole_kernel": (1e-6, None),
+    "hole_kernel": (1e-6, 4.0),  # kernel <= 4 diameter + 1 <= 4 size + 1
     "hole_strength": (None, None),
     "hole_sigma": (1e-6, None),
     "spot_count": (0, None),
@@ -124,7 +137,7 @@ _PAIR_RULES: dict[str, tuple[float | None, float | None]] = {
     "spot_k": (None, None),
     "spot_beta": (None, None),
     "spot_d": (None, None),
-    "blur_sigma": (0.0, None),
+    "blur_sigma": (0.0, 4096.0),  # kernel <= sigma / 2 + 1 <= 4 size + 1
 }
 
 
@@ -147,9 +160,10 @@ class Preset(Model):
     # halo: centre in side*(1/2 -+ jitter); inner diameter min_side*U(inner); outer u_b >= min
     halo_center_jitter: Annotated[Finite, Field(ge=0.0, lt=0.5)] = 0.125
     halo_inner: FloatRange = (0.75, 1.0)
-    halo_outer_min: Annotated[Finite, Field(ge=1e-6)] = 1.0
+    # dia_b <= size (max(2 sqrt 2, outer_min) + 1/2 + gamma) <= 7.5 size (record bound 8 size)
+    halo_outer_min: Annotated[Finite, Field(ge=1e-6, le=4.0)] = 1.0
     halo_colors: Annotated[tuple[RGB, ...], AfterValidator(_non_empty)] = RELEASE_HALO_COLORS
-    halo_gamma: tuple[Annotated[Finite, Field(ge=0.0)], ...] = (2.0 / 3.0, 0.5, 0.5)
+    halo_gamma: tuple[Annotated[Finite, Field(ge=0.0, le=3.0)], ...] = (2.0 / 3.0, 0.5, 0.5)
     # style 0 is drawable only when brightness < this; None: every style always drawable
     halo_first_style_below: Finite | None = 0.2
     halo_sigma: FloatRange = (1.0 / 6.0, 0.5)  # train: sigma = U{lo*side..hi*side} / 3
@@ -169,7 +183,8 @@ class Preset(Model):
     spot_k: FloatRange = (0.7, 1.0)  # train haze model a = k (1 - exp(-beta d))
     spot_beta: FloatRange = (0.5, 1.5)
     spot_d: FloatRange = (0.0, 0.3)
-    spot_kernel: Annotated[Int, AfterValidator(_odd_positive)] = 5  # train: pixels at 512
+    # train: pixels at 512 (at most 2047, so the kernel stays <= 4 size + 1)
+    spot_kernel: Annotated[Int, Field(le=2047), AfterValidator(_odd_positive)] = 5
     spot_sigma: Annotated[Finite, Field(ge=1e-6)] = 1.8  # train: pixels at 512
     # blur sigma in pixels at 512
     blur_sigma: FloatRange = (5.0, 15.0)

@@ -309,3 +309,15 @@ def test_replay_rejects_an_unknown_step_by_name(fundus512, example) -> None:
     image, mask = fundus512
     with pytest.raises(ValueError, match="'vignette'"):
         replay(image, mask, example, skip=("vignette",))
+
+
+def test_a_uint8_mask_of_zeros_and_ones_is_refused_as_not_0_255(fundus512) -> None:
+    image, mask = fundus512
+    ones = (mask > 127).astype(np.uint8)
+    with pytest.raises(ValueError, match="must be 0/255") as info:
+        degrade(image, ones, "111", sample_rng(0, "z", 0))
+    assert "empty" not in str(info.value)
+    # the same mask as bool (or times 255) is accepted and gives the same output
+    as_bool, _ = degrade(image, ones.astype(bool), "111", sample_rng(0, "z", 0))
+    scaled, _ = degrade(image, ones * 255, "111", sample_rng(0, "z", 0))
+    np.testing.assert_array_equal(as_bool, scaled)

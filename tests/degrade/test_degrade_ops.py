@@ -293,3 +293,45 @@ def test_operators_write_into_out_exactly_as_into_a_new_array() -> None:
     )
     with pytest.raises(ValueError, match="out must be"):
         ops.blur(image, 5, 3, 2.0, out=image)
+
+
+def _naive_disc(shape: tuple[int, int], center: tuple[int, int], radius: int) -> np.ndarray:
+    """The disc test in Python integers (no overflow at any centre)."""
+    h, w = shape
+    cx, cy = center
+    return np.array(
+        [[(x - cx) ** 2 + (y - cy) ** 2 <= radius * radius for x in range(w)] for y in range(h)]
+    )
+
+
+@pytest.mark.parametrize(
+    "center",
+    [
+        (2**32 + 5, 5),  # (x - cx)^2 wraps around to a small int64: used to fill the image
+        (3037000500, 5),  # (x - cx)^2 just past int64: used to set scattered pixels
+        (5, -(2**40)),
+        (-(2**62), 2**62),
+        (2**63 + 7, 3),  # not an int64 at all: used to raise OverflowError
+        (-12, 20),  # near the rim just outside: clamping must not touch these
+        (50, 60),
+        (61, 20),
+    ],
+)
+def test_disc_and_its_spans_are_exact_for_far_out_centres(center: tuple[int, int]) -> None:
+    shape, radius = (24, 40), 11
+    expected = _naive_disc(shape, center, radius)
+    np.testing.assert_array_equal(ops.disc(shape, center, radius), expected)
+    a, b = ops._disc_spans(shape, center, radius)
+    rows = np.zeros(shape, bool)
+    for y in range(shape[0]):
+        rows[y, a[y] : b[y]] = True
+    np.testing.assert_array_equal(rows, expected)
+
+
+def test_operators_with_a_far_out_centre_leave_the_image_unchanged() -> None:
+    image = np.random.default_rng(0).uniform(0.2, 0.8, (64, 64, 3))
+    spot = SpotRecord(8, (2**32 + 5, 5), 5, 5, 2.0, 0.9, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(ops.spots(image, [spot]), image)
+    np.testing.assert_array_equal(ops.hole(image, (2**63, 5), 40, -0.3, 31, 31, 9.0), image)
+    far_ring = ops.halo(image, (-(2**63), 7), 10.0, 60.0, 31, 9.0, (255, 255, 255))
+    np.testing.assert_array_equal(far_ring, image)

@@ -16,6 +16,7 @@ from fundus_batch.degrade import (
     SpotRecord,
     sample_record,
 )
+from fundus_batch.degrade.presets import RELEASE_HALO_COLORS
 
 # Section 2.9 of degradation-model.md: a real type-111 record of the released script.
 EXAMPLE_111 = (
@@ -268,3 +269,161 @@ def test_json_text_survives_parsing_byte_for_byte(seed: int) -> None:
         assert type(again.size) is int and all(
             isinstance(s.center[0], int) for s in again.spots or ()
         )
+
+
+# ---- geometry bounds (relative to the working size) and the halo style table
+
+
+def _released_with(mutate) -> dict:
+    data = json.loads(EXAMPLE_111)
+    mutate(data)
+    return data
+
+
+def _ill(d: dict) -> dict:
+    return d["params"]["illumination"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (
+            lambda d: d["params"]["spots"][1].update(center=[2**63, 5]),
+            "released.params.spots[1].center",
+        ),
+        (
+            lambda d: _ill(d)["hole"].update(center=[5, -(2**63)]),
+            "released.params.illumination.hole.center",
+        ),
+        (
+            lambda d: _ill(d)["hole"].update(diameter_circle=2**64),
+            "released.params.illumination.hole.diameter_circle",
+        ),
+        (lambda d: _ill(d)["halo"].update(dia_b=1e30), "released.params.illumination.halo.dia_b"),
+        (lambda d: _ill(d)["halo"].update(dia_a=1e30), "released.params.illumination.halo.dia_a"),
+        (
+            lambda d: _ill(d)["halo"].update(center_a=[10**400, 0], center_b=[10**400, 0]),
+            "released.params.illumination.halo.center_a",
+        ),
+        (
+            lambda d: d["params"]["spots"][0].update(radius=10**400),
+            "released.params.spots[0].radius",
+        ),
+        (lambda d: d["params"]["blur"].update(rad_w=2**31 + 1), "released.params.blur.rad_w"),
+        (
+            lambda d: _ill(d)["hole"].update(rad_h=2 * 4 * 512 + 1),
+            "released.params.illumination.hole.rad_h",
+        ),
+    ],
+)
+def test_released_geometry_far_outside_the_image_is_a_record_error_naming_the_field(
+    mutate, field: str
+) -> None:
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(_released_with(mutate))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["spots"][1].update(center=[2**32 + 5, 5]), "spots[1].center"),
+        (lambda d: d["hole"].update(center=[2**63, 5]), "hole.center"),
+        (lambda d: d["hole"].update(diameter=2**64), "hole.diameter"),
+        (lambda d: d["halo"].update(dia_b=1e30), "halo.dia_b"),
+        (lambda d: d["halo"].update(kernel=4 * 512 + 3), "halo.kernel"),
+        (lambda d: d["spots"][0].update(radius=8 * 512 + 1), "spots[0].radius"),
+        (lambda d: d["spots"][0].update(k_h=2**31 + 1), "spots[0].k_h"),
+        (lambda d: d["blur"].update(k_w=2**31 + 1), "blur.k_w"),
+    ],
+)
+def test_own_geometry_far_outside_the_image_is_a_record_error_naming_the_field(
+    mutate, field: str
+) -> None:
+    data = sample_record(np.random.default_rng(3), "111", 512, fov_mean=0.4).to_dict()
+    mutate(data)
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_dict(data)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("size", [64, 512, 4096])
+def test_geometry_bounds_are_4_8_and_4_plus_1_times_the_size_inclusive(size: int) -> None:
+    def released(spot: dict) -> dict:
+        base = {"radius": 9, "center": [10, 10], "rad_w": 3, "rad_h": 3, "sigma": 1.0}
+        return {"type": "010", "params": {"spots": [{**base, **spot}]}}
+
+    edge = {"radius": 8 * size, "center": [-4 * size, 4 * size], "rad_w": 4 * size + 1}
+    record = DegradationRecord.from_released(released(edge), size=size)
+    assert record.spots is not None and record.spots[0].center == (-4 * size, 4 * size)
+    assert DegradationRecord.from_dict(record.to_dict()) == record
+    for beyond in (
+        {"radius": 8 * size + 1},
+        {"center": [4 * size + 1, 0]},
+        {"center": [0, -4 * size - 1]},
+        {"rad_w": 4 * size + 3},
+    ):
+        with pytest.raises(RecordError, match=r"released\.params\.spots\[0\]\."):
+            DegradationRecord.from_released(released(beyond), size=size)
+
+
+def test_a_released_halo_whose_derived_kernel_is_too_large_is_refused() -> None:
+    # D = 2 max(2048, 512 - 2048, ...) = 4096 and dia_a = 0: g = 4096 > 4 x 512 + 1
+    data = _released_with(
+        lambda d: _ill(d)["halo"].update(center_a=[2048, 2048], center_b=[2048, 2048], dia_a=0.0)
+    )
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(data)
+    assert info.value.field == "released.params.illumination.halo"
+    assert "4097" in str(info.value)
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "512"])
+def test_from_released_with_a_bad_size_is_a_record_error_naming_size(size: object) -> None:
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(json.loads(EXAMPLE_111), size=size)  # type: ignore[arg-type]
+    assert info.value.field == "size"
+
+
+@pytest.mark.parametrize(
+    ("preset", "style", "color", "field"),
+    [
+        ("cofe-release", 5, [141, 238, 238], "halo.style"),
+        ("cofe-release", 3, [141, 238, 238], "halo.style"),
+        ("cofe-release", 2, [141, 238, 238], "halo.color"),
+        ("cofe-train", 0, [251, 249, 246], "halo.color"),
+    ],
+)
+def test_built_in_preset_records_must_hold_that_presets_halo_colour_for_the_style(
+    preset: str, style: int, color: list[int], field: str
+) -> None:
+    data = sample_record(np.random.default_rng(3), "001", 512, preset, fov_mean=0.4).to_dict()
+    data["halo"].update(style=style, color=color)
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_dict(data)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("style", "color", "field"),
+    [(5, [141, 238, 238], "halo.style"), (2, [141, 238, 238], "halo.color")],
+)
+def test_to_released_refuses_a_halo_the_released_schema_cannot_express(
+    style: int, color: list[int], field: str
+) -> None:
+    data = sample_record(np.random.default_rng(3), "001", 512, fov_mean=0.4).to_dict()
+    data.update(preset="my-own")  # a custom preset's table is unknown: parsing accepts it
+    data["halo"].update(style=style, color=color)
+    record = DegradationRecord.from_dict(data)
+    with pytest.raises(RecordError) as info:
+        record.to_released()
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("style", [0, 1, 2])
+def test_every_release_halo_style_exports_and_reimports_the_same_record(style: int) -> None:
+    data = sample_record(np.random.default_rng(3), "001", 512, fov_mean=0.4).to_dict()
+    data["halo"].update(style=style, color=list(RELEASE_HALO_COLORS[style]))
+    record = DegradationRecord.from_dict(data)
+    again = DegradationRecord.from_released(json.loads(json.dumps(record.to_released())))
+    assert again.halo == record.halo

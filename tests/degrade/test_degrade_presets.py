@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fundus_batch.degrade import PRESETS, Preset, PresetError, get_preset, sample_record
+from fundus_batch.degrade import (
+    PRESETS,
+    Preset,
+    PresetError,
+    get_preset,
+    sample_record,
+    sample_rng,
+)
 
 
 def test_builtin_presets() -> None:
@@ -84,3 +91,52 @@ def test_presets_are_frozen_and_round_trip_their_dict() -> None:
         preset.name = "other"  # type: ignore[misc]
     assert Preset.from_dict(preset.to_dict()) == preset
     assert preset.to_dict()["halo_colors"] == [list(c) for c in preset.halo_colors]
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "x", "halo_inner": [1.0, 4.5]}, "halo_inner"),
+        ({"name": "x", "halo_outer_min": 4.5}, "halo_outer_min"),
+        ({"name": "x", "halo_gamma": [0.5, 3.5, 0.5]}, "halo_gamma[1]"),
+        ({"name": "x", "hole_kernel": [0.5, 4.5]}, "hole_kernel"),
+        ({"name": "x", "blur_sigma": [5, 5000]}, "blur_sigma"),
+        ({"name": "x", "model": "train", "spot_kernel": 2049}, "spot_kernel"),
+    ],
+)
+def test_length_ranges_stop_where_a_draw_could_leave_the_record_bounds(
+    data: dict, field: str
+) -> None:
+    with pytest.raises(PresetError) as info:
+        Preset.from_dict(data)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("model", ["release", "train"])
+def test_presets_at_their_upper_limits_never_sample_a_record_the_bounds_refuse(
+    model: str,
+) -> None:
+    widest = Preset.from_dict(
+        {
+            "name": "widest",
+            "model": model,
+            "halo_inner": [4.0, 4.0],
+            "halo_outer_min": 4.0,
+            "halo_gamma": [3.0, 3.0, 3.0],
+            "halo_center_jitter": 0.4999,
+            "halo_first_style_below": None,
+            "halo_sigma": [1.0, 1.0],
+            "hole_diameter": [1.0, 1.0],
+            "hole_center_x": [0.0, 1.0],
+            "hole_center_y": [0.0, 1.0],
+            "hole_kernel": [4.0, 4.0],
+            "spot_radius": [0.2, 0.45],
+            "spot_kernel": 2047,
+            "blur_sigma": [4095.9, 4096.0],
+        }
+    )
+    for size in (32, 33, 64, 100, 511, 512, 1000, 4096):
+        for variant in range(8):
+            # a refused record would raise RecordError from the record's own checks
+            record = sample_record(sample_rng(0, str(size), variant), "111", size, widest, 0.3)
+            assert record.blur is not None and record.blur.k_w <= 4 * size + 1
