@@ -84,7 +84,7 @@ def write_report(
         save(sheet.figure, sheet.png)
     svgs = []
     for plot in data.metrics.plots:
-        svg = svg_boxplot(plot.title, plot.groups, plot.series, plot.values)
+        svg = svg_boxplot(plot.title, plot.groups, plot.series, plot.values, note=plot.note)
         save(f"metric_{plot.key}.svg", svg.encode("utf-8"))
         svgs.append(svg)
     page = render_page(data, sheets, svgs)

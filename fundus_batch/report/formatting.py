@@ -7,7 +7,7 @@ from typing import SupportsFloat, cast
 
 from fundus_batch.fidelity import NO_TYPE
 
-__all__ = ["NO_TYPE", "TYPE_NAMES", "duration", "fmt", "num", "type_label"]
+__all__ = ["NO_TYPE", "TYPE_NAMES", "Verbatim", "decimals", "duration", "fmt", "num", "type_label"]
 
 TYPE_NAMES = {
     "001": "illumination",
@@ -22,7 +22,22 @@ TYPE_NAMES = {
 
 SHARE_METRICS = ("nr_overexposed", "nr_underexposed")
 UNIT_METRICS = ("ssim", "ms_ssim", "vessel_")  # scores on a 0-1 scale, shown to 4 decimals
+# Small-valued no-reference metrics, shown to 4 decimals; every other value gets 2.
+FINE_METRICS = ("nr_uniformity", "nr_rms_contrast", "nr_blur_effect")
 DASH = "–"
+
+
+class Verbatim(str):
+    """Text shown as it is (still HTML-escaped), never redacted: image ids and the links built
+    from them, which name files under OUT. An id that happens to look like an access key id
+    (``ASIA2019RETINA000123``) must reach the page intact."""
+
+    __slots__ = ()
+
+
+def decimals(metric: str) -> int:
+    """Decimals shown for ``metric``: fixed per column, so that values line up."""
+    return 4 if metric.startswith(UNIT_METRICS + FINE_METRICS) else 2
 
 
 def num(value: object) -> float | None:
@@ -37,7 +52,8 @@ def num(value: object) -> float | None:
 
 
 def fmt(value: object, metric: str = "") -> str:
-    """``value`` shown the way ``metric`` is read: dB to 2 decimals, shares as %, ..."""
+    """``value`` shown the way ``metric`` is read: dB to 2 decimals, shares as %, 0-1 scores to
+    4 decimals; every metric with a fixed number of decimals (see :func:`decimals`)."""
     f = num(value)
     if f is None:
         return DASH
@@ -47,9 +63,7 @@ def fmt(value: object, metric: str = "") -> str:
         return f"{int(f)}"
     if metric in SHARE_METRICS:
         return f"{f * 100:.2f}%"
-    if metric.startswith(UNIT_METRICS):
-        return f"{f:.4f}"
-    return f"{f:.4g}"
+    return f"{f:.{decimals(metric)}f}"
 
 
 def duration(seconds: float | None) -> str:

@@ -34,6 +34,9 @@ _BOX_W, _GAP = 18, 8
 _LEFT, _RIGHT, _TOP, _BOTTOM = 60, 16, 50, 30
 _HEIGHT = 270
 _POINTS_MAX = 60  # draw every point up to this many values, else only the outliers
+OUTLIERS_DRAWN = 25
+"""Outliers drawn per side of a box at most (the most extreme); the rest are only counted."""
+_NOTE_H = 16  # height of one note line under the plot
 
 
 def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
@@ -102,11 +105,15 @@ def svg_boxplot(
     series: Sequence[str],
     data: Mapping[tuple[str, str], Sequence[float] | np.ndarray],
     colors: Mapping[str, str] | None = None,
+    *,
+    note: str = "",
 ) -> str:
     """Grouped box plot as a standalone SVG: one slot per group, one box per series present.
 
     ``data[(group, series)]`` holds finite values. Whiskers reach the furthest points within
-    1.5 IQR; the points themselves are drawn when there are few of them.
+    1.5 IQR; the points themselves are drawn when there are few of them, else the outliers, at
+    most :data:`OUTLIERS_DRAWN` per side of a box (the plot then says so under it, and the
+    box's tooltip gives the count). ``note`` is a line of text under the plot.
     """
     colors = colors or ROLE_COLORS
     values = {k: np.asarray(v, dtype=np.float64) for k, v in data.items()}
@@ -118,19 +125,30 @@ def svg_boxplot(
     plot_w = max(len(groups) * slot, 300)
     width = _LEFT + plot_w + _RIGHT
     plot_h = _HEIGHT - _TOP - _BOTTOM
+    stats = {k: box_stats(v) for k, v in values.items() if v.size}
+    capped = any(
+        values[k].size > _POINTS_MAX and max(map(len, _sides(b))) > OUTLIERS_DRAWN
+        for k, b in stats.items()
+    )
+    notes = [note] if note else []
+    if capped:
+        notes.append(f"outliers: at most the {OUTLIERS_DRAWN} most extreme per side of a box drawn")
+    height = _HEIGHT + _NOTE_H * len(notes)
     svg = ET.Element(
         "svg",
         {
             "xmlns": SVG_NS,
             "width": str(width),
-            "height": str(_HEIGHT),
-            "viewBox": f"0 0 {width} {_HEIGHT}",
+            "height": str(height),
+            "viewBox": f"0 0 {width} {height}",
             "role": "img",
             "aria-label": title,
             "font-family": "system-ui,sans-serif",
         },
     )
     _sub(svg, "text", title, x=12, y=20, font_size=14, font_weight=600, fill="#111827")
+    for i, line in enumerate(notes):
+        _sub(svg, "text", line, x=12, y=_HEIGHT + _NOTE_H * i + 4, font_size=11, fill="#6b7280")
     lx = _LEFT
     for name in series:  # legend under the title
         _sub(
@@ -187,29 +205,42 @@ def svg_boxplot(
         for si, name in enumerate(members):
             bx = cx - span / 2 + si * (_BOX_W + _GAP)
             color = colors.get(name, _DEFAULT_COLOR)
-            _box(svg, values[(group, name)], bx, y, color, f"{group} {name}")
+            key = (group, name)
+            _box(svg, values[key], stats[key], bx, y, color, f"{group} {name}")
     return ET.tostring(svg, encoding="unicode")
+
+
+def _sides(b: BoxStats) -> tuple[np.ndarray, np.ndarray]:
+    """The outliers below the box, most extreme first, and those above it, most extreme last."""
+    out = np.sort(np.asarray(b.outliers, dtype=np.float64))
+    return out[out < b.q1], out[out > b.q3]
 
 
 def _box(
     svg: ET.Element,
     vals: np.ndarray,
+    b: BoxStats,
     bx: float,
     y: Callable[[float], float],
     color: str,
     label: str,
 ) -> None:
-    """One box with its whiskers, median line, points and a hover tooltip."""
-    b = box_stats(vals)
+    """One box with its whiskers, median line, points (or capped outliers) and a tooltip."""
     bw = float(_BOX_W)
     mid = bx + bw / 2
     g = _sub(svg, "g")
-    _sub(
-        g,
-        "title",
+    tip = (
         f"{label}: n={vals.size}, median={b.median:.4g}, mean={float(vals.mean()):.4g}, "
-        f"range={float(vals.min()):.4g}–{float(vals.max()):.4g}",
+        f"range={float(vals.min()):.4g}–{float(vals.max()):.4g}"
     )
+    low, high = _sides(b)
+    drawn = np.concatenate([low[:OUTLIERS_DRAWN], high[-OUTLIERS_DRAWN:] if high.size else high])
+    if vals.size > _POINTS_MAX and drawn.size < low.size + high.size:
+        tip += (
+            f"; {low.size} outliers below and {high.size} above, "
+            f"the {OUTLIERS_DRAWN} most extreme of each side drawn"
+        )
+    _sub(g, "title", tip)
     _sub(g, "line", x1=mid, x2=mid, y1=y(b.lo), y2=y(b.hi), stroke=color)
     for w in (b.lo, b.hi):
         _sub(g, "line", x1=bx + 4, x2=bx + bw - 4, y1=y(w), y2=y(w), stroke=color)
@@ -249,8 +280,8 @@ def _box(
                 fill_opacity="0.55",
             )
     else:
-        for v in b.outliers:
-            _sub(g, "circle", cx=mid, cy=y(v), r=2.2, fill="none", stroke=color)
+        for v in drawn:
+            _sub(g, "circle", cx=mid, cy=y(float(v)), r=2.2, fill="none", stroke=color)
 
 
 def inline(svg: str) -> str:

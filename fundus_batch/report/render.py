@@ -1,7 +1,9 @@
 """The report page: :mod:`data` and :mod:`sheets` structures through the Jinja2 template.
 
-Autoescape is on for every value; credentials are removed from every value as it is written.
-The SVG plots are the only markup passed in, and :mod:`plots` builds them as XML elements.
+Autoescape is on for every value; credentials are removed from every value as it is written,
+except :class:`~fundus_batch.report.formatting.Verbatim` text (image ids and the links built
+from them, which name files under OUT and would break if redacted). The SVG plots are the only
+markup passed in, and :mod:`plots` builds them as XML elements.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fundus_batch.io import storage
 from fundus_batch.output import RUN_JSON
 from fundus_batch.report import plots
 from fundus_batch.report.data import ReportData
-from fundus_batch.report.formatting import fmt
+from fundus_batch.report.formatting import Verbatim, fmt
 from fundus_batch.report.sheets import ContactSheets
 
 __all__ = ["FIGURES_DIR", "SECTION_IDS", "SECTION_TITLES", "TEMPLATE", "render_page"]
@@ -30,8 +32,9 @@ SECTION_TITLES = ("Summary", "Contact sheets", "Metrics", "Downstream", "Failure
 
 
 def _finalize(value: object) -> object:
-    """Every value written by the template, with credentials removed (markup is left alone)."""
-    if isinstance(value, Markup):
+    """Every value written by the template, with credentials removed (markup and ids are left
+    alone; autoescape still escapes ids)."""
+    if isinstance(value, Markup | Verbatim):
         return value
     return storage.redact(str(value))
 

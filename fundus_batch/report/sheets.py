@@ -19,19 +19,19 @@ import pandas as pd
 
 from fundus_batch.io import codecs, storage
 from fundus_batch.outpaths import resolve
-from fundus_batch.report.data import Loaded
-from fundus_batch.report.formatting import fmt, num, type_label
+from fundus_batch.report.data import PARAM_COLUMNS, Loaded
+from fundus_batch.report.formatting import Verbatim, fmt, num, type_label
 
-__all__ = ["Caption", "ContactSheets", "ImageReader", "Thumb", "TypeSheet", "contact_sheets"]
+__all__ = [
+    "PARAM_COLUMNS",
+    "Caption",
+    "ContactSheets",
+    "ImageReader",
+    "Thumb",
+    "TypeSheet",
+    "contact_sheets",
+]
 
-PARAM_COLUMNS = (
-    ("blur_sigma", "blur σ"),
-    ("n_spots", "spots"),
-    ("hole_strength", "hole"),
-    ("brightness", "bright."),
-    ("contrast", "contr."),
-    ("saturation", "sat."),
-)
 _GAP = 4
 _MISSING_GREY = 235
 
@@ -115,7 +115,7 @@ class ImageReader:
         self._located[recorded] = uri
         return data
 
-    def link(self, recorded: object) -> str | None:
+    def link(self, recorded: object) -> Verbatim | None:
         """A URL-quoted path from the report's folder to an image that was read, or None when
         the two do not share a filesystem (a local report of a bucket, say)."""
         from urllib.parse import quote
@@ -133,7 +133,7 @@ class ImageReader:
         else:
             rel = os.path.relpath(os.path.abspath(where), os.path.abspath(self.report_dir))
             rel = rel.replace(os.sep, "/")
-        return quote(rel, safe="/")
+        return Verbatim(quote(rel, safe="/"))  # a path under OUT: never redacted
 
 
 def thumbnail(rgb: np.ndarray, side: int) -> np.ndarray:
@@ -183,8 +183,11 @@ def caption(row: pd.Series) -> Caption:
     ]
     lines = [", ".join(params)] if params else []
     for role in ("degraded", "enhanced"):
-        psnr, ssim = num(row.get(f"psnr_{role}")), num(row.get(f"ssim_{role}"))
-        if psnr is not None or ssim is not None:
+        raw_psnr = row.get(f"psnr_{role}")
+        psnr, ssim = num(raw_psnr), num(row.get(f"ssim_{role}"))
+        if _is_posinf(raw_psnr):
+            lines.append(f"{role}: identical to clean (PSNR ∞), SSIM {fmt(ssim, 'ssim')}")
+        elif psnr is not None or ssim is not None:
             lines.append(f"{role}: PSNR {fmt(psnr, 'psnr')} dB, SSIM {fmt(ssim, 'ssim')}")
     model = row.get("model_name")
     if isinstance(model, str) and model:
@@ -192,7 +195,12 @@ def caption(row: pd.Series) -> Caption:
         lines.append(
             f"model {model}" + (f" on {device}" if isinstance(device, str) and device else "")
         )
-    return Caption(storage.redact(name), [storage.redact(line) for line in lines])
+    # The id is shown as it is (an id is no credential); the lines may name a model's URI.
+    return Caption(Verbatim(name), [storage.redact(line) for line in lines])
+
+
+def _is_posinf(value: object) -> bool:
+    return isinstance(value, float) and value == float("inf")
 
 
 def _data_uri(png: bytes) -> str:
@@ -203,20 +211,20 @@ def contact_sheets(
     loaded: Loaded, reader: ImageReader, rows_per_type: int, thumb: int
 ) -> ContactSheets:
     """Up to ``rows_per_type`` rows of each type: thumbnails per role, captions, a PNG sheet."""
-    ok = loaded.ok
-    if ok.empty:
+    if not loaded.ok_rows.size:
         return ContactSheets(False, [], thumb, [])
+    uris = loaded.view("degraded_uri", "enhanced_uri")
     roles = ["clean"] + [
-        r
-        for r in ("degraded", "enhanced")
-        if f"{r}_uri" in ok.columns and ok[f"{r}_uri"].notna().any()
+        r for r in ("degraded", "enhanced") if f"{r}_uri" in uris and uris[f"{r}_uri"].notna().any()
     ]
+    # Rows are picked on their keys alone, labelled by position in ok.
+    keys = loaded.view("image_id", "variant").reset_index(drop=True)
     sheets = []
-    for code in loaded.types:
-        of_type = ok[ok["type_code"] == code]
+    for code, idx in loaded.groups[:-1]:
+        picked = pick_rows(keys.iloc[idx], rows_per_type).index.to_numpy()
         grid: list[list[np.ndarray]] = []
         entries = []
-        for _, row in pick_rows(of_type, rows_per_type).iterrows():
+        for _, row in loaded.frame.iloc[loaded.ok_rows[picked]].iterrows():
             thumbs, squares = [], []
             for role in roles:
                 recorded = row.get(f"{role}_uri")
@@ -234,5 +242,5 @@ def contact_sheets(
             entries.append(Entry(thumbs, caption(row)))
         figure = f"contact_{re.sub(r'[^A-Za-z0-9_-]', '_', code)}.png"
         png = codecs.encode_png(sheet_image(grid, thumb))
-        sheets.append(TypeSheet(code, type_label(code), len(of_type), entries, figure, png))
+        sheets.append(TypeSheet(code, type_label(code), int(idx.size), entries, figure, png))
     return ContactSheets(True, roles, thumb, sheets)

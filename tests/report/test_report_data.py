@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from fundus_batch.fidelity import FIDELITY_COLUMNS
 from fundus_batch.output import OutputStore, ShardWriter
-from fundus_batch.report.data import aggregate, downstream, failures, load, throughput
+from fundus_batch.report import data as data_module
+from fundus_batch.report.data import (
+    REPORT_COLUMNS,
+    Loaded,
+    aggregate,
+    downstream,
+    failures,
+    load,
+    throughput,
+)
+from fundus_batch.report.formatting import fmt
 from fundus_batch.schema import output_schema, to_table
 from tests.report.report_rows import PSNR, enhance_rows, failed_row, loaded, ok_rows, run_json
 
@@ -71,7 +84,6 @@ def test_summary_accounts_for_planned_rows_and_notes_disagreement_with_the_parqu
     assert summary.accounted == (7, 6, 1) and summary.disagreement is None
     summary = aggregate(loaded(rows, run_json(5, 2))).summary
     assert summary.disagreement == (6, 1, 5, 2)
-    assert dict(summary.cards)["ok"] == "5"
 
 
 def test_summary_from_parquet_only_counts_rows_itself():
@@ -209,3 +221,213 @@ def test_load_of_a_run_without_shards_gives_an_empty_frame(tmp_path: Path):
     result = load(str(tmp_path))
     assert result.frame.empty and result.run == {"state": "running"}
     assert aggregate(result).metrics.has_rows is False
+
+
+# ---------------------------------------------------------------------------- mean populations
+
+INF = math.inf
+
+
+def _identical_and_partly_enhanced() -> list[dict]:
+    """Six blur rows: a is enhanced; b was not (enhancement added later, with --limit); c-f are
+    identical to clean (PSNR ∞, SSIM 1), c alone enhanced."""
+    psnr_d = [36.0, 40.0, INF, INF, INF, INF]
+    psnr_e = [37.0, None, INF, None, None, None]
+    ssim_d = [0.90, 0.99, 1.0, 1.0, 1.0, 1.0]
+    ssim_e = [0.92, None, 1.0, None, None, None]
+    return [
+        {
+            "image_id": iid,
+            "variant": 0,
+            "status": "ok",
+            "type_code": "100",
+            "degraded_uri": f"images/{iid}/d.png",
+            "enhanced_uri": f"images/{iid}/e.png" if psnr_e[i] is not None else None,
+            "psnr_degraded": psnr_d[i],
+            "psnr_enhanced": psnr_e[i],
+            "ssim_degraded": ssim_d[i],
+            "ssim_enhanced": ssim_e[i],
+            "nr_luminance_degraded": 80.0 + i,
+            "nr_luminance_enhanced": 90.0 if psnr_e[i] is not None else None,
+        }
+        for i, iid in enumerate("abcdef")
+    ]
+
+
+def test_rows_identical_to_clean_are_counted_and_left_out_of_every_column_alike():
+    data = aggregate(loaded(_identical_and_partly_enhanced(), run_json(6, 0)))
+    table = data.metrics.full_reference
+    assert table is not None and table.identical
+    blur = table.rows[0]
+    # Every column averages row a only: b lacks enhancement, c-f are identical (PSNR ∞).
+    assert (blur.rows, blur.n, blur.identical) == (6, 1, 4)
+    assert blur.values == pytest.approx([36.0, 37.0, 0.90, 0.92])
+    assert "PSNR ∞" in table.note
+
+
+def test_degraded_and_enhanced_means_pair_the_same_rows_and_show_no_loss_that_is_not_there():
+    data = aggregate(loaded(_identical_and_partly_enhanced(), run_json(6, 0)))
+    assert data.metrics.warnings == []  # the paired comparison sees no loss...
+    table = data.metrics.full_reference
+    assert table is not None
+    degraded, enhanced = table.rows[0].values[:2]
+    assert degraded is not None and enhanced is not None and enhanced >= degraded  # ...nor here
+    nr = data.metrics.no_reference
+    assert nr is not None and nr.partial
+    rows = {r.label: r for r in nr.rows}
+    deg, enh = rows["degraded · 100 · blur"], rows["enhanced · 100 · blur"]
+    assert deg.n == enh.n == 2 and deg.rows == 6  # rows a and c, both roles
+    assert deg.values[0] == pytest.approx(81.0) and enh.values[0] == pytest.approx(90.0)
+
+
+def test_vessel_means_and_the_auc_gain_are_over_the_rows_scored_in_every_column():
+    rows = ok_rows()
+    for i, row in enumerate(rows):
+        row["vessel_auc_degraded"] = 0.9 if i % 2 else 0.6
+        row["vessel_auc_enhanced"] = 0.8 if i % 2 else None  # only odd rows were enhanced
+    result = downstream(loaded(rows))
+    assert result.partial
+    everything = result.table[-1]
+    assert (everything.rows, everything.n) == (6, 3)
+    assert everything.values == pytest.approx([0.9, 0.8])
+    assert everything.gain == pytest.approx(-0.1)
+
+
+def test_psnr_plot_says_how_many_infinite_values_it_leaves_out():
+    data = aggregate(loaded(_identical_and_partly_enhanced(), run_json(6, 0)))
+    (psnr,) = [p for p in data.metrics.plots if p.key == "psnr"]
+    assert psnr.values[("100", "degraded")] == [36.0, 40.0]
+    assert psnr.note == "5 values of ∞ (image identical to clean) not drawn"
+
+
+# ---------------------------------------------------------------------------- headline counts
+
+
+def _limit_run() -> dict:
+    """run.json of a later ``--limit 2`` run: its counts cover its own 6 rows only."""
+    run = run_json(6, 0, manifest_rows=2)
+    run["config"]["limit"] = 2
+    return run
+
+
+def test_headline_counts_the_parquet_and_run_json_counts_are_shown_as_the_last_runs():
+    rows = [*ok_rows(), failed_row("gone", "fetch", "FileNotFoundError: gone.jpg")]
+    rows.append(failed_row("gone", "fetch", "FileNotFoundError: gone.jpg", variant=1))
+    summary = aggregate(loaded(rows, _limit_run())).summary
+    cards = dict(summary.cards)
+    assert (cards["rows"], cards["ok"], cards["failed"]) == ("8", "6", "2")
+    assert summary.accounted is None  # no "every planned row is accounted for"
+    assert summary.disagreement == (6, 2, 6, 0)
+    last = summary.last_run
+    assert last is not None and last.scope == "limit 2, 2 manifest rows"
+    assert dict(last.facts)["ok"] == "6" and dict(last.facts)["failed"] == "0"
+    assert (last.missing, last.beyond) == (0, 2)
+
+
+def test_rows_run_json_counts_but_the_parquet_lost_are_reported_missing():
+    summary = aggregate(loaded(ok_rows()[:4], run_json(6, 1))).summary
+    assert dict(summary.cards)["ok"] == "4" and summary.accounted is None
+    assert summary.last_run is not None and summary.last_run.missing == 3
+
+
+# ---------------------------------------------------------------------------- this run's rate
+
+OLD_SHARD = "part-20260101T000000-11-00000.parquet"
+NEW_SHARD = "part-20260101T000105-22-00000.parquet"
+
+
+def _resumed(shards: tuple[tuple[str, int], ...]) -> Loaded:
+    """8 rows of 4 images written by a first run (2 variants each), then 4 rows (variant 2 of
+    each image) by a resumed run with 3 variants configured."""
+    rows = [
+        {"image_id": f"img_{i}", "variant": v, "status": "ok", "type_code": "001"}
+        for v in range(3)
+        for i in range(4)
+    ]
+    run = run_json(4, 0)
+    run |= {"started": "2026-01-01T00:01:04Z", "finished": "2026-01-01T00:01:08Z"}
+    run["counts"] |= {"rows_in": 12, "ok": 12, "done_before": 8, "this_run": 4}
+    frame = loaded(rows, run).frame
+    return Loaded("/tmp/out", run, frame, shards)
+
+
+def test_source_images_per_second_counts_the_images_this_run_wrote():
+    facts = dict(throughput(_resumed(((OLD_SHARD, 8), (NEW_SHARD, 4)))).facts)
+    # 4 images in 4 s, one variant each; not 4 rows / 3 configured variants / 4 s.
+    assert facts["source images / s"] == "1.00"
+    assert "variants per image" not in facts
+
+
+def test_source_images_per_second_is_left_out_when_the_shards_do_not_tell_this_runs_rows():
+    facts = dict(throughput(_resumed((("renamed.parquet", 12),))).facts)
+    assert facts["rows / s"] == "1.00"
+    assert facts["source images / s"].startswith("not shown: the shards do not tell")
+    assert "variants per image" not in facts
+
+
+def test_a_run_that_wrote_every_row_has_its_rate_without_shard_names():
+    facts = dict(throughput(loaded(ok_rows(), run_json(6, 0))).facts)
+    assert facts["source images / s"] == "0.50" and facts["variants per image"] == "3"
+
+
+# ---------------------------------------------------------------------------- loading at scale
+
+
+def test_load_reads_only_the_columns_the_report_uses(tmp_path: Path, monkeypatch):
+    rows = ok_rows()
+    rows[0] |= {"row_sha256": "ab" * 32, "source_uri": "s3://bucket/a.jpg", "fov_r": 1.0}
+    _write_shard(str(tmp_path), rows)
+    asked: list[list[str] | None] = []
+    real = data_module.read_shard
+
+    def spy(path: str, columns: list[str] | None = None, *args: Any, **kw: Any) -> Any:
+        asked.append(columns)
+        return real(path, columns, *args, **kw)
+
+    monkeypatch.setattr(data_module, "read_shard", spy)
+    result = load(str(tmp_path))
+    assert asked == [list(REPORT_COLUMNS)]
+    assert set(result.frame.columns) <= set(REPORT_COLUMNS)
+    assert not {"row_sha256", "source_uri", "fov_r"} & set(result.frame.columns)
+    assert set(FIDELITY_COLUMNS) <= set(REPORT_COLUMNS)  # the fidelity lines read these
+
+
+def test_ok_rows_are_selected_once_however_often_sections_ask():
+    result = loaded([*ok_rows(), failed_row("gone", "fetch", "FileNotFoundError: x")])
+    assert result.ok is result.ok and len(result.ok) == 6
+    assert result.numbers("psnr_degraded") is result.numbers("psnr_degraded")
+
+
+# ---------------------------------------------------------------------------- cosmetics
+
+
+def test_score_run_plots_have_no_empty_type_slot():
+    rows = [{k: v for k, v in r.items() if k != "nr_luminance_enhanced"} for r in enhance_rows()]
+    run = run_json(2, 0)
+    run["config"] = {"mode": "score"}
+    (plot,) = [p for p in aggregate(loaded(rows, run)).metrics.plots if p.key == "nr_luminance"]
+    assert plot.groups == ["input"] and plot.series == ["input"]
+
+
+def test_vessel_columns_of_the_input_image_are_headed_input_outside_pairs_runs():
+    rows = [{**r, "vessel_auc_clean": 0.9, "vessel_auc_enhanced": 0.8} for r in enhance_rows()]
+    run = run_json(2, 0)
+    run["config"] = {"mode": "enhance"}
+    result = downstream(loaded(rows, run))
+    assert [(c.label, c.sub) for c in result.columns] == [("AUC", "input"), ("AUC", "enhanced")]
+
+
+def test_each_metric_column_shows_a_fixed_number_of_decimals():
+    assert fmt(68.2, "nr_luminance") == "68.20" and fmt(82.678, "nr_luminance") == "82.68"
+    assert fmt(0.15, "nr_uniformity") == "0.1500" and fmt(1234.5, "nr_laplacian_var") == "1234.50"
+
+
+def test_a_type_whose_every_row_is_identical_to_clean_still_counts_them():
+    rows = _identical_and_partly_enhanced()[2:]
+    for row in rows:
+        row |= {"psnr_enhanced": None, "ssim_enhanced": None, "enhanced_uri": None}
+    table = aggregate(loaded(rows, run_json(4, 0))).metrics.full_reference
+    assert table is not None
+    blur = table.rows[0]
+    assert (blur.rows, blur.n, blur.identical) == (4, 0, 4)
+    assert blur.values == [None, None]  # PSNR and SSIM: no row to average

@@ -7,7 +7,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fundus_batch.report.plots import SVG_NS, box_stats, inline, nice_ticks, svg_boxplot
+from fundus_batch.report.plots import (
+    OUTLIERS_DRAWN,
+    SVG_NS,
+    box_stats,
+    inline,
+    nice_ticks,
+    svg_boxplot,
+)
 
 NS = {"s": SVG_NS}
 TOP, PLOT_H = 50, 190  # the plot area of svg_boxplot: y = TOP + PLOT_H * (1 - (v - lo) / span)
@@ -77,3 +84,31 @@ def test_inline_svg_drops_only_the_namespace_declaration():
     svg = svg_boxplot("t", ["g"], ["s"], {("g", "s"): [1.0]})
     assert svg.startswith(f'<svg xmlns="{SVG_NS}"')
     assert inline(svg) == svg.replace(f' xmlns="{SVG_NS}"', "")
+
+
+def test_outliers_are_capped_at_the_most_extreme_per_side_and_the_plot_says_so():
+    body = [float(v % 10) for v in range(1000)]
+    low = [-100.0 - v for v in range(300)]
+    high = [100.0 + v for v in range(200)]
+    svg = _parse(svg_boxplot("t", ["g"], ["s"], {("g", "s"): body + low + high}, note="n.b."))
+    assert len(list(svg.iterfind("s:g/s:circle", NS))) == 2 * OUTLIERS_DRAWN
+    (tip,) = [t.text or "" for t in svg.iterfind("s:g/s:title", NS)]
+    assert f"300 outliers below and 200 above, the {OUTLIERS_DRAWN} most extreme" in tip
+    notes = [t.text for t in svg.iterfind("s:text", NS)]
+    assert "n.b." in notes
+    assert f"outliers: at most the {OUTLIERS_DRAWN} most extreme per side of a box drawn" in notes
+
+
+def test_capped_outliers_are_the_most_extreme_values():
+    values = [float(v % 10) for v in range(1000)] + [100.0 + v for v in range(100)]
+    svg = svg_boxplot("t", ["g"], ["s"], {("g", "s"): values})
+    root = _parse(svg)
+    ys = sorted(float(c.get("cy", "")) for c in root.iterfind("s:g/s:circle", NS))
+    ticks = [float(t.text or "") for t in root.iterfind("s:text[@text-anchor='end']", NS)]
+    lo, hi = ticks[0], ticks[-1]
+
+    def value(yy: float) -> float:
+        return lo + (hi - lo) * (1 - (yy - TOP) / PLOT_H)
+
+    shown = sorted(round(value(yy)) for yy in ys)
+    assert shown == list(range(175, 200))

@@ -7,12 +7,24 @@ import importlib.resources
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from fundus_batch.io import codecs
 from fundus_batch.report.data import aggregate
 from fundus_batch.report.plots import svg_boxplot
 from fundus_batch.report.render import SECTION_IDS, TEMPLATE, render_page
-from fundus_batch.report.sheets import Caption, ContactSheets, Entry, Thumb, TypeSheet
+from fundus_batch.report.sheets import (
+    Caption,
+    ContactSheets,
+    Entry,
+    ImageReader,
+    Thumb,
+    TypeSheet,
+    caption,
+    contact_sheets,
+)
 from tests.report.report_rows import enhance_rows, failed_row, loaded, ok_rows, run_json
 
 HOSTILE = "<script>alert(1)</script>"
@@ -158,3 +170,64 @@ def test_template_ships_as_package_data():
     package_data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
     patterns = package_data.get("fundus_batch.report", [])
     assert any(fnmatch.fnmatch(f"templates/{TEMPLATE}", p) for p in patterns)
+
+
+KEY_LIKE_ID = "ASIA2019RETINA000123"  # an ordinary site code that looks like an AWS key id
+
+
+def test_an_id_that_looks_like_an_access_key_reaches_captions_links_and_failures_intact(
+    tmp_path: Path,
+):
+    image = tmp_path / "images" / KEY_LIKE_ID / "clean.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(codecs.encode_png(np.full((64, 64, 3), 90, np.uint8)))
+    row = {**ok_rows()[0], "image_id": KEY_LIKE_ID, "degraded_uri": None, "enhanced_uri": None}
+    row["clean_uri"] = f"images/{KEY_LIKE_ID}/clean.png"
+    error = f"DecodeError: s3://AKIAABCDEFGHIJKLMNOP:{SECRET}@b/{KEY_LIKE_ID}.png"
+    rows = [row, failed_row(KEY_LIKE_ID, "fetch", error, variant=1)]
+    result = loaded(rows, run_json(1, 1))
+    result.out = str(tmp_path)
+    reader = ImageReader(str(tmp_path), None, str(tmp_path))
+    html_text = render_page(aggregate(result), contact_sheets(result, reader, 1, 32), [], 0.0)
+    page = _Page()
+    page.feed(html_text)
+    (link,) = page.links
+    assert link["href"] == f"images/{KEY_LIKE_ID}/clean.png"
+    assert f"{KEY_LIKE_ID} · v0" in page.words("contact-sheets")
+    assert f"<td>{KEY_LIKE_ID}</td>" in html_text  # the failures' example ids
+    # The error message may carry credentials: it is still redacted, id and all.
+    assert SECRET not in html_text and "AKIAABCDEFGHIJKLMNOP" not in html_text
+
+
+def test_tick_is_never_shown_when_run_json_counts_another_scope_than_the_parquet():
+    rows = [*ok_rows(), failed_row("gone", "fetch", "FileNotFoundError: gone.jpg")]
+    run = run_json(6, 0, manifest_rows=2)
+    run["config"]["limit"] = 2
+    _, page = _render(rows, run)
+    summary = page.words("summary")
+    assert "✔" not in summary and "every planned row is accounted for" not in summary
+    assert "The Parquet holds 6 ok and 1 failed rows; run.json counts 6 and 0" in summary
+    assert "the last run (limit 2, 2 manifest rows)" in summary
+    assert "1 rows of the Parquet lie outside what the last run counted" in summary
+
+
+def test_rows_lost_after_the_run_are_flagged_not_ticked():
+    _, page = _render(ok_rows()[:4], run_json(6, 0))
+    summary = page.words("summary")
+    assert "✔" not in summary
+    assert "✘ 2 rows run.json counts are not in the Parquet" in summary
+
+
+def test_mean_tables_count_identical_rows_and_the_rows_averaged():
+    rows = ok_rows()
+    rows[0]["psnr_degraded"] = float("inf")
+    rows[1]["psnr_enhanced"] = None
+    html_text, _ = _render(rows, run_json(6, 0))
+    assert '<th class="num">in means</th>' in html_text
+    assert "PSNR ∞ <br><small>identical, not averaged</small>" in html_text
+
+
+def test_caption_of_a_row_identical_to_clean_says_so_instead_of_a_dash():
+    row = pd.Series({"image_id": "a", "variant": 0, "psnr_degraded": float("inf")})
+    row["ssim_degraded"] = 1.0
+    assert caption(row).lines == ["degraded: identical to clean (PSNR ∞), SSIM 1.0000"]
