@@ -18,6 +18,7 @@ from fundus_batch.cli_options import JsonObject, config_options, storage_options
 from fundus_batch.io.storage import redact
 
 if TYPE_CHECKING:
+    from fundus_batch.fidelity import RowFilter
     from fundus_batch.imaging import ImageFormat
 
 
@@ -149,6 +150,7 @@ def degrade_image(
 ) -> None:
     """Degrade one image (FOV preprocessing first unless --preprocessed)."""
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
+    from fundus_batch.degrade.params import RecordError
 
     if params_out is not None and params_out.resolve() == output.resolve():
         raise click.UsageError("--params-out and OUTPUT are the same file")
@@ -173,8 +175,12 @@ def degrade_image(
             )
     image, mask = _working_image(input_path, mask_path, preprocessed, size)
     if replay_path is not None:
-        data = json.loads(_read(replay_path))
-        record = DegradationRecord.from_any(data, size=image.shape[0])
+        try:
+            data = json.loads(_read(replay_path))
+        except json.JSONDecodeError as exc:
+            raise RecordError("record", f"{replay_path}: invalid JSON: {exc}") from None
+        # The released schema's geometry is for 512 px: replay refuses another image size.
+        record = DegradationRecord.from_any(data)
         out = replay(image, mask, record)
     else:
         rng = sample_rng(seed, image_id or input_path.stem, variant)
@@ -387,23 +393,54 @@ def manifest_validate(uri: str, storage_options: dict[str, Any] | None) -> None:
 
 def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> None:
     """Run the pipeline with a live progress bar; Ray's own output goes to a log file unless
-    ``verbose``."""
+    ``verbose``. Ctrl-C exits 130 and SIGTERM 143, after the run's cleanup, with a line saying
+    that the output folder can be resumed."""
     from fundus_batch import pipeline
-    from fundus_batch.console import run_on_console
-
-    summary, log_path = run_on_console(
-        lambda progress: pipeline.run(config, progress=progress),
-        verbose=verbose,
-        progress=config.progress,
-        say=lambda line: click.echo(line, err=True),
+    from fundus_batch.console import (
+        interrupted_exit_code,
+        log_line,
+        run_on_console,
+        sigterm_raises,
     )
+
+    try:
+        with sigterm_raises():
+            summary, log_path = run_on_console(
+                lambda progress: pipeline.run(config, progress=progress),
+                verbose=verbose,
+                progress=config.progress,
+                say=lambda line: click.echo(line, err=True),
+            )
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = interrupted_exit_code(exc)
+        if code is None:
+            raise
+        click.echo(
+            f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'}): {redact(config.out)} keeps "
+            "the rows written so far; run the same command again to resume",
+            err=True,
+        )
+        raise click.exceptions.Exit(code) from None
     _print_summary(summary)
     if log_path is not None:
-        click.echo(f"ray log           {log_path}")
+        click.echo(log_line(log_path))
     if fidelity:
-        _print_fidelity(summary.out, config.out_storage_options)
+        _print_fidelity(config)
     if not summary.complete:
         raise _Fail(f"run incomplete: {summary.ok + summary.failed} of {summary.rows_in} rows")
+
+
+def _this_run(config: Any) -> RowFilter:
+    """Which output rows are (image, variant) pairs of ``config``'s run: the rows its summary
+    counts (the manifest is read again; the pipeline keeps only its ids)."""
+    from fundus_batch.manifest_stream import in_run, scan_manifest
+    from fundus_batch.pipeline import run_variants
+
+    scan = scan_manifest(
+        config.manifest, storage_options=config.storage_options, limit=config.limit
+    )
+    variants = run_variants(config)
+    return lambda table: in_run(table, scan, variants)
 
 
 def _print_summary(summary: Any) -> None:
@@ -419,12 +456,14 @@ def _print_summary(summary: Any) -> None:
     click.echo(f"seconds           {summary.seconds:.1f}")
 
 
-def _print_fidelity(out: str, storage_options: dict | None) -> None:
+def _print_fidelity(config: Any) -> None:
     """A WARNING line for every degradation type on which enhancement lowered PSNR or SSIM, and
-    a NOTE naming the images it left unchanged."""
+    a NOTE naming the images it left unchanged, over the run's pairs (as the summary counts)."""
     from fundus_batch.fidelity import output_summary_lines
 
-    for line in output_summary_lines(out, storage_options):
+    for line in output_summary_lines(
+        config.out, config.out_storage_options, within=_this_run(config)
+    ):
         click.echo(line)
 
 
@@ -620,6 +659,7 @@ def verify_cmd(
 @click.option("--val-every", default=0, show_default=True, type=int, help="steps; 0: at the end")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
+@storage_options_option("fsspec options (JSON) for --pairs in object storage")
 def train_cmd(
     pairs: str,
     out_dir: Path,
@@ -635,8 +675,10 @@ def train_cmd(
     val_every: int,
     device: str,
     resume: bool,
+    storage_options: dict[str, Any] | None,
 ) -> None:
-    """Train a Cofe-Net variant on pairs the pipeline generated; checkpoints and resumes."""
+    """Train a Cofe-Net variant on pairs the pipeline generated (a local folder or any fsspec
+    URL); checkpoints and resumes."""
     import torch
 
     from fundus_batch.train import PairsSource, TrainConfig, registry_entry, train
@@ -659,8 +701,12 @@ def train_cmd(
     )
     # Rows of the validation split are held out of training unless a training split is named.
     held_out = val_split if train_split is None else None
-    train_source = PairsSource(pairs, split=train_split, exclude_split=held_out)
-    val_source = PairsSource(pairs, split=val_split) if val_split else None
+    train_source = PairsSource(
+        pairs, split=train_split, storage_options=storage_options, exclude_split=held_out
+    )
+    val_source = (
+        PairsSource(pairs, split=val_split, storage_options=storage_options) if val_split else None
+    )
 
     def report(val) -> None:
         click.echo(f"validation at step {val.step} (FOV PSNR degraded -> enhanced):")
@@ -719,7 +765,7 @@ def demo(
     _run(config, fidelity=False, verbose=verbose)
     from fundus_batch.demo import print_demo_table
 
-    print_demo_table(str(out / "run"))
+    print_demo_table(str(out / "run"), within=_this_run(config))
     from fundus_batch.report import write_report
 
     click.echo(f"report:  {write_report(str(out / 'run'))}")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from fundus_batch.io.codecs import encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
+
+if TYPE_CHECKING:
+    from fundus_batch.fidelity import RowFilter
 
 
 def retina_jpeg_path() -> Path:
@@ -80,18 +84,21 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     return ok.groupby("type_code").agg(rows=("image_id", "size"), **{c: (c, "mean") for c in cols})
 
 
-def print_demo_table(out: str) -> None:
+def print_demo_table(out: str, within: RowFilter | None = None) -> None:
     """Print the per-type table, the failed-row count, a WARNING line for every type on
-    which enhancement lowered PSNR or SSIM and a NOTE naming the images it left unchanged."""
-    from fundus_batch.fidelity import summary_lines
-    from fundus_batch.shards import read_frame
+    which enhancement lowered PSNR or SSIM and a NOTE naming the images it left unchanged, of
+    the rows ``within`` keeps (the run's pairs; all rows when None)."""
+    from fundus_batch.fidelity import read_output, summary_lines
 
-    frame = read_frame(out)
+    frame = read_output(out, within=within)
     if frame is None:
         raise FileNotFoundError(f"no Parquet shards under {Path(out) / 'pairs'}")
     n_failed = int((frame["status"] != "ok").sum())
     print("")
-    print(summary_table(frame).round(3).to_string())
+    if n_failed < len(frame):
+        print(summary_table(frame).round(3).to_string())
+    else:
+        print("no ok rows: no metrics to show")
     print(f"failed rows: {n_failed} of {len(frame)}")
     for line in summary_lines(frame):
         print(line)

@@ -4,23 +4,29 @@ degraded scores) and which images it left unchanged.
 Used by the run summary, the demo's table and the HTML report, so that every one of them says
 the same thing: a type whose mean enhanced PSNR (or SSIM) against the clean image is below the
 degraded input's was made worse by enhancement, and an image whose ``enhance_change`` is 0 came
-back exactly as it went in. Rows must be ``ok``; failed rows never count.
+back exactly as it went in. Rows must be ``ok``; failed rows never count. A run's own lines
+cover the rows of its (image, variant) pairs only (``within``), as its summary does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 __all__ = [
     "FIDELITY_COLUMNS",
     "NO_TYPE",
     "FidelityLoss",
+    "RowFilter",
     "Unchanged",
     "fidelity_losses",
     "output_summary_lines",
+    "read_output",
     "summary_lines",
     "unchanged_counts",
     "unchanged_lines",
@@ -40,6 +46,10 @@ FIDELITY_COLUMNS = (
 
 NO_TYPE = "none"
 """The type code of rows without a degradation (enhance and score runs), missing or written so."""
+
+RowFilter = Callable[[pa.Table], np.ndarray]
+"""Which rows of an output table (``image_id`` and ``variant`` columns) to keep, e.g. a run's
+pairs (:func:`fundus_batch.manifest_stream.in_run`)."""
 
 _METRICS = (("psnr", "PSNR", " dB", ".2f"), ("ssim", "SSIM", "", ".2g"))
 
@@ -70,7 +80,8 @@ def fidelity_losses(frame: pd.DataFrame) -> list[FidelityLoss]:
     the ``ok`` rows that have both; sorted by type, PSNR before SSIM.
 
     Means are taken over rows holding both values, so a row missing one never tilts the
-    comparison. PSNR is capped for identical images upstream; infinite values are skipped.
+    comparison. The pipeline stores +inf as the PSNR of identical images; infinite values are
+    skipped.
     """
     if "type_code" not in frame.columns:
         return []
@@ -97,10 +108,11 @@ def fidelity_losses(frame: pd.DataFrame) -> list[FidelityLoss]:
 
 def warning_lines(losses: list[FidelityLoss]) -> list[str]:
     """One line per metric, e.g. ``WARNING enhancement lowered PSNR on 010 (-8.90 dB), 100
-    (-9.12 dB)``; empty when enhancement lowered nothing."""
+    (-9.12 dB)``; empty when enhancement lowered nothing. A loss that rounds to zero at the
+    printed precision is no warning."""
     lines = []
     for key, label, unit, spec in _METRICS:
-        hits = [loss for loss in losses if loss.metric == key]
+        hits = [h for h in losses if h.metric == key and float(f"{h.change:{spec}}") != 0]
         if hits:
             parts = ", ".join(f"{h.type_code} ({h.change:+{spec}}{unit})" for h in hits)
             lines.append(f"WARNING enhancement lowered {label} on {parts}")
@@ -156,11 +168,34 @@ def summary_lines(frame: pd.DataFrame) -> list[str]:
     return warning_lines(fidelity_losses(frame)) + unchanged_lines(unchanged_counts(frame))
 
 
-def output_summary_lines(out: str, storage_options: dict | None = None) -> list[str]:
-    """:func:`summary_lines` of the rows stored under output folder ``out`` (none yet: [])."""
-    from fundus_batch.shards import read_frame
+def read_output(
+    out: str,
+    columns: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    within: RowFilter | None = None,
+) -> pd.DataFrame | None:
+    """The rows stored under output folder ``out`` (the ``columns`` asked, all when None),
+    only those ``within`` keeps when given; None when there is no shard."""
+    from fundus_batch.shards import concat_tables, iter_tables, read_frame
 
-    frame = read_frame(out, list(FIDELITY_COLUMNS), storage_options)
-    if frame is None:
+    if within is None:
+        return read_frame(out, columns, storage_options)
+    wanted = None if columns is None else [*columns, "image_id", "variant"]
+    tables = (
+        table.filter(pa.array(within(table), pa.bool_()))
+        for table in iter_tables(out, wanted, storage_options)
+    )
+    table = concat_tables(tables)
+    return None if table is None else table.to_pandas()
+
+
+def output_summary_lines(
+    out: str, storage_options: dict[str, Any] | None = None, *, within: RowFilter | None = None
+) -> list[str]:
+    """:func:`summary_lines` of the rows stored under output folder ``out``, only those
+    ``within`` keeps when given (none: [])."""
+    frame = read_output(out, list(FIDELITY_COLUMNS), storage_options, within=within)
+    if frame is None or frame.empty:
         return []
     return summary_lines(frame)

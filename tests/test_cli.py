@@ -388,6 +388,88 @@ def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):
     assert result.exit_code != 0 and "variants" in result.output
 
 
+def test_fidelity_lines_count_only_the_pairs_of_this_run(tmp_path, capsys):
+    from fundus_batch.config import build_config
+    from fundus_batch.output import OutputStore, ShardWriter
+    from fundus_batch.schema import output_schema, to_table
+
+    ids = [f"img_{i:04d}" for i in range(6)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_id,uri\n" + "".join(f"{i},{i}.jpg\n" for i in ids))
+    out = tmp_path / "out"
+    writer = ShardWriter(OutputStore(str(out)), output_schema())
+    rows = [{"image_id": i, "variant": -1, "status": "ok", "enhance_change": 0.0} for i in ids]
+    writer.add(to_table(rows, output_schema()))
+    writer.close()
+    data = {"mode": "enhance", "manifest": str(manifest), "out": str(out)}
+    cli._print_fidelity(build_config({**data, "limit": 2}))
+    assert capsys.readouterr().out == "NOTE enhancement left 2 of 2 images unchanged\n"
+    cli._print_fidelity(build_config(data))
+    assert capsys.readouterr().out == "NOTE enhancement left 6 of 6 images unchanged\n"
+
+
+def _interrupted(monkeypatch, tmp_path, exc: BaseException):
+    from fundus_batch import pipeline
+
+    def run(config, progress=None):
+        raise exc
+
+    monkeypatch.setattr(pipeline, "run", run)
+    (tmp_path / "m.csv").write_text("image_id,uri\na,a.jpg\n")
+    args = ["degrade", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
+    return CliRunner().invoke(main, args)
+
+
+def test_ctrl_c_exits_130_saying_the_output_can_be_resumed(monkeypatch, tmp_path):
+    result = _interrupted(monkeypatch, tmp_path, KeyboardInterrupt())
+    assert result.exit_code == 130
+    assert "Aborted" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C): {tmp_path / 'o'} keeps the rows written so far; "
+        "run the same command again to resume"
+    )
+
+
+def test_other_exits_of_a_run_pass_through_unchanged(monkeypatch, tmp_path):
+    assert _interrupted(monkeypatch, tmp_path, SystemExit(3)).exit_code == 3
+
+
+SIGTERM_RUN = """
+import os, signal, sys, time
+from fundus_batch import pipeline
+from fundus_batch.cli import main
+
+def run(config, progress=None):
+    try:
+        progress(0, 4)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    finally:
+        open(sys.argv[3], "w").close()  # stdout goes to Ray's log here
+
+pipeline.run = run
+main(["degrade", "--manifest", sys.argv[1], "--out", sys.argv[2]])
+"""
+
+
+def test_sigterm_runs_the_cleanup_and_exits_143_saying_the_output_can_be_resumed(tmp_path):
+    (tmp_path / "m.csv").write_text("image_id,uri\na,a.jpg\n")
+    released = tmp_path / "released"
+    args = [str(tmp_path / "m.csv"), str(tmp_path / "o"), str(released)]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_RUN, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert released.exists()  # the run's finally blocks ran
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("rows 0/4 ")  # the bar's final line
+    assert lines[-1].startswith("interrupted (SIGTERM): ") and "to resume" in lines[-1]
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     result = CliRunner().invoke(

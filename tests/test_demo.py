@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from fundus_batch.demo import print_demo_table, summary_table
@@ -58,3 +60,39 @@ def test_printed_summary_has_no_warning_when_enhancement_helped(tmp_path: Path, 
     _write(tmp_path, enhanced_gain=0.5)
     print_demo_table(str(tmp_path))
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_printed_summary_covers_only_the_rows_within_keeps(tmp_path: Path, capsys):
+    _write(tmp_path, enhanced_gain=-9.0)
+
+    def img0(table: pa.Table) -> np.ndarray:
+        return np.asarray(table.column("image_id").to_pylist()) == "img0"
+
+    print_demo_table(str(tmp_path), within=img0)
+    text = capsys.readouterr().out
+    assert "failed rows: 0 of 2" in text
+    assert summary_table_rows(text) == {"001": 1, "010": 1}
+
+
+def summary_table_rows(text: str) -> dict[str, int]:
+    """The ``rows`` column of the printed table, per type code."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("type_code")) + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("failed"):
+            break
+        code, count = line.split()[:2]
+        rows[code] = int(count)
+    return rows
+
+
+def test_printed_summary_says_so_when_no_row_is_ok(tmp_path: Path, capsys):
+    rows = [{"image_id": "gone", "variant": 0, "status": "failed", "failed_stage": "fetch"}]
+    writer = ShardWriter(OutputStore(str(tmp_path)), output_schema())
+    writer.add(to_table(rows, output_schema()))
+    writer.close()
+    print_demo_table(str(tmp_path))
+    text = capsys.readouterr().out
+    assert "Empty DataFrame" not in text
+    assert "no ok rows: no metrics to show" in text and "failed rows: 1 of 1" in text

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from fundus_batch.fidelity import (
@@ -125,3 +126,31 @@ def test_enhance_mode_rows_without_a_type_are_counted_together():
     # The report fills a missing type code with NO_TYPE; the rows are the same untyped rows.
     written = frame.assign(type_code=[None, NO_TYPE, NO_TYPE])
     assert unchanged_counts(written) == [Unchanged(None, 2, 3)]
+
+
+def test_a_loss_that_rounds_to_zero_at_the_printed_precision_is_no_warning():
+    frame = pd.DataFrame(_rows({"001": -0.004, "010": -0.006}))
+    assert len(fidelity_losses(frame)) == 2
+    assert warning_lines(fidelity_losses(frame)) == [
+        "WARNING enhancement lowered PSNR on 010 (-0.01 dB)"
+    ]
+
+
+def test_output_summary_lines_within_count_only_the_rows_it_keeps(tmp_path: Path):
+    out = str(tmp_path / "out")
+    rows = [
+        {"image_id": f"img{i}", "variant": -1, "status": "ok", "enhance_change": 0.0}
+        for i in range(6)
+    ]
+    writer = ShardWriter(OutputStore(out), output_schema())
+    writer.add(to_table(rows, output_schema()))
+    writer.close()
+    assert output_summary_lines(out) == ["NOTE enhancement left 6 of 6 images unchanged"]
+
+    def first_two(table: pa.Table) -> np.ndarray:
+        return np.isin(table.column("image_id").to_numpy(zero_copy_only=False), ["img0", "img1"])
+
+    assert output_summary_lines(out, within=first_two) == [
+        "NOTE enhancement left 2 of 2 images unchanged"
+    ]
+    assert output_summary_lines(out, within=lambda t: np.zeros(t.num_rows, bool)) == []
