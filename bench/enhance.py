@@ -40,10 +40,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-try:
-    import fundus_batch  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fundus_batch
 
 import numpy as np
 import torch

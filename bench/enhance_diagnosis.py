@@ -73,14 +73,17 @@ def _where(new: np.ndarray, halo: np.ndarray, hole: np.ndarray) -> dict[str, flo
     }
 
 
-def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, float]]:
+def diagnose(fold: Path, data_root: Path, images: int) -> tuple[dict[str, dict[str, float]], int]:
+    """Per-type means over the fold's first ``images`` held-out photographs, and how many
+    photographs that was (the fold may hold out fewer than ``images``)."""
     registry = json.loads((fold / "registry.json").read_text(encoding="utf-8"))
     entry = WeightsEntry.from_dict(registry["weights"][0], fold / "registry.json")
     model = model_for_entry(entry)
     evaluation = json.loads((fold / f"{entry.name}.eval.json").read_text(encoding="utf-8"))
     seed, preset = evaluation["protocol"]["seed"], evaluation["protocol"]["preset"]
     rows: dict[str, list[dict[str, float]]] = {t: [] for t in ILLUMINATION}
-    for held in evaluation["holdout"][:images]:
+    held_out = evaluation["holdout"][:images]
+    for held in held_out:
         mask_path = data_root / held["mask"] if "mask" in held else None
         sample = load_clean_sample(
             held["image_id"], data_root / held["image"], 512, mask_path=mask_path
@@ -121,7 +124,7 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
                     **_where(new, halo_only, hole_only),
                 }
             )
-    return {
+    table = {
         code: {
             **{key: float(np.nanmean([r[key] for r in found])) for key in found[0]},
             "colour_kept_new_error_p95_pct": float(
@@ -131,6 +134,7 @@ def diagnose(fold: Path, data_root: Path, images: int) -> dict[str, dict[str, fl
         for code, found in rows.items()
         if found
     }
+    return table, len(held_out)
 
 
 def main() -> int:
@@ -139,14 +143,20 @@ def main() -> int:
         "--fold", type=Path, default=REPO / "jobs" / "weights" / "folds" / "fold-eyepacs"
     )
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--images", type=int, default=12, help="held-out photographs to use")
+    parser.add_argument(
+        "--images", type=int, default=12, help="held-out photographs to use, at most"
+    )
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images must be >= 1, got {args.images}")
+    if not (args.fold / "registry.json").is_file():
+        parser.error(f"--fold: no registry.json in {args.fold}")
     if not args.data_root.is_dir():
-        print(f"skipped: {args.data_root} is absent")
+        print(f"SKIPPED: no data at {args.data_root} (this bench needs ../shared)")
         return 0
-    table = diagnose(args.fold, args.data_root, args.images)
+    table, scored = diagnose(args.fold, args.data_root, args.images)
     keys = list(next(iter(table.values())))
-    print(f"fold {args.fold.name}, {args.images} held-out photographs, means per type")
+    print(f"fold {args.fold.name}, {scored} held-out photographs, means per type")
     print("| type | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for code, stats in table.items():

@@ -14,9 +14,17 @@ against the clean photograph inside the FOV: PSNR gain over the degraded input, 
 new-error share (``fundus_batch.metrics.harm``) at the 95th percentile of photographs, and,
 where the photograph has vessel ground truth, the vesselness AUC of clean, degraded and enhanced
 images; for a gated model, the mean opening of its gate (0: photograph left alone). The targets
-of issue 10 are checked line by line; the script prints FAIL lines honestly and exits 0 either
-way. ``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``; 1:
-as trained); ``--max-change`` keeps every output pixel within that many grey levels of the
+of issue 10 are checked per fold and per type (:func:`check_targets`): +3 dB on each
+illumination type, no type losing more than 0.5 dB, SSIM not below the degraded input's, beating
+the classical baseline on every type, the new-error share at the 95th percentile of a type's
+photographs <= 0.5 %, the vessel AUC above the degraded input's on every type (only where the
+photographs have vessel maps: HRF, CHASE_DB1; the EyePACS and MX_EyeFundus_DME folds have none),
+and the mean gain over the seven types >= +3 dB. Not checked here: the real low-quality line
+(``bench/real_low_quality.py``). The new-error share pooled over all types is printed for
+information only (the three types a gated model returns unchanged add zeros that hide a type's
+misses). Misses are printed as they are and the script exits 0 either way.
+``--correction-scale`` multiplies every fold's correction (the model's ``field_scale``; 1: as
+trained); ``--max-change`` keeps every output pixel within that many grey levels of the
 degraded input (the model's ``max_change``); ``--gate-threshold`` replaces a gated fold's
 ``field_gate_threshold`` (the sigmoid at which its correction applies); ``--gate-from-type``
 replaces a gated model's predicted gate with the type code's answer (open exactly on the
@@ -229,12 +237,18 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def new_error_p95(rows: list[dict[str, Any]]) -> float:
-    """The Cofe-Net's new-error share at the 95th percentile of all the fold's pairs."""
+    """The Cofe-Net's new-error share at the 95th percentile of all the fold's pairs, every type
+    pooled: information only (the target is per type, :func:`check_targets`)."""
     return float(np.percentile([r["new_error_cofenet"] for r in rows], 95))
 
 
-def check_targets(per_type: dict[str, dict[str, float]], rows: list[dict[str, Any]]) -> list[str]:
-    """The issue-10 targets that the fold's Cofe-Net misses (empty: every line holds)."""
+def check_targets(per_type: dict[str, dict[str, float]]) -> list[str]:
+    """The issue-10 targets that the fold's Cofe-Net misses (empty: every checked line holds).
+
+    Per type: the illumination gain, the largest loss, SSIM against the degraded input, the
+    classical baseline (every type with a defect), the new-error share at the 95th percentile of
+    the type's photographs (as the model card defines it) and, where measured, the vessel AUC
+    against the degraded input's; then the mean gain over the types."""
     misses = []
     for t, s in per_type.items():
         if t in ILLUMINATION and s["gain_cofenet"] < TARGET_ILLUMINATION_GAIN:
@@ -245,14 +259,22 @@ def check_targets(per_type: dict[str, dict[str, float]], rows: list[dict[str, An
             misses.append(
                 f"{t}: SSIM {s['ssim_cofenet']:.4f} below the degraded {s['ssim_degraded']:.4f}"
             )
-        if t in DEFECT_TYPES and s["gain_cofenet"] <= s["gain_classical"] and t in ILLUMINATION:
-            misses.append(f"{t}: does not beat the classical baseline")
+        if t in DEFECT_TYPES and s["gain_cofenet"] <= s["gain_classical"]:
+            misses.append(
+                f"{t}: does not beat the classical baseline ({s['gain_cofenet']:+.2f} dB against "
+                f"{s['gain_classical']:+.2f})"
+            )
+        if s["new_error_p95_cofenet"] > TARGET_NEW_ERROR_P95:
+            misses.append(
+                f"{t}: new-error share p95 {100 * s['new_error_p95_cofenet']:.2f} % > "
+                f"{100 * TARGET_NEW_ERROR_P95:g} %"
+            )
+        auc, auc_degraded = s.get("vessel_auc_cofenet", np.nan), s.get("vessel_auc_degraded")
+        if t in DEFECT_TYPES and not np.isnan(auc) and not auc > auc_degraded:
+            misses.append(f"{t}: vessel AUC {auc:.3f} not above the degraded {auc_degraded:.3f}")
     mean_gain = float(np.mean([s["gain_cofenet"] for s in per_type.values()]))
     if mean_gain < TARGET_MEAN_GAIN:
         misses.append(f"mean gain {mean_gain:+.2f} dB < +{TARGET_MEAN_GAIN}")
-    p95 = new_error_p95(rows)
-    if p95 > TARGET_NEW_ERROR_P95:
-        misses.append(f"new-error share p95 {p95:.4f} > {TARGET_NEW_ERROR_P95}")
     return misses
 
 
@@ -286,7 +308,10 @@ def markdown(
     mean_k = np.mean([s["gain_classical"] for s in per_type.values()])
     lines.append(f"| mean | | | {mean_c:+.2f} | {mean_k:+.2f} | | | | | | | |")
     lines.append("")
-    lines.append(f"new-error share p95 over all types, Cofe-Net: {100 * new_error_p95:.2f} %")
+    lines.append(
+        f"new-error share p95 over all types pooled, Cofe-Net: {100 * new_error_p95:.2f} % "
+        "(information only: the target is per type)"
+    )
     lines.append("targets: " + ("all hold" if not misses else "MISSED: " + "; ".join(misses)))
     return "\n".join(lines)
 
@@ -352,8 +377,10 @@ def main() -> int:
         parser.error(f"--max-change must be in 1-255, got {args.max_change}")
     if args.tuning < 0:
         parser.error(f"--tuning must be >= 0, got {args.tuning}")
+    if not args.folds.is_dir():
+        parser.error(f"--folds: no such folder: {args.folds}")
     if not args.data_root.is_dir():
-        print(f"no data at {args.data_root}: this bench needs ../shared")
+        print(f"SKIPPED: no data at {args.data_root} (this bench needs ../shared)")
         return 0
     folders = sorted(p for p in args.folds.iterdir() if (p / "registry.json").is_file())
     if not folders:
@@ -376,7 +403,7 @@ def main() -> int:
             confirm=args.confirm,
         )
         per_type = summarise(scored["rows"])
-        misses = check_targets(per_type, scored["rows"])
+        misses = check_targets(per_type)
         report[folder.name] = {**scored, "per_type": per_type, "missed": misses}
         text = markdown(folder.name, per_type, misses, new_error_p95(scored["rows"]))
         texts.append(text)

@@ -28,10 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import fundus_batch  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fundus_batch
 
 import torch
 
@@ -257,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = sampler.summary()
     enhance_pool = next(p for p in plan_pools(config, cluster) if p.specs[0].name == "enhance")
-    rate = summary.ok / run_s
+    # A row is one image in enhance mode and one (image, variant) pair in pairs mode.
+    rows_per_image = args.variants if args.mode == "pairs" else 1
+    rows_per_s = summary.ok / run_s
+    rate = rows_per_s / rows_per_image
     result = {
         "images": args.images,
         "mode": args.mode,
@@ -275,20 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         "rows_ok": summary.ok,
         "rows_failed": summary.failed,
         "failed_by_stage": summary.failed_by_stage,
+        "rows_per_image": rows_per_image,
+        "rows_per_s": rows_per_s,
         "images_per_s": rate,
-        "images_per_s_with_start": summary.ok / (run_s + ray_start_s),
+        "images_per_s_with_start": summary.ok / rows_per_image / (run_s + ray_start_s),
         "gpu": gpu,
         "stage_load": load,
         "targets": {"images_per_s": IMAGES_PER_S_TARGET, "gpu_busy": BUSY_TARGET},
     }
     print(
-        f"{summary.ok} ok / {summary.failed} failed of {args.images} images ({args.mode}, "
+        f"{summary.ok} rows ok / {summary.failed} failed of {args.images} images x "
+        f"{rows_per_image} rows ({args.mode}, "
         f"cluster {cluster.cpus:g} CPU {cluster.gpus:g} GPU; {result['model']}, "
         f"{enhance_pool.actors} enhance actors of {enhance_pool.resources.num_gpus:g} GPU); "
         f"Ray start {ray_start_s:.1f} s, run {run_s:.1f} s"
     )
     print(
-        f"images/s {rate:.1f} (target >= {IMAGES_PER_S_TARGET:g}); "
+        f"images/s {rate:.1f} (target >= {IMAGES_PER_S_TARGET:g}; rows/s {rows_per_s:.1f}); "
         f"with Ray start {result['images_per_s_with_start']:.1f}"
     )
     print(

@@ -158,14 +158,30 @@ def measure(rows: int, work: Path, uris: list[str], args: argparse.Namespace) ->
     return result
 
 
+def row_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated manifest sizes, each a whole number >= 1."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"give one or more sizes >= 1, got {text!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="100000,1000000", help="comma-separated manifest sizes")
+    parser.add_argument(
+        "--rows",
+        type=row_counts,
+        default="100000,1000000",
+        help="comma-separated manifest sizes",
+    )
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait per run")
     args = parser.parse_args()
-    sizes = [int(x) for x in args.rows.split(",") if x.strip()]
+    sizes = args.rows
     with tempfile.TemporaryDirectory(prefix="manifest_scale_") as tmp:
         work = Path(tmp)
         uris = source_images(work / "synth")

@@ -1,14 +1,16 @@
 """Benchmark: the pipeline's three speed ratios (issue 11), each measured within this one run.
 
-1. floor: ``fundus-batch degrade --variants 1`` (its defaults, metrics on) over ``--floor-images``
-   raw EyePACS photographs (the 10 in ../shared/data/eyepacs_sample repeated under distinct
-   image ids), wall time of the CLI as a subprocess, Ray start-up included, divided by the
-   floor: a 2-process multiprocessing.Pool that reads each file, decodes it reduced
-   (``decode_image(min_side=512)``), resizes it to 512 and encodes two PNGs, run before and
-   after the CLI and averaged (target <= 2.5);
-2. throughput: the Ray pipeline against a 2-process multiprocessing.Pool running the same stage
-   chain in-process on the same images, Ray images/s / Pool images/s, with and without Ray's
-   start-up (target >= 0.9, start-up excluded);
+1. floor: ``fundus-batch degrade --variants 1``'s run (its defaults, metrics on) over
+   ``--floor-images`` raw EyePACS photographs (the 10 in ../shared/data/eyepacs_sample repeated
+   under distinct image ids) on a local cluster of ``--cpus`` CPUs (``degrade`` has no option
+   for that, so the same run goes to ``fundus-batch run`` as a config with ``ray.num_cpus``;
+   the CPUs its run.json records are printed), wall time of the CLI as a subprocess, Ray
+   start-up included, divided by the floor: a ``--cpus``-process multiprocessing.Pool that
+   reads each file, decodes it reduced (``decode_image(min_side=512)``), resizes it to 512 and
+   encodes two PNGs, run before and after the CLI and averaged (target <= 2.5);
+2. throughput: the Ray pipeline against a ``--cpus``-process multiprocessing.Pool running the
+   same stage chain in-process on the same images, Ray images/s / Pool images/s, with and
+   without Ray's start-up (target >= 0.9, start-up excluded);
 3. memory: peak memory (PSS summed over the driver and every process it started) of a run over
    ``--big`` synthetic images divided by that of a run over ``--small`` (target <= 1.3).
 
@@ -23,6 +25,8 @@ per-stage CPU seconds per image from the Ray output's ``seconds_*`` columns.
 The EyePACS sections skip with a message when ../shared (relative to the repo root) is absent;
 the throughput section then runs on synthetic photographs. The memory runs end with
 `fundus_batch.verify` on their output (every row once, every file present, checksums match).
+Working sizes below 128 px are refused. A run whose rows fail stops with the rows failed per
+stage and the first error; a Ray driver that fails shows its Ray log's path and last lines.
 """
 
 from __future__ import annotations
@@ -159,8 +163,9 @@ def _pool_init(cfg: dict) -> None:
     _CHAIN.append(local_chain(cfg))
 
 
-def _pool_worker(row: dict) -> tuple[int, dict[str, float]]:
-    """(ok rows, seconds_* summed over the output rows) of one image."""
+def _pool_worker(row: dict) -> tuple[int, dict[str, float], list[tuple[str, str]]]:
+    """(ok rows, seconds_* summed over the output rows, (failed stage, error) of each failed
+    row) of one image."""
     out = _CHAIN[0]([row])
     seconds: dict[str, float] = {}
     for r in out:
@@ -168,32 +173,56 @@ def _pool_worker(row: dict) -> tuple[int, dict[str, float]]:
             if key.startswith("seconds_") and value is not None:
                 stage = key.removeprefix("seconds_")
                 seconds[stage] = seconds.get(stage, 0.0) + value
-    return sum(1 for r in out if r.get("status", "ok") == "ok"), seconds
+    failed = [
+        (str(r.get("failed_stage")), str(r.get("error"))) for r in out if r.get("status") != "ok"
+    ]
+    return sum(1 for r in out if r.get("status", "ok") == "ok"), seconds, failed
 
 
-def run_pool(
-    manifest: Path, out: Path, args: argparse.Namespace, size: int
-) -> tuple[float, dict[str, float], float, float]:
-    """Seconds for a multiprocessing.Pool to run the stage chain on every image (pool start and
-    building the stages included), each stage's seconds per output row, the steady rate
-    (:func:`steady_rate`, images/s) and the seconds to the first finished image."""
+def failure_report(what: str, failed: list[tuple[str, str]], expected: int) -> str:
+    """A failed run's message: how many rows failed at each stage and the first error."""
+    by_stage: dict[str, int] = {}
+    for stage, _ in failed:
+        by_stage[stage] = by_stage.get(stage, 0) + 1
+    first = f"; first error ({failed[0][0]}): {failed[0][1]}" if failed else ""
+    return f"{what}: {len(failed)} of {expected} rows failed, failed_by_stage {by_stage}{first}"
+
+
+@dataclass(frozen=True)
+class PoolRun:
+    """One run of the stage chain in a multiprocessing.Pool."""
+
+    seconds: float  # pool start and building the stages included
+    per_row: dict[str, float]  # each stage's seconds per output row
+    cpu_seconds: float  # every pool process, in total
+    steady: float  # images/s (:func:`steady_rate`)
+    first_row: float  # seconds to the first finished image
+
+
+def run_pool(manifest: Path, out: Path, args: argparse.Namespace, size: int) -> PoolRun:
+    """Run the stage chain on every image in a ``args.cpus``-process multiprocessing.Pool and
+    measure it (:class:`PoolRun`); SystemExit naming the failed stages if a row fails."""
     cfg = config_dict(manifest, out, args, size)
     rows = planned_rows(manifest, args.variants)
     ok, per_stage = 0, dict[str, float]()
+    failed: list[tuple[str, str]] = []
     start = time.perf_counter()
     cpu = TreeCPU(os.getpid(), include_root=False)
     with mp.get_context("spawn").Pool(args.cpus, _pool_init, (cfg,)) as pool:
         marks: list[tuple[float, int]] = []
-        for n, stage_s in pool.imap_unordered(_pool_worker, rows, chunksize=1):
+        for n, stage_s, bad in pool.imap_unordered(_pool_worker, rows, chunksize=1):
             ok += n
+            failed += bad
             marks.append((time.perf_counter(), len(marks) + 1))
             for key, value in stage_s.items():
                 per_stage[key] = per_stage.get(key, 0.0) + value
-        per_stage["CPU seconds (all processes)"] = cpu.stop()
+        cpu_s = cpu.stop()
     seconds = time.perf_counter() - start
-    assert ok == len(rows) * args.variants, f"pool produced {ok} ok rows"
+    expected = len(rows) * args.variants
+    if ok != expected or failed:
+        raise SystemExit(failure_report("the Pool run", failed, expected))
     per_row = {k: v / ok for k, v in per_stage.items()}
-    return seconds, per_row, steady_rate(marks, len(rows)), first_row(marks, start)
+    return PoolRun(seconds, per_row, cpu_s, steady_rate(marks, len(rows)), first_row(marks, start))
 
 
 # --- the floor ------------------------------------------------------------------------------
@@ -260,11 +289,18 @@ def run_floor(manifest: Path, cpus: int) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_s
 
 
-def run_cli(manifest: Path, out: Path, variants: int) -> tuple[float, float]:
-    """(wall s, CPU s of the CLI and every process it started) of ``fundus-batch degrade``
-    with its defaults, Ray start-up included."""
+def run_cli(
+    manifest: Path, out: Path, variants: int, cpus: int
+) -> tuple[float, float, float | None]:
+    """(wall s, CPU s of the CLI and every process it started, the CPUs of the cluster it ran
+    on as its run.json records them) of ``fundus-batch degrade``'s run with its defaults on a
+    local cluster of ``cpus`` CPUs, Ray start-up included. ``degrade`` has no option for the
+    cluster's CPUs: the same run is given as a config (mode pairs, every other field at its
+    default, ``ray.num_cpus: cpus``) to ``fundus-batch run``."""
     cli = Path(sys.executable).with_name("fundus-batch")
-    command = [str(cli), "degrade", "--manifest", str(manifest), "--out", str(out)]
+    config = out.parent / f"{out.name}.yaml"  # JSON is YAML
+    config.write_text(json.dumps({"mode": "pairs", "ray": {"num_cpus": cpus}}))
+    command = [str(cli), "run", str(config), "--manifest", str(manifest), "--out", str(out)]
     command += ["--variants", str(variants)]
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -275,8 +311,19 @@ def run_cli(manifest: Path, out: Path, variants: int) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     cpu_s = cpu.stop()
     if proc.returncode != 0:
-        raise SystemExit(f"fundus-batch degrade failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return seconds, cpu_s
+        raise SystemExit(f"fundus-batch run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return seconds, cpu_s, run_cluster_cpus(out)
+
+
+def run_cluster_cpus(out: Path) -> float | None:
+    """The CPUs of the cluster a run used, from its run.json (None if it does not say)."""
+    try:
+        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cluster = info.get("cluster")
+    cpus = cluster.get("cpus") if isinstance(cluster, dict) else None
+    return float(cpus) if isinstance(cpus, int | float) else None
 
 
 def stage_seconds(out: Path) -> dict[str, float]:
@@ -311,7 +358,7 @@ def floor_section(root: Path, args: argparse.Namespace) -> None:
     # The floor runs before and after the CLI: the ratio uses their mean, so a machine whose
     # speed drifts during the measurement (a shared host) moves both sides alike.
     before_s, before_cpu = run_floor(manifest, args.cpus)
-    cli_s, cli_cpu = run_cli(manifest, root / "floor_out", 1)
+    cli_s, cli_cpu, cli_cpus = run_cli(manifest, root / "floor_out", 1, args.cpus)
     after_s, after_cpu = run_floor(manifest, args.cpus)
     floor_s, floor_cpu = (before_s + after_s) / 2, (before_cpu + after_cpu) / 2
     ratio = cli_s / floor_s
@@ -326,9 +373,16 @@ def floor_section(root: Path, args: argparse.Namespace) -> None:
             "changed during the measurement"
         )
     print(
-        f"  fundus-batch degrade (subprocess, Ray start-up included): {cli_s:6.2f} s "
-        f"({cli_cpu:.1f} CPU s)"
+        f"  fundus-batch degrade's run (subprocess, Ray start-up included): {cli_s:6.2f} s "
+        f"({cli_cpu:.1f} CPU s; cluster CPUs {'unknown' if cli_cpus is None else f'{cli_cpus:g}'} "
+        f"per its run.json, floor Pool "
+        f"{args.cpus} processes)"
     )
+    if cli_cpus != args.cpus:
+        print(
+            f"  WARNING: the CLI's cluster had {cli_cpus} CPUs, the floor {args.cpus} processes: "
+            "the ratio does not compare like with like"
+        )
     ok = verdict(ratio <= FLOOR_TARGET)
     print(f"  ratio CLI/floor: {ratio:.2f}  (target <= {FLOOR_TARGET})  {ok}")
     # On a loaded machine the two wall times see different shares of the CPUs; CPU seconds
@@ -364,23 +418,28 @@ def run_ray(manifest: Path, out: Path, cfg: dict) -> RayRun:
     """Run the Ray pipeline on ``cfg`` in a fresh driver process and measure it."""
     cfg_path = out.parent / f"{out.name}.json"
     cfg_path.write_text(json.dumps(cfg))
-    # Ray's own lines go to a log file, as in the CLI; the JSON line goes to stdout after.
+    log_note = out.parent / f"{out.name}.log-path"
+    # Ray's own lines go to a log file, as in the CLI, whose path the driver writes to
+    # ``log_note`` at once (shown if the run fails); the JSON line goes to stdout after.
     code = f"""
 import json, time
+from pathlib import Path
 from fundus_batch import pipeline
 from fundus_batch.config import build_config
 from fundus_batch.console import ray_output
 
 c = build_config(json.load(open({str(cfg_path)!r})), "bench")
 m = []
-with ray_output(False):
+with ray_output(False) as console:
+    Path({str(log_note)!r}).write_text(str(console.log_path or ""))
     t0 = time.perf_counter()
     pipeline.init_ray(c)
     t = time.perf_counter()
     s = pipeline.run(c, progress=lambda n, _: m.append((time.perf_counter(), n)))
     e = time.perf_counter()
     pipeline.shutdown()
-result = {{"seconds": e - t, "startup": t - t0, "ok": s.ok, "rows": s.rows_in, "marks": m, "t": t}}
+result = {{"seconds": e - t, "startup": t - t0, "ok": s.ok, "rows": s.rows_in, "marks": m, "t": t,
+          "failed_by_stage": s.failed_by_stage}}
 print(json.dumps(result))
 """
     proc = subprocess.Popen(
@@ -411,13 +470,48 @@ print(json.dumps(result))
     watcher.join()
     cpu_s = cpu.stop()
     if proc.returncode != 0:
-        raise SystemExit(f"ray run failed with exit code {proc.returncode}")
+        raise SystemExit(
+            f"ray run failed with exit code {proc.returncode} (its traceback is above)"
+            + ray_log_tail(log_note)
+        )
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["ok"] == result["rows"], result
+    if result["ok"] != result["rows"]:
+        raise SystemExit(
+            f"ray run: {result['rows'] - result['ok']} of {result['rows']} rows failed, "
+            f"failed_by_stage {result['failed_by_stage']}{first_error(out)}"
+            + ray_log_tail(log_note)
+        )
     marks = [(t, n) for t, n in result["marks"]]
     steady = steady_rate(marks, result["rows"])
     first = first_row(marks, result["t"])
     return RayRun(result["seconds"], result["startup"], float(peak[0]), cpu_s, steady, first)
+
+
+def ray_log_tail(log_note: Path, lines: int = 40) -> str:
+    """The path of the Ray log a driver named in ``log_note`` and its last ``lines`` lines."""
+    try:
+        path = Path(log_note.read_text(encoding="utf-8").strip())
+    except OSError:
+        return "\nRay's log: unknown (the driver stopped before naming it)"
+    if not str(path) or not path.is_file():
+        return f"\nRay's log: {path or 'none (its output went to the console)'}"
+    tail = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join([f"\nRay's output ({path}), last lines:", *tail])
+
+
+def first_error(out: Path) -> str:
+    """'; first error (stage): message' of the run's first failed row in its Parquet output."""
+    try:
+        frame = read_frame(str(out))
+    except Exception as exc:  # the failure report must not fail: show what went wrong
+        return f"; its output could not be read ({exc})"
+    if frame is None or "status" not in frame.columns:
+        return ""
+    failed = frame[frame["status"] != "ok"]
+    if failed.empty:
+        return ""
+    row = failed.iloc[0]
+    return f"; first error ({row.get('failed_stage')}): {row.get('error')}"
 
 
 def throughput_section(root: Path, args: argparse.Namespace) -> None:
@@ -433,7 +527,8 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         f"throughput ({n} {what} x {args.variants} variants at {size} px, {args.cpus} CPUs; "
         f"{load_avg()})"
     )
-    pool_s, pool_stages, pool_steady, pool_first = run_pool(manifest, root / "pool_out", args, size)
+    pool = run_pool(manifest, root / "pool_out", args, size)
+    pool_s, pool_steady, pool_first = pool.seconds, pool.steady, pool.first_row
     ray = run_ray(manifest, root / "ray_out", config_dict(manifest, root / "ray_out", args, size))
     pool_ips, ray_ips, total_ips = n / pool_s, n / ray.seconds, n / (ray.seconds + ray.startup)
     ray_steady = ray.steady / args.variants  # the Ray run counts output rows, the Pool photographs
@@ -458,7 +553,7 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         "after its start-up (Ray Data's operator and actor start, each worker importing Ray Data "
         "and the stages)"
     )
-    pool_cpu = pool_stages.pop("CPU seconds (all processes)") * n
+    pool_cpu = pool.cpu_seconds  # every pool process, all n images x variants
     print(
         f"  CPU seconds per image (every process): Pool {pool_cpu / n * 1e3:.1f} ms, Ray "
         f"{ray.cpu_seconds / n * 1e3:.1f} ms with start-up; ratio Pool/Ray "
@@ -466,7 +561,7 @@ def throughput_section(root: Path, args: argparse.Namespace) -> None:
         "(load-independent check of the throughput ratio)"
     )
     print("  Pool:", end="")
-    print_stage_seconds(None, pool_stages)
+    print_stage_seconds(None, pool.per_row)
     print("  Ray: ", end="")
     print_stage_seconds(root / "ray_out")
     print(f"  ({load_avg()})")
@@ -624,27 +719,60 @@ def steps_section(args: argparse.Namespace) -> None:
     )
 
 
+MIN_SIZE = 128  # the smallest working size the bench runs (FOV detection's working range)
+
+
+def working_size(text: str) -> int:
+    """An argparse type: a working size of at least ``MIN_SIZE`` px, a multiple of 32."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if size < MIN_SIZE or size % 32:
+        raise argparse.ArgumentTypeError(
+            f"{size}: the bench needs a working size of at least {MIN_SIZE} px, a multiple of 32 "
+            "(smaller ones are outside FOV detection's working range)"
+        )
+    return size
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--floor-images", type=int, default=600)
-    parser.add_argument("--steps-images", type=int, default=20)
+    parser.add_argument("--floor-images", type=positive, default=600)
+    parser.add_argument("--steps-images", type=positive, default=20)
     parser.add_argument(
         "--startup",
         type=float,
         default=5.0,
         help="Ray start-up seconds assumed by the steps' limit",
     )
-    parser.add_argument("--throughput-images", type=int, default=600, help="EyePACS images")
-    parser.add_argument("--images", type=int, default=160, help="synthetic throughput images")
-    parser.add_argument("--variants", type=int, default=1)
-    parser.add_argument("--size", type=int, default=256, help="synthetic throughput size")
-    parser.add_argument("--memory-size", type=int, default=128)
-    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--throughput-images", type=positive, default=600, help="EyePACS images")
+    parser.add_argument("--images", type=positive, default=160, help="synthetic throughput images")
+    parser.add_argument("--variants", type=positive, default=1)
     parser.add_argument(
-        "--rows-per-block", type=int, default=None, help="default: the run config's (as the CLI)"
+        "--size", type=working_size, default=256, help=f"synthetic throughput size (>= {MIN_SIZE})"
     )
-    parser.add_argument("--small", type=int, default=1000)
-    parser.add_argument("--big", type=int, default=10000)
+    parser.add_argument("--memory-size", type=working_size, default=128, help=f">= {MIN_SIZE}")
+    parser.add_argument("--cpus", type=positive, default=2)
+    parser.add_argument(
+        "--rows-per-block",
+        type=positive,
+        default=None,
+        help="default: the run config's (as the CLI)",
+    )
+    parser.add_argument("--small", type=positive, default=1000)
+    parser.add_argument("--big", type=positive, default=10000)
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-enhance = _load("enhance")
-gpu_pipeline = _load("gpu_pipeline")
+enhance = load_bench("enhance")
+gpu_pipeline = load_bench("gpu_pipeline")
 
 TINY = ["--models", "small", "--size", "192", "--images", "1", "--distinct", "1"]
 TINY += ["--rounds", "1", "--warmup", "1", "--batch", "1"]
@@ -107,6 +94,8 @@ def test_pipeline_bench_on_the_cpu_reports_where_each_pool_spends_its_time(
     assert gpu_pipeline.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["rows_ok"] == 4 and doc["gpu"]["busy_mean"] is None
+    # Enhance mode: one row per image, so images/s is rows/s (pairs mode divides by variants).
+    assert doc["rows_per_image"] == 1 and doc["images_per_s"] == doc["rows_per_s"]
     load = doc["stage_load"]
     assert {"fetch", "preprocess", "enhance", "write"} <= set(load["ms_per_row"])
     assert all(v > 0 for v in load["ms_per_row"].values())
