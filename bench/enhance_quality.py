@@ -269,7 +269,8 @@ def check_targets(per_type: dict[str, dict[str, float]]) -> list[str]:
                 f"{t}: new-error share p95 {100 * s['new_error_p95_cofenet']:.2f} % > "
                 f"{100 * TARGET_NEW_ERROR_P95:g} %"
             )
-        auc, auc_degraded = s.get("vessel_auc_cofenet", np.nan), s.get("vessel_auc_degraded")
+        auc = s.get("vessel_auc_cofenet", np.nan)
+        auc_degraded = s.get("vessel_auc_degraded", np.nan)
         if t in DEFECT_TYPES and not np.isnan(auc) and not auc > auc_degraded:
             misses.append(f"{t}: vessel AUC {auc:.3f} not above the degraded {auc_degraded:.3f}")
     mean_gain = float(np.mean([s["gain_cofenet"] for s in per_type.values()]))
