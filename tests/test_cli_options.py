@@ -205,6 +205,7 @@ STORAGE_COMMANDS = {
     "report": lambda d: ["report", str(d)],
     "verify": lambda d: ["verify", str(d)],
     "export": lambda d: ["export", str(d), "--format", "basicsr", "--dest", str(d / "x")],
+    "train": lambda d: ["train", "--pairs", str(d), "--out", str(d / "model")],
 }
 
 
