@@ -197,8 +197,9 @@ class _Scale:
         _blur(self.x, self.mu)
         _blur(np.multiply(self.x, self.x, out=tmp), self.var)
         self.var -= np.multiply(self.mu, self.mu, out=tmp)
-        # the true local mean, for the luminance term (OpenCV's stubs reject a scalar operand)
-        cv2.add(self.mu, offset, dst=self.mean2)  # type: ignore[call-overload]
+        # the true local mean, for the luminance term (OpenCV 5.0's stubs reject a scalar operand,
+        # 5.1's accept it)
+        cv2.add(self.mu, offset, dst=self.mean2)  # type: ignore[call-overload, unused-ignore]
         np.multiply(self.mean2, self.mean2, out=self.mu_sq)
         self.mean2 *= np.float32(2.0)
 
@@ -342,7 +343,7 @@ def _scale_terms(
     cs_mean = _masked_mean(cov, ctx.inner)
     if not need_full:
         return np.zeros(3), cs_mean
-    cv2.add(mu, offset, dst=mu)  # type: ignore[call-overload]  # stubs reject a scalar operand
+    cv2.add(mu, offset, dst=mu)  # type: ignore[call-overload, unused-ignore]  # as above
     num = np.multiply(ctx.mean2, mu, out=tmp)
     num += _C1
     mu *= mu
