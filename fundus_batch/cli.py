@@ -33,10 +33,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fundus_batch.io.codecs import DecodeError
     from fundus_batch.lease import LeaseError
     from fundus_batch.manifest import ManifestError
+    from fundus_batch.ray_adapter import RayStartError
 
     return (
         ConfigError,
         ManifestError,
+        RayStartError,
         DecodeError,
         FOVError,
         RecordError,

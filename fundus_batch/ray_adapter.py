@@ -62,8 +62,13 @@ class ClusterShape:
     fixed: bool = False
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started, or the cluster at the run's address could not be reached."""
+
+
 def init_ray(config: RunConfig) -> ClusterShape:
-    """Connect to (or start) Ray and report the cluster's CPUs and GPUs."""
+    """Connect to (or start) Ray and report the cluster's CPUs and GPUs (RayStartError when
+    neither works)."""
     import ray
 
     private = False
@@ -82,7 +87,13 @@ def init_ray(config: RunConfig) -> ClusterShape:
                 kwargs["num_cpus"] = config.ray.num_cpus
             if config.ray.num_gpus is not None:
                 kwargs["num_gpus"] = config.ray.num_gpus
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            where = "a local Ray instance" if private else f"the Ray cluster at {address}"
+            raise RayStartError(
+                f"could not start or reach {storage.redact(where)}: {type(exc).__name__}: {exc}"
+            ) from exc
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
     return ClusterShape(cpus=cpus, gpus=gpus, fixed=private)

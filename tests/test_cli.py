@@ -434,6 +434,17 @@ def test_other_exits_of_a_run_pass_through_unchanged(monkeypatch, tmp_path):
     assert _interrupted(monkeypatch, tmp_path, SystemExit(3)).exit_code == 3
 
 
+def test_ray_that_cannot_be_reached_is_one_error_line_not_a_traceback(monkeypatch, tmp_path):
+    from fundus_batch.ray_adapter import RayStartError
+
+    unreachable = RayStartError("could not start or reach the Ray cluster at h:6379: boom")
+    result = _interrupted(monkeypatch, tmp_path, unreachable)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: could not start or reach the Ray cluster at h:6379: boom"
+    )
+
+
 SIGTERM_RUN = """
 import os, signal, sys, time
 from fundus_batch import pipeline

@@ -538,3 +538,24 @@ def _stop_cluster(port: int) -> None:
     marker = Path(get_ray_address_file(None))
     if marker.is_file() and marker.read_text().strip().endswith(f":{port}"):
         marker.unlink()
+
+
+def test_ray_that_cannot_start_or_be_reached_is_one_error_naming_the_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    def unreachable(**kwargs: Any) -> None:
+        raise ConnectionError("GCS did not answer")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    config = _config(ray={"address": "10.0.0.7:6379"})
+    with pytest.raises(ray_adapter.RayStartError) as caught:
+        ray_adapter.init_ray(config)
+    assert str(caught.value) == (
+        "could not start or reach the Ray cluster at 10.0.0.7:6379: "
+        "ConnectionError: GCS did not answer"
+    )
+    with pytest.raises(ray_adapter.RayStartError, match="a local Ray instance"):
+        ray_adapter.init_ray(_config())
