@@ -170,9 +170,16 @@ def check_row(
         check_image_id(image_id, row)
     if _is_missing(uri) or str(uri).strip() == "":
         raise ManifestError(f"uri is empty for image_id {image_id!r}", row=row, field="uri")
-    for opt, value in (("mask_uri", mask_uri), ("vessel_uri", vessel_uri)):
-        if not _is_missing(value) and str(value).strip() == "":
+    for opt, value in (("uri", uri), ("mask_uri", mask_uri), ("vessel_uri", vessel_uri)):
+        if _is_missing(value):
+            continue
+        text = str(value)
+        if text.strip() == "":
             raise ManifestError(f"{opt} is blank", row=row, field=opt)
+        if text != text.strip():  # e.g. a CSV written with ", " between fields
+            raise ManifestError(
+                f"{opt} {text!r} has leading or trailing whitespace", row=row, field=opt
+            )
     check_split(split, row)
     return image_id
 

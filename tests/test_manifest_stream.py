@@ -42,6 +42,17 @@ def test_blank_uri_is_rejected_with_its_line(tmp_path):
         ms.scan_manifest(str(path))
 
 
+@pytest.mark.parametrize(
+    ("field", "second_row"), [("uri", "b, y.png,n.png"), ("mask_uri", "b,y.png,n.png ")]
+)
+def test_a_uri_with_surrounding_whitespace_is_refused_before_any_work(tmp_path, field, second_row):
+    """A CSV written with ", " between fields: " y.png" names no file; every row would fail."""
+    path = tmp_path / "m.csv"
+    path.write_text(f"image_id,uri,mask_uri\na,x.png,m.png\n{second_row}\n")
+    with pytest.raises(ManifestError, match=rf"row 2 \(line 3\), field '{field}'.*whitespace"):
+        ms.scan_manifest(str(path))
+
+
 def test_a_bad_csv_row_is_named_by_the_file_line_it_starts_on_past_blank_and_quoted_lines(
     tmp_path,
 ):
