@@ -393,7 +393,7 @@ def manifest_validate(uri: str, storage_options: dict[str, Any] | None) -> None:
 # -------------------------------------------------------------------------------- pipeline
 
 
-def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> None:
+def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> Any:
     """Run the pipeline with a live progress bar; Ray's own output goes to a log file unless
     ``verbose``. Ctrl-C exits 130 and SIGTERM 143, after the run's cleanup, with a line saying
     that the output folder can be resumed."""
@@ -427,22 +427,10 @@ def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> None:
     if log_path is not None:
         click.echo(log_line(log_path))
     if fidelity:
-        _print_fidelity(config)
+        _print_fidelity(config, summary.pairs)
     if not summary.complete:
         raise _Fail(f"run incomplete: {summary.ok + summary.failed} of {summary.rows_in} rows")
-
-
-def _this_run(config: Any) -> RowFilter:
-    """Which output rows are (image, variant) pairs of ``config``'s run: the rows its summary
-    counts (the manifest is read again; the pipeline keeps only its ids)."""
-    from fundus_batch.manifest_stream import in_run, scan_manifest
-    from fundus_batch.pipeline import run_variants
-
-    scan = scan_manifest(
-        config.manifest, storage_options=config.storage_options, limit=config.limit
-    )
-    variants = run_variants(config)
-    return lambda table: in_run(table, scan, variants)
+    return summary
 
 
 def _print_summary(summary: Any) -> None:
@@ -458,14 +446,13 @@ def _print_summary(summary: Any) -> None:
     click.echo(f"seconds           {summary.seconds:.1f}")
 
 
-def _print_fidelity(config: Any) -> None:
+def _print_fidelity(config: Any, pairs: RowFilter | None) -> None:
     """A WARNING line for every degradation type on which enhancement lowered PSNR or SSIM, and
-    a NOTE naming the images it left unchanged, over the run's pairs (as the summary counts)."""
+    a NOTE naming the images it left unchanged, over the run's ``pairs`` (as its summary
+    counts)."""
     from fundus_batch.fidelity import output_summary_lines
 
-    for line in output_summary_lines(
-        config.out, config.out_storage_options, within=_this_run(config)
-    ):
+    for line in output_summary_lines(config.out, config.out_storage_options, within=pairs):
         click.echo(line)
 
 
@@ -764,10 +751,10 @@ def demo(
     data = {"manifest": manifest_uri, "out": str(out / "run"), "enhance": {"enabled": enhance}}
     config = build_config(merge_overrides(data, overrides), "demo")
     # the demo's table prints the fidelity warnings beside it
-    _run(config, fidelity=False, verbose=verbose)
+    summary = _run(config, fidelity=False, verbose=verbose)
     from fundus_batch.demo import print_demo_table
 
-    print_demo_table(str(out / "run"), within=_this_run(config))
+    print_demo_table(str(out / "run"), within=summary.pairs)
     from fundus_batch.report import write_report
 
     click.echo(f"report:  {write_report(str(out / 'run'))}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,9 @@ from fundus_batch.outpaths import check_out_root
 from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
 from fundus_batch.ray_adapter import ClusterShape, init_ray, shutdown
 from fundus_batch.schema import output_schema, work_schema
+
+if TYPE_CHECKING:
+    from fundus_batch.fidelity import RowFilter
 
 __all__ = ["ClusterShape", "RunSummary", "init_ray", "run", "run_variants", "shutdown"]
 
@@ -44,6 +47,8 @@ class RunSummary:
     failed_by_stage: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
+    # Which output rows are this run's (image, variant) pairs, the rows its counts cover.
+    pairs: RowFilter | None = field(default=None, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -188,6 +193,7 @@ def _run_leased(
         failed_by_stage=final.failed_by_stage,
         seconds=time.time() - started,
         shards=writer.shards,
+        pairs=this_run,
     )
     state = "complete" if summary.complete else "incomplete"
     final_counts = {

@@ -390,6 +390,7 @@ def test_bad_config_or_manifest_is_rejected_before_any_work(tmp_path):
 
 def test_fidelity_lines_count_only_the_pairs_of_this_run(tmp_path, capsys):
     from fundus_batch.config import build_config
+    from fundus_batch.manifest_stream import in_run, scan_manifest
     from fundus_batch.output import OutputStore, ShardWriter
     from fundus_batch.schema import output_schema, to_table
 
@@ -402,9 +403,14 @@ def test_fidelity_lines_count_only_the_pairs_of_this_run(tmp_path, capsys):
     writer.add(to_table(rows, output_schema()))
     writer.close()
     data = {"mode": "enhance", "manifest": str(manifest), "out": str(out)}
-    cli._print_fidelity(build_config({**data, "limit": 2}))
+
+    def pairs(limit: int | None):  # what pipeline.run's summary carries
+        scan = scan_manifest(str(manifest), limit=limit)
+        return lambda table: in_run(table, scan, [-1])
+
+    cli._print_fidelity(build_config({**data, "limit": 2}), pairs(2))
     assert capsys.readouterr().out == "NOTE enhancement left 2 of 2 images unchanged\n"
-    cli._print_fidelity(build_config(data))
+    cli._print_fidelity(build_config(data), pairs(None))
     assert capsys.readouterr().out == "NOTE enhancement left 6 of 6 images unchanged\n"
 
 
