@@ -55,11 +55,19 @@ PLANNED_COLUMNS = (
 @dataclass(frozen=True)
 class ClusterShape:
     """The CPUs and GPUs of the cluster a run plans for; ``fixed``: no node can join it (a
-    private local instance), so its actor pools need not grow."""
+    private local instance), so its actor pools need not grow; ``cpus_per_gpu``: the fewest
+    CPUs per GPU on any of its GPU nodes (None: unknown, read from the totals)."""
 
     cpus: float
     gpus: float
     fixed: bool = False
+    cpus_per_gpu: float | None = None
+
+    def gpu_node_cpus_per_gpu(self) -> float | None:
+        """CPUs per GPU on the GPU nodes (None while the cluster has no GPU node)."""
+        if self.cpus_per_gpu is not None:
+            return self.cpus_per_gpu
+        return self.cpus / self.gpus if self.gpus >= 1 else None
 
 
 class RayStartError(RuntimeError):
@@ -95,8 +103,21 @@ def init_ray(config: RunConfig) -> ClusterShape:
                 f"could not start or reach {storage.redact(where)}: {type(exc).__name__}: {exc}"
             ) from exc
     res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
-    return ClusterShape(cpus=cpus, gpus=gpus, fixed=private)
+    # A head started with --num-cpus=0 and no worker yet has no "CPU" key at all.
+    cpus, gpus = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+    return ClusterShape(
+        cpus=cpus, gpus=gpus, fixed=private, cpus_per_gpu=_cpus_per_gpu(ray.nodes())
+    )
+
+
+def _cpus_per_gpu(nodes: Sequence[dict[str, Any]]) -> float | None:
+    """The fewest CPUs per GPU among the live GPU nodes of ``ray.nodes()`` (None: none)."""
+    ratios = [
+        float(n["Resources"].get("CPU", 0.0)) / float(n["Resources"]["GPU"])
+        for n in nodes
+        if n.get("Alive") and float(n.get("Resources", {}).get("GPU", 0.0)) > 0
+    ]
+    return min(ratios) if ratios else None
 
 
 def configure_data_context() -> None:
@@ -205,13 +226,17 @@ def _bounds(
 
 
 def gpu_actors_per_gpu(cluster: ClusterShape) -> int:
-    """Enhancement actors that share one GPU: one per 3 CPUs the cluster has per GPU, 1 to 6.
+    """Enhancement actors that share one GPU: one per 3 CPUs a GPU node has per GPU, 1 to 6;
+    one while no GPU node has joined (its CPUs are not known yet).
 
     Each actor decodes its inputs and encodes its outputs on its own CPU (about 27 ms an image
     at 512 px, on the lent H200 machine), which caps one actor near 37 images/s while the
-    shipped model runs at over 3,000 on the GPU; actors side by side lift that cap."""
-    per_gpu = int(cluster.cpus / max(cluster.gpus, 1.0))
-    return max(1, min(6, per_gpu // 3))
+    shipped model runs at over 3,000 on the GPU; actors side by side lift that cap. The CPUs
+    are the GPU node's own: a cluster's total would plan more actors than a node can hold."""
+    per_gpu = cluster.gpu_node_cpus_per_gpu()
+    if per_gpu is None:
+        return 1
+    return max(1, min(6, int(per_gpu) // 3))
 
 
 def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
@@ -242,7 +267,10 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
             cluster,
         )
         return [Pool(tuple(specs), Resources(num_cpus=per_actor, actor=True), *cpu)]
-    per_actor = ray_opts.degrade_cpus_per_actor or (1.0 if cluster.cpus >= 8 else 0.75)
+    # Fractional actors leave room for the tail's tasks on a small machine; a cluster that
+    # nodes can join says nothing of their size at the start: whole CPUs.
+    small = cluster.fixed and cluster.cpus < 8
+    per_actor = ray_opts.degrade_cpus_per_actor or (0.75 if small else 1.0)
     headroom = 0.5 if cluster.cpus < 8 else 1.0
     budget = max(cluster.cpus - headroom, per_actor)
     enh = config.enhance
@@ -257,7 +285,8 @@ def plan_pools(config: RunConfig, cluster: ClusterShape) -> list[Pool]:
         enh_bounds = _bounds(
             gpus * gpu_actors_per_gpu(cluster), enh.actors, enh.max_actors, cluster
         )
-        enh_cpus = 1.0 if cluster.cpus >= 8 else 0.25
+        per_gpu = cluster.gpu_node_cpus_per_gpu()
+        enh_cpus = 1.0 if per_gpu is None or per_gpu >= 8 else 0.25
         share = 1.0 / math.ceil(enh_bounds[0] / gpus)  # actors sharing a GPU must fit on it
         enh_res = Resources(num_cpus=enh_cpus, num_gpus=share, actor=True)
     else:

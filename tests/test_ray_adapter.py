@@ -24,8 +24,10 @@ from fundus_batch.ray_adapter import (
     MapBatchesCall,
     StageUDF,
     TaskUDF,
+    _cpus_per_gpu,
     apply_calls,
     block_rows,
+    init_ray,
     map_batches_calls,
 )
 from fundus_batch.schema import work_schema
@@ -175,6 +177,38 @@ def test_gpu_actors_per_gpu_follow_the_cpus_each_gpu_has(
 ) -> None:
     [_, gpu, _] = _calls(ClusterShape(cpus=cpus, gpus=gpus), enhance={"enabled": True})
     assert (gpu.pool_size, gpu.num_gpus) == (actors, pytest.approx(share))
+
+
+def test_gpu_actors_are_sized_by_a_gpu_nodes_own_cpus_not_the_cluster_total():
+    # 656 CPUs and 4 GPUs in all, but each GPU node has 4 CPUs: one actor per GPU, as many as
+    # those nodes can hold (the totals would plan six 1-CPU actors to a 4-CPU node).
+    shape = ClusterShape(cpus=656, gpus=4, cpus_per_gpu=4.0)
+    [_, gpu, _] = _calls(shape, enhance={"enabled": True})
+    assert (gpu.pool_size, gpu.num_gpus, gpu.num_cpus) == (4, 1.0, 0.25)
+
+
+def test_a_bare_head_plans_whole_cpu_actors_and_one_gpu_actor_per_gpu_to_come():
+    # A head started with no CPUs and no worker yet: nothing is known of the nodes to come.
+    cpu, gpu, _ = _calls(ClusterShape(cpus=0, gpus=0), enhance={"enabled": True, "device": "cuda"})
+    assert (cpu.num_cpus, cpu.strategy_kwargs()) == (1.0, {"min_size": 1, "max_size": None})
+    assert (gpu.num_gpus, gpu.num_cpus) == (1.0, 1.0)
+    assert gpu.strategy_kwargs() == {"min_size": 1, "max_size": None}
+
+
+def test_cpus_per_gpu_is_the_smallest_ratio_among_live_gpu_nodes():
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+        {"Alive": False, "Resources": {"CPU": 1.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+    ]
+    assert _cpus_per_gpu(nodes) == 4.0
+    assert _cpus_per_gpu(nodes[3:]) is None
+
+
+def test_init_ray_reads_the_gpu_nodes_cpus_from_the_cluster(ray_cluster: None) -> None:
+    cluster = init_ray(_config())
+    assert (cluster.cpus, cluster.gpus, cluster.cpus_per_gpu) == (2.0, 1.0, 2.0)
 
 
 def test_actors_set_by_the_user_share_the_gpus_so_that_all_fit():
