@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +12,7 @@ import numpy as np
 
 from fundus_batch import __version__
 from fundus_batch.cli_options import JsonObject, config_options, storage_options_option
-from fundus_batch.io.storage import redact
+from fundus_batch.io.storage import redact, write_local_files
 
 if TYPE_CHECKING:
     from fundus_batch.fidelity import RowFilter
@@ -134,6 +131,12 @@ OUTPUT_IMAGE = click.argument(
     type=click.Path(dir_okay=False, path_type=Path),
     help="replay a recorded parameter set (ours or the released script's JSON)",
 )
+@click.option(
+    "--jpeg-clean",
+    is_flag=True,
+    help="degrade the working image as a --format jpeg run stores it (JPEG at --quality, "
+    "decoded), so that a .jpg OUTPUT is that run's degraded image byte for byte",
+)
 @_single_image_options
 def degrade_image(
     input_path: Path,
@@ -146,16 +149,33 @@ def degrade_image(
     size: int,
     params_out: Path | None,
     replay_path: Path | None,
+    jpeg_clean: bool,
     mask_path: Path | None,
     preprocessed: bool,
     quality: int,
 ) -> None:
-    """Degrade one image (FOV preprocessing first unless --preprocessed)."""
+    """Degrade one image (FOV preprocessing first unless --preprocessed).
+
+    To regenerate a run's row from its source photograph, give the run's --size and the row's
+    seed, id, variant and type (or --replay its params_json); for a --format jpeg run, also
+    --jpeg-clean and --quality set to the run's jpeg_quality (in its run.json settings).
+    """
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
     from fundus_batch.degrade.params import RecordError
+    from fundus_batch.imaging import as_stored, encode_output
 
     if params_out is not None and params_out.resolve() == output.resolve():
         raise click.UsageError("--params-out and OUTPUT are the same file")
+    if jpeg_clean and _OUTPUT_FORMATS[output.suffix.lower()] != "jpeg":
+        raise click.UsageError(
+            "--jpeg-clean needs a .jpg or .jpeg OUTPUT: a --format jpeg run stores its degraded "
+            "images as JPEG"
+        )
+    if jpeg_clean and preprocessed:
+        raise click.UsageError(
+            "--jpeg-clean with --preprocessed: INPUT is already a working image (a run's stored "
+            "clean image is degraded as it is), so it must not be JPEG-encoded again"
+        )
     if replay_path is not None:
         ctx = click.get_current_context()
         sampling = {
@@ -176,6 +196,8 @@ def degrade_image(
                 "ignored"
             )
     image, mask = _working_image(input_path, mask_path, preprocessed, size)
+    if jpeg_clean:
+        image = as_stored(image, encode_output(image, "jpeg", quality), "jpeg")
     if replay_path is not None:
         try:
             data = json.loads(_read(replay_path))
@@ -190,7 +212,7 @@ def degrade_image(
     files = [(output, _encode(output, out, quality))]
     if params_out is not None:
         files.insert(0, (params_out, record.to_json().encode()))
-    _write_files(files)
+    write_local_files(files)
     click.echo(f"{output}: type {record.type_code}, preset {record.preset}")
 
 
@@ -227,28 +249,6 @@ def _encode(output: Path, image: np.ndarray, quality: int) -> bytes:
     from fundus_batch.io.codecs import encode_image
 
     return encode_image(image, _OUTPUT_FORMATS[output.suffix.lower()], quality)
-
-
-def _write_files(files: list[tuple[Path, bytes]]) -> None:
-    """Write each ``(path, data)``, creating folders, so that a failure leaves no partial file
-    and every existing one as it was: all go to temporary files beside their targets, which
-    are then renamed over the targets in order."""
-    written: list[tuple[str, Path]] = []
-    try:
-        for path, data in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-            # O_EXCL: never reuse a stale name; 0o666 lets the umask decide, as for open().
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            written.append((tmp, path))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        for tmp, path in written:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
 
 @main.command("enhance-image")
@@ -294,7 +294,7 @@ def enhance_image_cmd(
     result = enhance_image(
         image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change
     )
-    _write_files([(output, _encode(output, result.image, quality))])
+    write_local_files([(output, _encode(output, result.image, quality))])
     if result.change == 0:
         what = "unchanged: the enhancer left every pixel of the FOV as it was"
     else:
@@ -482,6 +482,7 @@ def _command_config(mode: str, overrides: dict[str, Any]) -> Any:
     "limit",
     "retry_failed",
     "lease.wait",
+    defaults_from="CONFIG",
 )
 @VERBOSE
 def run_cmd(config_path: Path, overrides: dict[str, Any], verbose: bool) -> None:

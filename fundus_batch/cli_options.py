@@ -100,8 +100,9 @@ def _bounds(info: FieldInfo) -> str:
     return f"{low}x{high}" if low or high else ""
 
 
-def _option_kwargs(path: str, required: bool) -> dict[str, Any]:
-    """click.option arguments for one field: type, help, default and choices from the model."""
+def _option_kwargs(path: str, required: bool, defaults_from: str | None = None) -> dict[str, Any]:
+    """click.option arguments for one field: type, help, default and choices from the model;
+    with ``defaults_from`` (a config file's metavar) the help says the file's value applies."""
     info = field_info(path)
     base = _base_annotation(info.annotation)
     default = model_default(path)
@@ -129,23 +130,32 @@ def _option_kwargs(path: str, required: bool) -> dict[str, Any]:
     kwargs["help"] = help_text
     if not required:
         kwargs["default"] = default
+        if defaults_from is not None:
+            unset = default is None or default is False or default == ""
+            shown = "" if unset else f", else {default}"
+            kwargs["show_default"] = f"from {defaults_from}{shown}"
     return kwargs
 
 
-def config_option(path: str, *, required: bool = False) -> Callable[[F], F]:
+def config_option(
+    path: str, *, required: bool = False, defaults_from: str | None = None
+) -> Callable[[F], F]:
     """One option for the field at ``path``; its value reaches the command only when given."""
     if path.count(".") > 1:
         raise ValueError(f"config sections nest one level: {path!r}")
     name = path.replace(".", "__")
-    return click.option(
-        flag_name(path), name, cls=ConfigOption, field=path, **_option_kwargs(path, required)
-    )
+    kwargs = _option_kwargs(path, required, defaults_from)
+    return click.option(flag_name(path), name, cls=ConfigOption, field=path, **kwargs)
 
 
-def config_options(*paths: str, required: Sequence[str] = ()) -> Callable[[F], F]:
+def config_options(
+    *paths: str, required: Sequence[str] = (), defaults_from: str | None = None
+) -> Callable[[F], F]:
     """Options for the given RunConfig fields (dotted paths for sections, e.g.
     ``enhance.weights``). The command receives ``overrides``: the dotted paths the user gave
-    on the command line with their values; the others keep the config's (or the model's)."""
+    on the command line with their values; the others keep the config's (or the model's).
+    ``defaults_from`` names the command's config file argument (``CONFIG``) when its values,
+    not the model's defaults, apply to the options not given: the help then says so."""
     unknown = set(required) - set(paths)
     if unknown:
         raise ValueError(f"required fields not among the options: {sorted(unknown)}")
@@ -164,7 +174,8 @@ def config_options(*paths: str, required: Sequence[str] = ()) -> Callable[[F], F
 
         decorated: Any = wrapper
         for path in reversed(paths):
-            decorated = config_option(path, required=path in required)(decorated)
+            option = config_option(path, required=path in required, defaults_from=defaults_from)
+            decorated = option(decorated)
         return decorated
 
     return decorate

@@ -4,13 +4,14 @@ degraded scores) and which images it left unchanged.
 Used by the run summary, the demo's table and the HTML report, so that every one of them says
 the same thing: a type whose mean enhanced PSNR (or SSIM) against the clean image is below the
 degraded input's was made worse by enhancement, and an image whose ``enhance_change`` is 0 came
-back exactly as it went in. Rows must be ``ok``; failed rows never count. A run's own lines
+back exactly as it went in. Rows must be ``ok``; failed rows never count. The means are over
+the rows the report's full-reference table averages (:func:`common_rows`). A run's own lines
 cover the rows of its (image, variant) pairs only (``within``), as its summary does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "FidelityLoss",
     "RowFilter",
     "Unchanged",
+    "common_rows",
     "fidelity_losses",
     "output_summary_lines",
     "read_output",
@@ -33,15 +35,13 @@ __all__ = [
     "warning_lines",
 ]
 
-FIDELITY_COLUMNS = (
-    "type_code",
-    "status",
-    "psnr_degraded",
-    "psnr_enhanced",
-    "ssim_degraded",
-    "ssim_enhanced",
-    "enhance_change",
+_SCORED = tuple(
+    f"{key}_{role}" for key in ("psnr", "ssim", "ms_ssim") for role in ("degraded", "enhanced")
 )
+"""The full-reference score columns: a row is compared only where all of them are (see
+:func:`common_rows`)."""
+
+FIDELITY_COLUMNS = ("type_code", "status", *_SCORED, "enhance_change")
 """The Parquet columns :func:`summary_lines` reads."""
 
 NO_TYPE = "none"
@@ -69,40 +69,47 @@ class FidelityLoss:
         return self.enhanced - self.degraded
 
 
-def _finite_mean(values: pd.Series) -> tuple[float | None, int]:
-    arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    arr = arr[np.isfinite(arr)]
-    return (float(arr.mean()) if arr.size else None), int(arr.size)
+def common_rows(arrays: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """The one set of ``size`` rows whose scores are averaged together (here and in the
+    report's tables): those finite in every array that holds any value (±inf included) among
+    these rows. An array with no value at all does not narrow it."""
+    mask = np.ones(size, dtype=bool)
+    for arr in arrays:
+        if not np.isnan(arr).all():
+            mask &= np.isfinite(arr)
+    return mask
+
+
+def _numbers(frame: pd.DataFrame, column: str) -> np.ndarray:
+    values = pd.to_numeric(frame[column], errors="coerce")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def fidelity_losses(frame: pd.DataFrame) -> list[FidelityLoss]:
     """Every (type, metric) whose mean enhanced score is below the mean degraded score, over
-    the ``ok`` rows that have both; sorted by type, PSNR before SSIM.
+    the ``ok`` rows of that type that the report's full-reference table averages
+    (:func:`common_rows` of the PSNR, SSIM and MS-SSIM columns); sorted by type, PSNR before
+    SSIM.
 
-    Means are taken over rows holding both values, so a row missing one never tilts the
-    comparison. The pipeline stores +inf as the PSNR of identical images; infinite values are
-    skipped.
+    A row missing a score, or with PSNR +inf (an image identical to the clean one), counts in
+    neither metric, so the warnings and the report's table always compare the same rows.
     """
     if "type_code" not in frame.columns:
         return []
     ok = frame[frame["status"] == "ok"] if "status" in frame.columns else frame
     losses: list[FidelityLoss] = []
     for code, sub in sorted(ok.groupby(ok["type_code"].fillna(NO_TYPE)), key=lambda kv: kv[0]):
+        scores = {c: _numbers(sub, c) for c in _SCORED if c in sub.columns}
+        rows = common_rows(list(scores.values()), len(sub))
+        if not rows.any():
+            continue
         for key, *_ in _METRICS:
-            deg_col, enh_col = f"{key}_degraded", f"{key}_enhanced"
-            if deg_col not in sub.columns or enh_col not in sub.columns:
+            deg, enh = scores.get(f"{key}_degraded"), scores.get(f"{key}_enhanced")
+            if deg is None or enh is None or np.isnan(enh).all() or np.isnan(deg).all():
                 continue
-            deg = pd.to_numeric(sub[deg_col], errors="coerce")
-            enh = pd.to_numeric(sub[enh_col], errors="coerce")
-            both = np.isfinite(deg.to_numpy(np.float64, na_value=np.nan)) & np.isfinite(
-                enh.to_numpy(np.float64, na_value=np.nan)
-            )
-            if not both.any():
-                continue
-            d_mean, n = _finite_mean(deg[both])
-            e_mean, _ = _finite_mean(enh[both])
-            if d_mean is not None and e_mean is not None and e_mean < d_mean:
-                losses.append(FidelityLoss(str(code), key, d_mean, e_mean, n))
+            d_mean, e_mean = float(deg[rows].mean()), float(enh[rows].mean())
+            if e_mean < d_mean:
+                losses.append(FidelityLoss(str(code), key, d_mean, e_mean, int(rows.sum())))
     return losses
 
 

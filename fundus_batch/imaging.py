@@ -54,13 +54,48 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 
 def circle_from_mask(mask: np.ndarray) -> Circle:
-    """The FOV circle of a binary mask whose field may be clipped top/bottom or left/right:
-    centred on the mask's bounding box, with its longer side as the diameter."""
+    """The FOV circle of a binary mask whose field may be clipped by the frame.
+
+    Unclipped or clipped on two opposite sides: centred on the mask's bounding box, with its
+    longer side as the diameter. Clipped on one side only (the field touches one edge of the
+    frame and is shorter across it): the mask's rows (or columns) parallel to that edge are
+    chords of the circle, and the centre and radius are fitted to their lengths.
+    """
     ys, xs = np.nonzero(mask)
     if xs.size == 0:
         raise FOVError("blank", "the given FOV mask is empty")
     x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    height, width = mask.shape[:2]
+    touches_x = int(x0 == 0) + int(x1 == width - 1)
+    touches_y = int(y0 == 0) + int(y1 == height - 1)
+    if touches_y == 1 and touches_x == 0 and y1 - y0 < x1 - x0:
+        fitted = _fit_chords(mask)
+        if fitted is not None:
+            cy, r = fitted
+            return Circle((x0 + x1) / 2.0, cy, r)
+    elif touches_x == 1 and touches_y == 0 and x1 - x0 < y1 - y0:
+        fitted = _fit_chords(mask.T)
+        if fitted is not None:
+            cx, r = fitted
+            return Circle(cx, (y0 + y1) / 2.0, r)
     return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+
+
+def _fit_chords(mask: np.ndarray) -> tuple[float, float] | None:
+    """(cy, r) of the circle whose chords are the mask's rows: the least-squares solution of
+    (w/2)^2 + y^2 = r^2 - cy^2 + 2 cy y over the rows' widths w; None when underdetermined."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size < 3:
+        return None
+    inside = mask[rows] > 0
+    first = np.argmax(inside, axis=1)
+    last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)
+    half = (last - first + 1) / 2.0
+    y = rows.astype(np.float64)
+    design = np.stack([np.ones_like(y), 2.0 * y], axis=1)
+    (a, cy), *_ = np.linalg.lstsq(design, half * half + y * y, rcond=None)
+    r_squared = float(a + cy * cy)
+    return (float(cy), float(np.sqrt(r_squared))) if r_squared > 0 else None
 
 
 def decode_vessel_truth(data: bytes) -> np.ndarray:

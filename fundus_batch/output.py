@@ -15,7 +15,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -197,6 +197,26 @@ class OutputStore:
             missing = pc.fill_null(pc.and_(ok, missing), False)
             dropped += self._drop(path, table, missing, within)
         return dropped
+
+    def column_types(self, names: Iterable[str]) -> dict[str, list[pa.DataType]]:
+        """The Arrow types the committed shards hold for each of ``names`` that they have, from
+        their footers; null-typed columns (no value to read) and unreadable shards (set aside
+        by a run) give none."""
+        wanted = set(names)
+        found: dict[str, list[pa.DataType]] = {}
+        if not wanted:
+            return found
+        for path in self.shard_paths():
+            try:
+                schema = shards.shard_schema(path, self.storage_options, retries=self.retries)
+            except CorruptShardError:
+                continue
+            for column in schema:
+                if column.name in wanted and not pa.types.is_null(column.type):
+                    seen = found.setdefault(column.name, [])
+                    if column.type not in seen:
+                        seen.append(column.type)
+        return found
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Each complete shard as a table, one at a time (never all of them at once)."""

@@ -110,6 +110,9 @@ def _run_leased(
     change = run_settings.compare(recorded, settings, storage.redact(config.out))
     for note in change.notes:
         log.warning("%s", note)
+    run_settings.check_column_types(
+        store.column_types(scan.passthrough.names), scan.passthrough, storage.redact(config.out)
+    )
     store.clean_stale()
     quarantined = store.quarantine_corrupt()
     for path in quarantined:

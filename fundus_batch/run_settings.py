@@ -8,19 +8,30 @@ other difference (size, seed, preset, types, format, fewer variants, enhancement
 another model, another metric protocol, ...) is refused before any work, listing every
 difference as ``field: old -> new``. Fewer variants are refused rather than read as "done":
 a run's variant count is what ``verify`` checks, so accepting it would leave the folder
-claiming less than it holds.
+claiming less than it holds. A manifest column passed through to the rows keeps its Arrow type
+in one folder (:func:`check_column_types`): shards that disagree on it cannot be read together.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from fundus_batch.config import RunConfig
 
-__all__ = ["SettingsChange", "SettingsMismatchError", "compare", "recorded", "resolve"]
+__all__ = [
+    "SettingsChange",
+    "SettingsMismatchError",
+    "check_column_types",
+    "compare",
+    "recorded",
+    "resolve",
+]
 
 
 class SettingsMismatchError(ValueError):
@@ -192,3 +203,23 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
     if diffs:
         raise SettingsMismatchError(out, diffs)
     return change
+
+
+def check_column_types(
+    stored: Mapping[str, Sequence[pa.DataType]], passthrough: pa.Schema, out: str = "OUT"
+) -> None:
+    """Raise :class:`SettingsMismatchError` naming every pass-through column whose Arrow type
+    in ``passthrough`` (this run's manifest) differs from a type the folder's shards hold for it
+    (``stored``, see ``OutputStore.column_types``): ``verify`` and ``shards.read_table`` read
+    every column of the shards as one table, which such a column breaks. A null-typed column
+    holds no value and agrees with any type."""
+    diffs = [
+        f"manifest column {column.name!r}: {old} -> {column.type} (its rows could no longer be "
+        f"read together; give the column its recorded type)"
+        for column in passthrough
+        if not pa.types.is_null(column.type)
+        for old in stored.get(column.name, ())
+        if old != column.type
+    ]
+    if diffs:
+        raise SettingsMismatchError(out, diffs)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from fundus_batch import __version__, cli, stages
 from fundus_batch.cli import main
+from fundus_batch.imaging import ImageFormat
 from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
 from tests.pipeline_inputs import write_inputs
@@ -261,12 +262,15 @@ def large_photo(tmp_path_factory) -> tuple[Path, Path]:
     return photo, mask_path
 
 
-def _preprocess_stage(photo: Path, mask: Path | None, size: int = 256) -> stages.Item:
+def _preprocess_stage(
+    photo: Path, mask: Path | None, size: int = 256, image_format: ImageFormat = "png"
+) -> stages.Item:
     encoded = {"raw": photo.read_bytes()}
     if mask is not None:
         encoded["mask"] = mask.read_bytes()
     item = stages.Item({"image_id": photo.stem, "status": "ok"}, encoded=encoded)
-    [out] = stages.Preprocess(size=size).process([item])
+    preprocess = stages.Preprocess(size=size, image_format=image_format, jpeg_quality=80)
+    [out] = preprocess.process([item])
     assert out.ok, out.row.get("error")
     return out
 
@@ -298,6 +302,58 @@ def test_degrade_image_regenerates_the_pipeline_row_byte_for_byte(
     assert row.ok and row.row["variant"] == 1
     assert out.read_bytes() == row.encoded["degraded"]
     assert json.loads(params.read_text()) == json.loads(row.row["params_json"])
+
+
+@pytest.mark.parametrize("given_mask", [False, True], ids=["detected_fov", "given_mask"])
+def test_degrade_image_regenerates_a_jpeg_pipeline_row_byte_for_byte(
+    large_photo, tmp_path, given_mask
+):
+    """A --format jpeg run degrades its clean image as stored (after JPEG encoding)."""
+    photo, mask = large_photo[0], large_photo[1] if given_mask else None
+    clean = _preprocess_stage(photo, mask, image_format="jpeg")  # at quality 80
+    degrade = stages.Degrade(
+        seed=5, variants=2, types=["011"], image_format="jpeg", jpeg_quality=80
+    )
+    [_, row] = degrade.process([clean])
+    assert row.ok and row.row["variant"] == 1
+    params = tmp_path / "p.json"
+    params.write_text(row.row["params_json"])
+    args = ["--size", "256", "--quality", "80", "--jpeg-clean"]
+    args += ["--mask", str(mask)] if mask else []
+    sampled, replayed = tmp_path / "sampled.jpg", tmp_path / "replayed.jpg"
+    drawn = ["--seed", "5", "--variant", "1", "--type", "011"]
+    _ok(CliRunner().invoke(main, ["degrade-image", str(photo), str(sampled), *args, *drawn]))
+    _ok(
+        CliRunner().invoke(
+            main, ["degrade-image", str(photo), str(replayed), *args, "--replay", str(params)]
+        )
+    )
+    assert sampled.read_bytes() == row.encoded["degraded"]
+    assert replayed.read_bytes() == row.encoded["degraded"]
+    # From the run's own files: its stored clean image, degraded as it is.
+    (tmp_path / "clean.jpg").write_bytes(clean.encoded["clean"])
+    (tmp_path / "mask.png").write_bytes(clean.encoded["mask"])
+    stored = ["--preprocessed", "--mask", str(tmp_path / "mask.png"), "--quality", "80"]
+    again = tmp_path / "again.jpg"
+    args = ["degrade-image", str(tmp_path / "clean.jpg"), str(again), *stored]
+    _ok(CliRunner().invoke(main, [*args, "--replay", str(params)]))
+    assert again.read_bytes() == row.encoded["degraded"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--jpeg-clean"], "--jpeg-clean needs a .jpg or .jpeg OUTPUT"),
+        (["--jpeg-clean", "--preprocessed", "--mask", "m.png"], "must not be JPEG-encoded again"),
+    ],
+)
+def test_degrade_image_refuses_jpeg_clean_where_no_jpeg_run_row_could_come_out(
+    raw_photo, tmp_path, extra, reason
+):
+    out = tmp_path / ("o.png" if "--preprocessed" not in extra else "o.jpg")
+    result = CliRunner().invoke(main, ["degrade-image", str(raw_photo), str(out), *extra])
+    assert result.exit_code == 2 and reason in " ".join(result.output.split()), result.output
+    assert not out.exists()
 
 
 def test_degrade_image_without_preprocessed_reads_the_mask_it_is_given(raw_photo, tmp_path):
@@ -332,6 +388,20 @@ def test_a_failed_write_leaves_the_existing_file_whole_and_no_partial_one(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("Error:") and "too large" in lines[0], lines
     assert src.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+@pytest.mark.parametrize("command", ["degrade-image", "enhance-image"])
+def test_single_image_commands_write_through_the_storage_atomic_writer(
+    raw_photo, tmp_path, monkeypatch, command
+):
+    written: list[list[tuple[Path, bytes]]] = []
+    monkeypatch.setattr(cli, "write_local_files", written.append)
+    args = [command, str(raw_photo), str(tmp_path / "o.png"), "--size", "256"]
+    if command == "enhance-image":
+        args += ["--enhancer", "classical"]
+    _ok(CliRunner().invoke(main, args))
+    [[(path, data)]] = written
+    assert path == tmp_path / "o.png" and data.startswith(b"\x89PNG")
 
 
 def test_params_out_into_a_missing_folder_creates_it(raw_photo, tmp_path):

@@ -98,7 +98,20 @@ def test_each_option_takes_its_help_and_default_from_the_model():
             default = ",".join(default)
         assert option.default == default, (command, option.field)
         if default not in (None, False):
-            assert f"default: {default}" in help_text, (command, option.field, help_text)
+            shown = f"(from CONFIG, else {default})" if command == "run" else default
+            assert f"default: {shown}" in help_text, (command, option.field, help_text)
+
+
+def test_run_help_says_that_options_not_given_keep_the_config_files_values():
+    shown = " ".join(CliRunner().invoke(main, ["run", "c.yaml", "--help"]).output.split())
+    variants = "--variants INTEGER degraded variants per image [1<=x<=1000]"
+    assert f"{variants} [default: (from CONFIG, else 7)]" in shown
+    assert "[default: 7]" not in shown
+    assert "--manifest TEXT CSV or Parquet manifest URL [default: (from CONFIG)]" in shown
+    assert "--retry-failed redo rows that failed before" in shown
+    assert shown.count("[default: (from CONFIG") == 8
+    degrade = " ".join(CliRunner().invoke(main, ["degrade", "--help"]).output.split())
+    assert "[default: 7]" in degrade and "CONFIG" not in degrade
 
 
 def test_literal_fields_list_their_choices():

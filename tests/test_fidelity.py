@@ -19,6 +19,7 @@ from fundus_batch.fidelity import (
     warning_lines,
 )
 from fundus_batch.output import OutputStore, ShardWriter
+from fundus_batch.report.data import Loaded, metrics
 from fundus_batch.schema import output_schema, to_table
 
 
@@ -80,6 +81,33 @@ def test_rows_missing_one_value_do_not_tilt_the_comparison():
     rows.append({"type_code": "001", "status": "ok", "psnr_degraded": 60.0, "image_id": "x"})
     rows.append({"type_code": "001", "status": "ok", "psnr_enhanced": np.inf, "image_id": "y"})
     assert fidelity_losses(pd.DataFrame(rows)) == []
+
+
+def test_warnings_compare_the_rows_the_report_table_averages():
+    """An enhanced image identical to the clean one (PSNR +inf) leaves its row out of the
+    report's table; the SSIM warning must leave it out too, or the two disagree."""
+    scores = [  # psnr degraded/enhanced, ssim degraded/enhanced, ms-ssim degraded/enhanced
+        (24.0, np.inf, 0.50, 1.00, 0.60, 1.00),  # enhancement gave back the clean image
+        (26.0, 27.0, 0.90, 0.85, 0.92, 0.90),
+        (25.0, 26.0, 0.88, 0.84, 0.91, 0.89),
+        (27.0, 28.0, 0.91, 0.90, np.nan, 0.93),  # no degraded MS-SSIM
+    ]
+    columns = [f"{m}_{r}" for m in ("psnr", "ssim", "ms_ssim") for r in ("degraded", "enhanced")]
+    frame = pd.DataFrame([dict(zip(columns, row, strict=True)) for row in scores])
+    frame = frame.assign(image_id=[f"img{i}" for i in range(4)], type_code="011", status="ok")
+    losses = fidelity_losses(frame)
+    assert [(x.metric, x.rows) for x in losses] == [("ssim", 2)]
+    assert (losses[0].degraded, losses[0].enhanced) == pytest.approx((0.89, 0.845))
+    assert warning_lines(losses) == ["WARNING enhancement lowered SSIM on 011 (-0.045)"]
+    table = metrics(Loaded("out", None, frame), []).full_reference
+    assert table is not None
+    [typed, _] = table.rows
+    means = dict(zip([f"{c.metric}_{c.sub}" for c in table.columns], typed.values, strict=True))
+    assert typed.n == losses[0].rows
+    assert (means["ssim_degraded"], means["ssim_enhanced"]) == pytest.approx(
+        (losses[0].degraded, losses[0].enhanced)
+    )
+    assert means["psnr_enhanced"] > means["psnr_degraded"]  # and no PSNR warning
 
 
 def test_output_summary_lines_reads_a_written_output(tmp_path: Path):

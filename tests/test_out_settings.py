@@ -6,12 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from fundus_batch import outpaths, pipeline
 from fundus_batch.config import build_config
-from fundus_batch.run_settings import SettingsMismatchError, compare, recorded, resolve
+from fundus_batch.run_settings import (
+    SettingsMismatchError,
+    check_column_types,
+    compare,
+    recorded,
+    resolve,
+)
 from fundus_batch.verify import verify
 from tests.pipeline_inputs import write_inputs
 
@@ -98,6 +106,19 @@ def test_a_run_json_written_before_settings_were_recorded_is_still_compared(tmp_
         compare(recorded(legacy), resolve(_config(tmp_path / "m.csv", tmp_path / "o", seed=99)))
 
 
+def test_a_pass_through_column_must_keep_its_arrow_type_and_null_agrees_with_any():
+    stored = {"grade": [pa.string()], "site": [pa.int64()]}
+    check_column_types(stored, pa.schema([("grade", pa.string()), ("new", pa.int8())]))
+    check_column_types(stored, pa.schema([("grade", pa.null()), ("site", pa.int64())]))
+    changed = pa.schema([("grade", pa.int64()), ("site", pa.float64())])
+    with pytest.raises(SettingsMismatchError) as err:
+        check_column_types(stored, changed, "OUT")
+    assert [d.split(" (")[0] for d in err.value.differences] == [
+        "manifest column 'grade': string -> int64",
+        "manifest column 'site': int64 -> double",
+    ]
+
+
 # ------------------------------------------------------------------------- on a real OUT
 
 
@@ -131,6 +152,23 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(made, change, sh
         assert any(d.startswith(text) for d in err.value.differences), err.value.differences
     assert "nothing was done" in str(err.value)
     assert _snapshot(out) == before  # not a byte, not a timestamp changed
+    assert verify(str(out), str(manifest)).ok
+
+
+def test_a_manifest_column_whose_type_changed_is_refused_before_any_work(made, tmp_path):
+    """Shards with a column of two types cannot be read as one table: verify, export and
+    training would fail on the folder afterwards."""
+    manifest, out = made
+    rows = pd.read_csv(manifest)  # as a CSV manifest, grade was stored as text
+    rows = pd.concat([rows, rows.head(1).assign(image_id="img_more")], ignore_index=True)
+    as_integers = tmp_path / "m.parquet"
+    rows.astype({"grade": "int64"}).to_parquet(as_integers, index=False)
+    before = _snapshot(out)
+    with pytest.raises(SettingsMismatchError) as err:
+        pipeline.run(_config(as_integers, out))
+    assert err.value.differences[0].startswith("manifest column 'grade': string -> int64")
+    assert "nothing was done" in str(err.value)
+    assert _snapshot(out) == before
     assert verify(str(out), str(manifest)).ok
 
 

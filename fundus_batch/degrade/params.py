@@ -38,11 +38,13 @@ from fundus_batch.validation import (
 
 from .presets import (
     CENTER_REACH,
+    MAX_BLUR_SIGMA,
     MAX_KERNEL_FACTOR,
     MAX_LENGTH_FACTOR,
     MODELS,
     PRESETS,
     RELEASE_HALO_COLORS,
+    max_blur_kernel,
     release_halo_blur,
     release_spot_amplitude,
 )
@@ -187,7 +189,7 @@ class _Released(_Json):
 # geometry bounds relative to the working size (a huge coordinate, diameter or kernel size would
 # overflow or wrap around in the operators' integer arithmetic, or make OpenCV refuse it)
 
-Geometry = Literal["point", "length", "kernel"]
+Geometry = Literal["point", "length", "kernel", "blur_kernel"]
 
 
 def _check_geometry(path: str, kind: Geometry, value: Any, size: int) -> None:
@@ -205,6 +207,14 @@ def _check_geometry(path: str, kind: Geometry, value: Any, size: int) -> None:
         if value > most:
             raise RecordError(
                 path, f"must be at most {most} ({MAX_LENGTH_FACTOR} x size {size}), got {value}"
+            )
+    elif kind == "blur_kernel":
+        most = max_blur_kernel(size)
+        if value > most:
+            raise RecordError(
+                path,
+                f"must be at most {most} at size {size}, the kernel of a blur sigma of "
+                f"{MAX_BLUR_SIGMA:g} px at 512 (got {value})",
             )
     else:
         most = MAX_KERNEL_FACTOR * size + 1
@@ -367,7 +377,10 @@ class BlurRecord(_Sub):
     """Truncated Gaussian blur with kernel (k_w, k_h) and ``sigma``."""
 
     json_path: ClassVar[str] = "blur"
-    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (("k_w", "kernel"), ("k_h", "kernel"))
+    geometry: ClassVar[tuple[tuple[str, Geometry], ...]] = (
+        ("k_w", "blur_kernel"),
+        ("k_h", "blur_kernel"),
+    )
 
     sigma: NonNeg
     k_w: Odd
@@ -642,7 +655,7 @@ _RELEASED_GEOMETRY: dict[str, tuple[tuple[str, Geometry], ...]] = {
         ("rad_h", "kernel"),
     ),
     "spot": (("radius", "length"), ("center", "point"), ("rad_w", "kernel"), ("rad_h", "kernel")),
-    "blur": (("rad_w", "kernel"), ("rad_h", "kernel")),
+    "blur": (("rad_w", "blur_kernel"), ("rad_h", "blur_kernel")),
 }
 
 

@@ -41,6 +41,7 @@ from fundus_batch.validation import (
 
 __all__ = [
     "CENTER_REACH",
+    "MAX_BLUR_SIGMA",
     "MAX_KERNEL_FACTOR",
     "MAX_LENGTH_FACTOR",
     "MODELS",
@@ -53,6 +54,7 @@ __all__ = [
     "get_preset",
     "known_preset",
     "make_odd",
+    "max_blur_kernel",
     "release_halo_blur",
     "release_spot_amplitude",
     "release_spot_sigma",
@@ -65,13 +67,17 @@ MODELS = ("release", "train")
 
 # Geometry bounds of a degradation record, relative to its working side ``size`` (enforced
 # when a record is built or parsed). They lie far outside anything a preset can sample: the
-# preset fields that scale a length have upper limits that keep every draw inside them.
+# preset fields that scale a length have upper limits that keep every draw inside them. The
+# whole-image blur is bounded tighter, by what the spec draws (sigma <= 15 px at 512) with
+# twofold slack: its cost grows with the kernel, which at 4 size + 1 would not finish.
 CENTER_REACH = 4
 """Centre coordinates lie within [-4 size, 4 size]."""
 MAX_LENGTH_FACTOR = 8
 """Diameters and radii are at most 8 size."""
 MAX_KERNEL_FACTOR = 4
-"""Kernel sizes are at most 4 size + 1."""
+"""Kernel sizes are at most 4 size + 1 (blur kernels: see ``max_blur_kernel``)."""
+MAX_BLUR_SIGMA = 30.0
+"""The largest blur sigma a preset may draw, in pixels at 512: twice the spec's 15."""
 
 RELEASE_HALO_COLORS: tuple[tuple[int, int, int], ...] = (
     (251, 249, 246),
@@ -137,7 +143,7 @@ _PAIR_RULES: dict[str, tuple[float | None, float | None]] = {
     "spot_k": (None, None),
     "spot_beta": (None, None),
     "spot_d": (None, None),
-    "blur_sigma": (0.0, 4096.0),  # kernel <= sigma / 2 + 1 <= 4 size + 1
+    "blur_sigma": (0.0, MAX_BLUR_SIGMA),  # kernel <= max_blur_kernel(size)
 }
 
 
@@ -309,6 +315,13 @@ def get_preset(preset: Preset | str) -> Preset:
 def make_odd(k: int) -> int:
     """k + 1 if k is even (the released scripts' kernel rule)."""
     return k + 1 if k % 2 == 0 else k
+
+
+def max_blur_kernel(size: int) -> int:
+    """The largest blur kernel side at working size ``size``: what a sigma of
+    ``MAX_BLUR_SIGMA`` px at 512 draws (floor(sigma / 2), made odd), scaled as the sampler
+    scales it (15 at 512, 121 at 4096)."""
+    return make_odd(math.floor(MAX_BLUR_SIGMA * (size / REFERENCE_SIZE) / 2))
 
 
 def release_halo_blur(center: tuple[int, int], dia_a: float, size: int) -> tuple[int, float]:

@@ -17,7 +17,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ __all__ = [
     "redact",
     "with_retries",
     "write_bytes",
+    "write_local_files",
 ]
 
 T = TypeVar("T")
@@ -327,20 +328,31 @@ def _read_local(path: str) -> bytes:
         return fh.read()
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    # O_EXCL: never follow or reuse a stale name; mode 0o666 lets the umask decide as for open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+def write_local_files(files: Sequence[tuple[str | os.PathLike[str], bytes]]) -> None:
+    """Write each ``(path, data)`` on local disk, creating folders, so that a failure leaves no
+    partial file and every existing one as it was: all go to temporary files beside their
+    targets first, which then replace the targets in order."""
+    staged: list[tuple[str, str]] = []
+    replaced = 0
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        for target, data in files:
+            path = os.fspath(target)
+            folder = os.path.dirname(path) or "."
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+            # O_EXCL: never follow or reuse a stale name; 0o666 lets the umask decide, as open().
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(tmp, flags, 0o666)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            replaced += 1
+    finally:
+        for tmp, _ in staged[replaced:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def write_bytes(
@@ -361,7 +373,8 @@ def write_bytes(
     payload = bytes(data)
     fs, path = filesystem(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
-        _with_retries("writing", uri, lambda: _atomic_local_write(path, payload), retries, backoff)
+        write = [(path, payload)]
+        _with_retries("writing", uri, lambda: write_local_files(write), retries, backoff)
     else:
         _with_retries("writing", uri, lambda: fs.pipe_file(path, payload), retries, backoff)
 

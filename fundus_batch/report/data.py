@@ -17,6 +17,7 @@ import pandas as pd
 
 from fundus_batch.fidelity import (
     FIDELITY_COLUMNS,
+    common_rows,
     fidelity_losses,
     unchanged_counts,
     unchanged_lines,
@@ -262,16 +263,6 @@ def values(frame: pd.DataFrame, column: str) -> np.ndarray:
 
 def _roles_with(loaded: Loaded, prefix: str) -> list[str]:
     return [r for r in ("degraded", "enhanced") if loaded.has(f"{prefix}_{r}")]
-
-
-def _population(arrays: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """The one set of rows a table row averages: those finite in every array that holds any
-    value (±inf included) among these rows. An array with no value at all does not narrow it."""
-    mask = np.ones(size, dtype=bool)
-    for arr in arrays:
-        if not np.isnan(arr).all():
-            mask &= np.isfinite(arr)
-    return mask
 
 
 def _means(arrays: Sequence[np.ndarray], mask: np.ndarray) -> list[float | None]:
@@ -688,7 +679,7 @@ def _fr_table(loaded: Loaded) -> MeanTable | None:
     rows = []
     for group, idx in loaded.groups:
         arrays = [loaded.numbers(f"{c.metric}_{c.sub}")[idx] for c in cols]
-        mask = _population(arrays, idx.size)
+        mask = common_rows(arrays, idx.size)
         identical = np.zeros(idx.size, dtype=bool)
         for arr in psnr:
             identical |= np.isposinf(arr[idx])
@@ -725,7 +716,7 @@ def _nr_table(loaded: Loaded) -> MeanTable | None:
     first = loaded.first_of_image
     if any(loaded.has(f"{c.metric}_clean") for c in metric_cols):
         arrays = [loaded.numbers(f"{c.metric}_clean")[first] for c in metric_cols]
-        mask = _population(arrays, first.size)
+        mask = common_rows(arrays, first.size)
         rows.append(
             MeanRow(
                 loaded.input_label,
@@ -744,7 +735,7 @@ def _nr_table(loaded: Loaded) -> MeanTable | None:
     per_type: dict[str, list[MeanRow]] = {r: [] for r in roles}
     for group, idx in loaded.groups[:-1]:
         by_role = {r: [loaded.numbers(f"{c.metric}_{r}")[idx] for c in metric_cols] for r in roles}
-        mask = _population([a for r in roles for a in by_role[r]], idx.size)
+        mask = common_rows([a for r in roles for a in by_role[r]], idx.size)
         for role in roles:
             label = f"{role} · {type_label(group)}"
             per_type[role].append(
@@ -788,7 +779,7 @@ def downstream(loaded: Loaded) -> Downstream:
     worse = []
     for group, idx in loaded.groups:
         arrays = [loaded.numbers(c.metric)[idx] for c in cols]
-        mask = _population(arrays, idx.size)
+        mask = common_rows(arrays, idx.size)
         gain = None
         if delta:
             enh = loaded.numbers("vessel_auc_enhanced")[idx][mask]

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
 
 from fundus_batch.degrade import (
     TYPE_CODES,
+    BlurRecord,
     DegradationRecord,
     HoleRecord,
     RecordError,
     SpotRecord,
     sample_record,
 )
-from fundus_batch.degrade.presets import RELEASE_HALO_COLORS
+from fundus_batch.degrade.presets import RELEASE_HALO_COLORS, make_odd, max_blur_kernel
 
 # Section 2.9 of degradation-model.md: a real type-111 record of the released script.
 EXAMPLE_111 = (
@@ -365,6 +367,48 @@ def test_geometry_bounds_are_4_8_and_4_plus_1_times_the_size_inclusive(size: int
     ):
         with pytest.raises(RecordError, match=r"released\.params\.spots\[0\]\."):
             DegradationRecord.from_released(released(beyond), size=size)
+
+
+@pytest.mark.parametrize(("size", "most"), [(512, 15), (1024, 31), (4096, 121)])
+def test_blur_kernels_are_bounded_by_twice_the_specs_blur_scaled_to_the_size(
+    size: int, most: int
+) -> None:
+    """A hand-edited 4 size + 1 blur kernel (16,385 px at 4096) took over an hour to replay."""
+    data = sample_record(np.random.default_rng(3), "100", size).to_dict()
+    data["blur"].update(k_w=most, k_h=most)
+    assert DegradationRecord.from_dict(data).blur == BlurRecord(data["blur"]["sigma"], most, most)
+    for field in ("k_w", "k_h"):
+        too_big = copy.deepcopy(data)
+        too_big["blur"][field] = 4 * size + 1
+        with pytest.raises(RecordError) as info:
+            DegradationRecord.from_dict(too_big)
+        assert info.value.field == f"blur.{field}"
+        assert str(info.value) == (
+            f"blur.{field}: must be at most {most} at size {size}, the kernel of a blur sigma of "
+            f"30 px at 512 (got {4 * size + 1})"
+        )
+
+
+def test_a_released_blur_kernel_beyond_the_bound_is_refused_naming_the_field() -> None:
+    released = {"type": "100", "params": {"blur": {"sigma": 9.0, "rad_w": 15, "rad_h": 15}}}
+    assert DegradationRecord.from_released(released).blur == BlurRecord(9.0, 15, 15)
+    released["params"]["blur"]["rad_h"] = 17
+    with pytest.raises(RecordError) as info:
+        DegradationRecord.from_released(released)
+    assert info.value.field == "released.params.blur.rad_h"
+    assert "(got 17)" in str(info.value)
+
+
+@pytest.mark.parametrize("preset", ["cofe-release", "cofe-train"])
+@pytest.mark.parametrize("size", [64, 100, 512, 4096])
+def test_built_in_presets_draw_blur_kernels_within_the_spec_and_the_bound(
+    preset: str, size: int
+) -> None:
+    spec_most = make_odd(math.floor(15 * size / 512 / 2))  # sigma <= 15 px at 512 (spec 2.5)
+    for seed in range(40):
+        record = sample_record(np.random.default_rng(seed), "100", size, preset)
+        assert record.blur is not None
+        assert max(record.blur.k_w, record.blur.k_h) <= spec_most <= max_blur_kernel(size)
 
 
 def test_a_released_halo_whose_derived_kernel_is_too_large_is_refused() -> None:

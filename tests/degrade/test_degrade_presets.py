@@ -13,6 +13,7 @@ from fundus_batch.degrade import (
     sample_record,
     sample_rng,
 )
+from fundus_batch.degrade.presets import max_blur_kernel
 
 
 def test_builtin_presets() -> None:
@@ -100,7 +101,7 @@ def test_presets_are_frozen_and_round_trip_their_dict() -> None:
         ({"name": "x", "halo_outer_min": 4.5}, "halo_outer_min"),
         ({"name": "x", "halo_gamma": [0.5, 3.5, 0.5]}, "halo_gamma[1]"),
         ({"name": "x", "hole_kernel": [0.5, 4.5]}, "hole_kernel"),
-        ({"name": "x", "blur_sigma": [5, 5000]}, "blur_sigma"),
+        ({"name": "x", "blur_sigma": [5, 30.001]}, "blur_sigma"),
         ({"name": "x", "model": "train", "spot_kernel": 2049}, "spot_kernel"),
     ],
 )
@@ -132,11 +133,11 @@ def test_presets_at_their_upper_limits_never_sample_a_record_the_bounds_refuse(
             "hole_kernel": [4.0, 4.0],
             "spot_radius": [0.2, 0.45],
             "spot_kernel": 2047,
-            "blur_sigma": [4095.9, 4096.0],
+            "blur_sigma": [29.9, 30.0],
         }
     )
     for size in (32, 33, 64, 100, 511, 512, 1000, 4096):
         for variant in range(8):
             # a refused record would raise RecordError from the record's own checks
             record = sample_record(sample_rng(0, str(size), variant), "111", size, widest, 0.3)
-            assert record.blur is not None and record.blur.k_w <= 4 * size + 1
+            assert record.blur is not None and record.blur.k_w <= max_blur_kernel(size)

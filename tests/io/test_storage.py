@@ -24,6 +24,7 @@ from fundus_batch.io.storage import (
     read_bytes,
     redact,
     write_bytes,
+    write_local_files,
 )
 from tests.s3_fixture import s3_bucket, s3_server  # noqa: F401
 
@@ -134,6 +135,24 @@ def test_failed_local_write_keeps_the_old_file_and_cleans_up(
     assert info.value.attempts == 3 and len(sleeps.calls) == 2
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_write_local_files_writes_every_file_creating_folders(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.png", tmp_path / "new" / "deep" / "b.json"
+    first.write_bytes(b"old")
+    write_local_files([(first, b"image"), (str(second), b"{}")])
+    assert (first.read_bytes(), second.read_bytes()) == (b"image", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "new"]
+
+
+def test_write_local_files_replaces_no_file_when_one_cannot_be_written(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    first = tmp_path / "a.png"
+    first.write_bytes(b"old")
+    with pytest.raises(OSError):
+        write_local_files([(first, b"new"), (tmp_path / "a_file" / "b.json", b"{}")])
+    assert first.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_file"]
 
 
 def test_memory_round_trip(memory_root: str) -> None:

@@ -1,0 +1,71 @@
+"""The FOV circle of a supplied mask, clipped by the frame or not, and the crop it gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fundus_batch.fov import Circle, circle_mask, crop_to_fov
+from fundus_batch.imaging import circle_from_mask, crop_with_given_mask
+from fundus_batch.io.codecs import encode_png
+
+
+def _bounding_box_circle(mask: np.ndarray) -> Circle:
+    """The estimate for unclipped and two-side-clipped masks before one-side clipping was
+    handled: the bounding box's centre, its longer side the diameter."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+
+
+def _flipped(circle: Circle, side: str, height: int, width: int) -> tuple[Circle, int, int]:
+    """``circle`` clipped at the top of a ``height`` x ``width`` frame, turned so that the
+    frame clips it at ``side`` instead (and the frame's shape with it)."""
+    cx, cy, r = circle.cx, circle.cy, circle.r
+    if side == "top":
+        return Circle(cx, cy, r), height, width
+    if side == "bottom":
+        return Circle(cx, height - 1 - cy, r), height, width
+    if side == "left":
+        return Circle(cy, cx, r), width, height
+    return Circle(height - 1 - cy, cx, r), width, height
+
+
+@pytest.mark.parametrize("side", ["top", "bottom", "left", "right"])
+@pytest.mark.parametrize("cut", [0.05, 0.3, 0.9, 1.4])  # share of the radius the frame cuts off
+def test_a_mask_clipped_on_one_side_gives_the_circle_it_was_cut_from(side: str, cut: float):
+    r = 301.3
+    top_clipped = Circle(412.6, r - cut * r, r)
+    height, width = int(top_clipped.cy + r) + 23, 860
+    truth, h, w = _flipped(top_clipped, side, height, width)
+    found = circle_from_mask(circle_mask(h, w, truth))
+    assert abs(found.cx - truth.cx) < 0.5 and abs(found.cy - truth.cy) < 0.5
+    assert abs(found.r - truth.r) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("circle", "shape"),
+    [
+        (Circle(320.0, 240.0, 200.0), (480, 640)),  # inside the frame
+        (Circle(319.5, 239.5, 240.0), (480, 640)),  # touching top and bottom
+        (Circle(320.2, 239.7, 290.0), (480, 640)),  # clipped at top and bottom
+        (Circle(240.0, 320.4, 300.0), (640, 480)),  # clipped at left and right
+        (Circle(200.0, 200.0, 200.0), (500, 500)),  # touching the top-left corner
+    ],
+)
+def test_unclipped_and_two_side_clipped_masks_keep_the_bounding_box_circle(
+    circle: Circle, shape: tuple[int, int]
+):
+    mask = circle_mask(*shape, circle)
+    assert circle_from_mask(mask) == _bounding_box_circle(mask)
+
+
+def test_a_photograph_clipped_at_the_top_is_cropped_around_its_whole_circle():
+    truth = Circle(400.0, 210.0, 290.0)  # the frame cuts 80 px off the top of the field
+    rgb = np.full((560, 800, 3), 120, np.uint8)
+    mask = circle_mask(560, 800, truth)
+    pre = crop_with_given_mask(rgb, encode_png(mask), 256)
+    _, expected = crop_to_fov(rgb, truth, 256, (0, 0, 800, 560))
+    overlap = np.logical_and(pre.mask, expected).sum() / np.logical_or(pre.mask, expected).sum()
+    assert overlap > 0.995
+    assert pre.mask[-1].any()  # the field's bottom reaches the bottom of the working image
