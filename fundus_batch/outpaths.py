@@ -17,6 +17,7 @@ import stat
 from fundus_batch.io import storage
 
 __all__ = [
+    "IMAGES_DIR",
     "OutsideOutError",
     "absolute_out",
     "check_local_target",
@@ -31,7 +32,8 @@ __all__ = [
 
 LOGS_DIR = "logs"  # a Ray job's own log files (fundus_batch.jobs)
 # The entries a run writes directly under OUT; none of them may be a link elsewhere.
-TOP_LEVEL = ("images", "pairs", "run.json", LOGS_DIR)
+IMAGES_DIR = "images"
+TOP_LEVEL = (IMAGES_DIR, "pairs", "run.json", LOGS_DIR)
 
 
 class OutsideOutError(ValueError):
@@ -169,7 +171,7 @@ def image_paths(
     """Deterministic output URIs of one row's images (``clean``, ``mask``, ``degraded``,
     ``enhanced``); enhance and score rows (``variant`` None or < 0) have no ``degraded``."""
     ext = "jpg" if image_format == "jpeg" else "png"
-    base = storage.join(out, "images", image_id)
+    base = storage.join(out, IMAGES_DIR, image_id)
     paths = {"clean": storage.join(base, f"clean.{ext}"), "mask": storage.join(base, "mask.png")}
     if variant is None or variant < 0:
         paths["enhanced"] = storage.join(base, f"enhanced.{ext}")

@@ -86,6 +86,10 @@ class OutputStore:
     def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
         return shards.read_shard(path, columns, self.storage_options, retries=self.retries)
 
+    def has_images(self) -> bool:
+        """Whether ``OUT/images`` exists: a run wrote images there, with or without shards."""
+        return bool(self.fs.exists(storage.join(self.path, outpaths.IMAGES_DIR)))
+
     def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
         """All complete shards as one table, or None when there are none."""
         return shards.concat_tables(self.iter_tables(columns))

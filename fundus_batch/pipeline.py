@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from fundus_batch import ray_adapter, run_settings
-from fundus_batch.config import RunConfig
+from fundus_batch.config import ConfigError, RunConfig
 from fundus_batch.console import Progress
 from fundus_batch.io import storage
 from fundus_batch.lease import OutLease
@@ -68,6 +68,16 @@ def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
         config.manifest, storage_options=config.storage_options, limit=config.limit
     )
     check_out_root(config.out)  # OUT/images or OUT/pairs linked elsewhere: refuse before work
+    for field_name, uri, options in (
+        ("manifest", config.manifest, config.storage_options),
+        ("out", config.out, config.out_storage_options),
+    ):
+        if storage.process_local(uri, options):
+            raise ConfigError(
+                f"{field_name}: {storage.redact(uri)} lives in this process's memory, and Ray's "
+                "workers run in processes of their own (they would write their own copies, lost "
+                "at exit): use a local folder or object storage"
+            )
     settings = run_settings.resolve(config)
     store = OutputStore(config.out, config.out_storage_options, retries=config.storage_retries)
     lease = OutLease(
@@ -106,7 +116,9 @@ def _run_leased(
 ) -> RunSummary:
     """The run itself, once this process holds the OUT lease."""
     previous = store.read_json(RUN_JSON)
-    recorded = run_settings.recorded(previous) if store.shard_paths() else None
+    # A run killed before its first shard left images made with its settings all the same.
+    made = bool(store.shard_paths()) or store.has_images()
+    recorded = run_settings.recorded(previous) if made else None
     change = run_settings.compare(recorded, settings, storage.redact(config.out))
     for note in change.notes:
         log.warning("%s", note)

@@ -172,6 +172,42 @@ def test_a_manifest_column_whose_type_changed_is_refused_before_any_work(made, t
     assert verify(str(out), str(manifest)).ok
 
 
+def test_a_run_killed_before_its_first_shard_still_fixes_the_settings(made, tmp_path):
+    """Its images were made with its settings: a rerun with others would fail every row on
+    "already exists with other content" and record the new settings over them."""
+    import shutil
+
+    manifest, made_out = made
+    out = tmp_path / "out"
+    shutil.copytree(made_out, out)
+    shutil.rmtree(out / "pairs")  # as if killed before any shard was committed
+    before = _snapshot(out)
+    with pytest.raises(SettingsMismatchError, match="size: 128 -> 160"):
+        pipeline.run(_config(manifest, out, size=160))
+    assert _snapshot(out) == before
+    (out / "run.json").unlink()  # nothing recorded: nothing to compare with
+    shutil.rmtree(out / "images")
+    (out / "images").mkdir()
+    assert pipeline.run(_config(manifest, out, size=160)).complete
+
+
+def test_a_memory_out_or_manifest_is_refused_before_any_work(made):
+    """Ray's workers would write the images into their own process's memory, lost at exit,
+    while the run said complete."""
+    import fsspec
+
+    from fundus_batch.config import ConfigError
+
+    manifest, _ = made
+    with pytest.raises(ConfigError, match=r"^out: memory://fb-mem-out lives in this process"):
+        pipeline.run(_config(manifest, "memory://fb-mem-out"))
+    assert not fsspec.filesystem("memory").exists("/fb-mem-out")
+    memory_manifest = "memory://fb-mem-in/m.csv"
+    fsspec.filesystem("memory").pipe("/fb-mem-in/m.csv", manifest.read_bytes())
+    with pytest.raises(ConfigError, match=r"^manifest: memory://fb-mem-in/m.csv lives in"):
+        pipeline.run(_config(memory_manifest, "memory://fb-mem-out"))
+
+
 def test_a_run_that_does_nothing_leaves_run_json_as_it_was(made):
     manifest, out = made
     before = (out / "run.json").read_bytes(), (out / "run.json").stat().st_mtime_ns

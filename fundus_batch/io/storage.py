@@ -34,6 +34,7 @@ __all__ = [
     "is_transient",
     "join",
     "list_files",
+    "process_local",
     "read_bytes",
     "redact",
     "with_retries",
@@ -259,6 +260,15 @@ def filesystem(
     except ValueError as exc:
         raise ValueError(f"cannot open storage for {redact(uri)}: {redact(str(exc))}") from exc
     return fs, path
+
+
+def process_local(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``uri`` names storage that only this process sees (fsspec's ``memory://``): Ray's
+    workers, each in a process of its own, would read and write a private copy of it."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs, _ = filesystem(uri, storage_options)
+    return isinstance(fs, MemoryFileSystem)
 
 
 def _with_retries(
