@@ -14,7 +14,7 @@ import csv
 import io
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,6 +398,70 @@ def done_keys(
             parts.append(pair_keys(ids[keep], _variants(table)[keep]))
     done = KeySet.of(parts)
     return done, len(done)
+
+
+def split_keys(ids: Sequence[str] | np.ndarray, splits: Sequence[Any]) -> np.ndarray:
+    """128-bit keys of (image_id, split) pairs; a missing split counts as the empty one."""
+    return id_keys([f"{i}\0{'' if s is None else s}" for i, s in zip(ids, splits, strict=True)])
+
+
+@dataclass(frozen=True)
+class StoredSplits:
+    """The images OUT holds rows of, and each with the split its rows carry (as keys)."""
+
+    ids: KeySet
+    pairs: KeySet
+
+
+def stored_splits(
+    tables: Iterable[pa.Table],
+) -> tuple[Iterator[pa.Table], Callable[[], StoredSplits]]:
+    """``tables`` (output shards with ``image_id`` and ``split``) passed on one at a time, and
+    a function that gives, once they have all been read, the splits they hold (keys only)."""
+    ids: list[np.ndarray] = []
+    pairs: list[np.ndarray] = []
+
+    def passed() -> Iterator[pa.Table]:
+        for table in tables:
+            names = table.column("image_id").to_pylist()
+            ids.append(id_keys(names))
+            pairs.append(split_keys(names, table.column("split").to_pylist()))
+            yield table
+
+    return passed(), lambda: StoredSplits(KeySet.of(ids), KeySet.of(pairs))
+
+
+def check_splits(scan: ManifestScan, stored: StoredSplits, storage_options: dict | None) -> None:
+    """Raise :class:`ManifestError` for the first row of this run whose image OUT already holds
+    under another split: its new rows would put one photograph in two splits (a validation
+    image trained on). One pass over the manifest's ``image_id`` and ``split`` columns."""
+    if len(stored.ids) == 0:
+        return
+    wanted = ["image_id", *(["split"] if "split" in scan.columns else [])]
+    row = 0
+    for batch in iter_batches(scan.uri, storage_options, wanted):
+        ids = [str(x) for x in batch.column("image_id").to_pylist()]
+        splits = _column(batch, "split")
+        keys = id_keys(ids)
+        clash = (
+            scan.selected_ids.contains(keys)
+            & stored.ids.contains(keys)
+            & ~stored.pairs.contains(split_keys(ids, splits))
+        )
+        if clash.any():
+            i = int(np.flatnonzero(clash)[0])
+            new = "no split" if splits[i] is None else f"split {splits[i]!r}"
+            error = ManifestError(
+                f"image {ids[i]!r} has rows in OUT under another split, and this manifest gives "
+                f"it {new}: one photograph in two splits would leak between them (give it its "
+                "recorded split, or write to another OUT)",
+                row=row + i + 1,
+                field="split",
+            )
+            if scan.kind == "csv":
+                error = error.at_line(_csv_line_of_row(scan.uri, storage_options, row + i + 1))
+            raise error
+        row += batch.num_rows
 
 
 def _variants(table: pa.Table) -> np.ndarray:

@@ -21,7 +21,14 @@ from fundus_batch.config import ConfigError, RunConfig
 from fundus_batch.console import Progress
 from fundus_batch.io import storage
 from fundus_batch.lease import OutLease
-from fundus_batch.manifest_stream import ManifestScan, done_keys, in_run, scan_manifest
+from fundus_batch.manifest_stream import (
+    ManifestScan,
+    check_splits,
+    done_keys,
+    in_run,
+    scan_manifest,
+    stored_splits,
+)
 from fundus_batch.outpaths import check_out_root
 from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
 from fundus_batch.ray_adapter import ClusterShape, init_ray, shutdown
@@ -148,7 +155,10 @@ def _run_leased(
         if dropped:
             log.warning("%d rows lack enhancement; they are redone with it", dropped)
     # Keys of the done pairs only (16 bytes each); the workers filter the manifest with them.
-    done, done_before = done_keys(store.iter_tables(["image_id", "variant"]), scan, variants)
+    # The same pass keeps each stored image's split, which this run's rows must keep too.
+    tables, splits = stored_splits(store.iter_tables(["image_id", "variant", "split"]))
+    done, done_before = done_keys(tables, scan, variants)
+    check_splits(scan, splits(), config.storage_options)
     expected = scan.selected * len(variants)
     todo = expected - done_before
     passthrough = scan.passthrough

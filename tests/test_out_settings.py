@@ -13,6 +13,7 @@ import pytest
 
 from fundus_batch import outpaths, pipeline
 from fundus_batch.config import build_config
+from fundus_batch.manifest import ManifestError
 from fundus_batch.run_settings import (
     SettingsMismatchError,
     check_column_types,
@@ -170,6 +171,28 @@ def test_a_manifest_column_whose_type_changed_is_refused_before_any_work(made, t
     assert "nothing was done" in str(err.value)
     assert _snapshot(out) == before
     assert verify(str(out), str(manifest)).ok
+
+
+def test_an_image_whose_split_changed_is_refused_naming_its_line(made, tmp_path):
+    """More variants of a photograph under another split would put it in train and val."""
+    import shutil
+
+    manifest, made_out = made
+    out = tmp_path / "out"
+    shutil.copytree(made_out, out)
+    rows = pd.read_csv(manifest)  # no split: the folder's rows have none
+    moved = tmp_path / "moved.csv"
+    rows.assign(split=["", "val"]).to_csv(moved, index=False)
+    before = _snapshot(out)
+    with pytest.raises(ManifestError, match=r"row 2 \(line 3\), field 'split'.*'img_0001'"):
+        pipeline.run(_config(moved, out, variants=3))
+    assert _snapshot(out) == before
+    kept = tmp_path / "kept.csv"  # the same splits (none), and a new image under any split
+    pd.concat([rows, rows.head(1).assign(image_id="img_new", split="val")]).to_csv(
+        kept, index=False
+    )
+    summary = pipeline.run(_config(kept, out, variants=3))
+    assert summary.complete and (summary.done_before, summary.ok) == (4, 9)  # 3 images x 3
 
 
 def test_a_run_killed_before_its_first_shard_still_fixes_the_settings(made, tmp_path):
