@@ -1,5 +1,7 @@
 """Ray job: enhance every image of a manifest (e.g. a bucket of real low-quality photographs)
-with Cofe-Net on GPU actors (CPU actors when the cluster has no GPU).
+with Cofe-Net: on GPU actors with ``jobs/configs/enhance_bucket.yaml`` (``enhance.device:
+cuda``; they wait for GPU nodes an autoscaling cluster adds), on CPU actors with
+``enhance_bucket_cpu.yaml``.
 
     ray job submit --working-dir . -- \
         python jobs/enhance_bucket.py --config jobs/configs/enhance_bucket.yaml
