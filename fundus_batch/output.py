@@ -8,6 +8,7 @@ does only the rest, so the dataset never holds a duplicate pair.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from fundus_batch import __version__, outpaths, shards
 from fundus_batch.io import storage
+from fundus_batch.lease import LeaseLostError
 from fundus_batch.schema import ROW_CHECKSUM, STATUS_OK, row_checksum, with_row_checksums
 from fundus_batch.shards import PAIRS_DIR, CorruptShardError
 
@@ -58,6 +60,10 @@ class Counts:
                 self.failed += 1
                 key = stage or "unknown"
                 self.failed_by_stage[key] = self.failed_by_stage.get(key, 0) + 1
+
+
+class LateCommitError(LeaseLostError):
+    """A shard whose write finished after the writer's deadline (its OUT lease's expiry)."""
 
 
 class OutputStore:
@@ -288,6 +294,8 @@ class ShardWriter:
         self.shards: list[str] = []
         # Called before each commit; raises to stop a writer that lost the OUT lease.
         self.before_commit: Callable[[], None] | None = None
+        # Seconds until a commit must have landed (the lease's expiry); None: no deadline.
+        self.time_left: Callable[[], float] | None = None
 
     def add(self, table: pa.Table) -> None:
         table = with_row_checksums(table.select(self.schema.names).cast(self.schema))
@@ -324,7 +332,16 @@ class ShardWriter:
             buf.getvalue(),
             storage_options=self.store.storage_options,
             retries=self.store.retries,
+            time_left=self.time_left,
         )
+        if self.time_left is not None and self.time_left() <= 0:
+            # It may have landed after another run took OUT over and listed what was done.
+            with contextlib.suppress(Exception):
+                self.store.fs.rm(storage.filesystem(uri, self.store.storage_options)[1])
+            raise LateCommitError(
+                f"shard {storage.redact(uri)} landed after this run's lease ended, so it was "
+                "removed; rerun to finish (its rows are redone)"
+            )
         self.shards.append(uri)
 
 

@@ -92,6 +92,7 @@ def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
         config.out_storage_options,
         ttl=config.lease.ttl,
         renew_every=config.lease.renew_every,
+        retries=config.storage_retries,
     )
     lease.acquire(wait=config.lease.wait)  # one writer per OUT, before anything is touched
     try:
@@ -132,6 +133,7 @@ def _run_leased(
     run_settings.check_column_types(
         store.column_types(scan.passthrough.names), scan.passthrough, storage.redact(config.out)
     )
+    lease.ensure()  # the shard rewrites below replace committed files
     store.clean_stale()
     quarantined = store.quarantine_corrupt()
     for path in quarantined:
@@ -186,6 +188,7 @@ def _run_leased(
     counts = Counts(rows_in=expected, done_before=done_before)
     writer = ShardWriter(store, out_schema, shard_rows=config.shard_rows)
     writer.before_commit = lease.ensure
+    writer.time_left = lease.remaining
     if todo:
         if progress is not None:
             progress(0, todo)  # the bar appears before Ray starts, not with the first block
@@ -235,6 +238,7 @@ def _run_leased(
         {"state": state, "finished": finished, "seconds": summary.seconds, "counts": final_counts}
     )
     if touched or (not _narrower(previous, expected) and _record_differs(previous, run_info)):
+        lease.ensure()
         store.write_json(RUN_JSON, run_info)
     return summary
 

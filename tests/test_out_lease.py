@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,7 +74,7 @@ def test_expired_lease_is_taken_over_and_its_old_holder_stops_writing(tmp_path):
     old = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0])
     old.acquire()
     old._stop.set()  # a killed driver renews nothing
-    now[0] += 61
+    now[0] += 60 + 5.5  # past the expiry and the takeover grace (5 s of clock skew)
     new = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0])
     new.acquire(wait=0)
     try:
@@ -92,21 +94,119 @@ def test_expired_lease_is_taken_over_and_its_old_holder_stops_writing(tmp_path):
 
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    code = (
+        "import os, sys; from fundus_batch.lease import OutLease; "
+        "OutLease(sys.argv[1]).acquire(); print(os.getpid(), flush=True); os._exit(0)"
+    )  # a driver killed while it held the lease
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    dead_pid = int(proc.stdout)
+    assert _lease_json(out)["pid"] == dead_pid
+    lease = OutLease(str(out))
+    lease.acquire(wait=0)
+    assert lease.took_over is not None and lease.took_over.pid == dead_pid
+    lease.release()
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _dead_pid() -> int:
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         check=True,
         capture_output=True,
         text=True,
     )
-    dead_pid = int(proc.stdout)
+    return int(proc.stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="Linux PID namespaces only")
+def test_a_same_host_lease_of_another_pid_namespace_is_not_taken_over_early(tmp_path):
+    """A container sharing this hostname (host networking) records a pid of its own PID
+    namespace: that it is not alive here proves nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
     now = time.time()
-    info = LeaseInfo("dead-owner", socket.gethostname(), dead_pid, now, now, now + 3600)
+    info = LeaseInfo(
+        "other-container", socket.gethostname(), _dead_pid(), now, now, now + 3600,
+        boot_id=_boot_id(), pid_namespace="pid:[1]",
+    )  # fmt: skip
     (out / LEASE_FILE).write_bytes(info.to_bytes())
-    lease = OutLease(str(out))
-    lease.acquire(wait=0)
-    assert lease.took_over is not None and lease.took_over.pid == dead_pid
-    lease.release()
+    with pytest.raises(LeaseHeldError):
+        OutLease(str(out)).acquire(wait=0)
+    assert _lease_json(out)["owner"] == "other-container"
+
+
+def test_a_same_host_lease_that_records_no_namespace_is_not_taken_over_early(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    now = time.time()
+    info = LeaseInfo("old-format", socket.gethostname(), _dead_pid(), now, now, now + 3600)
+    (out / LEASE_FILE).write_bytes(info.to_bytes())
+    with pytest.raises(LeaseHeldError):
+        OutLease(str(out)).acquire(wait=0)
+
+
+def _free_pid() -> int:
+    """A pid no process has here (high, so that nothing takes it in the meantime)."""
+    top = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(n for n in range(top - 1, 300, -1) if not os.path.exists(f"/proc/{n}"))
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None
+    or subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True
+    ).returncode,
+    reason="cannot create a PID namespace here",
+)
+def test_a_live_holder_in_another_pid_namespace_keeps_its_lease(tmp_path):
+    """A real holder in its own PID namespace, same hostname, with a pid that no process has
+    in this namespace: it is alive and its lease must stay."""
+    out = tmp_path / "out"
+    pid = _free_pid()
+    holder = (
+        "import sys; from fundus_batch.lease import OutLease; "
+        "lease = OutLease(sys.argv[1]); lease.acquire(); print(lease.pid, flush=True); "
+        "sys.stdin.read(); lease.release()"
+    )
+    # the holder gets the pid after ns_last_pid in its namespace: one that is free out here
+    script = (
+        f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid && "
+        f'{shlex.quote(sys.executable)} -c "{holder}" {shlex.quote(str(out))}'
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        if not line:
+            pytest.skip("the holder could not start in its own PID namespace")
+        inner_pid = int(line)
+        if os.path.exists(f"/proc/{inner_pid}"):
+            pytest.skip(f"pid {inner_pid} happens to be alive here too")
+        info = LeaseInfo.from_bytes((out / LEASE_FILE).read_bytes())
+        assert info is not None and info.host == socket.gethostname() and info.pid == inner_pid
+        with pytest.raises(LeaseHeldError):
+            OutLease(str(out)).acquire(wait=0)
+        assert _lease_json(out)["pid"] == inner_pid
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+    assert not (out / LEASE_FILE).exists()  # the holder released it
 
 
 def test_a_live_lease_of_another_host_is_not_taken_over_before_it_expires(tmp_path):
@@ -135,6 +235,74 @@ def test_renewal_keeps_the_lease_alive_past_its_ttl(tmp_path):
             OutLease(out, ttl=1.0, renew_every=0.2).acquire(wait=0)
     finally:
         lease.release()
+
+
+def test_commits_are_refused_once_less_than_the_safety_margin_is_left(tmp_path):
+    now = [1000.0]
+    lease = OutLease(str(tmp_path / "out"), ttl=60, renew_every=10, clock=lambda: now[0])
+    lease.acquire()
+    lease._stop.set()  # renewals failing
+    try:
+        now[0] = 1044.0
+        lease.ensure()
+        now[0] = 1046.0  # the lease is valid for 14 s more: too little for a commit
+        with pytest.raises(LeaseLostError, match="too close to its expiry"):
+            lease.ensure()
+        assert lease.commit_margin == 15.0  # max(renew_every, ttl / 4)
+        assert lease.commit_deadline() == 1060.0  # a commit must land by the expiry
+        assert lease.remaining() == pytest.approx(14.0)
+    finally:
+        lease.release()
+
+
+def test_a_taker_waits_a_clock_skew_grace_after_the_expiry(tmp_path):
+    out = str(tmp_path / "out")
+    now = [1000.0]
+    old = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0])
+    old.acquire()
+    old._stop.set()
+    new = OutLease(out, ttl=60, renew_every=10, clock=lambda: now[0], max_clock_skew=5.0)
+    now[0] = 1061.0  # expired 1 s ago on this clock; the old holder's may be behind
+    with pytest.raises(LeaseHeldError, match="expired 1 s ago"):
+        new.acquire(wait=0)
+    assert _lease_json(tmp_path / "out")["owner"] == old.token
+    now[0] = 1065.5
+    new.acquire(wait=0)
+    try:
+        assert new.took_over is not None and new.took_over.owner == old.token
+    finally:
+        new.release()
+
+
+def test_renewal_never_revives_a_lease_that_expired_on_this_clock(tmp_path):
+    """Renewals failed until past the expiry (an outage): a taker may hold it by now, so a
+    late renewal must not extend it even though nobody replaced it yet."""
+    now = [1000.0]
+    lease = OutLease(str(tmp_path / "out"), ttl=60, renew_every=10, clock=lambda: now[0])
+    lease.acquire()
+    lease._stop.set()
+    now[0] = 1061.0
+    lease.renew()
+    assert _lease_json(tmp_path / "out")["expires"] == 1060.0
+    with pytest.raises(LeaseLostError, match="expired before it could be renewed"):
+        lease.ensure()
+    now[0] = 1000.0  # even once the clock looks fine again
+    with pytest.raises(LeaseLostError):
+        lease.ensure()
+    lease.release()
+
+
+def test_release_after_the_lease_expired_locally_leaves_it_alone(tmp_path):
+    """Once its own clock is past the expiry a run may no longer own the lease: it does not
+    delete it (it expires on its own)."""
+    now = [1000.0]
+    lease = OutLease(str(tmp_path / "out"), ttl=60, renew_every=10, clock=lambda: now[0])
+    lease.acquire()
+    lease._stop.set()
+    now[0] += 61
+    lease.release()
+    assert _lease_json(tmp_path / "out")["owner"] == lease.token
+    assert not lease.held
 
 
 def _race(out: str, start: float, queue: mp.Queue, done: threading.Event) -> None:
@@ -214,7 +382,7 @@ def test_s3_lease_uses_conditional_puts(s3_server, s3_bucket):
         OutLease(root, so, clock=lambda: now[0]).acquire(wait=0)
     first.renew()  # If-Match on its own ETag succeeds
     first.ensure()
-    now[0] += 61
+    now[0] += 60 + 5.5  # past the expiry and the takeover grace
     second = OutLease(root, so, clock=lambda: now[0])
     second.acquire(wait=0)  # If-Match on the expired lease's ETag
     assert second.took_over is not None and second.took_over.owner == first.token
@@ -386,3 +554,15 @@ def test_the_next_run_repairs_duplicates_instead_of_staying_incomplete(concurren
     df = pd.concat(pq.read_table(p).to_pandas() for p in (out / "pairs").glob("*.parquet"))
     assert len(df) == n and not df.duplicated(["image_id", "variant"]).any()
     assert verify(str(out), str(manifest)).ok
+
+
+def test_a_shard_that_lands_after_the_lease_ended_is_removed_and_the_run_stops(tmp_path):
+    """Another run may hold OUT by then: the late shard would duplicate its rows."""
+    from fundus_batch.output import LateCommitError, ShardWriter
+    from fundus_batch.schema import output_schema, to_table
+
+    writer = ShardWriter(OutputStore(str(tmp_path)), output_schema(), shard_rows=1)
+    writer.time_left = lambda: 0.0  # asked once the write is done: it finished past the deadline
+    with pytest.raises(LateCommitError, match="landed after this run's lease ended"):
+        writer.add(to_table([{"image_id": "a", "variant": 0, "status": "ok"}], output_schema()))
+    assert writer.shards == [] and not list((tmp_path / "pairs").glob("*.parquet"))

@@ -272,7 +272,12 @@ def process_local(uri: str, storage_options: dict[str, Any] | None = None) -> bo
 
 
 def _with_retries(
-    what: str, uri: str, fn: Callable[[], T], retries: int, backoff: Backoff | None
+    what: str,
+    uri: str,
+    fn: Callable[[], T],
+    retries: int,
+    backoff: Backoff | None,
+    time_left: Callable[[], float] | None = None,
 ) -> T:
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
@@ -283,13 +288,16 @@ def _with_retries(
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            if attempt == retries:
+            delay = policy.delay(attempt)
+            out_of_time = time_left is not None and delay >= time_left()
+            if attempt == retries or out_of_time:
+                why = " (no time left for another before its deadline)" if out_of_time else ""
                 raise StorageError(
-                    f"{what} {redact(uri)} failed after {attempt + 1} attempts: "
+                    f"{what} {redact(uri)} failed after {attempt + 1} attempts{why}: "
                     f"{type(exc).__name__}: {redact(str(exc))}",
                     attempts=attempt + 1,
                 ) from exc
-            policy.sleep(policy.delay(attempt))
+            policy.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -372,11 +380,13 @@ def write_bytes(
     storage_options: dict[str, Any] | None = None,
     retries: int = DEFAULT_RETRIES,
     backoff: Backoff | None = None,
+    time_left: Callable[[], float] | None = None,
 ) -> None:
     """Store ``data`` at ``uri``, replacing any existing file, never leaving a partial one.
 
     Local disk: parent folders are created, then a temporary file in the same folder is renamed
     over the target. Other filesystems: one ``pipe_file`` (a single PUT on object stores).
+    ``time_left`` (seconds until a deadline) stops the retries where the next would start past it.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -384,9 +394,11 @@ def write_bytes(
     fs, path = filesystem(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
         write = [(path, payload)]
-        _with_retries("writing", uri, lambda: write_local_files(write), retries, backoff)
+        _with_retries("writing", uri, lambda: write_local_files(write), retries, backoff, time_left)
     else:
-        _with_retries("writing", uri, lambda: fs.pipe_file(path, payload), retries, backoff)
+        _with_retries(
+            "writing", uri, lambda: fs.pipe_file(path, payload), retries, backoff, time_left
+        )
 
 
 def exists(

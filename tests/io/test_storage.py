@@ -237,6 +237,17 @@ def test_writes_and_exists_are_retried_too(flaky: Any) -> None:
     assert exists("s3://bucket/key", backoff=_fast(sleeps)) and fs.calls == 2
 
 
+def test_a_write_with_a_deadline_stops_retrying_where_the_next_would_start_past_it(
+    flaky: Any,
+) -> None:
+    fs = flaky(100, TimeoutError("slow"))
+    sleeps = _Sleeps()
+    left = iter([10.0, 10.0, 0.01])  # seconds to the deadline before each retry
+    with pytest.raises(StorageError, match="no time left for another before its deadline"):
+        write_bytes("s3://bucket/late", b"zz", backoff=_fast(sleeps), time_left=lambda: next(left))
+    assert fs.calls == 3 and len(sleeps.calls) == 2 and "bucket/late" not in fs.files
+
+
 def test_zero_retries_means_one_attempt(flaky: Any) -> None:
     fs = flaky(1, ConnectionError("reset"))
     with pytest.raises(StorageError):
