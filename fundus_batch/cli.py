@@ -645,10 +645,23 @@ def verify_cmd(
 @click.option(
     "--train-split", default=None, help="use only rows of this split [all but --val-split's]"
 )
-@click.option("--val-split", default=None, help="validate on rows of this split each epoch")
+@click.option(
+    "--val-split",
+    default=None,
+    help="validate on rows of this split (every --val-every steps, else at the end)",
+)
 @click.option("--val-every", default=0, show_default=True, type=int, help="steps; 0: at the end")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue from OUT/checkpoint.pt (without it, an OUT that has one is refused)",
+)
+@click.option(
+    "--include-quality-failed",
+    is_flag=True,
+    help="also train on rows that failed the run's --min-quality gate (quality_ok false)",
+)
 @storage_options_option("fsspec options (JSON) for --pairs in object storage")
 def train_cmd(
     pairs: str,
@@ -665,13 +678,19 @@ def train_cmd(
     val_every: int,
     device: str,
     resume: bool,
+    include_quality_failed: bool,
     storage_options: dict[str, Any] | None,
 ) -> None:
     """Train a Cofe-Net variant on pairs the pipeline generated (a local folder or any fsspec
     URL); checkpoints and resumes."""
-    import torch
-
-    from fundus_batch.train import PairsSource, TrainConfig, registry_entry, train
+    from fundus_batch.models.weights import save_weights
+    from fundus_batch.train import (
+        PairsSource,
+        TrainConfig,
+        check_checkpoint_target,
+        registry_entry,
+        train,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
@@ -689,14 +708,32 @@ def train_cmd(
         resume=resume,
         device=device,
     )
+    check_checkpoint_target(config)  # before the dataset is read
     # Rows of the validation split are held out of training unless a training split is named.
     held_out = val_split if train_split is None else None
     train_source = PairsSource(
-        pairs, split=train_split, storage_options=storage_options, exclude_split=held_out
+        pairs,
+        split=train_split,
+        storage_options=storage_options,
+        exclude_split=held_out,
+        include_quality_failed=include_quality_failed,
     )
     val_source = (
-        PairsSource(pairs, split=val_split, storage_options=storage_options) if val_split else None
+        PairsSource(
+            pairs,
+            split=val_split,
+            storage_options=storage_options,
+            include_quality_failed=include_quality_failed,
+        )
+        if val_split
+        else None
     )
+    for role, source in (("training", train_source), ("validation", val_source)):
+        if source is not None and source.quality_left_out:
+            click.echo(
+                f"{role}: left out {source.quality_left_out} rows that failed the run's "
+                "--min-quality gate (--include-quality-failed uses them)"
+            )
 
     def report(val) -> None:
         click.echo(f"validation at step {val.step} (FOV PSNR degraded -> enhanced):")
@@ -708,10 +745,16 @@ def train_cmd(
 
     result = train(config, train_source, val_source, on_val=report)
     weights = out_dir / "model.pt"
-    torch.save(result.model.state_dict(), weights)
-    # What the weights do not carry (the residual output): --weights reads it from here.
+    # The file carries its residual flag, so --weights model.pt works without registry.json.
+    save_weights(weights, result.model.state_dict(), residual=config.residual)
+    # The registry entry names the model after the folder (--out . too); its size is the pairs'
+    # working size, not the training crop.
     entry = registry_entry(
-        out_dir.name, weights, config, size=size, training_data=f"pairs {redact(pairs)}"
+        out_dir.resolve().name or "model",
+        weights,
+        config,
+        size=train_source.working_size,
+        training_data=f"pairs {redact(pairs)}",
     )
     (out_dir / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
     click.echo(
@@ -764,14 +807,36 @@ def demo(
 @main.command()
 @click.argument("out")
 @click.option("--format", "fmt", required=True, type=click.Choice(["basicsr", "pix2pix"]))
-@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dest", required=True, metavar="FOLDER", help="a new or empty local folder")
+@click.option("--overwrite", is_flag=True, help="replace --dest when it is not empty")
+@click.option(
+    "--include-quality-failed",
+    is_flag=True,
+    help="also export pairs that failed the run's --min-quality gate",
+)
 @storage_options_option("fsspec options for OUT, as JSON")
-def export(out: str, fmt: str, dest: Path, storage_options: dict[str, Any] | None) -> None:
-    """Write a trainer layout (BasicSR GT/LQ + meta_info.txt, or pix2pix aligned A|B)."""
+def export(
+    out: str,
+    fmt: str,
+    dest: str,
+    overwrite: bool,
+    include_quality_failed: bool,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Write a trainer layout (BasicSR GT/LQ + meta_info.txt, one tree per split when there
+    are several, or pix2pix aligned A|B per split) from OUT's ok pairs; written beside --dest
+    and renamed into place when complete."""
     from fundus_batch.export import export_pairs
 
-    n = export_pairs(out, fmt, dest, storage_options=storage_options)
-    click.echo(f"exported {n} pairs to {dest} ({fmt})")
+    summary = export_pairs(
+        out,
+        fmt,
+        dest,
+        storage_options=storage_options,
+        overwrite=overwrite,
+        include_quality_failed=include_quality_failed,
+    )
+    click.echo(summary.message())
 
 
 def entry() -> None:  # pragma: no cover - console script shim

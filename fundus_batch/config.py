@@ -69,9 +69,15 @@ class EnhanceOptions(_Strict):
         "cofenet", description="cofenet (a network, GPU if any) or classical (CPU, no weights)"
     )
     weights: str = Field("fundus-cofenet-small", description="registry name or checkpoint path")
-    variant: str | None = Field(None, description="network variant when weights is a file")
+    variant: str | None = Field(
+        None, description="network variant when weights is a file; None: read from the file"
+    )
     width: float | None = Field(
-        None, gt=0, le=1, description="width multiplier of the variant when weights is a file"
+        None,
+        gt=0,
+        le=1,
+        description="width multiplier of the variant when weights is a file; None: 1, or read "
+        "from the file when variant is None",
     )
     batch_size: int = Field(4, ge=1, le=256, description="images per network forward pass")
     actors: int | None = Field(
@@ -95,10 +101,30 @@ class EnhanceOptions(_Strict):
     )
     save_vessels: bool = Field(False, description="reserved: no stage writes vessel maps yet")
 
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str | None) -> str | None:
+        """The released name of a Cofe-Net variant (an alias such as ``cofe-net`` too)."""
+        if value is None:
+            return None
+        from fundus_batch.models.cofenet import canonical_variant  # torch: only when given
+
+        return canonical_variant(value)
+
     @model_validator(mode="after")
-    def _max_change_needs_cofenet(self) -> EnhanceOptions:
+    def _cofenet_options_need_cofenet(self) -> EnhanceOptions:
         if self.max_change is not None and self.enhancer != "cofenet":
             raise ValueError("enhance.max_change limits the cofenet enhancer only")
+        given = [n for n in ("variant", "width") if getattr(self, n) is not None]
+        if given and self.enhancer != "cofenet":
+            raise ValueError(
+                f"enhance.{given[0]} selects a Cofe-Net checkpoint's network: the "
+                f"{self.enhancer} enhancer has none"
+            )
+        if self.width is not None and self.variant is None:
+            raise ValueError(
+                "enhance.width needs enhance.variant (give neither to read both from the file)"
+            )
         _check_bounds(self.actors, self.max_actors, "actors")
         return self
 

@@ -21,13 +21,14 @@ def load_model(
 ):
     """Load registered weights by name, or a checkpoint file (variant/width detected or given).
 
-    Returns ``(model, name, sha256)``.
+    Returns ``(model, name, sha256)``. Raises WeightsError for weights that cannot be loaded,
+    and for a variant or width given with registered weights (a name, or a file whose bytes a
+    registry entry names): the entry sets them, so they would be ignored.
     """
     from fundus_batch.models import (
         WeightsEntry,
-        build_cofenet,
+        WeightsError,
         file_sha256,
-        load_weights,
         model_for_entry,
         model_from_weights,
         resolve_weights,
@@ -35,12 +36,41 @@ def load_model(
 
     found = resolve_weights(weights)
     if isinstance(found, WeightsEntry):
+        if variant is not None or width is not None:
+            named = "" if weights == found.name else f" as {found.name!r}"
+            raise WeightsError(
+                f"weights {weights!r} are registered{named} (variant {found.variant!r}, width "
+                f"{found.width:g}), which sets the variant and width: leave out --variant and "
+                "--width (enhance.variant, enhance.width)"
+            )
         return model_for_entry(found, device), found.name, found.sha256
-    if variant is not None:
-        model = load_weights(build_cofenet(variant, width or 1.0), found).eval()
-    else:
-        model = model_from_weights(found)
+    model = model_from_weights(found, variant=variant, width=width)
     return model.to(device), found.name, file_sha256(found)
+
+
+def check_model(
+    weights: str, variant: str | None = None, width: float | None = None, size: int | None = None
+) -> tuple[str, str]:
+    """Build the model on this machine's CPU as every :class:`Enhance` stage will build it, and
+    check that it takes ``size`` px working images: a run's check before any work (cheap for
+    the shipped model). Returns ``(model name, sha256)``; raises ConfigError with one line
+    naming the problem (weights missing, corrupt, not the registered ones or not fitting the
+    variant and width; a variant or width that registered weights would ignore; the size)."""
+    from fundus_batch.config import ConfigError
+
+    try:
+        model, name, sha256 = load_model(weights, variant, width, "cpu")
+    except ValueError as exc:  # WeightsError, or the network refusing its settings
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"enhance.weights {weights!r} cannot be used: {reason}") from exc
+    if size is not None:
+        try:
+            model.check_input_size(size, size)
+        except ValueError as exc:
+            raise ConfigError(
+                f"size (--size) {size} does not suit weights {name!r}: {exc}"
+            ) from None
+    return name, sha256
 
 
 def pick_device(requested: str) -> str:
@@ -222,8 +252,9 @@ class Enhance(RowsCallable):
             item = entry.item
             try:
                 result = np.where(entry.mask[..., None] > 0, out, 0).astype(np.uint8)
-                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
-                change = mean_change(entry.image, result, entry.mask)
+                change = put_enhanced(
+                    item, self.source_role, result, entry.mask, self.image_format, self.jpeg_quality
+                )
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
@@ -232,6 +263,40 @@ class Enhance(RowsCallable):
             item.row["enhance_device"] = self.device
             item.row["enhance_change"] = change
             item.row["seconds_enhance"] = entry.seconds + shared + time.perf_counter() - start
+
+
+_MAGIC: dict[str, bytes] = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+
+
+def put_enhanced(
+    item: Item,
+    source_role: SourceRole,
+    result: np.ndarray,
+    mask: np.ndarray,
+    image_format: ImageFormat,
+    jpeg_quality: int,
+) -> float:
+    """Store ``result`` as ``item``'s enhanced image and return ``enhance_change``: the mean
+    change inside the FOV from the source to what is stored (0.0: the stored image is the
+    source's own bytes).
+
+    A result equal to the source (every pixel; for JPEG every FOV pixel, since outside it the
+    decoded source holds only the codec's ringing) is stored as the source's own bytes and
+    pixels: encoded again, a JPEG would lose quality although the enhancer changed nothing.
+    """
+    source = item.image(source_role)
+    data = item.encoded.get(source_role)
+    same = data is not None and data.startswith(_MAGIC[image_format])
+    if same and image_format == "jpeg":
+        same = mean_change(source, result, mask) == 0.0
+    elif same:
+        same = np.array_equal(source, result)
+    if same:
+        assert data is not None  # checked above
+        item.put("enhanced", source, data)
+        return 0.0
+    item.put_output("enhanced", result, image_format, jpeg_quality)
+    return mean_change(source, item.image("enhanced"), mask)
 
 
 @dataclass
@@ -297,8 +362,9 @@ class ClassicalEnhance(RowsCallable):
             try:
                 source, mask = item.image(self.source_role), item.image("mask")
                 result = self.enhancer(source, mask)
-                item.put_output("enhanced", result, self.image_format, self.jpeg_quality)
-                change = mean_change(source, result, mask)
+                change = put_enhanced(
+                    item, self.source_role, result, mask, self.image_format, self.jpeg_quality
+                )
             except Exception as exc:
                 item.fail(self.name, exc)
                 continue
@@ -351,6 +417,7 @@ class ImageEnhancer:
         if max_change is not None and enhancer != "cofenet":
             raise ValueError("max_change limits the cofenet enhancer only")
         self._run: Callable[[np.ndarray, np.ndarray], np.ndarray]
+        self._sizes: Callable[[int, int], None] = lambda height, width: None
         if enhancer == "classical":
             model = ClassicalEnhancer()
             self._run = model
@@ -369,12 +436,21 @@ class ImageEnhancer:
                 return np.where(mask[..., None] > 0, result, 0).astype(np.uint8)
 
             self._run = run
+            self._sizes = net.model.check_input_size
             self.model_name, self.model_sha256 = net.model_name, net.model_sha256
         else:
             raise ValueError(f"enhancer must be 'cofenet' or 'classical', got {enhancer!r}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> EnhancedImage:
         _check_image(image, mask)
+        try:
+            self._sizes(*image.shape[:2])
+        except ValueError as exc:
+            height, width = image.shape[:2]
+            raise ValueError(
+                f"a {height}x{width} px working image does not suit weights "
+                f"{self.model_name!r}: {exc}"
+            ) from None
         start = time.perf_counter()
         out = self._run(image, mask)
         seconds = time.perf_counter() - start

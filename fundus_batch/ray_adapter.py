@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,6 +73,15 @@ class ClusterShape:
 
 class RayStartError(RuntimeError):
     """Ray could not be started, or the cluster at the run's address could not be reached."""
+
+
+class StageStartError(RayStartError):
+    """A stage could not be built in a Ray worker: the root cause's one line (from the
+    worker's :class:`~fundus_batch.stages.StageBuildError`), not Ray's traceback."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STAGE_BUILD = re.compile(r"^fundus_batch\.stages\.StageBuildError: (.+)$", re.MULTILINE)
 
 
 def init_ray(config: RunConfig) -> ClusterShape:
@@ -543,7 +553,15 @@ def build_dataset(
 
 
 def iter_tables(ds: Any) -> Iterator[pa.Table]:
-    """The output blocks of a dataset as Arrow tables, as they finish (empty ones skipped)."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if batch.num_rows:
-            yield batch
+    """The output blocks of a dataset as Arrow tables, as they finish (empty ones skipped).
+    A stage that could not be built in a worker raises :class:`StageStartError`."""
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows:
+                yield batch
+    except Exception as exc:
+        # Ray reports an actor's failed constructor as its whole traceback, as text.
+        causes = _STAGE_BUILD.findall(_ANSI.sub("", str(exc)))
+        if not causes:
+            raise
+        raise StageStartError(causes[-1].strip()) from exc

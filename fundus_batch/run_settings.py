@@ -14,10 +14,8 @@ in one folder (:func:`check_column_types`): shards that disagree on it cannot be
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -60,25 +58,26 @@ class SettingsChange:
         return self.more_variants is not None or self.enhancement_added
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _enhance_settings(enh: dict[str, Any], model: tuple[str, str] | None) -> dict[str, Any]:
+    """What determines the enhanced images: the enhancer and, for Cofe-Net, the weights (by
+    their resolved name and sha256: ``model``), variant, width and bound. The classical
+    enhancer takes no weights, variant or bound, so they are not recorded for it."""
+    name, sha256 = model if model is not None else (None, None)
+    enhancer = enh.get("enhancer", "cofenet")
+    if enhancer == "classical":
+        return {"enhancer": enhancer, "model_name": name, "model_sha256": sha256}
+    return {
+        "enhancer": enhancer,
+        "weights": enh.get("weights"),
+        "model_name": name,
+        "model_sha256": sha256,
+        "variant": enh.get("variant"),
+        "width": enh.get("width"),
+        "max_change": enh.get("max_change"),
+    }
 
 
-def _model_sha256(weights: str) -> str:
-    """The sha256 of the weights a name or path refers to (as the Enhance stage will load)."""
-    from fundus_batch.models.weights import WeightsEntry, resolve_weights
-
-    found = resolve_weights(weights)
-    if isinstance(found, WeightsEntry):
-        return found.sha256
-    return _sha256_file(Path(found))
-
-
-def _from_config_dict(cfg: dict[str, Any], model_sha256: str | None) -> dict[str, Any]:
+def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dict[str, Any]:
     from fundus_batch.metrics import METRIC_VERSION
 
     mode = cfg.get("mode", "pairs")
@@ -95,18 +94,7 @@ def _from_config_dict(cfg: dict[str, Any], model_sha256: str | None) -> dict[str
         "compute_metrics": metrics,
         "metric_version": METRIC_VERSION if metrics else None,
         "min_quality": cfg.get("min_quality"),
-        "enhance": (
-            {
-                "enhancer": enh.get("enhancer", "cofenet"),
-                "weights": enh.get("weights"),
-                "model_sha256": model_sha256,
-                "variant": enh.get("variant"),
-                "width": enh.get("width"),
-                "max_change": enh.get("max_change"),
-            }
-            if enabled
-            else None
-        ),
+        "enhance": _enhance_settings(enh, model) if enabled else None,
     }
     if pairs:
         settings |= {
@@ -132,15 +120,27 @@ def _with_later_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(config: RunConfig) -> dict[str, Any]:
-    """The settings of ``config`` that determine its outputs (the model's sha256 included)."""
-    sha = None
-    if config.enhance.enabled and config.enhance.enhancer == "classical":
+    """The settings of ``config`` that determine its outputs (the model's name and sha256
+    included).
+
+    With Cofe-Net enhancement on, the model is built here, on the CPU, as every Enhance stage
+    will build it, and checked against the working size: weights that are missing, corrupt or
+    not the registered ones, a variant or width that does not fit them (or that registered
+    weights would ignore) and a size the model does not take raise a one-line WeightsError or
+    ConfigError before any work, instead of failing every worker after Ray has started.
+    """
+    enh = config.enhance
+    model: tuple[str, str] | None = None
+    if enh.enabled and enh.enhancer == "classical":
         from fundus_batch.classical import ClassicalEnhancer
 
-        sha = ClassicalEnhancer().model_sha256
-    elif config.enhance.enabled:
-        sha = _model_sha256(config.enhance.weights)
-    return _from_config_dict(config.model_dump(mode="json"), sha)
+        classical = ClassicalEnhancer()
+        model = (classical.model_name, classical.model_sha256)
+    elif enh.enabled:
+        from fundus_batch.enhance import check_model
+
+        model = check_model(enh.weights, enh.variant, enh.width, config.size)
+    return _from_config_dict(config.model_dump(mode="json"), model)
 
 
 def recorded(run_info: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -156,12 +156,45 @@ def recorded(run_info: dict[str, Any] | None) -> dict[str, Any] | None:
     settings = _from_config_dict(cfg, None)
     settings.pop("metric_version", None)  # not recorded then
     if settings.get("enhance"):
+        settings["enhance"].pop("model_name", None)
         settings["enhance"].pop("model_sha256", None)
     return settings
 
 
 def _fmt(value: Any) -> str:
     return "off" if value is None else repr(value)
+
+
+def _canonical(variant: Any) -> Any:
+    """A recorded variant by its released name (runs before variants were checked recorded
+    aliases such as ``cofe-net`` as given)."""
+    if not isinstance(variant, str):
+        return variant
+    from fundus_batch.models.cofenet import canonical_variant
+
+    try:
+        return canonical_variant(variant)
+    except ValueError:
+        return variant
+
+
+def _enhance_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``enhance.field: old -> new`` for every enhancement setting both records hold and that
+    differs. The weights are compared by what they resolve to (``model_sha256`` and
+    ``model_name``) where both records have it: the same file by another path, or by its
+    registered name, is the same model. Its variant and width then agree too: a file loads
+    strictly into one network only, and registered weights refuse them."""
+    same_file = a.get("model_sha256") is not None and a.get("model_sha256") == b.get("model_sha256")
+    diffs = []
+    for sub in sorted(set(a) & set(b)):
+        old, new = a[sub], b[sub]
+        if same_file and sub in ("weights", "variant", "width"):
+            continue
+        if sub == "variant":
+            old, new = _canonical(old), _canonical(new)
+        if old != new:
+            diffs.append(f"enhance.{sub}: {_fmt(a[sub])} -> {_fmt(b[sub])}")
+    return diffs
 
 
 def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -> SettingsChange:
@@ -194,9 +227,7 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
                     "enhance: on -> off (rows are enhanced; add --enhance, or use another --out)"
                 )
             elif a is not None and b is not None:
-                for sub in sorted(set(a) & set(b)):
-                    if a[sub] != b[sub]:
-                        diffs.append(f"enhance.{sub}: {_fmt(a[sub])} -> {_fmt(b[sub])}")
+                diffs += _enhance_differences(a, b)
             continue
         if a != b:
             diffs.append(f"{key}: {_fmt(a)} -> {_fmt(b)}")

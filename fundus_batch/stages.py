@@ -224,11 +224,27 @@ def run_stages(stages: Sequence[Stage], batch: Batch) -> Batch:
     return batch
 
 
+class StageBuildError(RuntimeError):
+    """A stage could not be built in a worker (its weights, its device, ...): one line that
+    names the stage and the root cause, which the driver can show as it is."""
+
+
+def _build(spec: StageSpec) -> Stage:
+    """``spec.build()``, whose failure becomes a one-line :class:`StageBuildError`."""
+    try:
+        return spec.build()
+    except Exception as exc:
+        reason = " ".join(str(exc).split())
+        raise StageBuildError(
+            f"the {spec.name} stage could not start: {type(exc).__name__}: {reason}"
+        ) from exc
+
+
 class Chain(RowsCallable):
     """Stages built from specs and run one after the other on the same items, in one worker."""
 
     def __init__(self, specs: Sequence[StageSpec]) -> None:
-        self.stages = [s.build() for s in specs]
+        self.stages = [_build(s) for s in specs]
         self.name = "+".join(s.name for s in self.stages)
 
     def process(self, batch: Batch) -> Batch:

@@ -15,7 +15,11 @@ Writes to ``--out``: ``checkpoint.pt`` (resumable with ``--resume``), ``<name>.p
 dict, fp16), ``registry.json`` (an entry usable via ``FUNDUS_BATCH_WEIGHTS=<out>``),
 ``<name>.eval.json`` (protocol, held-out ids, per-type and per-image metrics) and ``train.log``.
 ``--eval-only WEIGHTS`` re-evaluates a state dict on the held-out set and writes only the eval
-JSON. A pairs dataset written by the pipeline can be used instead with ``--pairs ROOT``.
+JSON. A pairs dataset written by the pipeline can be used instead with ``--pairs ROOT`` (its
+``train`` and ``val`` splits; rows that failed the run's quality gate are left out unless
+``--include-quality-failed``; the registry records the pairs' working size). A run into an
+``--out`` that holds a checkpoint is refused unless ``--resume``; ``--stop-at`` ends a call early
+and a later call with ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from fundus_batch.train import (
     TrainConfig,
     TrainError,
     ValReport,
+    check_checkpoint_target,
     evaluate,
     load_clean_sample,
     registry_entry,
@@ -421,9 +426,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument(
-        "--stop-at", type=int, help="end this call after that step (same schedule; --resume on)"
+        "--stop-at",
+        type=int,
+        help="end this call after that step (same schedule); continue in a later call with "
+        "--resume",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (without it, an OUT that has one is refused)",
+    )
+    parser.add_argument(
+        "--include-quality-failed",
+        action="store_true",
+        help="with --pairs: also train on rows that failed the run's --min-quality gate",
+    )
     parser.add_argument(
         "--pack",
         action="store_true",
@@ -494,13 +511,32 @@ def main(argv: list[str] | None = None) -> int:
         count = pack_samples(root, datasets, size, out)
         log.info("packed %d photographs of %s into %s", count, ", ".join(datasets), out)
         return 0
+    if not args.eval_only:
+        try:  # before any data is read
+            check_checkpoint_target(config)
+        except TrainError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.pairs:
         try:
-            train_source: Any = PairsSource(args.pairs, split="train")
-            val_source: Any = PairsSource(args.pairs, split="val")
+            train_source: Any = PairsSource(
+                args.pairs, split="train", include_quality_failed=args.include_quality_failed
+            )
+            val_source: Any = PairsSource(
+                args.pairs, split="val", include_quality_failed=args.include_quality_failed
+            )
         except (TrainError, OSError) as exc:
             print(f"error: --pairs {args.pairs}: {exc}", file=sys.stderr)
             return 2
+        for role, source in (("training", train_source), ("held-out", val_source)):
+            if source.quality_left_out:
+                log.info(
+                    "%s: left out %d rows that failed the quality gate "
+                    "(--include-quality-failed uses them)",
+                    role,
+                    source.quality_left_out,
+                )
+        size = train_source.working_size  # what the pairs were made at, whatever --working-size
         held: list[dict[str, Any]] = []
         training_data = f"fundus_batch pairs dataset {args.pairs} (split train)"
     else:

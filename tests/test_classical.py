@@ -15,7 +15,9 @@ from fundus_batch.classical import (
 from fundus_batch.degrade import degrade, sample_rng
 from fundus_batch.enhance import ClassicalEnhance, enhance_image
 from fundus_batch.io.codecs import decode_image, encode_png
+from fundus_batch.metrics.harm import mean_change
 from fundus_batch.metrics.reference import psnr
+from fundus_batch.stages import Item
 from fundus_batch.synth import synth_fundus
 
 
@@ -125,6 +127,25 @@ def test_bad_inputs_raise_clear_errors(image, mask, message):
 def test_bad_parameters_are_rejected(kwargs):
     with pytest.raises(ValueError):
         ClassicalParams(**kwargs)
+
+
+def test_with_jpeg_outputs_an_image_left_unchanged_is_stored_as_its_input_bytes(fundus):
+    """Encoded a second time, it would score lower than its input although the enhancer
+    changed nothing; ``enhance_change`` is measured on what is stored."""
+    stage = ClassicalEnhance(source_role="degraded", image_format="jpeg", jpeg_quality=90)
+    items = []
+    for code in ("100", "001"):  # blur: left alone; illumination: corrected
+        degraded, _ = degrade(fundus.image, fundus.mask, code, sample_rng(0, "x", 1))
+        item = Item({"image_id": code, "status": "ok"})
+        item.put("mask", fundus.mask.copy(), encode_png(fundus.mask))
+        item.put_output("degraded", degraded, "jpeg", 90)
+        items.append(item)
+    alone, lifted = stage.process(items)
+    assert alone.encoded["enhanced"] == alone.encoded["degraded"]
+    assert alone.row["enhance_change"] == 0.0
+    stored = decode_image(lifted.encoded["enhanced"])
+    want = mean_change(lifted.image("degraded"), stored, fundus.mask)
+    assert lifted.row["enhance_change"] == want > 0.3
 
 
 def test_stage_writes_the_enhance_columns_and_fails_bad_rows_alone(fundus):

@@ -80,6 +80,36 @@ def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
     assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
 
 
+def test_the_shipped_model_enhances_a_working_size_below_192(tmp_path):
+    """Its correction is computed from a 192 px copy: any multiple of 32 works."""
+    from fundus_batch.degrade import degrade, sample_rng
+
+    s = synth_fundus(128, seed=2)
+    dark, _ = degrade(s.image, s.mask, "001", sample_rng(0, "small", 0))
+    (tmp_path / "in.png").write_bytes(encode_png(dark))
+    (tmp_path / "mask.png").write_bytes(encode_png(s.mask))
+    out = tmp_path / "out.png"
+    args = ["enhance-image", str(tmp_path / "in.png"), str(out), "--preprocessed"]
+    _ok(CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "mask.png"), "--size", "128"]))
+    assert decode_image(out.read_bytes()).shape == (128, 128, 3)
+
+
+def test_a_size_the_weights_do_not_take_is_a_one_line_error_naming_them(raw_photo, tmp_path):
+    import torch
+
+    from fundus_batch.models import build_cofenet
+
+    plain = tmp_path / "plain.pt"
+    torch.save(build_cofenet("cofe-net", 0.125).state_dict(), plain)
+    args = ["enhance-image", str(raw_photo), str(tmp_path / "o.png"), "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--weights", str(plain), "--size", "128"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "a 128x128 px working image does not suit weights 'plain.pt'" in lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_max_change_bounds_every_pixel_of_a_photograph_the_model_corrects(tmp_path):
     from fundus_batch.degrade import degrade, sample_rng
 

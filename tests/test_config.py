@@ -132,6 +132,30 @@ def test_max_change_is_a_grey_level_count_for_cofenet_only():
     assert "max_change limits the cofenet enhancer only" in str(err.value)
 
 
+def test_enhance_variant_is_a_known_cofenet_variant_stored_by_its_released_name():
+    def enhance(**options):
+        return build_config({"manifest": "m", "out": "o", "enhance": options}).enhance
+
+    assert enhance(variant="Cofe-Net").variant == "encode_decode_vessel_2scale_share_res_atten"
+    assert enhance(variant="encode_decode_res", width=0.25).width == 0.25
+    with pytest.raises(ConfigError) as err:
+        enhance(variant="bogus")
+    assert "enhance.variant: unknown Cofe-Net variant 'bogus'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"enhancer": "classical", "variant": "cofe-net"}, "enhance.variant selects"),
+        ({"enhancer": "classical", "width": 0.5}, "enhance.width selects"),
+        ({"width": 0.5}, "enhance.width needs enhance.variant"),
+    ],
+)
+def test_variant_and_width_are_refused_where_they_would_be_ignored(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"manifest": "m", "out": "o", "enhance": options})
+
+
 def test_config_errors_list_each_field_with_the_value_it_got():
     with pytest.raises(ConfigError) as err:
         build_config(

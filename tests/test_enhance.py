@@ -8,6 +8,8 @@ import torch
 
 from fundus_batch.degrade import degrade, sample_rng
 from fundus_batch.enhance import Enhance
+from fundus_batch.io.codecs import decode_image, encode_png
+from fundus_batch.metrics.harm import mean_change
 from fundus_batch.stages import Item
 from fundus_batch.synth import synth_fundus
 
@@ -57,6 +59,55 @@ def test_the_change_column_is_zero_exactly_where_the_model_left_the_image_alone(
     diff = np.abs(lifted.image("enhanced").astype(int) - lifted.images["degraded"].astype(int))
     assert lifted.row["enhance_change"] == pytest.approx(diff[inside].mean(), abs=1e-9)
     assert lifted.row["enhance_change"] > 0.5
+
+
+def _stored_item(image_id: str, type_code: str, image_format: str) -> Item:
+    """A degraded synthetic photograph as the Degrade stage leaves it: stored in the run's
+    format, its pixels those a reader of the stored bytes gets."""
+    clean = synth_fundus(256, seed=7)
+    degraded, _ = degrade(clean.image, clean.mask, type_code, sample_rng(0, image_id, 0))
+    item = Item({"image_id": image_id, "status": "ok"})
+    item.put("mask", clean.mask.copy(), encode_png(clean.mask))
+    item.put_output("degraded", degraded, image_format, 90)
+    return item
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "png"])
+def test_an_image_left_unchanged_is_stored_as_its_input_bytes_and_change_is_what_is_stored(
+    image_format,
+):
+    """--format jpeg: the degraded image JPEG-encoded a second time would score lower than the
+    input although the enhancer changed nothing (the summary's "enhancement lowered PSNR")."""
+    stage = Enhance(batch_size=2, device="cpu", image_format=image_format, jpeg_quality=90)
+    alone, lifted = (
+        _stored_item("blur", "100", image_format),
+        _stored_item("hole", "001", image_format),
+    )
+    stage.process([alone, lifted])
+    assert alone.encoded["enhanced"] == alone.encoded["degraded"]  # byte-identical
+    np.testing.assert_array_equal(alone.image("enhanced"), alone.image("degraded"))
+    assert alone.row["enhance_change"] == 0.0
+    stored = decode_image(lifted.encoded["enhanced"])  # what a reader of the file gets
+    np.testing.assert_array_equal(lifted.image("enhanced"), stored)
+    want = mean_change(lifted.image("degraded"), stored, lifted.image("mask"))
+    assert lifted.row["enhance_change"] == want > 0.5
+
+
+def test_enhanced_images_agree_to_one_grey_level_across_batch_sizes_and_threads(stage):
+    """What the README promises on the CPU (oneDNN's kernels depend on the batch and the
+    thread count): the stored files, not a re-run, are what checksums verify."""
+    images = [_item(f"img_{i}", 256, i).images["degraded"] for i in range(4)]
+    one = Enhance(batch_size=1, device="cpu", cpu_share=1.0)
+    threads = torch.get_num_threads()
+    try:
+        runs = [one.enhance_arrays(images), stage.enhance_arrays(images)]
+        torch.set_num_threads(2)
+        runs.append(one.enhance_arrays(images))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_images_of_another_size_start_a_new_chunk(stage):

@@ -120,6 +120,164 @@ def test_a_pass_through_column_must_keep_its_arrow_type_and_null_agrees_with_any
     ]
 
 
+SHIPPED = (
+    Path(__file__).resolve().parents[1] / "fundus_batch" / "weights" / "fundus-cofenet-small.pt"
+)
+
+
+def _tiny(path: Path, **options: object) -> Path:
+    """A bare width-0.125 Cofe-Net state dict (no registry entry) saved at ``path``."""
+    import torch
+
+    from fundus_batch.models import build_cofenet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_cofenet("cofe-net", 0.125, generator=torch.Generator().manual_seed(0), **options)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _registry(folder: Path, name: str, file: str) -> None:
+    """A registry JSON naming ``file`` as the shipped model's bytes under ``name``."""
+    from fundus_batch.models import list_weights
+
+    entry = list_weights()["fundus-cofenet-small"].to_dict() | {"name": name, "file": file}
+    (folder / f"{name}.json").write_text(json.dumps(entry))
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("truncated", "cannot read weights file"),
+        ("registered-file-missing", "registered in .* but the file is missing"),
+        ("sha256-mismatch", "sha256 of .* but registry entry 'other' expects"),
+        ("variant-does-not-fit", r"weights do not fit the model \(variant='encode_decode_res'"),
+        ("gated-bare-file", "a gated correction head, whose settings a checkpoint does not carry"),
+        ("registered-with-variant", "registered .* which sets the variant and width"),
+    ],
+)
+def test_weights_that_cannot_be_used_are_refused_in_one_line_before_any_work(
+    tmp_path, monkeypatch, problem, message
+):
+    """Each used to pass the pre-run check and crash every Enhance actor after Ray started,
+    with a 100-line traceback in the console and in run.json."""
+    from fundus_batch.config import ConfigError
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("FUNDUS_BATCH_WEIGHTS", str(registry))
+    enhance: dict[str, object] = {"enabled": True}
+    if problem == "truncated":
+        (tmp_path / "trunc.pt").write_bytes(SHIPPED.read_bytes()[:100_000])
+        enhance["weights"] = str(tmp_path / "trunc.pt")
+    elif problem == "registered-file-missing":
+        _registry(registry, "absent", "absent.pt")
+        enhance["weights"] = "absent"
+    elif problem == "sha256-mismatch":
+        _tiny(registry / "other.pt")
+        _registry(registry, "other", "other.pt")
+        enhance["weights"] = "other"
+    elif problem == "variant-does-not-fit":
+        enhance |= {"weights": str(_tiny(tmp_path / "t.pt")), "variant": "encode_decode_res"}
+    elif problem == "gated-bare-file":
+        enhance["weights"] = str(_tiny(tmp_path / "g.pt", field=192, field_gate=True))
+    else:
+        enhance |= {"variant": "cofe-net", "width": 0.5}
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message) as err:
+        pipeline.run(_config(manifest, out, size=192, enhance=enhance))
+    assert "\n" not in str(err.value) and str(err.value).startswith("enhance.weights ")
+    assert not out.exists()  # refused before the lease: nothing recorded, nothing written
+
+
+def test_a_working_size_the_model_does_not_take_is_refused_before_any_work(tmp_path):
+    """It used to fail every row and record the size, which then refused the corrected rerun.
+    The shipped model's correction is computed from a 192 px copy: it takes 128 px."""
+    from fundus_batch.config import ConfigError
+
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False)
+    plain = {"enabled": True, "weights": str(_tiny(tmp_path / "plain.pt"))}
+    with pytest.raises(ConfigError, match=r"size \(--size\) 128 does not suit weights 'plain.pt'"):
+        pipeline.run(_config(manifest, tmp_path / "out", size=128, enhance=plain))
+    assert not (tmp_path / "out").exists()
+    shipped = resolve(_config(manifest, tmp_path / "out", size=128, enhance={"enabled": True}))
+    assert shipped["enhance"]["model_name"] == "fundus-cofenet-small"
+
+
+def test_the_same_weights_by_another_path_or_their_registered_name_are_the_same_setting(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "copy.pt").write_bytes(SHIPPED.read_bytes())
+    for folder in ("a", "b"):
+        _tiny(tmp_path / folder / "tiny.pt")
+
+    def settings(weights: str) -> dict:
+        enhance = {"enabled": True, "weights": weights}
+        return resolve(_config(tmp_path / "m.csv", tmp_path / "out", size=192, enhance=enhance))
+
+    spellings = ["fundus-cofenet-small", "./w/copy.pt", str(tmp_path / "w" / "copy.pt")]
+    for old in spellings:
+        for new in spellings:
+            assert compare(settings(old), settings(new)).changed is False
+    assert (
+        compare(settings("a/tiny.pt"), settings(str(tmp_path / "b" / "tiny.pt"))).changed is False
+    )
+    named = {"enabled": True, "weights": "b/tiny.pt", "variant": "cofe-net", "width": 0.125}
+    given = resolve(_config(tmp_path / "m.csv", tmp_path / "out", size=192, enhance=named))
+    assert compare(settings("a/tiny.pt"), given).changed is False  # the file fits one network
+    with pytest.raises(SettingsMismatchError) as err:
+        compare(settings("fundus-cofenet-small"), settings("a/tiny.pt"))
+    shown = [d.split(":")[0] for d in err.value.differences]
+    assert shown == ["enhance.model_name", "enhance.model_sha256", "enhance.weights"]
+    assert "enhance.model_name: 'fundus-cofenet-small' -> 'tiny.pt'" in err.value.differences
+
+
+def test_the_classical_enhancer_records_only_what_determines_its_outputs(tmp_path):
+    """Weights and variant do nothing to the classical enhancer: recorded, they refused a
+    plain rerun of a folder whose first run had named them."""
+    from fundus_batch.classical import ClassicalEnhancer
+
+    def settings(**enhance: object) -> dict:
+        enhance = {"enabled": True, "enhancer": "classical", **enhance}
+        return resolve(_config(tmp_path / "m.csv", tmp_path / "out", enhance=enhance))
+
+    plain = settings()
+    classical = ClassicalEnhancer()
+    assert plain["enhance"] == {
+        "enhancer": "classical",
+        "model_name": classical.model_name,
+        "model_sha256": classical.model_sha256,
+    }
+    assert compare(settings(weights="w/copy.pt"), plain).changed is False
+    earlier = {**plain, "enhance": {**plain["enhance"], "weights": "w/copy.pt", "variant": None}}
+    del earlier["enhance"]["model_name"]  # as earlier versions recorded it
+    assert compare(recorded({"settings": earlier}), plain).changed is False
+    with pytest.raises(SettingsMismatchError, match=r"enhance\.enhancer: 'classical' -> 'cofenet'"):
+        compare(
+            plain, resolve(_config(tmp_path / "m.csv", tmp_path / "o", enhance={"enabled": True}))
+        )
+
+
+def test_a_variant_recorded_by_its_alias_matches_its_released_name(tmp_path):
+    """The config now stores the released name; a folder recorded before settings were (no
+    sha256 to compare the weights by) holds the alias it was given."""
+    weights = str(_tiny(tmp_path / "tiny.pt"))
+    enhance = {"enabled": True, "weights": weights, "variant": "cofe-net", "width": 0.125}
+    cfg = _config(tmp_path / "m.csv", tmp_path / "out", size=192, enhance=enhance)
+    now = resolve(cfg)
+    assert now["enhance"]["variant"] == "encode_decode_vessel_2scale_share_res_atten"
+    legacy = cfg.redacted()
+    legacy["enhance"]["variant"] = "cofe-net"
+    assert recorded({"config": legacy})["enhance"]["variant"] == "cofe-net"
+    assert compare(recorded({"config": legacy}), now).changed is False
+    legacy["enhance"]["variant"] = "encode_decode_res"
+    with pytest.raises(SettingsMismatchError, match=r"enhance\.variant: 'encode_decode_res' -> "):
+        compare(recorded({"config": legacy}), now)
+
+
 # ------------------------------------------------------------------------- on a real OUT
 
 

@@ -425,6 +425,37 @@ def test_a_run_inside_an_existing_connection_leaves_it_open(ray_cluster: None) -
     assert ray.is_initialized()
 
 
+def _sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_sees_a_gpu(), reason="its workers must see no GPU")
+def test_a_stage_that_cannot_start_in_its_workers_stops_the_run_with_its_root_cause(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """Not Ray's 100-line traceback of the actor's constructor, on the console and, with
+    terminal colour codes, in run.json: one line naming the stage and what stopped it."""
+    from fundus_batch import pipeline
+    from tests.pipeline_inputs import write_inputs
+
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False)
+    out = tmp_path / "out"
+    data = {"manifest": str(manifest), "out": str(out), "mode": "enhance", "size": 192}
+    # The driver cannot check the device for its workers: here they see no GPU.
+    config = build_config({**data, "progress": False, "enhance": {"device": "cuda"}}, "test")
+    with pytest.raises(ray_adapter.StageStartError) as err:
+        pipeline.run(config)
+    message = str(err.value)
+    assert message == (
+        "the enhance stage could not start: ConfigError: enhance.device (--device) is 'cuda' but "
+        "this machine sees no GPU"
+    )
+    error = json.loads((out / "run.json").read_text())["error"]
+    assert error == f"StageStartError: {message}"
+
+
 class Outage(MemoryFileSystem):
     """Refuses the next ``failures`` calls of each kind, as an endpoint that is briefly down."""
 

@@ -391,6 +391,20 @@ def test_a_stage_that_raises_fails_its_rows_and_the_chain_goes_on():
     assert "RuntimeError: boom" in out[0].row["error"] and "quality_ok" not in out[0].row
 
 
+def test_a_stage_that_cannot_be_built_names_itself_and_its_root_cause_in_one_line():
+    from fundus_batch.enhance import Enhance
+
+    specs = [
+        stages.StageSpec(stages.Preprocess, {"size": 128}),
+        stages.StageSpec(Enhance, {"weights": "no-such-weights", "device": "cpu"}),
+    ]
+    with pytest.raises(stages.StageBuildError) as err:
+        stages.Chain(specs)
+    message = str(err.value)
+    assert message.startswith("the enhance stage could not start: WeightsError: 'no-such-weights'")
+    assert "\n" not in message
+
+
 def test_stages_take_keyword_arguments_only():
     with pytest.raises(TypeError):
         stages.Write("out")  # type: ignore[misc]

@@ -23,6 +23,7 @@ from fundus_batch.models.weights import (
     model_from_weights,
     read_state_dict,
     resolve_weights,
+    save_weights,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "model_from_weights",
     "read_state_dict",
     "resolve_weights",
+    "save_weights",
 ]

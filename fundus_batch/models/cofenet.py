@@ -17,7 +17,8 @@ slight change is returned unchanged; ``field_scale`` multiplies the correction b
 as trained; the model card measures smaller ones, which trade gain for fewer new errors). The
 input's own detail passes through untouched, so the head can undo smooth illumination defects
 (halo, dark disc, colour cast) but cannot paint speckle or blotches finer than the window, and any
-working size that is a multiple of 32 works.
+working size that is a multiple of 32 works, below 192 px too (:meth:`CofeNet.check_input_size`:
+only the N x N copy meets the network's own size limit).
 
 ``field_gate=True`` (with ``field``) adds a global gate to that head: a linear layer on the mean
 and maximum of G's deepest features gives one logit per image and pass, and each pass's
@@ -572,7 +573,7 @@ class CofeNet(nn.Module):
                 f"x512 must be a float N x 3 x H x W tensor, got {x512.dtype} {tuple(x512.shape)}"
             )
         height, width = x512.shape[2], x512.shape[3]
-        check_size(height, width)
+        self.check_input_size(height, width)
         if x256 is not None:
             want = (x512.shape[0], 3, height // 2, width // 2)
             if not isinstance(x256, Tensor) or tuple(x256.shape) != want:
@@ -605,6 +606,23 @@ class CofeNet(nn.Module):
         if passes is not None:  # N x passes (the coarse pass first)
             items.append(torch.cat(passes.logits, dim=1))
         return self._limited(items[0] if len(items) == 1 else tuple(items), source)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless this model accepts an input of ``height`` x ``width``.
+
+        Both sides must be multiples of 32. The network itself needs at least 192 px
+        (:func:`check_size`); a smooth-correction model (``field``) runs it on an N x N copy and
+        only resizes, adds and clamps at the input's own size, so it takes smaller inputs too.
+        """
+        if self.field is None:
+            check_size(height, width)
+            return
+        for side in (height, width):
+            if side % SIZE_MULTIPLE or side < SIZE_MULTIPLE:
+                raise ValueError(
+                    f"input size must be a multiple of {SIZE_MULTIPLE} px on both sides, "
+                    f"got {height}x{width}"
+                )
 
     def _limited(self, outputs: Outputs, source: Tensor) -> Outputs:
         """``outputs`` with the full-resolution image kept within ``max_change`` of ``source``."""

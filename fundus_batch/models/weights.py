@@ -8,12 +8,17 @@ variable (``os.pathsep``-separated).
 A registry JSON file holds ``{"weights": [entry, ...]}``, a bare list of entries, or one entry
 object; each entry has the fields of ``WeightsEntry`` (``file`` is relative to the JSON's folder).
 Entries from ``FUNDUS_BATCH_WEIGHTS`` take precedence over the package's entries of the same name.
+
+A bare state dict does not say whether its model adds its output to the input (``residual``);
+:func:`save_weights` writes ``{"state_dict": ..., "residual": bool, "format": ...}``, which the
+loaders read, so that a checkpoint file alone builds the model it was trained as.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -50,6 +55,7 @@ __all__ = [
     "read_state_dict",
     "registry_files",
     "resolve_weights",
+    "save_weights",
 ]
 
 ENV_VAR = "FUNDUS_BATCH_WEIGHTS"
@@ -58,6 +64,9 @@ PACKAGE_REGISTRY = PACKAGE_WEIGHTS_DIR / "registry.json"
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIX = "module."
 _SHOW = 5
+WEIGHTS_FORMAT = "fundus-batch-weights-1"  # the "format" that save_weights writes
+
+log = logging.getLogger(__name__)
 
 StateDict = Mapping[str, Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -137,12 +146,55 @@ def _unwrap(obj: Any, origin: str) -> dict[str, Tensor]:
     return out
 
 
+def _residual_flag(obj: Any, origin: str) -> bool | None:
+    """The ``residual`` flag a :func:`save_weights` file carries beside its state dict (None:
+    a checkpoint without one)."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        return None
+    flag = obj.get("residual")
+    if flag is None or isinstance(flag, bool):
+        return flag
+    raise WeightsError(f"{origin}: 'residual' must be true or false, got {flag!r}")
+
+
+def _origin(source: Source) -> str:
+    """How messages name a checkpoint: its path, or "the given mapping"."""
+    return "the given mapping" if isinstance(source, Mapping) else str(Path(source))
+
+
+def _read_checkpoint(source: Source, map_location: Any) -> tuple[dict[str, Tensor], bool | None]:
+    """A checkpoint's flat state dict and its ``residual`` flag (None when it has none)."""
+    origin = _origin(source)
+    obj = source if isinstance(source, Mapping) else _read(Path(source), map_location)
+    return _unwrap(obj, origin), _residual_flag(obj, origin)
+
+
 def read_state_dict(source: Source, *, map_location: Any = "cpu") -> dict[str, Tensor]:
     """A checkpoint as a flat state dict: unwrapped, ``module.`` prefix stripped, code refused."""
-    if isinstance(source, Mapping):
-        return _unwrap(source, "the given mapping")
-    path = Path(source)
-    return _unwrap(_read(path, map_location), str(path))
+    return _read_checkpoint(source, map_location)[0]
+
+
+def save_weights(path: str | os.PathLike[str], state_dict: StateDict, *, residual: bool) -> str:
+    """Write ``state_dict`` with its ``residual`` flag, the setting a bare state dict cannot
+    carry: ``{"state_dict": ..., "residual": bool, "format": "fundus-batch-weights-1"}``,
+    tensors on the CPU, through a temporary file renamed into place. Returns the file's
+    sha256 (the registry's ``sha256``)."""
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    state = _unwrap(state_dict, "the given state dict")  # tensors only, prefix stripped
+    data = {
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "residual": residual,
+        "format": WEIGHTS_FORMAT,
+    }
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(target)
 
 
 # ---------------------------------------------------------------------------- diagnosis
@@ -177,7 +229,8 @@ def detect_architecture(state: StateDict) -> tuple[str, float] | None:
     The variant follows from which modules are present (``a_*`` -> LQA, ``G_input_2`` ->
     two-scale, ``firstconv`` -> CE-Net branch) and the width from the output channels of a few
     layers (the widest first; any width with the same channel counts builds the same shapes).
-    The residual flag leaves no trace in the weights; the registry records it.
+    The residual flag leaves no trace in the weights; the registry or a :func:`save_weights`
+    file records it.
     """
     for variant, width in _candidates(state):
         missing, unexpected, mismatched = _compare(state, _expected_shapes(variant, width))
@@ -281,10 +334,22 @@ def load_weights(model: ModelT, path_or_state_dict: Source, *, map_location: Any
 
 
 def model_from_weights(
-    path_or_state_dict: Source, *, residual: bool = False, map_location: Any = "cpu"
+    path_or_state_dict: Source,
+    *,
+    residual: bool | None = None,
+    variant: str | None = None,
+    width: float | None = None,
+    map_location: Any = "cpu",
 ) -> CofeNet:
-    """Build the variant and width a checkpoint fits, load it, and return it in eval mode."""
-    state = read_state_dict(path_or_state_dict, map_location=map_location)
+    """Build the variant and width a checkpoint fits (or ``variant`` at ``width``, default 1),
+    load it, and return it in eval mode.
+
+    ``residual`` None takes the flag a :func:`save_weights` file carries; a bare state dict
+    carries none and builds a non-residual model, with a warning for width < 1, which
+    ``fundus-batch train`` trains residual. A given ``residual`` must agree with the file's.
+    """
+    origin = _origin(path_or_state_dict)
+    state, flag = _read_checkpoint(path_or_state_dict, map_location)
     heads = sorted({what for key in state for p, what in _HEAD_KEYS.items() if key.startswith(p)})
     if heads:
         raise WeightsError(
@@ -292,12 +357,29 @@ def model_from_weights(
             "carry: load them by their registered name, or put their registry entry in a "
             f"registry.json beside the file (or in a folder named by ${ENV_VAR})"
         )
-    found = detect_architecture(state)
-    if found is None:
-        raise WeightsError(f"cannot build a model for these weights: {_describe(state)}")
-    variant, width = found
-    model = build_cofenet(variant, width, residual=residual)
-    return load_weights(model, state).eval()
+    if variant is None:
+        if width is not None:
+            raise WeightsError("a width needs its variant (or give neither: both are detected)")
+        found = detect_architecture(state)
+        if found is None:
+            raise WeightsError(f"cannot build a model for these weights: {_describe(state)}")
+        variant, width = found
+    elif width is None:
+        width = 1.0
+    if flag is not None and residual is not None and flag != residual:
+        raise WeightsError(f"{origin} says residual={flag}, but residual={residual} was asked for")
+    unsaid = residual is None and flag is None
+    model = build_cofenet(variant, width, residual=bool(flag) if residual is None else residual)
+    load_weights(model, state)
+    if unsaid and model.width < 1.0:
+        log.warning(
+            "%s is a bare state dict of a width-%g model, which does not say whether its output "
+            "is residual (fundus-batch train trains width < 1 models so); built without: give "
+            "it its registry.json, or save it with save_weights",
+            origin,
+            model.width,
+        )
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------- registry
@@ -494,6 +576,12 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
             f"sha256 of {path} is {digest}, but registry entry {entry.name!r} expects "
             f"{entry.sha256}; the file is corrupt or not the registered one and will not be loaded"
         )
+    state, flag = _read_checkpoint(path, "cpu")
+    if flag is not None and flag != entry.residual:
+        raise WeightsError(
+            f"{path} says residual={flag}, but registry entry {entry.name!r} says "
+            f"residual={entry.residual}; one of them is wrong, so it will not be loaded"
+        )
     model = build_cofenet(
         entry.variant,
         entry.width,
@@ -505,6 +593,6 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
         spot_head=entry.spot_head,
         spot_deadzone=entry.spot_deadzone,
     )
-    load_weights(model, path)
+    load_weights(model, state)
     model.weights_entry = entry
     return model.to(device).eval()

@@ -26,12 +26,16 @@ Pairs come from a :class:`DegradeSource` (clean images degraded on the fly with 
 fundus_batch.degrade engine, a fresh draw per (seed, image id, sample index)) or a
 :class:`PairsSource` (the Parquet + image files the pipeline writes). Everything random is drawn
 from generators seeded by the config seed and the global step, so a run is reproducible and a
-resumed run continues exactly where the checkpoint stopped. Checkpoints hold only tensors and
-plain containers and load with ``torch.load(weights_only=True)``.
+resumed run continues exactly where the checkpoint stopped. A resumed run must keep the
+checkpoint's architecture, seed, batch and crop size, optimizer settings (betas,
+head_lr_scale) and data (a pairs source's dataset, splits and quality choice); a fresh run
+does not overwrite an existing checkpoint. Checkpoints hold only tensors and plain containers
+and load with ``torch.load(weights_only=True)``.
 
 Validation degrades each held-out image with each of the seven types (or uses the stored
-pairs), enhances it and reports FOV-masked PSNR/SSIM of degraded-vs-clean and
-enhanced-vs-clean per type.
+pairs, read lazily and enhanced a batch at a time), enhances it and reports FOV-masked
+PSNR/SSIM of degraded-vs-clean and enhanced-vs-clean per type. A photograph with pairs in both
+the training and the validation source is refused.
 
 Modules: :mod:`~fundus_batch.train.config` (the config and its error),
 :mod:`~fundus_batch.train.samples` (samples, sources, batches), :mod:`~fundus_batch.train.loss`,
@@ -50,6 +54,7 @@ from fundus_batch.train.config import (
 from fundus_batch.train.evaluation import TypeMetrics, ValReport, enhance_images, evaluate
 from fundus_batch.train.loop import (
     TrainResult,
+    check_checkpoint_target,
     fixup_init,
     load_checkpoint,
     registry_entry,
@@ -86,6 +91,7 @@ __all__ = [
     "TypeMetrics",
     "ValItem",
     "ValReport",
+    "check_checkpoint_target",
     "cofenet_loss",
     "enhance_images",
     "evaluate",

@@ -155,33 +155,56 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp: bool = False,
 ) -> ValReport:
-    """Enhance every held-out pair and compare degraded and enhanced with clean in the FOV."""
+    """Enhance every held-out pair and compare degraded and enhanced with clean in the FOV.
+
+    Items are taken one at a time (``items`` may read them lazily) and enhanced in batches of
+    one image size, so at most ``batch_size`` items per size are held at once; the batches and
+    the ``per_image`` order are those of grouping all items by size first.
+    """
     if not items:
         raise TrainError("evaluate needs at least one validation item")
     start = time.perf_counter()
-    per_image: list[dict[str, Any]] = []
-    by_shape: dict[tuple[int, ...], list[ValItem]] = {}
-    for it in items:
-        check_size(*it.degraded.shape[:2])
-        by_shape.setdefault(it.degraded.shape, []).append(it)
-    for group in by_shape.values():
+    scored: list[tuple[tuple[int, int], dict[str, Any]]] = []  # ((size group, position), row)
+    groups: dict[tuple[int, ...], int] = {}  # shape -> group index, by first appearance
+    seen: dict[tuple[int, ...], int] = {}  # shape -> items taken so far
+    pending: dict[tuple[int, ...], list[tuple[int, ValItem]]] = {}
+
+    def score(batch: list[tuple[int, ValItem]], group: int) -> None:
         enhanced = enhance_images(
-            model, [it.degraded for it in group], batch_size=batch_size, device=device, amp=amp
+            model,
+            [it.degraded for _, it in batch],
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
         )
-        for it, enh in zip(group, enhanced, strict=True):
+        for (position, it), enh in zip(batch, enhanced, strict=True):
             fov = it.mask > 127
             enh = np.where(fov[..., None], enh, 0).astype(np.uint8)
-            per_image.append(
-                {
-                    "image_id": it.image_id,
-                    "type_code": it.type_code,
-                    # An unchanged draw (a 1 x 1 blur) has an infinite PSNR: capped.
-                    "psnr_degraded": finite(psnr(it.degraded, it.clean, fov)),
-                    "psnr_enhanced": finite(psnr(enh, it.clean, fov)),
-                    "ssim_degraded": float(ssim(it.degraded, it.clean, fov)),
-                    "ssim_enhanced": float(ssim(enh, it.clean, fov)),
-                }
-            )
+            row = {
+                "image_id": it.image_id,
+                "type_code": it.type_code,
+                # An unchanged draw (a 1 x 1 blur) has an infinite PSNR: capped.
+                "psnr_degraded": finite(psnr(it.degraded, it.clean, fov)),
+                "psnr_enhanced": finite(psnr(enh, it.clean, fov)),
+                "ssim_degraded": float(ssim(it.degraded, it.clean, fov)),
+                "ssim_enhanced": float(ssim(enh, it.clean, fov)),
+            }
+            scored.append(((group, position), row))
+
+    for it in items:
+        check_size(*it.degraded.shape[:2])
+        shape = it.degraded.shape
+        group = groups.setdefault(shape, len(groups))
+        position = seen.get(shape, 0)
+        seen[shape] = position + 1
+        pending.setdefault(shape, []).append((position, it))
+        del it  # held by its batch only: scored and dropped with it
+        if len(pending[shape]) == batch_size:
+            score(pending.pop(shape), group)
+    for shape, batch in pending.items():
+        score(batch, groups[shape])
+    scored.sort(key=lambda s: s[0])
+    per_image = [row for _, row in scored]
     per_type: dict[str, TypeMetrics] = {}
     for t in TYPE_CODES:
         rows = [r for r in per_image if r["type_code"] == t]

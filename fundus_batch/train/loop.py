@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,10 +49,22 @@ def _rng_for(seed: int, *parts: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *parts])))
 
 
-def _sample_index(k: int, n: int, seed: int) -> int:
-    """The k-th drawn sample: epoch-wise permutations seeded by (seed, epoch)."""
-    epoch, pos = divmod(k, n)
-    return int(_rng_for(seed, 0x5EED, epoch).permutation(n)[pos])
+class _SampleOrder:
+    """The k-th drawn sample: epoch-wise permutations seeded by (seed, epoch), each drawn once
+    and kept while its epoch lasts (the prefetch thread and the loop share it)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
+        with self._lock:
+            if self._epoch is None or self._epoch[0] != epoch:
+                self._epoch = (epoch, _rng_for(self.seed, 0x5EED, epoch).permutation(self.n))
+            order = self._epoch[1]
+        return int(order[pos])
 
 
 def decayed_lr(step: int, total: int, lr: float, decay_start: float) -> float:
@@ -63,6 +76,10 @@ def decayed_lr(step: int, total: int, lr: float, decay_start: float) -> float:
 
 
 _ARCH_KEYS = ("variant", "width", "residual", "field_size", "field_gate")
+# What a resumed run must share with its checkpoint: the architecture, what decides the samples,
+# and what the optimizer's state restores (its param groups' betas and learning-rate scales).
+_RESUME_KEYS = (*_ARCH_KEYS, "seed", "batch_size", "size", "betas", "head_lr_scale")
+_SHOWN_IDS = 5
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,6 +95,67 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def check_checkpoint_target(config: TrainConfig) -> None:
+    """TrainError when a fresh run (``resume`` off) would overwrite an existing checkpoint."""
+    if config.checkpoint and not config.resume and Path(config.checkpoint).exists():
+        raise TrainError(
+            f"{config.checkpoint} already holds a training run: resume it (--resume) or write "
+            "to another folder (--out)"
+        )
+
+
+def data_record(train_source: TrainSource, val_source: TrainSource | None) -> dict[str, Any]:
+    """What the sources read (their ``describe()``, for sources that have one, as
+    ``train_*`` and ``val_*`` keys): saved in checkpoints, and a resumed run must match it."""
+    record: dict[str, Any] = {}
+    for role, source in (("train", train_source), ("val", val_source)):
+        describe = getattr(source, "describe", None)
+        if describe is not None:
+            record.update({f"{role}_{k}": v for k, v in describe().items()})
+    return record
+
+
+def _check_disjoint(train_source: TrainSource, val_source: TrainSource | None) -> None:
+    """TrainError naming the photographs both sources hold (sources with ``photo_ids``)."""
+    ids = [getattr(source, "photo_ids", None) for source in (train_source, val_source)]
+    if ids[0] is None or ids[1] is None:
+        return
+    shared = sorted(ids[0]() & ids[1]())
+    if shared:
+        more = f", ... ({len(shared)} in all)" if len(shared) > _SHOWN_IDS else ""
+        raise TrainError(
+            f"{len(shared)} photographs have rows in both the training and the validation "
+            f"split, so validation would score images trained on: {', '.join(shared[:_SHOWN_IDS])}"
+            f"{more}; all rows of a photograph must be in one split (was the manifest's split "
+            "changed between runs into the pairs folder?)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, as a checkpoint's config holds them."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _resume_clash(ckpt: dict[str, Any], config: TrainConfig, data: dict[str, Any]) -> str:
+    """The settings ``config`` and ``data`` change from the checkpoint's ('' when none)."""
+    saved = ckpt["config"]
+    clash: dict[str, tuple[Any, Any]] = {}
+    for k in _RESUME_KEYS:
+        was = _plain(saved.get(k, TrainConfig.model_fields[k].default))
+        now = _plain(getattr(config, k))
+        if was != now:
+            clash[k] = (was, now)
+    saved_data = ckpt.get("data")
+    if saved_data is not None:  # older checkpoints did not record their data
+        for k in sorted({*saved_data, *data}):
+            if saved_data.get(k) != data.get(k):
+                clash[k] = (saved_data.get(k), data.get(k))
+    if not clash:
+        return ""
+    detail = "; ".join(f"{k}: {was!r} there, {now!r} now" for k, (was, now) in clash.items())
+    return f"{list(clash)} ({detail})"
+
+
 def _save_checkpoint(
     path: str,
     model: CofeNet,
@@ -85,6 +163,7 @@ def _save_checkpoint(
     step: int,
     config: TrainConfig,
     history: list[list[float]],
+    data_read: dict[str, Any],
 ) -> None:
     data = {
         "format": CHECKPOINT_FORMAT,
@@ -93,6 +172,7 @@ def _save_checkpoint(
         "step": step,
         "config": config.to_dict(),
         "history": history,
+        "data": data_read,
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +243,9 @@ def train(
     """Train a Cofe-Net generator; see the module docstring for the loss and the data flow."""
     if len(train_source) == 0:
         raise TrainError("the training source is empty")
+    check_checkpoint_target(config)
+    _check_disjoint(train_source, val_source)
+    data = data_record(train_source, val_source)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
@@ -232,12 +315,7 @@ def train(
     history: list[list[float]] = []
     if config.resume and config.checkpoint and Path(config.checkpoint).is_file():
         ckpt = load_checkpoint(config.checkpoint)
-        saved = ckpt["config"]
-        clash = [
-            k
-            for k in (*_ARCH_KEYS, "seed", "batch_size", "size")
-            if saved.get(k, TrainConfig.model_fields[k].default) != getattr(config, k)
-        ]
+        clash = _resume_clash(ckpt, config, data)
         if clash:
             raise TrainError(f"checkpoint {config.checkpoint} was trained with other {clash}")
         model.load_state_dict(ckpt["model"])
@@ -270,7 +348,7 @@ def train(
         if on_val is not None:
             on_val(report)
 
-    n = len(train_source)
+    sample_index = _SampleOrder(len(train_source), config.seed)
     train_mode()
     start_time = time.perf_counter()
     first_step = step
@@ -280,7 +358,7 @@ def train(
         items = []
         for slot in range(config.batch_size):
             k = at * config.batch_size + slot
-            index = _sample_index(k, n, config.seed)
+            index = sample_index(k)
             rng = sample_rng(config.seed, train_source.image_id(index), k)
             item = train_source.train_item(index, rng)
             if config.flip and rng.integers(2):
@@ -330,7 +408,7 @@ def train(
                 and config.checkpoint_every
                 and step % config.checkpoint_every == 0
             ):
-                _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
+                _save_checkpoint(config.checkpoint, model, optimizer, step, config, history, data)
             if val_items and config.val_every and step % config.val_every == 0 and step < end:
                 validate(step)
     finally:  # a failed step leaves no batch being built behind it
@@ -338,7 +416,7 @@ def train(
             pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - start_time - val_seconds[0]
     if config.checkpoint:
-        _save_checkpoint(config.checkpoint, model, optimizer, step, config, history)
+        _save_checkpoint(config.checkpoint, model, optimizer, step, config, history, data)
     if val_items and config.val_at_end and (not reports or reports[-1].step != step):
         validate(step)
     model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -18,6 +19,8 @@ from fundus_batch.degrade.ops import color_jitter
 from fundus_batch.degrade.params import type_groups
 from fundus_batch.degrade.presets import get_preset
 from fundus_batch.train.config import TrainError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class TrainSource(Protocol):
 
     def train_item(self, index: int, rng: np.random.Generator) -> TrainItem: ...
 
-    def val_items(self, seed: int) -> list[ValItem]: ...
+    def val_items(self, seed: int) -> Sequence[ValItem]: ...
 
 
 def _check_sample(sample: CleanSample) -> None:
@@ -313,9 +316,15 @@ class PairsSource:
 
     Only rows with status ``ok`` and a degraded image are used; with ``split`` only rows whose
     ``split`` column equals it (TrainError if the column is absent), with ``exclude_split``
-    only rows whose split differs (the rest, when another split is held out). Relative URIs resolve
+    only rows whose split differs (the rest, when another split is held out). Rows that failed
+    the run's ``min_quality`` gate (``quality_ok`` false) are left out unless
+    ``include_quality_failed`` (``quality_left_out`` counts them). Relative URIs resolve
     against the output folder (the one holding ``pairs/``). No vessel or disc ground truth;
     spot masks come from ``params_json``.
+
+    Construction checks every used row's images: a URI that points outside the output folder
+    (as ``fundus-batch verify`` judges it) or a file that is missing (one listing per image
+    folder) is a TrainError naming the rows. ``val_items`` reads the images lazily.
     """
 
     _COLUMNS = (
@@ -328,6 +337,8 @@ class PairsSource:
         "degraded_uri",
         "params_json",
     )
+    _OPTIONAL = ("split", "quality_ok", "size")
+    _ROLES = ("clean", "mask", "degraded")
 
     def __init__(
         self,
@@ -336,11 +347,15 @@ class PairsSource:
         storage_options: dict[str, Any] | None = None,
         *,
         exclude_split: str | None = None,
+        include_quality_failed: bool = False,
     ) -> None:
         from fundus_batch import shards
 
         self.root = str(root)
         self.storage_options = storage_options
+        self.split = split
+        self.exclude_split = exclude_split
+        self.include_quality_failed = include_quality_failed
         folder = shards.pairs_dir(self.root, storage_options)
         # Rows record image paths relative to OUT, the folder that holds pairs/.
         self.out_root = shards.output_root(self.root, storage_options)
@@ -349,14 +364,14 @@ class PairsSource:
             raise TrainError(f"no Parquet files under {folder}")
         rows: list[dict[str, Any]] = []
         for path in paths:
-            table = shards.read_shard(path, [*self._COLUMNS, "split"], storage_options)
+            table = shards.read_shard(path, [*self._COLUMNS, *self._OPTIONAL], storage_options)
             missing = [c for c in self._COLUMNS if c not in table.column_names]
             if missing:
                 raise TrainError(f"{path} lacks pairs columns {missing}")
             if split is not None and "split" not in table.column_names:
                 raise TrainError(f"{path} has no split column, cannot select split {split!r}")
             rows.extend(table.to_pylist())
-        keep = [
+        usable = [
             r
             for r in rows
             if r["status"] == "ok"
@@ -365,10 +380,26 @@ class PairsSource:
             and (split is None or r.get("split") == split)
             and (exclude_split is None or r.get("split") != exclude_split)
         ]
+        keep = [r for r in usable if include_quality_failed or r.get("quality_ok") is not False]
+        self.quality_left_out = len(usable) - len(keep)
+        if self.quality_left_out:
+            log.info(
+                "%s: left out %d rows that failed the run's min_quality gate (quality_ok false)",
+                folder,
+                self.quality_left_out,
+            )
         if not keep:
-            raise TrainError(f"no usable rows (status ok, split {split!r}) in {folder}")
+            failed = (
+                f"; {self.quality_left_out} rows failed the quality gate "
+                "(include_quality_failed, --include-quality-failed, uses them)"
+                if self.quality_left_out
+                else ""
+            )
+            raise TrainError(f"no usable rows (status ok, split {split!r}) in {folder}{failed}")
         keep.sort(key=lambda r: (str(r["image_id"]), int(r["variant"] or 0)))
         self.rows = keep
+        self._size: int | None = None
+        self._check_images(folder)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -377,6 +408,91 @@ class PairsSource:
         """``image_id/variant`` of row ``index``."""
         row = self.rows[index]
         return f"{row['image_id']}/{row['variant']}"
+
+    def photo_ids(self) -> set[str]:
+        """The photographs (``image_id``) the rows come from."""
+        return {str(r["image_id"]) for r in self.rows}
+
+    def describe(self) -> dict[str, Any]:
+        """What selects the rows (the dataset, the splits, the quality choice): a resumed run
+        must read the same."""
+        from fundus_batch.io.storage import redact
+        from fundus_batch.outpaths import absolute_out
+
+        return {
+            "pairs": redact(absolute_out(self.out_root).rstrip("/")),
+            "split": self.split,
+            "exclude_split": self.exclude_split,
+            "include_quality_failed": self.include_quality_failed,
+        }
+
+    @property
+    def working_size(self) -> int:
+        """The pairs' working size: the rows' ``size`` (the largest, should they differ), else
+        the side of the first row's mask."""
+        if self._size is None:
+            sizes = {int(r["size"]) for r in self.rows if r.get("size")}
+            if sizes:
+                self._size = max(sizes)
+            else:
+                self._size = int(self._read(self.rows[0]["mask_uri"], grey=True).shape[0])
+        return self._size
+
+    def _check_images(self, folder: str) -> None:
+        """TrainError naming the rows whose images lie outside OUT or are missing.
+
+        Per file only string checks and a lookup; each image folder is resolved, checked for a
+        link out of OUT (local disk) and listed once."""
+        from fundus_batch import outpaths
+        from fundus_batch.io import storage
+
+        problems: dict[int, list[str]] = {}
+        wanted: dict[str, list[tuple[int, str, str]]] = {}  # stored folder -> (row, role, name)
+        for i, row in enumerate(self.rows):
+            for role in self._ROLES:
+                stored = row.get(f"{role}_uri")
+                if not stored:
+                    problems.setdefault(i, []).append(f"no {role}_uri")
+                    continue
+                # Never read from a URI outside OUT (a foreign shard's absolute path).
+                problem = outpaths.stored_uri_problem(self.out_root, stored)
+                if problem is not None:
+                    text = f"{role}_uri {storage.redact(stored)} {problem}"
+                    problems.setdefault(i, []).append(text)
+                    continue
+                parent, _, name = stored.rstrip("/").rpartition("/")
+                wanted.setdefault(parent, []).append((i, role, name))
+        folders = {p: outpaths.resolve(self.out_root, p) if p else self.out_root for p in wanted}
+        listings = _list_folders(list(folders.values()), self.storage_options)
+        real_out = _real_local(self.out_root)
+        for parent, entries in wanted.items():
+            uri = folders[parent]
+            present = listings[uri]
+            escape = None
+            real = _real_local(uri)
+            if real_out and real and os.path.commonpath([real_out, real]) != real_out:
+                escape = f"lies outside the output folder through a symbolic link (in {real})"
+            for i, role, name in entries:
+                if escape is not None:
+                    problem = escape
+                elif name not in present:
+                    problem = "is missing"
+                elif present[name]:
+                    problem = "is a symbolic link"
+                else:
+                    continue
+                stored = storage.redact(str(self.rows[i][f"{role}_uri"]))
+                problems.setdefault(i, []).append(f"{role}_uri {stored} {problem}")
+        if problems:
+            shown = [f"{self.image_id(i)}: {', '.join(p)}" for i, p in sorted(problems.items())]
+            more = f"; ... ({len(shown)} rows in all)" if len(shown) > _SHOWN else ""
+            raise TrainError(
+                f"{len(shown)} rows of {storage.redact(folder)} cannot be trained on: "
+                + "; ".join(shown[:_SHOWN])
+                + more
+                + f"; run `fundus-batch verify {storage.redact(self.out_root)}` to check the "
+                "dataset"
+            )
 
     def _read(self, uri: str, grey: bool = False) -> np.ndarray:
         from fundus_batch.io import storage
@@ -407,13 +523,89 @@ class PairsSource:
             self.image_id(index), row["type_code"], clean, degraded, mask, None, None, spots
         )
 
-    def val_items(self, seed: int) -> list[ValItem]:
-        """Every row as stored (``seed`` is unused: the degradations are fixed)."""
-        out = []
-        for i in range(len(self.rows)):
-            row, clean, degraded, mask = self._pair(i)
-            out.append(ValItem(str(row["image_id"]), row["type_code"], clean, degraded, mask))
-        return out
+    def val_item(self, index: int) -> ValItem:
+        """Row ``index`` as stored, for validation."""
+        row, clean, degraded, mask = self._pair(index)
+        return ValItem(str(row["image_id"]), row["type_code"], clean, degraded, mask)
+
+    def val_items(self, seed: int) -> Sequence[ValItem]:
+        """Every row as stored (``seed`` is unused: the degradations are fixed), read from
+        storage each time an item is taken, so a large validation split is never all in
+        memory."""
+        return _LazyValItems(self)
+
+
+_SHOWN = 5  # rows named in an error about a dataset's images
+_LISTING_THREADS = 16  # concurrent folder listings on object storage
+
+
+def _is_local(uri: str) -> bool:
+    """Whether ``uri`` is on local disk (a path or a ``file://`` URL)."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _real_local(uri: str) -> str | None:
+    """The real path of a local ``uri`` (links resolved); None for object storage."""
+    return os.path.realpath(uri.removeprefix("file://")) if _is_local(uri) else None
+
+
+def _list_folder(folder: str, storage_options: dict[str, Any] | None) -> dict[str, bool]:
+    """The entries directly in ``folder``, each with whether it is a symbolic link (never on
+    object storage); empty when the folder does not exist. One listing."""
+    from fundus_batch.io import storage
+
+    if _is_local(folder):
+        try:
+            with os.scandir(folder.removeprefix("file://")) as entries:
+                return {e.name: e.is_symlink() for e in entries}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+    fs, path = storage.filesystem(folder, storage_options)
+
+    def ls() -> list[Any]:
+        fs.invalidate_cache(path)  # object-store listings are cached by fsspec
+        try:
+            return list(fs.ls(path, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    names = storage.with_retries("listing", folder, ls)
+    return {str(e).rstrip("/").rsplit("/", 1)[-1]: False for e in names}
+
+
+def _list_folders(
+    folders: Sequence[str], storage_options: dict[str, Any] | None
+) -> dict[str, dict[str, bool]]:
+    """Each folder's entries (:func:`_list_folder`), several listings at once on object
+    storage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(folders) < 2 or _is_local(folders[0]):
+        return {f: _list_folder(f, storage_options) for f in folders}
+    with ThreadPoolExecutor(_LISTING_THREADS, thread_name_prefix="listing") as pool:
+        names = pool.map(lambda f: _list_folder(f, storage_options), folders)
+        return dict(zip(folders, names, strict=True))
+
+
+class _LazyValItems(Sequence[ValItem]):
+    """A pairs source's validation items, each read when it is taken."""
+
+    def __init__(self, source: PairsSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @overload
+    def __getitem__(self, index: int) -> ValItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ValItem]: ...
+    def __getitem__(self, index: int | slice) -> ValItem | list[ValItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.source.val_item(index % len(self))
 
 
 def random_crop(item: TrainItem, size: int, rng: np.random.Generator) -> TrainItem:

@@ -448,6 +448,30 @@ def test_field_model_keeps_the_input_size_for_every_output(size: int) -> None:
     assert model.vessel(out).shape == (1, 1, size, size)
 
 
+@pytest.mark.parametrize("size", [64, 96, 128, 160])
+def test_a_field_model_takes_working_sizes_below_192_that_a_plain_model_refuses(size: int) -> None:
+    """The network sees only the 192 px copy; at the input's size the correction is resized,
+    added and clamped, which any multiple of 32 allows."""
+    model = build_cofenet(
+        "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(5)
+    ).eval()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+    assert model.enhanced(out).shape == x.shape
+    assert model.coarse(out).shape == (2, 3, size // 2, size // 2)
+    assert model.vessel(out).shape == (2, 1, size, size)
+    torch.nn.init.zeros_(model.G_deconv1_0.weight)  # no correction: the input comes back
+    torch.nn.init.zeros_(model.G_deconv1_0.bias)
+    with torch.no_grad():
+        assert torch.equal(model.enhanced(model(x)), x)
+    with pytest.raises(ValueError, match="multiple of 32 px"):
+        model.check_input_size(size + 4, size)
+    plain = build_cofenet("cofe-net", 0.125)
+    with pytest.raises(ValueError, match=r"multiple of 32 and >= 192"):
+        plain.check_input_size(size, size)
+
+
 def test_field_model_with_a_zero_output_conv_returns_its_input() -> None:
     model = _field_model()
     torch.nn.init.zeros_(model.G_deconv1_0.weight)

@@ -185,6 +185,83 @@ def test_model_from_weights_builds_the_matching_model(tmp_path: Path) -> None:
     assert _same_weights(source, model)
 
 
+def _lifts(model: CofeNet) -> float:
+    """Mean absolute change the model makes to a mid-grey image (a residual model at init
+    changes little, the same weights read as non-residual give sigmoid(G): flat grey)."""
+    x = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(2)) * 0.6 + 0.2
+    with torch.no_grad():
+        return float((model.enhanced(model(x)) - x).abs().mean())
+
+
+def test_save_weights_carries_the_residual_flag_that_a_bare_state_dict_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fundus_batch.enhance import load_model
+    from fundus_batch.models import save_weights
+
+    source = build_cofenet(RES, 0.125, residual=True, generator=torch.Generator().manual_seed(8))
+    path = tmp_path / "model.pt"
+    digest = save_weights(path, source.state_dict(), residual=True)
+    assert digest == file_sha256(path)
+    saved = torch.load(path, weights_only=True)
+    assert (saved["residual"], saved["format"]) == (True, weights.WEIGHTS_FORMAT)
+    with caplog.at_level("WARNING", logger="fundus_batch.models.weights"):
+        detected = model_from_weights(path)
+        given, name, sha = load_model(str(path), variant=RES, width=0.125)
+    assert caplog.records == []  # the file says what it is
+    for model in (detected, given):
+        assert (model.variant, model.width, model.residual) == (RES, 0.125, True)
+        assert _same_weights(source, model) and _lifts(model) == _lifts(source.eval())
+    assert (name, sha) == ("model.pt", digest)
+    with pytest.raises(WeightsError, match=r"says residual=True, but residual=False"):
+        model_from_weights(path, residual=False)
+
+
+def test_a_bare_width_below_one_state_dict_without_an_entry_warns_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fundus_batch.enhance import load_model
+
+    source = build_cofenet(RES, 0.125, residual=True, generator=torch.Generator().manual_seed(8))
+    bare = tmp_path / "bare.pt"
+    torch.save(source.state_dict(), bare)
+    with caplog.at_level("WARNING", logger="fundus_batch.models.weights"):
+        model, _, _ = load_model(str(bare))
+    assert not model.residual  # nothing says otherwise: built as the file alone allows
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "bare state dict of a width-0.125 model" in message
+    assert "registry.json" in message and "save_weights" in message
+    caplog.clear()
+    full = tmp_path / "full.pt"
+    torch.save(_model(RES, 1.0).state_dict(), full)
+    with caplog.at_level("WARNING", logger="fundus_batch.models.weights"):
+        model_from_weights(full)  # full width: the released formulation, never residual
+        model_from_weights(bare, residual=True)  # the caller says it
+    assert caplog.records == []
+
+
+def test_a_residual_flag_that_contradicts_the_registry_entry_is_refused(
+    user_dir: Path, tmp_path: Path
+) -> None:
+    from fundus_batch.models import save_weights
+
+    source = build_cofenet(RES, 0.125, residual=True, generator=torch.Generator().manual_seed(8))
+    path = user_dir / "flagged.pt"
+    save_weights(path, source.state_dict(), residual=False)
+    entry = {
+        "name": "flagged",
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "variant": RES,
+        "width": 0.125,
+        "residual": True,
+    }
+    (user_dir / "flagged.json").write_text(json.dumps(entry))
+    with pytest.raises(WeightsError, match=r"says residual=False, but registry entry 'flagged'"):
+        load_registered("flagged")
+
+
 # ---------------------------------------------------------------------------- unsafe / bad files
 
 

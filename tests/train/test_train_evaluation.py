@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import overload
+
 import numpy as np
 import pytest
 import torch
 
 from fundus_batch.models import build_cofenet
-from fundus_batch.train import enhance_images, fixup_init
+from fundus_batch.train import DegradeSource, ValItem, enhance_images, evaluate, fixup_init
 from fundus_batch.train.samples import image_batch
 from tests.train.train_helpers import synth_samples
 
@@ -51,3 +56,54 @@ def test_enhance_images_given_gates_apply_the_correction_only_where_the_gate_is_
         enhance_images(gated, images, given_gates=[1.0, 1.0])
     with pytest.raises(ValueError, match="gate needs a field_gate model"):
         enhance_images(build_cofenet("cofe-net", 0.125), images, given_gates=[1.0] * 3)
+
+
+class _Lazy(Sequence[ValItem]):
+    """Validation items made when taken (copies), counting how many are alive at once."""
+
+    def __init__(self, items: list[ValItem]) -> None:
+        self.items = items
+        self.alive: list[weakref.ref[ValItem]] = []
+        self.most_alive = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> ValItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ValItem]: ...
+    def __getitem__(self, index: int | slice) -> ValItem | list[ValItem]:
+        if isinstance(index, slice):
+            raise TypeError("not sliced here")
+        it = self.items[index]  # IndexError ends iteration
+        self.alive = [r for r in self.alive if r() is not None]
+        self.most_alive = max(self.most_alive, len(self.alive))
+        made = replace(it, clean=it.clean.copy(), degraded=it.degraded.copy(), mask=it.mask.copy())
+        self.alive.append(weakref.ref(made))
+        return made
+
+
+def test_evaluate_holds_one_batch_of_items_at_a_time_and_scores_as_before() -> None:
+    """A large validation split is never all in memory; the numbers and the per-image order
+    are those of grouping every item by size first (the earlier implementation)."""
+    model = build_cofenet("cofe-net", 0.125, residual=True)
+    fixup_init(model, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.G_deconv1_0.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(6))
+    types = ("001", "010", "100")
+    small = DegradeSource(synth_samples(1, 192, disc=False), types=types).val_items(0)
+    large = DegradeSource(synth_samples(1, 224, disc=False), types=types[:2]).val_items(1)
+    mixed = [small[0], large[0], small[1], large[1], small[2]]
+    lazy = _Lazy(mixed)
+    streamed = evaluate(model, lazy, batch_size=2)
+    assert lazy.most_alive <= 2  # one batch (of the size being filled), never all five
+    eager = evaluate(model, mixed, batch_size=2)
+    grouped = [*small, *large]  # by size, in order of first appearance
+    assert [(r["image_id"], r["type_code"]) for r in streamed.per_image] == [
+        (it.image_id, it.type_code) for it in grouped
+    ]
+    assert streamed.per_image == eager.per_image
+    assert {t: vars(m) for t, m in streamed.per_type.items()} == {
+        t: vars(m) for t, m in eager.per_type.items()
+    }

@@ -275,3 +275,107 @@ def test_the_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:
     assert rates[:6] == [1.0] * 6
     assert rates[6:] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     assert decayed_lr(5, 10, 2e-3, 1.0) == 2e-3  # decay_start 1: never decays
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"betas": (0.9, 0.99)}, "betas"), ({"head_lr_scale": 10.0}, "head_lr_scale")],
+)
+def test_resume_refuses_other_optimizer_settings_the_checkpoint_would_restore(
+    tmp_path: Path, change: dict[str, Any], field: str
+) -> None:
+    """The optimizer's state carries its betas and learning-rate scales: a resumed run with
+    other ones would silently keep the checkpoint's, so it is refused naming the field."""
+    source = DegradeSource(synth_samples(1, 192))
+    ckpt = str(tmp_path / "ckpt.pt")
+    train(tiny_config(steps=2, stop_at=1, checkpoint=ckpt, val_at_end=False), source)
+    with pytest.raises(TrainError, match=f"was trained with other \\['{field}'\\]"):
+        train(tiny_config(steps=2, checkpoint=ckpt, resume=True, **change), source)
+    assert load_checkpoint(ckpt)["step"] == 1
+
+
+class _RecordingSource(DegradeSource):
+    """A source that records the sample index of every training item drawn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drawn: list[int] = []
+
+    def train_item(self, index: int, rng: np.random.Generator) -> Any:
+        self.drawn.append(index)
+        return super().train_item(index, rng)
+
+
+def test_the_sample_order_draws_one_permutation_per_epoch_not_per_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fundus_batch.train import loop
+
+    made: list[tuple[int, ...]] = []
+    real = loop._rng_for
+
+    def spy(seed: int, *parts: int) -> np.random.Generator:
+        made.append(parts)
+        return real(seed, *parts)
+
+    monkeypatch.setattr(loop, "_rng_for", spy)
+    source = _RecordingSource(synth_samples(3, 192, disc=False))
+    train(tiny_config(steps=4, seed=3, val_at_end=False, prefetch=True), source)  # 8 draws
+    assert made == [(0x5EED, 0), (0x5EED, 1), (0x5EED, 2)]  # epochs of 3 samples
+    # The same order as drawing each sample's epoch permutation afresh.
+    want = [int(real(3, 0x5EED, k // 3).permutation(3)[k % 3]) for k in range(8)]
+    assert source.drawn == want
+
+
+def test_a_photograph_with_rows_in_both_the_training_and_validation_split_is_refused(
+    tmp_path: Path,
+) -> None:
+    from fundus_batch.train import PairsSource
+    from tests.train.test_train_samples import _rewrite_rows, _write_pairs
+
+    _write_pairs(tmp_path)  # img0 is the val split; img1, img2 train
+
+    def move(row: dict[str, Any]) -> dict[str, Any]:
+        if row["image_id"] == "img1" and row["variant"] == 1:
+            row["split"] = "val"  # as a resumed pipeline run with another manifest split
+        return row
+
+    _rewrite_rows(tmp_path, move)
+    training = PairsSource(tmp_path, exclude_split="val")
+    validation = PairsSource(tmp_path, split="val")
+    with pytest.raises(TrainError, match="1 photographs have rows in both") as info:
+        train(tiny_config(steps=1), training, validation)
+    assert ": img1;" in str(info.value)
+
+
+def test_resume_refuses_another_pairs_dataset_or_validation_split(tmp_path: Path) -> None:
+    from fundus_batch.train import PairsSource
+    from tests.train.test_train_samples import _write_pairs
+
+    first, second = tmp_path / "pairs-a", tmp_path / "pairs-b"
+    _write_pairs(first)
+    _write_pairs(second)  # the same pairs, another dataset
+    ckpt = str(tmp_path / "ckpt.pt")
+
+    def run(pairs: Path, val_split: str | None, **kw: Any) -> Any:
+        training = PairsSource(pairs, exclude_split=val_split)
+        validation = PairsSource(pairs, split=val_split) if val_split else None
+        config = tiny_config(steps=2, checkpoint=ckpt, val_at_end=False, **kw)
+        return train(config, training, validation)
+
+    run(first, "val", stop_at=1)
+    with pytest.raises(TrainError, match=r"other \['train_pairs', 'val_pairs'\]"):
+        run(second, "val", resume=True)
+    with pytest.raises(TrainError, match=r"val_split: 'val' there, None now"):
+        run(first, None, resume=True)
+    assert run(first, "val", resume=True).step == 2
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_existing_checkpoint(tmp_path: Path) -> None:
+    source = DegradeSource(synth_samples(1, 192))
+    ckpt = tmp_path / "ckpt.pt"
+    train(tiny_config(steps=1, checkpoint=str(ckpt), val_at_end=False), source)
+    before = ckpt.read_bytes()
+    with pytest.raises(TrainError, match=r"already holds a training run: resume it \(--resume\)"):
+        train(tiny_config(steps=3, checkpoint=str(ckpt)), source)
+    assert ckpt.read_bytes() == before

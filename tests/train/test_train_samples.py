@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,11 +158,11 @@ def test_load_clean_sample_gives_vessels_the_same_crop_as_the_image(tmp_path: Pa
     assert not s.image[~fov].any() and not s.vessels[~fov].any()
 
 
-def _write_pairs(root: Path, n_images: int = 3) -> None:
+def _write_pairs(root: Path, n_images: int = 3, side: int = 192) -> None:
     """A pairs dataset like the pipeline's: PNGs under root/images, rows in root/pairs."""
     rows = []
     for i in range(n_images):
-        s = synth_fundus(192, seed=30 + i)
+        s = synth_fundus(side, seed=30 + i)
         image_id = f"img{i}"
         folder = root / "images" / image_id
         folder.mkdir(parents=True)
@@ -255,3 +257,171 @@ def test_pairs_source_reads_pairs_from_s3_with_uris_relative_to_out(
         assert got.image_id == want.image_id and got.type_code == want.type_code
         for name in ("clean", "degraded", "mask", "spots"):
             assert np.array_equal(getattr(got, name), getattr(want, name))
+
+
+def _rewrite_rows(root: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrite every row of the dataset ``_write_pairs`` made at ``root`` through ``edit``."""
+    import pyarrow.parquet as pq
+
+    shard = root / "pairs" / "part-0.parquet"
+    rows = [edit(dict(r)) for r in pq.read_table(shard).to_pylist()]
+    pq.write_table(to_table(rows, output_schema()), shard)
+
+
+def _relative_uris(root: Path) -> None:
+    """Make the image URIs of the dataset at ``root`` relative to it, as the pipeline's are."""
+    prefix = f"{root}/"
+    roles = ("clean_uri", "mask_uri", "degraded_uri")
+    _rewrite_rows(root, lambda r: {**r, **{k: r[k] and r[k].removeprefix(prefix) for k in roles}})
+
+
+def test_rows_that_failed_the_quality_gate_are_left_out_unless_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_pairs(tmp_path)
+    # The run's min_quality gate failed img0's rows: status stays ok, quality_ok is false.
+    _rewrite_rows(tmp_path, lambda r: {**r, "quality_ok": r["image_id"] != "img0"})
+    with caplog.at_level("INFO", logger="fundus_batch.train.samples"):
+        source = PairsSource(tmp_path)
+    assert len(source) == 4 and source.quality_left_out == 2
+    assert "img0" not in source.photo_ids()
+    assert "left out 2 rows that failed the run's min_quality gate" in caplog.text
+    included = PairsSource(tmp_path, include_quality_failed=True)
+    assert len(included) == 6 and included.quality_left_out == 0
+    with pytest.raises(TrainError, match=r"2 rows failed the quality gate.*include_quality_failed"):
+        PairsSource(tmp_path, split="val")  # img0 is the whole val split
+
+
+def test_missing_images_are_refused_when_the_source_is_built_naming_the_rows(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    _write_pairs(tmp_path, n_images=5)
+    (tmp_path / "images" / "img0" / "v001_010.png").unlink()
+    for image_id in ("img2", "img3", "img4"):
+        shutil.rmtree(tmp_path / "images" / image_id)
+    with pytest.raises(TrainError) as info:
+        PairsSource(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"7 rows of {tmp_path / 'pairs'} cannot be trained on: ")
+    assert f"img0/1: degraded_uri {tmp_path}/images/img0/v001_010.png is missing" in message
+    assert "img2/0: clean_uri" in message and "img3/0" in message
+    assert "img4/0" not in message and "(7 rows in all)" in message  # the first five, a count
+    assert "fundus-batch verify" in message
+    assert "img1/" not in message  # its files are all there
+
+
+def test_the_image_check_on_object_storage_is_one_listing_per_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scale: the check asks the store once per image folder (3 here), never once per file
+    (18), so a 600k-row dataset costs one listing per photograph; a missing file is found."""
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    _write_pairs(tmp_path)
+    out = f"memory://pairs-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    for path in (tmp_path / "images").rglob("*.png"):
+        fs.pipe(f"{out}/{path.relative_to(tmp_path)}", path.read_bytes())
+    _relative_uris(tmp_path)
+    fs.pipe(f"{out}/pairs/part-0.parquet", (tmp_path / "pairs" / "part-0.parquet").read_bytes())
+    asked: list[tuple[str, str]] = []
+    for method in ("ls", "info", "exists", "cat_file", "open"):
+        real = getattr(MemoryFileSystem, method)
+
+        def spy(
+            self: Any, path: str, *args: Any, _m: str = method, _r: Any = real, **kw: Any
+        ) -> Any:
+            if "/images/" in path:
+                asked.append((_m, path.rsplit("/images/", 1)[1]))
+            return _r(self, path, *args, **kw)
+
+        monkeypatch.setattr(MemoryFileSystem, method, spy)
+    assert len(PairsSource(out)) == 6
+    assert sorted(asked) == [("ls", "img0"), ("ls", "img1"), ("ls", "img2")]
+    fs.rm(f"{out}/images/img2/v001_010.png")
+    with pytest.raises(
+        TrainError, match=r"img2/1: degraded_uri images/img2/v001_010\.png is missing"
+    ):
+        PairsSource(out)
+
+
+def test_an_image_file_that_is_a_symbolic_link_out_of_the_folder_is_refused(
+    tmp_path: Path,
+) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    _write_pairs(out)
+    _relative_uris(out)  # as the pipeline records them: only the files can point elsewhere
+    elsewhere.mkdir()
+    target = out / "images" / "img1" / "mask.png"
+    (elsewhere / "mask.png").write_bytes(target.read_bytes())
+    target.unlink()
+    target.symlink_to(elsewhere / "mask.png")
+    with pytest.raises(
+        TrainError, match=r"img1/0: mask_uri images/img1/mask\.png is a symbolic link"
+    ):
+        PairsSource(out)
+    (out / "images" / "img1").rename(elsewhere / "img1")  # the whole folder a link elsewhere
+    (out / "images" / "img1").symlink_to(elsewhere / "img1")
+    with pytest.raises(TrainError, match="through a symbolic link"):
+        PairsSource(out)
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("{foreign}/images/img1/clean.png", "lies outside the output folder"),
+        ("../foreign/images/img1/clean.png", "climbs out of the output folder with '..'"),
+    ],
+)
+def test_a_row_whose_image_lies_outside_the_output_folder_is_refused_not_read(
+    tmp_path: Path, uri: str, problem: str
+) -> None:
+    out, foreign = tmp_path / "out", tmp_path / "foreign"
+    _write_pairs(out)
+    _write_pairs(foreign)  # real, readable images: only where they lie is wrong
+    stored = uri.format(foreign=foreign)
+
+    def edit(row: dict[str, Any]) -> dict[str, Any]:
+        if row["image_id"] == "img1" and row["variant"] == 0:
+            row["clean_uri"] = stored
+        return row
+
+    _rewrite_rows(out, edit)
+    with pytest.raises(TrainError, match="1 rows of") as info:
+        PairsSource(out)
+    assert f"img1/0: clean_uri {stored} {problem}" in str(info.value)
+
+
+def test_pairs_validation_items_are_read_only_when_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_pairs(tmp_path)
+    source = PairsSource(tmp_path, split="train")
+    reads: list[str] = []
+    real = source._read
+
+    def spy(uri: str, grey: bool = False) -> np.ndarray:
+        reads.append(uri)
+        return real(uri, grey)
+
+    monkeypatch.setattr(source, "_read", spy)
+    items = source.val_items(0)
+    assert len(items) == 4 and reads == []  # nothing decoded before validation runs
+    item = items[3]
+    assert len(reads) == 3  # clean, mask, degraded of that row only
+    row = source.rows[3]
+    assert (item.image_id, item.type_code) == (row["image_id"], row["type_code"])
+    assert item.degraded.shape == (192, 192, 3) and item.mask.shape == (192, 192)
+
+
+def test_working_size_is_the_rows_size_or_else_the_images(tmp_path: Path) -> None:
+    _write_pairs(tmp_path, side=224)  # rows without a size column value
+    assert PairsSource(tmp_path).working_size == 224
+    # The size column, when the rows have it, is taken as it is (no image is decoded).
+    _rewrite_rows(tmp_path, lambda r: {**r, "size": 256 if r["status"] == "ok" else None})
+    assert PairsSource(tmp_path).working_size == 256
