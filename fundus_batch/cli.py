@@ -442,6 +442,8 @@ def _print_summary(summary: Any) -> None:
     click.echo(f"failed            {summary.failed}")
     for stage, n in sorted(summary.failed_by_stage.items()):
         click.echo(f"  at {stage:<13} {n}")
+    if summary.quality is not None:
+        click.echo(summary.quality.line())
     click.echo(f"rows_in == ok + failed: {summary.complete}")
     click.echo(f"seconds           {summary.seconds:.1f}")
 
@@ -508,7 +510,9 @@ def run_cmd(config_path: Path, overrides: dict[str, Any], verbose: bool) -> None
     "enhance.enhancer",
     "enhance.weights",
     "enhance.max_change",
+    "min_quality",
     "limit",
+    "retry_failed",
     "lease.wait",
     required=("manifest", "out"),
 )
@@ -531,7 +535,9 @@ def degrade(overrides: dict[str, Any], verbose: bool) -> None:
     "enhance.device",
     "enhance.max_change",
     "ray.address",
+    "min_quality",
     "limit",
+    "retry_failed",
     "lease.wait",
     required=("manifest", "out"),
 )
@@ -549,6 +555,7 @@ def enhance(overrides: dict[str, Any], verbose: bool) -> None:
     "ray.address",
     "limit",
     "min_quality",
+    "retry_failed",
     "lease.wait",
     required=("manifest", "out"),
 )

@@ -240,8 +240,14 @@ class RunConfig(_Strict):
         return self
 
     def _check_min_quality(self, rule: str) -> None:
-        """The rule parses and names only columns this run has filled when the gate runs."""
-        from fundus_batch.quality import QualityRuleError, gate_columns, parse_rule
+        """The rule parses and names only columns this run has filled when the gate runs (and
+        that can hold a number at this size: MS-SSIM cannot at 256 px and below)."""
+        from fundus_batch.quality import (
+            MS_SSIM_MIN_SIZE,
+            QualityRuleError,
+            gate_columns,
+            parse_rule,
+        )
         from fundus_batch.schema import OUTPUT_COLUMNS
 
         try:
@@ -259,6 +265,13 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"min_quality: column {unfilled[0]!r} has no number when the quality gate runs "
                 f"in this run ({run}); a rule can name the numeric columns filled before it"
+            )
+        ms_ssim = sorted(c for c in parsed.columns if c.startswith("ms_ssim_"))
+        if ms_ssim and self.size < MS_SSIM_MIN_SIZE:
+            raise ValueError(
+                f"min_quality: column {ms_ssim[0]!r} is NaN for every row at size {self.size}: "
+                f"MS-SSIM needs a field of view of about 270 px or more (size "
+                f"{MS_SSIM_MIN_SIZE} or more); use ssim_* at this size"
             )
 
     @property

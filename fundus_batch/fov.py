@@ -43,6 +43,8 @@ __all__ = [
     "FOVError",
     "FOVResult",
     "Preprocessed",
+    "check_given_field",
+    "check_not_blank",
     "circle_mask",
     "crop_to_fov",
     "detect_fov",
@@ -652,6 +654,37 @@ def _detect(rgb: np.ndarray) -> tuple[Circle, str, Box]:
     if circle.r < max(_MIN_RADIUS_PX, _MIN_RADIUS_FRAC * min(h, w)):
         raise FOVError("too_small", f"FOV radius {circle.r:.1f} px is too small for {w}x{h}")
     return circle, status, box
+
+
+def check_given_field(circle: Circle, area: int, height: int, width: int) -> None:
+    """Raise ``FOVError("too_small")`` for a field of view given by a mask (``circle`` fitted
+    to it, ``area`` its pixels, in an image of ``height`` x ``width``) that detection would
+    refuse as too small: a radius under 10 % of the shorter side (and 8 px), or fewer pixels
+    than a circle of 10 % of it (a line, scattered dots)."""
+    min_r = _MIN_RADIUS_FRAC * min(height, width)
+    if circle.r < max(_MIN_RADIUS_PX, min_r):
+        raise FOVError(
+            "too_small",
+            f"the given FOV mask's radius {circle.r:.1f} px is too small for {width}x{height}",
+        )
+    if area < np.pi * min_r**2:
+        raise FOVError(
+            "too_small", f"the given FOV mask's {area} px are too few for a FOV in {width}x{height}"
+        )
+
+
+def check_not_blank(rgb: np.ndarray, mask: np.ndarray) -> None:
+    """Raise ``FOVError("blank")`` when the image inside ``mask`` is uniform: its luminance
+    (channel maximum) spans under 12 grey levels between its 1st and 99.9th percentiles, the
+    test detection applies to a whole photograph."""
+    lum = np.ascontiguousarray(rgb.max(axis=2))
+    hist = cv2.calcHist([lum], [0], mask, [256], [0, 256]).ravel().astype(np.int64)
+    lo, hi = _percentiles(hist, (1.0, 99.9))
+    if hi - lo < _BLANK_RANGE:
+        raise FOVError(
+            "blank",
+            f"the image is uniform inside the given FOV mask (grey levels {lo:.0f}..{hi:.0f})",
+        )
 
 
 def crop_to_fov(

@@ -13,7 +13,15 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from fundus_batch.fov import Circle, FOVError, Preprocessed, crop_to_fov, preprocess
+from fundus_batch.fov import (
+    Circle,
+    FOVError,
+    Preprocessed,
+    check_given_field,
+    check_not_blank,
+    crop_to_fov,
+    preprocess,
+)
 from fundus_batch.io import codecs
 
 ImageFormat = Literal["png", "jpeg"]
@@ -122,15 +130,31 @@ def decode_source(raw: bytes, size: int, max_pixels: int = codecs.DEFAULT_MAX_PI
 
 def crop_with_given_mask(rgb: np.ndarray, mask_bytes: bytes, size: int) -> Preprocessed:
     """The working image of ``rgb`` cropped around a supplied FOV mask (of any resolution)
-    instead of a detected one; zero outside the mask."""
+    instead of a detected one; zero outside the mask.
+
+    The field is checked as a detected one is (``FOVError``): an empty mask, or an image
+    uniform inside it, is ``blank``; a field under 10 % of the image's shorter side (radius or
+    area), or one that leaves no pixel once resized to the image or to ``size``, ``too_small``.
+    """
     mask = decode_mask(mask_bytes)
-    if mask.shape[:2] != rgb.shape[:2]:
-        mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_AREA)
+    if not mask.any():
+        raise FOVError("blank", "the given FOV mask is empty")
+    height, width = rgb.shape[:2]
+    if mask.shape[:2] != (height, width):
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
         mask = np.where(mask > 127, 255, 0).astype(np.uint8)
+        if not mask.any():
+            raise FOVError(
+                "too_small", f"the given FOV mask leaves no pixel at the image's {width}x{height}"
+            )
     circle = circle_from_mask(mask)
+    check_given_field(circle, int(np.count_nonzero(mask)), height, width)
     image, _ = crop_to_fov(rgb, circle, size=size)
-    out_mask = crop_like(mask, rgb.shape[:2], circle, size)
+    out_mask = crop_like(mask, (height, width), circle, size)
+    if not out_mask.any():
+        raise FOVError("too_small", f"the given FOV mask leaves no pixel at {size}x{size}")
     image[out_mask == 0] = 0
+    check_not_blank(image, out_mask)
     return Preprocessed(image=image, mask=out_mask, circle=circle, status="given_mask")
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fundus_batch import outpaths, pipeline
 from fundus_batch.config import ConfigError, RunConfig, load_config
@@ -15,6 +16,7 @@ from fundus_batch.lease import LeaseError
 from fundus_batch.manifest import ManifestError
 from fundus_batch.outpaths import OutsideOutError
 from fundus_batch.output import OutputStore
+from fundus_batch.quality import GateCounts
 from fundus_batch.run_settings import SettingsMismatchError
 
 
@@ -88,11 +90,26 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
                 "done_before": summary.done_before,
                 "complete": summary.complete,
                 "seconds": round(summary.seconds, 1),
+                "quality_gate": _quality_gate(summary.quality),
                 "ray_log": ray_log,
             }
         )
     )
     return 0 if summary.complete else 1
+
+
+def _quality_gate(gate: GateCounts | None) -> dict[str, Any] | None:
+    """The summary's quality gate: how many ok rows passed of how many, the term most rows
+    broke, and the line the CLI prints; None when the run had no rule."""
+    if gate is None:
+        return None
+    most = gate.most_broken
+    return {
+        "passed": gate.passed,
+        "judged": gate.judged,
+        "most_broken": None if most is None else {"term": most[0], "rows": most[1]},
+        "text": gate.line(),
+    }
 
 
 def _keep_log(config: RunConfig, log_path: Path) -> str:

@@ -31,8 +31,9 @@ from fundus_batch.manifest_stream import (
 )
 from fundus_batch.outpaths import check_out_root
 from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
+from fundus_batch.quality import GateCounts, parse_rule
 from fundus_batch.ray_adapter import ClusterShape, init_ray, shutdown
-from fundus_batch.schema import output_schema, work_schema
+from fundus_batch.schema import STATUS_OK, output_schema, work_schema
 
 if TYPE_CHECKING:
     from fundus_batch.fidelity import RowFilter
@@ -56,6 +57,8 @@ class RunSummary:
     shards: list[str] = field(default_factory=list)
     # Which output rows are this run's (image, variant) pairs, the rows its counts cover.
     pairs: RowFilter | None = field(default=None, repr=False, compare=False)
+    # With a quality rule: how those pairs' ok rows fared at the gate (None: no rule).
+    quality: GateCounts | None = None
 
     @property
     def complete(self) -> bool:
@@ -74,6 +77,7 @@ def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
     scan = scan_manifest(
         config.manifest, storage_options=config.storage_options, limit=config.limit
     )
+    check_rule_against_manifest(config, scan)
     check_out_root(config.out)  # OUT/images or OUT/pairs linked elsewhere: refuse before work
     for field_name, uri, options in (
         ("manifest", config.manifest, config.storage_options),
@@ -99,6 +103,34 @@ def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
         return _run_leased(config, scan, store, lease, settings, started, progress)
     finally:
         lease.release()
+
+
+def check_rule_against_manifest(config: RunConfig, scan: ManifestScan) -> None:
+    """Refuse a quality rule on vessel metrics when the manifest has no ``vessel_uri`` column:
+    every row's ``vessel_auc_*``/``vessel_f1_*`` would be empty, so every row would fail."""
+    if config.min_quality is None or "vessel_uri" in scan.columns:
+        return
+    vessel = sorted(c for c in parse_rule(config.min_quality).columns if c.startswith("vessel_"))
+    if vessel:
+        raise ConfigError(
+            f"min_quality: column {vessel[0]!r} is empty for every row: the manifest "
+            f"{scan.source} has no vessel_uri column (vessel metrics need vessel ground truth); "
+            "add vessel_uri to the manifest or drop the term"
+        )
+
+
+def _gate_counts(gate: GateCounts, table: pa.Table) -> None:
+    """Add the quality verdicts of ``table``'s ok rows to ``gate``."""
+
+    def column(name: str) -> list[Any]:
+        present = name in table.column_names
+        return table.column(name).to_pylist() if present else [None] * table.num_rows
+
+    ok = [status == STATUS_OK for status in column("status")]
+    gate.add(
+        (v for v, keep in zip(column("quality_ok"), ok, strict=True) if keep),
+        (f for f, keep in zip(column("quality_failed"), ok, strict=True) if keep),
+    )
 
 
 def _history(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -210,8 +242,15 @@ def _run_leased(
             raise
     # Counts cover this run's (image, variant) pairs, including rows earlier runs committed.
     final = Counts(rows_in=expected)
-    for table in store.iter_tables(["image_id", "variant", "status", "failed_stage"]):
-        final.add(table.filter(pa.array(this_run(table), pa.bool_())))
+    gate = GateCounts() if config.min_quality else None
+    columns = ["image_id", "variant", "status", "failed_stage"]
+    if gate is not None:
+        columns += ["quality_ok", "quality_failed"]
+    for table in store.iter_tables(columns):
+        mine = table.filter(pa.array(this_run(table), pa.bool_()))
+        final.add(mine)
+        if gate is not None:
+            _gate_counts(gate, mine)
     summary = RunSummary(
         out=config.out,
         rows_in=expected,
@@ -222,6 +261,7 @@ def _run_leased(
         seconds=time.time() - started,
         shards=writer.shards,
         pairs=this_run,
+        quality=gate,
     )
     state = "complete" if summary.complete else "incomplete"
     final_counts = {

@@ -4,6 +4,13 @@ A rule is a conjunction of ``column op number`` terms over output columns. It is
 checked against the schema before any work starts; the pipeline's QualityGate stage
 (:mod:`fundus_batch.stages`) gives each row ``quality_ok`` and, when it fails,
 ``quality_failed`` naming the terms it broke ("clean my archive"). A plain library: no stages.
+
+A degradation parameter of an operator that did not run (null: ``blur_sigma`` of a 001 variant)
+counts as the operator's neutral value (:data:`NEUTRAL_PARAMETERS`); any other missing or NaN
+value (a metric that could not be measured) breaks its term. A rule's canonical form
+(:attr:`QualityRule.canonical`: its terms joined by `` and ``, one space each side of the
+operator) is what a folder records and compares, so spacing and the case of ``and`` do not
+matter.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import SupportsFloat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, SupportsFloat
 
 from fundus_batch.schema import NOREF_NAMES
 
@@ -25,6 +32,23 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
+# What a degradation parameter column means when its operator did not run (the row holds null):
+# no blur, no spots, no hole, and colour factors of 1.
+NEUTRAL_PARAMETERS: dict[str, float] = {
+    "blur_sigma": 0.0,
+    "n_spots": 0.0,
+    "hole_strength": 0.0,
+    "brightness": 1.0,
+    "contrast": 1.0,
+    "saturation": 1.0,
+}
+
+MS_SSIM_MIN_SIZE = 288
+"""The smallest working size (sizes are multiples of 32) at which ``ms_ssim_*`` can have a
+value: its fifth scale (1/16 of the image) must keep some FOV after erosion by the 5 px SSIM
+window radius (:mod:`fundus_batch.metrics.reference`), which takes a FOV of about 270 px; at 256
+and below every row's MS-SSIM is NaN."""
+
 _TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -52,6 +76,14 @@ class Term:
         return f"{self.column} {self.op} {self.written or repr(self.value)}"
 
 
+def _gate_value(row: dict, column: str) -> Any:
+    """The value a term tests: a null degradation parameter is its operator's neutral value."""
+    value = row.get(column)
+    if value is None:
+        return NEUTRAL_PARAMETERS.get(column)
+    return value
+
+
 @dataclass(frozen=True)
 class QualityRule:
     """A parsed rule; ``evaluate(row)`` returns (ok, failed terms)."""
@@ -62,14 +94,22 @@ class QualityRule:
     def columns(self) -> set[str]:
         return {t.column for t in self.terms}
 
+    @property
+    def canonical(self) -> str:
+        """The rule as recorded and compared: its terms, as parsed, joined by `` and ``."""
+        return " and ".join(str(t) for t in self.terms)
+
     def evaluate(self, row: dict) -> tuple[bool, list[str]]:
-        broken = [str(t) for t in self.terms if not t.holds(row.get(t.column))]
+        """(whether every term holds, the broken terms); see :data:`NEUTRAL_PARAMETERS`."""
+        broken = [str(t) for t in self.terms if not t.holds(_gate_value(row, t.column))]
         return not broken, broken
 
 
 def parse_rule(text: str, known_columns: set[str] | None = None) -> QualityRule:
     """Parse ``"a >= 1 and b < 2"``; unknown columns are rejected when ``known_columns`` given."""
-    parts = re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE)
+    # Runs of whitespace (any Unicode space) become one space first: splitting on a literal
+    # " and " cannot backtrack, however long the runs are.
+    parts = re.split(" and ", " ".join(text.split()), flags=re.IGNORECASE)
     terms = []
     for part in parts:
         match = _TERM.match(part)
@@ -87,6 +127,48 @@ def parse_rule(text: str, known_columns: set[str] | None = None) -> QualityRule:
             raise QualityRuleError(f"unknown column {column!r} in quality rule")
         terms.append(Term(column, op, value, raw))
     return QualityRule(tuple(terms))
+
+
+def canonical_rule(text: str) -> str:
+    """The canonical form of a rule's text (:attr:`QualityRule.canonical`)."""
+    return parse_rule(text).canonical
+
+
+@dataclass
+class GateCounts:
+    """How a run's ok rows fared at its quality gate: ``passed`` of ``judged`` (the ok rows
+    with a verdict), and the rows that broke each term."""
+
+    passed: int = 0
+    judged: int = 0
+    broken: dict[str, int] = field(default_factory=dict)
+
+    def add(self, verdicts: Iterable[bool | None], failed: Iterable[str | None]) -> None:
+        """Count ok rows by their ``quality_ok`` and the ``quality_failed`` terms they broke."""
+        for ok, terms in zip(verdicts, failed, strict=True):
+            if ok is None:
+                continue
+            self.judged += 1
+            self.passed += bool(ok)
+            for term in (terms or "").split("; "):
+                if term:
+                    self.broken[term] = self.broken.get(term, 0) + 1
+
+    @property
+    def most_broken(self) -> tuple[str, int] | None:
+        """The term the most rows broke and how many (ties: the first by name); None if none."""
+        if not self.broken:
+            return None
+        return min(self.broken.items(), key=lambda item: (-item[1], item[0]))
+
+    def line(self) -> str:
+        """``quality gate: N of M ok rows passed (most broken: TERM, K rows)``."""
+        text = f"quality gate: {self.passed} of {self.judged} ok rows passed"
+        most = self.most_broken
+        if most is not None:
+            term, rows = most
+            text += f" (most broken: {term}, {rows} row{'' if rows == 1 else 's'})"
+        return text
 
 
 def gate_columns(*, pairs: bool, enhanced: bool, metrics: bool) -> frozenset[str]:

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from fundus_batch.config import RunConfig
+from fundus_batch.quality import QualityRuleError, canonical_rule
 
 __all__ = [
     "SettingsChange",
@@ -93,7 +94,7 @@ def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dic
         "jpeg_quality": cfg.get("jpeg_quality") if fmt == "jpeg" else None,
         "compute_metrics": metrics,
         "metric_version": METRIC_VERSION if metrics else None,
-        "min_quality": cfg.get("min_quality"),
+        "min_quality": _canonical_rule(cfg.get("min_quality")),
         "enhance": _enhance_settings(enh, model) if enabled else None,
     }
     if pairs:
@@ -107,12 +108,28 @@ def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dic
     return settings
 
 
+def _canonical_rule(rule: Any) -> Any:
+    """A quality rule in its canonical form (``quality.QualityRule.canonical``), so that the
+    same rule spelled with other spacing is the same setting; folders written before rules were
+    recorded so hold the text as given, and theirs is canonicalised on read. Text that does not
+    parse (never accepted by a run) is kept as it is."""
+    if not isinstance(rule, str):
+        return rule
+    try:
+        return canonical_rule(rule)
+    except QualityRuleError:
+        return rule
+
+
 # Enhancement settings added after folders were first written, with what their absence means.
 _LATER_ENHANCE_DEFAULTS: dict[str, Any] = {"max_change": None}
 
 
 def _with_later_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """Recorded ``settings`` with the enhancement settings added since filled in."""
+    """Recorded ``settings`` with the enhancement settings added since filled in and the
+    quality rule in its canonical form (older folders recorded the text as given)."""
+    if "min_quality" in settings:
+        settings = {**settings, "min_quality": _canonical_rule(settings["min_quality"])}
     enh = settings.get("enhance")
     if isinstance(enh, dict):
         return {**settings, "enhance": {**_LATER_ENHANCE_DEFAULTS, **enh}}

@@ -484,6 +484,25 @@ def test_fidelity_lines_count_only_the_pairs_of_this_run(tmp_path, capsys):
     assert capsys.readouterr().out == "NOTE enhancement left 6 of 6 images unchanged\n"
 
 
+@pytest.mark.parametrize("rule", [None, "nr_luminance_clean >= 40"])
+def test_the_run_summary_says_how_many_ok_rows_passed_the_quality_gate(monkeypatch, tmp_path, rule):
+    from fundus_batch import pipeline
+    from fundus_batch.quality import GateCounts
+
+    def run(config, progress=None):
+        gate = None if config.min_quality is None else GateCounts(3, 5, {config.min_quality: 2})
+        return pipeline.RunSummary(str(config.out), 6, 0, 5, 1, {"fetch": 1}, quality=gate)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    (tmp_path / "m.csv").write_text("image_id,uri\na,a.jpg\n")
+    args = ["score", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, *(["--min-quality", rule] if rule else [])])
+    _ok(result)
+    line = f"quality gate: 3 of 5 ok rows passed (most broken: {rule}, 2 rows)"
+    assert (line in result.output.splitlines()) == (rule is not None), result.output
+    assert ("quality gate" in result.output) == (rule is not None)
+
+
 def _interrupted(monkeypatch, tmp_path, exc: BaseException):
     from fundus_batch import pipeline
 

@@ -33,11 +33,12 @@ KEPT_NAMES = {
     | {"--retry-failed", "--wait-for-lease"},
     "degrade": {"--manifest", "--out", "--variants", "--types", "--type-mode", "--seed", "--size"}
     | {"--preset", "--format", "--address", "--enhance", "--enhancer", "--weights", "--limit"}
-    | {"--wait-for-lease"},
+    | {"--wait-for-lease", "--min-quality", "--retry-failed"},
     "enhance": {"--manifest", "--out", "--enhancer", "--weights", "--variant", "--width"}
-    | {"--size", "--batch-size", "--device", "--address", "--limit", "--wait-for-lease"},
+    | {"--size", "--batch-size", "--device", "--address", "--limit", "--wait-for-lease"}
+    | {"--min-quality", "--retry-failed"},
     "score": {"--manifest", "--out", "--size", "--address", "--limit", "--min-quality"}
-    | {"--wait-for-lease"},
+    | {"--wait-for-lease", "--retry-failed"},
     "demo": {"--out", "--count", "--variants", "--enhance"},
 }
 
@@ -173,6 +174,26 @@ def test_degrade_options_reach_their_fields(tmp_path: Path, captured):
     assert cfg.ray.address == "ray://h:1" and cfg.lease.wait == 5.0
     assert cfg.enhance.enabled and cfg.enhance.weights == "w.pt" and cfg.preset == "cofe-train"
     assert cfg.variants == 7 and cfg.mode == "pairs" and kwargs == {"verbose": True}
+
+
+@pytest.mark.parametrize(
+    ("command", "rule"),
+    [
+        ("degrade", "psnr_degraded >= 25 and blur_sigma < 3"),
+        ("enhance", "nr_luminance_enhanced > 40"),
+        ("score", "nr_luminance_clean >= 40"),
+    ],
+)
+def test_degrade_enhance_and_score_take_min_quality_and_retry_failed(
+    tmp_path: Path, captured, command: str, rule: str
+):
+    args = [command, "--manifest", "m.csv", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "--min-quality", rule, "--retry-failed"])
+    assert result.exit_code == 0, result.output
+    [(cfg, _)] = captured
+    assert (cfg.min_quality, cfg.retry_failed) == (rule, True)
+    CliRunner().invoke(main, args)
+    assert (captured[-1][0].min_quality, captured[-1][0].retry_failed) == (None, False)
 
 
 def test_a_value_outside_the_model_limits_is_rejected_naming_the_field(tmp_path: Path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fundus_batch.fov import Circle, circle_mask, crop_to_fov
+from fundus_batch.fov import Circle, FOVError, circle_mask, crop_to_fov
 from fundus_batch.imaging import circle_from_mask, crop_with_given_mask
 from fundus_batch.io.codecs import encode_png
+from fundus_batch.synth import synth_fundus
 
 
 def _bounding_box_circle(mask: np.ndarray) -> Circle:
@@ -62,10 +63,92 @@ def test_unclipped_and_two_side_clipped_masks_keep_the_bounding_box_circle(
 
 def test_a_photograph_clipped_at_the_top_is_cropped_around_its_whole_circle():
     truth = Circle(400.0, 210.0, 290.0)  # the frame cuts 80 px off the top of the field
-    rgb = np.full((560, 800, 3), 120, np.uint8)
+    rgb = np.random.default_rng(0).integers(60, 180, (560, 800, 3), dtype=np.uint8)  # not blank
     mask = circle_mask(560, 800, truth)
     pre = crop_with_given_mask(rgb, encode_png(mask), 256)
     _, expected = crop_to_fov(rgb, truth, 256, (0, 0, 800, 560))
     overlap = np.logical_and(pre.mask, expected).sum() / np.logical_or(pre.mask, expected).sum()
     assert overlap > 0.995
     assert pre.mask[-1].any()  # the field's bottom reaches the bottom of the working image
+
+
+def _disc(shape: tuple[int, int], r: float) -> np.ndarray:
+    return circle_mask(*shape, Circle((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0, r))
+
+
+def _marks(shape: tuple[int, int], points: list[tuple[int, int]]) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    for y, x in points:
+        mask[y, x] = 255
+    return mask
+
+
+def _line(shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[shape[0] // 2, 20:-20] = 255
+    return mask
+
+
+def _sparse(shape: tuple[int, int]) -> np.ndarray:
+    """Every third pixel of a whole disc: a large field to the checks at source size that
+    averages away (below half) when resized to the working size."""
+    mask = _disc(shape, min(shape) / 2.0)
+    mask[::3] = 0
+    mask[:, ::3] = 0
+    mask[1::3, 1::3] = 0
+    return mask
+
+
+SHAPE = (300, 360)
+
+
+@pytest.mark.parametrize(
+    ("name", "mask"),
+    [
+        ("one pixel", _marks(SHAPE, [(150, 180)])),
+        ("two far dots", _marks(SHAPE, [(5, 5), (290, 350)])),
+        ("a line", _line(SHAPE)),
+        ("a disc under 10 % of the shorter side", _disc(SHAPE, 25.0)),
+        ("sparse: nothing left at the working size", _sparse(SHAPE)),
+    ],
+)
+def test_a_given_mask_too_small_for_a_field_of_view_fails_as_too_small(name, mask):
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image
+    with pytest.raises(FOVError) as caught:
+        crop_with_given_mask(photo, encode_png(mask), 64)
+    assert caught.value.reason == "too_small", (name, caught.value)
+
+
+def test_a_given_mask_that_vanishes_when_resized_to_the_image_fails_as_too_small():
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image
+    big = np.zeros((600, 720), np.uint8)
+    big[300, 360] = 255  # one pixel of a mask twice the image's size
+    with pytest.raises(FOVError) as caught:
+        crop_with_given_mask(photo, encode_png(big), 256)
+    assert caught.value.reason == "too_small"
+
+
+@pytest.mark.parametrize("level", [0, 128, 255])
+def test_a_uniform_image_inside_a_given_mask_fails_as_blank(level: int):
+    rgb = np.full((*SHAPE, 3), level, np.uint8)
+    with pytest.raises(FOVError) as caught:
+        crop_with_given_mask(rgb, encode_png(_disc(SHAPE, 140.0)), 256)
+    assert caught.value.reason == "blank"
+
+
+def test_an_empty_given_mask_fails_as_blank():
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image
+    with pytest.raises(FOVError) as caught:
+        crop_with_given_mask(photo, encode_png(np.zeros(SHAPE, np.uint8)), 256)
+    assert caught.value.reason == "blank"
+
+
+def test_a_field_at_the_size_limit_is_cropped_as_before():
+    """10 % of the shorter side is the smallest field detection accepts; so for a mask."""
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image
+    mask = _disc(SHAPE, 30.5)
+    pre = crop_with_given_mask(photo, encode_png(mask), 64)
+    circle = circle_from_mask(mask)
+    image, _ = crop_to_fov(photo, circle, 64)
+    image[pre.mask == 0] = 0
+    assert np.array_equal(pre.image, image) and pre.mask.any()

@@ -205,3 +205,32 @@ jobs.job_main(["--config", {str(_job_config(tmp_path))!r}], "test")
     assert done.returncode == 1 and "RuntimeError: worker died" in done.stderr
     [kept] = (tmp_path / "out" / "logs").iterdir()
     assert "what went wrong" in kept.read_text()
+
+
+def test_the_json_summary_says_how_many_ok_rows_passed_the_quality_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fundus_batch import pipeline
+    from fundus_batch.quality import GateCounts
+
+    def run(config, progress=None):  # type: ignore[no-untyped-def]
+        gate = GateCounts(1, 4, {"nr_luminance_clean >= 40": 3, "fov_r > 10": 1})
+        return pipeline.RunSummary(str(config.out), 4, 0, 4, 0, quality=gate)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    config = _job_config(tmp_path)
+    config.write_text(config.read_text() + "min_quality: nr_luminance_clean >= 40\n")
+    assert jobs.job_main(["--config", str(config)], "test") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["quality_gate"] == {
+        "passed": 1,
+        "judged": 4,
+        "most_broken": {"term": "nr_luminance_clean >= 40", "rows": 3},
+        "text": "quality gate: 1 of 4 ok rows passed "
+        "(most broken: nr_luminance_clean >= 40, 3 rows)",
+    }
+    monkeypatch.setattr(
+        pipeline, "run", lambda config, progress=None: pipeline.RunSummary("o", 1, 0, 1, 0)
+    )
+    assert jobs.job_main(["--config", str(_job_config(tmp_path))], "test") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quality_gate"] is None

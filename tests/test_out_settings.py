@@ -107,6 +107,37 @@ def test_a_run_json_written_before_settings_were_recorded_is_still_compared(tmp_
         compare(recorded(legacy), resolve(_config(tmp_path / "m.csv", tmp_path / "o", seed=99)))
 
 
+RULE = "nr_luminance_clean > 40 and fov_r > 10"
+
+
+@pytest.mark.parametrize(
+    "respelled",
+    [
+        "nr_luminance_clean >40 and fov_r>10",
+        "nr_luminance_clean\u00a0>\u00a040 AND  fov_r > 10",
+        " nr_luminance_clean > 40\tand\nfov_r > 10 ",
+    ],
+)
+def test_a_quality_rule_spelled_otherwise_is_the_same_setting_recorded_or_read_back(
+    tmp_path, respelled
+):
+    def settings(rule: str) -> dict:
+        return resolve(_config(tmp_path / "m.csv", tmp_path / "out", min_quality=rule))
+
+    assert settings(respelled)["min_quality"] == RULE  # recorded in its canonical form
+    assert _config(tmp_path / "m.csv", tmp_path / "o", min_quality=respelled).min_quality == (
+        respelled  # the config keeps the text as given, for display
+    )
+    assert compare(recorded({"settings": settings(RULE)}), settings(respelled)).changed is False
+    older = {**settings(RULE), "min_quality": respelled}  # run.json recorded the raw text
+    assert compare(recorded({"settings": older}), settings(RULE)).changed is False
+    legacy = _config(tmp_path / "m.csv", tmp_path / "o", min_quality=respelled).redacted()
+    assert compare(recorded({"config": legacy}), settings(RULE)).changed is False
+    with pytest.raises(SettingsMismatchError) as err:
+        compare(recorded({"settings": older}), settings(RULE.replace("40", "41")))
+    assert err.value.differences == [f"min_quality: {RULE!r} -> {RULE.replace('40', '41')!r}"]
+
+
 def test_a_pass_through_column_must_keep_its_arrow_type_and_null_agrees_with_any():
     stored = {"grade": [pa.string()], "site": [pa.int64()]}
     check_column_types(stored, pa.schema([("grade", pa.string()), ("new", pa.int8())]))

@@ -210,6 +210,38 @@ def test_score_mode_records_fov_and_no_reference_metrics_only(ray_cluster, tmp_p
     assert (ok.quality_failed == "nr_laplacian_var_clean > 1e9").all()  # as written
 
 
+def test_the_summary_counts_the_ok_rows_that_passed_the_quality_gate(ray_cluster, tmp_path):
+    """Types 001 (~16 dB at 128 px) and 010 (~36 dB); neither blurs, so blur_sigma is null and
+    counts as 0; the corrupt and missing photographs' failed rows are not counted."""
+    manifest = write_inputs(tmp_path / "in", n_good=2, size=256)
+    rule = "psnr_degraded >= 25 and blur_sigma < 100"
+    extra = {"size": 128, "variants": 2, "types": ["001", "010"], "min_quality": rule}
+    summary = pipeline.run(_config(manifest, tmp_path / "out", **extra))
+    assert (summary.ok, summary.failed) == (4, 4)
+    assert summary.quality is not None
+    assert summary.quality.line() == (
+        "quality gate: 2 of 4 ok rows passed (most broken: psnr_degraded >= 25, 2 rows)"
+    )
+    ok = _table(tmp_path / "out").query("status == 'ok'")
+    assert dict(zip(ok.type_code, ok.quality_ok, strict=True)) == {"001": False, "010": True}
+
+
+def test_a_rule_on_vessel_metrics_without_vessel_uri_is_refused_before_any_work(tmp_path):
+    from fundus_batch.config import ConfigError
+    from fundus_batch.manifest_stream import scan_manifest
+
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False)
+    out = tmp_path / "out"
+    rule = "nr_luminance_clean > 1 and vessel_f1_clean > 0.5"
+    refused = r"'vessel_f1_clean' is empty for every row: .* no vessel_uri column"
+    with pytest.raises(ConfigError, match=refused):
+        pipeline.run(_config(manifest, out, mode="score", min_quality=rule))
+    assert not out.exists()
+    with_truth = write_inputs(tmp_path / "truth", n_good=1, broken=False, vessels=True)
+    config = _config(with_truth, out, mode="score", min_quality=rule)
+    pipeline.check_rule_against_manifest(config, scan_manifest(str(with_truth)))  # accepted
+
+
 def test_given_fov_masks_from_the_manifest_are_used(ray_cluster, tmp_path):
     import pandas as pd
 

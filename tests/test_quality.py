@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
 from fundus_batch.config import ConfigError, build_config
-from fundus_batch.quality import QualityRuleError, parse_rule
-from fundus_batch.stages import QualityGate
+from fundus_batch.fov import preprocess
+from fundus_batch.io.codecs import encode_png
+from fundus_batch.metrics.reference import reference_context
+from fundus_batch.quality import (
+    MS_SSIM_MIN_SIZE,
+    NEUTRAL_PARAMETERS,
+    GateCounts,
+    QualityRuleError,
+    canonical_rule,
+    parse_rule,
+)
+from fundus_batch.stages import Degrade, QualityGate
+from fundus_batch.synth import synth_fundus
 
 
 def test_rule_evaluates_every_term_and_names_the_broken_ones():
@@ -90,3 +102,111 @@ def test_a_value_that_is_not_a_number_breaks_the_term_instead_of_failing_the_row
         [{"status": "ok", "nr_luminance_clean": "x"}]
     )
     assert row["status"] == "ok" and row["quality_ok"] is False
+
+
+def test_a_parameter_of_an_operator_that_did_not_run_counts_as_its_neutral_value():
+    rule = parse_rule(
+        "blur_sigma == 0 and n_spots == 0 and hole_strength == 0 and brightness == 1 "
+        "and contrast == 1 and saturation == 1"
+    )
+    assert rule.evaluate({name: None for name in NEUTRAL_PARAMETERS}) == (True, [])
+    assert rule.evaluate({}) == (True, [])  # null columns are absent from a row dict too
+
+
+def test_a_missing_metric_still_breaks_its_term_where_a_missing_parameter_does_not():
+    rule = parse_rule("blur_sigma < 100 and nr_luminance_clean > 1 and psnr_degraded > 1")
+    ok, broken = rule.evaluate({"blur_sigma": None, "nr_luminance_clean": None})
+    assert not ok and broken == ["nr_luminance_clean > 1", "psnr_degraded > 1"]
+    ok, broken = rule.evaluate({"nr_luminance_clean": math.nan, "psnr_degraded": 30.0})
+    assert not ok and broken == ["nr_luminance_clean > 1"]
+
+
+def test_the_gate_passes_variants_whose_type_has_no_blur_on_a_blur_rule():
+    """Real stages: type 001 (illumination only) has a null blur_sigma; type 100 blurs."""
+    fundus = synth_fundus(256, seed=2)
+    rows = [
+        {
+            "image_id": "s",
+            "status": "ok",
+            "clean_png": encode_png(fundus.image),
+            "mask_png": encode_png(fundus.mask),
+        }
+    ]
+    degraded = Degrade(seed=0, variants=2, types=["001", "100"])(rows)
+    gated = QualityGate(rule="blur_sigma < 100")(degraded)
+    assert [(r["type_code"], r["blur_sigma"] is None) for r in gated] == [
+        ("001", True),
+        ("100", False),
+    ]
+    assert [r["quality_ok"] for r in gated] == [True, True]
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        "nr_luminance_clean >0.5 and fov_r > 10",
+        "nr_luminance_clean\u00a0>\u00a00.5 AND fov_r>10",
+        "  nr_luminance_clean   >   0.5\tand\n fov_r > 10 ",
+        "nr_luminance_clean > 0.5 and\u2003fov_r > 10",
+    ],
+)
+def test_the_same_rule_spelled_with_other_spacing_has_one_canonical_form(spelled: str):
+    assert canonical_rule(spelled) == "nr_luminance_clean > 0.5 and fov_r > 10"
+    assert parse_rule(spelled).canonical == canonical_rule(canonical_rule(spelled))
+
+
+@pytest.mark.parametrize(
+    ("rule", "terms"),
+    [
+        ("fov_r >" + " " * 20_000 + "1", 1),
+        ("fov_r > 1" + " " * 20_000 + "and" + " " * 20_000 + "fov_r < 2", 2),
+        ("fov_r > 1" + " " * 20_000 + "andx", 0),  # refused, as fast
+    ],
+)
+def test_a_rule_with_long_whitespace_runs_is_parsed_in_linear_time(rule: str, terms: int):
+    started = time.perf_counter()
+    if terms:
+        assert len(parse_rule(rule).terms) == terms
+    else:
+        with pytest.raises(QualityRuleError):
+            parse_rule(rule)
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_a_rule_on_ms_ssim_is_refused_at_sizes_where_every_row_has_none(size: int):
+    with pytest.raises(ConfigError, match=r"min_quality: column 'ms_ssim_degraded' is NaN"):
+        build_config(
+            {"manifest": "m", "out": "o", "size": size, "min_quality": "ms_ssim_degraded > 0.5"}
+        )
+    rule = "ssim_degraded > 0.5"  # SSIM has a value at these sizes
+    assert build_config({"manifest": "m", "out": "o", "size": size, "min_quality": rule})
+
+
+def test_a_rule_on_ms_ssim_is_accepted_from_the_first_size_where_it_has_a_value():
+    rule = "ms_ssim_degraded > 0.5 and ms_ssim_enhanced > 0.5"
+    data = {"manifest": "m", "out": "o", "size": MS_SSIM_MIN_SIZE, "min_quality": rule}
+    assert build_config({**data, "enhance": {"enabled": True}}).min_quality == rule
+
+
+def test_the_ms_ssim_size_limit_is_where_the_metric_first_has_a_value():
+    """The working image of a whole field (the circle inscribed in the square, as Preprocess
+    makes it): MS-SSIM is NaN one size step below MS_SSIM_MIN_SIZE and a number at it."""
+    photo = synth_fundus(600, seed=4, canvas=(760, 640)).image
+    values = {}
+    for size in (MS_SSIM_MIN_SIZE - 32, MS_SSIM_MIN_SIZE):
+        pre = preprocess(photo, size)
+        values[size] = reference_context(pre.image, pre.mask).metrics(pre.image)["ms_ssim"]
+    assert math.isnan(values[MS_SSIM_MIN_SIZE - 32])
+    assert values[MS_SSIM_MIN_SIZE] == pytest.approx(1.0)
+
+
+def test_gate_counts_say_how_many_judged_rows_passed_and_which_term_most_broke():
+    gate = GateCounts()
+    gate.add(
+        [True, False, False, None, False],
+        [None, "a > 1; b < 2", "b < 2", None, "a > 1; b < 2"],
+    )
+    assert (gate.passed, gate.judged, gate.most_broken) == (1, 4, ("b < 2", 3))
+    assert gate.line() == "quality gate: 1 of 4 ok rows passed (most broken: b < 2, 3 rows)"
+    assert GateCounts(2, 2).line() == "quality gate: 2 of 2 ok rows passed"

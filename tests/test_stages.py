@@ -10,7 +10,7 @@ import pytest
 
 from fundus_batch import imaging, stages
 from fundus_batch.degrade import DegradationRecord, replay
-from fundus_batch.io.codecs import decode_image, encode_jpeg
+from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
 
 
@@ -41,6 +41,32 @@ def test_fetch_and_preprocess_produce_working_image_and_binary_mask(raw_jpeg: Pa
     assert row["source_width"] == 900 and row["source_height"] == 720
     assert abs(row["fov_r"] - 350) < 15
     assert "raw_bytes" not in row
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("pixel", "too_small"), ("dots", "too_small"), ("grey", "blank")]
+)
+def test_a_given_fov_mask_that_detection_would_refuse_fails_the_row_at_preprocess(
+    tmp_path: Path, name: str, reason: str
+):
+    """A 1-pixel mask, two far dots (a large bounding box, no field), and a whole-disc mask
+    on a uniform image: no ``ok`` row of garbage, but the FOVError detection would give."""
+    photo = synth_fundus(256, seed=1).image
+    mask = np.zeros((256, 256), np.uint8)
+    if name == "pixel":
+        mask[128, 128] = 255
+    elif name == "dots":
+        mask[10, 10] = mask[240, 240] = 255
+    else:
+        photo = np.full_like(photo, 128)
+        mask = synth_fundus(256, seed=1).mask
+    (tmp_path / "photo.png").write_bytes(encode_png(photo))
+    (tmp_path / "mask.png").write_bytes(encode_png(mask))
+    row = {**_row(name, str(tmp_path / "photo.png")), "source_mask_uri": str(tmp_path / "mask.png")}
+    [out] = _through_preprocess([row])
+    assert (out["status"], out["failed_stage"]) == ("failed", "preprocess")
+    assert out["error"].startswith(f"FOVError({reason}): "), out["error"]
+    assert "clean_png" not in out and "mask_png" not in out
 
 
 def test_missing_and_corrupt_inputs_become_failed_rows_not_exceptions(tmp_path: Path, raw_jpeg):

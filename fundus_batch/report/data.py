@@ -587,9 +587,11 @@ def _cluster_text(cluster: Mapping[str, Any]) -> str:
 
 
 def _quality_gate(frame: pd.DataFrame) -> QualityGate | None:
-    """The rows that passed the run's quality rule (when it had one)."""
+    """The ok rows that passed the run's quality rule (when it had one): a row the gate passed
+    that failed later (at Write) is not counted, nor are the terms it broke."""
     if "quality_ok" not in frame.columns or not frame["quality_ok"].notna().any():
         return None
+    frame = frame[frame["status"] == STATUS_OK]
     judged = frame["quality_ok"].dropna().astype(bool)
     top: list[tuple[str, int]] = []
     if "quality_failed" in frame.columns:

@@ -431,3 +431,23 @@ def test_a_type_whose_every_row_is_identical_to_clean_still_counts_them():
     blur = table.rows[0]
     assert (blur.rows, blur.n, blur.identical) == (4, 0, 4)
     assert blur.values == [None, None]  # PSNR and SSIM: no row to average
+
+
+def test_quality_gate_counts_only_rows_that_stayed_ok_after_the_gate():
+    """A row the gate passed (or failed) that failed later, at Write, is no passed row."""
+    rows = ok_rows()
+    for i, row in enumerate(rows):
+        row["quality_ok"] = i % 2 == 0
+        row["quality_failed"] = None if i % 2 == 0 else "psnr_degraded >= 25"
+    late = [
+        {**failed_row("late_pass", "write", "OSError: disk full"), "quality_ok": True},
+        {
+            **failed_row("late_fail", "write", "OSError: disk full"),
+            "quality_ok": False,
+            "quality_failed": "nr_luminance_clean >= 40",
+        },
+    ]
+    gate = aggregate(loaded([*rows, *late])).summary.quality
+    assert gate is not None
+    assert (gate.passed, gate.judged) == (3, 6)
+    assert gate.top_failed == [("psnr_degraded >= 25", 3)]
