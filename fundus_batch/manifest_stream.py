@@ -14,7 +14,7 @@ import csv
 import io
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,22 +413,17 @@ class StoredSplits:
     pairs: KeySet
 
 
-def stored_splits(
-    tables: Iterable[pa.Table],
-) -> tuple[Iterator[pa.Table], Callable[[], StoredSplits]]:
-    """``tables`` (output shards with ``image_id`` and ``split``) passed on one at a time, and
-    a function that gives, once they have all been read, the splits they hold (keys only)."""
+def stored_splits(tables: Iterable[pa.Table]) -> StoredSplits:
+    """The images that output tables (``image_id`` and ``split`` columns) hold rows of, and
+    each one's split; each table's distinct pairs only (the variants of an image repeat it)."""
     ids: list[np.ndarray] = []
     pairs: list[np.ndarray] = []
-
-    def passed() -> Iterator[pa.Table]:
-        for table in tables:
-            names = table.column("image_id").to_pylist()
-            ids.append(id_keys(names))
-            pairs.append(split_keys(names, table.column("split").to_pylist()))
-            yield table
-
-    return passed(), lambda: StoredSplits(KeySet.of(ids), KeySet.of(pairs))
+    for table in tables:
+        distinct = table.select(["image_id", "split"]).group_by(["image_id", "split"]).aggregate([])
+        names = distinct.column("image_id").to_pylist()
+        ids.append(id_keys(names))
+        pairs.append(split_keys(names, distinct.column("split").to_pylist()))
+    return StoredSplits(KeySet.of(ids), KeySet.of(pairs))
 
 
 def check_splits(scan: ManifestScan, stored: StoredSplits, storage_options: dict | None) -> None:

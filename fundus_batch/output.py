@@ -92,6 +92,15 @@ class OutputStore:
     def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
         return shards.read_shard(path, columns, self.storage_options, retries=self.retries)
 
+    def readable_tables(self, columns: list[str]) -> Iterator[pa.Table]:
+        """Each shard's ``columns``, one at a time, leaving out shards that cannot be read (a
+        run sets those aside later): for checks made before anything is rewritten."""
+        for path in self.shard_paths():
+            try:
+                yield self._read_shard(path, columns)
+            except CorruptShardError:
+                continue
+
     def has_images(self) -> bool:
         """Whether ``OUT/images`` exists: a run wrote images there, with or without shards."""
         return bool(self.fs.exists(storage.join(self.path, outpaths.IMAGES_DIR)))

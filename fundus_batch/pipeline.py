@@ -165,6 +165,9 @@ def _run_leased(
     run_settings.check_column_types(
         store.column_types(scan.passthrough.names), scan.passthrough, storage.redact(config.out)
     )
+    # This run's rows must keep each stored image's split: checked before anything is rewritten.
+    stored = stored_splits(store.readable_tables(["image_id", "split"]))
+    check_splits(scan, stored, config.storage_options)
     lease.ensure()  # the shard rewrites below replace committed files
     store.clean_stale()
     quarantined = store.quarantine_corrupt()
@@ -189,10 +192,7 @@ def _run_leased(
         if dropped:
             log.warning("%d rows lack enhancement; they are redone with it", dropped)
     # Keys of the done pairs only (16 bytes each); the workers filter the manifest with them.
-    # The same pass keeps each stored image's split, which this run's rows must keep too.
-    tables, splits = stored_splits(store.iter_tables(["image_id", "variant", "split"]))
-    done, done_before = done_keys(tables, scan, variants)
-    check_splits(scan, splits(), config.storage_options)
+    done, done_before = done_keys(store.iter_tables(["image_id", "variant"]), scan, variants)
     expected = scan.selected * len(variants)
     todo = expected - done_before
     passthrough = scan.passthrough

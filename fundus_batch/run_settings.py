@@ -260,14 +260,30 @@ def check_column_types(
     in ``passthrough`` (this run's manifest) differs from a type the folder's shards hold for it
     (``stored``, see ``OutputStore.column_types``): ``verify`` and ``shards.read_table`` read
     every column of the shards as one table, which such a column breaks. A null-typed column
-    holds no value and agrees with any type."""
+    holds no value and agrees with any type, and so does a type the reader promotes to (string
+    and large_string, int32 and int64)."""
     diffs = [
         f"manifest column {column.name!r}: {old} -> {column.type} (its rows could no longer be "
         f"read together; give the column its recorded type)"
         for column in passthrough
         if not pa.types.is_null(column.type)
         for old in stored.get(column.name, ())
-        if old != column.type
+        if not _read_together(old, column.type)
     ]
     if diffs:
         raise SettingsMismatchError(out, diffs)
+
+
+_KINDS = (
+    lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+    pa.types.is_integer,
+    pa.types.is_floating,
+)
+
+
+def _read_together(old: pa.DataType, new: pa.DataType) -> bool:
+    """Whether shards holding a column as ``old`` and as ``new`` read as one table with the
+    values meaning the same: equal types, or two widths of one kind (string and large_string,
+    int32 and int64), which the shard reader's permissive concatenation promotes."""
+    return old == new or any(kind(old) and kind(new) for kind in _KINDS)

@@ -304,10 +304,14 @@ def test_release_never_deletes_a_lease_another_run_took_over_meanwhile(
     root = f"s3://{s3_bucket}/out"
     a = OutLease(root, proxy.options(), clock=time.time, backoff=FAST)
     a.acquire()
-    proxy.add(Rule("DELETE", "/out/_lease.json", "delay", seconds=5.0))
+    slow_delete = Rule("DELETE", "/out/_lease.json", "delay", seconds=5.0)
+    proxy.add(slow_delete)
     releasing = threading.Thread(target=a.release)
     releasing.start()
-    time.sleep(1.0)  # A has read its own lease back and sent the DELETE
+    deadline = time.monotonic() + 20
+    while slow_delete.hits == 0 and time.monotonic() < deadline:  # A's DELETE is in flight
+        time.sleep(0.05)
+    assert slow_delete.hits == 1
     b = OutLease(root, _direct(s3_server), clock=lambda: time.time() + 1000, backoff=FAST)
     b.acquire(wait=0)
     releasing.join(timeout=30)

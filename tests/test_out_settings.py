@@ -142,6 +142,8 @@ def test_a_pass_through_column_must_keep_its_arrow_type_and_null_agrees_with_any
     stored = {"grade": [pa.string()], "site": [pa.int64()]}
     check_column_types(stored, pa.schema([("grade", pa.string()), ("new", pa.int8())]))
     check_column_types(stored, pa.schema([("grade", pa.null()), ("site", pa.int64())]))
+    # Another width of the same kind reads together (a Polars manifest gives large_string).
+    check_column_types(stored, pa.schema([("grade", pa.large_string()), ("site", pa.int32())]))
     changed = pa.schema([("grade", pa.int64()), ("site", pa.float64())])
     with pytest.raises(SettingsMismatchError) as err:
         check_column_types(stored, changed, "OUT")
@@ -375,6 +377,10 @@ def test_an_image_whose_split_changed_is_refused_naming_its_line(made, tmp_path)
     before = _snapshot(out)
     with pytest.raises(ManifestError, match=r"row 2 \(line 3\), field 'split'.*'img_0001'"):
         pipeline.run(_config(moved, out, variants=3))
+    assert _snapshot(out) == before
+    # Enhancement added would first drop the ok rows without it: refused before that too.
+    with pytest.raises(ManifestError, match="field 'split'"):
+        pipeline.run(_config(moved, out, enhance={"enabled": True}))
     assert _snapshot(out) == before
     kept = tmp_path / "kept.csv"  # the same splits (none), and a new image under any split
     pd.concat([rows, rows.head(1).assign(image_id="img_new", split="val")]).to_csv(
