@@ -154,12 +154,15 @@ class GateCounts:
                 if term:
                     self.broken[term] = self.broken.get(term, 0) + 1
 
+    def top(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` terms the most rows broke, with how many (ties: by name)."""
+        return sorted(self.broken.items(), key=lambda item: (-item[1], item[0]))[:n]
+
     @property
     def most_broken(self) -> tuple[str, int] | None:
         """The term the most rows broke and how many (ties: the first by name); None if none."""
-        if not self.broken:
-            return None
-        return min(self.broken.items(), key=lambda item: (-item[1], item[0]))
+        top = self.top(1)
+        return top[0] if top else None
 
     def line(self) -> str:
         """``quality gate: N of M ok rows passed (most broken: TERM, K rows)``."""

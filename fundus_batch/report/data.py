@@ -25,6 +25,7 @@ from fundus_batch.fidelity import (
 )
 from fundus_batch.io import storage
 from fundus_batch.output import RUN_JSON, OutputStore
+from fundus_batch.quality import GateCounts
 from fundus_batch.report.formatting import NO_TYPE, Verbatim, duration, num, type_label
 from fundus_batch.schema import IMAGE_ROLES, STAGES, STATUS_OK
 from fundus_batch.shards import concat_tables, read_shard, shard_paths
@@ -592,13 +593,14 @@ def _quality_gate(frame: pd.DataFrame) -> QualityGate | None:
     if "quality_ok" not in frame.columns or not frame["quality_ok"].notna().any():
         return None
     frame = frame[frame["status"] == STATUS_OK]
-    judged = frame["quality_ok"].dropna().astype(bool)
-    top: list[tuple[str, int]] = []
-    if "quality_failed" in frame.columns:
-        terms = frame["quality_failed"].dropna().astype(str).str.split("; ").explode()
-        counts = terms[terms != ""].value_counts().head(3)
-        top = [(_text(term), int(n)) for term, n in counts.items()]
-    return QualityGate(int(judged.sum()), len(judged), top)
+    counts = GateCounts()
+    failed = frame["quality_failed"] if "quality_failed" in frame.columns else None
+    counts.add(
+        [None if pd.isna(v) else bool(v) for v in frame["quality_ok"]],
+        [None] * len(frame) if failed is None else [None if pd.isna(t) else str(t) for t in failed],
+    )
+    top = [(_text(term), n) for term, n in counts.top(3)]
+    return QualityGate(counts.passed, counts.judged, top)
 
 
 def _enhancement(ok: pd.DataFrame, warnings: list[str], notes: list[str]) -> Enhancement | None:

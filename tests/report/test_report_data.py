@@ -451,3 +451,17 @@ def test_quality_gate_counts_only_rows_that_stayed_ok_after_the_gate():
     assert gate is not None
     assert (gate.passed, gate.judged) == (3, 6)
     assert gate.top_failed == [("psnr_degraded >= 25", 3)]
+
+
+def test_the_report_names_the_most_broken_terms_as_the_run_summary_does():
+    """One count (quality.GateCounts): on a tie both name the first term by name."""
+    from fundus_batch.quality import GateCounts
+
+    rows = ok_rows()[:4]
+    terms = ["z_term > 1", "z_term > 1", "a_term > 1", "a_term > 1"]
+    for row, failed in zip(rows, terms, strict=True):
+        row |= {"quality_ok": False, "quality_failed": failed}
+    gate = aggregate(loaded(rows)).summary.quality
+    counts = GateCounts()
+    counts.add([False] * 4, [r["quality_failed"] for r in rows])
+    assert gate is not None and gate.top_failed[0] == counts.most_broken == ("a_term > 1", 2)
