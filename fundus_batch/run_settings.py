@@ -21,7 +21,12 @@ from typing import Any
 import pyarrow as pa
 
 from fundus_batch.config import RunConfig
-from fundus_batch.quality import QualityRuleError, canonical_rule
+from fundus_batch.quality import (
+    NEUTRAL_PARAMETERS,
+    QualityRuleError,
+    canonical_rule,
+    parse_rule,
+)
 
 __all__ = [
     "SettingsChange",
@@ -97,6 +102,8 @@ def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dic
         "min_quality": _canonical_rule(cfg.get("min_quality")),
         "enhance": _enhance_settings(enh, model) if enabled else None,
     }
+    if _names_a_parameter(cfg.get("min_quality")):
+        settings["quality_nulls"] = QUALITY_NULLS
     if pairs:
         settings |= {
             "seed": cfg.get("seed"),
@@ -106,6 +113,22 @@ def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dic
             "variants": cfg.get("variants"),
         }
     return settings
+
+
+QUALITY_NULLS = "neutral"
+"""How the gate judges a null degradation parameter (``quality.NEUTRAL_PARAMETERS``), recorded
+when a rule names one: folders judged before it was recorded broke such terms instead."""
+
+
+def _names_a_parameter(rule: Any) -> bool:
+    """Whether a quality rule names a degradation parameter column (null where its operator
+    did not run)."""
+    if not isinstance(rule, str):
+        return False
+    try:
+        return bool(parse_rule(rule).columns & set(NEUTRAL_PARAMETERS))
+    except QualityRuleError:
+        return False
 
 
 def _canonical_rule(rule: Any) -> Any:
@@ -222,6 +245,13 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
     diffs: list[str] = []
     change = SettingsChange(settings=new)
     for key in sorted(set(old) | set(new)):
+        if key == "quality_nulls" and key not in old and old.get("min_quality") is not None:
+            diffs.append(
+                f"quality_nulls: off -> {new[key]!r} (this folder's rows were judged when a null "
+                "degradation parameter broke its term, new rows would pass it; use another "
+                "--out)"
+            )
+            continue
         if key not in old:  # recorded by an older version: nothing to compare against
             continue
         a, b = old.get(key), new.get(key)

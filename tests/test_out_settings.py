@@ -99,6 +99,23 @@ def test_each_output_setting_change_is_named_with_old_and_new_value(tmp_path, fi
     assert shown in err.value.differences
 
 
+def test_a_rule_on_a_parameter_judged_before_nulls_were_neutral_is_refused(tmp_path):
+    """Rows judged when a null blur_sigma broke ``blur_sigma < 100`` must not be mixed with
+    rows judged now, when it passes."""
+    rule = "blur_sigma < 100 and psnr_degraded > 10"
+    new = resolve(_config(tmp_path / "m.csv", tmp_path / "out", min_quality=rule))
+    assert new["quality_nulls"] == "neutral"
+    old = {k: v for k, v in new.items() if k != "quality_nulls"}  # as recorded before
+    with pytest.raises(SettingsMismatchError, match="quality_nulls: off -> 'neutral'"):
+        compare(recorded({"settings": old}), new)
+    compare(recorded({"settings": new}), new)  # recorded since: the same setting
+    metric_only = resolve(
+        _config(tmp_path / "m.csv", tmp_path / "o", min_quality="psnr_degraded > 10")
+    )
+    assert "quality_nulls" not in metric_only  # its meaning did not change
+    compare(recorded({"settings": metric_only}), metric_only)
+
+
 def test_a_run_json_written_before_settings_were_recorded_is_still_compared(tmp_path):
     cfg = _config(tmp_path / "m.csv", tmp_path / "out")
     legacy = {"config": cfg.redacted(), "state": "complete"}
