@@ -22,7 +22,9 @@ __all__ = [
     "absolute_out",
     "check_local_target",
     "check_out_root",
+    "folder_escape",
     "image_paths",
+    "is_local",
     "is_relative",
     "link_escape",
     "relative_to_out",
@@ -40,7 +42,8 @@ class OutsideOutError(ValueError):
     """A write or a recorded URI that would reach outside the output folder."""
 
 
-def _is_local(uri: str) -> bool:
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is on local disk (a path or a ``file://`` URL)."""
     return "://" not in uri or uri.startswith("file://")
 
 
@@ -91,7 +94,7 @@ def stored_uri_problem(out: str, stored: str) -> str | None:
             return "climbs out of the output folder with '..'"
         return None
     root = out.rstrip("/") + "/"
-    if _is_local(out) and _is_local(stored):
+    if is_local(out) and is_local(stored):
         real_out = os.path.realpath(_local_path(out))
         real = os.path.realpath(_local_path(stored))
         if os.path.commonpath([real_out, real]) != real_out:
@@ -102,22 +105,32 @@ def stored_uri_problem(out: str, stored: str) -> str | None:
     return None
 
 
-def link_escape(out: str, uri: str, real_dirs: dict[str, str] | None = None) -> str | None:
-    """Why the local file ``uri`` (inside ``out`` by name) really lives outside ``out`` (a
+def folder_escape(out: str, folder: str, real_dirs: dict[str, str] | None = None) -> str | None:
+    """Why the local ``folder`` (inside ``out`` by name) really lives outside ``out`` (a
     symbolic link on its way), or None. Object stores: None. ``real_dirs`` caches the real
     paths of folders between calls."""
-    if not (_is_local(out) and _is_local(uri)):
+    if not (is_local(out) and is_local(folder)):
         return None
     cache = real_dirs if real_dirs is not None else {}
-    base, path = _local_path(out), _local_path(uri)
-    if base not in cache:
-        cache[base] = os.path.realpath(base)
-    folder = os.path.dirname(path)
-    if folder not in cache:
-        cache[folder] = os.path.realpath(folder)
-    real_out, real_folder = cache[base], cache[folder]
+    for path in (_local_path(out), _local_path(folder)):
+        if path not in cache:
+            cache[path] = os.path.realpath(path)
+    real_out, real_folder = cache[_local_path(out)], cache[_local_path(folder)]
     if os.path.commonpath([real_out, real_folder]) != real_out:
         return f"lies outside the output folder through a symbolic link (in {real_folder})"
+    return None
+
+
+def link_escape(out: str, uri: str, real_dirs: dict[str, str] | None = None) -> str | None:
+    """Why the local file ``uri`` (inside ``out`` by name) really lives outside ``out`` (a
+    symbolic link on its way, or itself a link), or None. Object stores: None. ``real_dirs``
+    caches the real paths of folders between calls."""
+    if not (is_local(out) and is_local(uri)):
+        return None
+    path = _local_path(uri)
+    escape = folder_escape(out, os.path.dirname(path), real_dirs)
+    if escape is not None:
+        return escape
     if os.path.islink(path):
         return f"is a symbolic link (to {os.readlink(path)})"
     return None
@@ -127,7 +140,7 @@ def check_local_target(out: str, uri: str) -> None:
     """Refuse a local write to ``uri`` unless it stays inside ``out``: no component between
     ``out`` and the target (the target included) may be a symbolic link, and the target's real
     path must lie under ``out``'s real path. A no-op for object stores (they have no links)."""
-    if not (_is_local(out) and _is_local(uri)):
+    if not (is_local(out) and is_local(uri)):
         return
     rel = relative_to_out(_local_path(out), _local_path(uri))
     base = _local_path(out).rstrip("/") or "/"
@@ -153,7 +166,7 @@ def check_local_target(out: str, uri: str) -> None:
 def check_out_root(out: str) -> None:
     """Refuse to run on a local OUT whose ``images``, ``pairs``, ``run.json`` or ``logs`` is a
     symbolic link (object stores: nothing to check)."""
-    if not _is_local(out):
+    if not is_local(out):
         return
     base = _local_path(out)
     for name in TOP_LEVEL:

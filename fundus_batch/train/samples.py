@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fundus_batch import outpaths
 from fundus_batch.degrade import TYPE_CODES, DegradationRecord, degrade, sample_rng
 from fundus_batch.degrade.ops import color_jitter
 from fundus_batch.degrade.params import type_groups
@@ -443,7 +444,6 @@ class PairsSource:
 
         Per file only string checks and a lookup; each image folder is resolved, checked for a
         link out of OUT (local disk) and listed once."""
-        from fundus_batch import outpaths
         from fundus_batch.io import storage
 
         problems: dict[int, list[str]] = {}
@@ -464,14 +464,11 @@ class PairsSource:
                 wanted.setdefault(parent, []).append((i, role, name))
         folders = {p: outpaths.resolve(self.out_root, p) if p else self.out_root for p in wanted}
         listings = _list_folders(list(folders.values()), self.storage_options)
-        real_out = _real_local(self.out_root)
+        real_dirs: dict[str, str] = {}
         for parent, entries in wanted.items():
             uri = folders[parent]
             present = listings[uri]
-            escape = None
-            real = _real_local(uri)
-            if real_out and real and os.path.commonpath([real_out, real]) != real_out:
-                escape = f"lies outside the output folder through a symbolic link (in {real})"
+            escape = outpaths.folder_escape(self.out_root, uri, real_dirs)
             for i, role, name in entries:
                 if escape is not None:
                     problem = escape
@@ -539,22 +536,12 @@ _SHOWN = 5  # rows named in an error about a dataset's images
 _LISTING_THREADS = 16  # concurrent folder listings on object storage
 
 
-def _is_local(uri: str) -> bool:
-    """Whether ``uri`` is on local disk (a path or a ``file://`` URL)."""
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _real_local(uri: str) -> str | None:
-    """The real path of a local ``uri`` (links resolved); None for object storage."""
-    return os.path.realpath(uri.removeprefix("file://")) if _is_local(uri) else None
-
-
 def _list_folder(folder: str, storage_options: dict[str, Any] | None) -> dict[str, bool]:
     """The entries directly in ``folder``, each with whether it is a symbolic link (never on
     object storage); empty when the folder does not exist. One listing."""
     from fundus_batch.io import storage
 
-    if _is_local(folder):
+    if outpaths.is_local(folder):
         try:
             with os.scandir(folder.removeprefix("file://")) as entries:
                 return {e.name: e.is_symlink() for e in entries}
@@ -580,7 +567,7 @@ def _list_folders(
     storage."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if len(folders) < 2 or _is_local(folders[0]):
+    if len(folders) < 2 or outpaths.is_local(folders[0]):
         return {f: _list_folder(f, storage_options) for f in folders}
     with ThreadPoolExecutor(_LISTING_THREADS, thread_name_prefix="listing") as pool:
         names = pool.map(lambda f: _list_folder(f, storage_options), folders)
