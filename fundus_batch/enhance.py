@@ -51,21 +51,30 @@ def load_model(
 def check_model(
     weights: str, variant: str | None = None, width: float | None = None, size: int | None = None
 ) -> tuple[str, str]:
-    """Build the model on this machine's CPU as every :class:`Enhance` stage will build it, and
-    check that it takes ``size`` px working images: a run's check before any work (cheap for
-    the shipped model). Returns ``(model name, sha256)``; raises ConfigError with one line
-    naming the problem (weights missing, corrupt, not the registered ones or not fitting the
+    """Check, before any work, that every :class:`Enhance` stage will build the model and that
+    it takes ``size`` px working images. Registered weights are checked by their file's sha256
+    and their entry (no model is built here); a checkpoint file is built on this machine's CPU
+    as the stages will build it. Returns ``(model name, sha256)``; raises ConfigError with one
+    line naming the problem (weights missing, corrupt, not the registered ones or not fitting the
     variant and width; a variant or width that registered weights would ignore; the size)."""
     from fundus_batch.config import ConfigError
+    from fundus_batch.models import WeightsEntry, check_entry_file, resolve_weights
+    from fundus_batch.models.cofenet import check_input_size
 
     try:
-        model, name, sha256 = load_model(weights, variant, width, "cpu")
+        found = resolve_weights(weights)
+        if isinstance(found, WeightsEntry) and variant is None and width is None:
+            check_entry_file(found)
+            name, sha256, field = found.name, found.sha256, found.field_size
+        else:
+            model, name, sha256 = load_model(weights, variant, width, "cpu")
+            field = model.field
     except ValueError as exc:  # WeightsError, or the network refusing its settings
         reason = " ".join(str(exc).split())
         raise ConfigError(f"enhance.weights {weights!r} cannot be used: {reason}") from exc
     if size is not None:
         try:
-            model.check_input_size(size, size)
+            check_input_size(size, size, field)
         except ValueError as exc:
             raise ConfigError(
                 f"size (--size) {size} does not suit weights {name!r}: {exc}"

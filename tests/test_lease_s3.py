@@ -239,14 +239,19 @@ def test_takeover_whose_answer_was_lost_is_recognised_as_this_runs_own_lease(
 # --------------------------------------------------- 4. 409 conflicts and transient errors
 
 
+def _conflict_409(header: str) -> Rule:
+    """AWS's answer to a conditional PUT (``header``) racing another: 409, retry."""
+    return Rule(
+        "PUT", "/out/_lease.json", "status", header=header, code=409,
+        error="ConditionalRequestConflict",
+    )  # fmt: skip
+
+
 def test_conflict_409_on_create_is_a_lost_race_not_a_fatal_error(
     proxy: FaultProxy, s3_bucket: str
 ) -> None:
     root = f"s3://{s3_bucket}/out"
-    conflict = Rule(
-        "PUT", "/out/_lease.json", "status", header="If-None-Match",
-        code=409, error="ConditionalRequestConflict",
-    )  # fmt: skip
+    conflict = _conflict_409("If-None-Match")
     proxy.add(conflict)
     lease = OutLease(root, proxy.options(**NO_CLIENT_RETRIES), backoff=FAST)
     lease.acquire(wait=0)
@@ -266,10 +271,7 @@ def test_conflict_409_on_takeover_is_a_lost_race_not_a_fatal_error(
     old.acquire()
     old._stop.set()
     now[0] += 100
-    conflict = Rule(
-        "PUT", "/out/_lease.json", "status", header="If-Match",
-        code=409, error="ConditionalRequestConflict",
-    )  # fmt: skip
+    conflict = _conflict_409("If-Match")
     proxy.add(conflict)
     new = OutLease(root, opts, clock=lambda: now[0], backoff=FAST)
     new.acquire(wait=0)

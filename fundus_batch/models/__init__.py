@@ -14,6 +14,7 @@ from fundus_batch.models.cofenet import (
 from fundus_batch.models.weights import (
     WeightsEntry,
     WeightsError,
+    check_entry_file,
     detect_architecture,
     file_sha256,
     list_weights,
@@ -36,6 +37,7 @@ __all__ = [
     "WeightsError",
     "build_cofenet",
     "canonical_variant",
+    "check_entry_file",
     "check_size",
     "default_x256",
     "detect_architecture",

@@ -183,6 +183,20 @@ def check_size(height: int, width: int) -> None:
             )
 
 
+def check_input_size(height: int, width: int, field: int | None) -> None:
+    """Raise ValueError unless a model with smooth-correction field size ``field`` (None: no
+    field head) accepts an input of ``height`` x ``width`` (see ``CofeNet.check_input_size``)."""
+    if field is None:
+        check_size(height, width)
+        return
+    for side in (height, width):
+        if side % SIZE_MULTIPLE or side < SIZE_MULTIPLE:
+            raise ValueError(
+                f"input size must be a multiple of {SIZE_MULTIPLE} px on both sides, "
+                f"got {height}x{width}"
+            )
+
+
 def default_x256(x512: Tensor) -> Tensor:
     """The coarse-scale input: antialiased bicubic half-size of ``x512``, clamped to [0, 1]."""
     half = F.interpolate(
@@ -614,15 +628,7 @@ class CofeNet(nn.Module):
         (:func:`check_size`); a smooth-correction model (``field``) runs it on an N x N copy and
         only resizes, adds and clamps at the input's own size, so it takes smaller inputs too.
         """
-        if self.field is None:
-            check_size(height, width)
-            return
-        for side in (height, width):
-            if side % SIZE_MULTIPLE or side < SIZE_MULTIPLE:
-                raise ValueError(
-                    f"input size must be a multiple of {SIZE_MULTIPLE} px on both sides, "
-                    f"got {height}x{width}"
-                )
+        check_input_size(height, width, self.field)
 
     def _limited(self, outputs: Outputs, source: Tensor) -> Outputs:
         """``outputs`` with the full-resolution image kept within ``max_change`` of ``source``."""

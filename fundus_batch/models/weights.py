@@ -562,8 +562,8 @@ def load_registered(name: str, device: torch.device | str = "cpu") -> CofeNet:
     return model_for_entry(found, device)
 
 
-def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> CofeNet:
-    """The model an entry describes, its file's sha256 checked, loaded; eval mode."""
+def check_entry_file(entry: WeightsEntry) -> None:
+    """Raise WeightsError unless the entry's file is there with its registered sha256."""
     path = entry.path
     if not path.is_file():
         raise WeightsError(
@@ -576,6 +576,12 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
             f"sha256 of {path} is {digest}, but registry entry {entry.name!r} expects "
             f"{entry.sha256}; the file is corrupt or not the registered one and will not be loaded"
         )
+
+
+def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> CofeNet:
+    """The model an entry describes, its file's sha256 checked, loaded; eval mode."""
+    check_entry_file(entry)
+    path = entry.path
     state, flag = _read_checkpoint(path, "cpu")
     if flag is not None and flag != entry.residual:
         raise WeightsError(

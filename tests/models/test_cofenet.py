@@ -437,15 +437,21 @@ def _field_model(seed: int = 0, field: int = 192) -> CofeNet:
     ).eval()
 
 
+def _assert_output_shapes(model, x: torch.Tensor) -> None:
+    """Enhanced at the input's size, coarse at half of it, one vessel channel."""
+    n, _, size, _ = x.shape
+    with torch.no_grad():
+        out = model(x)
+    assert model.enhanced(out).shape == x.shape
+    assert model.coarse(out).shape == (n, 3, size // 2, size // 2)
+    assert model.vessel(out).shape == (n, 1, size, size)
+
+
 @pytest.mark.parametrize("size", [192, 256, 384])
 def test_field_model_keeps_the_input_size_for_every_output(size: int) -> None:
     model = _field_model()
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(x)
-    assert model.enhanced(out).shape == x.shape
-    assert model.coarse(out).shape == (1, 3, size // 2, size // 2)
-    assert model.vessel(out).shape == (1, 1, size, size)
+    _assert_output_shapes(model, x)
 
 
 @pytest.mark.parametrize("size", [64, 96, 128, 160])
@@ -456,11 +462,7 @@ def test_a_field_model_takes_working_sizes_below_192_that_a_plain_model_refuses(
         "cofe-net", 0.125, field=192, field_gate=True, generator=torch.Generator().manual_seed(5)
     ).eval()
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(x)
-    assert model.enhanced(out).shape == x.shape
-    assert model.coarse(out).shape == (2, 3, size // 2, size // 2)
-    assert model.vessel(out).shape == (2, 1, size, size)
+    _assert_output_shapes(model, x)
     torch.nn.init.zeros_(model.G_deconv1_0.weight)  # no correction: the input comes back
     torch.nn.init.zeros_(model.G_deconv1_0.bias)
     with torch.no_grad():
