@@ -155,22 +155,37 @@ def test_the_same_rule_spelled_with_other_spacing_has_one_canonical_form(spelled
     assert parse_rule(spelled).canonical == canonical_rule(canonical_rule(spelled))
 
 
-@pytest.mark.parametrize(
-    ("rule", "terms"),
-    [
-        ("fov_r >" + " " * 20_000 + "1", 1),
-        ("fov_r > 1" + " " * 20_000 + "and" + " " * 20_000 + "fov_r < 2", 2),
-        ("fov_r > 1" + " " * 20_000 + "andx", 0),  # refused, as fast
-    ],
-)
-def test_a_rule_with_long_whitespace_runs_is_parsed_in_linear_time(rule: str, terms: int):
-    started = time.perf_counter()
-    if terms:
-        assert len(parse_rule(rule).terms) == terms
-    else:
-        with pytest.raises(QualityRuleError):
-            parse_rule(rule)
-    assert time.perf_counter() - started < 0.5
+def _rules(run: int) -> list[tuple[str, int]]:
+    """Rules with whitespace runs of ``run`` characters, and their term counts (0: refused)."""
+    gap = " " * run
+    return [
+        ("fov_r >" + gap + "1", 1),
+        ("fov_r > 1" + gap + "and" + gap + "fov_r < 2", 2),
+        ("fov_r > 1" + gap + "andx", 0),
+    ]
+
+
+def _fastest_parse(rule: str, terms: int) -> float:
+    """The shortest of five parses of ``rule``, checking each result."""
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        if terms:
+            assert len(parse_rule(rule).terms) == terms
+        else:
+            with pytest.raises(QualityRuleError):
+                parse_rule(rule)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_rule_with_long_whitespace_runs_is_parsed_in_linear_time(case: int):
+    # Ten times the whitespace costs about ten times as long when parsing is linear, and a
+    # hundred times when a pattern backtracks over the runs; both timed in the same moment.
+    short = _fastest_parse(*_rules(2_000)[case])
+    long = _fastest_parse(*_rules(20_000)[case])
+    assert long < 40 * short + 0.002, f"{long:.4f} s against {short:.4f} s"
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])
