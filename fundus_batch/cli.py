@@ -281,7 +281,7 @@ def enhance_image_cmd(
     quality: int,
 ) -> None:
     """Enhance one photograph without Ray (FOV preprocessing first unless --preprocessed)."""
-    from fundus_batch.enhance import enhance_image
+    from fundus_batch.enhance import enhance_image, stores_as_source
 
     if max_change is not None and enhancer != "cofenet":
         raise click.UsageError("--max-change limits the cofenet enhancer only")
@@ -290,11 +290,17 @@ def enhance_image_cmd(
             "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
         )
     image, mask = _working_image(input_path, mask_path, preprocessed, size)
+    source = image.copy()
     image[mask == 0] = 0
     result = enhance_image(
         image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change
     )
-    write_local_files([(output, _encode(output, result.image, quality))])
+    data = _read(input_path) if preprocessed else b""
+    if not stores_as_source(
+        data, source, result.image, mask, _OUTPUT_FORMATS[output.suffix.lower()]
+    ):
+        data = _encode(output, result.image, quality)
+    write_local_files([(output, data)])
     if result.change == 0:
         what = "unchanged: the enhancer left every pixel of the FOV as it was"
     else:

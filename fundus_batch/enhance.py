@@ -277,6 +277,19 @@ class Enhance(RowsCallable):
 _MAGIC: dict[str, bytes] = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 
 
+def stores_as_source(
+    data: bytes, source: np.ndarray, result: np.ndarray, mask: np.ndarray, image_format: str
+) -> bool:
+    """Whether ``result`` may be stored as the source's own bytes ``data``: they are in
+    ``image_format`` and the result equals the decoded ``source`` (every pixel; for JPEG every
+    FOV pixel, since outside it the decoded source holds only the codec's ringing)."""
+    if not data.startswith(_MAGIC[image_format]):
+        return False
+    if image_format == "jpeg":
+        return mean_change(source, result, mask) == 0.0
+    return np.array_equal(source, result)
+
+
 def put_enhanced(
     item: Item,
     source_role: SourceRole,
@@ -289,19 +302,12 @@ def put_enhanced(
     change inside the FOV from the source to what is stored (0.0: the stored image is the
     source's own bytes).
 
-    A result equal to the source (every pixel; for JPEG every FOV pixel, since outside it the
-    decoded source holds only the codec's ringing) is stored as the source's own bytes and
-    pixels: encoded again, a JPEG would lose quality although the enhancer changed nothing.
+    A result equal to the source (:func:`stores_as_source`) is stored as the source's own bytes
+    and pixels: encoded again, a JPEG would lose quality although the enhancer changed nothing.
     """
     source = item.image(source_role)
     data = item.encoded.get(source_role)
-    same = data is not None and data.startswith(_MAGIC[image_format])
-    if same and image_format == "jpeg":
-        same = mean_change(source, result, mask) == 0.0
-    elif same:
-        same = np.array_equal(source, result)
-    if same:
-        assert data is not None  # checked above
+    if data is not None and stores_as_source(data, source, result, mask, image_format):
         item.put("enhanced", source, data)
         return 0.0
     item.put_output("enhanced", result, image_format, jpeg_quality)

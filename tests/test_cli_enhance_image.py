@@ -80,6 +80,32 @@ def test_cofenet_with_the_shipped_weights_on_a_small_image(raw_photo, tmp_path):
     assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_preprocessed_photo_left_unchanged_is_written_as_its_own_bytes(tmp_path, suffix):
+    s = synth_fundus(256, seed=4)
+    data = encode_jpeg(s.image) if suffix == ".jpg" else encode_png(s.image)
+    src, mask, out = tmp_path / f"in{suffix}", tmp_path / "mask.png", tmp_path / f"out{suffix}"
+    src.write_bytes(data)
+    mask.write_bytes(encode_png(s.mask))
+    args = ["enhance-image", str(src), str(out), "--preprocessed", "--mask", str(mask)]
+    result = CliRunner().invoke(main, [*args, "--enhancer", "classical"])
+    _ok(result)
+    assert "unchanged" in result.output
+    assert out.read_bytes() == data  # a JPEG encoded again would lose quality
+
+
+def test_a_preprocessed_jpeg_written_as_png_is_encoded(tmp_path):
+    s = synth_fundus(256, seed=4)
+    src, mask, out = tmp_path / "in.jpg", tmp_path / "mask.png", tmp_path / "out.png"
+    src.write_bytes(encode_jpeg(s.image))
+    mask.write_bytes(encode_png(s.mask))
+    args = ["enhance-image", str(src), str(out), "--preprocessed", "--mask", str(mask)]
+    _ok(CliRunner().invoke(main, [*args, "--enhancer", "classical"]))
+    assert out.read_bytes().startswith(b"\x89PNG")
+    written, source = decode_image(out.read_bytes()), decode_image(src.read_bytes())
+    assert np.array_equal(written[s.mask > 0], source[s.mask > 0])
+
+
 def test_the_shipped_model_enhances_a_working_size_below_192(tmp_path):
     """Its correction is computed from a 192 px copy: any multiple of 32 works."""
     from fundus_batch.degrade import degrade, sample_rng
