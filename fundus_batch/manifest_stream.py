@@ -109,6 +109,7 @@ class ManifestScan:
     rows: int  # data rows in the file
     selected: int  # rows this run covers (the first ``limit``, or all)
     selected_ids: KeySet  # keys of the selected rows' image ids
+    vessel_rows: int = 0  # selected rows with a vessel_uri
 
     @property
     def limited(self) -> bool:
@@ -238,10 +239,15 @@ def _scan(
     check_columns(list(columns), source)
     wanted = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in columns]
     keys: list[np.ndarray] = []
-    rows = 0
+    rows = vessel_rows = 0
     try:
         for batch in iter_batches(uri, storage_options, wanted):
             ids = _column(batch, "image_id")
+            vessels = _column(batch, "vessel_uri")
+            in_limit = (
+                batch.num_rows if limit is None else max(0, min(batch.num_rows, limit - rows))
+            )
+            vessel_rows += sum(1 for v in vessels[:in_limit] if v)
             checked = [
                 check_row(rows + i + 1, image_id, u, m, v, s)
                 for i, (image_id, u, m, v, s) in enumerate(
@@ -249,7 +255,7 @@ def _scan(
                         ids,
                         _column(batch, "uri"),
                         _column(batch, "mask_uri"),
-                        _column(batch, "vessel_uri"),
+                        vessels,
                         _column(batch, "split"),
                         strict=True,
                     )
@@ -280,6 +286,7 @@ def _scan(
         rows=rows,
         selected=selected,
         selected_ids=selected_ids,
+        vessel_rows=vessel_rows,
     )
 
 

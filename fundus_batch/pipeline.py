@@ -106,15 +106,20 @@ def run(config: RunConfig, *, progress: Progress | None = None) -> RunSummary:
 
 
 def check_rule_against_manifest(config: RunConfig, scan: ManifestScan) -> None:
-    """Refuse a quality rule on vessel metrics when the manifest has no ``vessel_uri`` column:
+    """Refuse a quality rule on vessel metrics when no row of the run has a ``vessel_uri``:
     every row's ``vessel_auc_*``/``vessel_f1_*`` would be empty, so every row would fail."""
-    if config.min_quality is None or "vessel_uri" in scan.columns:
+    if config.min_quality is None or scan.vessel_rows:
         return
     vessel = sorted(c for c in parse_rule(config.min_quality).columns if c.startswith("vessel_"))
     if vessel:
+        why = (
+            "has a vessel_uri column, empty in every row of this run"
+            if "vessel_uri" in scan.columns
+            else "has no vessel_uri column"
+        )
         raise ConfigError(
             f"min_quality: column {vessel[0]!r} is empty for every row: the manifest "
-            f"{scan.source} has no vessel_uri column (vessel metrics need vessel ground truth); "
+            f"{scan.source} {why} (vessel metrics need vessel ground truth); "
             "add vessel_uri to the manifest or drop the term"
         )
 

@@ -242,6 +242,32 @@ def test_a_rule_on_vessel_metrics_without_vessel_uri_is_refused_before_any_work(
     pipeline.check_rule_against_manifest(config, scan_manifest(str(with_truth)))  # accepted
 
 
+@pytest.mark.parametrize(
+    ("vessel_uris", "limit", "refused"),
+    [
+        (["", ""], None, True),  # the column is there, empty in every row
+        (["", "v.png"], 1, True),  # the one row with ground truth is outside --limit
+        (["", "v.png"], None, False),
+    ],
+)
+def test_a_rule_on_vessel_metrics_needs_a_vessel_uri_in_some_row_of_the_run(
+    tmp_path, vessel_uris, limit, refused
+):
+    from fundus_batch.config import ConfigError
+    from fundus_batch.manifest_stream import scan_manifest
+
+    manifest = tmp_path / "m.csv"
+    lines = [f"a{i},a{i}.jpg,{v}" for i, v in enumerate(vessel_uris)]
+    manifest.write_text("image_id,uri,vessel_uri\n" + "\n".join(lines) + "\n")
+    config = _config(manifest, tmp_path / "out", mode="score", min_quality="vessel_auc_clean > 0.5")
+    scan = scan_manifest(str(manifest), limit=limit)
+    if not refused:
+        pipeline.check_rule_against_manifest(config, scan)
+        return
+    with pytest.raises(ConfigError, match="vessel_uri column, empty in every row of this run"):
+        pipeline.check_rule_against_manifest(config, scan)
+
+
 def test_given_fov_masks_from_the_manifest_are_used(ray_cluster, tmp_path):
     import pandas as pd
 
