@@ -163,9 +163,13 @@ def sato_tubeness(grey: np.ndarray, sigmas: tuple[float, ...] = SEGMENTER_SIGMAS
     """Sato et al. (1998) tubeness of dark ridges in 2-D: per pixel the largest over ``sigmas`` of
     ``sigma**2 * max(lambda_1, 0)``, lambda_1 the larger Hessian eigenvalue.
 
-    The same quantity as ``skimage.filters.sato(grey, sigmas, black_ridges=True,
-    mode="reflect")`` (tested), computed with separable OpenCV Gaussian-derivative filters,
-    about 20x faster at 512 px.
+    What ``skimage.filters.sato(grey, sigmas, black_ridges=True, mode="reflect")`` computes,
+    with separable OpenCV Gaussian-derivative filters (about 20x faster at 512 px) whose
+    derivative kernels are rescaled so that a unit ramp and a unit parabola measure exactly 1
+    (scikit-image samples the derivatives as they are). The two agree within 1 % of the
+    largest response at sigma >= 1.5 (tested); at sigma 1 they differ by about 5 % on a real
+    photograph and by more below, where the sampled kernels are coarse (the 256 px scales
+    start at 0.5).
     """
     import cv2
 
