@@ -228,13 +228,13 @@ def _working_image(
     """INPUT as a working image and its FOV mask: as it is with ``--preprocessed`` (which needs
     ``--mask``), else decoded and FOV-cropped to ``size`` as the pipeline's Preprocess stage
     does (around the ``--mask`` given, at any resolution, else around the detected FOV)."""
-    from fundus_batch.imaging import decode_mask, decode_source, working_image
+    from fundus_batch.imaging import decode_mask, source_working_image
     from fundus_batch.io.codecs import decode_image
 
     raw = _read(input_path)
     mask_bytes = None if mask_path is None else _read(mask_path)
     if not preprocessed:
-        pre = working_image(decode_source(raw, size), size, mask_bytes)
+        pre = source_working_image(raw, size, mask_bytes).pre
         return pre.image, pre.mask
     if mask_bytes is None:
         raise ValueError("--preprocessed needs --mask MASK (the FOV mask of INPUT)")

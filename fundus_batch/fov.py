@@ -102,7 +102,8 @@ class FOVError(ValueError):
     photograph), ``no_circle`` (the bright region is not circular or has no sharp rim),
     ``mask_like`` (a binary image such as an FOV mask or a vessel map: a field without texture,
     over-exposed white, or grey lines on black), ``too_small``, ``no_overlap`` (``crop_to_fov``
-    got a circle outside the image).
+    got a circle outside the image), ``mask_shape`` (a given FOV mask whose shape cannot be the
+    photograph's).
     """
 
     def __init__(self, reason: str, message: str) -> None:

@@ -8,6 +8,8 @@ A plain library module: no rows, no batches, no Ray.
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -64,10 +66,13 @@ def decode_mask(data: bytes) -> np.ndarray:
 def circle_from_mask(mask: np.ndarray) -> Circle:
     """The FOV circle of a binary mask whose field may be clipped by the frame.
 
-    Unclipped or clipped on two opposite sides: centred on the mask's bounding box, with its
-    longer side as the diameter. Clipped on one side only (the field touches one edge of the
-    frame and is shorter across it): the mask's rows (or columns) parallel to that edge are
-    chords of the circle, and the centre and radius are fitted to their lengths.
+    Unclipped: centred on the mask's bounding box, with its longer side as the diameter.
+    Clipped on one side only (the field touches one edge of the frame and is shorter across
+    it): the mask's rows (or columns) parallel to that edge are chords of the circle, and the
+    centre and radius are fitted to their lengths. Clipped otherwise (two or three sides, a
+    corner): the circle fitted to the mask's rim off the frame border, where it differs from
+    the bounding box's by more than a pixel (the box's circle is right only for a field the
+    frame cuts symmetrically).
     """
     ys, xs = np.nonzero(mask)
     if xs.size == 0:
@@ -86,7 +91,49 @@ def circle_from_mask(mask: np.ndarray) -> Circle:
         if fitted is not None:
             cx, r = fitted
             return Circle(cx, (y0 + y1) / 2.0, r)
-    return Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+    box = Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
+    if touches_x + touches_y == 0:
+        return box
+    rim = _fit_rim(mask, xs, ys)
+    if rim is None or max(abs(rim.cx - box.cx), abs(rim.cy - box.cy), abs(rim.r - box.r)) <= 1:
+        return box
+    return rim
+
+
+_MIN_RIM_POINTS = 20
+_MIN_RIM_DEGREES = 60.0  # the rim off the frame must span this much of the circle
+_RIM_SLACK_PX = 2.0  # mask pixels may lie this far outside the fitted circle
+
+
+def _fit_rim(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> Circle | None:
+    """The least-squares circle through the mask's outer rim where it lies off the frame
+    border; None when that rim is too short to fix a circle, or the circle leaves more than
+    1 % of the mask (``xs``, ``ys``: its pixels) outside it."""
+    height, width = mask.shape[:2]
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+    )
+    pts = np.concatenate(contours, axis=0).reshape(-1, 2).astype(np.float64)
+    px, py = pts[:, 0], pts[:, 1]
+    off = (px > 0) & (px < width - 1) & (py > 0) & (py < height - 1)
+    px, py = px[off], py[off]
+    if px.size < _MIN_RIM_POINTS:
+        return None
+    # x^2 + y^2 + d x + e y + f = 0 (Kasa); the contour runs through the outermost pixel
+    # centres, half a pixel inside the field's edge.
+    design = np.stack([px, py, np.ones_like(px)], axis=1)
+    (d, e, f), *_ = np.linalg.lstsq(design, -(px * px + py * py), rcond=None)
+    cx, cy = -d / 2.0, -e / 2.0
+    r_squared = cx * cx + cy * cy - f
+    if r_squared <= 0:
+        return None
+    circle = Circle(float(cx), float(cy), float(np.sqrt(r_squared)) + 0.5)
+    angles = np.sort(np.degrees(np.arctan2(py - cy, px - cx)))
+    gaps = np.diff(np.concatenate([angles, angles[:1] + 360.0]))
+    if 360.0 - float(gaps.max()) < _MIN_RIM_DEGREES:
+        return None
+    outside = np.hypot(xs - cx, ys - cy) > circle.r + _RIM_SLACK_PX
+    return None if outside.mean() > 0.01 else circle
 
 
 def _fit_chords(mask: np.ndarray) -> tuple[float, float] | None:
@@ -114,9 +161,30 @@ def decode_vessel_truth(data: bytes) -> np.ndarray:
     return np.where(arr > cut, 255, 0).astype(np.uint8)
 
 
+_MAX_ASPECT_MISMATCH = 0.02  # a map's width/height may differ from its image's by 2 %
+
+
+def map_shape_problem(what: str, map_shape: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+    """Why a map of ``map_shape`` (any resolution) cannot be of an image of ``shape``, or None:
+    their aspect ratios differ by more than 2 %, so resizing it to the image would stretch it
+    (a mask drawn on a JPEG's stored pixels while its EXIF orientation turns the photograph, a
+    map of another photograph)."""
+    (mh, mw), (h, w) = map_shape[:2], shape[:2]
+    if abs((mw / mh) / (w / h) - 1.0) <= _MAX_ASPECT_MISMATCH:
+        return None
+    return (
+        f"the {what} is {mw}x{mh} px and the photograph {w}x{h} (as displayed, after its EXIF "
+        "orientation): their shapes differ, so it cannot be this photograph's"
+    )
+
+
 def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int) -> np.ndarray:
-    """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene."""
+    """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene (of any
+    resolution with the image's aspect ratio: :func:`map_shape_problem`)."""
     if binary.shape[:2] != shape:
+        problem = map_shape_problem("map", binary.shape, shape)
+        if problem is not None:
+            raise ValueError(problem)
         binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     cropped, _ = crop_to_fov(np.dstack([binary] * 3), circle, size=size)
     return np.where(cropped[..., 0] > 127, 255, 0).astype(np.uint8)
@@ -126,6 +194,46 @@ def decode_source(raw: bytes, size: int, max_pixels: int = codecs.DEFAULT_MAX_PI
     """Decode a source photograph for a ``size`` working image: a JPEG at the largest reduction
     whose shorter side stays >= ``size``, other formats at full size."""
     return codecs.decode_image(raw, max_pixels=max_pixels, min_side=size)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A source photograph as decoded for its working image: ``rgb`` (a JPEG possibly at a
+    reduction), its working image ``pre`` (circle in ``rgb``'s pixels), and ``factor``, the
+    source pixels per ``rgb`` pixel."""
+
+    rgb: np.ndarray
+    pre: Preprocessed
+    factor: int
+
+    @property
+    def source_circle(self) -> Circle:
+        """The FOV circle in the source photograph's pixels."""
+        return self.pre.circle.scaled(self.factor)
+
+
+def source_working_image(
+    raw: bytes,
+    size: int,
+    mask_bytes: bytes | None = None,
+    max_pixels: int = codecs.DEFAULT_MAX_PIXELS,
+) -> SourceImage:
+    """Decode ``raw`` and make its ``size`` working image (:func:`working_image`).
+
+    The reduced JPEG decode keeps the image's shorter side >= ``size``, but a field inside the
+    frame is narrower than that side: when the field comes out under ``size`` across, the
+    photograph is decoded again at the reduction that keeps the field >= ``size``, so a working
+    image is never scaled up from a reduced decode."""
+    width, height = codecs.image_dimensions(raw)
+    min_side = size
+    while True:
+        rgb = decode_source(raw, min_side, max_pixels)
+        pre = working_image(rgb, size, mask_bytes)
+        factor = max(1, round(max(width, height) / max(rgb.shape[:2])))
+        across = 2.0 * pre.circle.r
+        if factor == 1 or across >= size:
+            return SourceImage(rgb, pre, factor)
+        min_side = math.ceil(min(rgb.shape[:2]) * size / across)
 
 
 def crop_with_given_mask(rgb: np.ndarray, mask_bytes: bytes, size: int) -> Preprocessed:
@@ -141,6 +249,9 @@ def crop_with_given_mask(rgb: np.ndarray, mask_bytes: bytes, size: int) -> Prepr
         raise FOVError("blank", "the given FOV mask is empty")
     height, width = rgb.shape[:2]
     if mask.shape[:2] != (height, width):
+        problem = map_shape_problem("given FOV mask", mask.shape, (height, width))
+        if problem is not None:
+            raise FOVError("mask_shape", problem)
         mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
         mask = np.where(mask > 127, 255, 0).astype(np.uint8)
         if not mask.any():

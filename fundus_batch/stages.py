@@ -29,11 +29,10 @@ from fundus_batch.imaging import (
     as_stored,
     crop_like,
     decode_mask,
-    decode_source,
     decode_vessel_truth,
     encode_output,
     sha256_hex,
-    working_image,
+    source_working_image,
 )
 from fundus_batch.io import codecs, storage
 from fundus_batch.quality import parse_rule
@@ -329,20 +328,18 @@ class Preprocess(RowsCallable):
                 raise ValueError("no source bytes were fetched")
             width, height = codecs.image_dimensions(raw)
             row["source_width"], row["source_height"] = width, height
-            rgb = decode_source(raw, self.size, self.max_pixels)
-            # Reduced decoding shrinks the image; report the circle in source pixels.
-            scale = max(width, height) / max(rgb.shape[:2])
-            pre = working_image(rgb, self.size, given_mask)
-            image, mask, circle, status = pre.image, pre.mask, pre.circle, pre.status
-            row["fov_cx"], row["fov_cy"] = circle.cx * scale, circle.cy * scale
-            row["fov_r"] = circle.r * scale
-            row["fov_status"] = status
+            source = source_working_image(raw, self.size, given_mask, self.max_pixels)
+            pre = source.pre
+            in_source = source.source_circle  # reported in source pixels
+            row["fov_cx"], row["fov_cy"], row["fov_r"] = in_source.cx, in_source.cy, in_source.r
+            row["fov_status"] = pre.status
             row["size"] = self.size
-            item.put_output("clean", image, self.image_format, self.jpeg_quality)
-            item.put("mask", mask, codecs.encode_png(mask))
+            item.put_output("clean", pre.image, self.image_format, self.jpeg_quality)
+            item.put("mask", pre.mask, codecs.encode_png(pre.mask))
             if vessel_raw is not None:
-                truth = crop_like(decode_vessel_truth(vessel_raw), rgb.shape[:2], circle, self.size)
-                truth = np.where(mask > 0, truth, 0).astype(np.uint8)
+                truth = decode_vessel_truth(vessel_raw)
+                truth = crop_like(truth, source.rgb.shape[:2], pre.circle, self.size)
+                truth = np.where(pre.mask > 0, truth, 0).astype(np.uint8)
                 item.put("vessel_gt", truth, codecs.encode_png(truth))
         except (codecs.DecodeError, FOVError) as exc:
             item.fail(self.name, f"{type(exc).__name__}({exc.reason}): {exc}")

@@ -152,3 +152,72 @@ def test_a_field_at_the_size_limit_is_cropped_as_before():
     image, _ = crop_to_fov(photo, circle, 64)
     image[pre.mask == 0] = 0
     assert np.array_equal(pre.image, image) and pre.mask.any()
+
+
+@pytest.mark.parametrize(
+    ("truth", "shape"),
+    [
+        (Circle(260.0, 250.0, 300.0), (700, 640)),  # clipped at the top and the left
+        (Circle(560.0, 250.0, 300.0), (600, 800)),  # top and right, the field's foot inside
+        (Circle(250.0, 330.0, 380.0), (700, 640)),  # top, bottom and left
+        (Circle(400.0, 300.0, 340.0), (560, 800)),  # top and bottom, off the frame's middle
+    ],
+)
+def test_a_mask_clipped_on_two_or_three_sides_gives_the_circle_it_was_cut_from(truth, shape):
+    found = circle_from_mask(circle_mask(*shape, truth))
+    assert abs(found.cx - truth.cx) < 1.0 and abs(found.cy - truth.cy) < 1.0, found
+    assert abs(found.r - truth.r) < 1.0, found
+
+
+def test_a_mask_drawn_on_the_unturned_pixels_fails_as_mask_shape():
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image  # 300 high, 360 wide
+    turned = _disc((360, 300), 140.0)  # 360 high, 300 wide: the photograph's EXIF turn missed
+    with pytest.raises(FOVError) as caught:
+        crop_with_given_mask(photo, encode_png(turned), 256)
+    assert caught.value.reason == "mask_shape"
+    assert "300x360 px and the photograph 360x300" in str(caught.value)
+
+
+def test_a_mask_at_another_resolution_with_the_same_shape_is_accepted():
+    photo = synth_fundus(300, seed=1, canvas=(360, 300)).image
+    half = _disc((151, 180), 70.0)  # half the size, one row over by rounding
+    assert crop_with_given_mask(photo, encode_png(half), 128).mask.any()
+
+
+def test_a_vessel_map_of_another_shape_is_refused_not_stretched():
+    from fundus_batch.imaging import crop_like
+
+    circle = Circle(180.0, 150.0, 140.0)
+    with pytest.raises(ValueError, match="cannot be this photograph's"):
+        crop_like(np.zeros((360, 300), np.uint8), (300, 360), circle, 128)
+    assert crop_like(np.zeros((150, 180), np.uint8), (300, 360), circle, 128).shape == (128, 128)
+
+
+def _small_field_jpeg() -> bytes:
+    """A 2400 x 1700 JPEG whose field is 600 px across: at 256 px the largest reduction that
+    keeps the shorter side >= 256 (1/4) leaves the field 150 px across."""
+    from fundus_batch.io.codecs import encode_jpeg
+
+    return encode_jpeg(synth_fundus(600, seed=2, canvas=(2400, 1700)).image, quality=95)
+
+
+def test_a_field_narrower_than_the_working_size_after_reduction_is_decoded_again():
+    from fundus_batch.imaging import source_working_image
+
+    source = source_working_image(_small_field_jpeg(), 256)
+    assert source.factor == 2  # 1/4 would scale a 150 px field up to 256
+    assert 2 * source.pre.circle.r >= 256
+    assert source.pre.image.shape == (256, 256, 3)
+
+
+def test_the_source_circle_of_a_reduced_decode_is_the_full_decodes():
+    from fundus_batch.fov import preprocess
+    from fundus_batch.imaging import source_working_image
+    from fundus_batch.io.codecs import decode_image
+
+    raw = _small_field_jpeg()
+    reduced = source_working_image(raw, 256)
+    full = preprocess(decode_image(raw), 256).circle
+    found = reduced.source_circle
+    assert reduced.factor > 1
+    assert abs(found.cx - full.cx) < 0.1 and abs(found.cy - full.cy) < 0.1, (found, full)

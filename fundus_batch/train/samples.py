@@ -122,17 +122,18 @@ def load_clean_sample(
     vessels_path: str | os.PathLike[str] | None = None,
     mask_path: str | os.PathLike[str] | None = None,
 ) -> CleanSample:
-    """Read a clean photograph and crop it to the ``size`` working image with fov.preprocess.
+    """Read a clean photograph and crop it to the ``size`` working image as the pipeline does
+    (``imaging.source_working_image``, around the detected FOV).
 
     ``vessels_path`` and ``mask_path`` are label images of the photograph's size (any pixel
     value > 0 is vessel / FOV); they get the same crop. A given FOV mask is intersected with
     the detected one. Vessel probabilities follow the released loader: >= 0.6 -> 1, < 0.4 -> 0.
     """
-    from fundus_batch.fov import crop_to_fov, preprocess
-    from fundus_batch.io.codecs import decode_image
+    from fundus_batch.fov import crop_to_fov
+    from fundus_batch.imaging import source_working_image
 
-    rgb = decode_image(Path(image_path).read_bytes(), min_side=size)
-    pre = preprocess(rgb, size)
+    source = source_working_image(Path(image_path).read_bytes(), size)
+    rgb, pre = source.rgb, source.pre
 
     def cropped(path: str | os.PathLike[str]) -> np.ndarray:
         plane = _aux_map(path, rgb.shape[:2])
