@@ -162,13 +162,21 @@ def _open(uri: str, storage_options: dict | None) -> Any:
     return fs.open(path, "rb")
 
 
+CSV_READ_OPTIONS = pacsv.ReadOptions(block_size=4 << 20)
+"""How every reader of a CSV manifest reads it: blocks of 4 MiB (a row may be that long)."""
+CSV_PARSE_OPTIONS = pacsv.ParseOptions(newlines_in_values=True)
+"""A quoted value may hold line breaks (a note, a JSON column): without this, a value that
+crosses a block boundary is cut there and its rest read as a row of its own."""
+
+
 def csv_columns(uri: str, storage_options: dict | None = None) -> list[str]:
     """The header of a CSV manifest."""
     with _open(uri, storage_options) as f:
         reader = pacsv.open_csv(
             f,
             convert_options=pacsv.ConvertOptions(column_types={}, strings_can_be_null=True),
-            read_options=pacsv.ReadOptions(block_size=1 << 16),
+            read_options=CSV_READ_OPTIONS,
+            parse_options=CSV_PARSE_OPTIONS,
         )
         return list(reader.schema.names)
 
@@ -188,7 +196,8 @@ def iter_batches(
         reader = pacsv.open_csv(
             f,
             convert_options=csv_convert_options(names),
-            read_options=pacsv.ReadOptions(block_size=4 << 20),
+            read_options=CSV_READ_OPTIONS,
+            parse_options=CSV_PARSE_OPTIONS,
         )
         for batch in reader:
             yield batch.select(list(columns)) if columns is not None else batch

@@ -26,7 +26,14 @@ import pyarrow.fs as pafs
 
 from fundus_batch.config import ConfigError
 from fundus_batch.io import storage
-from fundus_batch.manifest_stream import KeySet, ManifestScan, csv_convert_options, plan_batch
+from fundus_batch.manifest_stream import (
+    CSV_PARSE_OPTIONS,
+    CSV_READ_OPTIONS,
+    KeySet,
+    ManifestScan,
+    csv_convert_options,
+    plan_batch,
+)
 from fundus_batch.schema import to_table
 from fundus_batch.stages import Chain, Resources, StageSpec, items_of, rows_of, stage_specs
 
@@ -445,7 +452,6 @@ def _plan_udf(
 
 def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
     """The manifest as a Ray Dataset, read by Ray Data (a local file is read on this node)."""
-    import pyarrow.csv as pacsv
     import ray
     from fsspec.implementations.local import LocalFileSystem
 
@@ -479,7 +485,8 @@ def read_manifest(scan: ManifestScan, config: RunConfig) -> Any:
     return ray.data.read_csv(
         path,
         convert_options=csv_convert_options(scan.columns),
-        read_options=pacsv.ReadOptions(block_size=4 << 20),
+        read_options=CSV_READ_OPTIONS,
+        parse_options=CSV_PARSE_OPTIONS,
         **kwargs,
     )
 

@@ -198,3 +198,37 @@ def test_empty_and_plain_splits_pass_the_streaming_scan(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("image_id,uri,split\na,x.png,train\nb,y.png,\nc,z.png,val 2\n")
     assert ms.scan_manifest(str(path)).rows == 3
+
+
+def _csv_with_a_line_break_across_the_block_boundary(path) -> int:
+    """A CSV manifest whose quoted ``note`` value holds a line break just past pyarrow's 4 MiB
+    block boundary, the text after it shaped like a row; returns its number of rows."""
+    block = 4 << 20
+    header, rows = "image_id,uri,note\n", []
+    size = len(header)
+    while size < block - 200:
+        rows.append(f"id{len(rows):07d},/x/{len(rows):07d}.png,plain\n")
+        size += len(rows[-1])
+    start = f'id{len(rows):07d},/x/{len(rows):07d}.png,"'
+    pad = "p" * (block - size - len(start) + 10)
+    rows.append(f'{start}{pad}\nid9999999,/x/smuggled.png,x"\n')
+    rows += [f"id{len(rows) + j:07d},/x/{len(rows) + j:07d}.png,plain\n" for j in range(5)]
+    path.write_text(header + "".join(rows))
+    return len(rows)
+
+
+def test_a_line_break_in_a_quoted_value_across_a_block_boundary_stays_in_its_value(tmp_path):
+    manifest = tmp_path / "m.csv"
+    rows = _csv_with_a_line_break_across_the_block_boundary(manifest)
+    assert ms.scan_manifest(str(manifest)).rows == rows
+    ids = [i for b in ms.iter_batches(str(manifest)) for i in b.column("image_id").to_pylist()]
+    assert len(ids) == rows and "id9999999" not in ids
+    notes = [n for b in ms.iter_batches(str(manifest)) for n in b.column("note").to_pylist()]
+    assert notes[rows - 6].endswith("\nid9999999,/x/smuggled.png,x")
+
+
+def test_a_csv_whose_first_row_is_longer_than_128_kib_is_read(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image_id,uri,note\na,/x/a.png,{'j' * 140_000}\nb,/x/b.png,short\n")
+    assert ms.csv_columns(str(manifest)) == ["image_id", "uri", "note"]
+    assert ms.scan_manifest(str(manifest)).rows == 2
