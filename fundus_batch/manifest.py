@@ -84,6 +84,8 @@ def _name_problems(value: str) -> list[str]:
         problems.append("contains a path separator")
     if ".." in value or value in {".", ".."}:
         problems.append("contains '..'")
+    if "::" in value:  # fsspec would cut an output path there, as a chained URL
+        problems.append("contains '::'")
     if value != value.strip():
         problems.append("has leading or trailing whitespace")
     if any(unicodedata.category(ch) in _UNSAFE_CATEGORIES for ch in value):

@@ -659,9 +659,9 @@ class Write(RowsCallable):
             row["seconds_write"] = time.perf_counter() - start
             row["fundus_batch_version"] = __version__
             # A presigned or user:pass@ URI must not carry its secret into the dataset.
-            row["source_uri"] = storage.redact(row.get("source_uri") or "") or None
+            row["source_uri"] = storage.redact_uri(row.get("source_uri") or "") or None
             if row.get("vessel_gt_uri"):
-                row["vessel_gt_uri"] = storage.redact(row["vessel_gt_uri"])
+                row["vessel_gt_uri"] = storage.redact_uri(row["vessel_gt_uri"])
         return batch
 
     def _write_item(self, item: Item) -> None:

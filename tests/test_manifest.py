@@ -38,6 +38,7 @@ def test_valid_manifest_keeps_passthrough_columns():
         (["a", "tab\there"], 2, "control"),
         (["a", " pad"], 2, "whitespace"),
         (["a", "é" * 150], 2, "longer than"),
+        (["p::1", "b"], 1, "'::'"),
     ],
 )
 def test_unsafe_or_duplicate_ids_are_rejected_naming_row_and_field(ids, row, needle):

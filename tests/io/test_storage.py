@@ -393,6 +393,43 @@ def test_redact_leaves_ordinary_text_alone(text: str) -> None:
     assert redact(text) == text
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/data/lake/access_token=none/site=A/img.png",
+        "s3://bucket/sig=1/ASIAABCDEFGHIJKLMNOP.png",
+        "/data/pwd:home/a?b.png",
+        "https://host.example/m/img.png?page=2",
+    ],
+)
+def test_redact_uri_keeps_a_path_that_only_looks_secret(uri: str) -> None:
+    from fundus_batch.io.storage import redact_uri
+
+    assert redact_uri(uri) == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "kept"),
+    [
+        ("https://h.example/b/img.jpg?X-Amz-Signature=sekrit&x=1", "https://h.example/b/img.jpg?"),
+        ("https://h.example/c/img.jpg?sv=1&sig=sekrit", "https://h.example/c/img.jpg?sv="),
+        ("https://h.example/img.jpg?api_key=sekrit", "https://h.example/img.jpg?api_key="),
+        ("s3://AKIDUSER:sekrit@bucket/key.png", "s3://***@bucket/key.png"),
+    ],
+)
+def test_redact_uri_masks_user_info_and_signed_queries(uri: str, kept: str) -> None:
+    from fundus_batch.io.storage import redact_uri
+
+    assert "sekrit" not in redact_uri(uri) and redact_uri(uri).startswith(kept)
+
+
+def test_a_local_path_with_a_double_colon_names_that_file(tmp_path: Path) -> None:
+    (tmp_path / "eye").write_bytes(b"the wrong file")
+    (tmp_path / "eye::L.png").write_bytes(b"left")
+    assert storage.read_bytes(str(tmp_path / "eye::L.png")) == b"left"
+    assert filesystem(str(tmp_path / "eye::L.png"))[1] == str(tmp_path / "eye::L.png")
+
+
 def test_filesystem_passes_storage_options_through() -> None:
     pytest.importorskip("s3fs")
     fs, path = filesystem(
