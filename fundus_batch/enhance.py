@@ -9,9 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 
 from fundus_batch.imaging import ImageFormat
+from fundus_batch.io import codecs
 from fundus_batch.metrics.harm import mean_change
 from fundus_batch.stages import Batch, Item, Resources, RowsCallable, SourceRole
 
@@ -277,17 +279,25 @@ class Enhance(RowsCallable):
 _MAGIC: dict[str, bytes] = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 
 
+_RINGING_PX = 16  # a JPEG's ringing around a black surround stays within its 16 px MCUs
+
+
 def stores_as_source(
     data: bytes, source: np.ndarray, result: np.ndarray, mask: np.ndarray, image_format: str
 ) -> bool:
-    """Whether ``result`` may be stored as the source's own bytes ``data``: they are in
-    ``image_format`` and the result equals the decoded ``source`` (every pixel; for JPEG every
-    FOV pixel, since outside it the decoded source holds only the codec's ringing)."""
-    if not data.startswith(_MAGIC[image_format]):
+    """Whether ``result`` may be stored as the source's own bytes ``data``: they are an 8-bit
+    RGB file in ``image_format`` (:func:`codecs.is_plain_rgb`) and hold the result: every pixel
+    equal for PNG; for JPEG every FOV pixel equal and black beyond the ringing its encoder
+    leaves around the FOV (a label or overlay outside it is not the result's black)."""
+    if not data.startswith(_MAGIC[image_format]) or not codecs.is_plain_rgb(data):
         return False
-    if image_format == "jpeg":
-        return mean_change(source, result, mask) == 0.0
-    return np.array_equal(source, result)
+    if image_format != "jpeg":
+        return np.array_equal(source, result)
+    if mean_change(source, result, mask) != 0.0:
+        return False
+    side = 2 * _RINGING_PX + 1
+    far = cv2.dilate(mask, np.ones((side, side), np.uint8)) == 0
+    return not far.any() or int(source[far].max()) <= 2
 
 
 def put_enhanced(

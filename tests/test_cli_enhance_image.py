@@ -94,6 +94,31 @@ def test_a_preprocessed_photo_left_unchanged_is_written_as_its_own_bytes(tmp_pat
     assert out.read_bytes() == data  # a JPEG encoded again would lose quality
 
 
+def test_an_unchanged_jpeg_with_a_label_outside_the_fov_is_written_black_there(tmp_path):
+    s = synth_fundus(256, seed=4)
+    labelled = s.image.copy()
+    labelled[2:14, 2:60] = 255  # a camera's label in a corner, outside the field
+    src, mask, out = tmp_path / "in.jpg", tmp_path / "mask.png", tmp_path / "out.jpg"
+    src.write_bytes(encode_jpeg(labelled))
+    mask.write_bytes(encode_png(s.mask))
+    args = ["enhance-image", str(src), str(out), "--preprocessed", "--mask", str(mask)]
+    _ok(CliRunner().invoke(main, [*args, "--enhancer", "classical"]))
+    assert out.read_bytes() != src.read_bytes()
+    assert decode_image(out.read_bytes())[2:14, 2:60].max() < 40  # black, but for ringing
+
+
+def test_an_unchanged_16_bit_png_is_written_as_8_bit_rgb(tmp_path):
+    s = synth_fundus(256, seed=4)
+    src, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    deep = cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257
+    src.write_bytes(cv2.imencode(".png", deep)[1].tobytes())
+    mask.write_bytes(encode_png(s.mask))
+    args = ["enhance-image", str(src), str(out), "--preprocessed", "--mask", str(mask)]
+    _ok(CliRunner().invoke(main, [*args, "--enhancer", "classical"]))
+    assert out.read_bytes()[24:26] == b"\x08\x02"  # IHDR: 8-bit RGB
+    assert np.array_equal(decode_image(out.read_bytes()), decode_image(src.read_bytes()))
+
+
 def test_a_preprocessed_jpeg_written_as_png_is_encoded(tmp_path):
     s = synth_fundus(256, seed=4)
     src, mask, out = tmp_path / "in.jpg", tmp_path / "mask.png", tmp_path / "out.png"

@@ -200,6 +200,18 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
     return (height, width) if orientation >= 5 else (width, height)
 
 
+def is_plain_rgb(data: bytes) -> bool:
+    """Whether ``data`` holds what this package writes: an 8-bit RGB image with no EXIF turn
+    (not 16-bit, grey, palette, alpha or CMYK; never raises)."""
+    try:
+        _, img, _, _, orientation = _header(data)
+    except (DecodeError, TypeError):
+        return False
+    if img.format == "PNG":  # Pillow opens 16-bit RGB as "RGB": IHDR's depth and colour type
+        return data[24:26] == b"\x08\x02" and orientation == 1
+    return img.mode == "RGB" and orientation == 1
+
+
 def _jpeg_complete(data: bytes) -> bool | None:
     """Whether an end-of-image marker follows the first scan.
 

@@ -442,3 +442,26 @@ def test_decode_errors_carry_no_memory_addresses_so_reruns_record_the_same_text(
 
     err = DecodeError("corrupt", "cannot identify image file <_io.BytesIO object at 0x7f12ab34>")
     assert "0x" not in str(err) and err.reason == "corrupt"
+
+
+def test_is_plain_rgb_accepts_only_8_bit_rgb_without_an_exif_turn() -> None:
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    assert codecs.is_plain_rgb(codecs.encode_png(rgb))
+    assert codecs.is_plain_rgb(codecs.encode_jpeg(rgb))
+
+    def pil(arr: np.ndarray, mode: str, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode).save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    refused = {
+        "16-bit RGB PNG": cv2.imencode(".png", rgb.astype(np.uint16))[1].tobytes(),
+        "RGBA PNG": pil(np.zeros((16, 16, 4), np.uint8), "RGBA", "PNG"),
+        "grey JPEG": pil(rgb[..., 0], "L", "JPEG"),
+        "CMYK JPEG": pil(np.zeros((16, 16, 4), np.uint8), "CMYK", "JPEG"),
+        "turned JPEG": pil(rgb, "RGB", "JPEG", exif=exif.tobytes()),
+        "not an image": b"hello",
+    }
+    assert [name for name, data in refused.items() if codecs.is_plain_rgb(data)] == []
