@@ -285,6 +285,17 @@ def enhance_image_cmd(
 
     if max_change is not None and enhancer != "cofenet":
         raise click.UsageError("--max-change limits the cofenet enhancer only")
+    ctx = click.get_current_context()
+    given = [
+        n
+        for n in ("weights", "device")
+        if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and enhancer != "cofenet":
+        raise click.UsageError(
+            f"--{given[0]} is a Cofe-Net setting: the {enhancer} enhancer runs on the CPU "
+            "without weights (leave it out)"
+        )
     if max_change is not None and _OUTPUT_FORMATS[output.suffix.lower()] != "png":
         raise click.UsageError(
             "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
@@ -696,7 +707,7 @@ def train_cmd(
 ) -> None:
     """Train a Cofe-Net variant on pairs the pipeline generated (a local folder or any fsspec
     URL); checkpoints and resumes."""
-    from fundus_batch.models.weights import save_weights
+    from fundus_batch.models.weights import build_settings, save_weights
     from fundus_batch.train import (
         PairsSource,
         TrainConfig,
@@ -758,8 +769,9 @@ def train_cmd(
 
     result = train(config, train_source, val_source, on_val=report)
     weights = out_dir / "model.pt"
-    # The file carries its residual flag, so --weights model.pt works without registry.json.
-    save_weights(weights, result.model.state_dict(), residual=config.residual)
+    # The file carries the build settings (residual, heads), so --weights model.pt works
+    # without registry.json.
+    save_weights(weights, result.model.state_dict(), **build_settings(config))
     # The registry entry names the model after the folder (--out . too); its size is the pairs'
     # working size, not the training crop.
     entry = registry_entry(

@@ -121,6 +121,12 @@ class EnhanceOptions(_Strict):
                 f"enhance.{given[0]} selects a Cofe-Net checkpoint's network: the "
                 f"{self.enhancer} enhancer has none"
             )
+        ignored = [n for n in ("weights", "device") if n in self.model_fields_set]
+        if ignored and self.enhancer != "cofenet":
+            raise ValueError(
+                f"enhance.{ignored[0]} is a Cofe-Net setting: the {self.enhancer} enhancer runs "
+                "on the CPU without weights (leave it out)"
+            )
         if self.width is not None and self.variant is None:
             raise ValueError(
                 "enhance.width needs enhance.variant (give neither to read both from the file)"

@@ -46,6 +46,15 @@ def test_classical_output_is_the_library_result_on_the_preprocessed_photo(raw_ph
     assert "unchanged: the enhancer left every pixel of the FOV as it was" in result.output
 
 
+@pytest.mark.parametrize("option", [["--weights", "no-such-model"], ["--device", "cuda"]])
+def test_a_cofenet_option_with_the_classical_enhancer_is_refused(raw_photo, tmp_path, option):
+    out = tmp_path / "o.png"
+    args = ["enhance-image", str(raw_photo), str(out), "--enhancer", "classical", *option]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "is a Cofe-Net setting" in result.output
+    assert not out.exists()
+
+
 def test_a_changed_image_is_reported_with_its_mean_change(tmp_path):
     s = synth_fundus(256, seed=5)
     dark = s.image.copy()

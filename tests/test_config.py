@@ -148,6 +148,8 @@ def test_enhance_variant_is_a_known_cofenet_variant_stored_by_its_released_name(
     [
         ({"enhancer": "classical", "variant": "cofe-net"}, "enhance.variant selects"),
         ({"enhancer": "classical", "width": 0.5}, "enhance.width selects"),
+        ({"enhancer": "classical", "weights": "my.pt"}, "enhance.weights is a Cofe-Net setting"),
+        ({"enhancer": "classical", "device": "cuda"}, "enhance.device is a Cofe-Net setting"),
         ({"width": 0.5}, "enhance.width needs enhance.variant"),
     ],
 )
