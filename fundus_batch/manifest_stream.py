@@ -452,7 +452,7 @@ def check_splits(scan: ManifestScan, stored: StoredSplits, storage_options: dict
     row = 0
     for batch in iter_batches(scan.uri, storage_options, wanted):
         ids = [str(x) for x in batch.column("image_id").to_pylist()]
-        splits = _column(batch, "split")
+        splits = [_text(s) for s in _column(batch, "split")]  # as plan_batch stores them
         keys = id_keys(ids)
         clash = (
             scan.selected_ids.contains(keys)

@@ -232,3 +232,19 @@ def test_a_csv_whose_first_row_is_longer_than_128_kib_is_read(tmp_path):
     manifest.write_text(f"image_id,uri,note\na,/x/a.png,{'j' * 140_000}\nb,/x/b.png,short\n")
     assert ms.csv_columns(str(manifest)) == ["image_id", "uri", "note"]
     assert ms.scan_manifest(str(manifest)).rows == 2
+
+
+def test_a_numeric_split_with_a_missing_value_matches_the_splits_a_run_stored(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    splits = pa.array([1.0, float("nan"), None], pa.float64())
+    table = pa.table({"image_id": ["a", "b", "c"], "uri": ["a.png", "b.png", "c.png"]})
+    pq.write_table(table.append_column("split", splits), manifest)
+    scan = ms.scan_manifest(str(manifest))
+    rows = ms.plan_batch(pq.read_table(manifest), ms.KeySet.of([]), None, [0], [])
+    stored = pa.table(
+        {"image_id": [r["image_id"] for r in rows], "split": [r["split"] for r in rows]}
+    )
+    ms.check_splits(scan, ms.stored_splits([stored]), None)  # the same splits: no clash
+    moved = pa.table({"image_id": ["a", "b", "c"], "split": ["1.0", "val", None]})
+    with pytest.raises(ManifestError, match="row 2, field 'split'"):
+        ms.check_splits(scan, ms.stored_splits([moved]), None)
