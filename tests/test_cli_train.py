@@ -82,6 +82,44 @@ def test_trained_weights_carry_their_residual_output_without_the_registry(tmp_pa
     assert model_from_weights(alone).residual is True
 
 
+def test_trained_weights_carry_their_head_settings_without_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.pt records the trained config's smooth-correction head (which has no parameters):
+    copied alone it builds the registered model, not a network without the head."""
+    import torch
+
+    import fundus_batch.train as training
+    from fundus_batch.models.weights import (
+        WEIGHTS_FORMAT,
+        WeightsEntry,
+        model_for_entry,
+        model_from_weights,
+        resolve_weights,
+    )
+
+    real = training.TrainConfig
+    head = {"residual": False, "field_size": 192, "field_deadzone": 0.01}
+    monkeypatch.setattr(training, "TrainConfig", lambda **fields: real(**{**fields, **head}))
+    _write_pairs(tmp_path / "pairs")
+    result = _train(tmp_path / "pairs", tmp_path / "model")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert saved["format"] == WEIGHTS_FORMAT
+    assert {k: saved[k] for k in head} == head
+    entry = resolve_weights(tmp_path / "model" / "model.pt")  # its registry.json beside it
+    assert isinstance(entry, WeightsEntry) and entry.field_size == 192
+    registered = model_for_entry(entry)  # the entry and the file agree
+    alone = tmp_path / "alone.pt"
+    alone.write_bytes((tmp_path / "model" / "model.pt").read_bytes())
+    loaded = model_from_weights(alone)
+    assert (loaded.field, loaded.field_deadzone, loaded.residual) == (192, 0.01, False)
+    assert repr(loaded) == repr(registered)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
+    with torch.no_grad():
+        assert torch.equal(loaded.enhanced(loaded(x)), registered.enhanced(registered(x)))
+
+
 def test_train_again_into_an_out_with_a_checkpoint_needs_resume(tmp_path: Path) -> None:
     _write_pairs(tmp_path / "pairs")
     out = tmp_path / "model"

@@ -175,15 +175,19 @@ SHIPPED = (
 )
 
 
-def _tiny(path: Path, **options: object) -> Path:
-    """A bare width-0.125 Cofe-Net state dict (no registry entry) saved at ``path``."""
+def _tiny(path: Path, *, bare: bool = False, **options: object) -> Path:
+    """A width-0.125 Cofe-Net saved at ``path`` with its settings (no registry entry), or as a
+    bare state dict."""
     import torch
 
-    from fundus_batch.models import build_cofenet
+    from fundus_batch.models import build_cofenet, save_weights
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build_cofenet("cofe-net", 0.125, generator=torch.Generator().manual_seed(0), **options)
-    torch.save(model.state_dict(), path)
+    if bare:
+        torch.save(model.state_dict(), path)
+    else:
+        save_weights(path, model.state_dict(), residual=False)
     return path
 
 
@@ -230,7 +234,7 @@ def test_weights_that_cannot_be_used_are_refused_in_one_line_before_any_work(
     elif problem == "variant-does-not-fit":
         enhance |= {"weights": str(_tiny(tmp_path / "t.pt")), "variant": "encode_decode_res"}
     elif problem == "gated-bare-file":
-        enhance["weights"] = str(_tiny(tmp_path / "g.pt", field=192, field_gate=True))
+        enhance["weights"] = str(_tiny(tmp_path / "g.pt", bare=True, field=192, field_gate=True))
     else:
         enhance |= {"variant": "cofe-net", "width": 0.5}
     manifest = write_inputs(tmp_path / "in", n_good=1, broken=False)
@@ -289,6 +293,7 @@ def test_the_classical_enhancer_records_only_what_determines_its_outputs(tmp_pat
     """Weights and variant do nothing to the classical enhancer: recorded, they refused a
     plain rerun of a folder whose first run had named them."""
     from fundus_batch.classical import ClassicalEnhancer
+    from fundus_batch.config import ConfigError
 
     def settings(**enhance: object) -> dict:
         enhance = {"enabled": True, "enhancer": "classical", **enhance}
@@ -301,7 +306,8 @@ def test_the_classical_enhancer_records_only_what_determines_its_outputs(tmp_pat
         "model_name": classical.model_name,
         "model_sha256": classical.model_sha256,
     }
-    assert compare(settings(weights="w/copy.pt"), plain).changed is False
+    with pytest.raises(ConfigError, match=r"enhance\.weights is a Cofe-Net setting"):
+        settings(weights="w/copy.pt")  # refused now; folders that recorded it still match
     earlier = {**plain, "enhance": {**plain["enhance"], "weights": "w/copy.pt", "variant": None}}
     del earlier["enhance"]["model_name"]  # as earlier versions recorded it
     assert compare(recorded({"settings": earlier}), plain).changed is False
@@ -472,13 +478,13 @@ def test_more_variants_are_added_and_recorded_with_a_history(ray_cluster, tmp_pa
 def tiny_weights(tmp_path_factory) -> Path:
     import torch
 
-    from fundus_batch.models import build_cofenet
+    from fundus_batch.models import build_cofenet, save_weights
 
     def save(seed: int) -> Path:
         gen = torch.Generator().manual_seed(seed)
         model = build_cofenet("cofe-net", width=0.125, generator=gen)
         path = tmp_path_factory.mktemp("weights") / f"tiny{seed}.pt"
-        torch.save(model.state_dict(), path)
+        save_weights(path, model.state_dict(), residual=False)
         return path
 
     return save(0), save(1)

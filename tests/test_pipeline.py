@@ -139,11 +139,11 @@ def test_run_reads_and_writes_s3_through_a_real_endpoint(
 def tiny_weights(tmp_path_factory) -> Path:
     import torch
 
-    from fundus_batch.models import build_cofenet
+    from fundus_batch.models import build_cofenet, save_weights
 
     model = build_cofenet("cofe-net", width=0.125, generator=torch.Generator().manual_seed(0))
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(model.state_dict(), path)
+    save_weights(path, model.state_dict(), residual=False)
     return path
 
 

@@ -9,16 +9,20 @@ A registry JSON file holds ``{"weights": [entry, ...]}``, a bare list of entries
 object; each entry has the fields of ``WeightsEntry`` (``file`` is relative to the JSON's folder).
 Entries from ``FUNDUS_BATCH_WEIGHTS`` take precedence over the package's entries of the same name.
 
-A bare state dict does not say whether its model adds its output to the input (``residual``);
-:func:`save_weights` writes ``{"state_dict": ..., "residual": bool, "format": ...}``, which the
-loaders read, so that a checkpoint file alone builds the model it was trained as.
+A bare state dict does not say whether its model adds its output to the input (``residual``)
+nor whether it has the smooth-correction head (``field_size``, which has no parameters, its dead
+zone, ...). :func:`save_weights` writes ``{"state_dict": ..., "format": ..., setting: value, ...}``
+with every setting of :data:`BUILD_SETTINGS`, which the loaders read, so that a checkpoint file
+alone builds the model it was trained as. Files of format ``fundus-batch-weights-1`` carry only
+``residual`` and still load. :func:`model_from_weights` refuses a checkpoint of a width < 1 model
+that does not say what it is (it could be a head model: built without the head, it would ruin
+images); the registry entry, when there is one, must agree with what the file records.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pickle
 import re
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import torch
-from pydantic import AfterValidator, ConfigDict, Field, Strict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, create_model
 from torch import Tensor, nn
 
 from fundus_batch.models.cofenet import (
@@ -40,11 +44,13 @@ from fundus_batch.models.cofenet import (
 from fundus_batch.validation import FieldProblem, Finite, Int, Model, format_problems, validate
 
 __all__ = [
+    "BUILD_SETTINGS",
     "ENV_VAR",
     "PACKAGE_REGISTRY",
     "PACKAGE_WEIGHTS_DIR",
     "WeightsEntry",
     "WeightsError",
+    "build_settings",
     "detect_architecture",
     "file_sha256",
     "list_weights",
@@ -64,9 +70,21 @@ PACKAGE_REGISTRY = PACKAGE_WEIGHTS_DIR / "registry.json"
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIX = "module."
 _SHOW = 5
-WEIGHTS_FORMAT = "fundus-batch-weights-1"  # the "format" that save_weights writes
-
-log = logging.getLogger(__name__)
+WEIGHTS_FORMAT = "fundus-batch-weights-2"  # the "format" that save_weights writes
+_FORMAT_1 = "fundus-batch-weights-1"  # residual only: still read
+_FORMAT_PREFIX = "fundus-batch-weights-"
+# A registry entry's build settings beyond variant and width (WeightsEntry field names): what a
+# state dict's keys cannot show. save_weights records them all; model_for_entry builds with them.
+BUILD_SETTINGS = (
+    "residual",
+    "field_size",
+    "field_deadzone",
+    "field_gate",
+    "field_gate_threshold",
+    "spot_head",
+    "spot_deadzone",
+)
+_BUILD_ARGS = {"field_size": "field"}  # build_cofenet's argument, where its name differs
 
 StateDict = Mapping[str, Tensor]
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -146,14 +164,28 @@ def _unwrap(obj: Any, origin: str) -> dict[str, Tensor]:
     return out
 
 
-def _residual_flag(obj: Any, origin: str) -> bool | None:
-    """The ``residual`` flag a :func:`save_weights` file carries beside its state dict (None:
-    a checkpoint without one)."""
+def _recorded_settings(obj: Any, origin: str) -> dict[str, Any] | None:
+    """The build settings a :func:`save_weights` file records beside its state dict: all of
+    :data:`BUILD_SETTINGS` (format 2), ``residual`` alone (format 1, or an older file without
+    a format), or None (a checkpoint that records none)."""
     if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
         return None
+    form = obj.get("format")
+    if form == WEIGHTS_FORMAT:
+        missing = [name for name in BUILD_SETTINGS if name not in obj]
+        if missing:
+            raise WeightsError(f"{origin} is a {form} file without {', '.join(missing)}")
+        return _check_settings({name: obj[name] for name in BUILD_SETTINGS}, origin)
+    if isinstance(form, str) and form.startswith(_FORMAT_PREFIX) and form != _FORMAT_1:
+        raise WeightsError(
+            f"{origin} has format {form!r}, which this fundus_batch cannot read (it reads "
+            f"{_FORMAT_1} and {WEIGHTS_FORMAT})"
+        )
     flag = obj.get("residual")
-    if flag is None or isinstance(flag, bool):
-        return flag
+    if flag is None:
+        return None
+    if isinstance(flag, bool):
+        return {"residual": flag}
     raise WeightsError(f"{origin}: 'residual' must be true or false, got {flag!r}")
 
 
@@ -162,11 +194,13 @@ def _origin(source: Source) -> str:
     return "the given mapping" if isinstance(source, Mapping) else str(Path(source))
 
 
-def _read_checkpoint(source: Source, map_location: Any) -> tuple[dict[str, Tensor], bool | None]:
-    """A checkpoint's flat state dict and its ``residual`` flag (None when it has none)."""
+def _read_checkpoint(
+    source: Source, map_location: Any
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """A checkpoint's flat state dict and the build settings it records (None: none)."""
     origin = _origin(source)
     obj = source if isinstance(source, Mapping) else _read(Path(source), map_location)
-    return _unwrap(obj, origin), _residual_flag(obj, origin)
+    return _unwrap(obj, origin), _recorded_settings(obj, origin)
 
 
 def read_state_dict(source: Source, *, map_location: Any = "cpu") -> dict[str, Tensor]:
@@ -174,18 +208,26 @@ def read_state_dict(source: Source, *, map_location: Any = "cpu") -> dict[str, T
     return _read_checkpoint(source, map_location)[0]
 
 
-def save_weights(path: str | os.PathLike[str], state_dict: StateDict, *, residual: bool) -> str:
-    """Write ``state_dict`` with its ``residual`` flag, the setting a bare state dict cannot
-    carry: ``{"state_dict": ..., "residual": bool, "format": "fundus-batch-weights-1"}``,
-    tensors on the CPU, through a temporary file renamed into place. Returns the file's
-    sha256 (the registry's ``sha256``)."""
+def save_weights(
+    path: str | os.PathLike[str], state_dict: StateDict, *, residual: bool, **settings: Any
+) -> str:
+    """Write ``state_dict`` with its build settings, which a bare state dict cannot carry:
+    ``{"state_dict": ..., "format": "fundus-batch-weights-2", "residual": bool, ...}`` with
+    every name of :data:`BUILD_SETTINGS` (``settings`` gives the others; a missing one takes
+    the registry entry's default; ``**build_settings(config)`` passes a training config's),
+    tensors on the CPU, through a temporary file renamed into place. Returns the file's sha256
+    (the registry's ``sha256``)."""
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    unknown = sorted(set(settings) - set(BUILD_SETTINGS))
+    if unknown:
+        raise TypeError(f"save_weights got unknown settings {unknown}; known: {BUILD_SETTINGS}")
+    recorded = _check_settings({"residual": residual, **settings}, "save_weights")
     state = _unwrap(state_dict, "the given state dict")  # tensors only, prefix stripped
     data = {
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
-        "residual": residual,
         "format": WEIGHTS_FORMAT,
+        **recorded,
     }
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -229,8 +271,8 @@ def detect_architecture(state: StateDict) -> tuple[str, float] | None:
     The variant follows from which modules are present (``a_*`` -> LQA, ``G_input_2`` ->
     two-scale, ``firstconv`` -> CE-Net branch) and the width from the output channels of a few
     layers (the widest first; any width with the same channel counts builds the same shapes).
-    The residual flag leaves no trace in the weights; the registry or a :func:`save_weights`
-    file records it.
+    The residual flag and the smooth-correction head leave no trace in the weights; the
+    registry or a :func:`save_weights` file records them (:data:`BUILD_SETTINGS`).
     """
     for variant, width in _candidates(state):
         missing, unexpected, mismatched = _compare(state, _expected_shapes(variant, width))
@@ -342,16 +384,24 @@ def model_from_weights(
     map_location: Any = "cpu",
 ) -> CofeNet:
     """Build the variant and width a checkpoint fits (or ``variant`` at ``width``, default 1),
-    load it, and return it in eval mode.
+    with the build settings a :func:`save_weights` file records, load it, and return it in eval
+    mode.
 
-    ``residual`` None takes the flag a :func:`save_weights` file carries; a bare state dict
-    carries none and builds a non-residual model, with a warning for width < 1, which
-    ``fundus-batch train`` trains residual. A given ``residual`` must agree with the file's.
+    ``residual`` None takes the file's flag; a given one must agree with it. A checkpoint that
+    does not record its head settings (a bare state dict, a format-1 file) is refused for
+    width < 1, where it could be a smooth-correction head model, unless it is residual (the
+    file's flag or ``residual=True``: a residual model has no such head). Full-width bare
+    state dicts (the released checkpoints) load as the plain network.
     """
     origin = _origin(path_or_state_dict)
-    state, flag = _read_checkpoint(path_or_state_dict, map_location)
+    state, recorded = _read_checkpoint(path_or_state_dict, map_location)
+    recorded = recorded or {}
+    complete = all(name in recorded for name in BUILD_SETTINGS)
+    flag = recorded.get("residual")
+    if flag is not None and residual is not None and flag != residual:
+        raise WeightsError(f"{origin} says residual={flag}, but residual={residual} was asked for")
     heads = sorted({what for key in state for p, what in _HEAD_KEYS.items() if key.startswith(p)})
-    if heads:
+    if heads and not complete:
         raise WeightsError(
             f"these weights have {' and '.join(heads)}, whose settings a checkpoint does not "
             "carry: load them by their registered name, or put their registry entry in a "
@@ -360,25 +410,27 @@ def model_from_weights(
     if variant is None:
         if width is not None:
             raise WeightsError("a width needs its variant (or give neither: both are detected)")
-        found = detect_architecture(state)
+        plain = {k: v for k, v in state.items() if not k.startswith(tuple(_HEAD_KEYS))}
+        found = detect_architecture(plain)
         if found is None:
-            raise WeightsError(f"cannot build a model for these weights: {_describe(state)}")
+            raise WeightsError(f"cannot build a model for these weights: {_describe(plain)}")
         variant, width = found
     elif width is None:
         width = 1.0
-    if flag is not None and residual is not None and flag != residual:
-        raise WeightsError(f"{origin} says residual={flag}, but residual={residual} was asked for")
-    unsaid = residual is None and flag is None
-    model = build_cofenet(variant, width, residual=bool(flag) if residual is None else residual)
-    load_weights(model, state)
-    if unsaid and model.width < 1.0:
-        log.warning(
-            "%s is a bare state dict of a width-%g model, which does not say whether its output "
-            "is residual (fundus-batch train trains width < 1 models so); built without: give "
-            "it its registry.json, or save it with save_weights",
-            origin,
-            model.width,
+    settings = (
+        dict(recorded) if complete else {"residual": bool(flag if residual is None else residual)}
+    )
+    if not complete and float(width) < 1.0 and not settings["residual"]:
+        what = "a bare state dict" if not recorded else f"a {_FORMAT_1} file (residual only)"
+        raise WeightsError(
+            f"{origin} is {what} of a width-{float(width):g} model, which does not say whether "
+            "it has a smooth-correction head (field_size, field_deadzone, ...): built without "
+            "one it could ruin images, so it will not be loaded; load it by its registered "
+            "name, or put its registry entry in a registry.json beside the file (or in a folder "
+            f"named by ${ENV_VAR}), or save it with save_weights and its settings"
         )
+    model = build_cofenet(variant, width, **_build_kwargs(settings))
+    load_weights(model, state)
     return model.eval()
 
 
@@ -471,6 +523,50 @@ class WeightsEntry(Model):
             "metrics": dict(self.metrics),
             "notes": self.notes,
         }
+
+
+class _Settings(BaseModel):
+    """Base of the model that checks a file's build settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_SETTING_FIELDS: dict[str, Any] = {
+    name: (WeightsEntry.model_fields[name].annotation, WeightsEntry.model_fields[name])
+    for name in BUILD_SETTINGS
+}
+# BUILD_SETTINGS with WeightsEntry's types, bounds and defaults: how a file's are checked.
+_SettingsModel = create_model("BuildSettings", __base__=_Settings, **_SETTING_FIELDS)
+
+
+def _check_settings(settings: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """``settings`` (names of :data:`BUILD_SETTINGS`) checked, with defaults for the others."""
+
+    def error(problems: list[FieldProblem]) -> WeightsError:
+        return WeightsError(f"{origin}: bad build settings: {format_problems(problems)}")
+
+    return validate(_SettingsModel, dict(settings), error).model_dump()
+
+
+def build_settings(source: object) -> dict[str, Any]:
+    """The :data:`BUILD_SETTINGS` of ``source`` (a WeightsEntry, a training config, a mapping)
+    by name, the entry's default for any it does not have: ``save_weights(..., **these)``.
+    A model is refused: its attributes are not named as its settings."""
+    if isinstance(source, nn.Module):
+        raise TypeError("build_settings takes a registry entry, a training config or a mapping")
+    out = {}
+    for name in BUILD_SETTINGS:
+        default = WeightsEntry.model_fields[name].get_default()
+        if isinstance(source, Mapping):
+            out[name] = source.get(name, default)
+        else:
+            out[name] = getattr(source, name, default)
+    return out
+
+
+def _build_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Build settings as :func:`build_cofenet` arguments."""
+    return {_BUILD_ARGS.get(name, name): value for name, value in settings.items()}
 
 
 EVAL_SUFFIX = ".eval.json"  # evaluation records, not registry files
@@ -582,23 +678,15 @@ def model_for_entry(entry: WeightsEntry, device: torch.device | str = "cpu") -> 
     """The model an entry describes, its file's sha256 checked, loaded; eval mode."""
     check_entry_file(entry)
     path = entry.path
-    state, flag = _read_checkpoint(path, "cpu")
-    if flag is not None and flag != entry.residual:
-        raise WeightsError(
-            f"{path} says residual={flag}, but registry entry {entry.name!r} says "
-            f"residual={entry.residual}; one of them is wrong, so it will not be loaded"
-        )
-    model = build_cofenet(
-        entry.variant,
-        entry.width,
-        residual=entry.residual,
-        field=entry.field_size,
-        field_deadzone=entry.field_deadzone,
-        field_gate=entry.field_gate,
-        field_gate_threshold=entry.field_gate_threshold,
-        spot_head=entry.spot_head,
-        spot_deadzone=entry.spot_deadzone,
-    )
+    state, recorded = _read_checkpoint(path, "cpu")
+    settings = build_settings(entry)
+    for name, value in (recorded or {}).items():
+        if value != settings[name]:
+            raise WeightsError(
+                f"{path} says {name}={value}, but registry entry {entry.name!r} says "
+                f"{name}={settings[name]}; one of them is wrong, so it will not be loaded"
+            )
+    model = build_cofenet(entry.variant, entry.width, **_build_kwargs(settings))
     load_weights(model, state)
     model.weights_entry = entry
     return model.to(device).eval()

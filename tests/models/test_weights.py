@@ -179,7 +179,10 @@ def test_detect_architecture_returns_none_for_foreign_weights() -> None:
 def test_model_from_weights_builds_the_matching_model(tmp_path: Path) -> None:
     source = _model(SHARE, 0.25, seed=12)
     path = tmp_path / "share.pth"
-    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    # A width < 1 checkpoint must say what it is (a bare one is refused): a save_weights file.
+    recorded = {"format": weights.WEIGHTS_FORMAT, **weights.build_settings({})}
+    torch.save({"state_dict": state, **recorded}, path)
     model = model_from_weights(path)
     assert (model.variant, model.width, model.training) == (SHARE, 0.25, False)
     assert _same_weights(source, model)
@@ -217,28 +220,142 @@ def test_save_weights_carries_the_residual_flag_that_a_bare_state_dict_loses(
         model_from_weights(path, residual=False)
 
 
-def test_a_bare_width_below_one_state_dict_without_an_entry_warns_in_one_line(
+def test_a_bare_state_dict_loads_at_full_width_and_is_refused_below_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Below full width a bare state dict could be a smooth-correction head model, whose head
+    has no parameters: built without it, it ruins images, so it is refused."""
     from fundus_batch.enhance import load_model
 
     source = build_cofenet(RES, 0.125, residual=True, generator=torch.Generator().manual_seed(8))
     bare = tmp_path / "bare.pt"
     torch.save(source.state_dict(), bare)
-    with caplog.at_level("WARNING", logger="fundus_batch.models.weights"):
-        model, _, _ = load_model(str(bare))
-    assert not model.residual  # nothing says otherwise: built as the file alone allows
-    [record] = caplog.records
-    message = record.getMessage()
-    assert "\n" not in message and "bare state dict of a width-0.125 model" in message
-    assert "registry.json" in message and "save_weights" in message
-    caplog.clear()
+    for load in (
+        lambda: load_model(str(bare)),
+        lambda: load_model(str(bare), variant=RES, width=0.125),
+        lambda: model_from_weights(bare, residual=False),
+    ):
+        with pytest.raises(WeightsError) as caught:
+            load()
+        message = str(caught.value)
+        assert "\n" not in message and "bare state dict of a width-0.125 model" in message
+        assert "registered name" in message and "registry.json beside" in message
+        assert weights.ENV_VAR in message and "smooth-correction head" in message
     full = tmp_path / "full.pt"
-    torch.save(_model(RES, 1.0).state_dict(), full)
+    torch.save(_model(RES, 1.0, seed=3).state_dict(), full)
     with caplog.at_level("WARNING", logger="fundus_batch.models.weights"):
-        model_from_weights(full)  # full width: the released formulation, never residual
-        model_from_weights(bare, residual=True)  # the caller says it
+        released = model_from_weights(full)  # full width: the released formulation, no head
+        said = model_from_weights(bare, residual=True)  # the caller says it: no head then
     assert caplog.records == []
+    assert (released.width, released.residual, released.field) == (1.0, False, None)
+    assert _same_weights(_model(RES, 1.0, seed=3), released)
+    assert said.residual and said.field is None and _same_weights(source, said)
+
+
+def test_a_format_1_file_still_loads_and_one_that_could_be_a_head_model_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Format 1 recorded ``residual`` only: a residual model has no smooth-correction head, a
+    non-residual one below full width may have one."""
+    source = build_cofenet(RES, 0.125, residual=True, generator=torch.Generator().manual_seed(8))
+    old = tmp_path / "old.pt"
+    plain = {"state_dict": source.state_dict(), "format": "fundus-batch-weights-1"}
+    torch.save({**plain, "residual": True}, old)
+    model = model_from_weights(old)
+    assert (model.residual, model.field) == (True, None) and _same_weights(source, model)
+    assert _lifts(model) == _lifts(source.eval())
+    flat = tmp_path / "flat.pt"
+    torch.save({**plain, "residual": False}, flat)
+    with pytest.raises(WeightsError, match=r"fundus-batch-weights-1 file .*registry\.json beside"):
+        model_from_weights(flat)
+
+
+def _field_settings(spot: bool) -> dict[str, object]:
+    settings: dict[str, object] = {"residual": False, "field_size": 192, "field_deadzone": 0.01}
+    if spot:
+        settings |= {"field_gate": True, "field_gate_threshold": 0.9}
+        settings |= {"spot_head": 4, "spot_deadzone": 0.02}
+    return settings
+
+
+def _field_model(settings: dict[str, object]) -> CofeNet:
+    args = {("field" if k == "field_size" else k): v for k, v in settings.items()}
+    return build_cofenet("cofe-net", 0.125, generator=torch.Generator().manual_seed(6), **args)
+
+
+def _output(model: CofeNet) -> torch.Tensor:
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 0.6 + 0.2
+    with torch.no_grad():
+        return model.enhanced(model(x))
+
+
+@pytest.mark.parametrize("spot", [False, True], ids=["field", "field-gate-spot"])
+def test_a_saved_head_model_loads_alone_as_its_registered_build(
+    spot: bool, user_dir: Path, tmp_path: Path
+) -> None:
+    from fundus_batch.models import save_weights
+
+    settings = _field_settings(spot)
+    source = _field_model(settings).eval()
+    path = user_dir / "headed.pt"
+    digest = save_weights(path, source.state_dict(), **settings)
+    entry = {"name": "headed", "file": path.name, "sha256": digest, "variant": source.variant}
+    (user_dir / "headed.json").write_text(json.dumps({**entry, "width": 0.125, **settings}))
+    registered = load_registered("headed")
+    alone = tmp_path / "alone.pt"
+    alone.write_bytes(path.read_bytes())
+    loaded = model_from_weights(alone)
+    for model in (registered, loaded):
+        assert repr(model) == repr(source) and _same_weights(source, model)
+    assert (loaded.field, loaded.field_deadzone) == (192, 0.01)
+    assert loaded.spot_deadzone == settings.get("spot_deadzone", 0.0)
+    assert torch.equal(_output(loaded), _output(registered))
+    assert torch.equal(_output(loaded), _output(source))
+
+
+@pytest.mark.parametrize(
+    ("setting", "in_entry"),
+    [("field_deadzone", 0.02), ("field_size", None), ("residual", True)],
+)
+def test_a_file_whose_settings_disagree_with_its_registry_entry_is_refused_naming_it(
+    setting: str, in_entry: object, user_dir: Path
+) -> None:
+    from fundus_batch.models import save_weights
+
+    settings = _field_settings(spot=False)
+    source = _field_model(settings)
+    path = user_dir / "odd.pt"
+    digest = save_weights(path, source.state_dict(), **settings)
+    entry = {"name": "odd", "file": path.name, "sha256": digest, "variant": source.variant}
+    entry |= {"width": 0.125, **settings, setting: in_entry}
+    if setting == "residual":
+        entry["field_size"] = None
+    (user_dir / "odd.json").write_text(json.dumps(entry))
+    with pytest.raises(WeightsError) as caught:
+        load_registered("odd")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"says {setting}={settings[setting]}, but registry entry 'odd' says" in message
+    assert f"{setting}={in_entry}; one of them is wrong" in message
+
+
+def test_the_v2_weights_copied_alone_are_refused_naming_the_registry(tmp_path: Path) -> None:
+    """fundus-cofenet-small-v2 is a bare fp16 state dict of a smooth-correction head model:
+    alone, it was built as a plain network that turns photographs flat grey."""
+    from fundus_batch.config import ConfigError
+    from fundus_batch.enhance import check_model, load_model
+
+    shipped = Path(__file__).resolve().parents[2] / "jobs" / "weights"
+    shipped /= "fundus-cofenet-small-v2.pt"
+    if not shipped.is_file():
+        pytest.skip(f"{shipped} is not in this checkout")
+    copy = tmp_path / "v2.pt"
+    copy.write_bytes(shipped.read_bytes())
+    expected = r"bare state dict of a width-0\.25 model.*registered name.*registry\.json beside"
+    with pytest.raises(WeightsError, match=expected):
+        load_model(str(copy))
+    with pytest.raises(ConfigError, match=expected):  # the pipeline's check, before any work
+        check_model(str(copy))
 
 
 def test_a_residual_flag_that_contradicts_the_registry_entry_is_refused(
