@@ -18,12 +18,19 @@ circle on a downscaled copy:
 6. a photograph must look like one: a bright region without texture (interquartile range of
    R+G+B under 3.5 % of its contrast to the surround; every photograph in ../shared/data has
    >= 7 %) or >= 90 % white is ``mask_like``, and so is a grey line drawing on black (a vessel
-   map) that fails the circle fit.
+   map) that fails the circle fit;
+7. no circle, but no dark surround either (under 15 % of the frame-edge pixels darker than a
+   tenth of the interior's median): a photograph that fills the frame (``full_frame``, the
+   inscribed circle) if it is smooth, fundus-coloured, smooth in red and not flat in green.
 
 Changes for issue 12: the ``mask_like`` check (a white disc on black used to pass as an ``ok``
 photograph); bar edges out of the fit, so a clipped field inside a thin black frame no longer
 fails as "not circular (19 % of its rim on a circle)"; the trimmed refit. All 297 photographs
 in ../shared/data (six folders) preprocess, before and after.
+
+Full frame used to need a bright region whose hull covered 98 % of the frame; a dark macula or
+dark corners kept centre crops of real photographs under it (17 of 28 failed, 26 pass now). The
+frame edge decides now; every photograph that was detected is detected identically.
 
 Coordinates use pixel centres at integers. The returned mask is the circle intersected with the
 image and with ``box``, the rectangle of valid pixels (smaller than the image when black bars cut
@@ -60,7 +67,6 @@ _MIN_RADIUS_PX = 8.0  # at source resolution
 _BLANK_RANGE = 12.0  # grey levels between the 1st and 99th percentile of a blank image
 _THRESH_FRAC = 0.15  # threshold position between surround and fundus level
 _THRESH_MIN_DELTA = 6.0
-_FULL_FRAME_FILL = 0.98  # hull share of the frame above which there is no surround
 _MIN_INLIER_FRAC = 0.25  # of the rim points off the frame border
 _MIN_COVERAGE_DEG = 90.0
 _MIN_SPREAD_COVERAGE_DEG = 30.0  # enough when the arcs lie in at least three quadrants
@@ -78,9 +84,24 @@ _TRIM_SIGMAS = 3.0
 _TRIM_MIN_PX = 0.5  # working pixels: never cut what sampling noise explains
 _BAR_CORNER_REACH = 0.05  # of the radius a bar's end may lie outside the circle (glare)
 _EDGE_LEVEL = 0.5  # edge = where the radial profile crosses this share of the local step
-_MIN_SMOOTHNESS = 0.5  # neighbour correlation below this is noise, not a photograph
-# A rimless image must be at least this much redder than blue to pass as a colour fundus.
+# Full frame (no rim). Frame-edge pixels under 10 % of the interior's median luminance (and
+# always those under 3) are surround: photographs in ../shared/data have >= 24 % of their frame
+# edge dark, centre crops of them <= 10 % (dark-shot MX images), most 0 %.
+_SURROUND_LEVEL = 0.1
+_SURROUND_MIN = 3.0
+_MAX_DARK_FRAME = 0.15
+_MIN_SMOOTHNESS = 0.9  # neighbour correlation: crops >= 0.96, iid noise after the blur ~0.76
+# A rimless image must be at least this much redder than blue to pass as a colour fundus, and
+# few pixels may have green or blue 16 levels above red (crops <= 7 %, a green/orange logo 47 %).
 _FUNDUS_RED_OVER_BLUE = 1.3
+_NOT_RED_MARGIN = 16
+_MAX_NOT_RED = 0.2
+# Fine detail of a channel: std of the channel minus its sigma-3 blur, over its mean. The retina
+# is smooth in red light (crops: 99 % <= 0.064; astronaut, coffee, chelsea crops 0.087-0.135)
+# and shows vessels in green (crops >= 0.011; a noiseless gradient 0.004).
+_DETAIL_SIGMA = 3.0
+_MAX_RED_DETAIL = 0.08
+_MIN_GREEN_DETAIL = 0.006
 # Mask-like images. Over the 297 photographs in ../shared/data the field's interquartile range
 # is >= 7 % of its contrast to the surround and at most 3 % of the field is white; a binary
 # mask (JPEG-compressed or not) has < 1 % and ~100 %.
@@ -210,6 +231,22 @@ def _smoothness(lum: np.ndarray) -> float:
     b -= b.mean()
     denom = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))
     return float(np.dot(a, b) / denom) if denom > 0 else 1.0
+
+
+def _dark_frame_share(lum: np.ndarray) -> float:
+    """Share of the frame-edge pixels dark enough to be surround, relative to the interior."""
+    h, w = lum.shape
+    interior = float(np.median(lum[h // 4 : h - h // 4, w // 4 : w - w // 4]))
+    level = max(_SURROUND_LEVEL * interior, _SURROUND_MIN)
+    edge = np.concatenate([lum[0], lum[-1], lum[1:-1, 0], lum[1:-1, -1]])
+    return float(np.count_nonzero(edge < level)) / edge.size
+
+
+def _detail(channel: np.ndarray) -> float:
+    """Fine detail of one channel: std of the channel minus its blur, over its mean."""
+    x = channel.astype(np.float32)
+    fine = x - cv2.GaussianBlur(x, (0, 0), _DETAIL_SIGMA)
+    return float(fine.std()) / max(float(x.mean()), 1.0)
 
 
 def _surround_level(lum: np.ndarray) -> float:
@@ -422,17 +459,16 @@ def _detect_small(
     cv2.fillConvexPoly(hull, cv2.convexHull(biggest), 1)
     hull_area = int(np.count_nonzero(hull))
     min_r = _MIN_RADIUS_FRAC * min(h, w)
-    if hull_area < np.pi * min_r**2:
-        raise FOVError("too_small", f"bright region of {hull_area} px is too small for a FOV")
-
     try:
+        if hull_area < np.pi * min_r**2:
+            raise FOVError("too_small", f"bright region of {hull_area} px is too small for a FOV")
         (cx, cy, r), box = _fit_rim(lum, hull, hull_area)
     except FOVError:
-        if hull_area < _FULL_FRAME_FILL * h * w:
+        # Dark corners or a dark macula split the bright region of a photograph that fills the
+        # frame, so its size and shape say nothing: only a dark frame edge shows a surround.
+        if _dark_frame_share(lum) > _MAX_DARK_FRAME:
             raise
-        # No usable rim and no surround: a photograph filling the frame, or not a photograph.
-        if _smoothness(lum) < _MIN_SMOOTHNESS:
-            raise FOVError("no_fov", "image looks like noise, not a photograph") from None
+        _check_full_frame(lum, small)
         return None, (0, 0, w, h), "full_frame"
     _check_texture(small, binary)
 
@@ -606,14 +642,40 @@ def _fit_rim(
     return (cx, cy, r), box
 
 
-def _check_fundus_colour(rgb: np.ndarray) -> None:
-    """A frame-filling image has no rim to prove it is a fundus photograph, so ask for the
-    colour of one: red above green above blue on average (retinal pigment and blood)."""
-    r, g, b = (float(c) for c in cv2.mean(rgb)[:3])
+def _check_full_frame(lum: np.ndarray, small: np.ndarray) -> None:
+    """A frame-filling image has no rim to prove it is a fundus photograph, so ask for one:
+    smooth (not noise), fundus-coloured (red above green above blue on average and nearly
+    everywhere: retinal pigment and blood), smooth in red (not a scene) and with vessels or
+    noise in green (not a drawing); raises ``no_fov``."""
+    if _smoothness(lum) < _MIN_SMOOTHNESS:
+        raise FOVError("no_fov", "image looks like noise, not a photograph")
+    r, g, b = (float(c) for c in cv2.mean(small)[:3])
     if not (r >= g >= b and r >= _FUNDUS_RED_OVER_BLUE * max(b, 1.0)):
         raise FOVError(
             "no_fov",
             f"no field-of-view rim and not fundus-coloured (mean RGB {r:.0f}, {g:.0f}, {b:.0f})",
+        )
+    red, green, blue = cv2.split(small)
+    over_red = cv2.subtract(cv2.max(green, blue), red)
+    not_red = np.count_nonzero(over_red > _NOT_RED_MARGIN) / over_red.size
+    if not_red > _MAX_NOT_RED:
+        raise FOVError(
+            "no_fov",
+            f"no field-of-view rim and not fundus-coloured ({not_red:.0%} of the pixels are "
+            "green or blue)",
+        )
+    red_detail, green_detail = _detail(red), _detail(green)
+    if red_detail > _MAX_RED_DETAIL:
+        raise FOVError(
+            "no_fov",
+            "no field-of-view rim and too much fine detail in red for a fundus "
+            f"({red_detail:.3f}, fundus photographs have <= {_MAX_RED_DETAIL})",
+        )
+    if green_detail < _MIN_GREEN_DETAIL:
+        raise FOVError(
+            "no_fov",
+            "no field-of-view rim and no fine detail in green (no vessels, no noise: "
+            f"{green_detail:.4f}), not a photograph",
         )
 
 
@@ -645,7 +707,6 @@ def _detect(rgb: np.ndarray) -> tuple[Circle, str, Box]:
             raise FOVError("mask_like", why) from exc
         raise
     if fit is None:
-        _check_fundus_colour(small)
         # No rim anywhere: use the inscribed circle, so the working image is a round FOV like
         # every other one and radius-relative parameters keep their meaning.
         circle = Circle((w - 1) / 2.0, (h - 1) / 2.0, min(w, h) / 2.0)
