@@ -14,7 +14,7 @@ import csv
 import io
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,37 @@ def scan_manifest(
         raise exc.at_line(_csv_line_of_row(uri, storage_options, exc.row)) from None
 
 
+_TEXT_TYPES = ("string", "large_string", "string_view", "binary", "large_binary")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return any(getattr(pa.types, f"is_{name}", lambda _: False)(kind) for name in _TEXT_TYPES)
+
+
+def _check_column_types(schema: pa.Schema, source: str) -> None:
+    """Refuse a Parquet manifest column whose type cannot hold what it names: ``image_id`` as
+    text or integers, the URIs as text, ``split`` as text or numbers (a list, a timestamp or a
+    bool would pass as its printed form)."""
+    allowed: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+        "image_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "text or integers"),
+        "uri": (_is_text, "text"),
+        "mask_uri": (_is_text, "text"),
+        "vessel_uri": (_is_text, "text"),
+        "split": (
+            lambda t: _is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t),
+            "text or numbers",
+        ),
+    }
+    for name, (ok, what) in allowed.items():
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not ok(kind) and not pa.types.is_null(kind):
+                raise ManifestError(
+                    f"column '{name}' of {source} has type {kind}: it must hold {what}",
+                    field=name,
+                )
+
+
 def _scan(
     uri: str, source: str, schema: pa.Schema, storage_options: dict | None, limit: int | None
 ) -> ManifestScan:
@@ -246,6 +277,7 @@ def _scan(
         dup = next(c for c in columns if columns.count(c) > 1)
         raise ManifestError(f"column '{dup}' appears more than once in {source}", field=dup)
     check_columns(list(columns), source)
+    _check_column_types(schema, source)
     wanted = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in columns]
     keys: list[np.ndarray] = []
     rows = vessel_rows = 0

@@ -248,3 +248,26 @@ def test_a_numeric_split_with_a_missing_value_matches_the_splits_a_run_stored(tm
     moved = pa.table({"image_id": ["a", "b", "c"], "split": ["1.0", "val", None]})
     with pytest.raises(ManifestError, match="row 2, field 'split'"):
         ms.check_splits(scan, ms.stored_splits([moved]), None)
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "kind"),
+    [
+        ("image_id", [True, False], "bool"),
+        ("image_id", [["a"], ["b"]], "list<element: string>"),
+        ("image_id", [1.0, 2.0], "double"),
+        ("uri", [1, 2], "int64"),
+        ("split", [["t"], ["v"]], "list<element: string>"),
+    ],
+)
+def test_a_parquet_column_of_a_type_that_cannot_hold_it_is_refused(tmp_path, column, values, kind):
+    data = {"image_id": ["a", "b"], "uri": ["a.png", "b.png"], column: values}
+    pq.write_table(pa.table(data), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=f"column '{column}' of .* has type {kind}"):
+        ms.scan_manifest(str(tmp_path / "m.parquet"))
+
+
+def test_integer_ids_and_numeric_splits_of_a_parquet_manifest_are_accepted(tmp_path):
+    data = {"image_id": [1, 2], "uri": ["a.png", "b.png"], "split": [0.0, 1.0]}
+    pq.write_table(pa.table(data), tmp_path / "m.parquet")
+    assert ms.scan_manifest(str(tmp_path / "m.parquet")).rows == 2
