@@ -467,7 +467,8 @@ def halo(
     *,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Add a blurred ring of height mean(image) between diameters ``dia_a`` and ``dia_b``.
+    """Add a blurred ring of height mean(image) between diameters ``dia_a`` and ``dia_b``
+    (in either order: the released ``|mask_a - mask_b|``).
 
     Channel c gets ``color[c] / 255`` times the blurred ring; the result (float64) is clipped
     to [0, 1]. It is written to ``out`` when given (which may be ``image`` itself).
@@ -475,14 +476,15 @@ def halo(
     _check_out(image, out)
     h, w = image.shape[:2]
     mean = float(image.sum(dtype=np.float64)) / image.size
-    outer = _disc_spans((h, w), center, int(dia_b // 2))
-    inner = _disc_spans((h, w), center, int(dia_a // 2))
+    inner_r, outer_r = sorted((int(dia_a // 2), int(dia_b // 2)))
+    outer = _disc_spans((h, w), center, outer_r)
+    inner = _disc_spans((h, w), center, inner_r)
     # the ring's runs in a row: the outer run left of the inner one and right of it
     left = _normalise_spans(outer[0], np.minimum(outer[1], inner[0]))
     right = _normalise_spans(np.maximum(outer[0], inner[1]), outer[1])
     blurred = _blurred_spans((h, w), (left, right), kernel, kernel, sigma)
     if blurred is None:
-        ring = disc((h, w), center, int(dia_b // 2)) & ~disc((h, w), center, int(dia_a // 2))
+        ring = disc((h, w), center, outer_r) & ~disc((h, w), center, inner_r)
         ring_blur = _gaussian(ring.astype(np.float64), kernel, kernel, sigma)
         blurred = (ring_blur, slice(0, h), slice(0, w))
     spread, rows, cols = blurred

@@ -253,7 +253,14 @@ class Preset(Model):
         except (PresetError, TypeError) as exc:
             raise PresetError("base", str(exc)) from None
         inherited = base_preset.model_dump(exclude={"name"})
-        return cls.parse({**inherited, **items})
+        preset = cls.parse({**inherited, **items})
+        builtin = PRESETS.get(preset.name)
+        if builtin is not None and preset != builtin:
+            # Records name their preset, and replay checks them against the built-in one.
+            raise PresetError(
+                "name", f"{preset.name!r} is a built-in preset: give other ranges another name"
+            )
+        return preset
 
 
 def _listify(value: Any) -> Any:

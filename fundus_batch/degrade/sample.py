@@ -114,7 +114,9 @@ def _halo(rng: np.random.Generator, p: Preset, size: int, brightness: float) -> 
 
 
 def _center_bounds(size: int, fractions: tuple[float, float]) -> tuple[int, int]:
-    return max(math.floor(size * fractions[0]), 1), min(math.floor(size * fractions[1]), size - 1)
+    """Pixel bounds of a centre drawn between two fractions of the side, inside 1..size-1."""
+    lo, hi = (min(max(math.floor(size * f), 1), size - 1) for f in fractions)
+    return lo, hi
 
 
 def _hole(rng: np.random.Generator, p: Preset, size: int) -> HoleRecord:
@@ -169,8 +171,9 @@ def resolve_hole_strength(hole: HoleRecord, fov_mean: float, preset: Preset | st
 
 
 def _spot(rng: np.random.Generator, p: Preset, size: int) -> SpotRecord:
-    lo = math.ceil(size * p.spot_radius[0])
-    hi = math.floor(size * p.spot_radius[1])
+    widest = (size - 2) // 2  # a centre must fit radius + 1 from either edge
+    lo = min(math.ceil(size * p.spot_radius[0]), widest)
+    hi = min(math.floor(size * p.spot_radius[1]), widest)
     radius = _int_between(rng, lo, hi, "spot radius")
     cx = _int_between(rng, radius + 1, size - radius - 1, "spot centre x")
     cy = _int_between(rng, radius + 1, size - radius - 1, "spot centre y")

@@ -145,6 +145,15 @@ def test_halo_adds_the_colour_weighted_blurred_ring() -> None:
     assert ours[70, 60, 0] == pytest.approx(0.25)  # centre untouched: inside the inner disc
 
 
+def test_halo_with_its_inner_diameter_larger_draws_the_same_ring() -> None:
+    """The released code's ring is |mask_a - mask_b|: the order of the diameters is free."""
+    image = np.full((128, 128, 3), 0.25, np.float32)
+    args = (31, 20.0, (141, 238, 238))
+    swapped = ops.halo(image, (60, 70), 200.0, 90.0, *args)
+    np.testing.assert_array_equal(swapped, ops.halo(image, (60, 70), 90.0, 200.0, *args))
+    assert (swapped != 0.25).any()
+
+
 def test_blur_keeps_float32_and_clips() -> None:
     rng = np.random.default_rng(8)
     image = rng.random((64, 64, 3)).astype(np.float32)
@@ -240,7 +249,7 @@ def test_hole_blur_matches_opencv_on_the_whole_map(
         ((205, 268), 390.7, 1043.9, 223),  # outer circle beyond the image (real record)
         ((261, 235), 494.9, 795.8, 59),
         ((300, 200), 450.0, 600.0, 1023),  # half a kernel = the image size - 1
-        ((256, 256), 500.0, 400.0, 101),  # inner diameter above the outer: no ring
+        ((256, 256), 500.0, 400.0, 101),  # inner diameter above the outer: the ring between
     ],
 )
 def test_halo_blur_matches_opencv_on_the_whole_map(
@@ -251,9 +260,8 @@ def test_halo_blur_matches_opencv_on_the_whole_map(
     assert not ops.halo(image, center, dia_a, dia_b, kernel, sigma, (255, 255, 255)).any()
     image[..., 1:] = 1.0  # mean 2/3; channel 0 then holds exactly the added ring
     ours = ops.halo(image, center, dia_a, dia_b, kernel, sigma, (255, 255, 255))
-    ring = ops.disc((512, 512), center, int(dia_b // 2)) & ~ops.disc(
-        (512, 512), center, int(dia_a // 2)
-    )
+    inner, outer = sorted((int(dia_a // 2), int(dia_b // 2)))  # the released |mask_a - mask_b|
+    ring = ops.disc((512, 512), center, outer) & ~ops.disc((512, 512), center, inner)
     ref = cv2.GaussianBlur(ring.astype(np.float64), (kernel, kernel), sigma, borderType=BORDER)
     _check_against_opencv(ours[..., 0], ref * (2 / 3))
 

@@ -141,3 +141,21 @@ def test_presets_at_their_upper_limits_never_sample_a_record_the_bounds_refuse(
             # a refused record would raise RecordError from the record's own checks
             record = sample_record(sample_rng(0, str(size), variant), "111", size, widest, 0.3)
             assert record.blur is not None and record.blur.k_w <= max_blur_kernel(size)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [{"spot_radius": [0.5, 0.5]}, {"hole_center_x": [0.0, 0.0]}, {"hole_center_y": [1.0, 1.0]}],
+)
+@pytest.mark.parametrize("size", [64, 256])
+def test_a_preset_at_the_ends_of_its_ranges_draws_at_every_size(ranges, size) -> None:
+    preset = Preset.from_dict({"name": "edge", **ranges})
+    record = sample_record(sample_rng(0, "x", 0), "111", size, preset, fov_mean=0.4)
+    assert all(0 < c < size for c in record.hole.center)
+    assert all(s.radius + 1 <= c <= size - s.radius - 1 for s in record.spots for c in s.center)
+
+
+def test_a_custom_preset_may_not_take_a_built_in_name() -> None:
+    with pytest.raises(PresetError, match="name: 'cofe-release' is a built-in preset"):
+        Preset.from_dict({"name": "cofe-release", "blur_sigma": [1.0, 2.0]})
+    assert Preset.from_dict({"name": "cofe-release"}) == PRESETS["cofe-release"]
