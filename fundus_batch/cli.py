@@ -157,8 +157,9 @@ def degrade_image(
     """Degrade one image (FOV preprocessing first unless --preprocessed).
 
     To regenerate a run's row from its source photograph, give the run's --size and the row's
-    seed, id, variant and type (or --replay its params_json); for a --format jpeg run, also
-    --jpeg-clean and --quality set to the run's jpeg_quality (in its run.json settings).
+    seed, id, variant and type (or --replay its params_json), and --mask with the mask_uri its
+    manifest row gave, if any; for a --format jpeg run, also --jpeg-clean and --quality set to
+    the run's jpeg_quality (in its run.json settings).
     """
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
     from fundus_batch.degrade.params import RecordError
