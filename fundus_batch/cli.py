@@ -717,7 +717,6 @@ def train_cmd(
         train,
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
         variant=variant,
         width=width,
@@ -768,6 +767,7 @@ def train_cmd(
                 f"SSIM {m.ssim_degraded:.4f} -> {m.ssim_enhanced:.4f}"
             )
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
     result = train(config, train_source, val_source, on_val=report)
     weights = out_dir / "model.pt"
     # The file carries the build settings (residual, heads), so --weights model.pt works
