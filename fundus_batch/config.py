@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fundus_batch.degrade import TYPE_CODES
-from fundus_batch.degrade.presets import known_preset
+from fundus_batch.degrade.presets import PRESETS, Preset, PresetError, get_preset, known_preset
 from fundus_batch.validation import FieldProblem, format_problems, validate
 
 
@@ -169,7 +179,16 @@ class RunConfig(_Strict):
     type_mode: Literal["cycle", "sample"] = Field(
         "cycle", description="cycle: variant k gets the k-th type; sample: drawn per variant"
     )
-    preset: str = Field("cofe-release", description="degradation parameter ranges")
+    custom_preset: Preset | None = Field(
+        None,
+        description="the ranges of a custom preset, set from a mapping given as preset "
+        "(None: preset names a built-in one)",
+    )
+    preset: str = Field(
+        "cofe-release",
+        description="degradation parameter ranges: a built-in preset (a config may give a "
+        "mapping of custom ranges instead)",
+    )
     image_format: Literal["png", "jpeg"] = Field("png", description="format of the output images")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the output images")
     storage_options: dict[str, Any] = Field(
@@ -220,10 +239,40 @@ class RunConfig(_Strict):
             raise ValueError("at least one type code is needed")
         return codes
 
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_preset(cls, data: Any) -> Any:
+        """A ``preset`` given as a mapping (or a Preset) becomes its name plus ``custom_preset``;
+        one equal to a built-in preset becomes just that name."""
+        if not isinstance(data, Mapping):
+            return data
+        given, custom = data.get("preset"), data.get("custom_preset")
+        if isinstance(custom, Mapping):  # a dumped config read back
+            custom = _parse_preset(custom, "custom_preset")
+        if isinstance(given, Mapping | Preset):
+            if custom is not None:
+                raise _preset_error(
+                    "custom_preset", "set from preset: give the ranges as preset only", custom
+                )
+            custom = _parse_preset(given, "preset")
+            given = custom.name
+        if isinstance(custom, Preset) and PRESETS.get(custom.name) == custom:
+            custom = None  # a built-in preset spelled out: recorded as its name
+        updated = {**data, "custom_preset": custom}
+        if given is not None:
+            updated["preset"] = given
+        return updated
+
     @field_validator("preset")
     @classmethod
-    def _preset(cls, value: str) -> str:
-        return known_preset(value)
+    def _preset(cls, value: str, info: ValidationInfo) -> str:
+        """A built-in preset's name, or the name of the custom preset given."""
+        custom = info.data.get("custom_preset")
+        if custom is None:
+            return known_preset(value)
+        if value != custom.name:
+            raise ValueError(f"custom_preset is named {custom.name!r}: preset must name it")
+        return value
 
     @field_validator("size")
     @classmethod
@@ -281,6 +330,11 @@ class RunConfig(_Strict):
             )
 
     @property
+    def resolved_preset(self) -> Preset:
+        """The preset this run draws from: the custom one given, else the built-in one named."""
+        return self.custom_preset if self.custom_preset is not None else get_preset(self.preset)
+
+    @property
     def out_storage_options(self) -> dict[str, Any]:
         return (
             self.storage_options
@@ -295,6 +349,51 @@ class RunConfig(_Strict):
             if data.get(key):
                 data[key] = _redact_options(data[key])
         return _redact_strings(data)
+
+
+def _preset_error(field: str, message: str, value: Any) -> ValidationError:
+    """A pydantic error at ``field`` (a dotted path inside the config) saying ``message``."""
+    loc = tuple(field.split("."))
+    detail = InitErrorDetails(
+        type=PydanticCustomError("preset", "{reason}", {"reason": message}),
+        loc=loc,
+        input=value,
+    )
+    return ValidationError.from_exception_data("RunConfig", [detail])
+
+
+def _parse_preset(value: Mapping[str, Any] | Preset, field: str) -> Preset:
+    """``value`` (a preset's fields, ``name`` required, ``base`` an optional built-in name) as a
+    Preset, checked by ``Preset.from_dict``; errors name ``<field>.<preset field>``."""
+    if isinstance(value, Preset):
+        value = value.to_dict()
+    base = value.get("base")
+    if "base" in value and (not isinstance(base, str) or base not in PRESETS):
+        raise _preset_error(
+            f"{field}.base", f"unknown preset; known presets: {sorted(PRESETS)}", base
+        )
+    try:
+        return Preset.from_dict(value)
+    except PresetError as exc:
+        cause = exc.__context__  # Preset's own field errors, each at its location
+        if isinstance(cause, ValidationError):
+            errors = cause.errors()
+            raise ValidationError.from_exception_data(
+                "RunConfig",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(e["type"], "{reason}", {"reason": e["msg"]})
+                        if e["type"] != "missing"
+                        else "missing",
+                        loc=(field, *e["loc"]),
+                        input=e["input"],
+                    )
+                    for e in errors
+                ],
+            ) from None
+        where = field if exc.field == "<root>" else f"{field}.{exc.field}"
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise _preset_error(where, message, value.get(exc.field, value)) from None
 
 
 _SECRET_WORDS = (

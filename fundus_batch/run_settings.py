@@ -6,10 +6,12 @@ enhancement on a folder made without it (the rows that lack an enhanced image ar
 it; degradation is seeded, so their clean and degraded images come out byte-identical). Any
 other difference (size, seed, preset, types, format, fewer variants, enhancement removed or
 another model, another metric protocol, ...) is refused before any work, listing every
-difference as ``field: old -> new``. Fewer variants are refused rather than read as "done":
-a run's variant count is what ``verify`` checks, so accepting it would leave the folder
-claiming less than it holds. A manifest column passed through to the rows keeps its Arrow type
-in one folder (:func:`check_column_types`): shards that disagree on it cannot be read together.
+difference as ``field: old -> new``. A custom preset is recorded by its whole definition, so
+the same name with other ranges is another setting. Fewer variants are refused rather than read
+as "done": a run's variant count is what ``verify`` checks, so accepting it would leave the
+folder claiming less than it holds. A manifest column passed through to the rows keeps its
+Arrow type in one folder (:func:`check_column_types`): shards that disagree on it cannot be read
+together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from fundus_batch.config import RunConfig
+from fundus_batch.degrade.presets import PRESETS
 from fundus_batch.quality import (
     NEUTRAL_PARAMETERS,
     QualityRuleError,
@@ -107,12 +110,44 @@ def _from_config_dict(cfg: dict[str, Any], model: tuple[str, str] | None) -> dic
     if pairs:
         settings |= {
             "seed": cfg.get("seed"),
-            "preset": cfg.get("preset"),
+            "preset": _preset_setting(cfg),
             "types": cfg.get("types"),
             "type_mode": cfg.get("type_mode"),
             "variants": cfg.get("variants"),
         }
     return settings
+
+
+def _preset_setting(cfg: dict[str, Any]) -> Any:
+    """A built-in preset by its name (as recorded before custom presets), a custom one by its
+    whole definition (``Preset.to_dict()``): its name alone does not say what it draws."""
+    custom = cfg.get("custom_preset")
+    return custom if isinstance(custom, dict) else cfg.get("preset")
+
+
+def _preset_difference(old: Any, new: Any) -> str:
+    """``preset: old -> new`` by name; where either is a custom preset, followed by the ranges
+    that differ (a custom one's from its definition, a built-in one's its own)."""
+
+    def name(value: Any) -> Any:
+        return value.get("name") if isinstance(value, dict) else value
+
+    def definition(value: Any) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        builtin = PRESETS.get(value) if isinstance(value, str) else None
+        return None if builtin is None else builtin.to_dict()
+
+    text = f"preset: {_fmt(name(old))} -> {_fmt(name(new))}"
+    a, b = definition(old), definition(new)
+    if a is None or b is None or not (isinstance(old, dict) or isinstance(new, dict)):
+        return text
+    ranges = [
+        f"{key} {a.get(key)!r} -> {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if key != "name" and a.get(key) != b.get(key)
+    ]
+    return f"{text} (other ranges: {'; '.join(ranges)})" if ranges else text
 
 
 QUALITY_NULLS = "neutral"
@@ -276,7 +311,9 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
             elif a is not None and b is not None:
                 diffs += _enhance_differences(a, b)
             continue
-        if a != b:
+        if key == "preset" and a != b:
+            diffs.append(_preset_difference(a, b))
+        elif a != b:
             diffs.append(f"{key}: {_fmt(a)} -> {_fmt(b)}")
     if diffs:
         raise SettingsMismatchError(out, diffs)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import numpy as np
 
 from fundus_batch import __version__, outpaths
-from fundus_batch.degrade import degrade, sample_rng, stable_hash
+from fundus_batch.degrade import Preset, degrade, get_preset, sample_rng, stable_hash
 from fundus_batch.fov import FOVError
 from fundus_batch.imaging import (
     ImageFormat,
@@ -374,7 +374,7 @@ class Degrade(RowsCallable):
         variants: int,
         types: Sequence[str],
         type_mode: Literal["cycle", "sample"] = "cycle",
-        preset: str = "cofe-release",
+        preset: Preset | str = "cofe-release",
         image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
     ) -> None:
@@ -382,7 +382,9 @@ class Degrade(RowsCallable):
         self.variants = variants
         self.types = list(types)
         self.type_mode = type_mode
-        self.preset = preset
+        # the resolved ranges (a custom preset's travel to the workers with the stage's
+        # arguments); rows carry the preset's name
+        self.preset = get_preset(preset)
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
 
@@ -408,7 +410,7 @@ class Degrade(RowsCallable):
                 variant=variant,
                 seed=self.seed,
                 id_hash=f"{stable_hash(image_id):016x}",
-                preset=self.preset,
+                preset=self.preset.name,
                 type_code=choose_type(self.types, self.type_mode, self.seed, image_id, variant),
             )
             if vitem.ok:
@@ -713,7 +715,7 @@ def stage_specs(config: RunConfig) -> list[StageSpec]:
                     "variants": config.variants,
                     "types": tuple(config.types),
                     "type_mode": config.type_mode,
-                    "preset": config.preset,
+                    "preset": config.resolved_preset,
                     **fmt,
                 },
             )

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -22,6 +22,9 @@ from fundus_batch.imaging import sha256_hex
 from fundus_batch.io import codecs, storage
 from fundus_batch.output import RUN_JSON, OutputStore
 from fundus_batch.schema import STATUS_FAILED, STATUS_OK
+
+if TYPE_CHECKING:
+    from fundus_batch.degrade import Preset
 
 __all__ = ["RepairReport", "VerifyReport", "repair", "verify"]
 
@@ -462,9 +465,32 @@ def _close(stored: Any, fresh: float, rel_tol: float = 1e-5, abs_tol: float = 1e
     return math.isclose(stored, fresh, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-def _deep_row(row: dict[str, Any], storage_options: dict | None) -> list[str]:
+def _redraw_preset(name: Any, recorded: Any) -> Preset | str:
+    """The preset a row named ``name`` was drawn from: the custom preset the folder's settings
+    record (``recorded``: its definition) when it has that name, else the built-in one. A
+    problem (str) when it is neither, or the recorded definition is not a valid preset."""
+    from fundus_batch.degrade import PRESETS, Preset, PresetError
+
+    if isinstance(recorded, dict) and recorded.get("name") == name:
+        try:
+            return Preset.from_dict(recorded)
+        except PresetError as exc:
+            return f"deep check: run.json's definition of preset {name!r} is invalid ({exc})"
+    if isinstance(name, str) and name in PRESETS:
+        return PRESETS[name]
+    return (
+        f"deep check: preset {name!r} is neither built-in nor recorded in run.json: "
+        "the row cannot be redrawn from its seed"
+    )
+
+
+def _deep_row(
+    row: dict[str, Any], storage_options: dict | None, recorded_preset: Any = None
+) -> list[str]:
     """Recompute one ok row from its files: replay ``params_json`` and redraw it from the seed
-    (pairs rows), and recompute its metrics (same metric version only). Returns problems."""
+    with its preset (``recorded_preset``: the folder's recorded setting, a custom preset's
+    definition or a built-in name), and recompute its metrics (same metric version only).
+    Returns problems."""
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
     from fundus_batch.imaging import decode_mask
     from fundus_batch.metrics import METRIC_VERSION, full_reference_metrics, noref_metrics
@@ -496,12 +522,16 @@ def _deep_row(row: dict[str, Any], storage_options: dict | None) -> list[str]:
             )
         if row.get("seed") is not None and row.get("type_code"):
             rng = sample_rng(int(row["seed"]), str(row["image_id"]), int(row["variant"]))
-            preset = cast(str, row.get("preset"))  # get_preset rejects a non-string itself
-            _, drawn = degrade(clean, mask, row["type_code"], rng, preset=preset)
-            if drawn.to_dict() != record.to_dict():
-                problems.append(
-                    "deep check: seed, image id and variant do not draw the recorded params_json"
-                )
+            preset = _redraw_preset(row.get("preset"), recorded_preset)
+            if isinstance(preset, str):
+                problems.append(preset)
+            else:
+                _, drawn = degrade(clean, mask, row["type_code"], rng, preset=preset)
+                if drawn.to_dict() != record.to_dict():
+                    problems.append(
+                        "deep check: seed, image id and variant do not draw the recorded "
+                        "params_json"
+                    )
     if row.get("metric_version") != METRIC_VERSION:
         return problems  # another metric protocol: its values cannot be recomputed here
     wrong: list[str] = []
@@ -537,6 +567,8 @@ def _against_settings(row: dict[str, Any], settings: dict[str, Any]) -> list[str
         problems.append(f"deep check: an ok row without {', '.join(missing)}")
     for key in ("seed", "preset", "metric_version"):
         recorded, own = settings.get(key), row.get(key)
+        if key == "preset" and isinstance(recorded, dict):  # a custom preset's definition
+            recorded = recorded.get("name")
         if key in needed and None not in (recorded, own) and own != recorded:
             problems.append(f"deep check: {key} {own!r}, the folder's is {recorded!r}")
     types, mode, seed = settings.get("types"), settings.get("type_mode"), settings.get("seed")
@@ -580,7 +612,7 @@ def _check_deep(
                 row[f"{role}_uri"] = outpaths.resolve(out, row[f"{role}_uri"])
         problems = _against_settings(row, settings or {})
         try:
-            problems += _deep_row(row, storage_options)
+            problems += _deep_row(row, storage_options, (settings or {}).get("preset"))
         except Exception as exc:
             reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
             problems.append(f"deep check could not run: {reason}")
