@@ -118,9 +118,10 @@ def main() -> None:
                 "mode": "enhance",
                 "progress": False,
                 "enhance": {
-                    "weights": args.weights,
                     "enhancer": args.enhancer,
                     "batch_size": 4,
+                    # the classical enhancer takes no weights (a config naming them is refused)
+                    **({"weights": args.weights} if args.enhancer == "cofenet" else {}),
                 },
                 "ray": {"num_cpus": 2},
             },

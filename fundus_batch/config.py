@@ -174,7 +174,7 @@ class RunConfig(_Strict):
     variants: int = Field(7, ge=1, le=1000, description="degraded variants per image")
     types: list[str] = Field(
         default_factory=lambda: list(TYPE_CODES),
-        description="degradation types: a list, a comma-separated string, or 'all'",
+        description="degradation types: comma-separated codes (YAML: a list too), or 'all'",
     )
     type_mode: Literal["cycle", "sample"] = Field(
         "cycle", description="cycle: variant k gets the k-th type; sample: drawn per variant"
@@ -285,6 +285,13 @@ class RunConfig(_Strict):
     def _modes(self) -> RunConfig:
         if self.mode == "enhance" and not self.enhance.enabled:
             self.enhance.enabled = True
+        shaping = ("enhancer", "weights", "variant", "width", "max_change")
+        given = [n for n in shaping if n in self.enhance.model_fields_set]
+        if given and not self.enhance.enabled and "enabled" not in self.enhance.model_fields_set:
+            raise ValueError(
+                f"enhance.{given[0]} is given but nothing is enhanced: add --enhance "
+                "(enhance.enabled: true), or leave it out"
+            )
         if self.min_quality is not None:
             self._check_min_quality(self.min_quality)
         if self.enhance.max_change is not None and self.image_format == "jpeg":

@@ -28,7 +28,12 @@ def test_defaults_are_all_seven_types_and_release_preset():
         ({"manifest": "m", "out": "o", "ray": {"rows_per_block": 0}}, "ray.rows_per_block"),
         ({"manifest": "m", "out": "o", "unknown_key": 1}, "unknown_key"),
         (
-            {"manifest": "m", "out": "o", "image_format": "jpeg", "enhance": {"max_change": 40}},
+            {
+                "manifest": "m",
+                "out": "o",
+                "image_format": "jpeg",
+                "enhance": {"enabled": True, "max_change": 40},
+            },
             "max_change needs image_format png",
         ),
     ],
@@ -109,7 +114,9 @@ def test_shipped_job_configs_validate(name):
 
 
 def test_enhancer_classical_validates_and_an_unknown_enhancer_names_the_field():
-    c = build_config({"manifest": "m", "out": "o", "enhance": {"enhancer": "classical"}})
+    c = build_config(
+        {"manifest": "m", "out": "o", "enhance": {"enabled": True, "enhancer": "classical"}}
+    )
     assert c.enhance.enhancer == "classical"
     assert build_config({"manifest": "m", "out": "o"}).enhance.enhancer == "cofenet"
     with pytest.raises(ConfigError) as err:
@@ -118,7 +125,7 @@ def test_enhancer_classical_validates_and_an_unknown_enhancer_names_the_field():
 
 
 def test_max_change_is_a_grey_level_count_for_cofenet_only():
-    c = build_config({"manifest": "m", "out": "o", "enhance": {"max_change": 40}})
+    c = build_config({"manifest": "m", "out": "o", "enhance": {"enabled": True, "max_change": 40}})
     assert c.enhance.max_change == 40
     assert build_config({"manifest": "m", "out": "o"}).enhance.max_change is None
     for bad in (0, 256):
@@ -134,7 +141,8 @@ def test_max_change_is_a_grey_level_count_for_cofenet_only():
 
 def test_enhance_variant_is_a_known_cofenet_variant_stored_by_its_released_name():
     def enhance(**options):
-        return build_config({"manifest": "m", "out": "o", "enhance": options}).enhance
+        data = {"manifest": "m", "out": "o", "enhance": {"enabled": True, **options}}
+        return build_config(data).enhance
 
     assert enhance(variant="Cofe-Net").variant == "encode_decode_vessel_2scale_share_res_atten"
     assert enhance(variant="encode_decode_res", width=0.25).width == 0.25
@@ -187,3 +195,21 @@ def test_local_demo_config_reads_the_manifest_its_own_recipe_writes(tmp_path, mo
     result = CliRunner().invoke(main, [*shlex.split(recipe.group(1)), "--size", "64"])
     assert result.exit_code == 0, result.output
     assert scan_manifest(load_config(path).manifest).rows == 4
+
+
+@pytest.mark.parametrize("field", ["max_change", "weights", "enhancer", "variant"])
+def test_an_enhancement_setting_without_enhancement_is_refused(field: str) -> None:
+    value = {"max_change": 40, "weights": "my.pt", "enhancer": "classical", "variant": "cofe-net"}
+    with pytest.raises(ConfigError, match=rf"enhance\.{field} is given but nothing is enhanced"):
+        build_config({"manifest": "m", "out": "o", "enhance": {field: value[field]}})
+
+
+def test_enhancement_settings_with_enhancement_on_or_explicitly_off_are_accepted() -> None:
+    on = build_config({"manifest": "m", "out": "o", "enhance": {"enabled": True, "max_change": 9}})
+    assert on.enhance.max_change == 9
+    off = {"enabled": False, "weights": "my.pt"}  # a template with enhancement switched off
+    assert build_config({"manifest": "m", "out": "o", "enhance": off}).enhance.weights == "my.pt"
+    mode = build_config(
+        {"manifest": "m", "out": "o", "mode": "enhance", "enhance": {"width": None}}
+    )
+    assert mode.enhance.enabled
