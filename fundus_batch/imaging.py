@@ -115,7 +115,11 @@ def _fit_rim(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> Circle | None:
     )
     pts = np.concatenate(contours, axis=0).reshape(-1, 2).astype(np.float64)
     px, py = pts[:, 0], pts[:, 1]
-    off = (px > 0) & (px < width - 1) & (py > 0) & (py < height - 1)
+    # Off the frame border, and off the mask's outermost rows and columns: a straight edge
+    # there (an aperture's flat top, a notch) is a chord, not rim.
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    off = (px > max(x0, 0)) & (px < min(x1, width - 1)) & (py > max(y0, 0))
+    off &= py < min(y1, height - 1)
     px, py = px[off], py[off]
     if px.size < _MIN_RIM_POINTS:
         return None

@@ -221,3 +221,16 @@ def test_the_source_circle_of_a_reduced_decode_is_the_full_decodes():
     found = reduced.source_circle
     assert reduced.factor > 1
     assert abs(found.cx - full.cx) < 0.1 and abs(found.cy - full.cy) < 0.1, (found, full)
+
+
+@pytest.mark.parametrize(("top", "bottom"), [(20, 20), (40, 12)])
+def test_an_aperture_with_flat_top_and_bottom_gives_its_circle_not_its_chords(top, bottom):
+    """A camera's aperture cut straight at top and bottom (the authors' masks of real
+    low-quality photographs): the straight edges are chords, kept out of the rim fit."""
+    truth = Circle(256.0, 256.0, 256.0)
+    mask = circle_mask(512, 512, truth)
+    mask[:top] = 0
+    mask[512 - bottom :] = 0
+    found = circle_from_mask(mask)
+    assert abs(found.cx - truth.cx) < 1.0 and abs(found.cy - truth.cy) < 1.0, found
+    assert abs(found.r - truth.r) < 1.0, found
