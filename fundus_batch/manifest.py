@@ -239,14 +239,14 @@ def id_from_path(path: str) -> str:
 
 def safe_id(text: str) -> str:
     """``text`` made into an id that :func:`check_image_id` accepts, changed only where needed:
-    separators and control characters become '_', '..' becomes '_', surrounding whitespace
-    goes, a leading '-' becomes '_', and an over-long id keeps its end plus a hash of the
-    whole."""
+    separators and control characters become '_', '..' and '::' become '_', surrounding
+    whitespace goes, a leading '-' becomes '_', and an over-long id keeps its end plus a hash
+    of the whole."""
     cleaned = "".join(
         "_" if (ch in "/\\" or unicodedata.category(ch) in _UNSAFE_CATEGORIES) else ch
         for ch in text
     )
-    cleaned = cleaned.replace("..", "_").strip()
+    cleaned = cleaned.replace("..", "_").replace("::", "_").strip()
     if len(cleaned.encode("utf-8")) > MAX_ID_BYTES:
         tail = cleaned.encode("utf-8")[-(MAX_ID_BYTES - 9) :].decode("utf-8", errors="ignore")
         cleaned = f"{tail.strip()}-{_digest(text)}"

@@ -242,7 +242,12 @@ _TEXT_TYPES = ("string", "large_string", "string_view", "binary", "large_binary"
 
 
 def _is_text(kind: pa.DataType) -> bool:
+    """Whether a column of ``kind`` holds strings (or bytes read as UTF-8)."""
     return any(getattr(pa.types, f"is_{name}", lambda _: False)(kind) for name in _TEXT_TYPES)
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
 
 
 def _check_column_types(schema: pa.Schema, source: str) -> None:
@@ -254,14 +259,13 @@ def _check_column_types(schema: pa.Schema, source: str) -> None:
         "uri": (_is_text, "text"),
         "mask_uri": (_is_text, "text"),
         "vessel_uri": (_is_text, "text"),
-        "split": (
-            lambda t: _is_text(t) or pa.types.is_integer(t) or pa.types.is_floating(t),
-            "text or numbers",
-        ),
+        "split": (lambda t: _is_text(t) or _is_number(t), "text or numbers"),
     }
     for name, (ok, what) in allowed.items():
         if name in schema.names:
             kind = schema.field(name).type
+            if pa.types.is_dictionary(kind):  # pandas' Categorical: judged by its values
+                kind = kind.value_type
             if not ok(kind) and not pa.types.is_null(kind):
                 raise ManifestError(
                     f"column '{name}' of {source} has type {kind}: it must hold {what}",

@@ -268,6 +268,25 @@ def test_a_parquet_column_of_a_type_that_cannot_hold_it_is_refused(tmp_path, col
 
 
 def test_integer_ids_and_numeric_splits_of_a_parquet_manifest_are_accepted(tmp_path):
-    data = {"image_id": [1, 2], "uri": ["a.png", "b.png"], "split": [0.0, 1.0]}
+    import decimal
+
+    splits = pa.array([decimal.Decimal("0.0"), decimal.Decimal("1.0")])
+    data = {"image_id": [1, 2], "uri": ["a.png", "b.png"], "split": splits}
     pq.write_table(pa.table(data), tmp_path / "m.parquet")
     assert ms.scan_manifest(str(tmp_path / "m.parquet")).rows == 2
+
+
+def test_categorical_columns_of_a_pandas_written_manifest_are_read_as_their_values(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({c: pd.Categorical(v) for c, v in CATEGORIES.items()})
+    frame.to_parquet(tmp_path / "m.parquet")
+    assert ms.scan_manifest(str(tmp_path / "m.parquet")).rows == 2
+    rows = ms.plan_batch(pq.read_table(tmp_path / "m.parquet"), ms.KeySet.of([]), None, [0], [])
+    assert [(r["image_id"], r["source_uri"], r["split"]) for r in rows] == [
+        ("a", "a.png", "train"),
+        ("b", "b.png", "val"),
+    ]
+
+
+CATEGORIES = {"image_id": ["a", "b"], "uri": ["a.png", "b.png"], "split": ["train", "val"]}

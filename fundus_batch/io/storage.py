@@ -231,13 +231,13 @@ def redact(text: str) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """A URI as a row stores it: without user info (``scheme://user:pass@``) and, for http(s)
-    URLs, without the values of a presigned or SAS query string or of keys in it that look
-    secret. The path is kept as given: a folder named ``access_token=none`` is a path, and
-    :func:`redact`, meant for messages, would cut it."""
+    """A URI as a row stores it: without user info (``scheme://user:pass@``) and, for a URL
+    (``scheme://``, chained or not), without the values of a presigned or SAS query string or
+    of keys in it that look secret. The path is kept as given: a folder named
+    ``access_token=none`` is a path, and :func:`redact`, meant for messages, would cut it."""
     text = _USERINFO.sub(lambda m: m.group("scheme") + _MASK + "@", str(uri))
     head, sep, query = text.partition("?")
-    if not sep or fsspec.utils.get_protocol(head) not in _HTTP_PROTOCOLS:
+    if not sep or "://" not in head:  # a local path: '?' is a character of its name
         return text
     query = _SIGNED_QUERY.sub(lambda m: m.group("key") + _MASK, "?" + query)[1:]
     query = _AWS_KEY_ID.sub(_MASK, _KEY_VALUE.sub(_mask_value, query))
@@ -268,12 +268,12 @@ def filesystem(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` (instances are cached by fsspec) and the path in it.
 
-    A path without ``scheme://`` is a local path, taken literally: fsspec would read ``::`` in
-    it as a chained URL (``a/eye::L.png`` opened ``a/eye``)."""
+    A path without ``scheme://`` (or a ``file://`` URL) is a local path, taken literally: fsspec
+    would read ``::`` in it as a chained URL (``a/eye::L.png`` opened ``a/eye``)."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"storage URI must be a non-empty string, got {uri!r}")
     try:
-        if "://" not in uri:
+        if "://" not in uri or uri.startswith("file://"):
             local = fsspec.filesystem("file", **options_for(uri, storage_options))
             return local, local._strip_protocol(uri)
         fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))

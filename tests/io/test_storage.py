@@ -415,6 +415,8 @@ def test_redact_uri_keeps_a_path_that_only_looks_secret(uri: str) -> None:
         ("https://h.example/c/img.jpg?sv=1&sig=sekrit", "https://h.example/c/img.jpg?sv="),
         ("https://h.example/img.jpg?api_key=sekrit", "https://h.example/img.jpg?api_key="),
         ("s3://AKIDUSER:sekrit@bucket/key.png", "s3://***@bucket/key.png"),
+        ("simplecache::https://h.example/x.png?X-Amz-Signature=sekrit", "simplecache::https://"),
+        ("HTTPS://h.example/x.png?X-Amz-Signature=sekrit", "HTTPS://h.example/x.png?"),
     ],
 )
 def test_redact_uri_masks_user_info_and_signed_queries(uri: str, kept: str) -> None:
@@ -428,6 +430,7 @@ def test_a_local_path_with_a_double_colon_names_that_file(tmp_path: Path) -> Non
     (tmp_path / "eye::L.png").write_bytes(b"left")
     assert storage.read_bytes(str(tmp_path / "eye::L.png")) == b"left"
     assert filesystem(str(tmp_path / "eye::L.png"))[1] == str(tmp_path / "eye::L.png")
+    assert storage.read_bytes(f"file://{tmp_path}/eye::L.png") == b"left"
 
 
 def test_filesystem_passes_storage_options_through() -> None:
