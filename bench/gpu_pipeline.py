@@ -34,7 +34,7 @@ import torch
 
 from fundus_batch.config import RunConfig
 from fundus_batch.console import ray_output
-from fundus_batch.models import build_cofenet
+from fundus_batch.models import build_cofenet, save_weights
 from fundus_batch.pipeline import init_ray, run, shutdown
 from fundus_batch.ray_adapter import ClusterShape, plan_pools
 from fundus_batch.shards import read_frame
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.width is not None:
             weights, variant = str(work / "random.pt"), "cofe-net"
             model = build_cofenet(variant, args.width, generator=torch.Generator().manual_seed(0))
-            torch.save(model.state_dict(), weights)
+            save_weights(weights, model.state_dict(), residual=False)
         config = RunConfig.model_validate(
             {
                 "manifest": str(manifest),

@@ -302,15 +302,16 @@ def enhance_image_cmd(
             "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
         )
     image, mask = _working_image(input_path, mask_path, preprocessed, size)
-    source = image.copy()
+    # A working image given as it is may come back unchanged: then its own bytes are written.
+    as_given = (_read(input_path), image.copy()) if preprocessed else None
     image[mask == 0] = 0
     result = enhance_image(
         image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change
     )
-    data = _read(input_path) if preprocessed else b""
-    if not stores_as_source(
-        data, source, result.image, mask, _OUTPUT_FORMATS[output.suffix.lower()]
-    ):
+    fmt = _OUTPUT_FORMATS[output.suffix.lower()]
+    if as_given is not None and stores_as_source(*as_given, result.image, mask, fmt):
+        data = as_given[0]
+    else:
         data = _encode(output, result.image, quality)
     write_local_files([(output, data)])
     if result.change == 0:
@@ -767,8 +768,9 @@ def train_cmd(
                 f"SSIM {m.ssim_degraded:.4f} -> {m.ssim_enhanced:.4f}"
             )
 
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
+    # No folder before train() has checked the data: its checkpoints create it.
     result = train(config, train_source, val_source, on_val=report)
+    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.pt"
     # The file carries the build settings (residual, heads), so --weights model.pt works
     # without registry.json.

@@ -182,11 +182,13 @@ def map_shape_problem(what: str, map_shape: tuple[int, ...], shape: tuple[int, .
     )
 
 
-def crop_like(binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int) -> np.ndarray:
+def crop_like(
+    binary: np.ndarray, shape: tuple[int, int], circle: Circle, size: int, what: str = "map"
+) -> np.ndarray:
     """Apply the FOV crop of an image of ``shape`` to a binary map of the same scene (of any
-    resolution with the image's aspect ratio: :func:`map_shape_problem`)."""
+    resolution with the image's aspect ratio: :func:`map_shape_problem`, naming it ``what``)."""
     if binary.shape[:2] != shape:
-        problem = map_shape_problem("map", binary.shape, shape)
+        problem = map_shape_problem(what, binary.shape, shape)
         if problem is not None:
             raise ValueError(problem)
         binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)

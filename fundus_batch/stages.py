@@ -338,7 +338,7 @@ class Preprocess(RowsCallable):
             item.put("mask", pre.mask, codecs.encode_png(pre.mask))
             if vessel_raw is not None:
                 truth = decode_vessel_truth(vessel_raw)
-                truth = crop_like(truth, source.rgb.shape[:2], pre.circle, self.size)
+                truth = crop_like(truth, source.rgb.shape[:2], pre.circle, self.size, "vessel map")
                 truth = np.where(pre.mask > 0, truth, 0).astype(np.uint8)
                 item.put("vessel_gt", truth, codecs.encode_png(truth))
         except (codecs.DecodeError, FOVError) as exc:

@@ -83,13 +83,14 @@ def test_cuda_sweep_reports_peak_gpu_memory(tmp_path: Path) -> None:
     assert rows and all(r["status"] == "ok" and r["peak_gpu_mib"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("model", [[], ["--width", "0.125"]], ids=["shipped", "random-width"])
 def test_pipeline_bench_on_the_cpu_reports_where_each_pool_spends_its_time(
-    tmp_path: Path,
+    tmp_path: Path, model: list[str]
 ) -> None:
     """Without a GPU the enhancement actors run on the CPU; the JSON still says how long a row
     spends in each stage (enhance: decode, forward pass and encode) and how busy each pool was."""
     out = tmp_path / "pipeline.json"
-    argv = ["--images", "4", "--size", "192", "--distinct", "2", "--cpus", "2"]
+    argv = ["--images", "4", "--size", "192", "--distinct", "2", "--cpus", "2", *model]
     argv += ["--enhance-batch", "2", "--rows-per-block", "2", "--json", str(out)]
     assert gpu_pipeline.main(argv) == 0
     doc = json.loads(out.read_text())

@@ -163,9 +163,13 @@ def test_train_leaves_out_rows_that_failed_the_quality_gate_and_says_how_many(
     assert "left out" not in included.output
 
 
-def test_train_refused_for_its_data_leaves_no_out_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "splits",
+    [["--val-split", "no-such-split"], ["--train-split", "train", "--val-split", "train"]],
+)
+def test_train_refused_for_its_data_leaves_no_out_folder(tmp_path: Path, splits) -> None:
     _write_pairs(tmp_path / "pairs")
     out = tmp_path / "model"
-    refused = _train(tmp_path / "pairs", out, "--val-split", "no-such-split")
+    refused = _train(tmp_path / "pairs", out, *splits)
     assert refused.exit_code == 1, refused.output
     assert not out.exists()

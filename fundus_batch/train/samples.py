@@ -104,12 +104,17 @@ def _check_sample(sample: CleanSample) -> None:
 
 
 def _aux_map(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
-    """A label map as uint8 0/255 (label > 0), resized (INTER_AREA) to ``shape`` (h, w)."""
+    """A label map as uint8 0/255 (label > 0), resized (INTER_AREA) to ``shape`` (h, w);
+    ValueError for a map whose shape cannot be the photograph's (``map_shape_problem``)."""
+    from fundus_batch.imaging import map_shape_problem
     from fundus_batch.io.codecs import decode_image
 
     grey = decode_image(Path(path).read_bytes()).max(axis=2)
     binary: np.ndarray = np.where(grey > 0, 255, 0).astype(np.uint8)
     if binary.shape != shape:
+        problem = map_shape_problem(f"label map {path}", binary.shape, shape)
+        if problem is not None:
+            raise ValueError(problem)
         binary = cv2.resize(binary, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     return binary
 

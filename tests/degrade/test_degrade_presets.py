@@ -148,7 +148,7 @@ def test_presets_at_their_upper_limits_never_sample_a_record_the_bounds_refuse(
     [{"spot_radius": [0.5, 0.5]}, {"hole_center_x": [0.0, 0.0]}, {"hole_center_y": [1.0, 1.0]}],
 )
 @pytest.mark.parametrize("size", [64, 256])
-def test_a_preset_at_the_ends_of_its_ranges_draws_at_every_size(ranges, size) -> None:
+def test_a_preset_at_the_ends_of_its_ranges_draws_at_every_size(ranges: dict, size: int) -> None:
     preset = Preset.from_dict({"name": "edge", **ranges})
     record = sample_record(sample_rng(0, "x", 0), "111", size, preset, fov_mean=0.4)
     assert all(0 < c < size for c in record.hole.center)

@@ -425,3 +425,14 @@ def test_working_size_is_the_rows_size_or_else_the_images(tmp_path: Path) -> Non
     # The size column, when the rows have it, is taken as it is (no image is decoded).
     _rewrite_rows(tmp_path, lambda r: {**r, "size": 256 if r["status"] == "ok" else None})
     assert PairsSource(tmp_path).working_size == 256
+
+
+def test_a_label_map_of_another_shape_is_refused_not_stretched(tmp_path: Path) -> None:
+    s = synth_fundus(256, seed=1, canvas=(320, 256))  # 256 high, 320 wide
+    (tmp_path / "photo.png").write_bytes(encode_png(s.image))
+    (tmp_path / "turned.png").write_bytes(encode_png(np.ascontiguousarray(s.vessels.T)))
+    with pytest.raises(ValueError, match=r"turned\.png is 256x320 px and the photograph 320x256"):
+        load_clean_sample("a", tmp_path / "photo.png", 256, vessels_path=tmp_path / "turned.png")
+    (tmp_path / "half.png").write_bytes(encode_png(s.vessels[::2, ::2]))  # the same shape
+    sample = load_clean_sample("a", tmp_path / "photo.png", 256, vessels_path=tmp_path / "half.png")
+    assert sample.vessels is not None and sample.vessels.any()
