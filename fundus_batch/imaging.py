@@ -66,13 +66,12 @@ def decode_mask(data: bytes) -> np.ndarray:
 def circle_from_mask(mask: np.ndarray) -> Circle:
     """The FOV circle of a binary mask whose field may be clipped by the frame.
 
-    Unclipped: centred on the mask's bounding box, with its longer side as the diameter.
-    Clipped on one side only (the field touches one edge of the frame and is shorter across
+    Clipped by the frame on one side only (the field touches one edge and is shorter across
     it): the mask's rows (or columns) parallel to that edge are chords of the circle, and the
-    centre and radius are fitted to their lengths. Clipped otherwise (two or three sides, a
-    corner): the circle fitted to the mask's rim off the frame border, where it differs from
-    the bounding box's by more than a pixel (the box's circle is right only for a field the
-    frame cuts symmetrically).
+    centre and radius are fitted to their lengths. Otherwise the bounding box's circle (centred
+    on it, its longer side the diameter), unless the circle fitted to the mask's rim differs
+    from it by more than a pixel: a field clipped on two or three sides, or an aperture cut flat
+    at unequal heights, whose box is not centred on the circle.
     """
     ys, xs = np.nonzero(mask)
     if xs.size == 0:
@@ -92,8 +91,6 @@ def circle_from_mask(mask: np.ndarray) -> Circle:
             cx, r = fitted
             return Circle(cx, (y0 + y1) / 2.0, r)
     box = Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
-    if touches_x + touches_y == 0:
-        return box
     rim = _fit_rim(mask, xs, ys)
     if rim is None or max(abs(rim.cx - box.cx), abs(rim.cy - box.cy), abs(rim.r - box.r)) <= 1:
         return box
@@ -106,17 +103,16 @@ _RIM_SLACK_PX = 2.0  # mask pixels may lie this far outside the fitted circle
 
 
 def _fit_rim(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> Circle | None:
-    """The least-squares circle through the mask's outer rim where it lies off the frame
-    border; None when that rim is too short to fix a circle, or the circle leaves more than
-    1 % of the mask (``xs``, ``ys``: its pixels) outside it."""
+    """The least-squares circle through the mask's outer rim, left out where it runs along the
+    frame border or the mask's outermost rows and columns (straight edges there are chords);
+    None when the rest is too short to fix a circle, or the circle leaves more than 1 % of the
+    mask (``xs``, ``ys``: its pixels) outside it."""
     height, width = mask.shape[:2]
     contours, _ = cv2.findContours(
         np.ascontiguousarray(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
     )
     pts = np.concatenate(contours, axis=0).reshape(-1, 2).astype(np.float64)
     px, py = pts[:, 0], pts[:, 1]
-    # Off the frame border, and off the mask's outermost rows and columns: a straight edge
-    # there (an aperture's flat top, a notch) is a chord, not rim.
     x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
     off = (px > max(x0, 0)) & (px < min(x1, width - 1)) & (py > max(y0, 0))
     off &= py < min(y1, height - 1)

@@ -223,11 +223,18 @@ def test_the_source_circle_of_a_reduced_decode_is_the_full_decodes():
     assert abs(found.cx - full.cx) < 0.1 and abs(found.cy - full.cy) < 0.1, (found, full)
 
 
-@pytest.mark.parametrize(("top", "bottom"), [(20, 20), (40, 12)])
-def test_an_aperture_with_flat_top_and_bottom_gives_its_circle_not_its_chords(top, bottom):
+@pytest.mark.parametrize(
+    ("truth", "top", "bottom"),
+    [
+        (Circle(256.0, 256.0, 256.0), 20, 20),
+        (Circle(256.0, 256.0, 256.0), 40, 12),  # the authors' masks: touching left and right
+        (Circle(300.0, 290.0, 200.0), 140, 110),  # inside the frame
+    ],
+)
+def test_an_aperture_with_flat_top_and_bottom_gives_its_circle_not_its_chords(truth, top, bottom):
     """A camera's aperture cut straight at top and bottom (the authors' masks of real
     low-quality photographs): the straight edges are chords, kept out of the rim fit."""
-    truth = Circle(256.0, 256.0, 256.0)
+    top, bottom = int(truth.cy - truth.r) + top, int(512 - truth.cy - truth.r) + bottom
     mask = circle_mask(512, 512, truth)
     mask[:top] = 0
     mask[512 - bottom :] = 0
