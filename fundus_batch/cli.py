@@ -282,21 +282,24 @@ def enhance_image_cmd(
     quality: int,
 ) -> None:
     """Enhance one photograph without Ray (FOV preprocessing first unless --preprocessed)."""
+    from fundus_batch.config import EnhanceOptions
     from fundus_batch.enhance import enhance_image, stores_as_source
+    from fundus_batch.validation import FieldProblem, validate
 
-    if max_change is not None and enhancer != "cofenet":
-        raise click.UsageError("--max-change limits the cofenet enhancer only")
+    # The options given are checked by the pipeline's own rules (enhance.* in a run config).
     ctx = click.get_current_context()
-    given = [
-        n
-        for n in ("weights", "device")
+    options = {"weights": weights, "device": device, "max_change": max_change}
+    given = {
+        n: v
+        for n, v in options.items()
         if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE
-    ]
-    if given and enhancer != "cofenet":
-        raise click.UsageError(
-            f"--{given[0]} is a Cofe-Net setting: the {enhancer} enhancer runs on the CPU "
-            "without weights (leave it out)"
-        )
+    }
+
+    def refuse(problems: list[FieldProblem]) -> click.UsageError:
+        # The rule's own words (they name the enhance.* field); the whole config is not shown.
+        return click.UsageError("; ".join(p.problem.split(" (got ", 1)[0] for p in problems))
+
+    validate(EnhanceOptions, {"enabled": True, "enhancer": enhancer, **given}, refuse)
     if max_change is not None and _OUTPUT_FORMATS[output.suffix.lower()] != "png":
         raise click.UsageError(
             "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
