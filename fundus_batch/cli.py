@@ -196,7 +196,7 @@ def degrade_image(
                 f"--replay takes every parameter from its record; {', '.join(given)} would be "
                 "ignored"
             )
-    image, mask = _working_image(input_path, mask_path, preprocessed, size)
+    image, mask = _working_image(_read(input_path), mask_path, preprocessed, size)
     if jpeg_clean:
         image = as_stored(image, encode_output(image, "jpeg", quality), "jpeg")
     if replay_path is not None:
@@ -224,15 +224,15 @@ def _read(path: Path) -> bytes:
 
 
 def _working_image(
-    input_path: Path, mask_path: Path | None, preprocessed: bool, size: int
+    raw: bytes, mask_path: Path | None, preprocessed: bool, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """INPUT as a working image and its FOV mask: as it is with ``--preprocessed`` (which needs
-    ``--mask``), else decoded and FOV-cropped to ``size`` as the pipeline's Preprocess stage
-    does (around the ``--mask`` given, at any resolution, else around the detected FOV)."""
+    """INPUT (its bytes ``raw``) as a working image and its FOV mask: as it is with
+    ``--preprocessed`` (which needs ``--mask``), else decoded and FOV-cropped to ``size`` as the
+    pipeline's Preprocess stage does (around the ``--mask`` given, at any resolution, else
+    around the detected FOV)."""
     from fundus_batch.imaging import decode_mask, source_working_image
     from fundus_batch.io.codecs import decode_image
 
-    raw = _read(input_path)
     mask_bytes = None if mask_path is None else _read(mask_path)
     if not preprocessed:
         pre = source_working_image(raw, size, mask_bytes).pre
@@ -296,17 +296,17 @@ def enhance_image_cmd(
     }
 
     def refuse(problems: list[FieldProblem]) -> click.UsageError:
-        # The rule's own words (they name the enhance.* field); the whole config is not shown.
-        return click.UsageError("; ".join(p.problem.split(" (got ", 1)[0] for p in problems))
+        return click.UsageError("; ".join(p.problem for p in problems))  # they name enhance.*
 
     validate(EnhanceOptions, {"enabled": True, "enhancer": enhancer, **given}, refuse)
     if max_change is not None and _OUTPUT_FORMATS[output.suffix.lower()] != "png":
         raise click.UsageError(
             "--max-change needs a .png OUTPUT: JPEG re-encoding moves pixels by more than the bound"
         )
-    image, mask = _working_image(input_path, mask_path, preprocessed, size)
+    raw = _read(input_path)
+    image, mask = _working_image(raw, mask_path, preprocessed, size)
     # A working image given as it is may come back unchanged: then its own bytes are written.
-    as_given = (_read(input_path), image.copy()) if preprocessed else None
+    as_given = (raw, image.copy()) if preprocessed else None
     image[mask == 0] = 0
     result = enhance_image(
         image, mask, enhancer=enhancer, weights=weights, device=device, max_change=max_change

@@ -296,8 +296,10 @@ def stores_as_source(
     if mean_change(source, result, mask) != 0.0:
         return False
     side = 2 * _RINGING_PX + 1
-    far = cv2.dilate(mask, np.ones((side, side), np.uint8)) == 0
-    return not far.any() or int(source[far].max()) <= 2
+    far = cv2.bitwise_not(cv2.dilate(mask, np.ones((side, side), np.uint8)))
+    if cv2.countNonZero(far) == 0:
+        return True
+    return max(cv2.minMaxLoc(channel, far)[1] for channel in cv2.split(source)) <= 2
 
 
 def put_enhanced(

@@ -91,7 +91,7 @@ def circle_from_mask(mask: np.ndarray) -> Circle:
             cx, r = fitted
             return Circle(cx, (y0 + y1) / 2.0, r)
     box = Circle((x0 + x1) / 2.0, (y0 + y1) / 2.0, (max(x1 - x0, y1 - y0) + 1) / 2.0)
-    rim = _fit_rim(mask, xs, ys)
+    rim = _fit_rim(mask, xs, ys, (x0, x1, y0, y1))
     if rim is None or max(abs(rim.cx - box.cx), abs(rim.cy - box.cy), abs(rim.r - box.r)) <= 1:
         return box
     return rim
@@ -102,18 +102,20 @@ _MIN_RIM_DEGREES = 60.0  # the rim off the frame must span this much of the circ
 _RIM_SLACK_PX = 2.0  # mask pixels may lie this far outside the fitted circle
 
 
-def _fit_rim(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> Circle | None:
+def _fit_rim(
+    mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, extent: tuple[int, int, int, int]
+) -> Circle | None:
     """The least-squares circle through the mask's outer rim, left out where it runs along the
     frame border or the mask's outermost rows and columns (straight edges there are chords);
     None when the rest is too short to fix a circle, or the circle leaves more than 1 % of the
-    mask (``xs``, ``ys``: its pixels) outside it."""
+    mask (``xs``, ``ys``: its pixels; ``extent``: their x0, x1, y0, y1) outside it."""
     height, width = mask.shape[:2]
     contours, _ = cv2.findContours(
         np.ascontiguousarray(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
     )
     pts = np.concatenate(contours, axis=0).reshape(-1, 2).astype(np.float64)
     px, py = pts[:, 0], pts[:, 1]
-    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    x0, x1, y0, y1 = extent
     off = (px > max(x0, 0)) & (px < min(x1, width - 1)) & (py > max(y0, 0))
     off &= py < min(y1, height - 1)
     px, py = px[off], py[off]
@@ -219,14 +221,16 @@ def source_working_image(
     size: int,
     mask_bytes: bytes | None = None,
     max_pixels: int = codecs.DEFAULT_MAX_PIXELS,
+    dimensions: tuple[int, int] | None = None,
 ) -> SourceImage:
-    """Decode ``raw`` and make its ``size`` working image (:func:`working_image`).
+    """Decode ``raw`` and make its ``size`` working image (:func:`working_image`);
+    ``dimensions``: ``raw``'s (width, height) as displayed, when the caller has read them.
 
     The reduced JPEG decode keeps the image's shorter side >= ``size``, but a field inside the
     frame is narrower than that side: when the field comes out under ``size`` across, the
     photograph is decoded again at the reduction that keeps the field >= ``size``, so a working
     image is never scaled up from a reduced decode."""
-    width, height = codecs.image_dimensions(raw)
+    width, height = dimensions or codecs.image_dimensions(raw)
     min_side = size
     while True:
         rgb = decode_source(raw, min_side, max_pixels)

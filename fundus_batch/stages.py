@@ -328,7 +328,9 @@ class Preprocess(RowsCallable):
                 raise ValueError("no source bytes were fetched")
             width, height = codecs.image_dimensions(raw)
             row["source_width"], row["source_height"] = width, height
-            source = source_working_image(raw, self.size, given_mask, self.max_pixels)
+            source = source_working_image(
+                raw, self.size, given_mask, self.max_pixels, (width, height)
+            )
             pre = source.pre
             in_source = source.source_circle  # reported in source pixels
             row["fov_cx"], row["fov_cy"], row["fov_r"] = in_source.cx, in_source.cy, in_source.r

@@ -69,7 +69,8 @@ def _shown(value: Any) -> str:
 
 
 def field_problems(exc: ValidationError, root: str = "") -> list[FieldProblem]:
-    """The problems of a pydantic error, each naming its field and the value it got."""
+    """The problems of a pydantic error, each naming its field and the value it got (not for a
+    rule of the whole model, whose input is all of it)."""
     out = []
     for err in exc.errors():
         message = err["msg"]
@@ -82,7 +83,7 @@ def field_problems(exc: ValidationError, root: str = "") -> list[FieldProblem]:
             message = "unknown field"
         if err["type"] in ("model_type", "model_attributes_type", "dict_type", "dataclass_type"):
             message = f"expected an object (got {type(err['input']).__name__})"
-        elif err["type"] != "missing" and "input" in err:
+        elif err["type"] != "missing" and "input" in err and loc:  # a model's rule: not all
             message += f" (got {_shown(err['input'])})"
         out.append(FieldProblem(field_path(loc, root), message))
     return out

@@ -55,3 +55,13 @@ def working_row(image_id: str, seed: int = 3) -> dict:
         "mask_png": encode_png(s.mask),
         "degraded_png": png,
     }
+
+
+def folder_snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``out`` with its bytes and modification time: equal snapshots mean
+    nothing was written."""
+    return {
+        str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }

@@ -280,7 +280,7 @@ def test_working_image_is_the_preprocess_stage_output_for_a_jpeg_larger_than_wor
     large_photo, given_mask
 ):
     photo, mask = large_photo[0], large_photo[1] if given_mask else None
-    image, working_mask = cli._working_image(photo, mask, False, 256)
+    image, working_mask = cli._working_image(photo.read_bytes(), mask, False, 256)
     stage = _preprocess_stage(photo, mask)
     assert np.array_equal(image, stage.image("clean"))
     assert np.array_equal(working_mask, stage.image("mask"))

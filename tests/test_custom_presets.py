@@ -21,7 +21,7 @@ from fundus_batch.degrade import PRESETS, DegradationRecord, Preset
 from fundus_batch.run_settings import SettingsMismatchError, compare, recorded, resolve
 from fundus_batch.stages import Degrade, stage_specs
 from fundus_batch.verify import verify
-from tests.pipeline_inputs import write_inputs
+from tests.pipeline_inputs import folder_snapshot, write_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 256
@@ -41,14 +41,6 @@ def _config(manifest: Path | str = "m.csv", out: Path | str = "o", **extra: Any)
     }
     data.update(extra)
     return build_config(data, "test")
-
-
-def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
 
 
 # ---------------------------------------------------------------------------- config
@@ -275,7 +267,7 @@ def test_verify_deep_catches_rows_not_drawn_from_the_recorded_definition(custom_
 
 def test_a_rerun_with_other_ranges_under_the_same_name_is_refused_before_any_work(custom_run):
     manifest, out = custom_run
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     changed = {**STRONG, "blur_sigma": [20.0, 24.0]}
     with pytest.raises(SettingsMismatchError) as err:
         pipeline.run(_config(manifest, out, preset=changed, types=["100", "111"]))
@@ -284,4 +276,4 @@ def test_a_rerun_with_other_ranges_under_the_same_name_is_refused_before_any_wor
         "[20.0, 24.0])"
     ]
     assert "nothing was done" in str(err.value)
-    assert _snapshot(out) == before  # not a byte, not a timestamp changed
+    assert folder_snapshot(out) == before  # not a byte, not a timestamp changed

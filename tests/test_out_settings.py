@@ -22,7 +22,7 @@ from fundus_batch.run_settings import (
     resolve,
 )
 from fundus_batch.verify import verify
-from tests.pipeline_inputs import write_inputs
+from tests.pipeline_inputs import folder_snapshot, write_inputs
 
 
 def _config(manifest: Path, out: Path, **extra):
@@ -37,14 +37,6 @@ def _config(manifest: Path, out: Path, **extra):
     }
     data.update(extra)
     return build_config(data, "test")
-
-
-def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _rows(out: Path):
@@ -360,13 +352,13 @@ def made(ray_cluster, tmp_path_factory):
 )
 def test_a_rerun_with_other_settings_is_refused_before_any_work(made, change, shown):
     manifest, out = made
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(SettingsMismatchError) as err:
         pipeline.run(_config(manifest, out, **change))
     for text in shown:
         assert any(d.startswith(text) for d in err.value.differences), err.value.differences
     assert "nothing was done" in str(err.value)
-    assert _snapshot(out) == before  # not a byte, not a timestamp changed
+    assert folder_snapshot(out) == before  # not a byte, not a timestamp changed
     assert verify(str(out), str(manifest)).ok
 
 
@@ -378,12 +370,12 @@ def test_a_manifest_column_whose_type_changed_is_refused_before_any_work(made, t
     rows = pd.concat([rows, rows.head(1).assign(image_id="img_more")], ignore_index=True)
     as_integers = tmp_path / "m.parquet"
     rows.astype({"grade": "int64"}).to_parquet(as_integers, index=False)
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(SettingsMismatchError) as err:
         pipeline.run(_config(as_integers, out))
     assert err.value.differences[0].startswith("manifest column 'grade': string -> int64")
     assert "nothing was done" in str(err.value)
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before
     assert verify(str(out), str(manifest)).ok
 
 
@@ -397,14 +389,14 @@ def test_an_image_whose_split_changed_is_refused_naming_its_line(made, tmp_path)
     rows = pd.read_csv(manifest)  # no split: the folder's rows have none
     moved = tmp_path / "moved.csv"
     rows.assign(split=["", "val"]).to_csv(moved, index=False)
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(ManifestError, match=r"row 2 \(line 3\), field 'split'.*'img_0001'"):
         pipeline.run(_config(moved, out, variants=3))
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before
     # Enhancement added would first drop the ok rows without it: refused before that too.
     with pytest.raises(ManifestError, match="field 'split'"):
         pipeline.run(_config(moved, out, enhance={"enabled": True}))
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before
     kept = tmp_path / "kept.csv"  # the same splits (none), and a new image under any split
     pd.concat([rows, rows.head(1).assign(image_id="img_new", split="val")]).to_csv(
         kept, index=False
@@ -422,10 +414,10 @@ def test_a_run_killed_before_its_first_shard_still_fixes_the_settings(made, tmp_
     out = tmp_path / "out"
     shutil.copytree(made_out, out)
     shutil.rmtree(out / "pairs")  # as if killed before any shard was committed
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(SettingsMismatchError, match="size: 128 -> 160"):
         pipeline.run(_config(manifest, out, size=160))
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before
     (out / "run.json").unlink()  # nothing recorded: nothing to compare with
     shutil.rmtree(out / "images")
     (out / "images").mkdir()
@@ -513,10 +505,10 @@ def test_enhancement_added_later_is_done_for_existing_rows_and_cannot_be_removed
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["enhance"]["weights"] == str(tiny_weights[0])
 
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(SettingsMismatchError, match="enhance: on -> off"):
         pipeline.run(_config(manifest, out, variants=1, size=192))
     other = {"enabled": True, "weights": str(tiny_weights[1])}
     with pytest.raises(SettingsMismatchError, match=r"enhance\.model_sha256: "):
         pipeline.run(_config(manifest, out, variants=1, size=192, enhance=other))
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before

@@ -23,6 +23,7 @@ from fundus_batch.io.storage import (
     list_files,
     read_bytes,
     redact,
+    redact_uri,
     write_bytes,
     write_local_files,
 )
@@ -403,8 +404,6 @@ def test_redact_leaves_ordinary_text_alone(text: str) -> None:
     ],
 )
 def test_redact_uri_keeps_a_path_that_only_looks_secret(uri: str) -> None:
-    from fundus_batch.io.storage import redact_uri
-
     assert redact_uri(uri) == uri
 
 
@@ -420,8 +419,6 @@ def test_redact_uri_keeps_a_path_that_only_looks_secret(uri: str) -> None:
     ],
 )
 def test_redact_uri_masks_user_info_and_signed_queries(uri: str, kept: str) -> None:
-    from fundus_batch.io.storage import redact_uri
-
     assert "sekrit" not in redact_uri(uri) and redact_uri(uri).startswith(kept)
 
 
