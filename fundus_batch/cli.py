@@ -98,7 +98,14 @@ def _single_image_options(command: Any) -> Any:
     """The options ``degrade-image`` and ``enhance-image`` share (working size, mask, format)."""
     for option in reversed(
         (
-            click.option("--size", default=512, show_default=True, type=click.IntRange(64, 4096)),
+            click.option(
+                "--size",
+                default=512,
+                show_default=True,
+                type=click.IntRange(64, 4096),
+                help="side of the working image the FOV is cropped and resized to (a "
+                "--preprocessed INPUT keeps its own)",
+            ),
             click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path)),
             click.option("--preprocessed", is_flag=True, help="INPUT is already the working image"),
             click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100)),
@@ -227,9 +234,9 @@ def _working_image(
     raw: bytes, mask_path: Path | None, preprocessed: bool, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """INPUT (its bytes ``raw``) as a working image and its FOV mask: as it is with
-    ``--preprocessed`` (which needs ``--mask``), else decoded and FOV-cropped to ``size`` as the
-    pipeline's Preprocess stage does (around the ``--mask`` given, at any resolution, else
-    around the detected FOV)."""
+    ``--preprocessed`` (which needs ``--mask``; a ``--size`` given must be its size), else
+    decoded and FOV-cropped to ``size`` as the pipeline's Preprocess stage does (around the
+    ``--mask`` given, at any resolution, else around the detected FOV)."""
     from fundus_batch.imaging import decode_mask, source_working_image
     from fundus_batch.io.codecs import decode_image
 
@@ -242,6 +249,12 @@ def _working_image(
     image, mask = decode_image(raw).copy(), decode_mask(mask_bytes)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    source = click.get_current_context().get_parameter_source("size")
+    if source is click.core.ParameterSource.COMMANDLINE and image.shape[:2] != (size, size):
+        raise click.UsageError(
+            f"--size {size} with --preprocessed: INPUT is a {image.shape[1]}x{image.shape[0]} "
+            "working image, kept as it is"
+        )
     return image, mask
 
 

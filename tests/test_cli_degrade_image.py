@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from fundus_batch.cli import main
-from fundus_batch.io.codecs import encode_jpeg
+from fundus_batch.io.codecs import encode_jpeg, encode_png
 from fundus_batch.synth import synth_fundus
 
 RELEASED_BLUR = {
@@ -44,3 +44,15 @@ def test_a_record_that_is_not_json_is_named_with_its_file(tmp_path: Path) -> Non
     result = CliRunner().invoke(main, [*args, str(record)])
     assert result.exit_code == 1 and result.exception is not None
     assert f"record: {record}: invalid JSON" in result.output
+
+
+def test_size_beside_preprocessed_is_refused_instead_of_ignored(tmp_path: Path) -> None:
+    s = synth_fundus(256, seed=2)
+    src, mask, out = tmp_path / "w.png", tmp_path / "m.png", tmp_path / "o.png"
+    src.write_bytes(encode_png(s.image))
+    mask.write_bytes(encode_png(s.mask))
+    args = ["degrade-image", str(src), str(out), "--preprocessed", "--mask", str(mask)]
+    result = CliRunner().invoke(main, [*args, "--size", "512"])
+    assert result.exit_code == 2 and "--size 512 with --preprocessed" in result.output
+    assert not out.exists()
+    assert CliRunner().invoke(main, args).exit_code == 0 and out.exists()

@@ -293,3 +293,16 @@ def test_enhancer_option_reaches_the_run_config(monkeypatch, tmp_path, command, 
     _ok(CliRunner().invoke(main, base))
     assert [c.enhance.enhancer for c in seen] == ["classical", "cofenet"]
     assert all(c.enhance.enabled for c in seen)
+
+
+def test_size_beside_preprocessed_is_refused_instead_of_ignored(tmp_path):
+    s = synth_fundus(256, seed=2)
+    src, mask, out = tmp_path / "w.png", tmp_path / "m.png", tmp_path / "o.png"
+    src.write_bytes(encode_png(s.image))
+    mask.write_bytes(encode_png(s.mask))
+    args = ["enhance-image", str(src), str(out), "--enhancer", "classical", "--preprocessed"]
+    result = CliRunner().invoke(main, [*args, "--mask", str(mask), "--size", "512"])
+    assert result.exit_code == 2 and "--size 512 with --preprocessed" in result.output
+    assert not out.exists()
+    _ok(CliRunner().invoke(main, [*args, "--mask", str(mask)]))
+    assert decode_image(out.read_bytes()).shape == (256, 256, 3)
