@@ -8,9 +8,9 @@ checked against the schema before any work starts; the pipeline's QualityGate st
 A degradation parameter of an operator that did not run (null: ``blur_sigma`` of a 001 variant)
 counts as the operator's neutral value (:data:`NEUTRAL_PARAMETERS`); any other missing or NaN
 value (a metric that could not be measured) breaks its term. A rule's canonical form
-(:attr:`QualityRule.canonical`: its terms joined by `` and ``, one space each side of the
-operator) is what a folder records and compares, so spacing and the case of ``and`` do not
-matter.
+(:attr:`QualityRule.canonical`: its terms sorted and joined by `` and ``, one space each side
+of the operator, each number in one spelling) is what a folder records and compares, so spacing,
+the case of ``and``, the order of the terms and how a number is written do not matter.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ class Term:
         return f"{self.column} {self.op} {self.written or repr(self.value)}"
 
 
+def _number(value: float) -> str:
+    """``value`` in its shortest spelling that reads back as the same float."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
 def _gate_value(row: dict, column: str) -> Any:
     """The value a term tests: a null degradation parameter is its operator's neutral value."""
     value = row.get(column)
@@ -96,8 +101,10 @@ class QualityRule:
 
     @property
     def canonical(self) -> str:
-        """The rule as recorded and compared: its terms, as parsed, joined by `` and ``."""
-        return " and ".join(str(t) for t in self.terms)
+        """The rule as recorded and compared: its terms in sorted order, each number in one
+        spelling (``0.50`` and ``.5`` are ``0.5``, ``40.0`` is ``40``), joined by `` and ``."""
+        terms = sorted({(t.column, t.op, t.value) for t in self.terms})
+        return " and ".join(f"{column} {op} {_number(value)}" for column, op, value in terms)
 
     def evaluate(self, row: dict) -> tuple[bool, list[str]]:
         """(whether every term holds, the broken terms); see :data:`NEUTRAL_PARAMETERS`."""

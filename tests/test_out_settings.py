@@ -116,7 +116,7 @@ def test_a_run_json_written_before_settings_were_recorded_is_still_compared(tmp_
         compare(recorded(legacy), resolve(_config(tmp_path / "m.csv", tmp_path / "o", seed=99)))
 
 
-RULE = "nr_luminance_clean > 40 and fov_r > 10"
+RULE = "fov_r > 10 and nr_luminance_clean > 40"
 
 
 @pytest.mark.parametrize(
@@ -125,6 +125,7 @@ RULE = "nr_luminance_clean > 40 and fov_r > 10"
         "nr_luminance_clean >40 and fov_r>10",
         "nr_luminance_clean\u00a0>\u00a040 AND  fov_r > 10",
         " nr_luminance_clean > 40\tand\nfov_r > 10 ",
+        "nr_luminance_clean > 40.0 and fov_r > 1e1",
     ],
 )
 def test_a_quality_rule_spelled_otherwise_is_the_same_setting_recorded_or_read_back(

@@ -151,8 +151,23 @@ def test_the_gate_passes_variants_whose_type_has_no_blur_on_a_blur_rule():
     ],
 )
 def test_the_same_rule_spelled_with_other_spacing_has_one_canonical_form(spelled: str):
-    assert canonical_rule(spelled) == "nr_luminance_clean > 0.5 and fov_r > 10"
+    assert canonical_rule(spelled) == "fov_r > 10 and nr_luminance_clean > 0.5"
     assert parse_rule(spelled).canonical == canonical_rule(canonical_rule(spelled))
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        "nr_luminance_clean > 0.50 and fov_r > 10",
+        "nr_luminance_clean > .5 and fov_r > 10.0",
+        "fov_r > 1e1 and nr_luminance_clean > 5e-1",
+        "fov_r > 10 and nr_luminance_clean > 0.5 and fov_r > 10",
+    ],
+)
+def test_the_same_rule_with_numbers_spelled_or_terms_ordered_otherwise_has_one_canonical_form(
+    spelled: str,
+):
+    assert canonical_rule(spelled) == "fov_r > 10 and nr_luminance_clean > 0.5"
 
 
 def _rules(run: int) -> list[tuple[str, int]]:
