@@ -12,6 +12,7 @@ import numpy as np
 
 from fundus_batch import __version__
 from fundus_batch.cli_options import JsonObject, config_options, storage_options_option
+from fundus_batch.degrade import PRESETS
 from fundus_batch.io.storage import redact, write_local_files
 
 if TYPE_CHECKING:
@@ -70,9 +71,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--count", default=8, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--size", default=512, show_default=True, type=click.IntRange(32, 8192))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--count", default=8, show_default=True, type=click.IntRange(1, 100_000), help="photographs"
+)
+@click.option(
+    "--size", default=512, show_default=True, type=click.IntRange(32, 8192), help="side in pixels"
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(0), help="seed of the first image"
+)
 def synth(outdir: Path, count: int, size: int, seed: int) -> None:
     """Write synthetic fundus photographs with exact vessel maps and FOV masks, and
     OUTDIR/manifest.csv listing the photographs with their mask_uri and vessel_uri."""
@@ -106,9 +113,24 @@ def _single_image_options(command: Any) -> Any:
                 help="side of the working image the FOV is cropped and resized to (a "
                 "--preprocessed INPUT keeps its own)",
             ),
-            click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path)),
-            click.option("--preprocessed", is_flag=True, help="INPUT is already the working image"),
-            click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100)),
+            click.option(
+                "--mask",
+                "mask_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="FOV mask of INPUT (any resolution; default: the FOV is detected)",
+            ),
+            click.option(
+                "--preprocessed",
+                is_flag=True,
+                help="INPUT is already the working image (needs --mask)",
+            ),
+            click.option(
+                "--quality",
+                default=95,
+                show_default=True,
+                type=click.IntRange(1, 100),
+                help="JPEG quality of a .jpg OUTPUT",
+            ),
         )
     ):
         command = option(command)
@@ -126,12 +148,30 @@ OUTPUT_IMAGE = click.argument(
 @main.command("degrade-image")
 @INPUT_IMAGE
 @OUTPUT_IMAGE
-@click.option("--type", "type_code", default="111", show_default=True)
-@click.option("--preset", default="cofe-release", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--type",
+    "type_code",
+    default="111",
+    show_default=True,
+    help="degradation type: three bits, blur / spots / illumination, e.g. 001",
+)
+@click.option(
+    "--preset",
+    default="cofe-release",
+    show_default=True,
+    type=click.Choice(sorted(PRESETS)),
+    help="built-in preset (a row of a custom preset: --replay its params_json)",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="run seed")
 @click.option("--id", "image_id", default=None, help="image id for seeding [default: file stem]")
-@click.option("--variant", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--params-out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--variant", default=0, show_default=True, type=click.IntRange(0), help="variant index"
+)
+@click.option(
+    "--params-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the drawn parameters as JSON (what --replay reads)",
+)
 @click.option(
     "--replay",
     "replay_path",
@@ -163,10 +203,10 @@ def degrade_image(
 ) -> None:
     """Degrade one image (FOV preprocessing first unless --preprocessed).
 
-    To regenerate a run's row from its source photograph, give the run's --size and the row's
-    seed, id, variant and type (or --replay its params_json), and --mask with the mask_uri its
-    manifest row gave, if any; for a --format jpeg run, also --jpeg-clean and --quality set to
-    the run's jpeg_quality (in its run.json settings).
+    To regenerate a run's row from its source photograph, give the run's --size and preset and
+    the row's seed, id, variant and type (or --replay its params_json), and --mask with the
+    mask_uri its manifest row gave, if any; for a --format jpeg run, also --jpeg-clean and
+    --quality set to the run's jpeg_quality (in its run.json settings).
     """
     from fundus_batch.degrade import DegradationRecord, degrade, replay, sample_rng
     from fundus_batch.degrade.params import RecordError
@@ -269,11 +309,19 @@ def _encode(output: Path, image: np.ndarray, quality: int) -> bytes:
 @INPUT_IMAGE
 @OUTPUT_IMAGE
 @click.option(
-    "--enhancer", default="cofenet", show_default=True, type=click.Choice(["cofenet", "classical"])
+    "--enhancer",
+    default="cofenet",
+    show_default=True,
+    type=click.Choice(["cofenet", "classical"]),
+    help="Cofe-Net or the weight-free FOV background normalisation",
 )
 @click.option("--weights", default="fundus-cofenet-small", show_default=True, help="NAME or PATH")
 @click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="where Cofe-Net runs (auto: cuda when there is one)",
 )
 @click.option(
     "--max-change",
@@ -348,7 +396,13 @@ def manifest() -> None:
 @manifest.command("from-dir")
 @click.argument("prefix")
 @click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
-@click.option("--ext", "exts", multiple=True, help="extension filter, e.g. --ext .jpeg")
+@click.option(
+    "--ext",
+    "exts",
+    multiple=True,
+    help="extension to list, repeatable, any case, e.g. --ext .jpeg [default: .jpg .jpeg .png "
+    ".tif .tiff .bmp .ppm]",
+)
 @storage_options_option("fsspec options as JSON")
 @click.option(
     "--include-masks",
@@ -362,7 +416,9 @@ def manifest_from_dir(
     storage_options: dict[str, Any] | None,
     include_masks: bool,
 ) -> None:
-    """Every image under a local folder or bucket prefix (FOV masks and vessel maps skipped)."""
+    """Every image under a local folder or bucket prefix, except files named *_mask.* or
+    *_vessel.* (other label images, such as HRF's 1st_manual/*.png, are listed: give --ext or
+    a narrower PREFIX)."""
     from fundus_batch import manifest as mf
 
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
@@ -379,8 +435,8 @@ def manifest_from_dir(
 @manifest.command("from-kaggle")
 @click.argument("labels")
 @click.option("--images", required=True, help="folder or prefix holding <image>.jpeg")
-@click.option("--out", "out_uri", required=True)
-@click.option("--ext", default=".jpeg", show_default=True)
+@click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
+@click.option("--ext", default=".jpeg", show_default=True, help="extension of the image files")
 @storage_options_option("fsspec options for LABELS and --out, as JSON")
 def manifest_from_kaggle(
     labels: str, images: str, out_uri: str, ext: str, storage_options: dict[str, Any] | None
@@ -395,8 +451,8 @@ def manifest_from_kaggle(
 
 @manifest.command("from-eyeq")
 @click.argument("labels")
-@click.option("--images", required=True)
-@click.option("--out", "out_uri", required=True)
+@click.option("--images", required=True, help="folder or prefix holding the images LABELS names")
+@click.option("--out", "out_uri", required=True, help="manifest to write (.csv or .parquet)")
 @click.option("--split", default=None, help="value for the split column, e.g. train")
 @storage_options_option("fsspec options for LABELS and --out, as JSON")
 def manifest_from_eyeq(
@@ -676,14 +732,39 @@ def verify_cmd(
 
 @main.command("train")
 @click.option("--pairs", required=True, help="a pairs output (OUT or OUT/pairs) of the pipeline")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--variant", default="cofe-net", show_default=True)
-@click.option("--width", default=0.25, show_default=True, type=float)
-@click.option("--size", default=256, show_default=True, type=int, help="training crop size")
-@click.option("--steps", default=1000, show_default=True, type=int)
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder for checkpoint.pt, model.pt and its registry.json",
+)
+@click.option(
+    "--variant",
+    default="cofe-net",
+    show_default=True,
+    help="Cofe-Net variant: a released which_model_netG name or an alias",
+)
+@click.option(
+    "--width", default=0.25, show_default=True, type=float, help="channel width, 0 < x <= 1"
+)
+@click.option(
+    "--size",
+    default=256,
+    show_default=True,
+    type=int,
+    help="training crop size, a multiple of 32, at least 192",
+)
+@click.option("--steps", default=1000, show_default=True, type=int, help="optimiser steps, >= 1")
+@click.option("--batch-size", default=4, show_default=True, type=int, help="pairs a step, >= 1")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="learning rate, > 0")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="seed of the initial weights, sample order and crops",
+)
 @click.option(
     "--train-split", default=None, help="use only rows of this split [all but --val-split's]"
 )
@@ -693,7 +774,13 @@ def verify_cmd(
     help="validate on rows of this split (every --val-every steps, else at the end)",
 )
 @click.option("--val-every", default=0, show_default=True, type=int, help="steps; 0: at the end")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="where training runs (auto: cuda when there is one)",
+)
 @click.option(
     "--resume",
     is_flag=True,
@@ -809,7 +896,11 @@ def train_cmd(
 
 @main.command()
 @click.option(
-    "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path)
+    "--out",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder for the demo's inputs, outputs and report",
 )
 @click.option(
     "--count",
@@ -850,7 +941,13 @@ def demo(
 
 @main.command()
 @click.argument("out")
-@click.option("--format", "fmt", required=True, type=click.Choice(["basicsr", "pix2pix"]))
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["basicsr", "pix2pix"]),
+    help="trainer layout: BasicSR's GT/LQ folders and meta_info, or pix2pix's side-by-side pairs",
+)
 @click.option("--dest", required=True, metavar="FOLDER", help="a new or empty local folder")
 @click.option("--overwrite", is_flag=True, help="replace --dest when it is not empty")
 @click.option(

@@ -283,3 +283,13 @@ def test_storage_options_as_a_json_object_or_empty_reach_the_filesystem(tmp_path
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "wrote 1 rows" in result.output and out.is_file()
     assert JsonObject().convert(value, None, None) == (json.loads(value) if value else None)
+
+
+def test_every_option_of_every_command_has_help_text():
+    bare = [
+        f"{' '.join(path)} {option.opts[0]}"
+        for path, command in _commands(main)
+        for option in command.params
+        if isinstance(option, click.Option) and not option.hidden and not option.help
+    ]
+    assert bare == []
