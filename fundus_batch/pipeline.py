@@ -196,6 +196,11 @@ def _run_leased(
         removed += dropped
         if dropped:
             log.warning("%d rows lack enhancement; they are redone with it", dropped)
+    if change.metrics_added:  # every ok row scored carries its metric_version
+        dropped = store.drop_ok_rows_without("metric_version", within=this_run)
+        removed += dropped
+        if dropped:
+            log.warning("%d rows lack metrics; they are redone with them", dropped)
     # Keys of the done pairs only (16 bytes each); the workers filter the manifest with them.
     done, done_before = done_keys(store.iter_tables(["image_id", "variant"]), scan, variants)
     expected = scan.selected * len(variants)

@@ -1,11 +1,13 @@
 """Settings are part of OUT: the settings that determine an output folder's bytes are recorded
 in its ``run.json`` by the first run, and a later run on the same folder must agree with them.
 
-A later run may only add consistent work: more variants (the new variant indices are done), or
+A later run may only add consistent work: more variants (the new variant indices are done),
 enhancement on a folder made without it (the rows that lack an enhanced image are redone with
-it; degradation is seeded, so their clean and degraded images come out byte-identical). Any
-other difference (size, seed, preset, types, format, fewer variants, enhancement removed or
-another model, another metric protocol, ...) is refused before any work, listing every
+it; degradation is seeded, so their clean and degraded images come out byte-identical), or
+metrics on a folder made with ``compute_metrics: false`` (its rows are redone the same way,
+with metrics). Any other difference (size, seed, preset, types, format, fewer variants,
+enhancement or metrics removed, another model, another metric protocol, ...) is refused before
+any work, listing every
 difference as ``field: old -> new``. A custom preset is recorded by its whole definition, so
 the same name with other ranges is another setting. Fewer variants are refused rather than read
 as "done": a run's variant count is what ``verify`` checks, so accepting it would leave the
@@ -60,11 +62,12 @@ class SettingsChange:
     settings: dict[str, Any]
     more_variants: tuple[int, int] | None = None
     enhancement_added: bool = False
+    metrics_added: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return self.more_variants is not None or self.enhancement_added
+        return self.more_variants is not None or self.enhancement_added or self.metrics_added
 
 
 def _enhance_settings(enh: dict[str, Any], model: tuple[str, str] | None) -> dict[str, Any]:
@@ -272,6 +275,11 @@ def _enhance_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diffs
 
 
+def _metrics_added(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` turns metrics on for a folder whose rows were made without them."""
+    return old.get("compute_metrics") is False and new.get("compute_metrics") is True
+
+
 def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -> SettingsChange:
     """Check ``new`` against the recorded ``old``; raise :class:`SettingsMismatchError` listing
     every difference that is not a consistent addition."""
@@ -299,6 +307,11 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
                     f"variants: {a} -> {b} (an output folder never loses variants; "
                     f"use --variants {a} or more)"
                 )
+            continue
+        if key in ("compute_metrics", "metric_version") and _metrics_added(old, new):
+            if key == "compute_metrics":
+                change.metrics_added = True
+                change.notes.append("metrics added: ok rows without them are redone with them")
             continue
         if key == "enhance":
             if a is None and b is not None:

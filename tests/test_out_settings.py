@@ -513,3 +513,31 @@ def test_enhancement_added_later_is_done_for_existing_rows_and_cannot_be_removed
     with pytest.raises(SettingsMismatchError, match=r"enhance\.model_sha256: "):
         pipeline.run(_config(manifest, out, variants=1, size=192, enhance=other))
     assert folder_snapshot(out) == before
+
+
+def test_metrics_added_later_are_computed_for_existing_rows_and_cannot_be_removed(
+    ray_cluster, tmp_path
+):
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, compute_metrics=False))
+    plain = _rows(out)
+    assert plain.metric_version.isna().all() and plain.psnr_degraded.isna().all()
+    summary = pipeline.run(_config(manifest, out))
+    assert summary.complete and (summary.ok, summary.failed) == (4, 4)
+    rows = _rows(out)
+    assert len(rows) == 8 and not rows.index.duplicated().any()
+    ok = rows[rows.status == "ok"]
+    assert ok.metric_version.notna().all() and ok.psnr_degraded.notna().all()
+    assert ok.degraded_sha256.equals(plain.loc[ok.index].degraded_sha256)  # same pixels
+    report = verify(str(out), str(manifest), deep=True)
+    assert report.ok, report.summary()
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["compute_metrics"] is True
+
+    before = folder_snapshot(out)
+    with pytest.raises(SettingsMismatchError, match="metric_version: 'fb-metrics-1' -> off"):
+        pipeline.run(_config(manifest, out, compute_metrics=False))
+    assert folder_snapshot(out) == before
+    assert pipeline.run(_config(manifest, out)).complete  # a rerun redoes nothing
+    assert folder_snapshot(out) == before
