@@ -47,11 +47,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 class _Group(click.Group):
-    """Turns the library's user-facing errors into a one-line reason and exit code 1."""
+    """Turns the library's user-facing errors into a one-line reason and exit code 1, and an
+    interrupted command into exit 130 (Ctrl-C) or 143 (SIGTERM) after its cleanup ran: every
+    command's temporary files and staging folders are removed on either."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from fundus_batch.console import interrupted_exit_code, sigterm_raises
+
         try:
-            return super().invoke(ctx)
+            with sigterm_raises():
+                return super().invoke(ctx)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            code = interrupted_exit_code(exc)
+            if code is None:
+                raise
+            click.echo(f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'})", err=True)
+            raise click.exceptions.Exit(code) from None
         except _user_errors() as exc:
             message = redact(" ".join(str(exc).split()))
             reason = getattr(exc, "reason", None)
@@ -887,7 +898,8 @@ def train_cmd(
         size=train_source.working_size,
         training_data=f"pairs {redact(pairs)}",
     )
-    (out_dir / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
+    registry = json.dumps({"weights": [entry]}, indent=2) + "\n"
+    write_local_files([(out_dir / "registry.json", registry.encode())])
     click.echo(
         f"trained {result.step} steps in {result.seconds:.0f} s "
         f"(loss {result.final_loss:.4f}); weights: {weights} (registry.json beside it)"

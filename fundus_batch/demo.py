@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from fundus_batch.io.codecs import encode_jpeg, encode_png
+from fundus_batch.io.storage import write_local_files
 from fundus_batch.synth import synth_fundus
 
 if TYPE_CHECKING:
@@ -35,9 +36,10 @@ def make_demo_inputs(folder: Path, count: int = 6, seed: int = 2021) -> str:
         s = synth_fundus(1100 if i % 3 else 1250, seed=seed + i, canvas=canvas)
         image_id = f"synth_{i:03d}"
         uri = folder / f"{image_id}.jpg"
-        uri.write_bytes(encode_jpeg(s.image, quality=92))
         vessel_uri = folder / f"{image_id}_vessel.png"
-        vessel_uri.write_bytes(encode_png(s.vessels))
+        write_local_files(
+            [(uri, encode_jpeg(s.image, quality=92)), (vessel_uri, encode_png(s.vessels))]
+        )
         rows.append(
             {
                 "image_id": image_id,
@@ -57,7 +59,7 @@ def make_demo_inputs(folder: Path, count: int = 6, seed: int = 2021) -> str:
         }
     )
     manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
+    write_local_files([(manifest, pd.DataFrame(rows).to_csv(index=False).encode())])
     return str(manifest)
 
 

@@ -75,7 +75,9 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
         print(f"error: {exc}", file=sys.stderr)  # refused before any work
         return 2
     except BaseException:
-        if log_paths:  # a failed run's log matters most: keep it where it outlives the node
+        # A failed run's log matters most: keep it where it outlives the node (an empty log
+        # is removed before this: nothing to keep).
+        if log_paths and log_paths[0].exists():
             _keep_log(config, log_paths[0])
         raise
     ray_log = None if log_path is None else _keep_log(config, log_path)

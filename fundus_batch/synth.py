@@ -371,8 +371,10 @@ def write_synthetic_set(
     beside them, and ``manifest.csv`` (``image_id``, ``uri``, ``mask_uri``, ``vessel_uri``,
     absolute paths) listing the photographs only; returns the manifest path."""
     import csv
+    import io
 
     from fundus_batch.io.codecs import encode_png
+    from fundus_batch.io.storage import write_local_files
 
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -381,13 +383,19 @@ def write_synthetic_set(
         s = synth_fundus(size, seed=seed + i)
         stem = f"synth_{seed + i:05d}"
         paths = {kind: out / f"{stem}{kind}.png" for kind in ("", "_vessel", "_mask")}
-        paths[""].write_bytes(encode_png(s.image))
-        paths["_vessel"].write_bytes(encode_png(s.vessels))
-        paths["_mask"].write_bytes(encode_png(s.mask))
+        # Each file whole or not at all: a kill never leaves a cut PNG under its name.
+        write_local_files(
+            [
+                (paths[""], encode_png(s.image)),
+                (paths["_vessel"], encode_png(s.vessels)),
+                (paths["_mask"], encode_png(s.mask)),
+            ]
+        )
         rows.append([stem, paths[""], paths["_mask"], paths["_vessel"]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["image_id", "uri", "mask_uri", "vessel_uri"])
+    writer.writerows([[str(v) for v in row] for row in rows])
     manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "uri", "mask_uri", "vessel_uri"])
-        writer.writerows([[str(v) for v in row] for row in rows])
+    write_local_files([(manifest, text.getvalue().encode())])
     return manifest

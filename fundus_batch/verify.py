@@ -314,9 +314,10 @@ def _check_coverage(
         manifest_ids = _manifest_ids(manifest, storage_options, report)
         if manifest_ids is not None:
             known = set(manifest_ids)
+            per_image = Counter(str(r.get("image_id")) for r in rows)
             for image_id in ids:
                 if image_id not in known:
-                    n = sum(1 for r in rows if r.get("image_id") == image_id)
+                    n = per_image[image_id]
                     report.unexpected_rows += n
                     report.add(f"{image_id!r}: {n} row(s) for an image not in the manifest")
             # The images after the last run's --limit need not be there yet, unless an
@@ -437,7 +438,7 @@ def _check_row_checksums(table: pa.Table, report: VerifyReport, store: OutputSto
     if ROW_CHECKSUM not in table.column_names:
         table = table.append_column(ROW_CHECKSUM, pa.nulls(table.num_rows, pa.string()))
     unchecked = 0
-    for row in table.to_pylist():
+    for row in (r for batch in table.to_batches(4096) for r in batch.to_pylist()):
         label = _label(row.get("image_id"), row.get("variant"))
         recorded = row.get(ROW_CHECKSUM)
         if recorded is None and legacy:
@@ -597,9 +598,11 @@ def _check_deep(
 
     from fundus_batch import outpaths
 
-    rows = [r for r in table.to_pylist() if r.get("status") == STATUS_OK]
-    rows.sort(key=lambda r: (str(r.get("image_id")), r.get("variant") or 0))
-    chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
+    keys = table.select(["image_id", "variant", "status"]).to_pylist()
+    order = [i for i, r in enumerate(keys) if r.get("status") == STATUS_OK]
+    order.sort(key=lambda i: (str(keys[i].get("image_id")), keys[i].get("variant") or 0))
+    picked = random.Random(seed).sample(order, min(sample, len(order)))
+    chosen = [table.slice(i, 1).to_pylist()[0] for i in picked]
     for row in chosen:
         label = _label(row.get("image_id"), row.get("variant"))
         stored = [row[f"{role}_uri"] for role in ROLES if row.get(f"{role}_uri")]

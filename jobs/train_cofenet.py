@@ -50,8 +50,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 from fundus_batch.degrade import TYPE_CODES
 from fundus_batch.degrade.presets import known_preset
 from fundus_batch.io.codecs import decode_image, encode_jpeg, encode_png
+from fundus_batch.io.storage import write_local_files
 from fundus_batch.metrics.noref import NOREF_METRICS, noref_metrics
 from fundus_batch.models import build_cofenet, load_weights
+from fundus_batch.models.weights import save_torch
 from fundus_batch.train import (
     INITS,
     LOSS_SCALES,
@@ -580,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(model, val_source.val_items(config.seed), device="cpu")
         log.info("evaluation of %s\n%s", args.eval_only, report.table())
         eval_doc = {"name": name, "protocol": protocol, "holdout": held, **report.to_dict()}
-        (out / f"{name}.eval.json").write_text(json.dumps(eval_doc, indent=1), encoding="utf-8")
+        write_local_files([(out / f"{name}.eval.json", json.dumps(eval_doc, indent=1).encode())])
         return 0
 
     try:
@@ -593,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {
         k: v.half() if v.is_floating_point() else v for k, v in result.model.state_dict().items()
     }
-    torch.save(state, weights)
+    save_torch(weights, state)
     # Evaluate what ships (fp16-rounded weights, loaded like load_registered does).
     shipped = inference_model(config)
     load_weights(shipped, weights).eval()
@@ -608,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=report_metrics(report),
         notes="see MODEL_CARD.md",
     )
-    (out / "registry.json").write_text(json.dumps({"weights": [entry]}, indent=2) + "\n")
+    registry = json.dumps({"weights": [entry]}, indent=2) + "\n"
     eval_doc = {
         "name": name,
         "protocol": protocol,
@@ -633,7 +635,13 @@ def main(argv: list[str] | None = None) -> int:
         ],
         **report.to_dict(),
     }
-    (out / f"{name}.eval.json").write_text(json.dumps(eval_doc, indent=1), encoding="utf-8")
+    # The registry and its evaluation record go in together, each whole.
+    write_local_files(
+        [
+            (out / "registry.json", registry.encode()),
+            (out / f"{name}.eval.json", json.dumps(eval_doc, indent=1).encode()),
+        ]
+    )
     log.info(
         "done: %d steps, %.0fs wall, weights %s (sha256 %s)",
         result.step,

@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from train_cofenet import dataset_files, load_samples, report_metrics
 
+from fundus_batch.io.storage import write_local_files
 from fundus_batch.models import file_sha256
 from fundus_batch.models.cofenet import SpotHead
-from fundus_batch.models.weights import WeightsEntry, model_for_entry
+from fundus_batch.models.weights import WeightsEntry, model_for_entry, save_torch
 from fundus_batch.train import DegradeSource, evaluate
 from fundus_batch.train.spots import PRESET, SpotPairs, spot_pairs, train_spot_head
 
@@ -157,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.crop_seed,
             log=lambda step, loss: log.info("step %d loss %.5f", step, loss),
         )
-        torch.save(head.state_dict(), args.out / f"{entry.name}.spot-head.pt")
+        save_torch(args.out / f"{entry.name}.spot-head.pt", head.state_dict())
     seconds = time.perf_counter() - began
 
     model = model_for_entry(entry)
     state = {**model.state_dict(), **{f"spot.{k}": v for k, v in head.state_dict().items()}}
     weights = args.out / f"{entry.name}.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    save_torch(weights, {k: v.half() if v.is_floating_point() else v for k, v in state.items()})
     new_entry: dict[str, Any] = {
         **entry.to_dict(),
         "file": weights.name,
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(shipped, DegradeSource(held, preset=preset).val_items(seed))
     log.info("held-out evaluation with the spot head\n%s", report.table())
     new_entry["metrics"] = report_metrics(report)
-    (args.out / "registry.json").write_text(json.dumps({"weights": [new_entry]}, indent=2) + "\n")
+    registry = json.dumps({"weights": [new_entry]}, indent=2) + "\n"
     skip = ("weights", "data_root", "out", "head")
     options = {k: v for k, v in vars(args).items() if k not in skip}
     document.update(report.to_dict())
@@ -195,7 +196,12 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(seconds, 1),
         "loss_every_100": [round(v, 5) for v in losses[::100]],
     }
-    (args.out / f"{entry.name}.eval.json").write_text(json.dumps(document, indent=1))
+    write_local_files(
+        [
+            (args.out / "registry.json", registry.encode()),
+            (args.out / f"{entry.name}.eval.json", json.dumps(document, indent=1).encode()),
+        ]
+    )
     log.info("done: %s (sha256 %s), %.0fs training", weights, new_entry["sha256"], seconds)
     return 0
 

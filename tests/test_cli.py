@@ -656,3 +656,16 @@ def test_train_command_trains_on_pipeline_pairs_and_resumes(ray_cluster, tmp_pat
     x = torch.rand(1, 3, 192, 192)
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], trained(x)[0])
+
+
+def test_ctrl_c_in_any_command_exits_130_with_one_line(monkeypatch, tmp_path):
+    from fundus_batch import manifest
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest, "from_dir", interrupted)
+    args = ["manifest", "from-dir", str(tmp_path), "--out", str(tmp_path / "m.csv")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines() == ["interrupted (Ctrl-C)"]

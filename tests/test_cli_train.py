@@ -173,3 +173,11 @@ def test_train_refused_for_its_data_leaves_no_out_folder(tmp_path: Path, splits)
     refused = _train(tmp_path / "pairs", out, *splits)
     assert refused.exit_code == 1, refused.output
     assert not out.exists()
+
+
+def test_an_out_under_a_file_is_refused_before_the_pairs_are_read(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    result = _train(tmp_path / "no_pairs_here", tmp_path / "a_file" / "model")
+    assert result.exit_code == 1
+    assert f"cannot write {tmp_path / 'a_file' / 'model'}: " in result.output
+    assert "is not a folder" in result.output

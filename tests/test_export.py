@@ -381,3 +381,38 @@ def test_export_of_failed_rows_only_is_an_error_naming_them(tmp_path: Path) -> N
     assert result.exit_code == 1
     assert "nothing to export: no pair in" in result.output and "2 rows 2 failed" in result.output
     assert not (tmp_path / "d").exists()
+
+
+SIGTERM_EXPORT = """
+import os, signal, sys
+from fundus_batch.io import storage
+from fundus_batch.cli import main
+
+real = storage.read_bytes
+def read_bytes(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stops the export mid-way
+    return real(*args, **kwargs)
+
+storage.read_bytes = read_bytes
+main(["export", sys.argv[1], "--format", "basicsr", "--dest", sys.argv[2]])
+"""
+
+
+def test_an_export_stopped_by_sigterm_removes_its_staging_folder_and_exits_143(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    _write_output(tmp_path / "out", [("a", "train"), ("b", "train")])
+    args = [str(tmp_path / "out"), str(tmp_path / "dest")]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_EXPORT, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -207,6 +207,24 @@ jobs.job_main(["--config", {str(_job_config(tmp_path))!r}], "test")
     assert "what went wrong" in kept.read_text()
 
 
+def test_a_run_that_fails_before_ray_wrote_anything_warns_of_no_missing_log(tmp_path: Path) -> None:
+    script = f"""
+from fundus_batch import jobs, pipeline
+
+def fail(config, progress=None):
+    raise RuntimeError("worker died")  # before Ray wrote anything: its log is removed
+
+pipeline.run = fail
+jobs.job_main(["--config", {str(_job_config(tmp_path))!r}], "test")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "RuntimeError: worker died" in done.stderr
+    assert "log stays at" not in done.stderr
+    assert not (tmp_path / "out" / "logs").exists()
+
+
 def test_the_json_summary_says_how_many_ok_rows_passed_the_quality_gate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -380,8 +380,12 @@ def write_local_files(files: Sequence[tuple[str | os.PathLike[str], bytes]]) -> 
             tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
             # O_EXCL: never follow or reuse a stale name; 0o666 lets the umask decide, as open().
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o666)
-            staged.append((tmp, path))
+            staged.append((tmp, path))  # first: a Ctrl-C just after the open still removes it
+            try:
+                fd = os.open(tmp, flags, 0o666)
+            except OSError:
+                staged.pop()  # not created: never unlink a name this call did not make
+                raise
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
         for tmp, path in staged:

@@ -22,6 +22,7 @@ images); the registry entry, when there is one, must agree with what the file re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -35,6 +36,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, create_model
 from torch import Tensor, nn
 
+from fundus_batch.io.storage import write_local_files
 from fundus_batch.models.cofenet import (
     VARIANTS,
     CofeNet,
@@ -61,6 +63,7 @@ __all__ = [
     "read_state_dict",
     "registry_files",
     "resolve_weights",
+    "save_torch",
     "save_weights",
 ]
 
@@ -229,14 +232,17 @@ def save_weights(
         "format": WEIGHTS_FORMAT,
         **recorded,
     }
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return file_sha256(target)
+    save_torch(path, data)
+    return file_sha256(path)
+
+
+def save_torch(path: str | os.PathLike[str], data: Any) -> None:
+    """``torch.save(data)`` to ``path`` through a temporary file renamed into place: a kill or
+    a full disk leaves the previous file whole, and a write error is the OSError that names
+    the file (torch's own writer turns it into a RuntimeError without the path)."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    write_local_files([(path, buffer.getvalue())])
 
 
 # ---------------------------------------------------------------------------- diagnosis

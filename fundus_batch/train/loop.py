@@ -18,6 +18,7 @@ import torch
 
 from fundus_batch.degrade import sample_rng
 from fundus_batch.models.cofenet import CofeNet, ResBlock, build_cofenet
+from fundus_batch.models.weights import save_torch
 from fundus_batch.train.config import CHECKPOINT_FORMAT, TrainConfig, TrainError
 from fundus_batch.train.evaluation import ValReport, evaluate, resolve_device, use_amp
 from fundus_batch.train.loss import cofenet_loss
@@ -96,12 +97,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_checkpoint_target(config: TrainConfig) -> None:
-    """TrainError when a fresh run (``resume`` off) would overwrite an existing checkpoint."""
-    if config.checkpoint and not config.resume and Path(config.checkpoint).exists():
+    """TrainError when a fresh run (``resume`` off) would overwrite an existing checkpoint, or
+    when the checkpoint's folder could not be written (checked now, not at the first
+    checkpoint, and without creating anything)."""
+    if not config.checkpoint:
+        return
+    target = Path(config.checkpoint)
+    if not config.resume and target.exists():
         raise TrainError(
             f"{config.checkpoint} already holds a training run: resume it (--resume) or write "
             "to another folder (--out)"
         )
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TrainError(f"cannot write {target.parent}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrainError(f"cannot write {target.parent}: {folder} is not writable")
 
 
 def data_record(train_source: TrainSource, val_source: TrainSource | None) -> dict[str, Any]:
@@ -174,11 +187,7 @@ def _save_checkpoint(
         "history": history,
         "data": data_read,
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, target)
+    save_torch(path, data)
 
 
 @dataclass

@@ -156,6 +156,24 @@ def test_write_local_files_replaces_no_file_when_one_cannot_be_written(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_file"]
 
 
+def test_write_local_files_leaves_no_temporary_file_when_interrupted_just_after_creating_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def open_then_interrupt(path: str, flags: int, mode: int = 0o777) -> int:
+        os.close(real_open(path, flags, mode))
+        raise KeyboardInterrupt  # Ctrl-C arriving as os.open returns
+
+    monkeypatch.setattr(storage.os, "open", open_then_interrupt)
+    target = tmp_path / "a.png"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        write_local_files([(target, b"new")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    assert target.read_bytes() == b"old"
+
+
 def test_memory_round_trip(memory_root: str) -> None:
     uri = join(memory_root, "x", "y.bin")
     assert not exists(uri)

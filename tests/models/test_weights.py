@@ -220,6 +220,39 @@ def test_save_weights_carries_the_residual_flag_that_a_bare_state_dict_loses(
         model_from_weights(path, residual=False)
 
 
+def test_save_weights_on_a_full_disk_raises_the_os_error_and_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from fundus_batch.io import storage
+    from fundus_batch.models import save_weights
+
+    state = build_cofenet(RES, 0.125, generator=torch.Generator().manual_seed(8)).state_dict()
+    path = tmp_path / "model.pt"
+    digest = save_weights(path, state, residual=False)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_weights(path, state, residual=True)
+    assert file_sha256(path) == digest
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
 def test_a_bare_state_dict_loads_at_full_width_and_is_refused_below_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

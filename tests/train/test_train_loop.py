@@ -18,10 +18,11 @@ from fundus_batch.train import (
     cofenet_loss,
     fixup_init,
     load_checkpoint,
+    loop,
     make_batch,
     train,
 )
-from fundus_batch.train.loop import decayed_lr
+from fundus_batch.train.loop import check_checkpoint_target, decayed_lr
 from tests.train.train_helpers import state_copy, synth_samples, tiny_config
 
 
@@ -379,3 +380,18 @@ def test_a_fresh_run_refuses_to_overwrite_an_existing_checkpoint(tmp_path: Path)
     with pytest.raises(TrainError, match=r"already holds a training run: resume it \(--resume\)"):
         train(tiny_config(steps=3, checkpoint=str(ckpt)), source)
     assert ckpt.read_bytes() == before
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_refused_before_any_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    under_file = tiny_config(steps=1, checkpoint=str(tmp_path / "a_file" / "m" / "ckpt.pt"))
+    with pytest.raises(TrainError, match=r"a_file is not a folder"):
+        check_checkpoint_target(under_file)
+    read_only = tiny_config(steps=1, checkpoint=str(tmp_path / "ro" / "m" / "ckpt.pt"))
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(loop.os, "access", lambda path, mode: Path(path).name != "ro")
+    with pytest.raises(TrainError, match=r"ro is not writable"):
+        check_checkpoint_target(read_only)
+    assert not (tmp_path / "ro" / "m").exists()
