@@ -416,3 +416,22 @@ def test_an_export_stopped_by_sigterm_removes_its_staging_folder_and_exits_143(
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_basicsr_keeps_a_run_s_pngs_byte_for_byte_and_converts_its_jpegs(tmp_path: Path) -> None:
+    from fundus_batch.io.codecs import encode_jpeg
+
+    out = tmp_path / "out"
+    _write_output(out, [("a", "train"), ("b", "train")], degraded_uri=["img/d0.png", "img/d1.jpg"])
+    jpeg = encode_jpeg(np.full((16, 16, 3), 90, np.uint8), 95)
+    (out / "img" / "d1.jpg").write_bytes(jpeg)
+    export_pairs(str(out), "basicsr", tmp_path / "dest")
+    gt, lq = tmp_path / "dest" / "GT", tmp_path / "dest" / "LQ"
+    assert (gt / "a_v000_001.png").read_bytes() == (out / "img" / "c0.png").read_bytes()
+    assert (lq / "a_v000_001.png").read_bytes() == (out / "img" / "d0.png").read_bytes()
+    converted = (lq / "b_v000_001.png").read_bytes()
+    assert converted.startswith(b"\x89PNG") and np.array_equal(
+        decode_image(converted), decode_image(jpeg)
+    )
+    meta = (tmp_path / "dest" / "meta_info.txt").read_text().splitlines()
+    assert meta == ["a_v000_001.png (16,16,3)", "b_v000_001.png (16,16,3)"]
