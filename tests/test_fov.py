@@ -599,3 +599,14 @@ def test_real_photographs_downscaled_to_thumbnails_are_found(shared_dir: Path, w
         found = preprocess(small, 64).circle
         scale = width / rgb.shape[1]
         assert abs(found.r - full.r * scale) < 0.05 * full.r * scale + 1.0, path.name
+
+
+@pytest.mark.parametrize("size", [200, 128, 320])
+def test_a_field_clipped_at_the_right_and_bottom_has_no_mask_pixel_over_padding(size: int):
+    """A uniform photograph whose field runs off its right and bottom edges: the crop pads
+    beyond them with zeros, and no pixel of the mask may lie on that padding."""
+    rgb = np.full((300, 400, 3), 100, np.uint8)
+    circle = Circle(350.0, 250.0, 100.0)  # 50 px past the right and the bottom edge
+    image, mask = crop_to_fov(rgb, circle, size)
+    assert mask.any() and not mask[-1].any() and not mask[:, -1].any()
+    assert image[mask > 0].min() > 0

@@ -241,3 +241,30 @@ def test_an_aperture_with_flat_top_and_bottom_gives_its_circle_not_its_chords(tr
     found = circle_from_mask(mask)
     assert abs(found.cx - truth.cx) < 1.0 and abs(found.cy - truth.cy) < 1.0, found
     assert abs(found.r - truth.r) < 1.0, found
+
+
+def test_vessel_label_maps_with_values_up_to_3_mark_every_labelled_pixel():
+    """HRF's artery/vein maps label vessels 1-3: the highest label 3 is still a label map, so
+    every labelled pixel is a vessel, not only those over the 0/255 threshold."""
+    from fundus_batch.imaging import decode_vessel_truth
+
+    labels = np.zeros((40, 48), np.uint8)
+    labels[5:10] = 1
+    labels[15:20] = 2
+    labels[25:30] = 3
+    truth = decode_vessel_truth(encode_png(labels))
+    assert truth.dtype == np.uint8
+    assert np.array_equal(truth, np.where(labels > 0, 255, 0))
+
+
+def test_the_working_image_of_a_given_mask_is_zero_wherever_the_mask_is():
+    """A mask cut flat at the bottom inside the frame: its circle runs below the cut, but the
+    pixels between the cut and the circle are outside the field and must be black."""
+    rgb = np.random.default_rng(3).integers(60, 180, (400, 480, 3), dtype=np.uint8)
+    truth = Circle(240.0, 190.0, 170.0)
+    mask = circle_mask(400, 480, truth)
+    mask[300:] = 0  # the aperture's straight bottom edge, 60 px above the circle's foot
+    pre = crop_with_given_mask(rgb, encode_png(mask), 128)
+    _, circle_only = crop_to_fov(rgb, pre.circle, 128)
+    assert np.logical_and(circle_only > 0, pre.mask == 0).any()  # the cut-off part exists
+    assert not pre.image[pre.mask == 0].any()

@@ -96,6 +96,14 @@ def test_duplicate_across_batches_names_both_lines(tmp_path):
         ms.scan_manifest(path)
 
 
+def test_the_duplicate_id_error_names_the_first_repeated_row_in_file_order(tmp_path):
+    """Every id repeats; the first row that repeats an earlier one is row 5 ('q', first seen
+    in row 2), whatever order the ids' keys sort in."""
+    path = _parquet(tmp_path / "m.parquet", ["p", "q", "r", "s", "q", "p", "r", "s"])
+    with pytest.raises(ManifestError, match=r"row 5, field 'image_id'.*'q'.*row 2\)"):
+        ms.scan_manifest(path)
+
+
 def test_internal_column_name_is_rejected_before_rows_are_read(tmp_path):
     path = _parquet(tmp_path / "m.parquet", ["a"], raw_bytes=[b"x"])
     with pytest.raises(ManifestError, match="raw_bytes"):

@@ -240,3 +240,11 @@ def test_gate_counts_say_how_many_judged_rows_passed_and_which_term_most_broke()
     assert (gate.passed, gate.judged, gate.most_broken) == (1, 4, ("b < 2", 3))
     assert gate.line() == "quality gate: 1 of 4 ok rows passed (most broken: b < 2, 3 rows)"
     assert GateCounts(2, 2).line() == "quality gate: 2 of 2 ok rows passed"
+
+
+def test_a_nan_value_breaks_a_not_equal_term_too():
+    """NaN compares unequal to everything, so a bare ``!=`` would pass it: an unmeasured
+    value breaks every term, ``!=`` included."""
+    rule = parse_rule("nr_luminance_clean != 0")
+    assert rule.evaluate({"nr_luminance_clean": math.nan}) == (False, ["nr_luminance_clean != 0"])
+    assert rule.evaluate({"nr_luminance_clean": 5.0}) == (True, [])

@@ -349,6 +349,19 @@ def test_deep_check_recomputes_every_row_of_a_fresh_output(run_out) -> None:
     assert "recomputed" in report.summary()
 
 
+def test_deep_check_of_a_fresh_jpeg_output_reports_no_problem(ray_cluster, tmp_path) -> None:
+    """JPEG degraded images (.jpg) are lossy: a replay matches them only to within the
+    encoding error, which the deep check must allow for."""
+    manifest = write_inputs(tmp_path / "in", n_good=1, broken=False, size=256)
+    out = tmp_path / "out"
+    summary = pipeline.run(_config(manifest, out, image_format="jpeg"))
+    assert summary.complete and summary.ok == VARIANTS
+    assert all(uri.endswith(".jpg") for uri in _rows(out).degraded_uri)
+    report = verify(str(out), str(manifest), deep=VARIANTS)
+    assert report.ok, report.summary()
+    assert report.deep_checked == VARIANTS
+
+
 def test_deep_check_catches_a_metric_changed_with_its_checksum_recomputed(run_out) -> None:
     manifest, out = run_out
     image_id, variant = _edit_ok_row(

@@ -321,3 +321,12 @@ def test_a_uint8_mask_of_zeros_and_ones_is_refused_as_not_0_255(fundus512) -> No
     as_bool, _ = degrade(image, ones.astype(bool), "111", sample_rng(0, "z", 0))
     scaled, _ = degrade(image, ones * 255, "111", sample_rng(0, "z", 0))
     np.testing.assert_array_equal(as_bool, scaled)
+
+
+def test_replay_skipping_the_colour_equals_a_neutral_colour_jitter(fundus512, example) -> None:
+    image, mask = fundus512
+    record = _only(example, "001")
+    skipped = replay(image, mask, record, skip=("color",))
+    neutral = replace(example.color, brightness=1.0, contrast=1.0, saturation=1.0)
+    assert np.array_equal(skipped, replay(image, mask, _only(example, "001", color=neutral)))
+    assert not np.array_equal(skipped, replay(image, mask, record))

@@ -139,6 +139,17 @@ def test_exposure_shares_use_the_documented_thresholds() -> None:
     assert underexposed(img, mask) == pytest.approx(8 / 64)
 
 
+def test_a_fov_at_exactly_the_exposure_thresholds_is_wholly_over_or_under_exposed() -> None:
+    """The thresholds are inclusive ("at or above", "at or below"): a FOV of grey 250 is all
+    over-exposed, one of grey 10 all under-exposed."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:28, 4:28] = 255
+    bright = np.full((32, 32, 3), int(OVEREXPOSED_Y), np.uint8)
+    dark = np.full((32, 32, 3), int(UNDEREXPOSED_Y), np.uint8)
+    assert noref_metrics(bright, mask)["nr_overexposed"] == 1.0
+    assert noref_metrics(dark, mask)["nr_underexposed"] == 1.0
+
+
 def test_blur_lowers_laplacian_variance_and_raises_blur_effect(
     eye: tuple[np.ndarray, np.ndarray],
 ) -> None:

@@ -408,3 +408,13 @@ def test_full_reference_metrics_equal_the_float64_reference_on_real_photographs(
         ctx = reference_context(img, fov)
         for other in _variants(img, fov.astype(np.uint8) * 255)[::3]:
             _assert_close_to_reference(ctx.metrics(other), f64.full_reference(other, img, fov))
+
+
+def test_ms_ssim_of_an_image_inverted_inside_the_fov_is_zero(
+    eye: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Inverting the image makes its structure terms negative: they clip to 0, so the
+    weighted geometric mean is 0, not a positive score from their magnitudes."""
+    img, mask = eye
+    inverted = _in_fov(255 - img, mask)
+    assert ms_ssim(inverted, img, mask) == 0.0

@@ -465,3 +465,28 @@ def test_the_report_names_the_most_broken_terms_as_the_run_summary_does():
     counts = GateCounts()
     counts.add([False] * 4, [r["quality_failed"] for r in rows])
     assert gate is not None and gate.top_failed[0] == counts.most_broken == ("a_term > 1", 2)
+
+
+def test_the_clean_row_averages_one_value_per_source_image_however_many_rows_each_has():
+    """Image a has three ok rows (luminance 10), image b one (50): the clean row is the mean
+    of the two images' values, 30, not the mean over the four rows, 20."""
+    rows = [
+        {
+            "image_id": image_id,
+            "variant": variant,
+            "status": "ok",
+            "type_code": "001",
+            "clean_uri": f"images/{image_id}/clean.png",
+            "degraded_uri": f"images/{image_id}/v{variant}.png",
+            "nr_luminance_clean": lum,
+            "nr_luminance_degraded": 5.0,
+        }
+        for image_id, lum, n in (("a", 10.0, 3), ("b", 50.0, 1))
+        for variant in range(n)
+    ]
+    table = aggregate(loaded(rows)).metrics.no_reference
+    assert table is not None
+    clean = table.rows[0]
+    assert clean.label == "clean" and clean.suffix == " (per source image)"
+    assert clean.n == 2
+    assert clean.values[0] == pytest.approx(30.0)
