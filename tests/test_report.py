@@ -425,6 +425,14 @@ def test_dest_elsewhere_puts_figures_beside_it(built, tmp_path: Path):
     assert (dest.parent / "report_figures" / "contact_111.png").is_file()
 
 
+def test_a_dest_that_is_a_folder_is_refused_before_any_figure_is_written(built, tmp_path: Path):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"reports is a folder; give the HTML file's"):
+        write_report(built["out"], str(folder))
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
+
+
 def test_output_without_run_json_still_reports_from_parquet(tmp_path: Path):
     out = tmp_path / "out"
     _build_output(str(out), tmp_path / "in", n_good=1, n_missing=1, corrupt=False, run_json=False)

@@ -65,6 +65,11 @@ def write_report(
         )
     target = str(dest) if dest is not None else storage.join(out, REPORT_NAME)
     remote = "://" in target
+    if not remote and os.path.isdir(target):  # before any figure is written beside it
+        raise IsADirectoryError(
+            f"report destination {target} is a folder; give the HTML file's path, e.g. "
+            f"{os.path.join(target, REPORT_NAME)}"
+        )
     figures = storage.join(_parent(target), FIGURES_DIR)
     write_options = storage_options if remote else None
     if dest is None:  # inside OUT: neither the page nor the figures folder may be a link
