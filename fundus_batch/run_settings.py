@@ -4,16 +4,15 @@ in its ``run.json`` by the first run, and a later run on the same folder must ag
 A later run may only add consistent work: more variants (the new variant indices are done),
 enhancement on a folder made without it (the rows that lack an enhanced image are redone with
 it; degradation is seeded, so their clean and degraded images come out byte-identical), or
-metrics on a folder made with ``compute_metrics: false`` (its rows are redone the same way,
-with metrics). Any other difference (size, seed, preset, types, format, fewer variants,
-enhancement or metrics removed, another model, another metric protocol, ...) is refused before
-any work, listing every
-difference as ``field: old -> new``. A custom preset is recorded by its whole definition, so
-the same name with other ranges is another setting. Fewer variants are refused rather than read
-as "done": a run's variant count is what ``verify`` checks, so accepting it would leave the
-folder claiming less than it holds. A manifest column passed through to the rows keeps its
-Arrow type in one folder (:func:`check_column_types`): shards that disagree on it cannot be read
-together.
+metrics on a folder made with ``compute_metrics: false`` (its rows are redone the same way, with
+metrics). Any other difference (size, seed, preset, types, format, fewer variants, enhancement
+or metrics removed, another model, another metric protocol, ...) is refused before any work,
+listing every difference as ``field: old -> new``. A custom preset is recorded by its whole
+definition, so the same name with other ranges is another setting. Fewer variants are refused
+rather than read as "done": a run's variant count is what ``verify`` checks, so accepting it
+would leave the folder claiming less than it holds. A manifest column passed through to the rows
+keeps its Arrow type in one folder (:func:`check_column_types`): shards that disagree on it
+cannot be read together.
 """
 
 from __future__ import annotations
