@@ -148,6 +148,17 @@ def _single_image_options(command: Any) -> Any:
     return command
 
 
+def _device_option(what: str) -> Any:
+    """``--device`` of the commands that run a network outside the pipeline."""
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        help=f"where {what} (auto: cuda when there is one)",
+    )
+
+
 INPUT_IMAGE = click.argument(
     "input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path)
 )
@@ -327,13 +338,7 @@ def _encode(output: Path, image: np.ndarray, quality: int) -> bytes:
     help="Cofe-Net or the weight-free FOV background normalisation",
 )
 @click.option("--weights", default="fundus-cofenet-small", show_default=True, help="NAME or PATH")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="where Cofe-Net runs (auto: cuda when there is one)",
-)
+@_device_option("Cofe-Net runs")
 @click.option(
     "--max-change",
     type=click.IntRange(1, 255),
@@ -785,13 +790,7 @@ def verify_cmd(
     help="validate on rows of this split (every --val-every steps, else at the end)",
 )
 @click.option("--val-every", default=0, show_default=True, type=int, help="steps; 0: at the end")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="where training runs (auto: cuda when there is one)",
-)
+@_device_option("training runs")
 @click.option(
     "--resume",
     is_flag=True,
