@@ -99,26 +99,65 @@ def _label(image_id: Any, variant: Any) -> str:
     return f"{image_id!r} variant {v}"
 
 
-def _read_shards(store: OutputStore, report: VerifyReport) -> pa.Table | None:
-    """All shards; an unreadable shard is a problem and is skipped."""
-    tables = []
+@dataclass
+class _Scanned:
+    """What one pass over the shards keeps: the columns the checks need, and where each of
+    its rows lives (so that ``--deep`` re-reads only the shards of the rows it picks)."""
+
+    table: pa.Table | None
+    shard_rows: list[tuple[str, int]]  # (shard, rows) in table order
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """The shard and the row within it of row ``index`` of ``table``."""
+        for path, count in self.shard_rows:
+            if index < count:
+                return path, index
+            index -= count
+        raise IndexError(index)
+
+
+_KEPT = ["image_id", "variant", "status", "failed_stage", "error", "size"] + [
+    f"{role}_{key}" for role in ROLES for key in ("uri", "sha256")
+]
+
+
+def _scan_shards(store: OutputStore, report: VerifyReport) -> _Scanned:
+    """Read the shards one at a time: check each row against its ``row_sha256`` and keep only
+    the columns the other checks need. An unreadable shard is a problem and is skipped; shards
+    whose columns cannot be combined (a column's type changed between runs) are a problem."""
+    kept: list[pa.Table] = []
+    shard_rows: list[tuple[str, int]] = []
+    schemas: list[pa.Schema] = []
+    unchecked = legacy = 0
     paths = store.shard_paths()
     report.shards = len(paths)
     for path in paths:
         try:
-            options = store.storage_options
-            tables.append(shards.read_shard(path, None, options, retries=store.retries))
+            table = shards.read_shard(path, None, store.storage_options, retries=store.retries)
         except OSError as exc:  # corrupt, gone since the listing, or storage still failing
             if isinstance(exc, shards.CorruptShardError):
                 reason = exc.reason
             else:
                 reason = f"{type(exc).__name__}: {storage.redact(str(exc))}"
             report.add(f"shard {storage.redact(path)} is unreadable: {reason}")
+            continue
+        if _check_row_checksums(table, report):
+            legacy += 1
+            unchecked += table.num_rows
+        schemas.append(table.schema)
+        kept.append(table.select([c for c in _KEPT if c in table.column_names]))
+        shard_rows.append((path, table.num_rows))
+    if unchecked:
+        report.notes.append(
+            f"{unchecked} row(s) from {legacy} shard(s) written before row checksums: "
+            "their values are not checked"
+        )
     try:
-        return shards.concat_tables(tables)
+        pa.unify_schemas(schemas, promote_options="permissive")
+        return _Scanned(shards.concat_tables(kept), shard_rows)
     except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # e.g. a manifest column's type changed
         report.add(f"the shards' columns do not agree: {exc}")
-        return None
+        return _Scanned(None, [])
 
 
 def _manifest_ids(
@@ -205,15 +244,13 @@ def verify(
     if run_info is not None and run_info.get("state") != "complete":
         report.add(f"{RUN_JSON} says the last run is {run_info.get('state')!r}, not 'complete'")
 
-    table = _read_shards(store, report)
+    scanned = _scan_shards(store, report)
+    table = scanned.table
     if table is None:
         report.add(f"no readable Parquet shard under {storage.redact(store.pairs_uri)}")
         rows: list[dict[str, Any]] = []
     else:
-        wanted = ["image_id", "variant", "status", "failed_stage", "error", "size"]
-        wanted += [f"{r}_{k}" for r in ROLES for k in ("uri", "sha256")]
-        rows = table.select([c for c in wanted if c in table.column_names]).to_pylist()
-        _check_row_checksums(table, report, store)
+        rows = table.to_pylist()
         _resolve_row_uris(rows, out, report)
     report.rows = len(rows)
     if report.mode is None:  # no run.json: rows with variants mean pairs mode
@@ -242,7 +279,7 @@ def verify(
             )
     if deep > 0 and table is not None:
         settings = (run_info or {}).get("settings") or {}
-        _check_deep(table, out, report, deep, storage_options, deep_seed, settings)
+        _check_deep(scanned, rows, store, out, report, deep, deep_seed, settings)
     return report
 
 
@@ -397,64 +434,47 @@ def _resolve_row_uris(rows: list[dict[str, Any]], out: str, report: VerifyReport
     from fundus_batch import outpaths
 
     real_dirs: dict[str, str] = {}
+    # The variants of an image share its clean and mask files: one resolved string for all.
+    seen: dict[str, tuple[str, str | None]] = {}
     for row in rows:
         for role in ROLES:
             stored = row.get(f"{role}_uri")
             if not stored:
                 continue
-            problem = outpaths.stored_uri_problem(out, stored)
-            resolved = outpaths.resolve(out, stored) if problem is None else None
-            if resolved is not None:
-                problem = outpaths.link_escape(out, resolved, real_dirs)
+            if stored not in seen:
+                problem = outpaths.stored_uri_problem(out, stored)
+                resolved = outpaths.resolve(out, stored) if problem is None else None
+                if resolved is not None:
+                    problem = outpaths.link_escape(out, resolved, real_dirs)
+                if resolved is None and outpaths.is_relative(stored):
+                    resolved = out.rstrip("/") + "/" + stored  # '..' inside: as a reader would
+                seen[stored] = (resolved or stored, problem)
+            row[f"{role}_uri"], problem = seen[stored]
             if problem is not None:
                 label = _label(row.get("image_id"), row.get("variant"))
                 report.add(f"{label}: {role}_uri {storage.redact(stored)} {problem}")
-            if resolved is None and outpaths.is_relative(stored):
-                resolved = out.rstrip("/") + "/" + stored  # '..' inside: as a reader would
-            row[f"{role}_uri"] = resolved or stored
 
 
-def _legacy_shards(store: OutputStore) -> int:
-    """How many shards were written before rows carried ``row_sha256``."""
-    from fundus_batch.schema import ROW_CHECKSUM
-
-    legacy = 0
-    for path in store.shard_paths():
-        try:
-            if ROW_CHECKSUM not in shards.shard_schema(path, store.storage_options).names:
-                legacy += 1
-        except OSError:  # unreadable shards are reported by _read_shards
-            continue
-    return legacy
-
-
-def _check_row_checksums(table: pa.Table, report: VerifyReport, store: OutputStore) -> None:
-    """Recompute every row's ``row_sha256`` from its values: a changed metric, seed,
-    ``params_json``, status or URI no longer matches the checksum written with the row.
-    Rows of shards written before checksums existed are counted in a note."""
+def _check_row_checksums(table: pa.Table, report: VerifyReport) -> bool:
+    """Recompute the ``row_sha256`` of every row of one shard from its values: a changed
+    metric, seed, ``params_json``, status or URI no longer matches the checksum written with
+    the row. Returns True, checking nothing, for a shard written before checksums existed."""
     from fundus_batch.schema import ROW_CHECKSUM, row_checksum
 
-    legacy = _legacy_shards(store) if ROW_CHECKSUM in table.column_names else 1
     if ROW_CHECKSUM not in table.column_names:
-        table = table.append_column(ROW_CHECKSUM, pa.nulls(table.num_rows, pa.string()))
-    unchecked = 0
-    for row in (r for batch in table.to_batches(4096) for r in batch.to_pylist()):
-        label = _label(row.get("image_id"), row.get("variant"))
-        recorded = row.get(ROW_CHECKSUM)
-        if recorded is None and legacy:
-            unchecked += 1
-        elif recorded is None:
-            report.add(f"{label}: row has no {ROW_CHECKSUM}")
-        elif row_checksum(row) != recorded:
-            report.add(
-                f"{label}: row values do not match their {ROW_CHECKSUM} "
-                "(a value was changed after the row was written)"
-            )
-    if unchecked:
-        report.notes.append(
-            f"{unchecked} row(s) from {legacy} shard(s) written before row checksums: "
-            "their values are not checked"
-        )
+        return True
+    for batch in table.to_batches(4096):
+        for row in batch.to_pylist():
+            label = _label(row.get("image_id"), row.get("variant"))
+            recorded = row.get(ROW_CHECKSUM)
+            if recorded is None:
+                report.add(f"{label}: row has no {ROW_CHECKSUM}")
+            elif row_checksum(row) != recorded:
+                report.add(
+                    f"{label}: row values do not match their {ROW_CHECKSUM} "
+                    "(a value was changed after the row was written)"
+                )
+    return False
 
 
 def _close(stored: Any, fresh: float, rel_tol: float = 1e-5, abs_tol: float = 1e-8) -> bool:
@@ -584,25 +604,31 @@ def _against_settings(row: dict[str, Any], settings: dict[str, Any]) -> list[str
 
 
 def _check_deep(
-    table: pa.Table,
+    scanned: _Scanned,
+    keys: list[dict[str, Any]],
+    store: OutputStore,
     out: str,
     report: VerifyReport,
     sample: int,
-    storage_options: dict | None,
     seed: int | None = None,
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """Recompute ``sample`` randomly chosen ok rows from their files (see :func:`_deep_row`),
-    after checking that what they are recomputed from agrees with the folder's ``settings``."""
+    """Recompute ``sample`` randomly chosen ok rows (of ``keys``, the rows of ``scanned.table``)
+    from their files (see :func:`_deep_row`), after checking that what they are recomputed from
+    agrees with the folder's ``settings``."""
     import random
 
     from fundus_batch import outpaths
 
-    keys = table.select(["image_id", "variant", "status"]).to_pylist()
     order = [i for i, r in enumerate(keys) if r.get("status") == STATUS_OK]
     order.sort(key=lambda i: (str(keys[i].get("image_id")), keys[i].get("variant") or 0))
     picked = random.Random(seed).sample(order, min(sample, len(order)))
-    chosen = [table.slice(i, 1).to_pylist()[0] for i in picked]
+    try:
+        chosen = _reread_rows(scanned, store, picked)
+    except OSError as exc:
+        report.add(f"deep check could not re-read its rows: {type(exc).__name__}: {exc}")
+        return
+    storage_options = store.storage_options
     for row in chosen:
         label = _label(row.get("image_id"), row.get("variant"))
         stored = [row[f"{role}_uri"] for role in ROLES if row.get(f"{role}_uri")]
@@ -622,6 +648,16 @@ def _check_deep(
         for problem in problems:
             report.add(f"{label}: {problem}")
     report.deep_checked = len(chosen)
+
+
+def _reread_rows(scanned: _Scanned, store: OutputStore, picked: list[int]) -> list[dict[str, Any]]:
+    """Rows ``picked`` (indices into ``scanned.table``) with all their columns, in that order,
+    each shard read once."""
+    located = [scanned.locate(i) for i in picked]
+    by_shard: dict[str, pa.Table] = {}
+    for path in dict.fromkeys(path for path, _ in located):
+        by_shard[path] = shards.read_shard(path, None, store.storage_options, retries=store.retries)
+    return [by_shard[path].slice(row, 1).to_pylist()[0] for path, row in located]
 
 
 @dataclass

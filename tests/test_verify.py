@@ -431,6 +431,36 @@ def test_shards_from_before_row_checksums_are_a_note_and_a_blanked_checksum_is_a
     assert any(f"{table.num_rows} row(s) from 1 shard(s)" in n for n in report.notes)
 
 
+def test_the_legacy_note_counts_every_shard_written_before_row_checksums(run_out) -> None:
+    manifest, out = run_out
+    paths = sorted((out / "pairs").glob("*.parquet"))
+    assert len(paths) > 1
+    for path in paths:
+        pq.write_table(pq.read_table(path).drop_columns(["row_sha256"]), path)
+    report = verify(str(out), str(manifest))
+    assert report.ok, report.summary()
+    assert any(f"from {len(paths)} shard(s) written before" in n for n in report.notes), report
+
+
+def test_a_column_typed_differently_by_two_runs_passes_each_shards_checksums(run_out) -> None:
+    """One run's manifest gave ``grade`` as integers, a later one's as floats: each shard's
+    rows still match the checksums their writer computed (combining the shards first would
+    turn 2 into 2.0 and flag every row of the integer shard as edited)."""
+    from fundus_batch.schema import with_row_checksums
+
+    manifest, out = run_out
+    first, *later = sorted((out / "pairs").glob("*.parquet"))
+    assert later
+    for path, kind in [(first, pa.int64())] + [(p, pa.float64()) for p in later]:
+        table = pq.read_table(path)
+        grade = table.schema.get_field_index("grade")
+        values = pa.array([int(v) for v in table.column(grade).to_pylist()], kind)
+        pq.write_table(with_row_checksums(table.set_column(grade, "grade", values)), path)
+    report = verify(str(out), str(manifest), deep=2)
+    assert report.ok, report.summary()
+    assert report.deep_checked == 2
+
+
 def test_image_folders_or_files_swapped_for_links_to_elsewhere_are_rejected(
     run_out, tmp_path: Path
 ) -> None:

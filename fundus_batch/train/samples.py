@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import Any, NamedTuple, Protocol, overload
 
 import cv2
 import numpy as np
@@ -173,14 +173,28 @@ def _box_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndar
     return out
 
 
+Disc = tuple[int, int, int]  # centre x, centre y, radius, in working pixels
+
+
+def spot_discs(record: DegradationRecord) -> tuple[Disc, ...]:
+    """The record's spots as discs grown by one blur sigma."""
+    return tuple(
+        (int(s.center[0]), int(s.center[1]), round(s.radius // 2 + s.sigma))
+        for s in record.spots or ()
+    )
+
+
+def disc_mask(discs: Iterable[Disc], side: int) -> np.ndarray:
+    """``discs`` drawn filled on a float32 ``side`` x ``side`` canvas in {0, 1}."""
+    out = np.zeros((side, side), dtype=np.uint8)
+    for cx, cy, radius in discs:
+        cv2.circle(out, (cx, cy), radius, 1, -1)
+    return out.astype(np.float32)
+
+
 def spot_mask(record: DegradationRecord, size: int | None = None) -> np.ndarray:
     """Where the record's spots are: float32 HxW in {0, 1}, discs grown by one blur sigma."""
-    side = record.size if size is None else size
-    out = np.zeros((side, side), dtype=np.uint8)
-    for spot in record.spots or ():
-        radius = round(spot.radius // 2 + spot.sigma)
-        cv2.circle(out, (int(spot.center[0]), int(spot.center[1])), int(radius), 1, -1)
-    return out.astype(np.float32)
+    return disc_mask(spot_discs(record), record.size if size is None else size)
 
 
 def flipped(item: TrainItem) -> TrainItem:
@@ -316,6 +330,20 @@ class DegradeSource:
         return out
 
 
+class _PairRow(NamedTuple):
+    """What training keeps of a pairs row (a few hundred bytes; the record only as spot discs,
+    None when the row has no ``params_json``)."""
+
+    image_id: str
+    variant: int | None
+    type_code: str
+    clean_uri: str | None
+    mask_uri: str | None
+    degraded_uri: str
+    size: int | None
+    spots: tuple[Disc, ...] | None
+
+
 class PairsSource:
     """A pairs dataset written by the pipeline, on local disk or any fsspec URL (``s3://``,
     ...): ``root`` is the output folder or its ``pairs/`` folder; shards are read through
@@ -369,7 +397,9 @@ class PairsSource:
         paths = shards.list_shards(folder, storage_options)
         if not paths:
             raise TrainError(f"no Parquet files under {folder}")
-        rows: list[dict[str, Any]] = []
+        keep: list[_PairRow] = []
+        self.quality_left_out = 0
+        shared: dict[str, str] = {}  # one string for the ids and files that variants share
         for path in paths:
             table = shards.read_shard(path, [*self._COLUMNS, *self._OPTIONAL], storage_options)
             missing = [c for c in self._COLUMNS if c not in table.column_names]
@@ -377,18 +407,19 @@ class PairsSource:
                 raise TrainError(f"{path} lacks pairs columns {missing}")
             if split is not None and "split" not in table.column_names:
                 raise TrainError(f"{path} has no split column, cannot select split {split!r}")
-            rows.extend(table.to_pylist())
-        usable = [
-            r
-            for r in rows
-            if r["status"] == "ok"
-            and r["degraded_uri"]
-            and r["type_code"] in TYPE_CODES
-            and (split is None or r.get("split") == split)
-            and (exclude_split is None or r.get("split") != exclude_split)
-        ]
-        keep = [r for r in usable if include_quality_failed or r.get("quality_ok") is not False]
-        self.quality_left_out = len(usable) - len(keep)
+            for r in table.to_pylist():
+                if not (
+                    r["status"] == "ok"
+                    and r["degraded_uri"]
+                    and r["type_code"] in TYPE_CODES
+                    and (split is None or r.get("split") == split)
+                    and (exclude_split is None or r.get("split") != exclude_split)
+                ):
+                    continue
+                if r.get("quality_ok") is False and not include_quality_failed:
+                    self.quality_left_out += 1
+                    continue
+                keep.append(_pair_row(r, shared, path))
         if self.quality_left_out:
             log.info(
                 "%s: left out %d rows that failed the run's min_quality gate (quality_ok false)",
@@ -403,7 +434,7 @@ class PairsSource:
                 else ""
             )
             raise TrainError(f"no usable rows (status ok, split {split!r}) in {folder}{failed}")
-        keep.sort(key=lambda r: (str(r["image_id"]), int(r["variant"] or 0)))
+        keep.sort(key=lambda r: (r.image_id, r.variant or 0))
         self.rows = keep
         self._size: int | None = None
         self._check_images(folder)
@@ -414,11 +445,11 @@ class PairsSource:
     def image_id(self, index: int) -> str:
         """``image_id/variant`` of row ``index``."""
         row = self.rows[index]
-        return f"{row['image_id']}/{row['variant']}"
+        return f"{row.image_id}/{row.variant}"
 
     def photo_ids(self) -> set[str]:
         """The photographs (``image_id``) the rows come from."""
-        return {str(r["image_id"]) for r in self.rows}
+        return {r.image_id for r in self.rows}
 
     def describe(self) -> dict[str, Any]:
         """What selects the rows (the dataset, the splits, the quality choice): a resumed run
@@ -438,11 +469,11 @@ class PairsSource:
         """The pairs' working size: the rows' ``size`` (the largest, should they differ), else
         the side of the first row's mask."""
         if self._size is None:
-            sizes = {int(r["size"]) for r in self.rows if r.get("size")}
+            sizes = {r.size for r in self.rows if r.size}
             if sizes:
                 self._size = max(sizes)
             else:
-                self._size = int(self._read(self.rows[0]["mask_uri"], grey=True).shape[0])
+                self._size = int(self._read(str(self.rows[0].mask_uri), grey=True).shape[0])
         return self._size
 
     def _check_images(self, folder: str) -> None:
@@ -456,7 +487,7 @@ class PairsSource:
         wanted: dict[str, list[tuple[int, str, str]]] = {}  # stored folder -> (row, role, name)
         for i, row in enumerate(self.rows):
             for role in self._ROLES:
-                stored = row.get(f"{role}_uri")
+                stored = getattr(row, f"{role}_uri")
                 if not stored:
                     problems.setdefault(i, []).append(f"no {role}_uri")
                     continue
@@ -484,7 +515,7 @@ class PairsSource:
                     problem = "is a symbolic link"
                 else:
                     continue
-                stored = storage.redact(str(self.rows[i][f"{role}_uri"]))
+                stored = storage.redact(str(getattr(self.rows[i], f"{role}_uri")))
                 problems.setdefault(i, []).append(f"{role}_uri {stored} {problem}")
         if problems:
             shown = [f"{self.image_id(i)}: {', '.join(p)}" for i, p in sorted(problems.items())]
@@ -506,11 +537,11 @@ class PairsSource:
         rgb = decode_image(data)
         return rgb[..., 0].copy() if grey else rgb
 
-    def _pair(self, index: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    def _pair(self, index: int) -> tuple[_PairRow, np.ndarray, np.ndarray, np.ndarray]:
         row = self.rows[index]
-        clean = self._read(row["clean_uri"])
-        mask = np.where(self._read(row["mask_uri"], grey=True) > 127, 255, 0).astype(np.uint8)
-        degraded = self._read(row["degraded_uri"])
+        clean = self._read(str(row.clean_uri))
+        mask = np.where(self._read(str(row.mask_uri), grey=True) > 127, 255, 0).astype(np.uint8)
+        degraded = self._read(row.degraded_uri)
         if clean.shape != degraded.shape or clean.shape[:2] != mask.shape:
             raise TrainError(f"row {self.image_id(index)}: clean/degraded/mask sizes differ")
         return row, clean, degraded, mask
@@ -518,24 +549,49 @@ class PairsSource:
     def train_item(self, index: int, rng: np.random.Generator) -> TrainItem:
         """Row ``index`` as a training pair (``rng`` is unused: the degradation is stored)."""
         row, clean, degraded, mask = self._pair(index)
-        spots = None
-        if row.get("params_json"):
-            record = DegradationRecord.from_json(row["params_json"])
-            spots = spot_mask(record, clean.shape[0])
+        spots = None if row.spots is None else disc_mask(row.spots, clean.shape[0])
         return TrainItem(
-            self.image_id(index), row["type_code"], clean, degraded, mask, None, None, spots
+            self.image_id(index), row.type_code, clean, degraded, mask, None, None, spots
         )
 
     def val_item(self, index: int) -> ValItem:
         """Row ``index`` as stored, for validation."""
         row, clean, degraded, mask = self._pair(index)
-        return ValItem(str(row["image_id"]), row["type_code"], clean, degraded, mask)
+        return ValItem(row.image_id, row.type_code, clean, degraded, mask)
 
     def val_items(self, seed: int) -> Sequence[ValItem]:
         """Every row as stored (``seed`` is unused: the degradations are fixed), read from
         storage each time an item is taken, so a large validation split is never all in
         memory."""
         return _LazyValItems(self)
+
+
+def _pair_row(row: dict[str, Any], shared: dict[str, str], shard: str) -> _PairRow:
+    """The compact form of a usable shard row (TrainError if its record does not parse)."""
+    from fundus_batch.degrade.params import RecordError
+    from fundus_batch.io.storage import redact
+
+    def one(value: Any) -> Any:
+        return value if value is None else shared.setdefault(str(value), str(value))
+
+    spots = None
+    if row.get("params_json"):
+        try:
+            spots = spot_discs(DegradationRecord.from_json(row["params_json"]))
+        except RecordError as exc:
+            label = f"{row['image_id']}/{row['variant']}"
+            raise TrainError(f"{redact(shard)}: row {label}: params_json: {exc}") from None
+    variant = row["variant"]
+    return _PairRow(
+        image_id=one(row["image_id"]),
+        variant=None if variant is None else int(variant),
+        type_code=one(row["type_code"]),
+        clean_uri=one(row["clean_uri"]),
+        mask_uri=one(row["mask_uri"]),
+        degraded_uri=row["degraded_uri"],
+        size=int(row["size"]) if row.get("size") else None,
+        spots=spots,
+    )
 
 
 _SHOWN = 5  # rows named in an error about a dataset's images

@@ -208,12 +208,44 @@ def test_training_from_a_pairs_dataset(tmp_path: Path) -> None:
     assert len(train_src) == 4 and len(val_src) == 2  # the failed row is not used
     assert len(PairsSource(tmp_path)) == 6
     rest = PairsSource(tmp_path, exclude_split="val")  # what `train --val-split val` trains on
-    assert len(rest) == 4 and {r["split"] for r in rest.rows} == {"train"}
+    ids = [rest.image_id(i) for i in range(len(rest))]
+    assert ids == [train_src.image_id(i) for i in range(len(train_src))]  # the train rows
     result = train(tiny_config(steps=2, lambda_lqa=1.0), train_src, val_src)
     assert result.step == 2
     assert set(result.val[-1].per_type) == {"001", "010"}
     item = train_src.train_item(1, sample_rng(0, "x", 0))
     assert item.spots is not None and item.vessels is None
+
+
+def test_a_pairs_items_spots_are_its_records_spot_mask(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from fundus_batch.degrade import DegradationRecord
+    from fundus_batch.train.samples import spot_mask
+
+    _write_pairs(tmp_path)
+    source = PairsSource(tmp_path)
+    rows = pq.read_table(tmp_path / "pairs").to_pylist()
+    records = {(r["image_id"], r["variant"]): r["params_json"] for r in rows}
+    spotted = 0
+    for index in range(len(source)):
+        item = source.train_item(index, sample_rng(0, "x", 0))
+        image_id, variant = item.image_id.split("/")
+        record = DegradationRecord.from_json(records[(image_id, int(variant))])
+        assert item.spots is not None
+        np.testing.assert_array_equal(item.spots, spot_mask(record, item.clean.shape[0]))
+        spotted += bool(item.spots.any())
+    assert spotted == 3  # the three 010 rows
+
+
+def test_a_row_whose_record_does_not_parse_is_refused_before_training(tmp_path: Path) -> None:
+    _write_pairs(tmp_path)
+    _rewrite_rows(
+        tmp_path,
+        lambda r: {**r, "params_json": "{not json"} if r["image_id"] == "img1" else r,
+    )
+    with pytest.raises(TrainError, match=r"part-0\.parquet: row img1/0: params_json"):
+        PairsSource(tmp_path)
 
 
 def test_pairs_dataset_errors_are_typed(tmp_path: Path) -> None:
@@ -415,7 +447,7 @@ def test_pairs_validation_items_are_read_only_when_taken(
     item = items[3]
     assert len(reads) == 3  # clean, mask, degraded of that row only
     row = source.rows[3]
-    assert (item.image_id, item.type_code) == (row["image_id"], row["type_code"])
+    assert (item.image_id, item.type_code) == (row.image_id, row.type_code)
     assert item.degraded.shape == (192, 192, 3) and item.mask.shape == (192, 192)
 
 
