@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.parquet import open_parquet_file
 
 from fundus_batch.io import storage
 
@@ -170,11 +172,30 @@ def read_shard(
     """One shard as a table: the requested ``columns`` that it has (all when None), minus
     ``exclude``. Transient storage errors are retried (StorageError when they persist); bytes
     that do not parse raise :class:`CorruptShardError`."""
-    data = storage.read_bytes(path, storage_options=storage_options, retries=retries)
+    fs, fs_path = storage.filesystem(path, storage_options)
+    if columns and not isinstance(fs, LocalFileSystem):
+        # Fetch the footer and the byte ranges of the columns asked for, not the whole shard.
+        def fetch() -> Any:
+            return open_parquet_file(
+                [fs_path],
+                fs=fs,
+                columns=list(columns),
+                engine="pyarrow",
+                footer_sample_size=_TAIL_BYTES,
+            )
+
+        try:
+            source: Any = storage.with_retries("reading", path, fetch, retries=retries)
+        except (pa.ArrowException, ValueError) as exc:  # the footer does not parse
+            raise CorruptShardError(path, f"{type(exc).__name__}: {exc}") from exc
+    else:
+        source = io.BytesIO(
+            storage.read_bytes(path, storage_options=storage_options, retries=retries)
+        )
     try:
-        parquet = pq.ParquetFile(io.BytesIO(data))
+        parquet = pq.ParquetFile(source)
         return parquet.read(columns=_wanted(parquet.schema_arrow.names, columns, exclude))
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptShardError(path, f"{type(exc).__name__}: {exc}") from exc
 
 

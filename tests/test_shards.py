@@ -205,7 +205,50 @@ def test_s3_corrupt_shard_is_named_and_quarantined(
     bad = f"{out}/pairs/part-1.parquet"
     with pytest.raises(shards.CorruptShardError, match=re.escape(bad)):
         shards.read_table(out, storage_options=options, retries=0)
+    with pytest.raises(shards.CorruptShardError, match=re.escape(bad)):  # footer only
+        shards.read_table(out, ["image_id"], storage_options=options, retries=0)
     store = OutputStore(out, options, retries=0)
     assert store.quarantine_corrupt() == [bad]
     assert shards.shard_paths(out, options) == [f"{out}/pairs/part-0.parquet"]
     assert fs.exists(f"{s3_bucket}/out/pairs/part-1.parquet.corrupt")
+
+
+# ------------------------------------------------------------------------------ object stores
+
+
+def test_columns_asked_of_a_remote_shard_fetch_only_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume or a report on an object store reads a few columns of every shard: the bulky
+    ``params_json`` must not cross the network."""
+    import os
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    n = 2000
+    bulky = [os.urandom(400).hex() for _ in range(n)]  # incompressible, as records nearly are
+    table = pa.table({"image_id": [f"img{i}" for i in range(n)], "params_json": bulky})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    root = f"memory://shards-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{root.removeprefix('memory://')}/pairs/part-0.parquet", buf.getvalue())
+    fetched: list[int] = []
+    real = MemoryFileSystem.cat_file
+
+    def counted(self: Any, path: str, start: Any = None, end: Any = None, **kw: Any) -> bytes:
+        data = real(self, path, start, end, **kw)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", counted)
+    [path] = shards.shard_paths(root)
+    ids = shards.read_shard(path, ["image_id", "no_such_column"])
+    assert (
+        ids.column_names == ["image_id"]
+        and ids.column(0).to_pylist() == table["image_id"].to_pylist()
+    )
+    assert 0 < sum(fetched) < len(buf.getvalue()) / 10, (sum(fetched), len(buf.getvalue()))
+    assert shards.read_shard(path).equals(table)  # all columns: the whole shard
+    fs.rm(root.removeprefix("memory://"), recursive=True)
