@@ -10,7 +10,7 @@ from typing import Any
 
 from fundus_batch import outpaths, pipeline
 from fundus_batch.config import ConfigError, RunConfig, load_config
-from fundus_batch.console import run_on_console
+from fundus_batch.console import interrupted_exit_code, run_on_console, sigterm_raises
 from fundus_batch.io import storage
 from fundus_batch.lease import LeaseError
 from fundus_batch.manifest import ManifestError
@@ -42,8 +42,9 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
 
     Exit codes: 0 when every manifest row is accounted for, 1 when the run is incomplete,
     2 when it is refused before any work starts (the config, the manifest, settings that differ
-    from OUT's, another run holding OUT's lease). A run that fails after Ray started still gets
-    its Ray log copied to ``OUT/logs/``.
+    from OUT's, another run holding OUT's lease), 130 on Ctrl-C and 143 on SIGTERM (``ray job
+    stop``; OUT's lease released, the rows written kept for a resume). A run that fails or is
+    stopped after Ray started still gets its Ray log copied to ``OUT/logs/``.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
@@ -63,23 +64,29 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
         print(line, file=sys.stderr)
 
     try:
-        config = load_config(args.config, overrides)
-        summary, log_path = run_on_console(
-            lambda progress: pipeline.run(config, progress=progress),
-            verbose=args.verbose,
-            progress=config.progress,
-            say=say,
-            on_log=log_paths.append,
-        )
+        with sigterm_raises():
+            config = load_config(args.config, overrides)
+            summary, log_path = run_on_console(
+                lambda progress: pipeline.run(config, progress=progress),
+                verbose=args.verbose,
+                progress=config.progress,
+                say=say,
+                on_log=log_paths.append,
+            )
     except (ConfigError, ManifestError, SettingsMismatchError, LeaseError, OutsideOutError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # refused before any work
         return 2
-    except BaseException:
+    except BaseException as exc:
         # A failed run's log matters most: keep it where it outlives the node (an empty log
         # is removed before this: nothing to keep).
         if log_paths and log_paths[0].exists():
             _keep_log(config, log_paths[0])
-        raise
+        code = interrupted_exit_code(exc)
+        if code is None:
+            raise
+        kept = f": {storage.redact(config.out)} keeps the rows written so far" if log_paths else ""
+        say(f"interrupted ({'Ctrl-C' if code == 130 else 'SIGTERM'}){kept}")
+        return code
     ray_log = None if log_path is None else _keep_log(config, log_path)
     print(
         json.dumps(

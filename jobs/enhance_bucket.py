@@ -17,9 +17,7 @@ try:
 except ImportError:  # running from a checkout uploaded with --working-dir
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fundus_batch.console import sigterm_raises
 from fundus_batch.jobs import job_main
 
 if __name__ == "__main__":
-    with sigterm_raises():  # `ray job stop`: the lease is released and the Ray log kept
-        sys.exit(job_main(sys.argv[1:], "Enhance a manifest of photographs.", mode="enhance"))
+    sys.exit(job_main(sys.argv[1:], "Enhance a manifest of photographs.", mode="enhance"))

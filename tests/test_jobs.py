@@ -207,6 +207,39 @@ jobs.job_main(["--config", {str(_job_config(tmp_path))!r}], "test")
     assert "what went wrong" in kept.read_text()
 
 
+@pytest.mark.parametrize("script", ["regenerate_pairs.py", "enhance_bucket.py"])
+def test_ray_job_stop_exits_143_keeping_the_log_after_ray_took_over_sigterm(
+    tmp_path: Path, script: str
+) -> None:
+    """``ray job stop`` sends SIGTERM; once ``ray.init`` has replaced the handler by
+    ``sys.exit(15)`` the job exited 15 with a traceback. It exits 143 like the CLI, its run's
+    cleanup done and its Ray log kept in OUT."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / script
+    code = f"""
+import os, runpy, signal, sys
+from fundus_batch import pipeline
+
+def run(config, progress=None):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(15))  # what ray.init installs
+    os.write(2, b"(raylet) started\\n")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        open({str(tmp_path / "cleaned")!r}, "w").close()
+
+pipeline.run = run
+sys.argv = ["job", "--config", {str(_job_config(tmp_path))!r}]
+runpy.run_path({str(path)!r}, run_name="__main__")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM): ")
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "cleaned").exists()
+    [kept] = (tmp_path / "out" / "logs").iterdir()
+    assert "started" in kept.read_text()
+
+
 def test_a_run_that_fails_before_ray_wrote_anything_warns_of_no_missing_log(tmp_path: Path) -> None:
     script = f"""
 from fundus_batch import jobs, pipeline
