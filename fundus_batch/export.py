@@ -19,6 +19,7 @@ Layouts (``split`` null counts as ``train``):
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
@@ -336,13 +337,17 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _rename_into_place(staging: Path, target: Path, overwrite: bool) -> None:
     """Rename ``staging`` to ``target``; with ``overwrite`` an existing ``target`` is moved
-    aside first and deleted once the new one is in place."""
+    aside first and deleted once the new one is in place (one left by an export interrupted
+    during that deletion is deleted by the next overwrite)."""
     if not (overwrite and target.exists()):
         try:
             os.replace(staging, target)  # replaces an empty folder, never a non-empty one
         except OSError as exc:
             raise ExportError(f"--dest {target} could not be replaced: {exc.strerror}") from None
         return
+    # An export interrupted while it deleted the one it replaced left it here: delete it now.
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
     os.rename(target, old)
     try:

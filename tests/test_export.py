@@ -277,6 +277,20 @@ def test_a_failed_export_into_a_new_dest_leaves_nothing_behind(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_overwrite_deletes_an_old_export_that_an_interrupted_overwrite_left_behind(
+    tmp_path: Path,
+) -> None:
+    _write_output(tmp_path / "out", [("a", "train"), ("b", "train")])
+    dest = tmp_path / "exp"
+    export_pairs(str(tmp_path / "out"), "basicsr", dest)
+    left = tmp_path / ".exp.old-0badc0de"  # Ctrl-C while the last overwrite deleted it
+    shutil.copytree(dest, left)
+    other = tmp_path / ".exp2.old-0badc0de"  # another export's: not ours to delete
+    other.mkdir()
+    export_pairs(str(tmp_path / "out"), "basicsr", dest, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".exp2.old-0badc0de", "exp", "out"]
+
+
 def test_a_failed_overwrite_leaves_the_old_export_intact(tmp_path: Path) -> None:
     _write_output(tmp_path / "out", [("a", "train"), ("b", "train")])
     dest = tmp_path / "dest"
