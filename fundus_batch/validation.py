@@ -14,9 +14,12 @@ List positions are written ``spots[1].radius``. This module imports only pydanti
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeVar
 
 from pydantic import AllowInfNan, BaseModel, BeforeValidator, Strict, ValidationError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 __all__ = [
     "FieldProblem",
