@@ -370,6 +370,8 @@ def _parse_error(
             return ManifestError(
                 f"expected {expected} fields as in the header, found {got}", line=line
             )
+    if isinstance(exc, storage.MissingBackendError):
+        return ManifestError(f"cannot read {source}: {exc}")
     return ManifestError(f"cannot parse {source}: {storage.redact(str(exc))}")
 
 

@@ -28,6 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 __all__ = [
     "DEFAULT_BACKOFF",
     "Backoff",
+    "MissingBackendError",
     "StorageError",
     "exists",
     "filesystem",
@@ -51,6 +52,21 @@ class StorageError(OSError):
     def __init__(self, message: str, attempts: int) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class MissingBackendError(ValueError):
+    """A URI whose scheme needs an fsspec backend (an optional extra) that is not installed."""
+
+
+# Schemes whose fsspec backend comes with an optional extra of fundus-batch.
+_EXTRAS = {
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
 
 
 @dataclass(frozen=True)
@@ -279,6 +295,11 @@ def filesystem(
         fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     except ValueError as exc:
         raise ValueError(f"cannot open storage for {redact(uri)}: {redact(str(exc))}") from exc
+    except ImportError as exc:  # the scheme's fsspec backend is not installed
+        scheme = uri.split("://", 1)[0].lower()
+        extra = _EXTRAS.get(scheme)
+        hint = f"pip install 'fundus-batch[{extra}]'" if extra else str(exc)
+        raise MissingBackendError(f"{scheme}:// storage is not installed: {hint}") from None
     return fs, path
 
 

@@ -566,3 +566,52 @@ def test_s3_objects_are_visible_to_a_plain_boto3_client(
     write_bytes(f"s3://{s3_bucket}/k.bin", b"hello", storage_options=s3_server["storage_options"])
     client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1")
     assert client.get_object(Bucket=s3_bucket, Key="k.bin")["Body"].read() == b"hello"
+
+
+@pytest.fixture
+def without_gcsfs_and_adlfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec as it is when the [gcs] and [azure] extras are not installed."""
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # the module, not fsspec.registry
+    for scheme in ("gs", "gcs", "az", "abfs"):
+        monkeypatch.delitem(registry._registry, scheme, raising=False)
+        entry = {"class": "no_such_backend.FileSystem", "err": "Please install the backend"}
+        monkeypatch.setitem(registry.known_implementations, scheme, entry)
+
+
+@pytest.mark.parametrize(("uri", "extra"), [("gs://b/out", "gcs"), ("az://c/out", "azure")])
+def test_a_scheme_whose_extra_is_not_installed_names_the_extra(
+    without_gcsfs_and_adlfs: None, uri: str, extra: str
+) -> None:
+    with pytest.raises(
+        storage.MissingBackendError, match=rf"pip install 'fundus-batch\[{extra}\]'"
+    ):
+        storage.filesystem(uri)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["verify", "gs://b/out"],
+        ["report", "az://c/out"],
+        ["manifest", "from-dir", "gs://b/photos", "--out", "m.csv"],
+        ["manifest", "validate", "gs://b/m.csv"],
+    ],
+)
+def test_commands_on_a_scheme_whose_extra_is_missing_print_one_line_naming_it(
+    without_gcsfs_and_adlfs: None, args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from fundus_batch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert (
+        result.exit_code != 0
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    ), result.output
+    assert "pip install 'fundus-batch[" in result.output, result.output
+    assert "Traceback" not in result.output
