@@ -543,3 +543,26 @@ def test_shards_whose_columns_disagree_are_a_problem_not_a_crash(run_out) -> Non
     pq.write_table(table.set_column(grade, "grade", as_number), first)
     report = verify(str(out), str(manifest))
     assert not report.ok and _problems_about(report, "columns do not agree")
+
+
+def test_a_redrawn_record_may_differ_from_the_recorded_one_only_in_the_last_bits() -> None:
+    """A hole's fov_mean is computed from the image and differs in its last bit between numpy
+    and OpenCV builds: the deep check must not call that tampering, but must see a real change."""
+    import math
+
+    from fundus_batch.degrade import degrade, sample_rng
+    from fundus_batch.synth import synth_fundus
+    from fundus_batch.verify import _same_record
+
+    s = synth_fundus(128, seed=3)
+    _, record = degrade(s.image, s.mask, "001", sample_rng(0, "a", 0))
+    recorded = record.to_dict()
+    assert recorded["hole"] is not None
+    fov_mean = recorded["hole"]["fov_mean"]
+    last_bit = {**recorded, "hole": {**recorded["hole"], "fov_mean": math.nextafter(fov_mean, 2)}}
+    assert _same_record(last_bit, recorded)
+    moved = {**recorded, "hole": {**recorded["hole"], "fov_mean": fov_mean * (1 + 1e-6)}}
+    assert not _same_record(moved, recorded)
+    other_centre = {**recorded, "hole": {**recorded["hole"], "center": [0, 0]}}
+    assert not _same_record(other_centre, recorded)
+    assert not _same_record({**recorded, "type_code": "011"}, recorded)
