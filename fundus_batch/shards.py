@@ -173,11 +173,12 @@ def read_shard(
     ``exclude``. Transient storage errors are retried (StorageError when they persist); bytes
     that do not parse raise :class:`CorruptShardError`."""
     fs, fs_path = storage.filesystem(path, storage_options)
-    if columns and not isinstance(fs, LocalFileSystem):
+    # fsspec reads a path holding '*' as a pattern: such a shard is fetched whole.
+    if columns and not isinstance(fs, LocalFileSystem) and "*" not in fs_path:
         # Fetch the footer and the byte ranges of the columns asked for, not the whole shard.
         def fetch() -> Any:
             return open_parquet_file(
-                [fs_path],
+                fs_path,
                 fs=fs,
                 columns=list(columns),
                 engine="pyarrow",
