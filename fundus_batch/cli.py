@@ -425,16 +425,24 @@ def manifest() -> None:
     is_flag=True,
     help="also list *_mask.* and *_vessel.* files (skipped by default)",
 )
+@click.option(
+    "--previous",
+    help="an earlier manifest of PREFIX: the files it lists keep their image_id, and new files "
+    "get none of its ids (listing again after files were added can rename files a run already "
+    "processed, which it would then do again under the new id)",
+)
 def manifest_from_dir(
     prefix: str,
     out_uri: str,
     exts: tuple[str, ...],
     storage_options: dict[str, Any] | None,
     include_masks: bool,
+    previous: str | None,
 ) -> None:
     """Every image under a local folder or bucket prefix, except files named *_mask.* or
     *_vessel.* (other label images, such as HRF's 1st_manual/*.png, are listed: give --ext or
-    a narrower PREFIX)."""
+    a narrower PREFIX). An image_id is the file's stem, longer where two files share a stem;
+    to list a growing prefix again for a run to resume, give --previous."""
     from fundus_batch import manifest as mf
 
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in exts) or mf.IMAGE_EXTENSIONS
@@ -443,6 +451,7 @@ def manifest_from_dir(
         extensions=extensions,
         storage_options=storage_options,
         include_companions=include_masks,
+        previous=None if previous is None else mf.manifest_uri_ids(previous, storage_options),
     )
     mf.write_manifest(m, out_uri, storage_options=storage_options)
     click.echo(f"wrote {len(m)} rows to {redact(out_uri)}")

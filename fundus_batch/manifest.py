@@ -263,8 +263,9 @@ def _stem(path: str) -> str:
     return PurePosixPath(posixpath.basename(path.rstrip("/"))).stem
 
 
-def _unique_ids(uris: list[str], rels: list[str]) -> list[str]:
-    """Distinct, deterministic ids for files (``rels``: paths relative to the listed prefix).
+def _unique_ids(uris: list[str], rels: list[str], taken: Collection[str] = ()) -> list[str]:
+    """Distinct, deterministic ids for files (``rels``: paths relative to the listed prefix),
+    none of them in ``taken``.
 
     An id is the file stem; files whose stems clash try, in turn, the file name with its
     extension, the relative path without and with the extension ('/' as '__'), and that path
@@ -280,7 +281,7 @@ def _unique_ids(uris: list[str], rels: list[str]) -> list[str]:
     hashed = [f"{t}-{_digest(r)}" for t, r in zip(raw_levels[3], rels, strict=True)]
     levels.append([(safe_id(t), False) for t in hashed])
     ids: dict[int, str] = {}
-    taken: set[str] = set()
+    taken = set(taken)
     pending = list(range(len(uris)))
     for level in levels:
         groups: dict[str, list[int]] = {}
@@ -315,11 +316,15 @@ def from_dir(
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
     storage_options: dict | None = None,
     include_companions: bool = False,
+    previous: dict[str, str] | None = None,
 ) -> Manifest:
     """Manifest of every image under a local directory or bucket prefix (recursive, sorted).
 
     FOV masks and vessel maps beside the photographs (``*_mask.*``, ``*_vessel.*``) are skipped
-    unless ``include_companions``.
+    unless ``include_companions``. An id depends on the other files listed (a file whose stem
+    another file shares gets a longer one), so listing a prefix again after files were added
+    can rename files already processed; ``previous`` (URI -> image id, from an earlier manifest:
+    :func:`manifest_uri_ids`) keeps their ids, and gives new files none of its ids.
     """
     uris = storage.list_files(prefix, extensions, storage_options=storage_options)
     if not include_companions:
@@ -328,9 +333,30 @@ def from_dir(
         raise ManifestError(
             f"no files with extensions {list(extensions)} under {storage.redact(prefix)}"
         )
-    ids = _unique_ids(uris, _relative_paths(prefix, uris, storage_options))
+    rels = _relative_paths(prefix, uris, storage_options)
+    kept = previous or {}
+    if kept and not any(u in kept for u in uris):
+        raise ManifestError(
+            f"the previous manifest lists none of the files under {storage.redact(prefix)}: "
+            "list the same prefix, spelled as before"
+        )
+    new = [i for i, u in enumerate(uris) if u not in kept]
+    new_ids = iter(_unique_ids([uris[i] for i in new], [rels[i] for i in new], kept.values()))
+    ids = [kept[u] if u in kept else next(new_ids) for u in uris]
     frame = pd.DataFrame({"image_id": ids, "uri": uris})
     return validate_frame(frame, storage.redact(prefix))
+
+
+def manifest_uri_ids(uri: str, storage_options: dict | None = None) -> dict[str, str]:
+    """URI -> image id of every row of the manifest at ``uri`` (validated first)."""
+    from fundus_batch.manifest_stream import iter_batches, scan_manifest
+
+    scan_manifest(uri, storage_options=storage_options)
+    pairs: dict[str, str] = {}
+    for batch in iter_batches(uri, storage_options, ["image_id", "uri"]):
+        ids, uris = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        pairs.update((str(u), str(i)) for i, u in zip(ids, uris, strict=True))
+    return pairs
 
 
 def _relative_paths(prefix: str, uris: list[str], storage_options: dict | None) -> list[str]:

@@ -143,6 +143,52 @@ def test_from_dir_lists_images_recursively_and_qualifies_clashing_stems(tmp_path
     assert only_png.frame["image_id"].tolist() == ["y"]
 
 
+def test_from_dir_with_the_previous_manifest_keeps_the_ids_of_files_it_listed(tmp_path: Path):
+    """A growing folder listed again: a file that gets a twin stem keeps the id a run already
+    processed it under (without --previous it becomes a__x, and a resumed run redoes it)."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "a" / "x.jpg").write_bytes(b"data")
+    first = mf.from_dir(str(photos))
+    assert first.frame["image_id"].tolist() == ["x"]
+    mf.write_manifest(first, str(tmp_path / "m1.csv"))
+    (photos / "b").mkdir()
+    for name in ("b/x.jpg", "b/x.png"):
+        (photos / name).write_bytes(b"data")
+    assert mf.from_dir(str(photos)).frame["image_id"].tolist() == ["a__x", "b__x", "x.png"]
+    previous = mf.manifest_uri_ids(str(tmp_path / "m1.csv"))
+    again = mf.from_dir(str(photos), previous=previous)
+    by_file = dict(zip(again.frame["uri"], again.frame["image_id"], strict=True))
+    assert by_file[str(photos / "a" / "x.jpg")] == "x"
+    new_ids = {by_file[str(photos / n)] for n in ("b/x.jpg", "b/x.png")}
+    assert "x" not in new_ids and len(new_ids) == 2
+
+
+def test_from_dir_refuses_a_previous_manifest_of_other_files(tmp_path: Path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "x.jpg").write_bytes(b"data")
+    with pytest.raises(mf.ManifestError, match="lists none of the files under"):
+        mf.from_dir(str(tmp_path / "p"), previous={"s3://elsewhere/x.jpg": "x"})
+
+
+def test_cli_from_dir_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from click.testing import CliRunner
+
+    from fundus_batch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p" / "a").mkdir(parents=True)
+    (tmp_path / "p" / "a" / "x.jpg").write_bytes(b"data")
+    runner = CliRunner()
+    assert runner.invoke(main, ["manifest", "from-dir", "p", "--out", "m.csv"]).exit_code == 0
+    (tmp_path / "p" / "b").mkdir()
+    (tmp_path / "p" / "b" / "x.jpg").write_bytes(b"data")
+    args = ["manifest", "from-dir", "p", "--out", "m.csv", "--previous", "m.csv"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(pd.read_csv(tmp_path / "m.csv")["image_id"]) == ["x", "x.jpg"]
+
+
 def test_from_kaggle_and_from_eyeq(tmp_path: Path):
     (tmp_path / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,3\n")
     m = mf.from_kaggle(str(tmp_path / "trainLabels.csv"), "s3://bucket/train")
