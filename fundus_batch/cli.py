@@ -544,6 +544,12 @@ def _run(config: Any, *, fidelity: bool = True, verbose: bool = False) -> Any:
         click.echo(log_line(log_path))
     if fidelity:
         _print_fidelity(config, summary.pairs)
+    if summary.not_redone:
+        raise _Fail(
+            f"run incomplete: {summary.not_redone} rows could not be redone with what this run "
+            f"adds and keep their earlier rows without it (first error: "
+            f"{summary.not_redone_error})"
+        )
     if not summary.complete:
         raise _Fail(f"run incomplete: {summary.ok + summary.failed} of {summary.rows_in} rows")
     return summary

@@ -98,6 +98,7 @@ def job_main(argv: list[str] | None, description: str, mode: str | None = None) 
                 "failed": summary.failed,
                 "done_before": summary.done_before,
                 "complete": summary.complete,
+                "not_redone": summary.not_redone,
                 "seconds": round(summary.seconds, 1),
                 "quality_gate": _quality_gate(summary.quality),
                 "ray_log": ray_log,

@@ -518,6 +518,11 @@ def _variants(table: pa.Table) -> np.ndarray:
     return np.asarray([-1 if x is None else int(x) for x in raw], dtype=np.int64)
 
 
+def table_keys(table: pa.Table) -> np.ndarray:
+    """Pair keys of the rows of an output table (``image_id`` and ``variant`` columns)."""
+    return pair_keys(table.column("image_id").to_pylist(), _variants(table))
+
+
 def in_run(table: pa.Table, scan: ManifestScan, variants: list[int]) -> np.ndarray:
     """Which rows of an output table (``image_id`` and ``variant`` columns) are (image,
     variant) pairs this run covers: an image it selected, one of its variants."""

@@ -98,11 +98,18 @@ def stored_uri_problem(out: str, stored: str) -> str | None:
         real_out = os.path.realpath(_local_path(out))
         real = os.path.realpath(_local_path(stored))
         if os.path.commonpath([real_out, real]) != real_out:
-            return "lies outside the output folder"
+            return _OUTSIDE
         return None
     if not stored.startswith(root) or ".." in stored[len(root) :].split("/"):
-        return "lies outside the output folder"
+        return _OUTSIDE
     return None
+
+
+# Only rows of fundus-batch 0.1 record absolute URIs: the likely story is a folder moved since.
+_OUTSIDE = (
+    "lies outside the output folder (an absolute path, as fundus-batch 0.1 recorded them: "
+    "if the folder was moved since, check or use it where it was made)"
+)
 
 
 def folder_escape(out: str, folder: str, real_dirs: dict[str, str] | None = None) -> str | None:

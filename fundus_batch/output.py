@@ -28,12 +28,38 @@ import pyarrow.parquet as pq
 from fundus_batch import __version__, outpaths, shards
 from fundus_batch.io import storage
 from fundus_batch.lease import LeaseLostError
+from fundus_batch.manifest_stream import KeySet, table_keys
 from fundus_batch.schema import ROW_CHECKSUM, STATUS_OK, row_checksum, with_row_checksums
 from fundus_batch.shards import PAIRS_DIR, CorruptShardError
 
 RUN_JSON = "run.json"
 # Which rows of a shard an operation may touch (a boolean per row).
 RowSelection = Callable[[pa.Table], Sequence[bool] | np.ndarray]
+
+
+@dataclass
+class Redone:
+    """What :meth:`OutputStore.settle_redone` did: pairs whose new row replaced the old one,
+    pairs whose redo failed and kept their old row, and the first such failure's error."""
+
+    replaced: int = 0
+    kept: int = 0
+    first_error: str | None = None
+
+
+def _is_ok(table: pa.Table) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False))
+
+
+def _lacking(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """Which rows are ``ok`` but miss one of ``columns`` (a column the shard lacks counts)."""
+    missing = np.zeros(table.num_rows, dtype=bool)
+    for column in columns:
+        if column not in table.column_names:
+            missing[:] = True
+        else:
+            missing |= np.asarray(pc.is_null(table.column(column)))
+    return missing & _is_ok(table)
 
 
 @dataclass
@@ -155,8 +181,10 @@ class OutputStore:
 
     def drop_duplicates(self) -> int:
         """Keep one row per (image_id, variant) across all shards, preferring a row whose
-        ``row_sha256`` matches its values, then an ``ok`` row over a failed one, then the first
-        in shard order; rewrite each shard that holds a dropped row atomically. A crash
+        ``row_sha256`` matches its values, then an ``ok`` row over a failed one, then the row
+        with more values (a redo that added enhancement or metrics, interrupted before
+        :meth:`settle_redone`), then the first in shard order; rewrite each shard that holds a
+        dropped row atomically. A crash
         part-way leaves every pair with at least one row (a kept row is never dropped), so
         running it again finishes the job. Returns rows dropped."""
         paths = self.shard_paths()
@@ -176,18 +204,20 @@ class OutputStore:
                 seen[key] = seen.get(key, 0) + 1
         # Rows of repeated pairs only: is each one's checksum right? (Shards without them are
         # not read again.)
-        intact: dict[tuple[int, int], bool] = {}
+        intact: dict[tuple[int, int], tuple[bool, int]] = {}  # checksum holds, values
         for si, path in enumerate(paths):
             rows = [ri for ri, key in enumerate(keys[si]) if seen[key] > 1]
             if rows:
                 table = self._read_shard(path)
                 for ri in rows:
                     row = table.slice(ri, 1).to_pylist()[0]
-                    intact[(si, ri)] = row.get(ROW_CHECKSUM) == row_checksum(row)
-        keep: dict[tuple[str, int], tuple[int, int, tuple[bool, bool]]] = {}
+                    filled = sum(v is not None for v in row.values())
+                    intact[(si, ri)] = (row.get(ROW_CHECKSUM) == row_checksum(row), filled)
+        keep: dict[tuple[str, int], tuple[int, int, tuple[bool, bool, int]]] = {}
         for si, shard_keys in enumerate(keys):
             for ri, key in enumerate(shard_keys):
-                rank = (intact.get((si, ri), True), status[si][ri])
+                holds, filled = intact.get((si, ri), (True, 0))
+                rank = (holds, status[si][ri], filled)
                 best = keep.get(key)
                 if best is None or rank > best[2]:
                     keep[key] = (si, ri, rank)
@@ -201,21 +231,65 @@ class OutputStore:
             dropped += mask.count(False)
         return dropped
 
-    def drop_ok_rows_without(self, column: str, within: RowSelection | None = None) -> int:
-        """Remove ``ok`` rows (of those ``within`` selects, when given) whose ``column`` is null
-        (e.g. ``enhanced_uri`` when enhancement was added to a folder made without it), so that
-        a run redoes them. Returns how many."""
-        dropped = 0
+    def rows_lacking(self, columns: Sequence[str], within: RowSelection) -> KeySet:
+        """Keys of the ``ok`` rows (of those ``within`` selects) that miss any of ``columns``
+        (``enhanced_uri`` when enhancement was added to a folder made without it,
+        ``metric_version`` when metrics were): the pairs a run redoes. The rows stay until
+        :meth:`settle_redone` finds their new rows ok."""
+        parts: list[np.ndarray] = []
         for path in self.shard_paths():
-            table = self._read_shard(path)
-            if column in table.column_names:
-                missing = pc.is_null(table.column(column))
+            table = self._read_shard(path, ["image_id", "variant", "status", *columns])
+            lacking = _lacking(table, columns) & np.asarray(within(table), dtype=bool)
+            if lacking.any():
+                parts.append(table_keys(table)[lacking])
+        return KeySet.of(parts)
+
+    def settle_redone(self, redo: KeySet, columns: Sequence[str]) -> Redone:
+        """After a run redid the pairs ``redo`` (:meth:`rows_lacking`), keep one row per pair:
+        the new row when it is ok, else the old one (a redo that failed, e.g. because this
+        version preprocesses the photograph otherwise, loses nothing); shards rewritten
+        atomically. A pair the run did not reach keeps its old row."""
+        settled = Redone()
+        if not len(redo):
+            return settled
+        wanted = ["image_id", "variant", "status", "error", *columns]
+        found: dict[bytes, list[tuple[int, int, str]]] = {}  # key -> (shard, row, kind)
+        errors: dict[bytes, str] = {}
+        paths = self.shard_paths()
+        for si, path in enumerate(paths):
+            table = self._read_shard(path, wanted)
+            keys = table_keys(table)
+            hit = np.flatnonzero(redo.contains(keys))
+            if not len(hit):
+                continue
+            lacking = _lacking(table, columns)
+            ok = _is_ok(table)
+            error = table.column("error").to_pylist() if "error" in table.column_names else None
+            for ri in hit.tolist():
+                kind = "old" if lacking[ri] else ("new" if ok[ri] else "failed")
+                found.setdefault(bytes(keys[ri]), []).append((si, ri, kind))
+                if kind == "failed" and error is not None and error[ri]:
+                    errors.setdefault(bytes(keys[ri]), str(error[ri]))
+        drop: dict[int, set[int]] = {}
+        for key, rows in found.items():
+            kinds = {kind for _, _, kind in rows}
+            if "old" not in kinds or len(rows) < 2:
+                continue
+            gone = "old" if "new" in kinds else "failed"
+            for si, ri, kind in rows:
+                if kind == gone:
+                    drop.setdefault(si, set()).add(ri)
+            if gone == "old":
+                settled.replaced += 1
             else:
-                missing = pa.array([True] * table.num_rows, pa.bool_())
-            ok = pc.equal(table.column("status"), STATUS_OK)
-            missing = pc.fill_null(pc.and_(ok, missing), False)
-            dropped += self._drop(path, table, missing, within)
-        return dropped
+                settled.kept += 1
+                settled.first_error = settled.first_error or errors.get(key)
+        for si, dropped in drop.items():
+            table = self._read_shard(paths[si])
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[sorted(dropped)] = False
+            self._replace_shard(paths[si], table.filter(pa.array(keep)))
+        return settled
 
     def column_types(self, names: Iterable[str]) -> dict[str, list[pa.DataType]]:
         """The Arrow types the committed shards hold for each of ``names`` that they have, from

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +23,14 @@ from fundus_batch.console import Progress
 from fundus_batch.io import storage
 from fundus_batch.lease import OutLease
 from fundus_batch.manifest_stream import (
+    KeySet,
     ManifestScan,
     check_splits,
     done_keys,
     in_run,
     scan_manifest,
     stored_splits,
+    table_keys,
 )
 from fundus_batch.outpaths import check_out_root
 from fundus_batch.output import RUN_JSON, Counts, OutputStore, ShardWriter, environment_versions
@@ -59,10 +62,14 @@ class RunSummary:
     pairs: RowFilter | None = field(default=None, repr=False, compare=False)
     # With a quality rule: how those pairs' ok rows fared at the gate (None: no rule).
     quality: GateCounts | None = None
+    # Ok rows this run had to redo with enhancement or metrics added, whose redo failed: they
+    # keep their earlier rows (counted in ``ok``), without what was added.
+    not_redone: int = 0
+    not_redone_error: str | None = None
 
     @property
     def complete(self) -> bool:
-        return self.rows_in == self.ok + self.failed
+        return self.rows_in == self.ok + self.failed and not self.not_redone
 
 
 def run_variants(config: RunConfig) -> list[int]:
@@ -191,18 +198,23 @@ def _run_leased(
         removed += dropped
         if dropped:
             log.warning("removed %d failed rows so that they are redone", dropped)
-    if config.enhance.enabled:
-        dropped = store.drop_ok_rows_without("enhanced_uri", within=this_run)
-        removed += dropped
-        if dropped:
-            log.warning("%d rows lack enhancement; they are redone with it", dropped)
+    # Rows made before enhancement or metrics were added are redone; each keeps its place
+    # until its new row is ok (settle_redone, after the run).
+    needed = {"enhanced_uri": "enhancement"} if config.enhance.enabled else {}
     if change.metrics_added:  # every ok row scored carries its metric_version
-        dropped = store.drop_ok_rows_without("metric_version", within=this_run)
-        removed += dropped
-        if dropped:
-            log.warning("%d rows lack metrics; they are redone with them", dropped)
+        needed["metric_version"] = "metrics"
+    redo = store.rows_lacking(list(needed), within=this_run) if needed else KeySet.of([])
+    if len(redo):
+        what = " and ".join(needed.values())
+        log.warning("%d rows lack %s; they are redone with it", len(redo), what)
+
+    def not_redone(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for table in tables:
+            yield table.filter(pa.array(~redo.contains(table_keys(table)), pa.bool_()))
+
     # Keys of the done pairs only (16 bytes each); the workers filter the manifest with them.
-    done, done_before = done_keys(store.iter_tables(["image_id", "variant"]), scan, variants)
+    tables = store.iter_tables(["image_id", "variant"])
+    done, done_before = done_keys(not_redone(tables) if len(redo) else tables, scan, variants)
     expected = scan.selected * len(variants)
     todo = expected - done_before
     passthrough = scan.passthrough
@@ -224,7 +236,7 @@ def _run_leased(
         "settings": change.settings,
         "history": [*_history(previous), entry],
     }
-    touched = bool(todo or removed or quarantined)
+    touched = bool(todo or removed or quarantined or len(redo))
     if touched:  # a run that does nothing leaves run.json as it was
         store.write_json(RUN_JSON, run_info)
     counts = Counts(rows_in=expected, done_before=done_before)
@@ -250,6 +262,15 @@ def _run_leased(
         except BaseException as exc:
             _record_stop(store, lease, run_info, entry, exc)
             raise
+    redone = store.settle_redone(redo, list(needed))
+    if redone.kept:
+        log.warning(
+            "%d rows could not be redone with %s and keep their earlier rows without it "
+            "(first error: %s)",
+            redone.kept,
+            " and ".join(needed.values()),
+            redone.first_error,
+        )
     # Counts cover this run's (image, variant) pairs, including rows earlier runs committed.
     final = Counts(rows_in=expected)
     gate = GateCounts() if config.min_quality else None
@@ -272,6 +293,8 @@ def _run_leased(
         shards=writer.shards,
         pairs=this_run,
         quality=gate,
+        not_redone=redone.kept,
+        not_redone_error=redone.first_error,
     )
     state = "complete" if summary.complete else "incomplete"
     final_counts = {
@@ -281,6 +304,7 @@ def _run_leased(
         "done_before": done_before,
         "this_run": counts.written,
         "failed_by_stage": final.failed_by_stage,
+        "not_redone": redone.kept,
     }
     finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     entry.update({"state": state, "finished": finished, "counts": final_counts})

@@ -271,7 +271,25 @@ def _enhance_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             old, new = _canonical(old), _canonical(new)
         if old != new:
             diffs.append(f"enhance.{sub}: {_fmt(a[sub])} -> {_fmt(b[sub])}")
+            if sub == "model_sha256" and isinstance(old, str):
+                diffs[-1] += f" ({_recorded_weights_hint(old)})"
     return diffs
+
+
+def _recorded_weights_hint(sha256: str) -> str:
+    """How to run with the weights a folder recorded: a name may now mean other weights."""
+    from fundus_batch.models.weights import WeightsError, list_weights
+
+    try:
+        names = sorted(n for n, e in list_weights().items() if e.sha256 == sha256)
+    except WeightsError:
+        names = []
+    if names:
+        return f"the recorded weights are registered as {names[0]!r}: --weights {names[0]}"
+    return (
+        "the recorded weights are not registered here: give their file with --weights PATH "
+        "(a name can mean other weights in another version)"
+    )
 
 
 def _metrics_added(old: dict[str, Any], new: dict[str, Any]) -> bool:

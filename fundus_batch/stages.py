@@ -643,8 +643,9 @@ class Write(RowsCallable):
         if held != digest:
             raise ValueError(
                 f"{outpaths.relative_to_out(self.out, uri)} already exists with other content: "
-                "the source image changed since an earlier run wrote it; remove the image's "
-                "rows and files (or give it a new image_id) to redo it"
+                "the source image changed since an earlier run wrote it, or an earlier "
+                "version of fundus-batch preprocessed it otherwise; remove the image's rows "
+                "and files (or give it a new image_id) to redo it"
             )
         return digest
 

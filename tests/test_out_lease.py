@@ -457,6 +457,24 @@ def test_drop_duplicates_keeps_the_copy_whose_checksum_holds(tmp_path, intact_st
     assert [(r["tag"], r["status"]) for r in kept] == [("part-b", intact_status)]
 
 
+def test_drop_duplicates_keeps_the_row_a_redo_completed(tmp_path):
+    """A run that redid a pair with metrics added, stopped before it dropped the old row:
+    the next run keeps the row with the metrics, not the older one that sorts first."""
+    from fundus_batch.schema import with_row_checksums
+
+    pairs = tmp_path / "out" / "pairs"
+    for name, version in (("part-a", None), ("part-b", "fb-metrics-1")):
+        path = pairs / f"{name}.parquet"
+        _shard(path, ["x"], [0], ["ok"])
+        table = pq.read_table(path).append_column(
+            "metric_version", pa.array([version], pa.string())
+        )
+        pq.write_table(with_row_checksums(table), path)
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.drop_duplicates() == 1
+    assert [r["tag"] for r in store.read_table().to_pylist()] == ["part-b"]
+
+
 # ------------------------------------------------------------------- two runs at once
 
 

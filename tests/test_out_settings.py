@@ -280,6 +280,12 @@ def test_the_same_weights_by_another_path_or_their_registered_name_are_the_same_
     shown = [d.split(":")[0] for d in err.value.differences]
     assert shown == ["enhance.model_name", "enhance.model_sha256", "enhance.weights"]
     assert "enhance.model_name: 'fundus-cofenet-small' -> 'tiny.pt'" in err.value.differences
+    [sha] = [d for d in err.value.differences if d.startswith("enhance.model_sha256")]
+    assert "registered as 'fundus-cofenet-small': --weights fundus-cofenet-small" in sha
+    with pytest.raises(SettingsMismatchError) as err:  # a file no registry knows
+        compare(settings("a/tiny.pt"), settings("fundus-cofenet-small"))
+    [sha] = [d for d in err.value.differences if d.startswith("enhance.model_sha256")]
+    assert "not registered here: give their file with --weights PATH" in sha
 
 
 def test_the_classical_enhancer_records_only_what_determines_its_outputs(tmp_path):
@@ -541,3 +547,47 @@ def test_metrics_added_later_are_computed_for_existing_rows_and_cannot_be_remove
     assert folder_snapshot(out) == before
     assert pipeline.run(_config(manifest, out)).complete  # a rerun redoes nothing
     assert folder_snapshot(out) == before
+
+
+def test_a_redo_that_fails_keeps_the_rows_it_was_to_replace(ray_cluster, tmp_path):
+    """Metrics (or enhancement) added to a folder an earlier version made: where this version
+    preprocesses a photograph otherwise, the redone rows fail ('clean.png already exists with
+    other content'). They used to be dropped before the redo, losing the folder's ok rows."""
+    import cv2
+
+    from fundus_batch.imaging import sha256_hex
+    from fundus_batch.schema import with_row_checksums
+
+    manifest = write_inputs(tmp_path / "in", n_good=2, broken=True)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, compute_metrics=False))
+    plain = _rows(out)
+    ok_ids = sorted({i for (i, _), s in plain.status.items() if s == "ok"})
+    old = ok_ids[0]  # as an earlier version cropped it: other clean bytes, recorded as such
+    clean = out / "images" / old / "clean.png"
+    image = cv2.imread(str(clean), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(clean), cv2.flip(image, 1))
+    digest = sha256_hex(clean.read_bytes())
+    for shard in (out / "pairs").glob("*.parquet"):
+        table = pq.read_table(shard)
+        ids = table.column("image_id").to_pylist()
+        column = table.schema.get_field_index("clean_sha256")
+        recorded = table.column(column).to_pylist()
+        values = [digest if i == old else v for i, v in zip(ids, recorded, strict=True)]
+        table = table.set_column(column, "clean_sha256", pa.array(values, pa.string()))
+        pq.write_table(with_row_checksums(table), shard)
+    kept = _rows(out).loc[old]
+
+    summary = pipeline.run(_config(manifest, out))
+    assert not summary.complete and summary.not_redone == 2
+    assert "already exists with other content" in str(summary.not_redone_error)
+    rows = _rows(out)
+    assert len(rows) == len(plain) and not rows.index.duplicated().any()
+    assert (rows.loc[old].status == "ok").all() and rows.loc[old].metric_version.isna().all()
+    assert rows.loc[old].degraded_sha256.equals(kept.degraded_sha256)
+    redone = rows.loc[ok_ids[1]]
+    assert (redone.status == "ok").all() and redone.metric_version.notna().all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "incomplete" and run["counts"]["not_redone"] == 2
+    report = verify(str(out), str(manifest))
+    assert [p for p in report.problems if "run.json" not in p] == [], report.summary()

@@ -609,14 +609,31 @@ def _enhancement(ok: pd.DataFrame, warnings: list[str], notes: list[str]) -> Enh
     if "enhanced_uri" not in ok.columns or not ok["enhanced_uri"].notna().any():
         return None
     enhanced = ok[ok["enhanced_uri"].notna()]
-    models: list[str] = []
-    if "model_name" in enhanced.columns:
-        models = sorted(enhanced["model_name"].dropna().astype(str).unique().tolist())
+    models = _model_labels(enhanced)
     devices: list[tuple[str, int]] = []
     if "enhance_device" in enhanced.columns and enhanced["enhance_device"].notna().any():
         counts = enhanced["enhance_device"].fillna("not recorded").astype(str).value_counts()
         devices = [(_text(d), int(n)) for d, n in counts.items()]
     return Enhancement([_text(m) for m in models], devices, list(warnings), list(notes))
+
+
+def _model_labels(enhanced: pd.DataFrame) -> list[str]:
+    """One label per model that ran, told apart by its weights' sha256: a folder enhanced
+    under a name that later meant other weights (or by one file under two names) shows which
+    rows share weights, ``name (sha256 prefix)``; a single model is shown by its name."""
+    if "model_name" not in enhanced.columns:
+        return []
+    names = enhanced["model_name"].astype("string")
+    if "model_sha256" not in enhanced.columns:
+        return sorted(names.dropna().unique().tolist())
+    shas = enhanced["model_sha256"].astype("string").fillna("")
+    groups: dict[str, set[str]] = {}
+    for name, sha in zip(names, shas, strict=True):
+        if not pd.isna(name):
+            groups.setdefault(str(sha), set()).add(str(name))
+    if len(groups) == 1 and all(len(g) == 1 for g in groups.values()):
+        return sorted(next(iter(groups.values())))
+    return sorted(f"{', '.join(sorted(g))} ({sha[:8] or 'no sha256'})" for sha, g in groups.items())
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fundus_batch.fidelity import FIDELITY_COLUMNS
@@ -49,6 +50,23 @@ def test_full_reference_table_holds_the_mean_per_type_and_over_all_types():
     assert everything.label == "all types" and everything.bold and everything.n == 6
     all_degraded = [v for d, _ in PSNR.values() for v in d]
     assert everything.values[0] == pytest.approx(np.mean(all_degraded))
+
+
+def test_models_are_told_apart_by_their_weights_not_their_names() -> None:
+    """A folder enhanced by one file under two names (the shipped name meant v2 then), or by
+    two files under one name, says so."""
+    from fundus_batch.report.data import _model_labels
+
+    frame = pd.DataFrame(
+        {
+            "model_name": ["small", "small", "small-v2", "other"],
+            "model_sha256": ["03900cbd11", "03900cbd11", "03900cbd11", "29b4a70422"],
+        }
+    )
+    assert _model_labels(frame) == ["other (29b4a704)", "small, small-v2 (03900cbd)"]
+    assert _model_labels(frame.iloc[:2]) == ["small"]
+    renamed = pd.DataFrame({"model_name": ["small", "small"], "model_sha256": ["aa", "bb"]})
+    assert _model_labels(renamed) == ["small (aa)", "small (bb)"]
 
 
 def test_every_type_where_enhancement_lowered_psnr_is_flagged_in_summary_and_metrics():
