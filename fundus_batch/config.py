@@ -247,7 +247,7 @@ class RunConfig(_Strict):
         if not isinstance(data, Mapping):
             return data
         given, custom = data.get("preset"), data.get("custom_preset")
-        if isinstance(custom, Mapping):  # a dumped config read back
+        if isinstance(custom, Mapping | Preset):  # a dumped config read back, or a Preset
             custom = _parse_preset(custom, "custom_preset")
         if isinstance(given, Mapping | Preset):
             if custom is not None:

@@ -3,7 +3,6 @@ the classical baseline; ``enhance_image`` enhances one image without Ray."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -91,6 +90,8 @@ def pick_device(requested: str) -> str:
 
     from fundus_batch.config import ConfigError
 
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"enhance.device (--device) must be auto, cpu or cuda, got {requested!r}")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -102,8 +103,9 @@ class Enhance(RowsCallable):
     """Enhance each row's degraded (pairs mode) or source image with Cofe-Net.
 
     The output is masked to the FOV. On CUDA it runs under bf16 autocast with channels_last; on
-    CPU torch uses as many threads as the worker's CPU share. ``max_change`` (grey levels)
-    bounds what the network may do to any pixel (``CofeNet.max_change``).
+    CPU torch uses as many threads as the worker's CPU share (``cpu_share``; None leaves the
+    process's setting alone). ``max_change`` (whole grey levels, 1-255) bounds what the network
+    may do to any pixel (``CofeNet.max_change``).
 
     The network's own vessel branch is not scored: it reached ROC AUC 0.49 on clean images
     (it never learnt vessels), and an enhancer judged by its own branch would be circular.
@@ -128,15 +130,22 @@ class Enhance(RowsCallable):
         source_role: SourceRole = "degraded",
         image_format: ImageFormat = "png",
         jpeg_quality: int = 95,
-        cpu_share: float = 1.0,
+        cpu_share: float | None = 1.0,
     ) -> None:
         import torch
 
         from fundus_batch.models.cofenet import check_max_change
 
+        if max_change is not None and (
+            isinstance(max_change, bool)
+            or not isinstance(max_change, int)
+            or not 1 <= max_change <= 255
+        ):
+            raise ValueError(f"max_change must be whole grey levels in 1..255, got {max_change!r}")
         self.device = pick_device(device)
-        # On CUDA too: torch's CPU ops here (conversions, copies) need no more than the share.
-        torch.set_num_threads(max(1, round(cpu_share)))
+        if cpu_share is not None:
+            # On CUDA too: torch's CPU ops here (conversions, copies) need no more than that.
+            torch.set_num_threads(max(1, round(cpu_share)))
         self.model, self.model_name, self.model_sha256 = load_model(
             weights, variant, width, self.device
         )
@@ -455,7 +464,7 @@ class ImageEnhancer:
                 batch_size=1,
                 device=device,
                 max_change=max_change,
-                cpu_share=float(os.cpu_count() or 1),
+                cpu_share=None,  # the process's torch threads stay as they are
             )
 
             def run(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -759,7 +759,9 @@ def crop_to_fov(
     uint8, mask size x size uint8 0/255); the mask is computed geometrically, never resampled.
     """
     _check_rgb(rgb)
-    if not (isinstance(size, int) and size >= 1):
+    if isinstance(size, np.integer):  # a size read from a DataFrame or an array
+        size = int(size)
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
         raise ValueError(f"size must be a positive int, got {size!r}")
     if not circle.r > 0:
         raise FOVError("too_small", f"circle radius must be positive, got {circle.r}")

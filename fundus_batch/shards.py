@@ -161,6 +161,12 @@ def _wanted(
     return [c for c in dict.fromkeys(columns) if c in present and c not in exclude]
 
 
+def _check_columns(columns: object) -> None:
+    """TypeError for one column name given as a string (read as one-letter names: no column)."""
+    if isinstance(columns, str | bytes):
+        raise TypeError(f"columns must be a list of column names, got the string {columns!r}")
+
+
 def read_shard(
     path: str,
     columns: list[str] | None = None,
@@ -172,6 +178,7 @@ def read_shard(
     """One shard as a table: the requested ``columns`` that it has (all when None), minus
     ``exclude``. Transient storage errors are retried (StorageError when they persist); bytes
     that do not parse raise :class:`CorruptShardError`."""
+    _check_columns(columns)
     fs, fs_path = storage.filesystem(path, storage_options)
     # fsspec reads a path holding '*' as a pattern: such a shard is fetched whole.
     if columns and not isinstance(fs, LocalFileSystem) and "*" not in fs_path:
@@ -256,6 +263,7 @@ def read_table(
     retries: int = storage.DEFAULT_RETRIES,
 ) -> pa.Table | None:
     """All shards of ``out`` as one table, or None when there is no shard."""
+    _check_columns(columns)
     table = concat_tables(
         iter_tables(out, columns, storage_options, exclude=exclude, retries=retries)
     )

@@ -9,6 +9,7 @@ naming the image id, the variant and what is wrong.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -153,7 +154,8 @@ def _scan_shards(store: OutputStore, report: VerifyReport) -> _Scanned:
             "their values are not checked"
         )
     try:
-        pa.unify_schemas(schemas, promote_options="permissive")
+        if schemas:
+            pa.unify_schemas(schemas, promote_options="permissive")
         return _Scanned(shards.concat_tables(kept), shard_rows)
     except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # e.g. a manifest column's type changed
         report.add(f"the shards' columns do not agree: {exc}")
@@ -206,7 +208,7 @@ class _FileCheck:
 
 
 def verify(
-    out: str,
+    out: str | os.PathLike[str],
     manifest: str | None = None,
     *,
     storage_options: dict | None = None,
@@ -230,6 +232,7 @@ def verify(
     (chosen at random, ``deep_seed``) are recomputed from their files: params replayed and
     redrawn from the seed, metrics recomputed.
     """
+    out = os.fspath(out)
     report = VerifyReport(out=out, manifest=manifest)
     store = OutputStore(out, storage_options)
     try:

@@ -146,3 +146,30 @@ def test_on_cuda_overlapped_chunks_give_what_the_model_gives() -> None:
         got = item.image("enhanced").astype(int)
         assert np.abs(got - _masked(enhanced, item.images["mask"])).max() <= 1
         assert item.row["enhance_device"] == "cuda"
+
+
+@pytest.mark.parametrize("max_change", [0.5, 300, 0, True])
+def test_max_change_outside_whole_grey_levels_1_to_255_is_refused(max_change) -> None:
+    """0.5 (what the old message, 'in (0, 1]', invited) bounded every pixel to one grey
+    level: enhancement quietly became a near no-op."""
+    with pytest.raises(ValueError, match=r"max_change must be whole grey levels in 1\.\.255"):
+        Enhance(device="cpu", max_change=max_change)
+
+
+def test_a_device_other_than_auto_cpu_or_cuda_is_refused_naming_the_choices() -> None:
+    from fundus_batch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be auto, cpu or cuda, got 'gpu'"):
+        Enhance(device="gpu")
+
+
+def test_the_single_image_enhancer_leaves_the_process_torch_threads_alone() -> None:
+    from fundus_batch.enhance import ImageEnhancer
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ImageEnhancer(device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

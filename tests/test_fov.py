@@ -610,3 +610,14 @@ def test_a_field_clipped_at_the_right_and_bottom_has_no_mask_pixel_over_padding(
     image, mask = crop_to_fov(rgb, circle, size)
     assert mask.any() and not mask[-1].any() and not mask[:, -1].any()
     assert image[mask > 0].min() > 0
+
+
+def test_a_numpy_integer_size_is_a_size() -> None:
+    """Sizes read from a DataFrame are numpy integers: they were refused as 'not a positive
+    int'."""
+    s = synth_fundus(200, seed=1)
+    a = preprocess(s.image, np.int64(128))
+    b = preprocess(s.image, 128)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        preprocess(s.image, True)  # type: ignore[arg-type]

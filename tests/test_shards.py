@@ -252,3 +252,13 @@ def test_columns_asked_of_a_remote_shard_fetch_only_their_bytes(
     assert 0 < sum(fetched) < len(buf.getvalue()) / 10, (sum(fetched), len(buf.getvalue()))
     assert shards.read_shard(path).equals(table)  # all columns: the whole shard
     fs.rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_one_column_name_given_as_a_string_is_refused(tmp_path: Path) -> None:
+    """A string is a sequence of one-letter names: the result was an empty table that reads
+    as an empty folder."""
+    _write(tmp_path / "out" / "pairs" / "part-0.parquet", _new_shard())
+    with pytest.raises(TypeError, match="got the string 'image_id'"):
+        shards.read_frame(str(tmp_path / "out"), "image_id")  # type: ignore[arg-type]
+    frame = shards.read_frame(str(tmp_path / "out"), ["image_id"])
+    assert frame is not None and frame["image_id"].tolist() == ["c"]

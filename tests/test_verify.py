@@ -566,3 +566,12 @@ def test_a_redrawn_record_may_differ_from_the_recorded_one_only_in_the_last_bits
     other_centre = {**recorded, "hole": {**recorded["hole"], "center": [0, 0]}}
     assert not _same_record(other_centre, recorded)
     assert not _same_record({**recorded, "type_code": "011"}, recorded)
+
+
+def test_a_folder_with_no_shard_is_reported_as_such_and_a_path_is_accepted(tmp_path: Path) -> None:
+    report = verify(tmp_path / "nothing")  # a pathlib.Path, as a notebook user passes it
+    assert not report.ok
+    assert report.problems[:2] == [
+        "run.json is missing: not a fundus_batch output folder, or never started",
+        f"no readable Parquet shard under {tmp_path / 'nothing' / 'pairs'}",
+    ]

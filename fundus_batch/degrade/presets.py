@@ -302,9 +302,12 @@ def known_preset(name: str) -> str:
 
 
 def get_preset(preset: Preset | str) -> Preset:
-    """Return ``preset`` itself or the built-in preset of that name (PresetError if unknown)."""
+    """Return ``preset``, checked, or the built-in preset of that name (PresetError if unknown
+    or invalid: a preset derived with ``model_copy(update=...)`` skipped pydantic's checks)."""
     if isinstance(preset, Preset):
-        return preset
+        if any(preset is builtin for builtin in PRESETS.values()):
+            return preset
+        return Preset.from_dict(preset.to_dict())
     if not isinstance(preset, str):
         raise TypeError(f"preset must be a Preset or a name, got {type(preset).__name__}")
     try:

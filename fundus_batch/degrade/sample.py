@@ -228,6 +228,11 @@ def sample_record(
     release model the hole strength depends on the FOV mean at that point of the pipeline: pass
     ``fov_mean`` to resolve it here, or leave it None and let the engine resolve it.
     """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy Generator, e.g. sample_rng(seed, image_id, variant); got "
+            f"{type(rng).__name__}"
+        )
     p = get_preset(preset)
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")

@@ -14,7 +14,7 @@ from functools import cached_property
 import cv2
 import numpy as np
 
-from .reference import FOVTooSmallError, check_image, check_mask, erode
+from .reference import FOVTooSmallError, check_image, check_mask, erode, frozen_copy
 
 __all__ = [
     "BLUR_EFFECT_H_SIZE",
@@ -63,7 +63,7 @@ class NorefContext:
     kept: score every image that shares a mask (all variants of one photograph) with one."""
 
     def __init__(self, mask: np.ndarray, shape: tuple[int, ...]) -> None:
-        self.fov = check_mask(mask, shape)
+        self.fov = frozen_copy(check_mask(mask, shape))  # a caller's buffer may be refilled
         self.shape = tuple(shape[:2])
         self.fov8 = self.fov.astype(np.uint8)
         self.count = int(np.count_nonzero(self.fov))
@@ -278,7 +278,7 @@ NOREF_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 
 def noref_metrics(
-    image: np.ndarray, mask: np.ndarray | None, *, context: NorefContext | None = None
+    image: np.ndarray, mask: np.ndarray | None = None, *, context: NorefContext | None = None
 ) -> dict[str, float]:
     """All no-reference metrics, keyed by the column names of :data:`NOREF_METRICS`.
 

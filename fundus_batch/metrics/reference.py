@@ -73,6 +73,13 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
     return image
 
 
+def frozen_copy(array: np.ndarray) -> np.ndarray:
+    """A read-only copy of ``array``."""
+    copy = array.copy()
+    copy.setflags(write=False)
+    return copy
+
+
 def check_mask(mask: object, shape: tuple[int, ...]) -> np.ndarray:
     """Validate a FOV mask (bool, or uint8 with values 0/255) of ``shape``; return it as bool."""
     if not isinstance(mask, np.ndarray):
@@ -214,8 +221,10 @@ class ReferenceContext:
     """
 
     def __init__(self, ref: np.ndarray, mask: np.ndarray, *, scales: int = 5) -> None:
-        self.ref = check_image(ref, "ref")
-        self.fov = check_mask(mask, self.ref.shape)
+        # Private read-only copies: a caller refilling its buffer in place must not change a
+        # context built from it (PSNR would see the new image, SSIM the old one).
+        self.ref = frozen_copy(check_image(ref, "ref"))
+        self.fov = frozen_copy(check_mask(mask, self.ref.shape))
         if scales < 1:
             raise ValueError(f"scales must be >= 1, got {scales}")
         self.n_scales = scales

@@ -159,3 +159,24 @@ def test_a_custom_preset_may_not_take_a_built_in_name() -> None:
     with pytest.raises(PresetError, match="name: 'cofe-release' is a built-in preset"):
         Preset.from_dict({"name": "cofe-release", "blur_sigma": [1.0, 2.0]})
     assert Preset.from_dict({"name": "cofe-release"}) == PRESETS["cofe-release"]
+
+
+def test_a_preset_derived_with_model_copy_is_checked_before_it_degrades_or_configures() -> None:
+    """Preset is frozen, so a notebook derives one with model_copy(update=...), which skips
+    pydantic's checks: a negative brightness gave an all-black FOV and a record that its own
+    JSON reader refuses."""
+    from fundus_batch.config import RunConfig
+    from fundus_batch.degrade import degrade, sample_rng
+    from fundus_batch.degrade.presets import PresetError, get_preset
+    from fundus_batch.synth import synth_fundus
+
+    bad = get_preset("cofe-release").model_copy(update={"name": "x", "brightness": (-0.5, -0.1)})
+    s = synth_fundus(64, seed=1)
+    with pytest.raises(PresetError, match=r"brightness: values must be >= 0"):
+        degrade(s.image, s.mask, "001", sample_rng(0, "a", 0), preset=bad)
+    with pytest.raises(ValueError, match=r"custom_preset\.brightness"):
+        RunConfig(manifest="m.csv", out="o", custom_preset=bad, preset="x")
+    good = get_preset("cofe-release").model_copy(update={"name": "y"})
+    image, _ = degrade(s.image, s.mask, "001", sample_rng(0, "a", 0), preset=good)
+    same, _ = degrade(s.image, s.mask, "001", sample_rng(0, "a", 0), preset="cofe-release")
+    assert np.array_equal(image, same)

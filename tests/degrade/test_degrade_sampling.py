@@ -247,3 +247,13 @@ def test_same_key_gives_identical_output_in_another_process(fundus) -> None:
     digest, child_json = child.stdout.strip().splitlines()
     assert digest == hashlib.sha256(out).hexdigest()
     assert json.loads(child_json) == json.loads(record_json)
+
+
+@pytest.mark.parametrize("rng", [7, None, np.random.RandomState(7)])
+def test_an_rng_that_is_not_a_numpy_generator_is_refused_saying_how_to_make_one(rng) -> None:
+    from fundus_batch.degrade import degrade
+    from fundus_batch.synth import synth_fundus
+
+    s = synth_fundus(64, seed=1)
+    with pytest.raises(TypeError, match=r"rng must be a numpy Generator, e\.g\. sample_rng"):
+        degrade(s.image, s.mask, "001", rng)

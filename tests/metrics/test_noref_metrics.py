@@ -341,3 +341,9 @@ def test_blur_effect_does_not_depend_on_opencv_thread_count() -> None:
     finally:
         cv2.setNumThreads(before)
     assert values[0] == values[1] == values[2]
+
+
+def test_with_a_context_the_mask_may_be_left_out(eye: tuple[np.ndarray, np.ndarray]) -> None:
+    image, mask = eye
+    context = noref_context(mask, image.shape)
+    assert noref_metrics(image, context=context) == noref_metrics(image, mask)

@@ -418,3 +418,20 @@ def test_ms_ssim_of_an_image_inverted_inside_the_fov_is_zero(
     img, mask = eye
     inverted = _in_fov(255 - img, mask)
     assert ms_ssim(inverted, img, mask) == 0.0
+
+
+def test_a_context_is_not_changed_by_refilling_the_buffer_it_was_built_from() -> None:
+    """A notebook loop refills one buffer per photograph: a context built from it must keep
+    scoring against the image it was built from (it held a reference; PSNR saw the new image
+    and SSIM the old one)."""
+    first = synth_fundus(128, seed=1)
+    second = synth_fundus(128, seed=2)
+    buffer = first.image.copy()
+    mask = first.mask.copy()
+    context = ReferenceContext(buffer, mask, scales=1)
+    degraded, _ = degrade(first.image, first.mask, "001", sample_rng(0, "a", 0))
+    before = (context.psnr(degraded), context.ssim(degraded))
+    buffer[:] = second.image
+    mask[:] = 0
+    assert (context.psnr(degraded), context.ssim(degraded)) == before
+    assert not context.matches(buffer, second.mask)  # a context of the old image, by value
