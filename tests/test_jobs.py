@@ -86,7 +86,7 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
     # The job server answers, and its agent takes jobs, a little after `ray start` returns
     # (longer on a loaded machine).
     not_ready = ("Connection", "No available agent")
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # 120 s was not always enough beside other Ray clusters
     while True:
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
         waiting = any(s in done.stderr for s in not_ready)
