@@ -36,7 +36,7 @@ def ray_head(tmp_path):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     start = [
         ray_bin,
         "start",
@@ -46,6 +46,9 @@ def ray_head(tmp_path):
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
+        # The session's own Ray (conftest) holds the agent's default port 52365; a second
+        # agent on it never registers and every submit answers "No available agent".
+        f"--dashboard-agent-listen-port={agent}",
         "--disable-usage-stats",
     ]
     done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
@@ -86,7 +89,7 @@ def test_regenerate_pairs_job_submitted_through_the_jobs_api(ray_head, tmp_path)
     # The job server answers, and its agent takes jobs, a little after `ray start` returns
     # (longer on a loaded machine).
     not_ready = ("Connection", "No available agent")
-    deadline = time.time() + 300  # 120 s was not always enough beside other Ray clusters
+    deadline = time.time() + 120
     while True:
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
         waiting = any(s in done.stderr for s in not_ready)
