@@ -375,6 +375,7 @@ class ShardWriter:
         self._seq = 0
         self._last_flush = time.monotonic()
         self.shards: list[str] = []
+        self._commit_failed = False
         # Called before each commit; raises to stop a writer that lost the OUT lease.
         self.before_commit: Callable[[], None] | None = None
         # Seconds until a commit must have landed (the lease's expiry); None: no deadline.
@@ -393,6 +394,17 @@ class ShardWriter:
         if self._pending_rows:
             self._flush(self._pending_rows)
 
+    def salvage(self) -> int:
+        """Commit the rows still buffered when the run stops early (Ctrl-C, SIGTERM, a failed
+        stage): they are finished rows whose images are written. Nothing is tried after a
+        commit of this writer failed (the store or the lease is what stopped the run). Returns
+        how many rows were committed."""
+        if self._commit_failed or not self._pending_rows:
+            return 0
+        rows = self._pending_rows
+        self.close()
+        return rows
+
     def _flush(self, n: int) -> None:
         merged = pa.concat_tables(self._pending)
         head, rest = merged.slice(0, n), merged.slice(n)
@@ -402,6 +414,13 @@ class ShardWriter:
         self._last_flush = time.monotonic()
 
     def _commit(self, table: pa.Table) -> None:
+        try:
+            self._write_shard(table)
+        except Exception:
+            self._commit_failed = True
+            raise
+
+    def _write_shard(self, table: pa.Table) -> None:
         if self.before_commit is not None:
             self.before_commit()
         buf = io.BytesIO()

@@ -260,6 +260,7 @@ def _run_leased(
                         progress(seen, todo)
             writer.close()
         except BaseException as exc:
+            _salvage(writer)
             _record_stop(store, lease, run_info, entry, exc)
             raise
     redone = store.settle_redone(redo, list(needed))
@@ -315,6 +316,19 @@ def _run_leased(
         lease.ensure()
         store.write_json(RUN_JSON, run_info)
     return summary
+
+
+def _salvage(writer: ShardWriter) -> None:
+    """Commit the finished rows a stopped run still buffers (up to ``shard_rows`` - 1 of
+    them), so that a resume does not redo them (best effort: the stop is what the caller must
+    see)."""
+    try:
+        saved = writer.salvage()
+    except BaseException as problem:  # a second Ctrl-C, or the store failing too
+        log.warning("could not keep the rows finished since the last shard: %r", problem)
+        return
+    if saved:
+        log.info("kept %d rows finished since the last shard", saved)
 
 
 def _record_stop(

@@ -357,6 +357,27 @@ def test_a_lost_lease_stops_the_shard_writer_before_it_commits(tmp_path):
     assert not list((tmp_path / "out").glob("pairs/*.parquet"))
 
 
+def test_salvage_commits_buffered_rows_but_never_after_a_commit_failed(tmp_path):
+    """A stop may keep the rows a writer buffers; a writer whose lease is gone must not try."""
+    from fundus_batch.output import ShardWriter
+
+    now = [1000.0]
+    lease = OutLease(str(tmp_path / "out"), clock=lambda: now[0])
+    lease.acquire()
+    lease._stop.set()
+    store = OutputStore(str(tmp_path / "out"))
+    schema = pa.schema([("image_id", pa.string())])
+    writer = ShardWriter(store, schema, shard_rows=2)
+    writer.before_commit = lease.ensure
+    writer.add(pa.table({"image_id": ["a"]}))
+    assert writer.salvage() == 1 and len(writer.shards) == 1
+    now[0] += 120
+    with pytest.raises(LeaseLostError):
+        writer.add(pa.table({"image_id": ["b", "c", "d"]}))
+    writer.before_commit = None  # even a writer that could commit now does not try
+    assert writer.salvage() == 0 and len(writer.shards) == 1
+
+
 def test_generic_filesystems_refuse_a_second_writer_too():
     root = f"memory://lease-test-{os.getpid()}-{time.monotonic_ns()}/out"
     first = OutLease(root)

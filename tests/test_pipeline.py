@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,30 @@ def test_rerun_redoes_nothing_and_a_lost_shard_is_redone_exactly_once(ray_cluste
     df = _table(out)
     assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
     assert not list((out / "pairs").glob("*.tmp"))
+    assert verify(str(out), str(manifest)).ok
+
+
+def test_ctrl_c_keeps_the_rows_finished_since_the_last_shard(ray_cluster, tmp_path):
+    """Rows wait in the driver until a shard fills; a stop used to drop them (up to
+    shard_rows - 1 finished rows a resume had to redo)."""
+    manifest = write_inputs(tmp_path / "in", n_good=4, broken=False)
+    out = tmp_path / "out"
+    cfg = _config(manifest, out, variants=2, shard_rows=1000)
+
+    def stop_after_four(done: int, total: int) -> None:
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, progress=stop_after_four)
+    kept = _table(out)
+    assert len(kept) >= 4 and set(kept.status) == {"ok"}
+    record = json.loads((out / "run.json").read_text())
+    assert record["state"] == "interrupted"
+    again = pipeline.run(cfg)
+    assert again.done_before == len(kept) and again.ok == 8
+    df = _table(out)
+    assert len(df) == 8 and not df.duplicated(["image_id", "variant"]).any()
     assert verify(str(out), str(manifest)).ok
 
 
@@ -376,7 +401,6 @@ def test_a_run_that_stops_with_an_error_says_so_in_run_json(tmp_path: Path) -> N
     """CUDA asked of a private local instance without a GPU: refused once Ray has started,
     after run.json was written; the record says the run failed, and why, not running. In a
     process of its own, so that the private instance is the run's own."""
-    import json
     import os
     import subprocess
     import sys
