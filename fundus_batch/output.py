@@ -16,9 +16,10 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +61,13 @@ def _lacking(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
         else:
             missing |= np.asarray(pc.is_null(table.column(column)))
     return missing & _is_ok(table)
+
+
+class Lacking(NamedTuple):
+    """The pairs a run redoes (:meth:`OutputStore.rows_lacking`), and how many lack each thing."""
+
+    keys: KeySet
+    counts: dict[str, int]
 
 
 @dataclass
@@ -136,15 +144,21 @@ class OutputStore:
         return shards.concat_tables(self.iter_tables(columns))
 
     def quarantine_corrupt(self) -> list[str]:
-        """Rename unreadable shards (e.g. truncated by a crash of another writer) to
-        ``*.corrupt`` so that their rows are redone; returns their paths."""
+        """Set unreadable shards (e.g. truncated by a crash of another writer) aside as hidden
+        ``.*.corrupt`` files so that their rows are redone; returns their paths. Shards an
+        earlier version set aside unhidden are hidden too."""
         bad = []
         for path in self.shard_paths():
             try:
                 self._read_shard(path, ["image_id", "variant"])
             except CorruptShardError:
-                self.fs.mv(path, path + ".corrupt")
+                self.fs.mv(path, shards.set_aside_uri(path))
                 bad.append(path)
+        visible = shards.list_visible_set_aside(
+            self.pairs_uri, self.storage_options, retries=self.retries
+        )
+        for path in visible:
+            self.fs.mv(path, shards.set_aside_uri(path.removesuffix(shards.QUARANTINE_SUFFIX)))
         return bad
 
     def drop_failed(self, within: RowSelection | None = None) -> int:
@@ -231,18 +245,23 @@ class OutputStore:
             dropped += mask.count(False)
         return dropped
 
-    def rows_lacking(self, columns: Sequence[str], within: RowSelection) -> KeySet:
-        """Keys of the ``ok`` rows (of those ``within`` selects) that miss any of ``columns``
-        (``enhanced_uri`` when enhancement was added to a folder made without it,
-        ``metric_version`` when metrics were): the pairs a run redoes. The rows stay until
-        :meth:`settle_redone` finds their new rows ok."""
+    def rows_lacking(self, columns: Mapping[str, str], within: RowSelection) -> Lacking:
+        """The ``ok`` rows (of those ``within`` selects) that miss any of ``columns`` (name ->
+        what it stands for: ``enhanced_uri`` while a run enhances, ``metric_version`` while it
+        scores): the pairs a run redoes, made before that was added to the folder or by a run
+        that added it and was stopped. The rows stay until :meth:`settle_redone` finds their
+        new rows ok."""
         parts: list[np.ndarray] = []
+        lacked = dict.fromkeys(columns.values(), 0)
         for path in self.shard_paths():
             table = self._read_shard(path, ["image_id", "variant", "status", *columns])
-            lacking = _lacking(table, columns) & np.asarray(within(table), dtype=bool)
+            selected = np.asarray(within(table), dtype=bool)
+            lacking = _lacking(table, list(columns)) & selected
             if lacking.any():
                 parts.append(table_keys(table)[lacking])
-        return KeySet.of(parts)
+                for column, what in columns.items():
+                    lacked[what] += int((_lacking(table, [column]) & selected).sum())
+        return Lacking(KeySet.of(parts), {k: n for k, n in lacked.items() if n})
 
     def settle_redone(self, redo: KeySet, columns: Sequence[str]) -> Redone:
         """After a run redid the pairs ``redo`` (:meth:`rows_lacking`), keep one row per pair:
@@ -291,25 +310,27 @@ class OutputStore:
             self._replace_shard(paths[si], table.filter(pa.array(keep)))
         return settled
 
-    def column_types(self, names: Iterable[str]) -> dict[str, list[pa.DataType]]:
-        """The Arrow types the committed shards hold for each of ``names`` that they have, from
-        their footers; null-typed columns (no value to read) and unreadable shards (set aside
-        by a run) give none."""
+    def column_types(self, names: Iterable[str]) -> dict[str, list[pa.DataType]] | None:
+        """The Arrow types the committed shards hold for each of ``names`` that they have, in
+        shard order, from their footers (``null`` for a column empty in every row of a shard);
+        None when no shard could be read (none yet, or all set aside by a run)."""
         wanted = set(names)
         found: dict[str, list[pa.DataType]] = {}
-        if not wanted:
+        read = False
+        if not wanted:  # nothing to check: no footer need be read
             return found
         for path in self.shard_paths():
             try:
                 schema = shards.shard_schema(path, self.storage_options, retries=self.retries)
             except CorruptShardError:
                 continue
+            read = True
             for column in schema:
-                if column.name in wanted and not pa.types.is_null(column.type):
+                if column.name in wanted:
                     seen = found.setdefault(column.name, [])
                     if column.type not in seen:
                         seen.append(column.type)
-        return found
+        return found if read else None
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Each complete shard as a table, one at a time (never all of them at once)."""

@@ -174,7 +174,7 @@ def _run_leased(
     change = run_settings.compare(recorded, settings, storage.redact(config.out))
     for note in change.notes:
         log.warning("%s", note)
-    run_settings.check_column_types(
+    passthrough = run_settings.check_column_types(
         store.column_types(scan.passthrough.names), scan.passthrough, storage.redact(config.out)
     )
     # This run's rows must keep each stored image's split: checked before anything is rewritten.
@@ -198,15 +198,19 @@ def _run_leased(
         removed += dropped
         if dropped:
             log.warning("removed %d failed rows so that they are redone", dropped)
-    # Rows made before enhancement or metrics were added are redone; each keeps its place
-    # until its new row is ok (settle_redone, after the run).
+    # Rows made before enhancement or metrics were added (or by a run that added them and was
+    # stopped: run.json records the settings already) are redone; each keeps its place until
+    # its new row is ok (settle_redone, after the run). Every ok row scored carries its
+    # metric_version.
     needed = {"enhanced_uri": "enhancement"} if config.enhance.enabled else {}
-    if change.metrics_added:  # every ok row scored carries its metric_version
+    if config.compute_metrics:
         needed["metric_version"] = "metrics"
-    redo = store.rows_lacking(list(needed), within=this_run) if needed else KeySet.of([])
-    if len(redo):
-        what = " and ".join(needed.values())
-        log.warning("%d rows lack %s; they are redone with it", len(redo), what)
+    redo, lacked = KeySet.of([]), dict[str, int]()
+    if needed:
+        redo, lacked = store.rows_lacking(needed, within=this_run)
+        if len(redo):
+            what = " and ".join(f"{n} {what}" for what, n in lacked.items())
+            log.warning("%d rows lack %s; they are redone with it", len(redo), what)
 
     def not_redone(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
         for table in tables:
@@ -217,9 +221,8 @@ def _run_leased(
     done, done_before = done_keys(not_redone(tables) if len(redo) else tables, scan, variants)
     expected = scan.selected * len(variants)
     todo = expected - done_before
-    passthrough = scan.passthrough
     out_schema = output_schema(passthrough)
-    schema = work_schema(passthrough)
+    schema = work_schema(scan.passthrough)
     entry: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "state": "running",
@@ -269,7 +272,7 @@ def _run_leased(
             "%d rows could not be redone with %s and keep their earlier rows without it "
             "(first error: %s)",
             redone.kept,
-            " and ".join(needed.values()),
+            " and ".join(lacked),
             redone.first_error,
         )
     # Counts cover this run's (image, variant) pairs, including rows earlier runs committed.

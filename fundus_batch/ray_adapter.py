@@ -16,10 +16,8 @@ import contextlib
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
@@ -153,33 +151,16 @@ def configure_data_context() -> None:
 def connected(config: RunConfig) -> Iterator[ClusterShape]:
     """Ray for one run: :func:`init_ray` unless this process is connected already, and on exit
     a disconnect (a local instance stops) only if the connection was made here, so that Ray's
-    last messages come out while the caller's console settings still hold. A private local
-    instance that served a run to its end leaves no session folder behind (Ray keeps them all
-    under its temp folder, with debug logs of about 25 MB an hour); after a failure it stays
-    for its logs."""
+    last messages come out while the caller's console settings still hold."""
     import ray
 
     here = not ray.is_initialized()
     cluster = init_ray(config)
-    session = _session_dir() if here and cluster.fixed else None
     try:
         yield cluster
     finally:
         if here:
             ray.shutdown()
-    if session is not None:
-        shutil.rmtree(session, ignore_errors=True)
-
-
-def _session_dir() -> Path | None:
-    """The session folder of the local instance this process runs (None: unknown)."""
-    import ray
-
-    try:  # no public API names it
-        node = ray._private.worker._global_node
-        return Path(node.get_session_dir_path()) if node is not None else None
-    except Exception:
-        return None
 
 
 def shutdown() -> None:

@@ -10,9 +10,10 @@ or metrics removed, another model, another metric protocol, ...) is refused befo
 listing every difference as ``field: old -> new``. A custom preset is recorded by its whole
 definition, so the same name with other ranges is another setting. Fewer variants are refused
 rather than read as "done": a run's variant count is what ``verify`` checks, so accepting it
-would leave the folder claiming less than it holds. A manifest column passed through to the rows
-keeps its Arrow type in one folder (:func:`check_column_types`): shards that disagree on it
-cannot be read together.
+would leave the folder claiming less than it holds. The manifest columns passed through to the
+rows are fixed by the folder's first run, with their Arrow types (:func:`check_column_types`):
+pyarrow and pandas read a folder's columns and types from its first shard, so a column added
+later would be dropped and one whose type changed would fail to read.
 """
 
 from __future__ import annotations
@@ -351,36 +352,63 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any], out: str = "OUT") -
 
 
 def check_column_types(
-    stored: Mapping[str, Sequence[pa.DataType]], passthrough: pa.Schema, out: str = "OUT"
-) -> None:
-    """Raise :class:`SettingsMismatchError` naming every pass-through column whose Arrow type
-    in ``passthrough`` (this run's manifest) differs from a type the folder's shards hold for it
-    (``stored``, see ``OutputStore.column_types``): ``verify`` and ``shards.read_table`` read
-    every column of the shards as one table, which such a column breaks. A null-typed column
-    holds no value and agrees with any type, and so does a type the reader promotes to (string
-    and large_string, int32 and int64)."""
-    diffs = [
-        f"manifest column {column.name!r}: {old} -> {column.type} (its rows could no longer be "
-        f"read together; give the column its recorded type)"
-        for column in passthrough
-        if not pa.types.is_null(column.type)
-        for old in stored.get(column.name, ())
-        if not _read_together(old, column.type)
-    ]
+    stored: Mapping[str, Sequence[pa.DataType]] | None, passthrough: pa.Schema, out: str = "OUT"
+) -> pa.Schema:
+    """The pass-through columns this run writes: those of ``passthrough`` (this run's manifest),
+    each in the type the folder's shards hold it as (``stored``, in shard order, see
+    ``OutputStore.column_types``; None for a folder without shards). Raise
+    :class:`SettingsMismatchError` naming every column a folder with shards does not hold, or
+    whose values the folder's type cannot hold (a column empty in every row so far has type
+    null, which holds no value). A null-typed column of this run takes the folder's type, and
+    so does a type its values cast to without loss (int32 into int64, string into
+    large_string)."""
+    if stored is None:
+        return passthrough
+    diffs: list[str] = []
+    fields: list[pa.Field] = []
+    for column in passthrough:
+        types = stored.get(column.name)
+        if not types:
+            diffs.append(
+                f"manifest column {column.name!r} is new (the folder's rows do not have it, "
+                "and readers of the folder take its columns from its first shard: join it on "
+                "image_id, or use another --out)"
+            )
+            continue
+        held = next((t for t in types if not pa.types.is_null(t)), types[0])
+        if pa.types.is_null(column.type) or _casts_without_loss(column.type, held):
+            fields.append(column.with_type(held))
+        elif pa.types.is_null(held):
+            diffs.append(
+                f"manifest column {column.name!r}: empty in every row so far (type null) -> "
+                f"{column.type} (the folder cannot hold its values: use another --out)"
+            )
+        else:
+            diffs.append(
+                f"manifest column {column.name!r}: {held} -> {column.type} (the folder's rows "
+                "would no longer read as one table; give the column its recorded type)"
+            )
     if diffs:
         raise SettingsMismatchError(out, diffs)
+    return pa.schema(fields)
 
 
-_KINDS = (
+def _casts_without_loss(new: pa.DataType, held: pa.DataType) -> bool:
+    """Whether every value of type ``new`` casts to type ``held`` unchanged."""
+    if new == held:
+        return True
+    if pa.types.is_integer(new) and pa.types.is_integer(held):
+        if pa.types.is_signed_integer(held):
+            signed = pa.types.is_signed_integer(new)
+            return new.bit_width <= held.bit_width if signed else new.bit_width < held.bit_width
+        return pa.types.is_unsigned_integer(new) and new.bit_width <= held.bit_width
+    if pa.types.is_floating(new) and pa.types.is_floating(held):
+        return new.bit_width <= held.bit_width
+    return any(kind(new) and kind(held) for kind in _WIDTHS)
+
+
+# Two widths of one kind of value: every value of either casts to the other.
+_WIDTHS = (
     lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
     lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
-    pa.types.is_integer,
-    pa.types.is_floating,
 )
-
-
-def _read_together(old: pa.DataType, new: pa.DataType) -> bool:
-    """Whether shards holding a column as ``old`` and as ``new`` read as one table with the
-    values meaning the same: equal types, or two widths of one kind (string and large_string,
-    int32 and int64), which the shard reader's permissive concatenation promotes."""
-    return old == new or any(kind(old) and kind(new) for kind in _KINDS)

@@ -1,7 +1,8 @@
 """The one reader of the pipeline's Parquet shards, on any fsspec filesystem.
 
 A shard is a committed ``OUT/pairs/*.parquet`` file; temporary (``*.tmp``), hidden (``.*``)
-and quarantined (``*.corrupt``) files are never shards. Every function that takes ``out``
+and quarantined (``.*.corrupt``, hidden so that pyarrow and pandas skip them when they read
+the folder) files are never shards. Every function that takes ``out``
 accepts the output root or its ``pairs/`` folder, as a local path or a URL (``s3://``,
 ``gs://``, ``az://``, ``memory://``), with fsspec ``storage_options``. Shard paths are
 returned as URIs in the style of ``out`` (local paths stay paths), so they can be handed back
@@ -37,11 +38,13 @@ __all__ = [
     "iter_tables",
     "list_shards",
     "list_stale",
+    "list_visible_set_aside",
     "output_root",
     "pairs_dir",
     "read_frame",
     "read_shard",
     "read_table",
+    "set_aside_uri",
     "shard_paths",
     "shard_schema",
 ]
@@ -49,6 +52,7 @@ __all__ = [
 PAIRS_DIR = "pairs"
 SHARD_SUFFIX = ".parquet"
 STALE_SUFFIX = ".tmp"
+QUARANTINE_SUFFIX = ".corrupt"
 _TAIL_BYTES = 64 * 1024  # one read holds the footer of any shard the pipeline writes
 
 
@@ -138,6 +142,29 @@ def list_stale(
     """URIs of temporary files a killed writer left in ``folder``, sorted."""
     names = _files(folder, storage_options, retries)
     return [storage.join(folder, n) for n in sorted(names) if n.endswith(STALE_SUFFIX)]
+
+
+def set_aside_uri(uri: str) -> str:
+    """Where an unreadable shard ``uri`` is set aside: a hidden ``.<name>.corrupt`` beside it
+    (readers of the folder skip hidden files, and its rows are redone)."""
+    folder, _, name = uri.rpartition("/")
+    return f"{folder}/.{name}{QUARANTINE_SUFFIX}"
+
+
+def list_visible_set_aside(
+    folder: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    retries: int = storage.DEFAULT_RETRIES,
+) -> list[str]:
+    """URIs of shards set aside by an earlier version as ``<name>.corrupt``, not hidden: pyarrow
+    and pandas fail on them when they read the folder."""
+    names = _files(folder, storage_options, retries)
+    return [
+        storage.join(folder, n)
+        for n in sorted(names)
+        if n.endswith(SHARD_SUFFIX + QUARANTINE_SUFFIX) and not n.startswith(".")
+    ]
 
 
 def shard_paths(

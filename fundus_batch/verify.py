@@ -117,7 +117,7 @@ class _Scanned:
         raise IndexError(index)
 
 
-_KEPT = ["image_id", "variant", "status", "failed_stage", "error", "size"] + [
+_KEPT = ["image_id", "variant", "status", "failed_stage", "error", "size", "metric_version"] + [
     f"{role}_{key}" for role in ROLES for key in ("uri", "sha256")
 ]
 
@@ -264,6 +264,8 @@ def verify(
         report.variants = config["variants"]
 
     _check_rows(rows, report, pairs)
+    if ((run_info or {}).get("settings") or {}).get("compute_metrics"):
+        _check_scored(rows, report)
     manifest_options = (
         storage_options if manifest_storage_options is None else manifest_storage_options
     )
@@ -321,6 +323,14 @@ def _check_rows(rows: list[dict[str, Any]], report: VerifyReport, pairs: bool) -
         report.notes.append(
             f"{extra} row(s) have variants beyond the last run's 0..{report.variants - 1}"
         )
+
+
+def _check_scored(rows: list[dict[str, Any]], report: VerifyReport) -> None:
+    """In a folder whose settings have metrics on, every ok row was scored."""
+    for row in rows:
+        if row.get("status") == STATUS_OK and not row.get("metric_version"):
+            label = _label(row.get("image_id"), row.get("variant"))
+            report.add(f"{label}: ok row without metrics (no metric_version)")
 
 
 def _widest_complete_run(run_info: dict[str, Any] | None) -> int:

@@ -55,7 +55,10 @@ def ray_cluster():
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, ignore_reinit_error=True)
+    # "local": a private instance even while a `ray start` cluster runs on this machine.
+    ray.init(
+        address="local", num_cpus=2, num_gpus=1, include_dashboard=False, ignore_reinit_error=True
+    )
     yield
     ray.shutdown()
 

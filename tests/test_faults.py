@@ -393,8 +393,13 @@ def test_truncated_complete_named_shard_is_named_by_verify(finished_run) -> None
 
 
 def test_truncated_complete_named_shard_is_set_aside_and_redone_on_resume(finished_run) -> None:
+    """Set aside hidden: pyarrow and pandas read every file of a folder not named .* or _*."""
     config, manifest, out = finished_run
-    _truncate_a_shard(out)
+    shard = _truncate_a_shard(out)
+    (out / "pairs" / "part-0.parquet.corrupt").write_bytes(b"set aside by 0.1, unhidden")
     summary = pipeline.run(config)
     assert summary.complete and summary.done_before == 6
     _assert_complete(out, manifest, 8)
+    assert (shard.parent / f".{shard.name}.corrupt").exists()
+    assert (out / "pairs" / ".part-0.parquet.corrupt").exists()
+    assert len(pq.read_table(out / "pairs")) == len(pd.read_parquet(out / "pairs")) == 8

@@ -148,19 +148,37 @@ def test_a_quality_rule_spelled_otherwise_is_the_same_setting_recorded_or_read_b
     assert err.value.differences == [f"min_quality: {RULE!r} -> {RULE.replace('40', '41')!r}"]
 
 
-def test_a_pass_through_column_must_keep_its_arrow_type_and_null_agrees_with_any():
-    stored = {"grade": [pa.string()], "site": [pa.int64()]}
-    check_column_types(stored, pa.schema([("grade", pa.string()), ("new", pa.int8())]))
-    check_column_types(stored, pa.schema([("grade", pa.null()), ("site", pa.int64())]))
-    # Another width of the same kind reads together (a Polars manifest gives large_string).
-    check_column_types(stored, pa.schema([("grade", pa.large_string()), ("site", pa.int32())]))
-    changed = pa.schema([("grade", pa.int64()), ("site", pa.float64())])
+def test_pass_through_columns_are_written_in_the_folders_types_and_new_ones_are_refused():
+    """pyarrow and pandas read a folder's columns and types from its first shard: a run must
+    write each column as the folder holds it, and cannot add one."""
+    stored = {"grade": [pa.int64()], "site": [pa.string()], "empty": [pa.null()]}
+    written = check_column_types(
+        stored,
+        pa.schema([("grade", pa.null()), ("site", pa.large_string()), ("empty", pa.null())]),
+    )
+    assert written == pa.schema(
+        [("grade", pa.int64()), ("site", pa.string()), ("empty", pa.null())]
+    )
+    assert (
+        check_column_types(stored, pa.schema([("grade", pa.int32())])).field("grade").type
+        == pa.int64()
+    )
+    assert check_column_types(None, pa.schema([("new", pa.int8())])) == pa.schema(
+        [("new", pa.int8())]
+    )  # the first run sets them
+    changed = pa.schema(
+        [("grade", pa.float64()), ("site", pa.int64()), ("empty", pa.int64()), ("new", pa.int8())]
+    )
     with pytest.raises(SettingsMismatchError) as err:
         check_column_types(stored, changed, "OUT")
     assert [d.split(" (")[0] for d in err.value.differences] == [
-        "manifest column 'grade': string -> int64",
-        "manifest column 'site': int64 -> double",
+        "manifest column 'grade': int64 -> double",
+        "manifest column 'site': string -> int64",
+        "manifest column 'empty': empty in every row so far",
+        "manifest column 'new' is new",
     ]
+    with pytest.raises(SettingsMismatchError, match="int32 -> int64"):
+        check_column_types({"grade": [pa.int32()]}, pa.schema([("grade", pa.int64())]))
 
 
 SHIPPED = (
@@ -549,6 +567,33 @@ def test_metrics_added_later_are_computed_for_existing_rows_and_cannot_be_remove
     assert folder_snapshot(out) == before
 
 
+def test_a_stopped_run_that_added_metrics_is_finished_by_the_next_and_verify_sees_the_gap(
+    ray_cluster, tmp_path
+):
+    """The stopped run recorded metrics on in run.json: the next run used to see no change,
+    redo nothing and call the folder complete with rows never scored."""
+    manifest = write_inputs(tmp_path / "in", n_good=3, broken=False)
+    out = tmp_path / "out"
+    pipeline.run(_config(manifest, out, compute_metrics=False))
+
+    def stop_after_the_first_block(done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(_config(manifest, out), progress=stop_after_the_first_block)
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["compute_metrics"] is True and record["state"] == "interrupted"
+    unscored = [p for p in verify(str(out)).problems if "ok row without metrics" in p]
+    assert unscored, "verify must name the rows the stopped run did not score"
+
+    assert pipeline.run(_config(manifest, out)).complete
+    rows = _rows(out)
+    assert len(rows) == 6 and not rows.index.duplicated().any()
+    assert rows.metric_version.notna().all() and rows.psnr_degraded.notna().all()
+    assert verify(str(out), str(manifest)).ok
+
+
 def test_a_redo_that_fails_keeps_the_rows_it_was_to_replace(ray_cluster, tmp_path):
     """Metrics (or enhancement) added to a folder an earlier version made: where this version
     preprocesses a photograph otherwise, the redone rows fail ('clean.png already exists with
@@ -590,4 +635,6 @@ def test_a_redo_that_fails_keeps_the_rows_it_was_to_replace(ray_cluster, tmp_pat
     run = json.loads((out / "run.json").read_text())
     assert run["state"] == "incomplete" and run["counts"]["not_redone"] == 2
     report = verify(str(out), str(manifest))
-    assert [p for p in report.problems if "run.json" not in p] == [], report.summary()
+    assert [p for p in report.problems if "run.json" not in p] == [
+        f"'{old}' variant {v}: ok row without metrics (no metric_version)" for v in (0, 1)
+    ], report.summary()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -356,6 +357,43 @@ def test_parquet_manifest_with_limit_does_the_first_rows_then_the_rest_once(ray_
     grades = df.groupby("image_id").grade.first().to_dict()
     assert grades == {f"img_{i:04d}": i % 5 for i in range(4)}
     assert verify(str(out), str(manifest)).ok
+
+
+def test_pass_through_columns_keep_the_first_runs_types_so_pandas_reads_the_folder(
+    ray_cluster, tmp_path
+):
+    """pyarrow and pandas take a folder's columns and types from its first shard: a later
+    manifest whose column is empty (type null) is written in the folder's type, and one that
+    adds a column, or fills a column the folder holds as null, is refused before any work."""
+    import pandas as pd
+
+    from fundus_batch.run_settings import SettingsMismatchError
+
+    frame = pd.read_csv(write_inputs(tmp_path / "in", n_good=4, broken=False, size=320))
+    graded, later = tmp_path / "graded.parquet", tmp_path / "later.parquet"
+    frame.head(2).astype({"grade": "int64"}).to_parquet(graded, index=False)
+    frame.assign(grade=None).to_parquet(later, index=False)  # type null: no value in any row
+    out = tmp_path / "out"
+    pipeline.run(_config(graded, out, variants=1))
+    assert pipeline.run(_config(later, out, variants=1)).ok == 4
+    types = {pq.read_schema(p).field("grade").type for p in (out / "pairs").glob("*.parquet")}
+    assert types == {pa.int64()}
+    read = pd.read_parquet(out / "pairs")
+    assert read.set_index("image_id").grade.fillna(-1).to_dict() == {
+        "img_0000": 0,
+        "img_0001": 1,
+        "img_0002": -1,
+        "img_0003": -1,
+    }
+    sited = tmp_path / "sited.parquet"
+    frame.assign(site="a").to_parquet(sited, index=False)
+    with pytest.raises(SettingsMismatchError, match="'site' is new"):
+        pipeline.run(_config(sited, out, variants=1))
+    empty_first = tmp_path / "out2"
+    pipeline.run(_config(later, empty_first, variants=1, limit=1))
+    with pytest.raises(SettingsMismatchError, match="'grade': empty in every row so far"):
+        pipeline.run(_config(graded, empty_first, variants=1))
+    assert len(pd.read_parquet(empty_first / "pairs")) == 1
 
 
 def test_a_run_over_the_first_images_leaves_the_other_images_rows_and_the_record_alone(

@@ -396,36 +396,25 @@ def test_stage_specs_are_checked_against_the_stage_signature():
 
 
 RUN_ALONE = """
-import shutil
 import ray
 from fundus_batch.config import ConfigError, build_config
-from fundus_batch.ray_adapter import _session_dir, connected
+from fundus_batch.ray_adapter import connected
 
 config = build_config({"manifest": "m.csv", "out": "o", "ray": {"num_cpus": 1}}, "test")
 with connected(config) as cluster:
     inside = ray.is_initialized()
-    finished = _session_dir()
-print(inside, ray.is_initialized(), cluster.cpus, finished.parent.is_dir(), finished.exists())
-try:
-    with connected(config):
-        failed = _session_dir()
-        raise RuntimeError("a stage failed")
-except RuntimeError:
-    print(failed.exists())
-    shutil.rmtree(failed)
+print(inside, ray.is_initialized(), cluster.cpus)
 """
 
 
-def test_a_run_that_connected_to_ray_disconnects_at_its_end_and_removes_its_session() -> None:
-    """Ray keeps every session folder (debug logs of ~25 MB an hour); one that served a run
-    to its end goes, one of a failed run stays for its logs."""
+def test_a_run_that_connected_to_ray_disconnects_at_its_end() -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
         [sys.executable, "-c", RUN_ALONE], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True", "False", "1.0", "True", "False", "True"]
+    assert done.stdout.split() == ["True", "False", "1.0"]
 
 
 def test_a_run_inside_an_existing_connection_leaves_it_open(ray_cluster: None) -> None:

@@ -35,7 +35,7 @@ def test_enhance_writes_an_enhanced_image_and_a_row_per_real_photograph(shared_d
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         manifest = cofenet_lq_manifest(shared_dir, tmp_path / "m.csv", limit=4)
         out = tmp_path / "out"

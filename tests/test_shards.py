@@ -55,7 +55,8 @@ def out(tmp_path: Path) -> Path:
 def test_only_committed_shards_are_listed_in_name_order(out: Path) -> None:
     pairs = out / "pairs"
     (pairs / ".part-c.parquet.0123abcd.tmp").write_bytes(b"half a shard")
-    (pairs / "part-d.parquet.corrupt").write_bytes(b"quarantined")
+    (pairs / ".part-d.parquet.corrupt").write_bytes(b"quarantined")
+    (pairs / "part-e.parquet.corrupt").write_bytes(b"quarantined by 0.1")
     (pairs / ".hidden.parquet").write_bytes(b"not a shard")
     (pairs / "notes.txt").write_text("not a shard")
     (pairs / "folder.parquet").mkdir()
@@ -210,7 +211,7 @@ def test_s3_corrupt_shard_is_named_and_quarantined(
     store = OutputStore(out, options, retries=0)
     assert store.quarantine_corrupt() == [bad]
     assert shards.shard_paths(out, options) == [f"{out}/pairs/part-0.parquet"]
-    assert fs.exists(f"{s3_bucket}/out/pairs/part-1.parquet.corrupt")
+    assert fs.exists(f"{s3_bucket}/out/pairs/.part-1.parquet.corrupt")
 
 
 # ------------------------------------------------------------------------------ object stores

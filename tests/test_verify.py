@@ -501,8 +501,11 @@ def test_deep_check_catches_a_forged_row_that_drops_its_record(run_out) -> None:
 
     image_id, variant = _edit_ok_row(out, forge)
     report = verify(str(out), str(manifest), deep=100)
-    found = _problems_about(report, repr(image_id), f"variant {variant}", "without")
+    found = _problems_about(report, repr(image_id), f"variant {variant}", "deep check: an ok row")
     assert len(found) == 1 and "params_json" in found[0] and "metric_version" in found[0]
+    # Every row, not only the sampled ones: a folder scored throughout has metrics in each.
+    unscored = _problems_about(report, repr(image_id), f"variant {variant}", "without metrics")
+    assert len(unscored) == 1
 
 
 def test_deep_check_catches_a_seed_the_folders_settings_do_not_have(run_out) -> None:
