@@ -316,9 +316,9 @@ class OutputStore:
         None when no shard could be read (none yet, or all set aside by a run)."""
         wanted = set(names)
         found: dict[str, list[pa.DataType]] = {}
-        read = False
         if not wanted:  # nothing to check: no footer need be read
             return found
+        read = False
         for path in self.shard_paths():
             try:
                 schema = shards.shard_schema(path, self.storage_options, retries=self.retries)

@@ -209,8 +209,8 @@ def _run_leased(
     if needed:
         redo, lacked = store.rows_lacking(needed, within=this_run)
         if len(redo):
-            what = " and ".join(f"{n} {what}" for what, n in lacked.items())
-            log.warning("%d rows lack %s; they are redone with it", len(redo), what)
+            counted = " and ".join(f"{n} {thing}" for thing, n in lacked.items())
+            log.warning("%d rows lack %s; they are redone with it", len(redo), counted)
 
     def not_redone(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
         for table in tables:

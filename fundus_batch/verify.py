@@ -228,7 +228,8 @@ def verify(
     image is present and no other image is; every image URI a row records exists, decodes to
     the row's working size and has the recorded sha256. ``storage_options`` serve both the
     output and the manifest. Every row's values match its ``row_sha256``; every image URI lies
-    inside ``out`` (relative URIs resolve against ``out``). With ``deep`` > 0, that many ok rows
+    inside ``out`` (relative URIs resolve against ``out``); where the folder's settings have
+    metrics on, every ok row carries its ``metric_version``. With ``deep`` > 0, that many ok rows
     (chosen at random, ``deep_seed``) are recomputed from their files: params replayed and
     redrawn from the seed, metrics recomputed.
     """
@@ -264,23 +265,26 @@ def verify(
         report.variants = config["variants"]
 
     _check_rows(rows, report, pairs)
+    unscored = 0
     if ((run_info or {}).get("settings") or {}).get("compute_metrics"):
-        _check_scored(rows, report)
+        unscored = _check_scored(rows, report)
     manifest_options = (
         storage_options if manifest_storage_options is None else manifest_storage_options
     )
     covered = _widest_complete_run(run_info)
     _check_coverage(rows, report, pairs, manifest, manifest_options, config, covered)
+    unenhanced = 0
     if check_files:
         enhance = bool((config.get("enhance") or {}).get("enabled")) or report.mode == "enhance"
         unenhanced = _check_files(
             rows, report, pairs, enhance, _FileCheck(storage_options, threads)
         )
-        limit = config.get("limit")
-        if unenhanced and isinstance(limit, int):
+    limit = config.get("limit")
+    for missing, what in ((unenhanced, "enhancement"), (unscored, "metrics")):
+        if missing and isinstance(limit, int):
             report.notes.append(
                 f"the last run had --limit {limit}: rows of later images made by an earlier run "
-                "without enhancement get it from a run without --limit"
+                f"without {what} get it from a run without --limit"
             )
     if deep > 0 and table is not None:
         settings = (run_info or {}).get("settings") or {}
@@ -325,12 +329,16 @@ def _check_rows(rows: list[dict[str, Any]], report: VerifyReport, pairs: bool) -
         )
 
 
-def _check_scored(rows: list[dict[str, Any]], report: VerifyReport) -> None:
-    """In a folder whose settings have metrics on, every ok row was scored."""
+def _check_scored(rows: list[dict[str, Any]], report: VerifyReport) -> int:
+    """In a folder whose settings have metrics on, every ok row was scored; returns how many
+    were not."""
+    unscored = 0
     for row in rows:
         if row.get("status") == STATUS_OK and not row.get("metric_version"):
+            unscored += 1
             label = _label(row.get("image_id"), row.get("variant"))
             report.add(f"{label}: ok row without metrics (no metric_version)")
+    return unscored
 
 
 def _widest_complete_run(run_info: dict[str, Any] | None) -> int:
