@@ -163,6 +163,16 @@ def test_a_device_other_than_auto_cpu_or_cuda_is_refused_naming_the_choices() ->
         Enhance(device="gpu")
 
 
+@pytest.mark.parametrize(("gpu", "device"), [(True, "cuda"), (False, "cpu")])
+def test_auto_picks_cuda_exactly_when_the_worker_sees_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, gpu: bool, device: str
+) -> None:
+    from fundus_batch.enhance import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert pick_device("auto") == device
+
+
 def test_the_single_image_enhancer_leaves_the_process_torch_threads_alone() -> None:
     from fundus_batch.enhance import ImageEnhancer
 
