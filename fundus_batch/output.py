@@ -256,11 +256,12 @@ class OutputStore:
         for path in self.shard_paths():
             table = self._read_shard(path, ["image_id", "variant", "status", *columns])
             selected = np.asarray(within(table), dtype=bool)
-            lacking = _lacking(table, list(columns)) & selected
+            each = {what: _lacking(table, [column]) & selected for column, what in columns.items()}
+            lacking = np.logical_or.reduce(list(each.values()))
             if lacking.any():
                 parts.append(table_keys(table)[lacking])
-                for column, what in columns.items():
-                    lacked[what] += int((_lacking(table, [column]) & selected).sum())
+                for what, rows in each.items():
+                    lacked[what] += int(rows.sum())
         return Lacking(KeySet.of(parts), {k: n for k, n in lacked.items() if n})
 
     def settle_redone(self, redo: KeySet, columns: Sequence[str]) -> Redone:

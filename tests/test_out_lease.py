@@ -340,17 +340,22 @@ def test_exactly_one_of_many_processes_racing_for_the_lease_wins(tmp_path, takeo
     assert len(winners) == 1, results
 
 
-def test_a_lost_lease_stops_the_shard_writer_before_it_commits(tmp_path):
+def _leased_writer(out: Path, shard_rows: int):
+    """A shard writer bound to a held lease of ``out`` that is never renewed, and the clock
+    (a one-item list of seconds) its lease reads."""
     from fundus_batch.output import ShardWriter
 
     now = [1000.0]
-    lease = OutLease(str(tmp_path / "out"), clock=lambda: now[0])
+    lease = OutLease(str(out), clock=lambda: now[0])
     lease.acquire()
     lease._stop.set()
-    store = OutputStore(str(tmp_path / "out"))
-    schema = pa.schema([("image_id", pa.string())])
-    writer = ShardWriter(store, schema, shard_rows=1)
+    writer = ShardWriter(OutputStore(str(out)), pa.schema([("image_id", pa.string())]), shard_rows)
     writer.before_commit = lease.ensure
+    return writer, now
+
+
+def test_a_lost_lease_stops_the_shard_writer_before_it_commits(tmp_path):
+    writer, now = _leased_writer(tmp_path / "out", shard_rows=1)
     now[0] += 120
     with pytest.raises(LeaseLostError):
         writer.add(pa.table({"image_id": ["a"]}))
@@ -359,16 +364,7 @@ def test_a_lost_lease_stops_the_shard_writer_before_it_commits(tmp_path):
 
 def test_salvage_commits_buffered_rows_but_never_after_a_commit_failed(tmp_path):
     """A stop may keep the rows a writer buffers; a writer whose lease is gone must not try."""
-    from fundus_batch.output import ShardWriter
-
-    now = [1000.0]
-    lease = OutLease(str(tmp_path / "out"), clock=lambda: now[0])
-    lease.acquire()
-    lease._stop.set()
-    store = OutputStore(str(tmp_path / "out"))
-    schema = pa.schema([("image_id", pa.string())])
-    writer = ShardWriter(store, schema, shard_rows=2)
-    writer.before_commit = lease.ensure
+    writer, now = _leased_writer(tmp_path / "out", shard_rows=2)
     writer.add(pa.table({"image_id": ["a"]}))
     assert writer.salvage() == 1 and len(writer.shards) == 1
     now[0] += 120
